@@ -1,0 +1,42 @@
+// elementwise: f32 operations on n elements, one invocation per element.
+//
+// add_forward:   out = x + y
+// scale_forward: out = alpha * x            (y is bound but unused)
+// axpy_forward:  out = out + alpha * x      (y is bound but unused)
+// The backward of each is itself elementwise (add: both inputs get the gradient; scale: alpha
+// times it), so the same entry points serve both directions.
+// Grids may be 2-D: workgroup (x, y) handles elements from (y * gx + x) * 256; this keeps every
+// grid dimension under the 65535 limit for up to 2^32 elements.
+
+struct Params {
+    n: u32,
+    gx: u32,     // workgroups along x in this dispatch
+    alpha: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;          // (n,)
+@group(0) @binding(2) var<storage, read> y: array<f32>;          // (n,)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;  // (n,)
+
+fn index(wg: vec3<u32>, t: u32) -> u32 {
+    return (wg.y * p.gx + wg.x) * 256u + t;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn add_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = index(wg, t);
+    if (i < p.n) { out[i] = x[i] + y[i]; }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn scale_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = index(wg, t);
+    if (i < p.n) { out[i] = p.alpha * x[i]; }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn axpy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = index(wg, t);
+    if (i < p.n) { out[i] = out[i] + p.alpha * x[i]; }
+}

@@ -1,0 +1,105 @@
+//! Benchmarks behind `portalora bench`. They print figures; nothing here asserts a speed.
+
+use std::time::Instant;
+
+use crate::gpu::{Context, DType, Result, Step};
+use crate::ops::matmul::{matmul, Matmul, MatmulPath};
+use crate::reference::Rng;
+
+/// One product to time: C (M, N) = op(A) (M, K) · op(B) (K, N).
+#[derive(Clone, Copy, Debug)]
+pub struct MatmulShape {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl MatmulShape {
+    pub const fn new(m: usize, k: usize, n: usize) -> Self {
+        MatmulShape { m, k, n, trans_a: false, trans_b: false }
+    }
+    pub fn op(&self) -> &'static str {
+        match (self.trans_a, self.trans_b) {
+            (false, false) => "nn",
+            (false, true) => "nt",
+            (true, false) => "tn",
+            (true, true) => "tt",
+        }
+    }
+}
+
+/// The fixed list `portalora bench matmul` measures: GPT-2-small-sized projections at 2048
+/// tokens, with LoRA's rank-16 shapes, in the three forms a linear layer needs.
+pub const MATMUL_SHAPES: &[MatmulShape] = &[
+    MatmulShape::new(2048, 768, 768),
+    MatmulShape { m: 2048, k: 768, n: 768, trans_a: false, trans_b: true },
+    MatmulShape { m: 768, k: 2048, n: 768, trans_a: true, trans_b: false },
+    MatmulShape::new(2048, 768, 3072),
+    MatmulShape::new(2048, 768, 16),
+    MatmulShape::new(2048, 16, 768),
+    MatmulShape::new(512, 512, 512),
+];
+
+#[derive(Clone, Debug)]
+pub struct MatmulResult {
+    pub shape: MatmulShape,
+    pub path: MatmulPath,
+    /// GFLOP/s of each repeat (2·M·N·K flops per product).
+    pub gflops: Vec<f64>,
+}
+
+impl MatmulResult {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.gflops.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    }
+    pub fn median(&self) -> f64 {
+        let v = self.sorted();
+        let n = v.len();
+        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    }
+    pub fn min(&self) -> f64 {
+        self.sorted()[0]
+    }
+    pub fn max(&self) -> f64 {
+        *self.sorted().last().expect("at least one repeat")
+    }
+}
+
+/// Times one product: a warm-up, then `repeats` runs of a submission holding enough copies of
+/// the dispatch to last about `target_s` seconds, so submission overhead stays out.
+pub fn bench_matmul(ctx: &Context, shape: MatmulShape, path: MatmulPath, repeats: usize, target_s: f64) -> Result<MatmulResult> {
+    let MatmulShape { m, k, n, trans_a, trans_b } = shape;
+    let mut rng = Rng::new(42);
+    let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+    let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+    let a = ctx.upload_f32("A", &[ar, ac], &rng.vec(m * k))?;
+    let b = ctx.upload_f32("B", &[br, bc], &rng.vec(k * n))?;
+    let c = ctx.tensor("C", &[m, n], DType::F32)?;
+    let mut step = Step::new();
+    let opts = Matmul { trans_a, trans_b, path, ..Matmul::default() };
+    let used = matmul(ctx, &mut step, &a, &b, &c, opts)?;
+
+    // Warm-up (compiles the pipeline, faults in memory) and calibration.
+    ctx.run(&step)?;
+    ctx.wait_idle()?;
+    let t0 = Instant::now();
+    ctx.run(&step)?;
+    ctx.wait_idle()?;
+    let one = t0.elapsed().as_secs_f64().max(1e-6);
+    let iters = ((target_s / one).ceil() as usize).clamp(1, 10_000);
+
+    let flops = 2.0 * (m * n * k) as f64;
+    let mut gflops = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        ctx.run_repeated(&step, iters)?;
+        ctx.wait_idle()?;
+        let per = t.elapsed().as_secs_f64() / iters as f64;
+        gflops.push(flops / per / 1e9);
+    }
+    Ok(MatmulResult { shape, path: used, gflops })
+}

@@ -1,0 +1,142 @@
+//! The portalora command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portalora::bench::{bench_matmul, MATMUL_SHAPES};
+use portalora::gpu::Context;
+use portalora::ops::matmul::MatmulPath;
+
+#[derive(Parser)]
+#[command(name = "portalora", version, about = "Fine-tune language models with LoRA-family adapters on any GPU through WebGPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the GPU adapter, backend, features and the limits that matter.
+    Info {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure speed.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// GFLOP/s of the f32 matmul kernels on a fixed list of shapes.
+    Matmul {
+        /// One JSON object per shape and line: {"m","k","n","op","path","gflops","min","max"}.
+        #[arg(long)]
+        json: bool,
+        /// Kernel path: auto (subgroup where available), portable or subgroup.
+        #[arg(long, value_enum, default_value_t = PathArg::Auto)]
+        path: PathArg,
+        /// Timed repeats per shape (median, min and max are reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Seconds each repeat should last (more copies of the kernel per submission).
+        #[arg(long, default_value_t = 0.3)]
+        seconds: f64,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PathArg {
+    Auto,
+    Portable,
+    Subgroup,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut src = std::error::Error::source(&*e);
+            while let Some(s) = src {
+                eprintln!("  caused by: {s}");
+                src = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    let ctx = pollster::block_on(Context::new())?;
+    match cli.command {
+        Command::Info { json } => info(&ctx, json),
+        Command::Bench { what: BenchWhat::Matmul { json, path, repeats, seconds } } => {
+            let path = match path {
+                PathArg::Auto => MatmulPath::Auto,
+                PathArg::Portable => MatmulPath::Portable,
+                PathArg::Subgroup => MatmulPath::Subgroup,
+            };
+            if !json {
+                let i = ctx.info();
+                println!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+                println!("{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10} {:>10} {:>10}", "M", "K", "N", "op", "path", "GFLOP/s", "min", "max");
+            }
+            for &shape in MATMUL_SHAPES {
+                let r = bench_matmul(&ctx, shape, path, repeats, seconds)?;
+                let path = format!("{:?}", r.path).to_lowercase();
+                if json {
+                    println!(
+                        "{{\"m\": {}, \"k\": {}, \"n\": {}, \"op\": \"{}\", \"path\": \"{}\", \"gflops\": {:.3}, \"min\": {:.3}, \"max\": {:.3}}}",
+                        shape.m, shape.k, shape.n, shape.op(), path, r.median(), r.min(), r.max()
+                    );
+                } else {
+                    println!(
+                        "{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10.2} {:>10.2} {:>10.2}",
+                        shape.m, shape.k, shape.n, shape.op(), path, r.median(), r.min(), r.max()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn info(ctx: &Context, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let i = ctx.info();
+    let f = ctx.features();
+    let l = ctx.limits();
+    if json {
+        println!(
+            "{{\"name\": {:?}, \"backend\": {:?}, \"device_type\": {:?}, \"driver\": {:?}, \"driver_info\": {:?}, \
+             \"subgroups\": {}, \"subgroup_min_size\": {}, \"subgroup_max_size\": {}, \"shader_f16\": {}, \"timestamps\": {}, \
+             \"max_storage_binding\": {}, \"max_buffer\": {}, \"max_workgroup_storage\": {}, \"max_invocations_per_workgroup\": {}, \
+             \"max_workgroups_per_dimension\": {}, \"max_storage_buffers_per_stage\": {}}}",
+            i.name, i.backend, i.device_type, i.driver, i.driver_info, f.subgroups, i.subgroup_min_size, i.subgroup_max_size,
+            f.shader_f16, f.timestamps, l.max_storage_binding, l.max_buffer, l.max_workgroup_storage,
+            l.max_invocations_per_workgroup, l.max_workgroups_per_dimension, l.max_storage_buffers_per_stage
+        );
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("adapter:        {}", i.name);
+    println!("backend:        {}", i.backend);
+    println!("device type:    {}", i.device_type);
+    println!("driver:         {} {}", i.driver, i.driver_info);
+    println!("features:");
+    println!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
+    println!("  shader-f16:   {}", f.shader_f16);
+    println!("  timestamps:   {}", f.timestamps);
+    println!("limits:");
+    println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
+    println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
+    println!("  workgroup storage:      {} KiB", l.max_workgroup_storage / 1024);
+    println!("  invocations/workgroup:  {}", l.max_invocations_per_workgroup);
+    println!("  workgroups/dimension:   {}", l.max_workgroups_per_dimension);
+    println!("  storage buffers/stage:  {}", l.max_storage_buffers_per_stage);
+    Ok(())
+}

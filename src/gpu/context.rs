@@ -1,0 +1,280 @@
+//! Adapter and device selection, the features and limits this crate uses, and error capture.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::kernel::PipelineCache;
+use super::{GpuError, Result};
+
+/// What the user can do when no adapter is found. Kept in one place so the CLI, the tests and
+/// the README say the same thing.
+const NO_ADAPTER_HINT: &str = "Install a GPU driver with Vulkan, Metal or DX12 support. On Linux \
+without a GPU, Mesa's CPU Vulkan driver works: `sudo apt-get install mesa-vulkan-drivers \
+libvulkan1` (or run `scripts/setup`).";
+
+/// How to pick the adapter. [`ContextOptions::from_env`] reads the usual wgpu variables.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Comma-separated backend names (`vulkan`, `metal`, `dx12`, `gl`, `webgpu`), as in
+    /// `WGPU_BACKEND`. `None` lets wgpu try every backend compiled in.
+    pub backends: Option<String>,
+    /// A case-insensitive substring of the adapter name, as in `WGPU_ADAPTER_NAME`.
+    pub adapter_name: Option<String>,
+    /// Pretend the adapter has no subgroup operations (selects the portable kernels).
+    /// Also set by `PORTALORA_NO_SUBGROUPS=1`.
+    pub disable_subgroups: bool,
+}
+
+impl ContextOptions {
+    pub fn from_env() -> Self {
+        let var = |name: &str| {
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                std::env::var(name).ok().filter(|v| !v.is_empty())
+            }
+            #[cfg(target_arch = "wasm32")]
+            {
+                let _ = name;
+                None::<String>
+            }
+        };
+        ContextOptions {
+            backends: var("WGPU_BACKEND"),
+            adapter_name: var("WGPU_ADAPTER_NAME"),
+            disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
+        }
+    }
+}
+
+/// The adapter as a user would describe it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+    pub driver_info: String,
+    /// Subgroup ("warp", "wavefront", "SIMD lane group") sizes the adapter may use.
+    pub subgroup_min_size: u32,
+    pub subgroup_max_size: u32,
+}
+
+/// The optional features this crate uses, as the device was opened with them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Features {
+    /// Subgroup operations (`subgroupBroadcast`, ...): lanes of one SIMD group exchange registers.
+    pub subgroups: bool,
+    /// 16-bit floats in shaders.
+    pub shader_f16: bool,
+    /// GPU timestamps, for per-kernel timing.
+    pub timestamps: bool,
+}
+
+/// The device limits that shape our kernels and memory plan.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest region of a buffer one storage binding may cover (lavapipe: 128 MiB).
+    pub max_storage_binding: u64,
+    pub max_buffer: u64,
+    pub max_uniform_binding: u64,
+    /// Workgroup (shared) memory per workgroup.
+    pub max_workgroup_storage: u32,
+    pub max_invocations_per_workgroup: u32,
+    pub max_workgroup_size_x: u32,
+    /// Largest dispatch in each grid dimension (65535 almost everywhere).
+    pub max_workgroups_per_dimension: u32,
+    pub max_storage_buffers_per_stage: u32,
+    /// Bind offsets of storage buffers must be multiples of this (256 almost everywhere).
+    pub storage_offset_alignment: u32,
+}
+
+/// Errors reported by wgpu outside any operation we could attach them to (it would otherwise
+/// panic). On native backends wgpu reports them synchronously inside the call that caused them,
+/// so [`Context::check`] right after that call attributes them precisely.
+type ErrorSink = Arc<Mutex<Vec<wgpu::Error>>>;
+
+/// One adapter, one device, one queue and the pipelines compiled for it.
+pub struct Context {
+    pub(super) device: wgpu::Device,
+    pub(super) queue: wgpu::Queue,
+    info: DeviceInfo,
+    features: Features,
+    limits: Limits,
+    errors: ErrorSink,
+    pub(super) pipelines: Mutex<PipelineCache>,
+}
+
+fn backend_label(backends: &Option<String>) -> String {
+    match backends {
+        Some(b) => format!(" for WGPU_BACKEND={b}"),
+        None => String::new(),
+    }
+}
+
+impl Context {
+    /// Opens the best adapter, honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and
+    /// `PORTALORA_NO_SUBGROUPS`.
+    pub async fn new() -> Result<Self> {
+        Self::with_options(ContextOptions::from_env()).await
+    }
+
+    pub async fn with_options(opts: ContextOptions) -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        if let Some(b) = &opts.backends {
+            desc.backends = wgpu::Backends::from_comma_list(b);
+        }
+        let instance = wgpu::Instance::new(desc);
+        let adapter = Self::pick_adapter(&instance, &opts).await?;
+        let ainfo = adapter.get_info();
+
+        let offered = adapter.features();
+        let mut wanted = wgpu::Features::empty();
+        for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
+            if offered.contains(f) {
+                wanted |= f;
+            }
+        }
+        // Ask for everything the adapter really has: the defaults are far below what real GPUs
+        // (and lavapipe) offer, e.g. 128 MiB storage bindings instead of WebGPU's default.
+        let required_limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("portalora"),
+                required_features: wanted,
+                required_limits: required_limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|source| GpuError::RequestDevice { adapter: ainfo.name.clone(), source })?;
+
+        let errors: ErrorSink = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e| {
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+        }));
+
+        let l = &required_limits;
+        let limits = Limits {
+            max_storage_binding: l.max_storage_buffer_binding_size,
+            max_buffer: l.max_buffer_size,
+            max_uniform_binding: l.max_uniform_buffer_binding_size,
+            max_workgroup_storage: l.max_compute_workgroup_storage_size,
+            max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            max_workgroup_size_x: l.max_compute_workgroup_size_x,
+            max_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+            max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
+            storage_offset_alignment: l.min_storage_buffer_offset_alignment,
+        };
+        let features = Features {
+            subgroups: wanted.contains(wgpu::Features::SUBGROUP) && !opts.disable_subgroups,
+            shader_f16: wanted.contains(wgpu::Features::SHADER_F16),
+            timestamps: wanted.contains(wgpu::Features::TIMESTAMP_QUERY),
+        };
+        let info = DeviceInfo {
+            name: ainfo.name.clone(),
+            backend: format!("{:?}", ainfo.backend),
+            device_type: format!("{:?}", ainfo.device_type),
+            driver: ainfo.driver.clone(),
+            driver_info: ainfo.driver_info.clone(),
+            subgroup_min_size: ainfo.subgroup_min_size,
+            subgroup_max_size: ainfo.subgroup_max_size,
+        };
+        Ok(Context {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            errors,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn pick_adapter(instance: &wgpu::Instance, opts: &ContextOptions) -> Result<wgpu::Adapter> {
+        let backends = match &opts.backends {
+            Some(b) => wgpu::Backends::from_comma_list(b),
+            None => wgpu::Backends::all(),
+        };
+        if let Some(wanted) = &opts.adapter_name {
+            // wgpu's own helper panics when nothing matches; we list what there is instead.
+            let adapters = instance.enumerate_adapters(backends).await;
+            let needle = wanted.to_lowercase();
+            let mut names = Vec::new();
+            for a in adapters {
+                let info = a.get_info();
+                if info.name.to_lowercase().contains(&needle) {
+                    return Ok(a);
+                }
+                names.push(format!("{:?} ({:?})", info.name, info.backend));
+            }
+            return Err(GpuError::AdapterNameNotFound {
+                wanted: wanted.clone(),
+                available: if names.is_empty() { "none".into() } else { names.join(", ") },
+            });
+        }
+        instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+                // Bucketing hides the adapter's real limits to resist fingerprinting; a
+                // training engine needs the real ones.
+                apply_limit_buckets: false,
+            })
+            .await
+            .map_err(|_| GpuError::NoAdapter { backends: backend_label(&opts.backends), hint: NO_ADAPTER_HINT })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+    pub fn features(&self) -> Features {
+        self.features
+    }
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The subgroup size the subgroup kernels are generated for: the smallest the adapter may
+    /// use, so that a workgroup of this many invocations always fits in one subgroup.
+    pub fn subgroup_size(&self) -> Option<u32> {
+        self.features.subgroups.then_some(self.info.subgroup_min_size.max(1))
+    }
+
+    /// Turns any error wgpu reported since the last check into a Rust error naming `context`.
+    pub fn check(&self, context: &str) -> Result<()> {
+        let mut errs = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+        if errs.is_empty() {
+            return Ok(());
+        }
+        let first = errs.remove(0);
+        errs.clear();
+        Err(convert_error(first, context))
+    }
+
+    /// Blocks until all submitted work has finished (native); a no-op on the web, where the
+    /// browser drives the queue. Reports errors raised meanwhile.
+    pub fn wait_idle(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
+        self.check("waiting for the GPU")
+    }
+}
+
+pub(super) fn convert_error(e: wgpu::Error, context: &str) -> GpuError {
+    match e {
+        wgpu::Error::OutOfMemory { source } => {
+            GpuError::OutOfMemory { context: context.to_string(), message: source.to_string() }
+        }
+        wgpu::Error::Validation { description, .. } => {
+            GpuError::Validation { context: context.to_string(), message: description }
+        }
+        wgpu::Error::Internal { description, .. } => {
+            GpuError::Validation { context: context.to_string(), message: description }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! The only module where `wgpu` types appear.
+//!
+//! wgpu changes its API with nearly every release; keeping it behind this thin layer means one
+//! place absorbs each upgrade. Everything above (ops, models, adapters, the CLI) speaks in
+//! [`Context`], [`Tensor`], [`KernelSpec`] and [`Step`].
+//!
+//! A few GPU ideas the rest of the crate relies on:
+//! - A *compute pipeline* is a compiled WGSL entry point plus the layout of the buffers it binds.
+//!   Compiling is slow, so pipelines are cached by (file, entry point, template flags, override
+//!   constants, binding kinds).
+//! - A *bind group* ties concrete buffer regions to a pipeline's bindings. Creating one is cheap
+//!   but not free, so a [`Step`] creates them once when it is recorded and reuses them on replay.
+//! - Work reaches the GPU in *submissions*. Each costs a round trip through the driver, so a
+//!   [`Step`] encodes all its dispatches into one command encoder and one submission.
+
+mod context;
+mod kernel;
+mod step;
+mod tensor;
+
+pub use context::{Context, ContextOptions, DeviceInfo, Features, Limits};
+pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
+
+/// The WGSL files, one per kernel family.
+pub mod kernel_sources {
+    pub use super::kernel::{ELEMENTWISE, MATMUL, MATMUL_SUBGROUP, REDUCE};
+}
+pub use step::Step;
+pub use tensor::{DType, Readback, Tensor};
+
+/// Errors of the GPU layer. Messages carry the values involved and, where one exists, what the
+/// user can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "no GPU adapter found{backends}. {hint}"
+    )]
+    NoAdapter { backends: String, hint: &'static str },
+    #[error("WGPU_ADAPTER_NAME={wanted:?} matches no adapter; available: {available}")]
+    AdapterNameNotFound { wanted: String, available: String },
+    #[error("could not open a device on adapter {adapter:?}")]
+    RequestDevice {
+        adapter: String,
+        #[source]
+        source: wgpu::RequestDeviceError,
+    },
+    #[error("GPU validation error in {context}: {message}")]
+    Validation { context: String, message: String },
+    #[error("GPU out of memory in {context}: {message}. Try a smaller batch or sequence length.")]
+    OutOfMemory { context: String, message: String },
+    #[error("the GPU device was lost: {message}")]
+    DeviceLost { message: String },
+    #[error("kernel {file}: {message}")]
+    Kernel { file: &'static str, message: String },
+    #[error(
+        "tensor {label:?} of {bytes} bytes exceeds this device's {limit}-byte {what} limit; \
+         split it or use a smaller shape"
+    )]
+    TooLarge { label: String, bytes: u64, limit: u64, what: &'static str },
+    #[error("{op}: {message}")]
+    Shape { op: &'static str, message: String },
+    #[error(
+        "dispatch {label}: {groups:?} workgroups exceeds the device limit of {limit} per dimension"
+    )]
+    DispatchTooLarge { label: String, groups: [u32; 3], limit: u32 },
+    #[error("reading back tensor {label:?} failed: {message}")]
+    Readback { label: String, message: String },
+    #[error("{feature} is not available on adapter {adapter:?}")]
+    MissingFeature { feature: &'static str, adapter: String },
+    #[error("encoding uniforms for {kernel}")]
+    Uniform {
+        kernel: String,
+        #[source]
+        source: encase::internal::Error,
+    },
+}
+
+pub type Result<T, E = GpuError> = std::result::Result<T, E>;

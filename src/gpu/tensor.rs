@@ -1,0 +1,241 @@
+//! GPU tensors: a shape and a dtype over a region of a buffer, with upload and readback.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Waker};
+
+use super::context::Context;
+use super::{GpuError, Result};
+
+/// Element types stored on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    U32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// A dense row-major tensor living in (a region of) a GPU buffer. Cloning shares the buffer.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    buffer: Arc<wgpu::Buffer>,
+    /// Byte offset of element 0 in `buffer`; a multiple of the storage offset alignment.
+    offset: u64,
+    shape: Vec<usize>,
+    dtype: DType,
+    label: Arc<str>,
+}
+
+impl Tensor {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn byte_len(&self) -> u64 {
+        (self.numel() * self.dtype.size()) as u64
+    }
+    pub(super) fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    pub(super) fn byte_offset(&self) -> u64 {
+        self.offset
+    }
+    /// Whether two tensors share any byte of GPU memory (the same buffer, overlapping ranges).
+    pub fn overlaps(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.buffer, &other.buffer)
+            && self.offset < other.offset + other.byte_len()
+            && other.offset < self.offset + self.byte_len()
+    }
+    /// The same memory seen with another shape of the same element count.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            return Err(GpuError::Shape {
+                op: "reshape",
+                message: format!("tensor {:?} of shape {:?} cannot be viewed as {shape:?}", self.label, self.shape),
+            });
+        }
+        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
+    }
+}
+
+impl Context {
+    /// Allocates a zero-filled tensor.
+    pub fn tensor(&self, label: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        let bytes = (numel * dtype.size()) as u64;
+        if bytes > self.limits().max_buffer {
+            return Err(GpuError::TooLarge { label: label.into(), bytes, limit: self.limits().max_buffer, what: "buffer size" });
+        }
+        // Buffers are padded to 16 bytes so that a kernel may view them as vec4 arrays.
+        let size = bytes.max(4).next_multiple_of(16);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
+        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), dtype, label: label.into() })
+    }
+
+    /// Allocates a tensor and fills it with `data` (row-major).
+    pub fn upload_f32(&self, label: &str, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let t = self.tensor(label, shape, DType::F32)?;
+        self.write_f32(&t, data)?;
+        Ok(t)
+    }
+
+    /// Overwrites a tensor's contents. The write is ordered before any later submission.
+    pub fn write_f32(&self, t: &Tensor, data: &[f32]) -> Result<()> {
+        if t.dtype != DType::F32 || data.len() != t.numel() {
+            return Err(GpuError::Shape {
+                op: "write_f32",
+                message: format!(
+                    "tensor {:?} is {:?} {:?} ({} elements) but {} f32 values were given",
+                    t.label, t.dtype, t.shape, t.numel(), data.len()
+                ),
+            });
+        }
+        if !data.is_empty() {
+            self.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+        }
+        self.check(&format!("writing tensor {:?}", t.label))
+    }
+
+    /// Fills an f32 tensor with one value (tests poison outputs with NaN this way).
+    pub fn fill_f32(&self, t: &Tensor, value: f32) -> Result<()> {
+        self.write_f32(t, &vec![value; t.numel()])
+    }
+
+    /// Starts copying a tensor back to the CPU and returns at once. Work submitted afterwards
+    /// is not held up; await (or [`Readback::wait`]) the result when it is needed.
+    pub fn read(&self, t: &Tensor) -> Result<Readback> {
+        let bytes = t.byte_len().max(4).next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        enc.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, bytes);
+        let submission = self.queue.submit([enc.finish()]);
+        let state: Arc<Mutex<MapState>> = Arc::default();
+        let cb_state = state.clone();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let mut s = cb_state.lock().unwrap_or_else(|p| p.into_inner());
+            s.result = Some(r.map_err(|e| e.to_string()));
+            if let Some(w) = s.waker.take() {
+                w.wake();
+            }
+        });
+        self.check(&format!("reading tensor {:?}", t.label))?;
+        Ok(Readback {
+            staging,
+            state,
+            device: self.device.clone(),
+            submission,
+            label: t.label.to_string(),
+            len: t.byte_len() as usize,
+            dtype: t.dtype,
+        })
+    }
+
+    /// Reads an f32 tensor back (native: blocks until the copy is done).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
+        self.read(t)?.wait()
+    }
+}
+
+#[derive(Default)]
+struct MapState {
+    result: Option<std::result::Result<(), String>>,
+    waker: Option<Waker>,
+}
+
+/// A copy of a tensor on its way to the CPU.
+pub struct Readback {
+    staging: wgpu::Buffer,
+    state: Arc<Mutex<MapState>>,
+    device: wgpu::Device,
+    submission: wgpu::SubmissionIndex,
+    label: String,
+    len: usize,
+    dtype: DType,
+}
+
+impl Readback {
+    fn finish(&self) -> Result<Vec<f32>> {
+        let data = {
+            let view = self
+                .staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| GpuError::Readback { label: self.label.clone(), message: e.to_string() })?;
+            if self.dtype != DType::F32 {
+                let message = format!("only f32 tensors can be read back, this one is {:?}", self.dtype);
+                return Err(GpuError::Readback { label: self.label.clone(), message });
+            }
+            bytemuck::pod_collect_to_vec::<u8, f32>(&view[..self.len])
+        };
+        self.staging.unmap();
+        Ok(data)
+    }
+
+    /// Blocks until the data is on the CPU (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn wait(self) -> Result<Vec<f32>> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(self.submission.clone()), timeout: None })
+            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
+        let r = self.state.lock().unwrap_or_else(|p| p.into_inner()).result.take();
+        match r {
+            Some(Ok(())) => self.finish(),
+            Some(Err(message)) => Err(GpuError::Readback { label: self.label.clone(), message }),
+            None => Err(GpuError::Readback { label: self.label.clone(), message: "the map callback never ran".into() }),
+        }
+    }
+}
+
+/// Awaiting a readback works on every platform; on native it drives the device itself.
+impl Future for Readback {
+    type Output = Result<Vec<f32>>;
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.result.take() {
+            Some(Ok(())) => {
+                drop(s);
+                Poll::Ready(self.finish())
+            }
+            Some(Err(message)) => Poll::Ready(Err(GpuError::Readback { label: self.label.clone(), message })),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                #[cfg(not(target_arch = "wasm32"))]
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Matrix products (shaders/matmul.wgsl and shaders/matmul_subgroup.wgsl).
+//!
+//! `C = alpha · op(A) · op(B)`, or `C += ...` with `accumulate`, for f32 row-major matrices of
+//! any shape, optionally batched. The three products of a linear layer `y = x Wᵀ`:
+//! forward `y = x·Wᵀ` (trans_b), input gradient `dx = g·W`, weight gradient `dW = gᵀ·x` (trans_a).
+//!
+//! Two code paths: the subgroup kernel (register-blocked, rows of A shared across lanes with
+//! `subgroupBroadcast`), used where the adapter has subgroup operations, and a portable
+//! shared-memory tiled kernel everywhere else.
+
+use std::fmt::Write as _;
+
+use super::{check_f32, shape_err, uniform};
+use crate::gpu::{kernel_sources, Arg, Context, GpuError, KernelSpec, Result, Step, Tensor};
+
+/// Which kernel computes the product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// The subgroup kernel where the adapter supports it, else the portable one.
+    Auto,
+    /// Shared-memory tiling; runs on every adapter.
+    Portable,
+    /// Register blocking with `subgroupBroadcast`; needs subgroup operations.
+    Subgroup,
+}
+
+/// Options of one product. `Matmul::default()` is `C = A·B`.
+#[derive(Clone, Copy, Debug)]
+pub struct Matmul {
+    /// A is stored (K, M) and read transposed.
+    pub trans_a: bool,
+    /// B is stored (N, K) and read transposed.
+    pub trans_b: bool,
+    pub alpha: f32,
+    /// `C += alpha·op(A)·op(B)` instead of `C = ...`.
+    pub accumulate: bool,
+    pub path: MatmulPath,
+}
+
+impl Default for Matmul {
+    fn default() -> Self {
+        Matmul { trans_a: false, trans_b: false, alpha: 1.0, accumulate: false, path: MatmulPath::Auto }
+    }
+}
+
+impl Matmul {
+    /// `C = A·B`.
+    pub fn nn() -> Self {
+        Self::default()
+    }
+    /// `C = A·Bᵀ` (a linear layer's forward).
+    pub fn nt() -> Self {
+        Matmul { trans_b: true, ..Self::default() }
+    }
+    /// `C = Aᵀ·B` (a linear layer's weight gradient).
+    pub fn tn() -> Self {
+        Matmul { trans_a: true, ..Self::default() }
+    }
+    pub fn alpha(self, alpha: f32) -> Self {
+        Matmul { alpha, ..self }
+    }
+    pub fn accumulate(self, accumulate: bool) -> Self {
+        Matmul { accumulate, ..self }
+    }
+    pub fn path(self, path: MatmulPath) -> Self {
+        Matmul { path, ..self }
+    }
+}
+
+#[derive(encase::ShaderType)]
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch: u32,
+    stride_a: u32,
+    stride_b: u32,
+    stride_c: u32,
+    accumulate: u32,
+    alpha: f32,
+}
+
+/// Rows of C per workgroup in the subgroup kernel.
+const SG_TM: u32 = 32;
+
+/// vec4 columns of C per lane in the subgroup kernel: two where subgroups are narrow (CPUs,
+/// Intel), one where they are wide, to bound register use.
+fn sg_tnv(s: u32) -> u32 {
+    if s <= 16 {
+        2
+    } else {
+        1
+    }
+}
+
+/// (batch, rows, cols) of a 2-D or 3-D tensor.
+fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
+    match *t.shape() {
+        [r, c] => Ok((1, r, c)),
+        [b, r, c] => Ok((b, r, c)),
+        ref s => Err(shape_err(OP, format!("tensor {:?} has shape {s:?}; expected 2 or 3 dimensions", t.label()))),
+    }
+}
+
+/// Records `C = alpha·op(A)·op(B) (+ C)` into `step` and returns the path used.
+///
+/// Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N); each may carry a leading batch
+/// dimension. A 2-D operand is shared by every batch of a 3-D C.
+pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<MatmulPath> {
+    let params = check_shapes(ctx, a, b, c, opts)?;
+    let sg = ctx.subgroup_size().filter(|s| (4..=128).contains(s));
+    match (opts.path, sg) {
+        (MatmulPath::Auto | MatmulPath::Subgroup, Some(s)) => {
+            record_subgroup(ctx, step, a, b, c, &params, opts, s)?;
+            Ok(MatmulPath::Subgroup)
+        }
+        (MatmulPath::Subgroup, None) => {
+            Err(GpuError::MissingFeature { feature: "subgroup operations (4 to 128 lanes)", adapter: ctx.info().name.clone() })
+        }
+        (MatmulPath::Portable, _) | (MatmulPath::Auto, None) => {
+            let spec = KernelSpec::new(&kernel_sources::MATMUL, "matmul")
+                .constant("TRANS_A", opts.trans_a as u32 as f64)
+                .constant("TRANS_B", opts.trans_b as u32 as f64);
+            let groups = [params.n.div_ceil(64), params.m.div_ceil(64), params.batch];
+            let args = [Arg::Uniform(uniform(OP, &params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
+            ctx.record(step, &spec, &args, groups)?;
+            Ok(MatmulPath::Portable)
+        }
+    }
+}
+
+/// Records the subgroup kernel generated for subgroup size `s`, which may be smaller than the
+/// adapter's (tests use this to check that every size from 4 up is correct).
+pub fn matmul_with_subgroup_size(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul, s: u32) -> Result<()> {
+    let params = check_shapes(ctx, a, b, c, opts)?;
+    if !ctx.features().subgroups {
+        return Err(GpuError::MissingFeature { feature: "subgroup operations", adapter: ctx.info().name.clone() });
+    }
+    record_subgroup(ctx, step, a, b, c, &params, opts, s)
+}
+
+const OP: &str = "matmul";
+
+/// Checks the operands and derives the kernel parameters.
+fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<Params> {
+    for t in [a, b, c] {
+        check_f32(OP, t)?;
+    }
+    let (ba, ar, ac) = dims3(a)?;
+    let (bb, br, bc) = dims3(b)?;
+    let (batch, m, n) = dims3(c)?;
+    let (am, k) = if opts.trans_a { (ac, ar) } else { (ar, ac) };
+    let (bk, bn) = if opts.trans_b { (bc, br) } else { (br, bc) };
+    let describe = || {
+        let t = |x: bool| if x { " (transposed)" } else { "" };
+        format!(
+            "A {:?} {:?}{}, B {:?} {:?}{}, C {:?} {:?}",
+            a.label(), a.shape(), t(opts.trans_a), b.label(), b.shape(), t(opts.trans_b), c.label(), c.shape()
+        )
+    };
+    if am != m || bn != n || bk != k {
+        return Err(shape_err(OP, format!("shapes do not chain: {}; need op(A) (M, K), op(B) (K, N), C (M, N)", describe())));
+    }
+    if [ba, bb].iter().any(|&tb| tb != 1 && tb != batch) {
+        return Err(shape_err(OP, format!("batch sizes differ: {}", describe())));
+    }
+    if batch > ctx.limits().max_workgroups_per_dimension as usize {
+        return Err(shape_err(OP, format!("batch {batch} exceeds the device's grid limit: {}", describe())));
+    }
+    if a.overlaps(c) || b.overlaps(c) {
+        return Err(shape_err(OP, format!("an input overlaps the output: {}", describe())));
+    }
+    let per = |t: &Tensor, tb: usize| if tb == batch && batch > 1 { (t.numel() / tb) as u32 } else { 0 };
+    Ok(Params {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        batch: batch as u32,
+        stride_a: per(a, ba),
+        stride_b: per(b, bb),
+        stride_c: if batch > 1 { (m * n) as u32 } else { 0 },
+        accumulate: opts.accumulate as u32,
+        alpha: opts.alpha,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record_subgroup(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, params: &Params, opts: Matmul, s: u32) -> Result<()> {
+    let (spec, groups) = subgroup_spec(s, params, opts.trans_a, opts.trans_b);
+    let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
+    ctx.record(step, &spec, &args, groups)
+}
+
+fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpec, [u32; 3]) {
+    let vec = p.k % 4 == 0
+        && p.n % 4 == 0
+        && (!trans_a || p.m % 4 == 0)
+        && p.stride_a % 4 == 0
+        && p.stride_b % 4 == 0
+        && p.stride_c % 4 == 0;
+    let tnv = sg_tnv(s);
+    let tile_n = 4 * s * tnv;
+    let spec = subgroup_kernel(s, SG_TM, tnv, trans_a, trans_b, vec);
+    let groups = [p.n.div_ceil(tile_n), p.m.div_ceil(SG_TM), p.batch];
+    (spec, groups)
+}
+
+/// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
+/// lane. Public so that the WGSL validation test can expand it for many sizes.
+pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
+    KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
+        .flag("VEC", vec)
+        .var("S", s)
+        .var("TM", tm)
+        .var("TNV", tnv)
+        .var("TILE_N", 4 * s * tnv)
+        .var("BODY", subgroup_body(s, tm, tnv, trans_a, trans_b))
+}
+
+/// Generates the unrolled body of the subgroup kernel. Names: `acc_R_V` accumulates rows
+/// `row0 + R` at lane column block V; `a{slot}` holds this lane's share of A; `b{V}` is the
+/// 4×4 block of op(B) for the current k (its column j is op(B)[k + j][n..n+4]).
+fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> String {
+    assert!(tm % 4 == 0 && s >= 1);
+    let mut w = String::new();
+    let ind = "    ";
+    for r in 0..tm {
+        for v in 0..tnv {
+            let _ = writeln!(w, "{ind}var acc_{r}_{v} = vec4<f32>(0.0);");
+        }
+    }
+    for v in 0..tnv {
+        let _ = writeln!(w, "{ind}let n{v} = col0 + 4u * (lane + {}u);", s * v);
+    }
+    let _ = writeln!(w, "{ind}for (var k = 0u; k < p.k; k += 4u) {{");
+    let ind2 = "        ";
+    // This lane's share of A.
+    if !trans_a {
+        // Row r of the tile lives in lane r % s, slot r / s.
+        for slot in 0..tm.div_ceil(s) {
+            let _ = writeln!(w, "{ind2}let a{slot} = a_row4(base_a, row0 + lane + {}u, k);", s * slot);
+        }
+    } else {
+        // Group g (rows 4g..4g+4) lives in lane g % s, slot g / s, as four vec4 over rows.
+        for slot in 0..(tm / 4).div_ceil(s) {
+            for j in 0..4 {
+                let _ = writeln!(w, "{ind2}let a{slot}_{j} = a_col4(base_a, k + {j}u, row0 + 4u * (lane + {}u));", s * slot);
+            }
+        }
+    }
+    for v in 0..tnv {
+        if !trans_b {
+            let _ = writeln!(
+                w,
+                "{ind2}let b{v} = mat4x4<f32>(b_row4(base_b, k, n{v}), b_row4(base_b, k + 1u, n{v}), \
+                 b_row4(base_b, k + 2u, n{v}), b_row4(base_b, k + 3u, n{v}));"
+            );
+        } else {
+            let _ = writeln!(
+                w,
+                "{ind2}let b{v} = transpose(mat4x4<f32>(b_col4(base_b, n{v}, k), b_col4(base_b, n{v} + 1u, k), \
+                 b_col4(base_b, n{v} + 2u, k), b_col4(base_b, n{v} + 3u, k)));"
+            );
+        }
+    }
+    if !trans_a {
+        for r in 0..tm {
+            let _ = writeln!(w, "{ind2}let x{r} = subgroupBroadcast(a{}, {}u);", r / s, r % s);
+            for v in 0..tnv {
+                let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
+            }
+        }
+    } else {
+        for g in 0..tm / 4 {
+            for j in 0..4 {
+                let _ = writeln!(w, "{ind2}let w{g}_{j} = subgroupBroadcast(a{}_{j}, {}u);", g / s, g % s);
+            }
+            for i in 0..4 {
+                let r = 4 * g + i;
+                let c = ["x", "y", "z", "w"][i as usize];
+                let _ = writeln!(w, "{ind2}let x{r} = vec4<f32>(w{g}_0.{c}, w{g}_1.{c}, w{g}_2.{c}, w{g}_3.{c});");
+                for v in 0..tnv {
+                    let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
+                }
+            }
+        }
+    }
+    let _ = writeln!(w, "{ind}}}");
+    for r in 0..tm {
+        for v in 0..tnv {
+            let _ = writeln!(w, "{ind}store_c(base_c, row0 + {r}u, n{v}, acc_{r}_{v});");
+        }
+    }
+    w
+}
