@@ -1,14 +1,14 @@
 // matmul (subgroup path): C = alpha * op(A) · op(B) (+ C), f32.
 //
 // Same conventions and Params as shaders/matmul.wgsl (read its header). This file is a template
-// expanded by src/ops/matmul.rs: `{{NAME}}` values and `// #if FLAG` blocks, plus the unrolled
-// inner loop `{{BODY}}` that Rust generates for the chosen subgroup size and tile.
+// expanded by src/ops/matmul.rs (double-brace values and #if blocks), plus the unrolled
+// inner loop (BODY) that Rust generates for the chosen subgroup size and tile.
 //
 // Why this shape: on CPU drivers such as lavapipe, each invocation is one SIMD lane and every
 // load whose address differs between lanes is a gather, so the cost is loads per FMA. A
-// workgroup here is exactly one subgroup of S = {{S}} lanes. Each lane loads a vec4 of A for a
+// workgroup here is exactly one subgroup of S lanes. Each lane loads a vec4 of A for a
 // few rows; `subgroupBroadcast(value, lane)` then hands each row to every lane through registers
-// (no shared memory, no barriers). Each lane owns {{TNV}} vec4 column(s) of C for {{TM}} rows.
+// (no shared memory, no barriers). Each lane owns TNV vec4 column(s) of C for TM rows.
 // The broadcast lane index must be a constant expression in WGSL, hence the generated body.
 //
 // Correct for any subgroup size from 4 to 128: S is the adapter's *minimum* subgroup size, so

@@ -1,0 +1,303 @@
+//! Every kernel against its f64 CPU twin in `portalora::reference`, at awkward shapes, with the
+//! output poisoned (NaN) before each run. Runs on whatever adapter the machine has (lavapipe in CI).
+
+mod common;
+
+use portalora::gpu::{Arg, Context, DType, GpuError, KernelSource, KernelSpec, Step};
+use portalora::ops::elementwise::{add_forward, axpy_forward, scale_forward};
+use portalora::ops::matmul::{matmul, matmul_with_subgroup_size, Matmul, MatmulPath};
+use portalora::ops::reduce::reduce_forward;
+use portalora::reference::{self, max_rel_error, Rng};
+
+const TOL: f64 = 1e-5;
+
+/// Runs one (possibly batched) product on the GPU and checks it against the reference.
+/// `subgroup_size` forces the subgroup kernel generated for that size.
+#[allow(clippy::too_many_arguments)]
+fn check_matmul(ctx: &Context, rng: &mut Rng, batch: usize, share_b: bool, m: usize, k: usize, n: usize, opts: Matmul, subgroup_size: Option<u32>) {
+    let (ar, ac) = if opts.trans_a { (k, m) } else { (m, k) };
+    let (br, bc) = if opts.trans_b { (n, k) } else { (k, n) };
+    let b_batch = if share_b { 1 } else { batch };
+    let a_data = rng.vec(batch * m * k);
+    let b_data = rng.vec(b_batch * k * n);
+    let c0 = rng.vec(batch * m * n);
+    let shape3 = |bt: usize, r: usize, c: usize| if batch > 1 && bt > 1 { vec![bt, r, c] } else { vec![r, c] };
+    let a = ctx.upload_f32("A", &shape3(batch, ar, ac), &a_data).unwrap();
+    let b = ctx.upload_f32("B", &shape3(b_batch, br, bc), &b_data).unwrap();
+    let c = ctx.tensor("C", &shape3(batch, m, n), DType::F32).unwrap();
+    if opts.accumulate {
+        ctx.write_f32(&c, &c0).unwrap();
+    } else {
+        ctx.fill_f32(&c, f32::NAN).unwrap();
+    }
+    let mut step = Step::new();
+    match subgroup_size {
+        Some(s) => matmul_with_subgroup_size(ctx, &mut step, &a, &b, &c, opts, s).unwrap(),
+        None => {
+            matmul(ctx, &mut step, &a, &b, &c, opts).unwrap();
+        }
+    }
+    ctx.run(&step).unwrap();
+    let got = ctx.read_f32(&c).unwrap();
+    let mut want = Vec::with_capacity(batch * m * n);
+    for bi in 0..batch {
+        let bj = if share_b { 0 } else { bi };
+        let prod = reference::matmul(&a_data[bi * m * k..(bi + 1) * m * k], &b_data[bj * k * n..(bj + 1) * k * n], m, k, n, opts.trans_a, opts.trans_b);
+        for (i, p) in prod.into_iter().enumerate() {
+            let acc = if opts.accumulate { c0[bi * m * n + i] as f64 } else { 0.0 };
+            want.push(acc + opts.alpha as f64 * p);
+        }
+    }
+    let err = max_rel_error(&got, &want);
+    assert!(
+        err <= TOL,
+        "matmul {opts:?} batch={batch} share_b={share_b} m={m} k={k} n={n} subgroup_size={subgroup_size:?}: relative error {err:e} > {TOL:e}"
+    );
+}
+
+const AWKWARD: [usize; 4] = [1, 7, 33, 129];
+const OPS: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (true, true)];
+
+fn sweep(ctx: &Context, path: MatmulPath, subgroup_size: Option<u32>) {
+    let mut rng = Rng::new(7);
+    for (trans_a, trans_b) in OPS {
+        let opts = Matmul { trans_a, trans_b, path, ..Matmul::default() };
+        for &m in &AWKWARD {
+            for &k in &AWKWARD {
+                for &n in &AWKWARD {
+                    check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size);
+                }
+            }
+        }
+        // Multiples of 4 (the subgroup kernel's vec4 variant) and several tiles in each direction.
+        for &(m, k, n) in &[(64, 32, 128), (132, 68, 36), (100, 4, 260), (4, 516, 8), (65, 64, 200)] {
+            check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size);
+        }
+        // alpha and accumulate, batched with and without a shared B.
+        let acc = Matmul { alpha: -0.75, accumulate: true, ..opts };
+        check_matmul(ctx, &mut rng, 1, false, 33, 7, 129, acc, subgroup_size);
+        check_matmul(ctx, &mut rng, 1, false, 36, 16, 64, acc, subgroup_size);
+        check_matmul(ctx, &mut rng, 3, false, 33, 7, 129, opts, subgroup_size);
+        check_matmul(ctx, &mut rng, 5, true, 12, 8, 20, acc, subgroup_size);
+        check_matmul(ctx, &mut rng, 2, false, 7, 33, 1, acc, subgroup_size);
+    }
+}
+
+#[test]
+fn matmul_portable_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    sweep(&ctx, MatmulPath::Portable, None);
+}
+
+#[test]
+fn matmul_subgroup_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    if !ctx.features().subgroups {
+        // Not a skip in disguise: the adapter lacks the feature, and the error path is checked.
+        let mut step = Step::new();
+        let t = ctx.tensor("t", &[4, 4], DType::F32).unwrap();
+        let u = ctx.tensor("u", &[4, 4], DType::F32).unwrap();
+        let v = ctx.tensor("v", &[4, 4], DType::F32).unwrap();
+        let e = matmul(&ctx, &mut step, &t, &u, &v, Matmul::nn().path(MatmulPath::Subgroup)).unwrap_err();
+        assert!(matches!(e, GpuError::MissingFeature { .. }), "{e}");
+        eprintln!("adapter {} has no subgroups; only the portable path runs here", ctx.info().name);
+        return;
+    }
+    sweep(&ctx, MatmulPath::Subgroup, None);
+}
+
+/// The subgroup kernel must be right for any subgroup size from 4 up. On an adapter whose
+/// subgroups are S lanes, kernels generated for any size ≤ S run correctly (a workgroup of that
+/// many lanes fits in one subgroup), so test every power of two up to the adapter's size.
+#[test]
+fn matmul_subgroup_sizes_match_reference() {
+    let Some(ctx) = common::context() else { return };
+    let Some(sg) = ctx.subgroup_size() else { return };
+    let mut rng = Rng::new(11);
+    let mut s = 4;
+    while s <= sg.min(128) {
+        for (trans_a, trans_b) in OPS {
+            let opts = Matmul { trans_a, trans_b, ..Matmul::default() };
+            for &(m, k, n) in &[(33, 7, 129), (129, 33, 7), (64, 36, 132), (1, 1, 1)] {
+                check_matmul(&ctx, &mut rng, 1, false, m, k, n, opts, Some(s));
+            }
+        }
+        s *= 2;
+    }
+}
+
+#[test]
+fn matmul_auto_picks_subgroups_when_available() {
+    let Some(ctx) = common::context() else { return };
+    let a = ctx.tensor("a", &[8, 8], DType::F32).unwrap();
+    let b = ctx.tensor("b", &[8, 8], DType::F32).unwrap();
+    let c = ctx.tensor("c", &[8, 8], DType::F32).unwrap();
+    let path = matmul(&ctx, &mut Step::new(), &a, &b, &c, Matmul::nn()).unwrap();
+    let want = if ctx.features().subgroups { MatmulPath::Subgroup } else { MatmulPath::Portable };
+    assert_eq!(path, want);
+}
+
+#[test]
+fn matmul_rejects_bad_shapes() {
+    let Some(ctx) = common::context() else { return };
+    let a = ctx.tensor("x", &[7, 33], DType::F32).unwrap();
+    let b = ctx.tensor("w", &[33, 5], DType::F32).unwrap();
+    let c = ctx.tensor("y", &[7, 6], DType::F32).unwrap();
+    let e = matmul(&ctx, &mut Step::new(), &a, &b, &c, Matmul::nn()).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("\"w\"") && msg.contains("[33, 5]") && msg.contains("[7, 6]"), "{msg}");
+    // Output aliasing an input.
+    let sq = ctx.tensor("sq", &[4, 4], DType::F32).unwrap();
+    let e = matmul(&ctx, &mut Step::new(), &sq, &sq.clone(), &sq, Matmul::nn()).unwrap_err();
+    assert!(e.to_string().contains("overlaps"), "{e}");
+}
+
+#[test]
+fn reduce_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(3);
+    let shapes: &[&[usize]] = &[&[1], &[7], &[129], &[7, 33], &[33, 7], &[1, 129, 7], &[7, 1, 33], &[3, 5000], &[5000, 3], &[2, 300, 5]];
+    for &shape in shapes {
+        for dim in 0..shape.len() {
+            for mean in [false, true] {
+                let data = rng.vec(shape.iter().product());
+                let x = ctx.upload_f32("x", shape, &data).unwrap();
+                let out_shape: Vec<usize> = shape.iter().enumerate().filter(|&(i, _)| i != dim).map(|(_, &s)| s).collect();
+                let out_shape = if out_shape.is_empty() { vec![1] } else { out_shape };
+                let out = ctx.tensor("out", &out_shape, DType::F32).unwrap();
+                ctx.fill_f32(&out, f32::NAN).unwrap();
+                let mut step = Step::new();
+                reduce_forward(&ctx, &mut step, &x, dim, mean, &out).unwrap();
+                ctx.run(&step).unwrap();
+                let got = ctx.read_f32(&out).unwrap();
+                let outer: usize = shape[..dim].iter().product();
+                let inner: usize = shape[dim + 1..].iter().product();
+                let want = reference::reduce(&data, outer, shape[dim], inner, mean);
+                let err = max_rel_error(&got, &want);
+                assert!(err <= TOL, "reduce {shape:?} dim={dim} mean={mean}: relative error {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn reduce_is_deterministic_and_handles_huge_grids() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(5);
+    // 66000 outputs of 256 values each: more workgroups than one grid dimension allows.
+    for shape in [[66_000usize, 256], [70_000, 3]] {
+        let data = rng.vec(shape[0] * shape[1]);
+        let x = ctx.upload_f32("x", &shape, &data).unwrap();
+        let out = ctx.tensor("out", &[shape[0]], DType::F32).unwrap();
+        let mut step = Step::new();
+        reduce_forward(&ctx, &mut step, &x, 1, false, &out).unwrap();
+        ctx.fill_f32(&out, f32::NAN).unwrap();
+        ctx.run(&step).unwrap();
+        let first = ctx.read_f32(&out).unwrap();
+        let want = reference::reduce(&data, shape[0], shape[1], 1, false);
+        assert!(max_rel_error(&first, &want) <= TOL, "shape {shape:?}");
+        ctx.fill_f32(&out, f32::NAN).unwrap();
+        ctx.run(&step).unwrap();
+        let second = ctx.read_f32(&out).unwrap();
+        assert!(first.iter().zip(&second).all(|(a, b)| a.to_bits() == b.to_bits()), "reduce is not bit-reproducible");
+    }
+}
+
+#[test]
+fn elementwise_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(9);
+    for n in [1usize, 7, 33, 129, 256, 257, 100_003] {
+        let xd = rng.vec(n);
+        let yd = rng.vec(n);
+        let od = rng.vec(n);
+        let x = ctx.upload_f32("x", &[n], &xd).unwrap();
+        let y = ctx.upload_f32("y", &[n], &yd).unwrap();
+        let out = ctx.tensor("out", &[n], DType::F32).unwrap();
+        let cases: [(&str, Vec<f64>); 3] =
+            [("add", reference::add(&xd, &yd)), ("scale", reference::scale(&xd, -1.5)), ("axpy", reference::axpy(0.25, &xd, &od))];
+        for (name, want) in cases {
+            let mut step = Step::new();
+            match name {
+                "add" => add_forward(&ctx, &mut step, &x, &y, &out).unwrap(),
+                "scale" => scale_forward(&ctx, &mut step, &x, -1.5, &out).unwrap(),
+                _ => axpy_forward(&ctx, &mut step, 0.25, &x, &out).unwrap(),
+            }
+            if name == "axpy" {
+                ctx.write_f32(&out, &od).unwrap();
+            } else {
+                ctx.fill_f32(&out, f32::NAN).unwrap();
+            }
+            ctx.run(&step).unwrap();
+            let err = max_rel_error(&ctx.read_f32(&out).unwrap(), &want);
+            assert!(err <= TOL, "{name} n={n}: relative error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn elementwise_grid_beyond_65535_workgroups() {
+    let Some(ctx) = common::context() else { return };
+    let n = 65_535 * 256 + 1000;
+    let xd: Vec<f32> = (0..n).map(|i| (i % 1024) as f32).collect();
+    let x = ctx.upload_f32("x", &[n], &xd).unwrap();
+    let out = ctx.tensor("out", &[n], DType::F32).unwrap();
+    ctx.fill_f32(&out, f32::NAN).unwrap();
+    let mut step = Step::new();
+    scale_forward(&ctx, &mut step, &x, 2.0, &out).unwrap();
+    ctx.run(&step).unwrap();
+    let got = ctx.read_f32(&out).unwrap();
+    let bad = got.iter().zip(&xd).position(|(g, x)| *g != 2.0 * x);
+    assert_eq!(bad, None, "first wrong element");
+}
+
+static BROKEN: KernelSource = KernelSource { file: "broken.wgsl", wgsl: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }", needs_subgroups: false, template: false };
+
+#[test]
+fn device_errors_become_rust_errors() {
+    let Some(ctx) = common::context() else { return };
+    // A shader that does not compile.
+    let e = ctx.record(&mut Step::new(), &KernelSpec::new(&BROKEN, "main"), &[], [1, 1, 1]).unwrap_err();
+    assert!(matches!(e, GpuError::Kernel { file: "broken.wgsl", .. }), "{e}");
+    // Bindings that do not match the shader: a wgpu validation error.
+    let x = ctx.tensor("x", &[4], DType::F32).unwrap();
+    let spec = KernelSpec::new(&portalora::gpu::kernel_sources::ELEMENTWISE, "add_forward");
+    let e = ctx.record(&mut Step::new(), &spec, &[Arg::Read(&x)], [1, 1, 1]).unwrap_err();
+    assert!(matches!(e, GpuError::Kernel { .. } | GpuError::Validation { .. }), "{e}");
+    // An entry point that does not exist.
+    let spec = KernelSpec::new(&portalora::gpu::kernel_sources::ELEMENTWISE, "no_such_entry");
+    let e = ctx.record(&mut Step::new(), &spec, &[Arg::Uniform(vec![0; 16]), Arg::Read(&x), Arg::Read(&x), Arg::Write(&x)], [1, 1, 1]);
+    assert!(e.is_err());
+    // A grid over the per-dimension limit.
+    let spec = KernelSpec::new(&portalora::gpu::kernel_sources::ELEMENTWISE, "add_forward");
+    let e = ctx.record(&mut Step::new(), &spec, &[], [70_000, 1, 1]).unwrap_err();
+    assert!(matches!(e, GpuError::DispatchTooLarge { .. }), "{e}");
+    // The context still works afterwards.
+    let y = ctx.upload_f32("y", &[4], &[1., 2., 3., 4.]).unwrap();
+    assert_eq!(ctx.read_f32(&y).unwrap(), vec![1., 2., 3., 4.]);
+}
+
+#[test]
+fn step_replays_with_new_inputs() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(21);
+    let (m, k, n) = (9, 17, 13);
+    let a = ctx.tensor("a", &[m, k], DType::F32).unwrap();
+    let b = ctx.upload_f32("b", &[k, n], &rng.vec(k * n)).unwrap();
+    let c = ctx.tensor("c", &[m, n], DType::F32).unwrap();
+    let s = ctx.tensor("s", &[m], DType::F32).unwrap();
+    let mut step = Step::new();
+    matmul(&ctx, &mut step, &a, &b, &c, Matmul::nn()).unwrap();
+    reduce_forward(&ctx, &mut step, &c, 1, false, &s).unwrap();
+    assert_eq!(step.len(), 2);
+    let bd = ctx.read_f32(&b).unwrap();
+    for _ in 0..3 {
+        let ad = rng.vec(m * k);
+        ctx.write_f32(&a, &ad).unwrap();
+        ctx.fill_f32(&s, f32::NAN).unwrap();
+        ctx.run(&step).unwrap();
+        let prod = reference::matmul(&ad, &bd, m, k, n, false, false);
+        let want: Vec<f64> = prod.chunks(n).map(|r| r.iter().sum()).collect();
+        assert!(max_rel_error(&ctx.read_f32(&s).unwrap(), &want) <= TOL);
+    }
+}
