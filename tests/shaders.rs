@@ -34,7 +34,7 @@ fn matmul_subgroup_template_validates_for_every_size() {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             for vec in [false, true] {
                 for tnv in [1, 2] {
-                    let spec = subgroup_kernel(s, 32, tnv, trans_a, trans_b, vec);
+                    let spec = subgroup_kernel(s, 32, tnv, 2, trans_a, trans_b, vec);
                     let wgsl = spec.wgsl().expect("template expands");
                     validate(&format!("{} s={s} ta={trans_a} tb={trans_b} vec={vec} tnv={tnv}", spec.label()), &wgsl);
                 }

@@ -91,7 +91,13 @@ pub struct Limits {
 /// Errors reported by wgpu outside any operation we could attach them to (it would otherwise
 /// panic). On native backends wgpu reports them synchronously inside the call that caused them,
 /// so [`Context::check`] right after that call attributes them precisely.
-type ErrorSink = Arc<Mutex<Vec<wgpu::Error>>>;
+/// Errors are stored as text: `wgpu::Error` is not `Send` on the web.
+type ErrorSink = Arc<Mutex<Vec<RawError>>>;
+
+struct RawError {
+    out_of_memory: bool,
+    message: String,
+}
 
 /// One adapter, one device, one queue and the pipelines compiled for it.
 pub struct Context {
@@ -152,7 +158,13 @@ impl Context {
         let errors: ErrorSink = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e| {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+            let raw = match e {
+                wgpu::Error::OutOfMemory { source } => RawError { out_of_memory: true, message: source.to_string() },
+                wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+                    RawError { out_of_memory: false, message: description }
+                }
+            };
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(raw);
         }));
 
         let l = &required_limits;
@@ -265,16 +277,11 @@ impl Context {
     }
 }
 
-pub(super) fn convert_error(e: wgpu::Error, context: &str) -> GpuError {
-    match e {
-        wgpu::Error::OutOfMemory { source } => {
-            GpuError::OutOfMemory { context: context.to_string(), message: source.to_string() }
-        }
-        wgpu::Error::Validation { description, .. } => {
-            GpuError::Validation { context: context.to_string(), message: description }
-        }
-        wgpu::Error::Internal { description, .. } => {
-            GpuError::Validation { context: context.to_string(), message: description }
-        }
+fn convert_error(e: RawError, context: &str) -> GpuError {
+    let context = context.to_string();
+    if e.out_of_memory {
+        GpuError::OutOfMemory { context, message: e.message }
+    } else {
+        GpuError::Validation { context, message: e.message }
     }
 }

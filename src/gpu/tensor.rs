@@ -177,7 +177,10 @@ struct MapState {
 pub struct Readback {
     staging: wgpu::Buffer,
     state: Arc<Mutex<MapState>>,
+    // Native waits on the submission with `device.poll`; browsers drive mapping themselves.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     device: wgpu::Device,
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     submission: wgpu::SubmissionIndex,
     label: String,
     len: usize,

@@ -198,30 +198,38 @@ fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpe
         && p.stride_a % 4 == 0
         && p.stride_b % 4 == 0
         && p.stride_c % 4 == 0;
-    let tnv = sg_tnv(s);
+    let (mut tm, mut tnv, mut ku) = (SG_TM, sg_tnv(s), 2);
+    if let Ok(v) = std::env::var("PORTALORA_SG_TILE") {
+        let f: Vec<u32> = v.split(',').map(|x| x.parse().unwrap()).collect();
+        (tm, tnv, ku) = (f[0], f[1], f[2]);
+    }
+    // The vec4 variant reads whole k chunks; unroll only when K divides evenly.
+    if vec && p.k % (4 * ku) != 0 {
+        ku = 1;
+    }
     let tile_n = 4 * s * tnv;
-    let spec = subgroup_kernel(s, SG_TM, tnv, trans_a, trans_b, vec);
-    let groups = [p.n.div_ceil(tile_n), p.m.div_ceil(SG_TM), p.batch];
+    let spec = subgroup_kernel(s, tm, tnv, ku, trans_a, trans_b, vec);
+    let groups = [p.n.div_ceil(tile_n), p.m.div_ceil(tm), p.batch];
     (spec, groups)
 }
 
 /// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
 /// lane. Public so that the WGSL validation test can expand it for many sizes.
-pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
+pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, ku: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
     KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
         .flag("VEC", vec)
         .var("S", s)
         .var("TM", tm)
         .var("TNV", tnv)
         .var("TILE_N", 4 * s * tnv)
-        .var("BODY", subgroup_body(s, tm, tnv, trans_a, trans_b))
+        .var("BODY", subgroup_body(s, tm, tnv, ku, trans_a, trans_b))
 }
 
 /// Generates the unrolled body of the subgroup kernel. Names: `acc_R_V` accumulates rows
 /// `row0 + R` at lane column block V; `a{slot}` holds this lane's share of A; `b{V}` is the
 /// 4×4 block of op(B) for the current k (its column j is op(B)[k + j][n..n+4]).
-fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> String {
-    assert!(tm % 4 == 0 && s >= 1);
+fn subgroup_body(s: u32, tm: u32, tnv: u32, ku: u32, trans_a: bool, trans_b: bool) -> String {
+    assert!(tm % 4 == 0 && s >= 1 && ku >= 1);
     let mut w = String::new();
     let ind = "    ";
     for r in 0..tm {
@@ -232,57 +240,61 @@ fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> Str
     for v in 0..tnv {
         let _ = writeln!(w, "{ind}let n{v} = col0 + 4u * (lane + {}u);", s * v);
     }
-    let _ = writeln!(w, "{ind}for (var k = 0u; k < p.k; k += 4u) {{");
+    let _ = writeln!(w, "{ind}for (var k0 = 0u; k0 < p.k; k0 += {}u) {{", 4 * ku);
     let ind2 = "        ";
-    // This lane's share of A.
-    if !trans_a {
-        // Row r of the tile lives in lane r % s, slot r / s.
-        for slot in 0..tm.div_ceil(s) {
-            let _ = writeln!(w, "{ind2}let a{slot} = a_row4(base_a, row0 + lane + {}u, k);", s * slot);
-        }
-    } else {
-        // Group g (rows 4g..4g+4) lives in lane g % s, slot g / s, as four vec4 over rows.
-        for slot in 0..(tm / 4).div_ceil(s) {
-            for j in 0..4 {
-                let _ = writeln!(w, "{ind2}let a{slot}_{j} = a_col4(base_a, k + {j}u, row0 + 4u * (lane + {}u));", s * slot);
+    for u in 0..ku {
+        let _ = writeln!(w, "{ind2}let k{u} = k0 + {}u;", 4 * u);
+        let k = format!("k{u}");
+        // This lane's share of A.
+        if !trans_a {
+            // Row r of the tile lives in lane r % s, slot r / s.
+            for slot in 0..tm.div_ceil(s) {
+                let _ = writeln!(w, "{ind2}let a{u}_{slot} = a_row4(base_a, row0 + lane + {}u, {k});", s * slot);
             }
-        }
-    }
-    for v in 0..tnv {
-        if !trans_b {
-            let _ = writeln!(
-                w,
-                "{ind2}let b{v} = mat4x4<f32>(b_row4(base_b, k, n{v}), b_row4(base_b, k + 1u, n{v}), \
-                 b_row4(base_b, k + 2u, n{v}), b_row4(base_b, k + 3u, n{v}));"
-            );
         } else {
-            let _ = writeln!(
-                w,
-                "{ind2}let b{v} = transpose(mat4x4<f32>(b_col4(base_b, n{v}, k), b_col4(base_b, n{v} + 1u, k), \
-                 b_col4(base_b, n{v} + 2u, k), b_col4(base_b, n{v} + 3u, k)));"
-            );
-        }
-    }
-    if !trans_a {
-        for r in 0..tm {
-            let _ = writeln!(w, "{ind2}let x{r} = subgroupBroadcast(a{}, {}u);", r / s, r % s);
-            for v in 0..tnv {
-                let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
-            }
-        }
-    } else {
-        for g in 0..tm / 4 {
-            for j in 0..4 {
-                let _ = writeln!(w, "{ind2}let w{g}_{j} = subgroupBroadcast(a{}_{j}, {}u);", g / s, g % s);
-            }
-            for i in 0..4 {
-                let r = 4 * g + i;
-                let c = ["x", "y", "z", "w"][i as usize];
-                let _ = writeln!(w, "{ind2}let x{r} = vec4<f32>(w{g}_0.{c}, w{g}_1.{c}, w{g}_2.{c}, w{g}_3.{c});");
-                for v in 0..tnv {
-                    let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
+            // Group g (rows 4g..4g+4) lives in lane g % s, slot g / s, as four vec4 over rows.
+            for slot in 0..(tm / 4).div_ceil(s) {
+                for j in 0..4 {
+                    let _ = writeln!(w, "{ind2}let a{u}_{slot}_{j} = a_col4(base_a, {k} + {j}u, row0 + 4u * (lane + {}u));", s * slot);
                 }
             }
+        }
+        for v in 0..tnv {
+            if !trans_b {
+                let _ = writeln!(
+                    w,
+                    "{ind2}let b{u}_{v} = mat4x4<f32>(b_row4(base_b, {k}, n{v}), b_row4(base_b, {k} + 1u, n{v}), \
+                     b_row4(base_b, {k} + 2u, n{v}), b_row4(base_b, {k} + 3u, n{v}));"
+                );
+            } else {
+                let _ = writeln!(
+                    w,
+                    "{ind2}let b{u}_{v} = transpose(mat4x4<f32>(b_col4(base_b, n{v}, {k}), b_col4(base_b, n{v} + 1u, {k}), \
+                     b_col4(base_b, n{v} + 2u, {k}), b_col4(base_b, n{v} + 3u, {k})));"
+                );
+            }
+        }
+        if trans_a {
+            for g in 0..tm / 4 {
+                for j in 0..4 {
+                    let _ = writeln!(w, "{ind2}let w{u}_{g}_{j} = subgroupBroadcast(a{u}_{}_{j}, {}u);", g / s, g % s);
+                }
+            }
+        }
+    }
+    // Row by row, so that each accumulator is loaded and stored once per k0 iteration.
+    for r in 0..tm {
+        for u in 0..ku {
+            if !trans_a {
+                let _ = writeln!(w, "{ind2}let x{u}_{r} = subgroupBroadcast(a{u}_{}, {}u);", r / s, r % s);
+            } else {
+                let (g, c) = (r / 4, ["x", "y", "z", "w"][(r % 4) as usize]);
+                let _ = writeln!(w, "{ind2}let x{u}_{r} = vec4<f32>(w{u}_{g}_0.{c}, w{u}_{g}_1.{c}, w{u}_{g}_2.{c}, w{u}_{g}_3.{c});");
+            }
+        }
+        for v in 0..tnv {
+            let sum: Vec<String> = (0..ku).map(|u| format!("b{u}_{v} * x{u}_{r}")).collect();
+            let _ = writeln!(w, "{ind2}acc_{r}_{v} += {};", sum.join(" + "));
         }
     }
     let _ = writeln!(w, "{ind}}}");
