@@ -3,12 +3,16 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use portalora::bench::{bench_matmul, MATMUL_SHAPES};
+use portalora::bench::{bench_matmul, MatmulShape, MATMUL_SHAPES};
 use portalora::gpu::Context;
 use portalora::ops::matmul::MatmulPath;
 
 #[derive(Parser)]
-#[command(name = "portalora", version, about = "Fine-tune language models with LoRA-family adapters on any GPU through WebGPU")]
+#[command(
+    name = "portalora",
+    version,
+    about = "Fine-tune language models with LoRA-family adapters on any GPU through WebGPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,6 +49,9 @@ enum BenchWhat {
         /// Seconds each repeat should last (more copies of the kernel per submission).
         #[arg(long, default_value_t = 0.3)]
         seconds: f64,
+        /// Only these shapes, as MxKxN with an optional op suffix: 2048x768x768,768x2048x768tn
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
     },
 }
 
@@ -75,7 +82,24 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
         Command::Info { json } => info(&ctx, json),
-        Command::Bench { what: BenchWhat::Matmul { json, path, repeats, seconds } } => {
+        Command::Bench {
+            what:
+                BenchWhat::Matmul {
+                    json,
+                    path,
+                    repeats,
+                    seconds,
+                    shapes,
+                },
+        } => {
+            let shapes = if shapes.is_empty() {
+                MATMUL_SHAPES.to_vec()
+            } else {
+                shapes
+                    .iter()
+                    .map(|s| MatmulShape::parse(s))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
             let path = match path {
                 PathArg::Auto => MatmulPath::Auto,
                 PathArg::Portable => MatmulPath::Portable,
@@ -84,9 +108,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if !json {
                 let i = ctx.info();
                 println!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
-                println!("{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10} {:>10} {:>10}", "M", "K", "N", "op", "path", "GFLOP/s", "min", "max");
+                println!(
+                    "{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10} {:>10} {:>10}",
+                    "M", "K", "N", "op", "path", "GFLOP/s", "min", "max"
+                );
             }
-            for &shape in MATMUL_SHAPES {
+            for shape in shapes {
                 let r = bench_matmul(&ctx, shape, path, repeats, seconds)?;
                 let path = format!("{:?}", r.path).to_lowercase();
                 if json {
@@ -97,7 +124,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 } else {
                     println!(
                         "{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10.2} {:>10.2} {:>10.2}",
-                        shape.m, shape.k, shape.n, shape.op(), path, r.median(), r.min(), r.max()
+                        shape.m,
+                        shape.k,
+                        shape.n,
+                        shape.op(),
+                        path,
+                        r.median(),
+                        r.min(),
+                        r.max()
                     );
                 }
             }
@@ -128,15 +162,33 @@ fn info(ctx: &Context, json: bool) -> Result<(), Box<dyn std::error::Error>> {
     println!("device type:    {}", i.device_type);
     println!("driver:         {} {}", i.driver, i.driver_info);
     println!("features:");
-    println!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
+    println!(
+        "  subgroups:    {} (sizes {}..={})",
+        f.subgroups, i.subgroup_min_size, i.subgroup_max_size
+    );
     println!("  shader-f16:   {}", f.shader_f16);
     println!("  timestamps:   {}", f.timestamps);
     println!("limits:");
-    println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
+    println!(
+        "  storage binding:        {:.0} MiB",
+        mib(l.max_storage_binding)
+    );
     println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
-    println!("  workgroup storage:      {} KiB", l.max_workgroup_storage / 1024);
-    println!("  invocations/workgroup:  {}", l.max_invocations_per_workgroup);
-    println!("  workgroups/dimension:   {}", l.max_workgroups_per_dimension);
-    println!("  storage buffers/stage:  {}", l.max_storage_buffers_per_stage);
+    println!(
+        "  workgroup storage:      {} KiB",
+        l.max_workgroup_storage / 1024
+    );
+    println!(
+        "  invocations/workgroup:  {}",
+        l.max_invocations_per_workgroup
+    );
+    println!(
+        "  workgroups/dimension:   {}",
+        l.max_workgroups_per_dimension
+    );
+    println!(
+        "  storage buffers/stage:  {}",
+        l.max_storage_buffers_per_stage
+    );
     Ok(())
 }

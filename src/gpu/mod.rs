@@ -32,10 +32,11 @@ pub use tensor::{DType, Readback, Tensor};
 /// user can do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
-    #[error(
-        "no GPU adapter found{backends}. {hint}"
-    )]
-    NoAdapter { backends: String, hint: &'static str },
+    #[error("no GPU adapter found{backends}. {hint}")]
+    NoAdapter {
+        backends: String,
+        hint: &'static str,
+    },
     #[error("WGPU_ADAPTER_NAME={wanted:?} matches no adapter; available: {available}")]
     AdapterNameNotFound { wanted: String, available: String },
     #[error("could not open a device on adapter {adapter:?}")]
@@ -56,17 +57,29 @@ pub enum GpuError {
         "tensor {label:?} of {bytes} bytes exceeds this device's {limit}-byte {what} limit; \
          split it or use a smaller shape"
     )]
-    TooLarge { label: String, bytes: u64, limit: u64, what: &'static str },
+    TooLarge {
+        label: String,
+        bytes: u64,
+        limit: u64,
+        what: &'static str,
+    },
     #[error("{op}: {message}")]
     Shape { op: &'static str, message: String },
     #[error(
         "dispatch {label}: {groups:?} workgroups exceeds the device limit of {limit} per dimension"
     )]
-    DispatchTooLarge { label: String, groups: [u32; 3], limit: u32 },
+    DispatchTooLarge {
+        label: String,
+        groups: [u32; 3],
+        limit: u32,
+    },
     #[error("reading back tensor {label:?} failed: {message}")]
     Readback { label: String, message: String },
     #[error("{feature} is not available on adapter {adapter:?}")]
-    MissingFeature { feature: &'static str, adapter: String },
+    MissingFeature {
+        feature: &'static str,
+        adapter: String,
+    },
     #[error("encoding uniforms for {kernel}")]
     Uniform {
         kernel: String,

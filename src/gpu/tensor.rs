@@ -70,10 +70,16 @@ impl Tensor {
         if n != self.numel() {
             return Err(GpuError::Shape {
                 op: "reshape",
-                message: format!("tensor {:?} of shape {:?} cannot be viewed as {shape:?}", self.label, self.shape),
+                message: format!(
+                    "tensor {:?} of shape {:?} cannot be viewed as {shape:?}",
+                    self.label, self.shape
+                ),
             });
         }
-        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            ..self.clone()
+        })
     }
 }
 
@@ -83,18 +89,31 @@ impl Context {
         let numel: usize = shape.iter().product();
         let bytes = (numel * dtype.size()) as u64;
         if bytes > self.limits().max_buffer {
-            return Err(GpuError::TooLarge { label: label.into(), bytes, limit: self.limits().max_buffer, what: "buffer size" });
+            return Err(GpuError::TooLarge {
+                label: label.into(),
+                bytes,
+                limit: self.limits().max_buffer,
+                what: "buffer size",
+            });
         }
         // Buffers are padded to 16 bytes so that a kernel may view them as vec4 arrays.
         let size = bytes.max(4).next_multiple_of(16);
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
-        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), dtype, label: label.into() })
+        Ok(Tensor {
+            buffer: Arc::new(buffer),
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+            label: label.into(),
+        })
     }
 
     /// Allocates a tensor and fills it with `data` (row-major).
@@ -111,12 +130,17 @@ impl Context {
                 op: "write_f32",
                 message: format!(
                     "tensor {:?} is {:?} {:?} ({} elements) but {} f32 values were given",
-                    t.label, t.dtype, t.shape, t.numel(), data.len()
+                    t.label,
+                    t.dtype,
+                    t.shape,
+                    t.numel(),
+                    data.len()
                 ),
             });
         }
         if !data.is_empty() {
-            self.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+            self.queue
+                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
         }
         self.check(&format!("writing tensor {:?}", t.label))
     }
@@ -136,7 +160,11 @@ impl Context {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         enc.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, bytes);
         let submission = self.queue.submit([enc.finish()]);
         let state: Arc<Mutex<MapState>> = Arc::default();
@@ -190,14 +218,23 @@ pub struct Readback {
 impl Readback {
     fn finish(&self) -> Result<Vec<f32>> {
         let data = {
-            let view = self
-                .staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| GpuError::Readback { label: self.label.clone(), message: e.to_string() })?;
+            let view =
+                self.staging
+                    .slice(..)
+                    .get_mapped_range()
+                    .map_err(|e| GpuError::Readback {
+                        label: self.label.clone(),
+                        message: e.to_string(),
+                    })?;
             if self.dtype != DType::F32 {
-                let message = format!("only f32 tensors can be read back, this one is {:?}", self.dtype);
-                return Err(GpuError::Readback { label: self.label.clone(), message });
+                let message = format!(
+                    "only f32 tensors can be read back, this one is {:?}",
+                    self.dtype
+                );
+                return Err(GpuError::Readback {
+                    label: self.label.clone(),
+                    message,
+                });
             }
             bytemuck::pod_collect_to_vec::<u8, f32>(&view[..self.len])
         };
@@ -209,13 +246,29 @@ impl Readback {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn wait(self) -> Result<Vec<f32>> {
         self.device
-            .poll(wgpu::PollType::Wait { submission_index: Some(self.submission.clone()), timeout: None })
-            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
-        let r = self.state.lock().unwrap_or_else(|p| p.into_inner()).result.take();
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.submission.clone()),
+                timeout: None,
+            })
+            .map_err(|e| GpuError::DeviceLost {
+                message: e.to_string(),
+            })?;
+        let r = self
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .result
+            .take();
         match r {
             Some(Ok(())) => self.finish(),
-            Some(Err(message)) => Err(GpuError::Readback { label: self.label.clone(), message }),
-            None => Err(GpuError::Readback { label: self.label.clone(), message: "the map callback never ran".into() }),
+            Some(Err(message)) => Err(GpuError::Readback {
+                label: self.label.clone(),
+                message,
+            }),
+            None => Err(GpuError::Readback {
+                label: self.label.clone(),
+                message: "the map callback never ran".into(),
+            }),
         }
     }
 }
@@ -232,7 +285,10 @@ impl Future for Readback {
                 drop(s);
                 Poll::Ready(self.finish())
             }
-            Some(Err(message)) => Poll::Ready(Err(GpuError::Readback { label: self.label.clone(), message })),
+            Some(Err(message)) => Poll::Ready(Err(GpuError::Readback {
+                label: self.label.clone(),
+                message,
+            })),
             None => {
                 s.waker = Some(cx.waker().clone());
                 #[cfg(not(target_arch = "wasm32"))]

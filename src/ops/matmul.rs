@@ -39,7 +39,13 @@ pub struct Matmul {
 
 impl Default for Matmul {
     fn default() -> Self {
-        Matmul { trans_a: false, trans_b: false, alpha: 1.0, accumulate: false, path: MatmulPath::Auto }
+        Matmul {
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: false,
+            path: MatmulPath::Auto,
+        }
     }
 }
 
@@ -50,11 +56,17 @@ impl Matmul {
     }
     /// `C = A·Bᵀ` (a linear layer's forward).
     pub fn nt() -> Self {
-        Matmul { trans_b: true, ..Self::default() }
+        Matmul {
+            trans_b: true,
+            ..Self::default()
+        }
     }
     /// `C = Aᵀ·B` (a linear layer's weight gradient).
     pub fn tn() -> Self {
-        Matmul { trans_a: true, ..Self::default() }
+        Matmul {
+            trans_a: true,
+            ..Self::default()
+        }
     }
     pub fn alpha(self, alpha: f32) -> Self {
         Matmul { alpha, ..self }
@@ -98,7 +110,13 @@ fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
     match *t.shape() {
         [r, c] => Ok((1, r, c)),
         [b, r, c] => Ok((b, r, c)),
-        ref s => Err(shape_err(OP, format!("tensor {:?} has shape {s:?}; expected 2 or 3 dimensions", t.label()))),
+        ref s => Err(shape_err(
+            OP,
+            format!(
+                "tensor {:?} has shape {s:?}; expected 2 or 3 dimensions",
+                t.label()
+            ),
+        )),
     }
 }
 
@@ -106,7 +124,14 @@ fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
 ///
 /// Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N); each may carry a leading batch
 /// dimension. A 2-D operand is shared by every batch of a 3-D C.
-pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<MatmulPath> {
+pub fn matmul(
+    ctx: &Context,
+    step: &mut Step,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: Matmul,
+) -> Result<MatmulPath> {
     let params = check_shapes(ctx, a, b, c, opts)?;
     let sg = ctx.subgroup_size().filter(|s| (4..=128).contains(s));
     match (opts.path, sg) {
@@ -114,15 +139,21 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
             record_subgroup(ctx, step, a, b, c, &params, opts, s)?;
             Ok(MatmulPath::Subgroup)
         }
-        (MatmulPath::Subgroup, None) => {
-            Err(GpuError::MissingFeature { feature: "subgroup operations (4 to 128 lanes)", adapter: ctx.info().name.clone() })
-        }
+        (MatmulPath::Subgroup, None) => Err(GpuError::MissingFeature {
+            feature: "subgroup operations (4 to 128 lanes)",
+            adapter: ctx.info().name.clone(),
+        }),
         (MatmulPath::Portable, _) | (MatmulPath::Auto, None) => {
             let spec = KernelSpec::new(&kernel_sources::MATMUL, "matmul")
                 .constant("TRANS_A", opts.trans_a as u32 as f64)
                 .constant("TRANS_B", opts.trans_b as u32 as f64);
             let groups = [params.n.div_ceil(64), params.m.div_ceil(64), params.batch];
-            let args = [Arg::Uniform(uniform(OP, &params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
+            let args = [
+                Arg::Uniform(uniform(OP, &params)?),
+                Arg::Read(a),
+                Arg::Read(b),
+                Arg::Write(c),
+            ];
             ctx.record(step, &spec, &args, groups)?;
             Ok(MatmulPath::Portable)
         }
@@ -131,10 +162,21 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
 
 /// Records the subgroup kernel generated for subgroup size `s`, which may be smaller than the
 /// adapter's (tests use this to check that every size from 4 up is correct).
-pub fn matmul_with_subgroup_size(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul, s: u32) -> Result<()> {
+pub fn matmul_with_subgroup_size(
+    ctx: &Context,
+    step: &mut Step,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: Matmul,
+    s: u32,
+) -> Result<()> {
     let params = check_shapes(ctx, a, b, c, opts)?;
     if !ctx.features().subgroups {
-        return Err(GpuError::MissingFeature { feature: "subgroup operations", adapter: ctx.info().name.clone() });
+        return Err(GpuError::MissingFeature {
+            feature: "subgroup operations",
+            adapter: ctx.info().name.clone(),
+        });
     }
     record_subgroup(ctx, step, a, b, c, &params, opts, s)
 }
@@ -155,22 +197,50 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
         let t = |x: bool| if x { " (transposed)" } else { "" };
         format!(
             "A {:?} {:?}{}, B {:?} {:?}{}, C {:?} {:?}",
-            a.label(), a.shape(), t(opts.trans_a), b.label(), b.shape(), t(opts.trans_b), c.label(), c.shape()
+            a.label(),
+            a.shape(),
+            t(opts.trans_a),
+            b.label(),
+            b.shape(),
+            t(opts.trans_b),
+            c.label(),
+            c.shape()
         )
     };
     if am != m || bn != n || bk != k {
-        return Err(shape_err(OP, format!("shapes do not chain: {}; need op(A) (M, K), op(B) (K, N), C (M, N)", describe())));
+        return Err(shape_err(
+            OP,
+            format!(
+                "shapes do not chain: {}; need op(A) (M, K), op(B) (K, N), C (M, N)",
+                describe()
+            ),
+        ));
     }
     if [ba, bb].iter().any(|&tb| tb != 1 && tb != batch) {
         return Err(shape_err(OP, format!("batch sizes differ: {}", describe())));
     }
     if batch > ctx.limits().max_workgroups_per_dimension as usize {
-        return Err(shape_err(OP, format!("batch {batch} exceeds the device's grid limit: {}", describe())));
+        return Err(shape_err(
+            OP,
+            format!(
+                "batch {batch} exceeds the device's grid limit: {}",
+                describe()
+            ),
+        ));
     }
     if a.overlaps(c) || b.overlaps(c) {
-        return Err(shape_err(OP, format!("an input overlaps the output: {}", describe())));
+        return Err(shape_err(
+            OP,
+            format!("an input overlaps the output: {}", describe()),
+        ));
     }
-    let per = |t: &Tensor, tb: usize| if tb == batch && batch > 1 { (t.numel() / tb) as u32 } else { 0 };
+    let per = |t: &Tensor, tb: usize| {
+        if tb == batch && batch > 1 {
+            (t.numel() / tb) as u32
+        } else {
+            0
+        }
+    };
     Ok(Params {
         m: m as u32,
         n: n as u32,
@@ -185,53 +255,70 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn record_subgroup(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, params: &Params, opts: Matmul, s: u32) -> Result<()> {
+fn record_subgroup(
+    ctx: &Context,
+    step: &mut Step,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    params: &Params,
+    opts: Matmul,
+    s: u32,
+) -> Result<()> {
     let (spec, groups) = subgroup_spec(s, params, opts.trans_a, opts.trans_b);
-    let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
+    let args = [
+        Arg::Uniform(uniform(OP, params)?),
+        Arg::Read(a),
+        Arg::Read(b),
+        Arg::Write(c),
+    ];
     ctx.record(step, &spec, &args, groups)
 }
 
 fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpec, [u32; 3]) {
-    let vec = p.k % 4 == 0
-        && p.n % 4 == 0
-        && (!trans_a || p.m % 4 == 0)
-        && p.stride_a % 4 == 0
-        && p.stride_b % 4 == 0
-        && p.stride_c % 4 == 0;
-    let (mut tm, mut tnv, mut ku) = (SG_TM, sg_tnv(s), 2);
-    if let Ok(v) = std::env::var("PORTALORA_SG_TILE") {
-        let f: Vec<u32> = v.split(',').map(|x| x.parse().unwrap()).collect();
-        (tm, tnv, ku) = (f[0], f[1], f[2]);
-    }
-    // The vec4 variant reads whole k chunks; unroll only when K divides evenly.
-    if vec && p.k % (4 * ku) != 0 {
-        ku = 1;
-    }
-    let tile_n = 4 * s * tnv;
-    let spec = subgroup_kernel(s, tm, tnv, ku, trans_a, trans_b, vec);
-    let groups = [p.n.div_ceil(tile_n), p.m.div_ceil(tm), p.batch];
+    let vec = p.k.is_multiple_of(4)
+        && p.n.is_multiple_of(4)
+        && (!trans_a || p.m.is_multiple_of(4))
+        && p.stride_a.is_multiple_of(4)
+        && p.stride_b.is_multiple_of(4)
+        && p.stride_c.is_multiple_of(4);
+    // Narrow outputs (LoRA's rank-r products) waste most of a wide tile.
+    let tnv = if p.n <= 4 * s { 1 } else { sg_tnv(s) };
+    let spec = subgroup_kernel(s, SG_TM, tnv, trans_a, trans_b, vec);
+    let groups = [p.n.div_ceil(4 * s * tnv), p.m.div_ceil(SG_TM), p.batch];
     (spec, groups)
 }
 
 /// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
 /// lane. Public so that the WGSL validation test can expand it for many sizes.
-pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, ku: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
+pub fn subgroup_kernel(
+    s: u32,
+    tm: u32,
+    tnv: u32,
+    trans_a: bool,
+    trans_b: bool,
+    vec: bool,
+) -> KernelSpec {
     KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
         .flag("VEC", vec)
         .var("S", s)
         .var("TM", tm)
         .var("TNV", tnv)
         .var("TILE_N", 4 * s * tnv)
-        .var("BODY", subgroup_body(s, tm, tnv, ku, trans_a, trans_b))
+        .var("BODY", subgroup_body(s, tm, tnv, trans_a, trans_b))
 }
 
-/// Generates the unrolled body of the subgroup kernel. Names: `acc_R_V` accumulates rows
-/// `row0 + R` at lane column block V; `a{slot}` holds this lane's share of A; `b{V}` is the
-/// 4×4 block of op(B) for the current k (its column j is op(B)[k + j][n..n+4]).
-fn subgroup_body(s: u32, tm: u32, tnv: u32, ku: u32, trans_a: bool, trans_b: bool) -> String {
-    assert!(tm % 4 == 0 && s >= 1 && ku >= 1);
+/// Generates the unrolled body of the subgroup kernel. Names: `acc_R_V` accumulates row
+/// `row0 + R` at this lane's vec4 column block V (columns `nV..nV+4`); `aS` is this lane's share
+/// of A (slot S); `bV` is the 4×4 block of op(B) at the current k (its column j is
+/// op(B)[k + j][nV..nV+4]), so `bV * x` adds `sum_j x[j] · op(B)[k + j][nV..nV+4]`.
+///
+/// Measured on lavapipe (see the README's benchmark section): 32 rows × 2 vec4 columns per lane
+/// is the sweet spot; larger tiles, unrolling k by 8 and explicit `fma` were all slower or equal.
+fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> String {
+    assert!(tm.is_multiple_of(4) && s >= 1);
     let mut w = String::new();
-    let ind = "    ";
+    let (ind, ind2) = ("    ", "        ");
     for r in 0..tm {
         for v in 0..tnv {
             let _ = writeln!(w, "{ind}var acc_{r}_{v} = vec4<f32>(0.0);");
@@ -240,61 +327,78 @@ fn subgroup_body(s: u32, tm: u32, tnv: u32, ku: u32, trans_a: bool, trans_b: boo
     for v in 0..tnv {
         let _ = writeln!(w, "{ind}let n{v} = col0 + 4u * (lane + {}u);", s * v);
     }
-    let _ = writeln!(w, "{ind}for (var k0 = 0u; k0 < p.k; k0 += {}u) {{", 4 * ku);
-    let ind2 = "        ";
-    for u in 0..ku {
-        let _ = writeln!(w, "{ind2}let k{u} = k0 + {}u;", 4 * u);
-        let k = format!("k{u}");
-        // This lane's share of A.
-        if !trans_a {
-            // Row r of the tile lives in lane r % s, slot r / s.
-            for slot in 0..tm.div_ceil(s) {
-                let _ = writeln!(w, "{ind2}let a{u}_{slot} = a_row4(base_a, row0 + lane + {}u, {k});", s * slot);
-            }
-        } else {
-            // Group g (rows 4g..4g+4) lives in lane g % s, slot g / s, as four vec4 over rows.
-            for slot in 0..(tm / 4).div_ceil(s) {
-                for j in 0..4 {
-                    let _ = writeln!(w, "{ind2}let a{u}_{slot}_{j} = a_col4(base_a, {k} + {j}u, row0 + 4u * (lane + {}u));", s * slot);
-                }
-            }
+    let _ = writeln!(w, "{ind}for (var k = 0u; k < p.k; k += 4u) {{");
+    // This lane's share of A.
+    if !trans_a {
+        // Row r of the tile is loaded by lane r % s into slot r / s.
+        for slot in 0..tm.div_ceil(s) {
+            let _ = writeln!(
+                w,
+                "{ind2}let a{slot} = a_row4(base_a, row0 + lane + {}u, k);",
+                s * slot
+            );
         }
-        for v in 0..tnv {
-            if !trans_b {
+    } else {
+        // Rows 4g..4g+4 are loaded by lane g % s into slot g / s, as four vec4 over rows.
+        for slot in 0..(tm / 4).div_ceil(s) {
+            for j in 0..4 {
                 let _ = writeln!(
                     w,
-                    "{ind2}let b{u}_{v} = mat4x4<f32>(b_row4(base_b, {k}, n{v}), b_row4(base_b, {k} + 1u, n{v}), \
-                     b_row4(base_b, {k} + 2u, n{v}), b_row4(base_b, {k} + 3u, n{v}));"
+                    "{ind2}let a{slot}_{j} = a_col4(base_a, k + {j}u, row0 + 4u * (lane + {}u));",
+                    s * slot
                 );
-            } else {
-                let _ = writeln!(
-                    w,
-                    "{ind2}let b{u}_{v} = transpose(mat4x4<f32>(b_col4(base_b, n{v}, {k}), b_col4(base_b, n{v} + 1u, {k}), \
-                     b_col4(base_b, n{v} + 2u, {k}), b_col4(base_b, n{v} + 3u, {k})));"
-                );
-            }
-        }
-        if trans_a {
-            for g in 0..tm / 4 {
-                for j in 0..4 {
-                    let _ = writeln!(w, "{ind2}let w{u}_{g}_{j} = subgroupBroadcast(a{u}_{}_{j}, {}u);", g / s, g % s);
-                }
             }
         }
     }
-    // Row by row, so that each accumulator is loaded and stored once per k0 iteration.
+    for v in 0..tnv {
+        let cols: Vec<String> = if !trans_b {
+            (0..4)
+                .map(|j| format!("b_row4(base_b, k + {j}u, n{v})"))
+                .collect()
+        } else {
+            (0..4)
+                .map(|q| format!("b_col4(base_b, n{v} + {q}u, k)"))
+                .collect()
+        };
+        let m = format!("mat4x4<f32>({})", cols.join(", "));
+        // Loaded by columns of B (rows of op(B)ᵀ): transposing is free on CPU drivers, where
+        // each vector component is a separate SIMD register anyway.
+        let m = if trans_b {
+            format!("transpose({m})")
+        } else {
+            m
+        };
+        let _ = writeln!(w, "{ind2}let b{v} = {m};");
+    }
     for r in 0..tm {
-        for u in 0..ku {
-            if !trans_a {
-                let _ = writeln!(w, "{ind2}let x{u}_{r} = subgroupBroadcast(a{u}_{}, {}u);", r / s, r % s);
-            } else {
-                let (g, c) = (r / 4, ["x", "y", "z", "w"][(r % 4) as usize]);
-                let _ = writeln!(w, "{ind2}let x{u}_{r} = vec4<f32>(w{u}_{g}_0.{c}, w{u}_{g}_1.{c}, w{u}_{g}_2.{c}, w{u}_{g}_3.{c});");
+        if !trans_a {
+            let _ = writeln!(
+                w,
+                "{ind2}let x{r} = subgroupBroadcast(a{}, {}u);",
+                r / s,
+                r % s
+            );
+        } else {
+            // Broadcast each group's four vec4 once, then assemble its four rows.
+            let g = r / 4;
+            if r % 4 == 0 {
+                for j in 0..4 {
+                    let _ = writeln!(
+                        w,
+                        "{ind2}let w{g}_{j} = subgroupBroadcast(a{}_{j}, {}u);",
+                        g / s,
+                        g % s
+                    );
+                }
             }
+            let c = ["x", "y", "z", "w"][(r % 4) as usize];
+            let _ = writeln!(
+                w,
+                "{ind2}let x{r} = vec4<f32>(w{g}_0.{c}, w{g}_1.{c}, w{g}_2.{c}, w{g}_3.{c});"
+            );
         }
         for v in 0..tnv {
-            let sum: Vec<String> = (0..ku).map(|u| format!("b{u}_{v} * x{u}_{r}")).collect();
-            let _ = writeln!(w, "{ind2}acc_{r}_{v} += {};", sum.join(" + "));
+            let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
         }
     }
     let _ = writeln!(w, "{ind}}}");

@@ -2,15 +2,31 @@
 //! are the independent reference every kernel is checked against.
 
 /// `op(A)·op(B)` for one (M, K) × (K, N) product; layouts as in `ops::matmul`.
-pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, trans_a: bool, trans_b: bool) -> Vec<f64> {
+pub fn matmul(
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    trans_a: bool,
+    trans_b: bool,
+) -> Vec<f64> {
     assert_eq!(a.len(), m * k, "A must hold M*K values");
     assert_eq!(b.len(), k * n, "B must hold K*N values");
     let mut c = vec![0.0f64; m * n];
     for i in 0..m {
         for kk in 0..k {
-            let av = if trans_a { a[kk * m + i] } else { a[i * k + kk] } as f64;
+            let av = if trans_a {
+                a[kk * m + i]
+            } else {
+                a[i * k + kk]
+            } as f64;
             for j in 0..n {
-                let bv = if trans_b { b[j * k + kk] } else { b[kk * n + j] } as f64;
+                let bv = if trans_b {
+                    b[j * k + kk]
+                } else {
+                    b[kk * n + j]
+                } as f64;
                 c[i * n + j] += av * bv;
             }
         }
@@ -36,7 +52,10 @@ pub fn reduce(x: &[f32], outer: usize, d: usize, inner: usize, mean: bool) -> Ve
 }
 
 pub fn add(x: &[f32], y: &[f32]) -> Vec<f64> {
-    x.iter().zip(y).map(|(&a, &b)| a as f64 + b as f64).collect()
+    x.iter()
+        .zip(y)
+        .map(|(&a, &b)| a as f64 + b as f64)
+        .collect()
 }
 
 pub fn scale(x: &[f32], alpha: f32) -> Vec<f64> {
@@ -44,7 +63,10 @@ pub fn scale(x: &[f32], alpha: f32) -> Vec<f64> {
 }
 
 pub fn axpy(alpha: f32, x: &[f32], out: &[f32]) -> Vec<f64> {
-    x.iter().zip(out).map(|(&a, &o)| o as f64 + alpha as f64 * a as f64).collect()
+    x.iter()
+        .zip(out)
+        .map(|(&a, &o)| o as f64 + alpha as f64 * a as f64)
+        .collect()
 }
 
 /// The largest error relative to the reference's scale: `max|got − want| / max(max|want|, tiny)`.
