@@ -445,3 +445,57 @@ fn step_replays_with_new_inputs() {
         assert!(max_rel_error(&ctx.read_f32(&s).unwrap(), &want) <= TOL);
     }
 }
+
+#[test]
+fn adapter_selection_errors_are_clear() {
+    use portalora::gpu::ContextOptions;
+    let Some(ctx) = common::context() else { return };
+    let opts = ContextOptions {
+        adapter_name: Some("no-such-gpu-xyz".into()),
+        ..ContextOptions::default()
+    };
+    let e = pollster::block_on(Context::with_options(opts))
+        .err()
+        .expect("a name matching nothing must fail");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no-such-gpu-xyz") && msg.contains(&format!("{:?}", ctx.info().name)),
+        "{msg}"
+    );
+    // A substring of the real adapter's name selects it.
+    let part: String = ctx.info().name.chars().take(4).collect();
+    let opts = ContextOptions {
+        adapter_name: Some(part.to_uppercase()),
+        ..ContextOptions::default()
+    };
+    let again = pollster::block_on(Context::with_options(opts)).unwrap();
+    assert_eq!(again.info().name, ctx.info().name);
+    // Forcing the portable kernels.
+    let opts = ContextOptions {
+        disable_subgroups: true,
+        ..ContextOptions::default()
+    };
+    let plain = pollster::block_on(Context::with_options(opts)).unwrap();
+    assert!(!plain.features().subgroups && plain.subgroup_size().is_none());
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn missing_backend_says_what_to_install() {
+    use portalora::gpu::ContextOptions;
+    // Linux has no Metal: asking only for it finds no adapter, and the error says what to do.
+    let opts = ContextOptions {
+        backends: Some("metal".into()),
+        ..ContextOptions::default()
+    };
+    let e = pollster::block_on(Context::with_options(opts))
+        .err()
+        .expect("no Metal adapter on Linux");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no GPU adapter")
+            && msg.contains("mesa-vulkan-drivers")
+            && msg.contains("WGPU_BACKEND=metal"),
+        "{msg}"
+    );
+}
