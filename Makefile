@@ -22,7 +22,7 @@ test:
 	$(MAKE) test-native check-targets
 
 test-native:
-	PORTALORA_REQUIRE_GPU=1 $(CARGO) test --all-targets
+	PORTALORA_REQUIRE_GPU=1 $(CARGO) test
 	$(CARGO) build --release
 	./target/release/portalora info
 

@@ -28,6 +28,7 @@
 //! ```
 
 pub mod gpu;
+pub mod io;
 pub mod ops;
 pub mod reference;
 

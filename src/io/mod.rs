@@ -1,0 +1,4 @@
+//! Files in and out: GGUF model files (more formats follow: safetensors, PEFT adapters).
+
+pub mod gguf;
+pub mod half;
