@@ -15,14 +15,17 @@ demo: setup
 	./target/release/portalora info
 	./target/release/portalora bench matmul
 
-# Every test: kernels on the GPU (lavapipe without one), WGSL validation, wasm32 build, and
-# compile checks of the DX12 (Windows) and Metal (macOS) paths. A missing adapter fails.
+# Every test: kernels on the GPU (lavapipe without one), WGSL validation, model loading and the
+# reference forward against transformers (tiny fixtures and the real SmolLM2 GGUF), the wasm32
+# build, and compile checks of the DX12 (Windows) and Metal (macOS) paths. A missing adapter fails.
 test:
 	@scripts/setup --cross
+	@scripts/fetch-assets
 	$(MAKE) test-native check-targets
 
+# The real-model parity tests need scripts/fetch-assets' files; here their absence fails.
 test-native:
-	PORTALORA_REQUIRE_GPU=1 $(CARGO) test
+	PORTALORA_REQUIRE_GPU=1 PORTALORA_REQUIRE_ASSETS=1 $(CARGO) test
 	$(CARGO) build --release
 	./target/release/portalora info
 

@@ -29,6 +29,7 @@
 
 pub mod gpu;
 pub mod io;
+pub mod model;
 pub mod ops;
 pub mod reference;
 

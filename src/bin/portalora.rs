@@ -26,6 +26,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load a model (a .gguf file or a Hugging Face folder) and describe it.
+    Inspect {
+        /// A .gguf file or a folder with config.json and model.safetensors.
+        #[arg(long)]
+        model: std::path::PathBuf,
+    },
     /// Measure speed.
     Bench {
         #[command(subcommand)]
@@ -79,8 +85,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    if let Command::Inspect { model } = &cli.command {
+        return inspect(model);
+    }
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
+        Command::Inspect { .. } => unreachable!("handled above"),
         Command::Info { json } => info(&ctx, json),
         Command::Bench {
             what:
@@ -190,5 +200,33 @@ fn info(ctx: &Context, json: bool) -> Result<(), Box<dyn std::error::Error>> {
         "  storage buffers/stage:  {}",
         l.max_storage_buffers_per_stage
     );
+    Ok(())
+}
+
+fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let w = portalora::model::load_model(path)?;
+    let c = &w.config;
+    println!("model:          {}", path.display());
+    println!("architecture:   {:?}", c.arch);
+    println!(
+        "parameters:     {} ({:.1} M)",
+        c.num_parameters(),
+        c.num_parameters() as f64 / 1e6
+    );
+    println!("vocab:          {}", c.vocab_size);
+    println!("layers:         {}", c.num_layers);
+    println!("hidden:         {}", c.hidden_size);
+    println!(
+        "heads:          {} (kv {}, head dim {})",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!("mlp:            {}", c.intermediate_size);
+    println!("context:        {}", c.max_positions);
+    println!("norm eps:       {:e}", c.norm_eps);
+    if c.arch == portalora::model::Arch::Llama {
+        println!("rope theta:     {}", c.rope_theta);
+    }
+    println!("tied head:      {}", c.tie_embeddings);
+    println!("tensors:        {}", w.tensors.len());
     Ok(())
 }

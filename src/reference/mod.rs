@@ -1,6 +1,8 @@
 //! CPU twins of the GPU ops in f64, named like them. Only tests and benchmarks use these: they
 //! are the independent reference every kernel is checked against.
 
+pub mod model;
+
 /// `op(A)·op(B)` for one (M, K) × (K, N) product; layouts as in `ops::matmul`.
 pub fn matmul(
     a: &[f32],

@@ -1,0 +1,260 @@
+//! Model hyperparameters, read from `config.json` or from GGUF metadata.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::weights::ModelError;
+use crate::io::gguf::{Gguf, Value};
+
+/// The architectures portalora runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// LLaMA family: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP (SmolLM2).
+    Llama,
+    /// GPT-2: LayerNorm, learned positions, GELU-tanh MLP, Conv1D weights, tied head.
+    Gpt2,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    /// Width of the residual stream (C).
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention shares each among num_heads / num_kv_heads).
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// MLP inner width.
+    pub intermediate_size: usize,
+    pub max_positions: usize,
+    /// RMSNorm / LayerNorm epsilon.
+    pub norm_eps: f64,
+    /// Rotary base (LLaMA only).
+    pub rope_theta: f64,
+    /// The LM head reuses the token embedding.
+    pub tie_embeddings: bool,
+}
+
+/// The fields of a Hugging Face `config.json` we read (LLaMA and GPT-2 naming).
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    n_embd: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    n_layer: Option<usize>,
+    num_attention_heads: Option<usize>,
+    n_head: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    intermediate_size: Option<usize>,
+    n_inner: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    n_positions: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    layer_norm_epsilon: Option<f64>,
+    rope_theta: Option<f64>,
+    /// transformers ≥ 5 moves rope_theta here.
+    rope_parameters: Option<RopeParameters>,
+    tie_word_embeddings: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+    rope_type: Option<String>,
+}
+
+impl ModelConfig {
+    /// Reads `config.json` of a Hugging Face folder.
+    pub fn from_hf_json(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let c: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let bad = |message: String| ModelError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let need =
+            |v: Option<usize>, name: &str| v.ok_or_else(|| bad(format!("missing field {name:?}")));
+        let arch = match c.model_type.as_deref() {
+            Some("llama") | Some("mistral") | Some("qwen2") => Arch::Llama,
+            Some("gpt2") => Arch::Gpt2,
+            other => return Err(bad(format!("model_type {other:?} is not supported; portalora runs \"llama\" and \"gpt2\" models"))),
+        };
+        if let Some(t) = c
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_deref())
+            .filter(|t| *t != "default")
+        {
+            return Err(bad(format!(
+                "rope_type {t:?} is not supported yet; only \"default\" rotary embeddings"
+            )));
+        }
+        let hidden_size = need(c.hidden_size.or(c.n_embd), "hidden_size")?;
+        let num_heads = need(c.num_attention_heads.or(c.n_head), "num_attention_heads")?;
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: need(c.vocab_size, "vocab_size")?,
+            hidden_size,
+            num_layers: need(c.num_hidden_layers.or(c.n_layer), "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: c.num_key_value_heads.unwrap_or(num_heads),
+            head_dim: c.head_dim.unwrap_or(hidden_size / num_heads.max(1)),
+            intermediate_size: match arch {
+                Arch::Llama => need(c.intermediate_size, "intermediate_size")?,
+                Arch::Gpt2 => c.n_inner.unwrap_or(4 * hidden_size),
+            },
+            max_positions: need(
+                c.max_position_embeddings.or(c.n_positions),
+                "max_position_embeddings",
+            )?,
+            norm_eps: match arch {
+                Arch::Llama => c.rms_norm_eps.unwrap_or(1e-6),
+                Arch::Gpt2 => c.layer_norm_epsilon.unwrap_or(1e-5),
+            },
+            rope_theta: c
+                .rope_parameters
+                .as_ref()
+                .and_then(|r| r.rope_theta)
+                .or(c.rope_theta)
+                .unwrap_or(10000.0),
+            tie_embeddings: c.tie_word_embeddings.unwrap_or(arch == Arch::Gpt2),
+        };
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    /// Reads the `llama.*` / `gpt2.*` metadata of a GGUF file.
+    pub fn from_gguf(g: &Gguf) -> Result<Self, ModelError> {
+        let bad = |message: String| ModelError::Config {
+            path: g.path.clone(),
+            message,
+        };
+        let arch_name = g
+            .metadata
+            .get("general.architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let arch = match arch_name {
+            "llama" => Arch::Llama,
+            "gpt2" => Arch::Gpt2,
+            other => return Err(bad(format!(
+                "general.architecture {other:?} is not supported; portalora runs llama and gpt2"
+            ))),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let int = |k: &str| -> Result<usize, ModelError> {
+            g.metadata
+                .get(&key(k))
+                .and_then(Value::as_u64)
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("missing metadata {:?}", key(k))))
+        };
+        let float = |k: &str| g.metadata.get(&key(k)).and_then(Value::as_f64);
+        let hidden_size = int("embedding_length")?;
+        let num_heads = int("attention.head_count")?;
+        let num_kv_heads = int("attention.head_count_kv").unwrap_or(num_heads);
+        // The vocabulary size is in the metadata of newer files, else the tokenizer's length.
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(e) => match g.metadata.get("tokenizer.ggml.tokens") {
+                Some(Value::Array(a)) => a.len(),
+                _ => return Err(e),
+            },
+        };
+        let has_output = g.tensors.iter().any(|t| t.name == "output.weight");
+        let cfg = ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            num_layers: int("block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim: int("rope.dimension_count").unwrap_or(hidden_size / num_heads.max(1)),
+            intermediate_size: int("feed_forward_length")?,
+            max_positions: int("context_length")?,
+            norm_eps: match arch {
+                Arch::Llama => float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
+                Arch::Gpt2 => float("attention.layer_norm_epsilon").unwrap_or(1e-5),
+            },
+            rope_theta: float("rope.freq_base").unwrap_or(10000.0),
+            tie_embeddings: !has_output,
+        };
+        cfg.validate().map_err(bad)?;
+        Ok(cfg)
+    }
+
+    /// Checks the numbers fit together; the message names the fields.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("intermediate_size", self.intermediate_size),
+            ("max_positions", self.max_positions),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} is 0"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(format!(
+                "num_heads {} is not a multiple of num_kv_heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.arch == Arch::Llama && self.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            ));
+        }
+        if self.arch == Arch::Gpt2 && self.num_heads * self.head_dim != self.hidden_size {
+            return Err(format!(
+                "GPT-2 needs num_heads {} × head_dim {} = hidden_size {}",
+                self.num_heads, self.head_dim, self.hidden_size
+            ));
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            return Err(format!("norm epsilon {} must be positive", self.norm_eps));
+        }
+        Ok(())
+    }
+
+    /// Parameter count of the base model (tied head counted once).
+    pub fn num_parameters(&self) -> usize {
+        let c = self.hidden_size;
+        let q = self.num_heads * self.head_dim;
+        let kv = self.num_kv_heads * self.head_dim;
+        let f = self.intermediate_size;
+        let emb = self.vocab_size * c;
+        let head = if self.tie_embeddings { 0 } else { emb };
+        match self.arch {
+            Arch::Llama => {
+                emb + head + c + self.num_layers * (2 * c + c * q + 2 * c * kv + q * c + 3 * c * f)
+            }
+            Arch::Gpt2 => {
+                emb + head
+                    + self.max_positions * c
+                    + 2 * c
+                    + self.num_layers
+                        * (4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c))
+            }
+        }
+    }
+}

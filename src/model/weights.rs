@@ -1,0 +1,434 @@
+//! Base-model weights on the host, in Hugging Face names and PyTorch layouts, loaded from a GGUF
+//! file or a Hugging Face folder (`config.json` + `model.safetensors`, possibly sharded).
+//!
+//! Layouts are exactly transformers' so that adapters and merged folders exchange with PEFT:
+//! LLaMA linear weights are `nn.Linear` `(out, in)`; GPT-2's are `Conv1D` `(in, out)`. GGUF files
+//! differ in two ways we undo here: llama.cpp permutes the rows of q_proj and k_proj so that rotary
+//! pairs are adjacent, and it stores GPT-2's Conv1D weights transposed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{Arch, ModelConfig};
+use crate::io::gguf::{Gguf, GgufError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: bad model config: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{path}: {message}")]
+    Safetensors { path: PathBuf, message: String },
+    #[error("{path}: tensor {name:?} is missing; a {arch:?} model with this config needs it")]
+    Missing {
+        path: PathBuf,
+        name: String,
+        arch: Arch,
+    },
+    #[error("{path}: tensor {name:?} has shape {found:?} but the config implies {expected:?}; the config and the weights disagree")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error(
+        "{path}: tensor {name:?} has dtype {dtype}; portalora reads F32, F16 and BF16 safetensors"
+    )]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error("{path}: not a model: expected a .gguf file or a folder with config.json and model.safetensors")]
+    NotAModel { path: PathBuf },
+}
+
+/// A dense f32 tensor in host memory.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A model's configuration and its weights by Hugging Face name.
+#[derive(Debug)]
+pub struct Weights {
+    pub config: ModelConfig,
+    pub tensors: BTreeMap<String, HostTensor>,
+    /// Where they came from, for messages.
+    pub source: PathBuf,
+}
+
+impl Weights {
+    pub fn get(&self, name: &str) -> Result<&HostTensor, ModelError> {
+        self.tensors.get(name).ok_or_else(|| ModelError::Missing {
+            path: self.source.clone(),
+            name: name.to_string(),
+            arch: self.config.arch,
+        })
+    }
+}
+
+/// Every tensor a model with this config has, with its shape, in Hugging Face naming.
+pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (v, h, f) = (c.vocab_size, c.hidden_size, c.intermediate_size);
+    let q = c.num_heads * c.head_dim;
+    let kv = c.num_kv_heads * c.head_dim;
+    let mut out = Vec::new();
+    match c.arch {
+        Arch::Llama => {
+            out.push(("model.embed_tokens.weight".into(), vec![v, h]));
+            for i in 0..c.num_layers {
+                let p = format!("model.layers.{i}");
+                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+                out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
+                out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
+                out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
+                out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+                out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+                out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
+                out.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
+                out.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+            }
+            out.push(("model.norm.weight".into(), vec![h]));
+            if !c.tie_embeddings {
+                out.push(("lm_head.weight".into(), vec![v, h]));
+            }
+        }
+        Arch::Gpt2 => {
+            out.push(("transformer.wte.weight".into(), vec![v, h]));
+            out.push(("transformer.wpe.weight".into(), vec![c.max_positions, h]));
+            for i in 0..c.num_layers {
+                let p = format!("transformer.h.{i}");
+                for (n, s) in [
+                    ("ln_1.weight", vec![h]),
+                    ("ln_1.bias", vec![h]),
+                    ("attn.c_attn.weight", vec![h, 3 * h]),
+                    ("attn.c_attn.bias", vec![3 * h]),
+                    ("attn.c_proj.weight", vec![h, h]),
+                    ("attn.c_proj.bias", vec![h]),
+                    ("ln_2.weight", vec![h]),
+                    ("ln_2.bias", vec![h]),
+                    ("mlp.c_fc.weight", vec![h, f]),
+                    ("mlp.c_fc.bias", vec![f]),
+                    ("mlp.c_proj.weight", vec![f, h]),
+                    ("mlp.c_proj.bias", vec![h]),
+                ] {
+                    out.push((format!("{p}.{n}"), s));
+                }
+            }
+            out.push(("transformer.ln_f.weight".into(), vec![h]));
+            out.push(("transformer.ln_f.bias".into(), vec![h]));
+            if !c.tie_embeddings {
+                out.push(("lm_head.weight".into(), vec![v, h]));
+            }
+        }
+    }
+    out
+}
+
+/// Loads a model from a `.gguf` file or a Hugging Face folder.
+pub fn load_model(path: impl AsRef<Path>) -> Result<Weights, ModelError> {
+    let path = path.as_ref();
+    if path.is_dir() {
+        load_hf_folder(path)
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        || is_gguf(path)
+    {
+        load_gguf(path)
+    } else if path.exists() {
+        Err(ModelError::NotAModel {
+            path: path.to_path_buf(),
+        })
+    } else {
+        Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+        })
+    }
+}
+
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Checks that exactly the expected tensors are present with the expected shapes.
+fn check_complete(
+    path: &Path,
+    c: &ModelConfig,
+    tensors: &BTreeMap<String, HostTensor>,
+) -> Result<(), ModelError> {
+    for (name, shape) in expected_tensors(c) {
+        match tensors.get(&name) {
+            None => {
+                return Err(ModelError::Missing {
+                    path: path.to_path_buf(),
+                    name,
+                    arch: c.arch,
+                })
+            }
+            Some(t) if t.shape != shape => {
+                return Err(ModelError::Shape {
+                    path: path.to_path_buf(),
+                    name,
+                    expected: shape,
+                    found: t.shape.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// GGUF tensor name → Hugging Face name, for the architectures we run.
+fn hf_name(arch: Arch, gguf_name: &str) -> Option<String> {
+    let (prefix, rest) = match gguf_name.strip_prefix("blk.") {
+        Some(r) => {
+            let (i, rest) = r.split_once('.')?;
+            (Some(i.parse::<usize>().ok()?), rest)
+        }
+        None => (None, gguf_name),
+    };
+    let name = match (arch, prefix, rest) {
+        (Arch::Llama, None, "token_embd.weight") => "model.embed_tokens.weight".to_string(),
+        (Arch::Llama, None, "output_norm.weight") => "model.norm.weight".to_string(),
+        (_, None, "output.weight") => "lm_head.weight".to_string(),
+        (Arch::Llama, Some(i), r) => {
+            let m = match r {
+                "attn_norm.weight" => "input_layernorm.weight",
+                "attn_q.weight" => "self_attn.q_proj.weight",
+                "attn_k.weight" => "self_attn.k_proj.weight",
+                "attn_v.weight" => "self_attn.v_proj.weight",
+                "attn_output.weight" => "self_attn.o_proj.weight",
+                "ffn_norm.weight" => "post_attention_layernorm.weight",
+                "ffn_gate.weight" => "mlp.gate_proj.weight",
+                "ffn_up.weight" => "mlp.up_proj.weight",
+                "ffn_down.weight" => "mlp.down_proj.weight",
+                _ => return None,
+            };
+            format!("model.layers.{i}.{m}")
+        }
+        (Arch::Gpt2, None, "token_embd.weight") => "transformer.wte.weight".to_string(),
+        (Arch::Gpt2, None, "position_embd.weight") => "transformer.wpe.weight".to_string(),
+        (Arch::Gpt2, None, r @ ("output_norm.weight" | "output_norm.bias")) => {
+            format!("transformer.ln_f.{}", &r[12..])
+        }
+        (Arch::Gpt2, Some(i), r) => {
+            let (module, param) = r.rsplit_once('.')?;
+            let m = match module {
+                "attn_norm" => "ln_1",
+                "attn_qkv" => "attn.c_attn",
+                "attn_output" => "attn.c_proj",
+                "ffn_norm" => "ln_2",
+                "ffn_up" => "mlp.c_fc",
+                "ffn_down" => "mlp.c_proj",
+                _ => return None,
+            };
+            format!("transformer.h.{i}.{m}.{param}")
+        }
+        _ => return None,
+    };
+    Some(name)
+}
+
+/// Undoes llama.cpp's rotary permutation of q_proj / k_proj rows: within each head, GGUF row
+/// `2j + t` is Hugging Face row `t · head_dim/2 + j`.
+pub fn unpermute_rotary(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let src = h * hd + 2 * j + t;
+                let dst = h * hd + t * half + j;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = data[r * cols + c];
+        }
+    }
+    out
+}
+
+fn load_gguf(path: &Path) -> Result<Weights, ModelError> {
+    let g = Gguf::open(path)?;
+    let config = ModelConfig::from_gguf(&g)?;
+    let mut tensors = BTreeMap::new();
+    for info in &g.tensors {
+        let Some(name) = hf_name(config.arch, &info.name) else {
+            continue;
+        };
+        let mut data = g.tensor_f32(&info.name)?;
+        let mut shape = info.shape.clone();
+        if config.arch == Arch::Llama && shape.len() == 2 {
+            if name.ends_with("q_proj.weight") {
+                data = unpermute_rotary(&data, shape[0], shape[1], config.num_heads);
+            } else if name.ends_with("k_proj.weight") {
+                data = unpermute_rotary(&data, shape[0], shape[1], config.num_kv_heads);
+            }
+        }
+        if config.arch == Arch::Gpt2 && shape.len() == 2 && name.starts_with("transformer.h.") {
+            // Conv1D keeps (in, out); llama.cpp stored (out, in).
+            data = transpose(&data, shape[0], shape[1]);
+            shape.swap(0, 1);
+        }
+        tensors.insert(name, HostTensor { shape, data });
+    }
+    check_complete(path, &config, &tensors)?;
+    Ok(Weights {
+        config,
+        tensors,
+        source: path.to_path_buf(),
+    })
+}
+
+fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
+    let cfg_path = dir.join("config.json");
+    if !cfg_path.exists() {
+        return Err(ModelError::NotAModel {
+            path: dir.to_path_buf(),
+        });
+    }
+    let config = ModelConfig::from_hf_json(&cfg_path)?;
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if single.exists() {
+        vec![single]
+    } else if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
+                path: index.clone(),
+                message: e.to_string(),
+            })?;
+        let map = v["weight_map"]
+            .as_object()
+            .ok_or_else(|| ModelError::Safetensors {
+                path: index.clone(),
+                message: "no \"weight_map\" object".into(),
+            })?;
+        let mut names: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        return Err(ModelError::NotAModel {
+            path: dir.to_path_buf(),
+        });
+    };
+    let mut tensors = BTreeMap::new();
+    for file in files {
+        read_safetensors(&file, &mut tensors)?;
+    }
+    // GPT-2 checkpoints name tensors without the "transformer." prefix.
+    if config.arch == Arch::Gpt2
+        && !tensors.contains_key("transformer.wte.weight")
+        && tensors.contains_key("wte.weight")
+    {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, v)| {
+                if k == "lm_head.weight" {
+                    (k, v)
+                } else {
+                    (format!("transformer.{k}"), v)
+                }
+            })
+            .collect();
+    }
+    // Tied heads are sometimes saved anyway; keep only what the config asks for.
+    if config.tie_embeddings {
+        tensors.remove("lm_head.weight");
+    }
+    tensors.retain(|k, _| {
+        !k.ends_with(".attn.bias")
+            && !k.ends_with(".attn.masked_bias")
+            && !k.contains("rotary_emb.inv_freq")
+    });
+    check_complete(dir, &config, &tensors)?;
+    Ok(Weights {
+        config,
+        tensors,
+        source: dir.to_path_buf(),
+    })
+}
+
+/// Reads every tensor of one safetensors file as f32.
+pub fn read_safetensors(
+    path: &Path,
+    out: &mut BTreeMap<String, HostTensor>,
+) -> Result<(), ModelError> {
+    use safetensors::{Dtype, SafeTensors};
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| crate::io::half::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| crate::io::half::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            other => {
+                return Err(ModelError::Dtype {
+                    path: path.to_path_buf(),
+                    name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! Model loading and the f64 CPU reference forward against transformers' outputs
+//! (tests/fixtures/gen_models.py), for tiny random LLaMA and GPT-2 folders and for the real
+//! SmolLM2 GGUF when scripts/fetch-assets has fetched it.
+
+use std::path::{Path, PathBuf};
+
+use portalora::model::{load_model, ModelError};
+use portalora::reference::model::{forward, loss};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect()
+}
+
+fn rel_err(got: f64, want: f64) -> f64 {
+    (got - want).abs() / want.abs().max(1e-12)
+}
+
+fn check_tiny(name: &str) {
+    let dir = fixture(name);
+    let w = load_model(&dir).unwrap();
+    let e = json(&dir.join("expected.json"));
+    let ids = ids_of(&e["input_ids"]);
+    let (l, n) = loss(&w, &ids).unwrap();
+    assert_eq!(n, ids.len() * (ids[0].len() - 1));
+    let want = e["loss"].as_f64().unwrap();
+    assert!(
+        rel_err(l, want) <= 1e-4,
+        "{name}: loss {l} vs transformers {want}"
+    );
+    let logits = forward(&w, &ids).unwrap();
+    for row in e["logits_rows"].as_array().unwrap() {
+        let (b, t) = (
+            row["batch"].as_u64().unwrap() as usize,
+            row["pos"].as_u64().unwrap() as usize,
+        );
+        let want: Vec<f64> = row["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = logits[b][t]
+            .iter()
+            .zip(&want)
+            .fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
+        assert!(
+            err <= 1e-4,
+            "{name}: logits[{b}][{t}] relative error {err:e}"
+        );
+    }
+}
+
+#[test]
+fn tiny_llama_matches_transformers() {
+    check_tiny("tiny_llama");
+}
+
+#[test]
+fn tiny_gpt2_matches_transformers() {
+    check_tiny("tiny_gpt2");
+}
+
+#[test]
+fn config_and_weights_that_disagree_are_refused() {
+    let tmp = std::env::temp_dir().join(format!("portalora-models-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let src = fixture("tiny_llama");
+    std::fs::copy(src.join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let cfg = std::fs::read_to_string(src.join("config.json"))
+        .unwrap()
+        .replace("\"intermediate_size\": 37", "\"intermediate_size\": 40");
+    std::fs::write(tmp.join("config.json"), cfg).unwrap();
+    let e = load_model(&tmp).unwrap_err();
+    assert!(matches!(e, ModelError::Shape { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("gate_proj") && msg.contains("[37, 30]") && msg.contains("[40, 30]"),
+        "{msg}"
+    );
+    let e = load_model(tmp.join("nope.gguf")).unwrap_err();
+    assert!(e.to_string().contains("nope.gguf"), "{e}");
+}
+
+/// The SmolLM2 GGUF from scripts/fetch-assets, if present (`make test` fetches it; set
+/// PORTALORA_REQUIRE_ASSETS=1 to fail instead of skipping when it is missing).
+pub fn smollm2_path() -> Option<PathBuf> {
+    let cache = std::env::var_os("PORTALORA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora")
+        });
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("PORTALORA_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!(
+            "PORTALORA_REQUIRE_ASSETS=1 but {} is missing: run scripts/fetch-assets",
+            p.display()
+        );
+    }
+    eprintln!(
+        "SKIPPED: {} missing (run scripts/fetch-assets)",
+        p.display()
+    );
+    None
+}
+
+#[test]
+fn smollm2_gguf_matches_transformers() {
+    let Some(path) = smollm2_path() else { return };
+    let w = load_model(&path).unwrap();
+    let e = json(&fixture("smollm2_expected.json"));
+    let prompt: Vec<u32> = e["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let logits = forward(&w, std::slice::from_ref(&prompt)).unwrap();
+    let last = &logits[0][prompt.len() - 1];
+    let head: Vec<f64> = e["last_logits_head"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let scale = head.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let err = last
+        .iter()
+        .zip(&head)
+        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
+    assert!(err <= 1e-4, "last-position logits relative error {err:e}");
+    for t in e["last_logits_top"].as_array().unwrap() {
+        let (id, want) = (
+            t["id"].as_u64().unwrap() as usize,
+            t["logit"].as_f64().unwrap(),
+        );
+        assert!(
+            (last[id] - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "logit {id}: {} vs {want}",
+            last[id]
+        );
+    }
+    // Greedy: the top logit is the first token of transformers' continuation (" Paris").
+    let argmax = last
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0;
+    assert_eq!(
+        argmax as u64,
+        e["greedy_continuation_ids"][0].as_u64().unwrap()
+    );
+    let (l, _) = loss(&w, std::slice::from_ref(&prompt)).unwrap();
+    let want = e["loss"].as_f64().unwrap();
+    assert!(rel_err(l, want) <= 1e-4, "loss {l} vs transformers {want}");
+}
