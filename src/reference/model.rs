@@ -49,9 +49,9 @@ impl M<'_> {
     fn conv1d(&self, x: &[f64], b: &HostTensor) -> Vec<f64> {
         let (inp, out) = (self.t.shape[0], self.t.shape[1]);
         let mut y: Vec<f64> = b.data.iter().map(|&v| v as f64).collect();
-        for i in 0..inp {
-            for o in 0..out {
-                y[o] += x[i] * self.t.data[i * out + o] as f64;
+        for (xi, row) in x.iter().zip(self.t.data.chunks_exact(out)).take(inp) {
+            for (yo, &wv) in y.iter_mut().zip(row) {
+                *yo += xi * wv as f64;
             }
         }
         y
