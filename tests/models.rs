@@ -180,3 +180,43 @@ fn smollm2_gguf_matches_transformers() {
     let want = e["loss"].as_f64().unwrap();
     assert!(rel_err(l, want) <= 1e-4, "loss {l} vs transformers {want}");
 }
+
+#[test]
+fn smollm2_tokenizer_matches_transformers() {
+    use portalora::io::{gguf::Gguf, tokenizer::Tokenizer};
+    let Some(path) = smollm2_path() else { return };
+    let tok = Tokenizer::from_gguf(&Gguf::open(&path).unwrap()).unwrap();
+    assert_eq!(tok.vocab_size(), 49152);
+    assert_eq!((tok.bos_id, tok.eos_id), (Some(1), Some(2)));
+    let e = json(&fixture("smollm2_expected.json"));
+    for case in e["tokenizer"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got = tok.encode(text).unwrap();
+        assert_eq!(got, want, "ids of {text:?}");
+        assert_eq!(tok.decode(&got).unwrap(), text, "round trip of {text:?}");
+    }
+    let cont: Vec<u32> = e["greedy_continuation_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(
+        tok.decode(&cont).unwrap(),
+        e["greedy_continuation"].as_str().unwrap()
+    );
+    // Special tokens are matched whole.
+    let ids = tok.encode("<|im_start|>user").unwrap();
+    assert_eq!(tok.decode(&ids[..1]).unwrap(), "<|im_start|>");
+    assert!(tok
+        .decode(&[49152])
+        .unwrap_err()
+        .to_string()
+        .contains("49152"));
+}

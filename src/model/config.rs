@@ -149,9 +149,11 @@ impl ModelConfig {
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "general.architecture {other:?} is not supported; portalora runs llama and gpt2"
-            ))),
+            )))
+            }
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let int = |k: &str| -> Result<usize, ModelError> {

