@@ -37,9 +37,26 @@ source!(MATMUL, "matmul.wgsl", subgroups: false, template: false);
 source!(MATMUL_SUBGROUP, "matmul_subgroup.wgsl", subgroups: true, template: true);
 source!(REDUCE, "reduce.wgsl", subgroups: false, template: false);
 source!(ELEMENTWISE, "elementwise.wgsl", subgroups: false, template: false);
+source!(NORM, "norm.wgsl", subgroups: false, template: false);
+source!(ROPE, "rope.wgsl", subgroups: false, template: false);
+source!(ATTENTION, "attention.wgsl", subgroups: false, template: false);
+source!(ACT, "act.wgsl", subgroups: false, template: false);
+source!(EMBED, "embed.wgsl", subgroups: false, template: false);
+source!(XENT, "xent.wgsl", subgroups: false, template: false);
 
 /// Every WGSL file of the crate (the naga test validates each one).
-pub const ALL_SOURCES: &[&KernelSource] = &[&MATMUL, &MATMUL_SUBGROUP, &REDUCE, &ELEMENTWISE];
+pub const ALL_SOURCES: &[&KernelSource] = &[
+    &MATMUL,
+    &MATMUL_SUBGROUP,
+    &REDUCE,
+    &ELEMENTWISE,
+    &NORM,
+    &ROPE,
+    &ATTENTION,
+    &ACT,
+    &EMBED,
+    &XENT,
+];
 
 /// Expands a template: a line `// #if FLAG` (or `// #if !FLAG`) keeps the lines up to its
 /// `// #else` / `// #endif` only when the flag is set (unset); `{{NAME}}` is replaced by its value.

@@ -145,6 +145,34 @@ impl Context {
         self.check(&format!("writing tensor {:?}", t.label))
     }
 
+    /// Allocates a u32 tensor (token ids, targets) and fills it.
+    pub fn upload_u32(&self, label: &str, shape: &[usize], data: &[u32]) -> Result<Tensor> {
+        let t = self.tensor(label, shape, DType::U32)?;
+        self.write_u32(&t, data)?;
+        Ok(t)
+    }
+
+    /// Overwrites a u32 tensor's contents.
+    pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<()> {
+        if t.dtype != DType::U32 || data.len() != t.numel() {
+            return Err(GpuError::Shape {
+                op: "write_u32",
+                message: format!(
+                    "tensor {:?} is {:?} {:?} but {} u32 values were given",
+                    t.label,
+                    t.dtype,
+                    t.shape,
+                    data.len()
+                ),
+            });
+        }
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+        }
+        self.check(&format!("writing tensor {:?}", t.label))
+    }
+
     /// Fills an f32 tensor with one value (tests poison outputs with NaN this way).
     pub fn fill_f32(&self, t: &Tensor, value: f32) -> Result<()> {
         self.write_f32(t, &vec![value; t.numel()])

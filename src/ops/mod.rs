@@ -6,9 +6,15 @@
 //! [`Step`]: crate::gpu::Step
 //! [`Context::run`]: crate::gpu::Context::run
 
+pub mod act;
+pub mod attention;
 pub mod elementwise;
+pub mod embed;
 pub mod matmul;
+pub mod norm;
 pub mod reduce;
+pub mod rope;
+pub mod xent;
 
 use crate::gpu::{GpuError, Result, Tensor};
 
@@ -34,6 +40,30 @@ pub(crate) fn grid_2d(count: u64, limit: u32) -> [u32; 3] {
     let gx = count.min(limit as u64);
     let gy = count.div_ceil(gx);
     [gx as u32, gy.min(u32::MAX as u64) as u32, 1]
+}
+
+/// The grid for `n` invocations in workgroups of `wg`.
+pub(crate) fn grid_for(ctx: &crate::gpu::Context, n: usize, wg: usize) -> [u32; 3] {
+    grid_2d(
+        n.div_ceil(wg) as u64,
+        ctx.limits().max_workgroups_per_dimension,
+    )
+}
+
+/// Checks a tensor's element count, naming it and the expected shape in the error.
+pub(crate) fn check_numel(op: &'static str, t: &Tensor, want: usize, what: &str) -> Result<()> {
+    if t.numel() != want {
+        return Err(shape_err(
+            op,
+            format!(
+                "tensor {:?} has shape {:?} ({} elements); expected {what} = {want} elements",
+                t.label(),
+                t.shape(),
+                t.numel()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn shape_err(op: &'static str, message: String) -> GpuError {

@@ -71,6 +71,126 @@ pub fn axpy(alpha: f32, x: &[f32], out: &[f32]) -> Vec<f64> {
         .collect()
 }
 
+/// RMSNorm over rows of `x` `(rows, dim)`: (out, rstd).
+pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>) {
+    let dim = w.len();
+    let wt = crate::model::HostTensor {
+        shape: vec![dim],
+        data: w.to_vec(),
+    };
+    let mut out = Vec::with_capacity(x.len());
+    let mut rstd = Vec::new();
+    for row in x.chunks(dim) {
+        let r: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        out.extend(model::rmsnorm(&r, &wt, eps));
+        let ms = r.iter().map(|v| v * v).sum::<f64>() / dim as f64;
+        rstd.push(1.0 / (ms + eps).sqrt());
+    }
+    (out, rstd)
+}
+
+/// Rotary embedding of `x` `(rows, heads, head_dim)` with position `row % seq`.
+pub fn rope_forward(x: &[f32], seq: usize, heads: usize, head_dim: usize, theta: f64) -> Vec<f64> {
+    let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for (row, chunk) in out.chunks_mut(heads * head_dim).enumerate() {
+        for h in chunk.chunks_mut(head_dim) {
+            model::rope(h, row % seq, theta);
+        }
+    }
+    out
+}
+
+/// Causal GQA attention; q `(B, T, H, d)`, k/v `(B, T, KV, d)` → (out `(B, T, H, d)`, lse `(B, H, T)`).
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let rows = |x: &[f32], w: usize, b: usize| -> Vec<Vec<f64>> {
+        (0..seq)
+            .map(|t| {
+                x[(b * seq + t) * w..(b * seq + t + 1) * w]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect()
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    let mut lse = vec![0.0; batch * heads * seq];
+    for b in 0..batch {
+        let (qb, kb, vb) = (
+            rows(q, heads * d, b),
+            rows(k, kv_heads * d, b),
+            rows(v, kv_heads * d, b),
+        );
+        for o in model::attention(&qb, &kb, &vb, heads, kv_heads, d) {
+            out.extend(o);
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        for h in 0..heads {
+            let g = h / (heads / kv_heads);
+            for t in 0..seq {
+                let s: Vec<f64> = (0..=t)
+                    .map(|s| {
+                        (0..d)
+                            .map(|i| qb[t][h * d + i] * kb[s][g * d + i])
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                lse[(b * heads + h) * seq + t] =
+                    m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            }
+        }
+    }
+    (out, lse)
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f64> {
+    gate.iter()
+        .zip(up)
+        .map(|(&g, &u)| model::silu(g as f64) * u as f64)
+        .collect()
+}
+
+/// Rows of `table` `(vocab, dim)` at `ids`.
+pub fn embed_forward(ids: &[u32], table: &[f32], dim: usize) -> Vec<f64> {
+    ids.iter()
+        .flat_map(|&i| {
+            table[i as usize * dim..(i as usize + 1) * dim]
+                .iter()
+                .map(|&v| v as f64)
+        })
+        .collect()
+}
+
+/// Per-row cross-entropy of logits `(rows, vocab)`: (loss, lse); `u32::MAX` targets give 0.
+pub fn xent_forward(logits: &[f32], targets: &[u32]) -> (Vec<f64>, Vec<f64>) {
+    let vocab = logits.len() / targets.len();
+    let mut loss = Vec::new();
+    let mut lse = Vec::new();
+    for (row, &t) in logits.chunks(vocab).zip(targets) {
+        let z: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let l = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        lse.push(l);
+        loss.push(if t == u32::MAX {
+            0.0
+        } else {
+            l - z[t as usize]
+        });
+    }
+    (loss, lse)
+}
+
 /// The largest error relative to the reference's scale: `max|got − want| / max(max|want|, tiny)`.
 /// A per-element relative error is meaningless where `want` is near zero (sums of random signs);
 /// scaling by the largest magnitude is the usual norm-wise criterion for matrix products.

@@ -58,7 +58,7 @@ impl M<'_> {
     }
 }
 
-fn rmsnorm(x: &[f64], w: &HostTensor, eps: f64) -> Vec<f64> {
+pub(crate) fn rmsnorm(x: &[f64], w: &HostTensor, eps: f64) -> Vec<f64> {
     let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps).sqrt();
     x.iter()
@@ -82,12 +82,12 @@ fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
 }
 
-fn silu(x: f64) -> f64 {
+pub(crate) fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
 /// Rotary embedding as transformers applies it: dimension i pairs with i + head_dim/2.
-fn rope(v: &mut [f64], pos: usize, theta: f64) {
+pub(crate) fn rope(v: &mut [f64], pos: usize, theta: f64) {
     let hd = v.len();
     let half = hd / 2;
     for i in 0..half {
@@ -100,7 +100,7 @@ fn rope(v: &mut [f64], pos: usize, theta: f64) {
 }
 
 /// Causal softmax attention for one sequence. q: (T, H, hd), k/v: (T, KV, hd) as flat rows.
-fn attention(
+pub(crate) fn attention(
     q: &[Vec<f64>],
     k: &[Vec<f64>],
     v: &[Vec<f64>],

@@ -1,0 +1,50 @@
+// rope: rotary position embeddings as transformers applies them (rotate_half): within each head,
+// dimension i pairs with i + head_dim/2, rotated by the angle pos · theta^(−2i/head_dim).
+//
+// rope_forward rotates by +angle; rope_backward by −angle (the transpose of a rotation), which
+// maps the gradient of the output to the gradient of the input. One invocation per pair.
+// x and out are (rows = batch · seq, heads, head_dim); pos = row % seq.
+
+struct Params {
+    rows: u32,
+    seq: u32,
+    heads: u32,
+    head_dim: u32,
+    log_theta: f32,  // ln(theta)
+    gx: u32,         // workgroups along x
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;          // (rows, heads, head_dim)
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;  // (rows, heads, head_dim)
+
+fn rotate(gid: u32, sign: f32) {
+    let half = p.head_dim / 2u;
+    let per_row = p.heads * half;
+    if (gid >= p.rows * per_row) { return; }
+    let row = gid / per_row;
+    let rem = gid % per_row;
+    let h = rem / half;
+    let i = rem % half;
+    let pos = f32(row % p.seq);
+    // Same f32 steps as transformers: inv_freq = theta^(−2i/d), then pos · inv_freq.
+    let inv_freq = exp(-p.log_theta * f32(2u * i) / f32(p.head_dim));
+    let angle = pos * inv_freq;
+    let c = cos(angle);
+    let s = sign * sin(angle);
+    let base = (row * p.heads + h) * p.head_dim;
+    let a = x[base + i];
+    let b = x[base + i + half];
+    out[base + i] = a * c - b * s;
+    out[base + i + half] = b * c + a * s;
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn rope_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    rotate((wg.y * p.gx + wg.x) * 64u + t, 1.0);
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn rope_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    rotate((wg.y * p.gx + wg.x) * 64u + t, -1.0);
+}

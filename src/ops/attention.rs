@@ -1,0 +1,75 @@
+//! Causal grouped-query attention (shaders/attention.wgsl).
+
+use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
+
+#[derive(encase::ShaderType)]
+struct Params {
+    batch: u32,
+    seq: u32,
+    heads: u32,
+    kv_heads: u32,
+    head_dim: u32,
+    gx: u32,
+    scale: f32,
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// `out = softmax(q·kᵀ/√d + causal mask)·v` with q, out `(B, T, H, d)`, k, v `(B, T, KV, d)`;
+/// also writes each row's log-sum-exp `lse` `(B, H, T)` for the backward pass.
+pub fn attention_forward(
+    ctx: &Context,
+    step: &mut Step,
+    s: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    for t in [q, k, v, out, lse] {
+        check_f32(OP, t)?;
+    }
+    if s.kv_heads == 0 || s.heads % s.kv_heads != 0 || s.head_dim == 0 || s.head_dim > 256 {
+        return Err(shape_err(
+            OP,
+            format!("{s:?}: heads must be a multiple of kv_heads and head_dim in 1..=256"),
+        ));
+    }
+    let (b, t, h, kv, d) = (s.batch, s.seq, s.heads, s.kv_heads, s.head_dim);
+    check_numel(OP, q, b * t * h * d, "(B, T, H, d)")?;
+    check_numel(OP, out, b * t * h * d, "(B, T, H, d)")?;
+    check_numel(OP, k, b * t * kv * d, "(B, T, KV, d)")?;
+    check_numel(OP, v, b * t * kv * d, "(B, T, KV, d)")?;
+    check_numel(OP, lse, b * h * t, "(B, H, T)")?;
+    let groups = grid_for(ctx, b * h * t, 64);
+    let params = Params {
+        batch: b as u32,
+        seq: t as u32,
+        heads: h as u32,
+        kv_heads: kv as u32,
+        head_dim: d as u32,
+        gx: groups[0],
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    let spec = KernelSpec::new(&kernel_sources::ATTENTION, OP);
+    let args = [
+        Arg::Uniform(uniform(OP, &params)?),
+        Arg::Read(q),
+        Arg::Read(k),
+        Arg::Read(v),
+        Arg::Write(out),
+        Arg::Write(lse),
+    ];
+    ctx.record(step, &spec, &args, groups)
+}

@@ -1,0 +1,56 @@
+//! RMSNorm (shaders/norm.wgsl).
+
+use super::{check_f32, check_numel, grid_2d, uniform};
+use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
+
+#[derive(encase::ShaderType)]
+struct Params {
+    rows: u32,
+    dim: u32,
+    gx: u32,
+    eps: f32,
+}
+
+/// `out = x · rstd · w` per row of `x` `(rows, dim)`; also writes `rstd` `(rows,)` for backward.
+pub fn rmsnorm_forward(
+    ctx: &Context,
+    step: &mut Step,
+    x: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    out: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_forward";
+    for t in [x, w, out, rstd] {
+        check_f32(OP, t)?;
+    }
+    let dim = w.numel();
+    let rows = x.numel() / dim;
+    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    check_numel(OP, out, rows * dim, "x's shape")?;
+    check_numel(OP, rstd, rows, "(rows,)")?;
+    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(
+        OP,
+        &Params {
+            rows: rows as u32,
+            dim: dim as u32,
+            gx: groups[0],
+            eps,
+        },
+    )?;
+    let spec = KernelSpec::new(&kernel_sources::NORM, OP);
+    ctx.record(
+        step,
+        &spec,
+        &[
+            Arg::Uniform(params),
+            Arg::Read(x),
+            Arg::Read(w),
+            Arg::Write(out),
+            Arg::Write(rstd),
+        ],
+        groups,
+    )
+}

@@ -1,0 +1,63 @@
+//! Cross-entropy (shaders/xent.wgsl).
+
+use super::{check_f32, check_numel, grid_2d, shape_err, uniform};
+use crate::gpu::{kernel_sources, Arg, Context, DType, KernelSpec, Result, Step, Tensor};
+
+/// Target id meaning "this position predicts nothing" (its loss is 0 and it is not counted).
+pub const IGNORE: u32 = u32::MAX;
+
+#[derive(encase::ShaderType)]
+struct Params {
+    rows: u32,
+    vocab: u32,
+    gx: u32,
+}
+
+/// Per-row `loss = logsumexp(logits) − logits[target]` for logits `(rows, vocab)` and u32
+/// targets `(rows,)`; also writes `lse` `(rows,)`. Rows whose target is [`IGNORE`] get 0.
+pub fn xent_forward(
+    ctx: &Context,
+    step: &mut Step,
+    logits: &Tensor,
+    targets: &Tensor,
+    loss: &Tensor,
+    lse: &Tensor,
+) -> Result<()> {
+    const OP: &str = "xent_forward";
+    for t in [logits, loss, lse] {
+        check_f32(OP, t)?;
+    }
+    if targets.dtype() != DType::U32 {
+        return Err(shape_err(
+            OP,
+            format!("targets {:?} must be u32", targets.label()),
+        ));
+    }
+    let rows = targets.numel();
+    let vocab = logits.numel() / rows.max(1);
+    check_numel(OP, logits, rows * vocab, "(rows, vocab)")?;
+    check_numel(OP, loss, rows, "(rows,)")?;
+    check_numel(OP, lse, rows, "(rows,)")?;
+    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(
+        OP,
+        &Params {
+            rows: rows as u32,
+            vocab: vocab as u32,
+            gx: groups[0],
+        },
+    )?;
+    let spec = KernelSpec::new(&kernel_sources::XENT, OP);
+    ctx.record(
+        step,
+        &spec,
+        &[
+            Arg::Uniform(params),
+            Arg::Read(logits),
+            Arg::Read(targets),
+            Arg::Write(loss),
+            Arg::Write(lse),
+        ],
+        groups,
+    )
+}

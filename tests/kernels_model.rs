@@ -1,0 +1,220 @@
+//! The transformer-layer kernels (norm, rope, attention, act, embed, xent) against their f64 CPU
+//! twins in `portalora::reference`, at awkward shapes, outputs poisoned with NaN before each run.
+
+mod common;
+
+use portalora::gpu::{Context, DType, Step, Tensor};
+use portalora::ops::act::swiglu_forward;
+use portalora::ops::attention::{attention_forward, AttentionShape};
+use portalora::ops::embed::embed_forward;
+use portalora::ops::norm::rmsnorm_forward;
+use portalora::ops::rope::{rope_backward, rope_forward};
+use portalora::ops::xent::{xent_forward, IGNORE};
+use portalora::reference::{self, max_rel_error, Rng};
+
+const TOL: f64 = 1e-5;
+
+fn poisoned(ctx: &Context, label: &str, shape: &[usize]) -> Tensor {
+    let t = ctx.tensor(label, shape, DType::F32).unwrap();
+    ctx.fill_f32(&t, f32::NAN).unwrap();
+    t
+}
+
+fn run(ctx: &Context, step: Step) {
+    ctx.run(&step).unwrap();
+}
+
+fn assert_close(ctx: &Context, what: &str, t: &Tensor, want: &[f64], tol: f64) {
+    let got = ctx.read_f32(t).unwrap();
+    let err = max_rel_error(&got, want);
+    assert!(err <= tol, "{what}: relative error {err:e} > {tol:e}");
+}
+
+#[test]
+fn rmsnorm_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(1);
+    for (rows, dim) in [(1, 1), (7, 33), (33, 7), (129, 576), (3, 1000)] {
+        let x = rng.vec(rows * dim);
+        let w = rng.vec(dim);
+        let (want, want_r) = reference::rmsnorm_forward(&x, &w, 1e-5);
+        let (xt, wt) = (
+            ctx.upload_f32("x", &[rows, dim], &x).unwrap(),
+            ctx.upload_f32("w", &[dim], &w).unwrap(),
+        );
+        let (out, rstd) = (
+            poisoned(&ctx, "out", &[rows, dim]),
+            poisoned(&ctx, "rstd", &[rows]),
+        );
+        let mut step = Step::new();
+        rmsnorm_forward(&ctx, &mut step, &xt, &wt, 1e-5, &out, &rstd).unwrap();
+        run(&ctx, step);
+        assert_close(&ctx, &format!("rmsnorm out {rows}x{dim}"), &out, &want, TOL);
+        assert_close(
+            &ctx,
+            &format!("rmsnorm rstd {rows}x{dim}"),
+            &rstd,
+            &want_r,
+            TOL,
+        );
+    }
+}
+
+#[test]
+fn rope_matches_reference_and_backward_inverts_it() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(2);
+    for (batch, seq, heads, hd, theta) in [
+        (1, 1, 1, 2, 10000.0),
+        (2, 7, 3, 6, 10000.0),
+        (3, 33, 5, 64, 100000.0),
+        (1, 129, 1, 8, 500.0),
+    ] {
+        let n = batch * seq * heads * hd;
+        let x = rng.vec(n);
+        let xt = ctx.upload_f32("x", &[batch * seq, heads, hd], &x).unwrap();
+        let out = poisoned(&ctx, "out", &[batch * seq, heads, hd]);
+        let back = poisoned(&ctx, "back", &[batch * seq, heads, hd]);
+        let mut step = Step::new();
+        rope_forward(&ctx, &mut step, &xt, seq, heads, hd, theta, &out).unwrap();
+        rope_backward(&ctx, &mut step, &out, seq, heads, hd, theta, &back).unwrap();
+        run(&ctx, step);
+        // Angles up to 129 rad in f32 lose ~1e-5 of absolute precision, as in transformers.
+        assert_close(
+            &ctx,
+            &format!("rope {batch}x{seq}x{heads}x{hd}"),
+            &out,
+            &reference::rope_forward(&x, seq, heads, hd, theta),
+            2e-5,
+        );
+        // A rotation's transpose is its inverse: backward(forward(x)) = x.
+        let xd: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        assert_close(&ctx, "rope backward∘forward", &back, &xd, 2e-5);
+    }
+}
+
+#[test]
+fn attention_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(3);
+    for (batch, seq, heads, kv_heads, d) in [
+        (1, 1, 1, 1, 1),
+        (2, 7, 5, 1, 6),
+        (1, 33, 9, 3, 64),
+        (3, 9, 4, 2, 7),
+        (1, 129, 2, 2, 16),
+    ] {
+        let q = rng.vec(batch * seq * heads * d);
+        let k = rng.vec(batch * seq * kv_heads * d);
+        let v = rng.vec(batch * seq * kv_heads * d);
+        let (want, want_lse) =
+            reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
+        let s = AttentionShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim: d,
+        };
+        let qt = ctx.upload_f32("q", &[batch, seq, heads, d], &q).unwrap();
+        let kt = ctx.upload_f32("k", &[batch, seq, kv_heads, d], &k).unwrap();
+        let vt = ctx.upload_f32("v", &[batch, seq, kv_heads, d], &v).unwrap();
+        let out = poisoned(&ctx, "out", &[batch, seq, heads, d]);
+        let lse = poisoned(&ctx, "lse", &[batch, heads, seq]);
+        let mut step = Step::new();
+        attention_forward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse).unwrap();
+        run(&ctx, step);
+        assert_close(&ctx, &format!("attention {s:?}"), &out, &want, TOL);
+        assert_close(&ctx, &format!("attention lse {s:?}"), &lse, &want_lse, TOL);
+    }
+}
+
+#[test]
+fn swiglu_and_embed_match_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(4);
+    for n in [1, 7, 33, 129, 70_001] {
+        let (g, u) = (rng.vec(n), rng.vec(n));
+        let (gt, ut) = (
+            ctx.upload_f32("g", &[n], &g).unwrap(),
+            ctx.upload_f32("u", &[n], &u).unwrap(),
+        );
+        let out = poisoned(&ctx, "out", &[n]);
+        let mut step = Step::new();
+        swiglu_forward(&ctx, &mut step, &gt, &ut, &out).unwrap();
+        run(&ctx, step);
+        assert_close(
+            &ctx,
+            &format!("swiglu n={n}"),
+            &out,
+            &reference::swiglu_forward(&g, &u),
+            TOL,
+        );
+    }
+    for (vocab, dim, tokens) in [(1, 1, 1), (61, 30, 7), (129, 33, 129)] {
+        let table = rng.vec(vocab * dim);
+        let ids: Vec<u32> = (0..tokens)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect();
+        let tt = ctx.upload_f32("table", &[vocab, dim], &table).unwrap();
+        let it = ctx.upload_u32("ids", &[tokens], &ids).unwrap();
+        let out = poisoned(&ctx, "out", &[tokens, dim]);
+        let mut step = Step::new();
+        embed_forward(&ctx, &mut step, &it, &tt, &out).unwrap();
+        run(&ctx, step);
+        assert_close(
+            &ctx,
+            &format!("embed {vocab}x{dim}"),
+            &out,
+            &reference::embed_forward(&ids, &table, dim),
+            0.0,
+        );
+    }
+}
+
+#[test]
+fn xent_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(5);
+    for (rows, vocab) in [(1, 1), (7, 33), (33, 7), (5, 49152), (129, 61)] {
+        // Spread logits so that the max-subtraction matters.
+        let logits: Vec<f32> = rng
+            .vec(rows * vocab)
+            .into_iter()
+            .map(|v| v * 30.0)
+            .collect();
+        let targets: Vec<u32> = (0..rows)
+            .map(|r| {
+                if r % 3 == 2 {
+                    IGNORE
+                } else {
+                    (rng.next_u64() % vocab as u64) as u32
+                }
+            })
+            .collect();
+        let (want_loss, want_lse) = reference::xent_forward(&logits, &targets);
+        let lt = ctx.upload_f32("logits", &[rows, vocab], &logits).unwrap();
+        let tt = ctx.upload_u32("targets", &[rows], &targets).unwrap();
+        let (loss, lse) = (
+            poisoned(&ctx, "loss", &[rows]),
+            poisoned(&ctx, "lse", &[rows]),
+        );
+        let mut step = Step::new();
+        xent_forward(&ctx, &mut step, &lt, &tt, &loss, &lse).unwrap();
+        run(&ctx, step);
+        assert_close(
+            &ctx,
+            &format!("xent loss {rows}x{vocab}"),
+            &loss,
+            &want_loss,
+            TOL,
+        );
+        assert_close(
+            &ctx,
+            &format!("xent lse {rows}x{vocab}"),
+            &lse,
+            &want_lse,
+            TOL,
+        );
+    }
+}
