@@ -27,6 +27,10 @@
 //! # #[cfg(target_arch = "wasm32")] fn main() {}
 //! ```
 
+// GPU ops take their tensors as separate arguments, named as in the kernels' bindings; packing
+// them into structs to satisfy this lint would hide which buffer goes where.
+#![allow(clippy::too_many_arguments)]
+
 pub mod gpu;
 pub mod io;
 pub mod model;

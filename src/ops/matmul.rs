@@ -254,7 +254,6 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn record_subgroup(
     ctx: &Context,
     step: &mut Step,

@@ -26,14 +26,14 @@ fn record(
 ) -> Result<()> {
     check_f32(entry, x)?;
     check_f32(entry, out)?;
-    if head_dim % 2 != 0 || seq == 0 {
+    if !head_dim.is_multiple_of(2) || seq == 0 {
         return Err(shape_err(
             entry,
             format!("head_dim {head_dim} must be even and seq {seq} positive"),
         ));
     }
     let rows = x.numel() / (heads * head_dim);
-    if rows % seq != 0 {
+    if !rows.is_multiple_of(seq) {
         return Err(shape_err(
             entry,
             format!(
@@ -74,7 +74,6 @@ fn record(
 }
 
 /// Rotates `x` `(batch · seq, heads, head_dim)` by each position's angles into `out`.
-#[allow(clippy::too_many_arguments)]
 pub fn rope_forward(
     ctx: &Context,
     step: &mut Step,
@@ -99,7 +98,6 @@ pub fn rope_forward(
 }
 
 /// The gradient through [`rope_forward`]: rotates `dout` back by the same angles into `dx`.
-#[allow(clippy::too_many_arguments)]
 pub fn rope_backward(
     ctx: &Context,
     step: &mut Step,
