@@ -1,5 +1,6 @@
 //! The portalora command line.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -30,7 +31,29 @@ enum Command {
     Inspect {
         /// A .gguf file or a folder with config.json and model.safetensors.
         #[arg(long)]
-        model: std::path::PathBuf,
+        model: PathBuf,
+    },
+    /// Mean next-token cross-entropy of a model on token ids or text, computed on the GPU.
+    /// With --json the last line is {"loss": <float>, "tokens": <int>}.
+    Eval {
+        /// A .gguf file or a Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A JSON file {"input_ids": [[...], ...]} with rows of equal length.
+        #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+        ids: Option<PathBuf>,
+        /// A text file, tokenized with the model's tokenizer and cut into rows of --seq tokens.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Tokens per row with --data (the tail shorter than a row is dropped).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Rows per forward pass (memory grows with batch × seq).
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Print the result as one JSON object on the last line.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure speed.
     Bench {
@@ -91,6 +114,22 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
         Command::Inspect { .. } => unreachable!("handled above"),
+        Command::Eval {
+            model,
+            ids,
+            data,
+            seq,
+            batch,
+            json,
+        } => eval(
+            &ctx,
+            &model,
+            ids.as_deref(),
+            data.as_deref(),
+            seq,
+            batch,
+            json,
+        ),
         Command::Info { json } => info(&ctx, json),
         Command::Bench {
             what:
@@ -228,5 +267,118 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("tied head:      {}", c.tie_embeddings);
     println!("tensors:        {}", w.tensors.len());
+    Ok(())
+}
+
+/// Reads `{"input_ids": [[...], ...]}` with rows of equal length.
+fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let rows = v["input_ids"].as_array().ok_or_else(|| {
+        format!(
+            "{}: expected {{\"input_ids\": [[...], ...]}}",
+            path.display()
+        )
+    })?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (r, row) in rows.iter().enumerate() {
+        let row = row
+            .as_array()
+            .ok_or_else(|| format!("{}: input_ids[{r}] is not a list", path.display()))?;
+        let ids = row
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64()
+                    .filter(|&x| x <= u32::MAX as u64)
+                    .map(|x| x as u32)
+                    .ok_or_else(|| {
+                        format!(
+                            "{}: input_ids[{r}][{i}] = {x} is not a token id",
+                            path.display()
+                        )
+                    })
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        out.push(ids);
+    }
+    let len = out.first().map(Vec::len).unwrap_or(0);
+    if len < 2 {
+        return Err(format!(
+            "{}: rows need at least 2 tokens to predict one",
+            path.display()
+        )
+        .into());
+    }
+    if let Some(r) = out.iter().position(|row| row.len() != len) {
+        return Err(format!("{}: input_ids[{r}] has {} tokens but input_ids[0] has {len}; rows must be of equal length", path.display(), out[r].len()).into());
+    }
+    Ok(out)
+}
+
+fn eval(
+    ctx: &Context,
+    model: &Path,
+    ids: Option<&Path>,
+    data: Option<&Path>,
+    seq: usize,
+    batch: usize,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rows = match (ids, data) {
+        (Some(p), _) => read_ids(p)?,
+        (None, Some(p)) => {
+            let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let text = String::from_utf8(text).map_err(|e| {
+                format!(
+                    "{}: not UTF-8 text (first bad byte at {})",
+                    p.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?;
+            let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
+            let all = tok.encode(&text)?;
+            if seq < 2 {
+                return Err("--seq must be at least 2".into());
+            }
+            let rows: Vec<Vec<u32>> = all.chunks_exact(seq).map(<[u32]>::to_vec).collect();
+            if rows.is_empty() {
+                return Err(format!(
+                    "{}: {} tokens do not fill one row of --seq {seq}; use a smaller --seq",
+                    p.display(),
+                    all.len()
+                )
+                .into());
+            }
+            eprintln!(
+                "{}: {} tokens, {} rows of {seq}",
+                p.display(),
+                all.len(),
+                rows.len()
+            );
+            rows
+        }
+        (None, None) => return Err("give --ids FILE.json or --data FILE.txt".into()),
+    };
+    let weights = portalora::model::load_model(model)?;
+    let seq = rows[0].len();
+    let batch = batch.clamp(1, rows.len());
+    let gpu = portalora::model::gpu::GpuModel::new(ctx, &weights, batch, seq)?;
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for chunk in rows.chunks(batch) {
+        let (s, n) = gpu.loss_sum(ctx, chunk)?;
+        sum += s;
+        count += n;
+    }
+    let loss = sum / count as f64;
+    if json {
+        println!("{{\"loss\": {loss}, \"tokens\": {count}}}");
+    } else {
+        println!(
+            "loss {loss:.6} over {count} predicted tokens (perplexity {:.3})",
+            loss.exp()
+        );
+    }
     Ok(())
 }

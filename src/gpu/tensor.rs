@@ -64,6 +64,41 @@ impl Tensor {
             && self.offset < other.offset + other.byte_len()
             && other.offset < self.offset + self.byte_len()
     }
+    /// Rows `start..start + count` of a tensor viewed as (rows, row_len), as a tensor of shape
+    /// `(count, row_len)` sharing the memory (a 1-D tensor's rows are its elements, and the
+    /// view stays 1-D). The byte offset must meet the device's storage
+    /// offset alignment (256 almost everywhere): choose `start` accordingly.
+    pub fn rows(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
+        let row_len = if self.shape.len() < 2 {
+            1
+        } else {
+            *self.shape.last().unwrap_or(&1)
+        };
+        let total = self.numel() / row_len.max(1);
+        let offset = self.offset + (start * row_len * self.dtype.size()) as u64;
+        if start + count > total || !offset.is_multiple_of(alignment as u64) {
+            return Err(GpuError::Shape {
+                op: "rows",
+                message: format!(
+                    "rows {start}..{} of tensor {:?} {:?}: out of range or not {alignment}-byte aligned",
+                    start + count,
+                    self.label,
+                    self.shape
+                ),
+            });
+        }
+        let shape = if self.shape.len() < 2 {
+            vec![count]
+        } else {
+            vec![count, row_len]
+        };
+        Ok(Tensor {
+            offset,
+            shape,
+            ..self.clone()
+        })
+    }
+
     /// The same memory seen with another shape of the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();

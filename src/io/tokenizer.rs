@@ -208,6 +208,30 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer that belongs to a model: a GGUF file's metadata, or in a Hugging Face
+    /// folder `tokenizer.json`, else `vocab.json` + `merges.txt`.
+    pub fn for_model(path: &Path) -> Result<Self, TokenizerError> {
+        if path.is_dir() {
+            let json = path.join("tokenizer.json");
+            if json.exists() {
+                return Self::from_json_file(&json);
+            }
+            let (vocab, merges) = (path.join("vocab.json"), path.join("merges.txt"));
+            if vocab.exists() && merges.exists() {
+                return Self::from_vocab_merges(&vocab, &merges);
+            }
+            return Err(TokenizerError::Load {
+                path: path.to_path_buf(),
+                message: "no tokenizer.json, nor vocab.json + merges.txt, in this folder".into(),
+            });
+        }
+        let g = Gguf::open(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_gguf(&g)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -2,6 +2,8 @@
 //! Hugging Face folders.
 
 pub mod config;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod gpu;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

@@ -40,7 +40,8 @@ pub fn attention_forward(
     for t in [q, k, v, out, lse] {
         check_f32(OP, t)?;
     }
-    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256 {
+    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256
+    {
         return Err(shape_err(
             OP,
             format!("{s:?}: heads must be a multiple of kv_heads and head_dim in 1..=256"),

@@ -1,0 +1,465 @@
+//! The LLaMA-family model on the GPU: parameters uploaded once, activations planned for a fixed
+//! batch and sequence length, and the forward pass recorded once as a [`Step`] and replayed.
+//!
+//! Conventions: the residual stream and every activation are row-major `(N, ·)` with
+//! N = batch · seq and row n = b · seq + t. Linear weights keep `nn.Linear`'s `(out, in)`, so each
+//! projection is `y = x·Wᵀ` ([`Matmul::nt`]). Every activation the backward pass will need is
+//! kept (one tensor per layer and role), which is what [`Activations`] plans up front.
+
+use std::fmt;
+
+use super::config::{Arch, ModelConfig};
+use super::weights::Weights;
+use crate::gpu::{Context, DType, GpuError, Step, Tensor};
+use crate::ops::act::swiglu_forward;
+use crate::ops::attention::{attention_forward, AttentionShape};
+use crate::ops::elementwise::add_forward;
+use crate::ops::embed::embed_forward;
+use crate::ops::matmul::{matmul, Matmul};
+use crate::ops::norm::rmsnorm_forward;
+use crate::ops::reduce::reduce_forward;
+use crate::ops::rope::rope_forward;
+use crate::ops::xent::{xent_forward, IGNORE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuModelError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(
+        "token id {id} at row {row}, position {pos} is outside the vocabulary of {vocab} tokens"
+    )]
+    BadId {
+        id: u32,
+        row: usize,
+        pos: usize,
+        vocab: usize,
+    },
+    #[error("input rows must all have {expected} tokens (the planned sequence length); row {row} has {found}")]
+    RowLength {
+        row: usize,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{found} input rows do not fit the planned batch of {batch}")]
+    BatchSize { batch: usize, found: usize },
+    #[error("sequence length {seq} exceeds the model's context of {max} positions")]
+    TooLong { seq: usize, max: usize },
+}
+
+type Result<T> = std::result::Result<T, GpuModelError>;
+
+/// One decoder layer's frozen weights.
+pub struct LayerParams {
+    pub ln1: Tensor,    // (C,)
+    pub wq: Tensor,     // (H·hd, C)
+    pub wk: Tensor,     // (KV·hd, C)
+    pub wv: Tensor,     // (KV·hd, C)
+    pub wo: Tensor,     // (C, H·hd)
+    pub ln2: Tensor,    // (C,)
+    pub w_gate: Tensor, // (F, C)
+    pub w_up: Tensor,   // (F, C)
+    pub w_down: Tensor, // (C, F)
+}
+
+/// The frozen base model's weights on the GPU, f32.
+pub struct ParameterTensors {
+    pub embed: Tensor, // (V, C)
+    pub layers: Vec<LayerParams>,
+    pub norm: Tensor,            // (C,)
+    pub lm_head: Option<Tensor>, // (V, C); None when tied to `embed`
+}
+
+/// One layer's activations for a batch of N = B·T tokens.
+pub struct LayerActivations {
+    pub h1: Tensor,    // (N, C)   rmsnorm(x)
+    pub rstd1: Tensor, // (N,)
+    pub q: Tensor,     // (N, H·hd) before rotary
+    pub k: Tensor,     // (N, KV·hd) before rotary
+    pub v: Tensor,     // (N, KV·hd)
+    pub q_rot: Tensor, // (N, H·hd)
+    pub k_rot: Tensor, // (N, KV·hd)
+    pub att: Tensor,   // (N, H·hd) attention output before o_proj
+    pub lse: Tensor,   // (B, H, T) softmax log-sum-exp per query row
+    pub o: Tensor,     // (N, C)   o_proj output
+    pub x_mid: Tensor, // (N, C)   x + o
+    pub h2: Tensor,    // (N, C)   rmsnorm(x_mid)
+    pub rstd2: Tensor, // (N,)
+    pub gate: Tensor,  // (N, F)
+    pub up: Tensor,    // (N, F)
+    pub act: Tensor,   // (N, F)   silu(gate)·up
+    pub down: Tensor,  // (N, C)
+}
+
+/// Every activation of one forward pass, sized from the config and (batch, seq).
+pub struct Activations {
+    pub batch: usize,
+    pub seq: usize,
+    pub ids: Tensor,     // (N,) u32
+    pub targets: Tensor, // (N,) u32, IGNORE where nothing is predicted
+    pub x: Vec<Tensor>,  // L+1 × (N, C): the residual stream entering each layer, and the last
+    pub layers: Vec<LayerActivations>,
+    pub hf: Tensor,    // (N, C)  final rmsnorm
+    pub rstdf: Tensor, // (N,)
+    /// (rows, V) logits of one chunk of rows at a time: the vocabulary-sized activation is the
+    /// largest, so the LM head and the loss run chunk by chunk through this one buffer.
+    pub logits: Tensor,
+    pub chunk_rows: usize,
+    pub loss_rows: Tensor, // (N,) per-position loss, 0 where ignored
+    pub lse_rows: Tensor,  // (N,)
+    pub loss_sum: Tensor,  // (1,)
+}
+
+impl Activations {
+    /// Bytes allocated for activations.
+    pub fn bytes(&self) -> u64 {
+        let mut all: Vec<&Tensor> = vec![
+            &self.ids,
+            &self.targets,
+            &self.hf,
+            &self.rstdf,
+            &self.logits,
+            &self.loss_rows,
+            &self.lse_rows,
+            &self.loss_sum,
+        ];
+        all.extend(&self.x);
+        for l in &self.layers {
+            all.extend([
+                &l.h1, &l.rstd1, &l.q, &l.k, &l.v, &l.q_rot, &l.k_rot, &l.att, &l.lse, &l.o,
+                &l.x_mid, &l.h2, &l.rstd2, &l.gate, &l.up, &l.act, &l.down,
+            ]);
+        }
+        all.iter().map(|t| t.byte_len()).sum()
+    }
+}
+
+/// A model on the GPU with its forward pass recorded for one (batch, seq).
+pub struct GpuModel {
+    pub config: ModelConfig,
+    pub params: ParameterTensors,
+    pub acts: Activations,
+    forward: Step,
+}
+
+impl fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "GpuModel {{ {:?}, batch {}, seq {} }}",
+            self.config.arch, self.acts.batch, self.acts.seq
+        )
+    }
+}
+
+fn upload(ctx: &Context, w: &Weights, name: &str) -> Result<Tensor> {
+    let t = w
+        .get(name)
+        .map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+    Ok(ctx.upload_f32(name, &t.shape, &t.data)?)
+}
+
+impl ParameterTensors {
+    pub fn upload(ctx: &Context, w: &Weights) -> Result<Self> {
+        let c = &w.config;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = |n: &str| upload(ctx, w, &format!("model.layers.{i}.{n}"));
+            layers.push(LayerParams {
+                ln1: p("input_layernorm.weight")?,
+                wq: p("self_attn.q_proj.weight")?,
+                wk: p("self_attn.k_proj.weight")?,
+                wv: p("self_attn.v_proj.weight")?,
+                wo: p("self_attn.o_proj.weight")?,
+                ln2: p("post_attention_layernorm.weight")?,
+                w_gate: p("mlp.gate_proj.weight")?,
+                w_up: p("mlp.up_proj.weight")?,
+                w_down: p("mlp.down_proj.weight")?,
+            });
+        }
+        Ok(ParameterTensors {
+            embed: upload(ctx, w, "model.embed_tokens.weight")?,
+            layers,
+            norm: upload(ctx, w, "model.norm.weight")?,
+            lm_head: if c.tie_embeddings {
+                None
+            } else {
+                Some(upload(ctx, w, "lm_head.weight")?)
+            },
+        })
+    }
+}
+
+impl GpuModel {
+    /// Uploads `w` and plans and records the forward pass for `batch` rows of `seq` tokens.
+    pub fn new(ctx: &Context, w: &Weights, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_logit_chunk(ctx, w, batch, seq, None)
+    }
+
+    /// As [`GpuModel::new`], with the LM head computed `chunk_rows` rows at a time (a multiple
+    /// of 64) instead of as many as fit one storage binding.
+    pub fn with_logit_chunk(
+        ctx: &Context,
+        w: &Weights,
+        batch: usize,
+        seq: usize,
+        chunk_rows: Option<usize>,
+    ) -> Result<Self> {
+        let c = w.config.clone();
+        if c.arch != Arch::Llama {
+            return Err(GpuModelError::Unsupported(format!(
+                "{:?} models do not run on the GPU yet; LLaMA-family models do",
+                c.arch
+            )));
+        }
+        if seq > c.max_positions {
+            return Err(GpuModelError::TooLong {
+                seq,
+                max: c.max_positions,
+            });
+        }
+        let params = ParameterTensors::upload(ctx, w)?;
+        let acts = Self::plan(ctx, &c, batch, seq, chunk_rows)?;
+        let mut model = GpuModel {
+            config: c,
+            params,
+            acts,
+            forward: Step::new(),
+        };
+        model.forward = model.record_forward(ctx)?;
+        Ok(model)
+    }
+
+    fn plan(
+        ctx: &Context,
+        c: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        chunk: Option<usize>,
+    ) -> Result<Activations> {
+        let n = batch * seq;
+        let (h, q, kv, f) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.intermediate_size,
+        );
+        let t = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(LayerActivations {
+                h1: t("h1", &[n, h])?,
+                rstd1: t("rstd1", &[n])?,
+                q: t("q", &[n, q])?,
+                k: t("k", &[n, kv])?,
+                v: t("v", &[n, kv])?,
+                q_rot: t("q_rot", &[n, q])?,
+                k_rot: t("k_rot", &[n, kv])?,
+                att: t("att", &[n, q])?,
+                lse: t("lse", &[batch, c.num_heads, seq])?,
+                o: t("o", &[n, h])?,
+                x_mid: t("x_mid", &[n, h])?,
+                h2: t("h2", &[n, h])?,
+                rstd2: t("rstd2", &[n])?,
+                gate: t("gate", &[n, f])?,
+                up: t("up", &[n, f])?,
+                act: t("act", &[n, f])?,
+                down: t("down", &[n, h])?,
+            });
+        }
+        // Logit chunks: as many rows as fit one storage binding, a multiple of 64 rows so that
+        // every chunk's offset into the (N, C) activations is 256-byte aligned.
+        let row_bytes = (c.vocab_size * 4) as u64;
+        let fit = (ctx.limits().max_storage_binding / row_bytes).max(1) as usize;
+        let chunk_rows = match chunk {
+            Some(r) if r > 0 && r % 64 == 0 => r.min(n),
+            Some(r) => {
+                return Err(GpuModelError::Unsupported(format!(
+                    "logit chunks of {r} rows: use a positive multiple of 64"
+                )))
+            }
+            None if fit >= n => n,
+            None => (fit / 64 * 64).max(64).min(n),
+        };
+        Ok(Activations {
+            batch,
+            seq,
+            ids: ctx.tensor("ids", &[n], DType::U32)?,
+            targets: ctx.tensor("targets", &[n], DType::U32)?,
+            x: (0..=c.num_layers)
+                .map(|_| t("x", &[n, h]))
+                .collect::<std::result::Result<_, _>>()?,
+            layers,
+            hf: t("hf", &[n, h])?,
+            rstdf: t("rstdf", &[n])?,
+            logits: t("logits", &[chunk_rows, c.vocab_size])?,
+            chunk_rows,
+            loss_rows: t("loss_rows", &[n])?,
+            lse_rows: t("lse_rows", &[n])?,
+            loss_sum: t("loss_sum", &[1])?,
+        })
+    }
+
+    fn record_forward(&self, ctx: &Context) -> Result<Step> {
+        let c = &self.config;
+        let (p, a) = (&self.params, &self.acts);
+        let (b, t) = (a.batch, a.seq);
+        let eps = c.norm_eps as f32;
+        let mut s = Step::new();
+        embed_forward(ctx, &mut s, &a.ids, &p.embed, &a.x[0])?;
+        let shape = AttentionShape {
+            batch: b,
+            seq: t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
+            let x = &a.x[l];
+            rmsnorm_forward(ctx, &mut s, x, &lp.ln1, eps, &la.h1, &la.rstd1)?;
+            matmul(ctx, &mut s, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
+            matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
+            matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
+            rope_forward(
+                ctx,
+                &mut s,
+                &la.q,
+                t,
+                c.num_heads,
+                c.head_dim,
+                c.rope_theta,
+                &la.q_rot,
+            )?;
+            rope_forward(
+                ctx,
+                &mut s,
+                &la.k,
+                t,
+                c.num_kv_heads,
+                c.head_dim,
+                c.rope_theta,
+                &la.k_rot,
+            )?;
+            attention_forward(
+                ctx, &mut s, shape, &la.q_rot, &la.k_rot, &la.v, &la.att, &la.lse,
+            )?;
+            matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nt())?;
+            add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
+            rmsnorm_forward(ctx, &mut s, &la.x_mid, &lp.ln2, eps, &la.h2, &la.rstd2)?;
+            matmul(ctx, &mut s, &la.h2, &lp.w_gate, &la.gate, Matmul::nt())?;
+            matmul(ctx, &mut s, &la.h2, &lp.w_up, &la.up, Matmul::nt())?;
+            swiglu_forward(ctx, &mut s, &la.gate, &la.up, &la.act)?;
+            matmul(ctx, &mut s, &la.act, &lp.w_down, &la.down, Matmul::nt())?;
+            add_forward(ctx, &mut s, &la.x_mid, &la.down, &a.x[l + 1])?;
+        }
+        rmsnorm_forward(
+            ctx,
+            &mut s,
+            &a.x[c.num_layers],
+            &p.norm,
+            eps,
+            &a.hf,
+            &a.rstdf,
+        )?;
+        let head = p.lm_head.as_ref().unwrap_or(&p.embed);
+        let n = b * t;
+        let align = ctx.limits().storage_offset_alignment;
+        let mut start = 0;
+        while start < n {
+            let rows = a.chunk_rows.min(n - start);
+            let logits = a.logits.rows(0, rows, align)?;
+            matmul(
+                ctx,
+                &mut s,
+                &a.hf.rows(start, rows, align)?,
+                head,
+                &logits,
+                Matmul::nt(),
+            )?;
+            xent_forward(
+                ctx,
+                &mut s,
+                &logits,
+                &a.targets.rows(start, rows, align)?,
+                &a.loss_rows.rows(start, rows, align)?,
+                &a.lse_rows.rows(start, rows, align)?,
+            )?;
+            start += rows;
+        }
+        reduce_forward(
+            ctx,
+            &mut s,
+            &a.loss_rows.reshape(&[1, n])?,
+            1,
+            false,
+            &a.loss_sum,
+        )?;
+        Ok(s)
+    }
+
+    /// Checks that `ids` fit the plan and the vocabulary, with the row and position of any fault.
+    pub fn check_ids(&self, ids: &[Vec<u32>]) -> Result<()> {
+        if ids.len() > self.acts.batch || ids.is_empty() {
+            return Err(GpuModelError::BatchSize {
+                batch: self.acts.batch,
+                found: ids.len(),
+            });
+        }
+        for (row, r) in ids.iter().enumerate() {
+            if r.len() != self.acts.seq {
+                return Err(GpuModelError::RowLength {
+                    row,
+                    expected: self.acts.seq,
+                    found: r.len(),
+                });
+            }
+            if let Some((pos, &id)) = r
+                .iter()
+                .enumerate()
+                .find(|&(_, &id)| id as usize >= self.config.vocab_size)
+            {
+                return Err(GpuModelError::BadId {
+                    id,
+                    row,
+                    pos,
+                    vocab: self.config.vocab_size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the forward pass on `ids` (up to `batch` rows of `seq` tokens; missing rows are
+    /// padding whose positions are ignored) and returns (sum of next-token losses, positions).
+    /// Only the loss sum is read back.
+    pub fn loss_sum(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
+        self.check_ids(ids)?;
+        let (b, t) = (self.acts.batch, self.acts.seq);
+        let mut flat = vec![0u32; b * t];
+        let mut targets = vec![IGNORE; b * t];
+        let mut count = 0;
+        for (r, row) in ids.iter().enumerate() {
+            flat[r * t..(r + 1) * t].copy_from_slice(row);
+            for pos in 0..t - 1 {
+                targets[r * t + pos] = row[pos + 1];
+                count += 1;
+            }
+        }
+        ctx.write_u32(&self.acts.ids, &flat)?;
+        ctx.write_u32(&self.acts.targets, &targets)?;
+        ctx.run(&self.forward)?;
+        let sum = ctx.read_f32(&self.acts.loss_sum)?;
+        Ok((sum[0] as f64, count))
+    }
+
+    /// Logits `(rows, V)` of the last forward pass, when they fit one chunk (tests, generation).
+    pub fn last_logits(&self, ctx: &Context) -> Result<Vec<f32>> {
+        if self.acts.chunk_rows < self.acts.batch * self.acts.seq {
+            return Err(GpuModelError::Unsupported(
+                "logits of this batch span several chunks".into(),
+            ));
+        }
+        Ok(ctx.read_f32(&self.acts.logits)?)
+    }
+}
