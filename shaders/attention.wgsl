@@ -1,12 +1,13 @@
 // attention: causal softmax attention with grouped-query heads, f32.
 //
-// attention_forward: for each (batch b, head h, position t):
-//   out[b, t, h, :] = sum_{s ≤ t} softmax_s(q[b, t, h, :] · k[b, s, g, :] · scale) · v[b, s, g, :]
+// attention_forward: for each (batch b, head h, query row t at absolute position q_offset + t):
+//   out[b, t, h, :] = sum_{s ≤ q_offset + t} softmax_s(q[b, t, h, :] · k[b, s, g, :] · scale) · v[b, s, g, :]
 // where g = h / (heads / kv_heads) is the shared key/value head. The softmax is computed online
 // (running max and sum), which is numerically stable and needs one pass over s; the log-sum-exp
 // of each row is stored for the backward pass. One invocation per (b, h, t).
-// Layouts: q, out (batch, seq, heads, head_dim); k, v (batch, seq, kv_heads, head_dim);
-// lse (batch, heads, seq).
+// Layouts: q, out (batch, seq, heads, head_dim); k, v (batch, kv_seq, kv_heads, head_dim);
+// lse (batch, heads, seq). Training has kv_seq = seq and q_offset = 0; generation appends
+// queries after a KV cache (q_offset = cached positions, kv_seq = q_offset + seq).
 
 struct Params {
     batch: u32,
@@ -16,6 +17,8 @@ struct Params {
     head_dim: u32,
     gx: u32,
     scale: f32,
+    kv_seq: u32,
+    q_offset: u32,
 }
 
 const MAX_HEAD_DIM: u32 = 256u;
@@ -43,8 +46,8 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     for (var i = 0u; i < d; i++) { acc[i] = 0.0; }
     var m = -3.0e38;
     var l = 0.0;
-    for (var s = 0u; s <= t; s++) {
-        let kv_base = ((b * p.seq + s) * p.kv_heads + g) * d;
+    for (var s = 0u; s <= p.q_offset + t; s++) {
+        let kv_base = ((b * p.kv_seq + s) * p.kv_heads + g) * d;
         var dot = 0.0;
         for (var i = 0u; i < d; i++) { dot += q[q_base + i] * k[kv_base + i]; }
         let score = dot * p.scale;

@@ -3,6 +3,7 @@
 // add_forward:   out = x + y
 // scale_forward: out = alpha * x            (y is bound but unused)
 // axpy_forward:  out = out + alpha * x      (y is bound but unused)
+// copy_forward:  out[offset + i] = x[i]     (y is bound but unused; appends rows to a cache)
 // The backward of each is itself elementwise (add: both inputs get the gradient; scale: alpha
 // times it), so the same entry points serve both directions.
 // Grids may be 2-D: workgroup (x, y) handles elements from (y * gx + x) * 256; this keeps every
@@ -12,6 +13,7 @@ struct Params {
     n: u32,
     gx: u32,     // workgroups along x in this dispatch
     alpha: f32,
+    offset: u32, // copy_forward's destination offset, in elements
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,4 +41,10 @@ fn scale_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
 fn axpy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i = index(wg, t);
     if (i < p.n) { out[i] = out[i] + p.alpha * x[i]; }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn copy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = index(wg, t);
+    if (i < p.n) { out[p.offset + i] = x[i]; }
 }

@@ -3,7 +3,8 @@
 //
 // rope_forward rotates by +angle; rope_backward by −angle (the transpose of a rotation), which
 // maps the gradient of the output to the gradient of the input. One invocation per pair.
-// x and out are (rows = batch · seq, heads, head_dim); pos = row % seq.
+// x and out are (rows = batch · seq, heads, head_dim); pos = pos_offset + row % seq (the offset
+// places new tokens after a KV cache during generation).
 
 struct Params {
     rows: u32,
@@ -12,6 +13,7 @@ struct Params {
     head_dim: u32,
     log_theta: f32,  // ln(theta)
     gx: u32,         // workgroups along x
+    pos_offset: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -26,7 +28,7 @@ fn rotate(gid: u32, sign: f32) {
     let rem = gid % per_row;
     let h = rem / half;
     let i = rem % half;
-    let pos = f32(row % p.seq);
+    let pos = f32(p.pos_offset + row % p.seq);
     // Same f32 steps as transformers: inv_freq = theta^(−2i/d), then pos · inv_freq.
     let inv_freq = exp(-p.log_theta * f32(2u * i) / f32(p.head_dim));
     let angle = pos * inv_freq;

@@ -18,13 +18,7 @@ pub struct MatmulShape {
 
 impl MatmulShape {
     pub const fn new(m: usize, k: usize, n: usize) -> Self {
-        MatmulShape {
-            m,
-            k,
-            n,
-            trans_a: false,
-            trans_b: false,
-        }
+        MatmulShape { m, k, n, trans_a: false, trans_b: false }
     }
     /// Parses `MxKxN` with an optional `nn`/`nt`/`tn`/`tt` suffix, e.g. `768x2048x768tn`.
     pub fn parse(text: &str) -> Result<Self, String> {
@@ -39,16 +33,10 @@ impl MatmulShape {
             .collect::<Result<_, _>>()
             .map_err(|e| format!("shape {text:?}: {e}; expected MxKxN such as 2048x768x768"))?;
         match d[..] {
-            [m, k, n] if m > 0 && k > 0 && n > 0 => Ok(MatmulShape {
-                m,
-                k,
-                n,
-                trans_a: op.starts_with('t'),
-                trans_b: op.ends_with('t'),
-            }),
-            _ => Err(format!(
-                "shape {text:?}: expected three positive sizes MxKxN such as 2048x768x768"
-            )),
+            [m, k, n] if m > 0 && k > 0 && n > 0 => {
+                Ok(MatmulShape { m, k, n, trans_a: op.starts_with('t'), trans_b: op.ends_with('t') })
+            }
+            _ => Err(format!("shape {text:?}: expected three positive sizes MxKxN such as 2048x768x768")),
         }
     }
     pub fn op(&self) -> &'static str {
@@ -65,20 +53,8 @@ impl MatmulShape {
 /// tokens, with LoRA's rank-16 shapes, in the three forms a linear layer needs.
 pub const MATMUL_SHAPES: &[MatmulShape] = &[
     MatmulShape::new(2048, 768, 768),
-    MatmulShape {
-        m: 2048,
-        k: 768,
-        n: 768,
-        trans_a: false,
-        trans_b: true,
-    },
-    MatmulShape {
-        m: 768,
-        k: 2048,
-        n: 768,
-        trans_a: true,
-        trans_b: false,
-    },
+    MatmulShape { m: 2048, k: 768, n: 768, trans_a: false, trans_b: true },
+    MatmulShape { m: 768, k: 2048, n: 768, trans_a: true, trans_b: false },
     MatmulShape::new(2048, 768, 3072),
     MatmulShape::new(2048, 768, 16),
     MatmulShape::new(2048, 16, 768),
@@ -125,13 +101,7 @@ pub fn bench_matmul(
     repeats: usize,
     target_s: f64,
 ) -> Result<MatmulResult> {
-    let MatmulShape {
-        m,
-        k,
-        n,
-        trans_a,
-        trans_b,
-    } = shape;
+    let MatmulShape { m, k, n, trans_a, trans_b } = shape;
     let mut rng = Rng::new(42);
     let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
     let (br, bc) = if trans_b { (n, k) } else { (k, n) };
@@ -139,12 +109,7 @@ pub fn bench_matmul(
     let b = ctx.upload_f32("B", &[br, bc], &rng.vec(k * n))?;
     let c = ctx.tensor("C", &[m, n], DType::F32)?;
     let mut step = Step::new();
-    let opts = Matmul {
-        trans_a,
-        trans_b,
-        path,
-        ..Matmul::default()
-    };
+    let opts = Matmul { trans_a, trans_b, path, ..Matmul::default() };
     let used = matmul(ctx, &mut step, &a, &b, &c, opts)?;
 
     // Warm-up (compiles the pipeline, faults in memory) and calibration.
@@ -165,9 +130,5 @@ pub fn bench_matmul(
         let per = t.elapsed().as_secs_f64() / iters as f64;
         gflops.push(flops / per / 1e9);
     }
-    Ok(MatmulResult {
-        shape,
-        path: used,
-        gflops,
-    })
+    Ok(MatmulResult { shape, path: used, gflops })
 }

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use portalora::io::gguf::{Gguf, GgufError, Value};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 #[test]
@@ -20,26 +18,12 @@ fn tensors_match_the_gguf_package() {
     assert_eq!(g.tensors.len(), tensors.len());
     for t in tensors {
         let name = t["name"].as_str().unwrap();
-        let shape: Vec<usize> = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let shape: Vec<usize> = t["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let info = g.tensor(name).unwrap();
         assert_eq!(info.shape, shape, "{name}");
-        assert_eq!(
-            format!("{:?}", info.ty).to_uppercase(),
-            t["type"].as_str().unwrap(),
-            "{name}"
-        );
+        assert_eq!(format!("{:?}", info.ty).to_uppercase(), t["type"].as_str().unwrap(), "{name}");
         let got = g.tensor_f32(name).unwrap();
-        let want: Vec<f32> = t["values"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let want: Vec<f32> = t["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         assert_eq!(got.len(), want.len(), "{name}");
         // Dequantization is a few exact f32 operations: the results must agree bit for bit.
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -68,18 +52,9 @@ fn metadata_of_every_type() {
     assert_eq!(m["test.i16"], Value::I16(-30000));
     assert_eq!(m["test.string"].as_str(), Some("héllo, wörld ✓"));
     let s = |v: &str| Value::String(v.into());
-    assert_eq!(
-        m["test.strings"],
-        Value::Array(vec![s("a"), s(""), s("ünï")])
-    );
-    assert_eq!(
-        m["test.ints"].clone(),
-        Value::Array(vec![Value::I32(1), Value::I32(-2), Value::I32(3)])
-    );
-    assert_eq!(
-        m["test.floats"],
-        Value::Array(vec![Value::F32(0.5), Value::F32(-1.5)])
-    );
+    assert_eq!(m["test.strings"], Value::Array(vec![s("a"), s(""), s("ünï")]));
+    assert_eq!(m["test.ints"].clone(), Value::Array(vec![Value::I32(1), Value::I32(-2), Value::I32(3)]));
+    assert_eq!(m["test.floats"], Value::Array(vec![Value::F32(0.5), Value::F32(-1.5)]));
 }
 
 fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
@@ -95,10 +70,7 @@ fn corrupt_files_get_clear_errors() {
     let good = std::fs::read(fixture("tiny.gguf")).unwrap();
 
     let e = Gguf::open(write_temp("magic.gguf", b"GGML\x03\0\0\0")).unwrap_err();
-    assert!(
-        matches!(e, GgufError::BadMagic { .. }) && e.to_string().contains("magic.gguf"),
-        "{e}"
-    );
+    assert!(matches!(e, GgufError::BadMagic { .. }) && e.to_string().contains("magic.gguf"), "{e}");
 
     let e = Gguf::open(write_temp("empty.gguf", b"")).unwrap_err();
     assert!(matches!(e, GgufError::BadMagic { .. }), "{e}");
@@ -116,31 +88,19 @@ fn corrupt_files_get_clear_errors() {
 
     // Truncated inside the header, and inside the data.
     let e = Gguf::open(write_temp("short-header.gguf", &good[..200])).unwrap_err();
-    assert!(
-        matches!(e, GgufError::Corrupt { .. }) && e.to_string().contains("ends inside"),
-        "{e}"
-    );
+    assert!(matches!(e, GgufError::Corrupt { .. }) && e.to_string().contains("ends inside"), "{e}");
     let e = Gguf::open(write_temp("short-data.gguf", &good[..2300])).unwrap_err();
-    assert!(
-        matches!(e, GgufError::PastEnd { ref name, .. } if name == "vector"),
-        "{e}"
-    );
+    assert!(matches!(e, GgufError::PastEnd { ref name, .. } if name == "vector"), "{e}");
 
     // An unknown tensor type: patch the type field of the first tensor entry (after its name and dims).
     let g = Gguf::open(fixture("tiny.gguf")).unwrap();
     let first = &g.tensors[0];
-    let name_pos = good
-        .windows(first.name.len())
-        .position(|w| w == first.name.as_bytes())
-        .unwrap();
+    let name_pos = good.windows(first.name.len()).position(|w| w == first.name.as_bytes()).unwrap();
     let ty_pos = name_pos + first.name.len() + 4 + 8 * first.shape.len();
     let mut v = good.clone();
     v[ty_pos..ty_pos + 4].copy_from_slice(&12u32.to_le_bytes());
     let e = Gguf::open(write_temp("type.gguf", &v)).unwrap_err();
-    assert!(
-        e.to_string().contains("Q4_K") && e.to_string().contains(&first.name),
-        "{e}"
-    );
+    assert!(e.to_string().contains("Q4_K") && e.to_string().contains(&first.name), "{e}");
 
     let e = g.tensor_f32("no.such.tensor").unwrap_err();
     assert!(e.to_string().contains("no.such.tensor"), "{e}");

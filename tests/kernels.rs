@@ -38,12 +38,8 @@ fn check_matmul(
             vec![r, c]
         }
     };
-    let a = ctx
-        .upload_f32("A", &shape3(batch, ar, ac), &a_data)
-        .unwrap();
-    let b = ctx
-        .upload_f32("B", &shape3(b_batch, br, bc), &b_data)
-        .unwrap();
+    let a = ctx.upload_f32("A", &shape3(batch, ar, ac), &a_data).unwrap();
+    let b = ctx.upload_f32("B", &shape3(b_batch, br, bc), &b_data).unwrap();
     let c = ctx.tensor("C", &shape3(batch, m, n), DType::F32).unwrap();
     if opts.accumulate {
         ctx.write_f32(&c, &c0).unwrap();
@@ -72,11 +68,7 @@ fn check_matmul(
             opts.trans_b,
         );
         for (i, p) in prod.into_iter().enumerate() {
-            let acc = if opts.accumulate {
-                c0[bi * m * n + i] as f64
-            } else {
-                0.0
-            };
+            let acc = if opts.accumulate { c0[bi * m * n + i] as f64 } else { 0.0 };
             want.push(acc + opts.alpha as f64 * p);
         }
     }
@@ -93,12 +85,7 @@ const OPS: [(bool, bool); 4] = [(false, false), (false, true), (true, false), (t
 fn sweep(ctx: &Context, path: MatmulPath, subgroup_size: Option<u32>) {
     let mut rng = Rng::new(7);
     for (trans_a, trans_b) in OPS {
-        let opts = Matmul {
-            trans_a,
-            trans_b,
-            path,
-            ..Matmul::default()
-        };
+        let opts = Matmul { trans_a, trans_b, path, ..Matmul::default() };
         for &m in &AWKWARD {
             for &k in &AWKWARD {
                 for &n in &AWKWARD {
@@ -107,21 +94,11 @@ fn sweep(ctx: &Context, path: MatmulPath, subgroup_size: Option<u32>) {
             }
         }
         // Multiples of 4 (the subgroup kernel's vec4 variant) and several tiles in each direction.
-        for &(m, k, n) in &[
-            (64, 32, 128),
-            (132, 68, 36),
-            (100, 4, 260),
-            (4, 516, 8),
-            (65, 64, 200),
-        ] {
+        for &(m, k, n) in &[(64, 32, 128), (132, 68, 36), (100, 4, 260), (4, 516, 8), (65, 64, 200)] {
             check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size);
         }
         // alpha and accumulate, batched with and without a shared B.
-        let acc = Matmul {
-            alpha: -0.75,
-            accumulate: true,
-            ..opts
-        };
+        let acc = Matmul { alpha: -0.75, accumulate: true, ..opts };
         check_matmul(ctx, &mut rng, 1, false, 33, 7, 129, acc, subgroup_size);
         check_matmul(ctx, &mut rng, 1, false, 36, 16, 64, acc, subgroup_size);
         check_matmul(ctx, &mut rng, 3, false, 33, 7, 129, opts, subgroup_size);
@@ -145,20 +122,9 @@ fn matmul_subgroup_matches_reference() {
         let t = ctx.tensor("t", &[4, 4], DType::F32).unwrap();
         let u = ctx.tensor("u", &[4, 4], DType::F32).unwrap();
         let v = ctx.tensor("v", &[4, 4], DType::F32).unwrap();
-        let e = matmul(
-            &ctx,
-            &mut step,
-            &t,
-            &u,
-            &v,
-            Matmul::nn().path(MatmulPath::Subgroup),
-        )
-        .unwrap_err();
+        let e = matmul(&ctx, &mut step, &t, &u, &v, Matmul::nn().path(MatmulPath::Subgroup)).unwrap_err();
         assert!(matches!(e, GpuError::MissingFeature { .. }), "{e}");
-        eprintln!(
-            "adapter {} has no subgroups; only the portable path runs here",
-            ctx.info().name
-        );
+        eprintln!("adapter {} has no subgroups; only the portable path runs here", ctx.info().name);
         return;
     }
     sweep(&ctx, MatmulPath::Subgroup, None);
@@ -177,11 +143,7 @@ fn matmul_subgroup_sizes_match_reference() {
     let mut s = 4;
     while s <= sg.min(128) {
         for (trans_a, trans_b) in OPS {
-            let opts = Matmul {
-                trans_a,
-                trans_b,
-                ..Matmul::default()
-            };
+            let opts = Matmul { trans_a, trans_b, ..Matmul::default() };
             for &(m, k, n) in &[(33, 7, 129), (129, 33, 7), (64, 36, 132), (1, 1, 1)] {
                 check_matmul(&ctx, &mut rng, 1, false, m, k, n, opts, Some(s));
             }
@@ -197,11 +159,7 @@ fn matmul_auto_picks_subgroups_when_available() {
     let b = ctx.tensor("b", &[8, 8], DType::F32).unwrap();
     let c = ctx.tensor("c", &[8, 8], DType::F32).unwrap();
     let path = matmul(&ctx, &mut Step::new(), &a, &b, &c, Matmul::nn()).unwrap();
-    let want = if ctx.features().subgroups {
-        MatmulPath::Subgroup
-    } else {
-        MatmulPath::Portable
-    };
+    let want = if ctx.features().subgroups { MatmulPath::Subgroup } else { MatmulPath::Portable };
     assert_eq!(path, want);
 }
 
@@ -213,10 +171,7 @@ fn matmul_rejects_bad_shapes() {
     let c = ctx.tensor("y", &[7, 6], DType::F32).unwrap();
     let e = matmul(&ctx, &mut Step::new(), &a, &b, &c, Matmul::nn()).unwrap_err();
     let msg = e.to_string();
-    assert!(
-        msg.contains("\"w\"") && msg.contains("[33, 5]") && msg.contains("[7, 6]"),
-        "{msg}"
-    );
+    assert!(msg.contains("\"w\"") && msg.contains("[33, 5]") && msg.contains("[7, 6]"), "{msg}");
     // Output aliasing an input.
     let sq = ctx.tensor("sq", &[4, 4], DType::F32).unwrap();
     let e = matmul(&ctx, &mut Step::new(), &sq, &sq.clone(), &sq, Matmul::nn()).unwrap_err();
@@ -227,34 +182,16 @@ fn matmul_rejects_bad_shapes() {
 fn reduce_matches_reference() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(3);
-    let shapes: &[&[usize]] = &[
-        &[1],
-        &[7],
-        &[129],
-        &[7, 33],
-        &[33, 7],
-        &[1, 129, 7],
-        &[7, 1, 33],
-        &[3, 5000],
-        &[5000, 3],
-        &[2, 300, 5],
-    ];
+    let shapes: &[&[usize]] =
+        &[&[1], &[7], &[129], &[7, 33], &[33, 7], &[1, 129, 7], &[7, 1, 33], &[3, 5000], &[5000, 3], &[2, 300, 5]];
     for &shape in shapes {
         for dim in 0..shape.len() {
             for mean in [false, true] {
                 let data = rng.vec(shape.iter().product());
                 let x = ctx.upload_f32("x", shape, &data).unwrap();
-                let out_shape: Vec<usize> = shape
-                    .iter()
-                    .enumerate()
-                    .filter(|&(i, _)| i != dim)
-                    .map(|(_, &s)| s)
-                    .collect();
-                let out_shape = if out_shape.is_empty() {
-                    vec![1]
-                } else {
-                    out_shape
-                };
+                let out_shape: Vec<usize> =
+                    shape.iter().enumerate().filter(|&(i, _)| i != dim).map(|(_, &s)| s).collect();
+                let out_shape = if out_shape.is_empty() { vec![1] } else { out_shape };
                 let out = ctx.tensor("out", &out_shape, DType::F32).unwrap();
                 ctx.fill_f32(&out, f32::NAN).unwrap();
                 let mut step = Step::new();
@@ -265,10 +202,7 @@ fn reduce_matches_reference() {
                 let inner: usize = shape[dim + 1..].iter().product();
                 let want = reference::reduce(&data, outer, shape[dim], inner, mean);
                 let err = max_rel_error(&got, &want);
-                assert!(
-                    err <= TOL,
-                    "reduce {shape:?} dim={dim} mean={mean}: relative error {err:e}"
-                );
+                assert!(err <= TOL, "reduce {shape:?} dim={dim} mean={mean}: relative error {err:e}");
             }
         }
     }
@@ -293,13 +227,7 @@ fn reduce_is_deterministic_and_handles_huge_grids() {
         ctx.fill_f32(&out, f32::NAN).unwrap();
         ctx.run(&step).unwrap();
         let second = ctx.read_f32(&out).unwrap();
-        assert!(
-            first
-                .iter()
-                .zip(&second)
-                .all(|(a, b)| a.to_bits() == b.to_bits()),
-            "reduce is not bit-reproducible"
-        );
+        assert!(first.iter().zip(&second).all(|(a, b)| a.to_bits() == b.to_bits()), "reduce is not bit-reproducible");
     }
 }
 
@@ -365,56 +293,25 @@ static BROKEN: KernelSource = KernelSource {
 fn device_errors_become_rust_errors() {
     let Some(ctx) = common::context() else { return };
     // A shader that does not compile.
-    let e = ctx
-        .record(
-            &mut Step::new(),
-            &KernelSpec::new(&BROKEN, "main"),
-            &[],
-            [1, 1, 1],
-        )
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            GpuError::Kernel {
-                file: "broken.wgsl",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    let e = ctx.record(&mut Step::new(), &KernelSpec::new(&BROKEN, "main"), &[], [1, 1, 1]).unwrap_err();
+    assert!(matches!(e, GpuError::Kernel { file: "broken.wgsl", .. }), "{e}");
     // Bindings that do not match the shader: a wgpu validation error.
     let x = ctx.tensor("x", &[4], DType::F32).unwrap();
     let spec = KernelSpec::new(&portalora::gpu::kernel_sources::ELEMENTWISE, "add_forward");
-    let e = ctx
-        .record(&mut Step::new(), &spec, &[Arg::Read(&x)], [1, 1, 1])
-        .unwrap_err();
-    assert!(
-        matches!(e, GpuError::Kernel { .. } | GpuError::Validation { .. }),
-        "{e}"
-    );
+    let e = ctx.record(&mut Step::new(), &spec, &[Arg::Read(&x)], [1, 1, 1]).unwrap_err();
+    assert!(matches!(e, GpuError::Kernel { .. } | GpuError::Validation { .. }), "{e}");
     // An entry point that does not exist.
-    let spec = KernelSpec::new(
-        &portalora::gpu::kernel_sources::ELEMENTWISE,
-        "no_such_entry",
-    );
+    let spec = KernelSpec::new(&portalora::gpu::kernel_sources::ELEMENTWISE, "no_such_entry");
     let e = ctx.record(
         &mut Step::new(),
         &spec,
-        &[
-            Arg::Uniform(vec![0; 16]),
-            Arg::Read(&x),
-            Arg::Read(&x),
-            Arg::Write(&x),
-        ],
+        &[Arg::Uniform(vec![0; 16]), Arg::Read(&x), Arg::Read(&x), Arg::Write(&x)],
         [1, 1, 1],
     );
     assert!(e.is_err());
     // A grid over the per-dimension limit.
     let spec = KernelSpec::new(&portalora::gpu::kernel_sources::ELEMENTWISE, "add_forward");
-    let e = ctx
-        .record(&mut Step::new(), &spec, &[], [70_000, 1, 1])
-        .unwrap_err();
+    let e = ctx.record(&mut Step::new(), &spec, &[], [70_000, 1, 1]).unwrap_err();
     assert!(matches!(e, GpuError::DispatchTooLarge { .. }), "{e}");
     // The context still works afterwards.
     let y = ctx.upload_f32("y", &[4], &[1., 2., 3., 4.]).unwrap();
@@ -450,31 +347,17 @@ fn step_replays_with_new_inputs() {
 fn adapter_selection_errors_are_clear() {
     use portalora::gpu::ContextOptions;
     let Some(ctx) = common::context() else { return };
-    let opts = ContextOptions {
-        adapter_name: Some("no-such-gpu-xyz".into()),
-        ..ContextOptions::default()
-    };
-    let e = pollster::block_on(Context::with_options(opts))
-        .err()
-        .expect("a name matching nothing must fail");
+    let opts = ContextOptions { adapter_name: Some("no-such-gpu-xyz".into()), ..ContextOptions::default() };
+    let e = pollster::block_on(Context::with_options(opts)).err().expect("a name matching nothing must fail");
     let msg = e.to_string();
-    assert!(
-        msg.contains("no-such-gpu-xyz") && msg.contains(&format!("{:?}", ctx.info().name)),
-        "{msg}"
-    );
+    assert!(msg.contains("no-such-gpu-xyz") && msg.contains(&format!("{:?}", ctx.info().name)), "{msg}");
     // A substring of the real adapter's name selects it.
     let part: String = ctx.info().name.chars().take(4).collect();
-    let opts = ContextOptions {
-        adapter_name: Some(part.to_uppercase()),
-        ..ContextOptions::default()
-    };
+    let opts = ContextOptions { adapter_name: Some(part.to_uppercase()), ..ContextOptions::default() };
     let again = pollster::block_on(Context::with_options(opts)).unwrap();
     assert_eq!(again.info().name, ctx.info().name);
     // Forcing the portable kernels.
-    let opts = ContextOptions {
-        disable_subgroups: true,
-        ..ContextOptions::default()
-    };
+    let opts = ContextOptions { disable_subgroups: true, ..ContextOptions::default() };
     let plain = pollster::block_on(Context::with_options(opts)).unwrap();
     assert!(!plain.features().subgroups && plain.subgroup_size().is_none());
 }
@@ -484,18 +367,11 @@ fn adapter_selection_errors_are_clear() {
 fn missing_backend_says_what_to_install() {
     use portalora::gpu::ContextOptions;
     // Linux has no Metal: asking only for it finds no adapter, and the error says what to do.
-    let opts = ContextOptions {
-        backends: Some("metal".into()),
-        ..ContextOptions::default()
-    };
-    let e = pollster::block_on(Context::with_options(opts))
-        .err()
-        .expect("no Metal adapter on Linux");
+    let opts = ContextOptions { backends: Some("metal".into()), ..ContextOptions::default() };
+    let e = pollster::block_on(Context::with_options(opts)).err().expect("no Metal adapter on Linux");
     let msg = e.to_string();
     assert!(
-        msg.contains("no GPU adapter")
-            && msg.contains("mesa-vulkan-drivers")
-            && msg.contains("WGPU_BACKEND=metal"),
+        msg.contains("no GPU adapter") && msg.contains("mesa-vulkan-drivers") && msg.contains("WGPU_BACKEND=metal"),
         "{msg}"
     );
 }

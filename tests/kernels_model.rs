@@ -8,7 +8,7 @@ use portalora::ops::act::swiglu_forward;
 use portalora::ops::attention::{attention_forward, AttentionShape};
 use portalora::ops::embed::embed_forward;
 use portalora::ops::norm::rmsnorm_forward;
-use portalora::ops::rope::{rope_backward, rope_forward};
+use portalora::ops::rope::{rope_backward, rope_forward, RopeShape};
 use portalora::ops::xent::{xent_forward, IGNORE};
 use portalora::reference::{self, max_rel_error, Rng};
 
@@ -38,25 +38,13 @@ fn rmsnorm_matches_reference() {
         let x = rng.vec(rows * dim);
         let w = rng.vec(dim);
         let (want, want_r) = reference::rmsnorm_forward(&x, &w, 1e-5);
-        let (xt, wt) = (
-            ctx.upload_f32("x", &[rows, dim], &x).unwrap(),
-            ctx.upload_f32("w", &[dim], &w).unwrap(),
-        );
-        let (out, rstd) = (
-            poisoned(&ctx, "out", &[rows, dim]),
-            poisoned(&ctx, "rstd", &[rows]),
-        );
+        let (xt, wt) = (ctx.upload_f32("x", &[rows, dim], &x).unwrap(), ctx.upload_f32("w", &[dim], &w).unwrap());
+        let (out, rstd) = (poisoned(&ctx, "out", &[rows, dim]), poisoned(&ctx, "rstd", &[rows]));
         let mut step = Step::new();
         rmsnorm_forward(&ctx, &mut step, &xt, &wt, 1e-5, &out, &rstd).unwrap();
         run(&ctx, step);
         assert_close(&ctx, &format!("rmsnorm out {rows}x{dim}"), &out, &want, TOL);
-        assert_close(
-            &ctx,
-            &format!("rmsnorm rstd {rows}x{dim}"),
-            &rstd,
-            &want_r,
-            TOL,
-        );
+        assert_close(&ctx, &format!("rmsnorm rstd {rows}x{dim}"), &rstd, &want_r, TOL);
     }
 }
 
@@ -64,20 +52,18 @@ fn rmsnorm_matches_reference() {
 fn rope_matches_reference_and_backward_inverts_it() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(2);
-    for (batch, seq, heads, hd, theta) in [
-        (1, 1, 1, 2, 10000.0),
-        (2, 7, 3, 6, 10000.0),
-        (3, 33, 5, 64, 100000.0),
-        (1, 129, 1, 8, 500.0),
-    ] {
+    for (batch, seq, heads, hd, theta) in
+        [(1, 1, 1, 2, 10000.0), (2, 7, 3, 6, 10000.0), (3, 33, 5, 64, 100000.0), (1, 129, 1, 8, 500.0)]
+    {
         let n = batch * seq * heads * hd;
         let x = rng.vec(n);
         let xt = ctx.upload_f32("x", &[batch * seq, heads, hd], &x).unwrap();
         let out = poisoned(&ctx, "out", &[batch * seq, heads, hd]);
         let back = poisoned(&ctx, "back", &[batch * seq, heads, hd]);
         let mut step = Step::new();
-        rope_forward(&ctx, &mut step, &xt, seq, heads, hd, theta, &out).unwrap();
-        rope_backward(&ctx, &mut step, &out, seq, heads, hd, theta, &back).unwrap();
+        let shape = RopeShape { seq, heads, head_dim: hd, theta, pos_offset: 0 };
+        rope_forward(&ctx, &mut step, shape, &xt, &out).unwrap();
+        rope_backward(&ctx, &mut step, shape, &out, &back).unwrap();
         run(&ctx, step);
         // Angles up to 129 rad in f32 lose ~1e-5 of absolute precision, as in transformers.
         assert_close(
@@ -97,25 +83,14 @@ fn rope_matches_reference_and_backward_inverts_it() {
 fn attention_matches_reference() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(3);
-    for (batch, seq, heads, kv_heads, d) in [
-        (1, 1, 1, 1, 1),
-        (2, 7, 5, 1, 6),
-        (1, 33, 9, 3, 64),
-        (3, 9, 4, 2, 7),
-        (1, 129, 2, 2, 16),
-    ] {
+    for (batch, seq, heads, kv_heads, d) in
+        [(1, 1, 1, 1, 1), (2, 7, 5, 1, 6), (1, 33, 9, 3, 64), (3, 9, 4, 2, 7), (1, 129, 2, 2, 16)]
+    {
         let q = rng.vec(batch * seq * heads * d);
         let k = rng.vec(batch * seq * kv_heads * d);
         let v = rng.vec(batch * seq * kv_heads * d);
-        let (want, want_lse) =
-            reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
-        let s = AttentionShape {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            head_dim: d,
-        };
+        let (want, want_lse) = reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
+        let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
         let qt = ctx.upload_f32("q", &[batch, seq, heads, d], &q).unwrap();
         let kt = ctx.upload_f32("k", &[batch, seq, kv_heads, d], &k).unwrap();
         let vt = ctx.upload_f32("v", &[batch, seq, kv_heads, d], &v).unwrap();
@@ -129,46 +104,76 @@ fn attention_matches_reference() {
     }
 }
 
+/// Generation appends queries after a KV cache: rows q_offset.. of full causal attention.
+#[test]
+fn attention_after_a_kv_cache_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(31);
+    for (q_offset, seq, heads, kv_heads, d) in [(0, 1, 1, 1, 4), (6, 1, 5, 1, 6), (5, 3, 9, 3, 64), (32, 1, 4, 2, 8)] {
+        let kv_seq = q_offset + seq;
+        let q_full = rng.vec(kv_seq * heads * d);
+        let k = rng.vec(kv_seq * kv_heads * d);
+        let v = rng.vec(kv_seq * kv_heads * d);
+        let (full, full_lse) = reference::attention_forward(&q_full, &k, &v, 1, kv_seq, heads, kv_heads, d);
+        let want = &full[q_offset * heads * d..];
+        let want_lse: Vec<f64> =
+            (0..heads).flat_map(|h| full_lse[h * kv_seq + q_offset..(h + 1) * kv_seq].to_vec()).collect();
+        let s = AttentionShape { batch: 1, seq, heads, kv_heads, head_dim: d, q_offset };
+        let qt = ctx.upload_f32("q", &[1, seq, heads, d], &q_full[q_offset * heads * d..]).unwrap();
+        let kt = ctx.upload_f32("k", &[1, kv_seq, kv_heads, d], &k).unwrap();
+        let vt = ctx.upload_f32("v", &[1, kv_seq, kv_heads, d], &v).unwrap();
+        let out = poisoned(&ctx, "out", &[1, seq, heads, d]);
+        let lse = poisoned(&ctx, "lse", &[1, heads, seq]);
+        let mut step = Step::new();
+        attention_forward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse).unwrap();
+        run(&ctx, step);
+        assert_close(&ctx, &format!("cached attention {s:?}"), &out, want, TOL);
+        assert_close(&ctx, &format!("cached attention lse {s:?}"), &lse, &want_lse, TOL);
+    }
+}
+
+#[test]
+fn copy_appends_rows_at_an_offset() {
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(32);
+    let cache = ctx.upload_f32("cache", &[10, 6], &[0.5; 60]).unwrap();
+    let rows = rng.vec(18);
+    let x = ctx.upload_f32("x", &[3, 6], &rows).unwrap();
+    let mut step = Step::new();
+    portalora::ops::elementwise::copy_forward(&ctx, &mut step, &x, &cache, 7 * 6 - 6).unwrap();
+    run(&ctx, step);
+    let mut want = vec![0.5f64; 60];
+    for (i, &v) in rows.iter().enumerate() {
+        want[36 + i] = v as f64;
+    }
+    assert_close(&ctx, "copy into cache", &cache, &want, 0.0);
+    let e = portalora::ops::elementwise::copy_forward(&ctx, &mut Step::new(), &x, &cache, 50).unwrap_err();
+    assert!(e.to_string().contains("offset 50") && e.to_string().contains("\"cache\""), "{e}");
+}
+
 #[test]
 fn swiglu_and_embed_match_reference() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(4);
     for n in [1, 7, 33, 129, 70_001] {
         let (g, u) = (rng.vec(n), rng.vec(n));
-        let (gt, ut) = (
-            ctx.upload_f32("g", &[n], &g).unwrap(),
-            ctx.upload_f32("u", &[n], &u).unwrap(),
-        );
+        let (gt, ut) = (ctx.upload_f32("g", &[n], &g).unwrap(), ctx.upload_f32("u", &[n], &u).unwrap());
         let out = poisoned(&ctx, "out", &[n]);
         let mut step = Step::new();
         swiglu_forward(&ctx, &mut step, &gt, &ut, &out).unwrap();
         run(&ctx, step);
-        assert_close(
-            &ctx,
-            &format!("swiglu n={n}"),
-            &out,
-            &reference::swiglu_forward(&g, &u),
-            TOL,
-        );
+        assert_close(&ctx, &format!("swiglu n={n}"), &out, &reference::swiglu_forward(&g, &u), TOL);
     }
     for (vocab, dim, tokens) in [(1, 1, 1), (61, 30, 7), (129, 33, 129)] {
         let table = rng.vec(vocab * dim);
-        let ids: Vec<u32> = (0..tokens)
-            .map(|_| (rng.next_u64() % vocab as u64) as u32)
-            .collect();
+        let ids: Vec<u32> = (0..tokens).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
         let tt = ctx.upload_f32("table", &[vocab, dim], &table).unwrap();
         let it = ctx.upload_u32("ids", &[tokens], &ids).unwrap();
         let out = poisoned(&ctx, "out", &[tokens, dim]);
         let mut step = Step::new();
         embed_forward(&ctx, &mut step, &it, &tt, &out).unwrap();
         run(&ctx, step);
-        assert_close(
-            &ctx,
-            &format!("embed {vocab}x{dim}"),
-            &out,
-            &reference::embed_forward(&ids, &table, dim),
-            0.0,
-        );
+        assert_close(&ctx, &format!("embed {vocab}x{dim}"), &out, &reference::embed_forward(&ids, &table, dim), 0.0);
     }
 }
 
@@ -178,43 +183,17 @@ fn xent_matches_reference() {
     let mut rng = Rng::new(5);
     for (rows, vocab) in [(1, 1), (7, 33), (33, 7), (5, 49152), (129, 61)] {
         // Spread logits so that the max-subtraction matters.
-        let logits: Vec<f32> = rng
-            .vec(rows * vocab)
-            .into_iter()
-            .map(|v| v * 30.0)
-            .collect();
-        let targets: Vec<u32> = (0..rows)
-            .map(|r| {
-                if r % 3 == 2 {
-                    IGNORE
-                } else {
-                    (rng.next_u64() % vocab as u64) as u32
-                }
-            })
-            .collect();
+        let logits: Vec<f32> = rng.vec(rows * vocab).into_iter().map(|v| v * 30.0).collect();
+        let targets: Vec<u32> =
+            (0..rows).map(|r| if r % 3 == 2 { IGNORE } else { (rng.next_u64() % vocab as u64) as u32 }).collect();
         let (want_loss, want_lse) = reference::xent_forward(&logits, &targets);
         let lt = ctx.upload_f32("logits", &[rows, vocab], &logits).unwrap();
         let tt = ctx.upload_u32("targets", &[rows], &targets).unwrap();
-        let (loss, lse) = (
-            poisoned(&ctx, "loss", &[rows]),
-            poisoned(&ctx, "lse", &[rows]),
-        );
+        let (loss, lse) = (poisoned(&ctx, "loss", &[rows]), poisoned(&ctx, "lse", &[rows]));
         let mut step = Step::new();
         xent_forward(&ctx, &mut step, &lt, &tt, &loss, &lse).unwrap();
         run(&ctx, step);
-        assert_close(
-            &ctx,
-            &format!("xent loss {rows}x{vocab}"),
-            &loss,
-            &want_loss,
-            TOL,
-        );
-        assert_close(
-            &ctx,
-            &format!("xent lse {rows}x{vocab}"),
-            &lse,
-            &want_lse,
-            TOL,
-        );
+        assert_close(&ctx, &format!("xent loss {rows}x{vocab}"), &loss, &want_loss, TOL);
+        assert_close(&ctx, &format!("xent lse {rows}x{vocab}"), &lse, &want_lse, TOL);
     }
 }

@@ -9,9 +9,7 @@ use portalora::model::load_model;
 use portalora::reference::{self, Rng};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -27,13 +25,7 @@ fn tiny_llama_forward_matches_reference_and_transformers() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
         .collect();
     let (b, t) = (ids.len(), ids[0].len());
     let model = GpuModel::new(&ctx, &w, b, t).unwrap();
@@ -42,22 +34,11 @@ fn tiny_llama_forward_matches_reference_and_transformers() {
     assert_eq!(n, b * (t - 1));
     let want = e["loss"].as_f64().unwrap();
     let got = sum / n as f64;
-    assert!(
-        (got - want).abs() <= 1e-4 * want,
-        "GPU loss {got} vs transformers {want}"
-    );
+    assert!((got - want).abs() <= 1e-4 * want, "GPU loss {got} vs transformers {want}");
     let (ref_loss, _) = reference::model::loss(&w, &ids).unwrap();
-    assert!(
-        (got - ref_loss).abs() <= 1e-5 * ref_loss,
-        "GPU loss {got} vs reference {ref_loss}"
-    );
+    assert!((got - ref_loss).abs() <= 1e-5 * ref_loss, "GPU loss {got} vs reference {ref_loss}");
     let logits = model.last_logits(&ctx).unwrap();
-    let want_logits: Vec<f64> = reference::model::forward(&w, &ids)
-        .unwrap()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .collect();
+    let want_logits: Vec<f64> = reference::model::forward(&w, &ids).unwrap().into_iter().flatten().flatten().collect();
     let err = reference::max_rel_error(&logits, &want_logits);
     assert!(err <= 1e-5, "logits relative error {err:e}");
 }
@@ -68,21 +49,13 @@ fn chunked_lm_head_gives_the_same_loss() {
     let w = load_model(fixture("tiny_llama")).unwrap();
     let mut rng = Rng::new(9);
     let (b, t) = (3, 50); // 150 rows: chunks of 64, 64 and 22
-    let ids: Vec<Vec<u32>> = (0..b)
-        .map(|_| (0..t).map(|_| (rng.next_u64() % 61) as u32).collect())
-        .collect();
-    let whole = GpuModel::new(&ctx, &w, b, t)
-        .unwrap()
-        .loss_sum(&ctx, &ids)
-        .unwrap();
+    let ids: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| (rng.next_u64() % 61) as u32).collect()).collect();
+    let whole = GpuModel::new(&ctx, &w, b, t).unwrap().loss_sum(&ctx, &ids).unwrap();
     let chunked = GpuModel::with_logit_chunk(&ctx, &w, b, t, Some(64)).unwrap();
     assert_eq!(chunked.acts.chunk_rows, 64);
     let parts = chunked.loss_sum(&ctx, &ids).unwrap();
     assert_eq!(whole.1, parts.1);
-    assert!(
-        (whole.0 - parts.0).abs() <= 1e-5 * whole.0,
-        "{whole:?} vs {parts:?}"
-    );
+    assert!((whole.0 - parts.0).abs() <= 1e-5 * whole.0, "{whole:?} vs {parts:?}");
     let (ref_loss, _) = reference::model::loss(&w, &ids).unwrap();
     assert!((parts.0 / parts.1 as f64 - ref_loss).abs() <= 1e-5 * ref_loss);
 }
@@ -92,34 +65,13 @@ fn bad_ids_are_refused_with_their_position() {
     let Some(ctx) = common::context() else { return };
     let w = load_model(fixture("tiny_llama")).unwrap();
     let model = GpuModel::new(&ctx, &w, 2, 4).unwrap();
-    let e = model
-        .loss_sum(&ctx, &[vec![1, 2, 3, 4], vec![5, 61, 0, 0]])
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            GpuModelError::BadId {
-                id: 61,
-                row: 1,
-                pos: 1,
-                vocab: 61
-            }
-        ),
-        "{e}"
-    );
+    let e = model.loss_sum(&ctx, &[vec![1, 2, 3, 4], vec![5, 61, 0, 0]]).unwrap_err();
+    assert!(matches!(e, GpuModelError::BadId { id: 61, row: 1, pos: 1, vocab: 61 }), "{e}");
     let e = model.loss_sum(&ctx, &[vec![1, 2, 3]]).unwrap_err();
-    assert!(
-        e.to_string().contains("4 tokens") && e.to_string().contains("has 3"),
-        "{e}"
-    );
-    let e = model
-        .loss_sum(&ctx, &[vec![1; 4], vec![1; 4], vec![1; 4]])
-        .unwrap_err();
+    assert!(e.to_string().contains("4 tokens") && e.to_string().contains("has 3"), "{e}");
+    let e = model.loss_sum(&ctx, &[vec![1; 4], vec![1; 4], vec![1; 4]]).unwrap_err();
     assert!(matches!(e, GpuModelError::BatchSize { .. }), "{e}");
-    assert!(matches!(
-        GpuModel::new(&ctx, &w, 1, 65).unwrap_err(),
-        GpuModelError::TooLong { .. }
-    ));
+    assert!(matches!(GpuModel::new(&ctx, &w, 1, 65).unwrap_err(), GpuModelError::TooLong { .. }));
 }
 
 #[test]
@@ -127,9 +79,7 @@ fn smollm2_gguf_loss_on_the_gpu_matches_transformers() {
     let Some(ctx) = common::context() else { return };
     let cache = std::env::var_os("PORTALORA_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
     let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.exists() {
         assert!(
@@ -137,42 +87,89 @@ fn smollm2_gguf_loss_on_the_gpu_matches_transformers() {
             "{} missing: run scripts/fetch-assets",
             path.display()
         );
-        eprintln!(
-            "SKIPPED: {} missing (run scripts/fetch-assets)",
-            path.display()
-        );
+        eprintln!("SKIPPED: {} missing (run scripts/fetch-assets)", path.display());
         return;
     }
     let w = load_model(&path).unwrap();
     let e = json(&fixture("smollm2_expected.json"));
-    let prompt: Vec<u32> = e["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt: Vec<u32> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let model = GpuModel::new(&ctx, &w, 1, prompt.len()).unwrap();
     let (sum, n) = model.loss_sum(&ctx, std::slice::from_ref(&prompt)).unwrap();
     let want = e["loss"].as_f64().unwrap();
-    assert!(
-        (sum / n as f64 - want).abs() <= 1e-4 * want,
-        "GPU loss {} vs transformers {want}",
-        sum / n as f64
-    );
+    assert!((sum / n as f64 - want).abs() <= 1e-4 * want, "GPU loss {} vs transformers {want}", sum / n as f64);
     // The last position's top logit is the first token of transformers' greedy continuation.
     let logits = model.last_logits(&ctx).unwrap();
     let vocab = w.config.vocab_size;
     let last = &logits[(prompt.len() - 1) * vocab..];
-    let argmax = last
-        .iter()
-        .enumerate()
-        .fold(
-            (0, f32::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0;
-    assert_eq!(
-        argmax as u64,
-        e["greedy_continuation_ids"][0].as_u64().unwrap()
-    );
+    let argmax = last.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    assert_eq!(argmax as u64, e["greedy_continuation_ids"][0].as_u64().unwrap());
+}
+
+#[test]
+fn generator_with_kv_cache_matches_the_full_forward() {
+    use portalora::model::generate::Generator;
+    use portalora::model::gpu::ParameterTensors;
+    let Some(ctx) = common::context() else { return };
+    let w = load_model(fixture("tiny_llama")).unwrap();
+    let mut rng = Rng::new(17);
+    let ids: Vec<u32> = (0..13).map(|_| (rng.next_u64() % 61) as u32).collect();
+    let want = reference::model::forward(&w, std::slice::from_ref(&ids)).unwrap().remove(0);
+    let params = ParameterTensors::upload(&ctx, &w).unwrap();
+    let mut gen = Generator::new(&ctx, &w.config, &params, 16).unwrap();
+    // A prefill of 5 tokens, then one token at a time.
+    let got = gen.feed(&ctx, &ids[..5]).unwrap();
+    assert!(reference::max_rel_error(&got, &want[4]) <= 1e-5, "prefill logits");
+    for (t, &id) in ids.iter().enumerate().skip(5) {
+        let got = gen.feed(&ctx, &[id]).unwrap();
+        let err = reference::max_rel_error(&got, &want[t]);
+        assert!(err <= 1e-5, "position {t}: relative error {err:e}");
+    }
+    let e = gen.feed(&ctx, &[1, 2, 3, 4]).unwrap_err();
+    assert!(matches!(e, GpuModelError::TooLong { seq: 17, max: 16 }), "{e}");
+}
+
+#[test]
+fn sampling_rules() {
+    use portalora::model::generate::{sample, Sampling};
+    let logits = [0.5f32, 3.0, -1.0, 2.9, 0.0];
+    let mut rng = Rng::new(1);
+    assert_eq!(sample(&logits, Sampling::default(), &mut rng), 1);
+    let top1 = Sampling { temperature: 5.0, top_k: 1, ..Sampling::default() };
+    assert!((0..50).all(|_| sample(&logits, top1, &mut rng) == 1));
+    let nucleus = Sampling { temperature: 1.0, top_p: 0.3, ..Sampling::default() };
+    assert!((0..50).all(|_| sample(&logits, nucleus, &mut rng) == 1));
+    let free = Sampling { temperature: 1.0, seed: 7, ..Sampling::default() };
+    let draw = |seed| {
+        let mut r = Rng::new(seed);
+        (0..200).map(|_| sample(&logits, free, &mut r)).collect::<Vec<_>>()
+    };
+    assert_eq!(draw(7), draw(7), "same seed, same tokens");
+    let d = draw(7);
+    let count = |t| d.iter().filter(|&&x| x == t).count() as f64 / d.len() as f64;
+    // softmax: p(1) ≈ 0.47, p(3) ≈ 0.43, p(2) ≈ 0.01
+    assert!(count(1) > 0.3 && count(3) > 0.3 && count(2) < 0.05, "{d:?}");
+}
+
+#[test]
+fn smollm2_greedy_generation_matches_transformers() {
+    use portalora::model::generate::{Generator, Sampling};
+    use portalora::model::gpu::ParameterTensors;
+    let Some(ctx) = common::context() else { return };
+    let cache = std::env::var_os("PORTALORA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
+    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        assert!(std::env::var("PORTALORA_REQUIRE_ASSETS").map_or(true, |v| v != "1"), "{} missing", path.display());
+        return;
+    }
+    let w = load_model(&path).unwrap();
+    let e = json(&fixture("smollm2_expected.json"));
+    let prompt: Vec<u32> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> =
+        e["greedy_continuation_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let params = ParameterTensors::upload(&ctx, &w).unwrap();
+    let mut gen = Generator::new(&ctx, &w.config, &params, prompt.len() + want.len()).unwrap();
+    let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), None, |_| {}).unwrap();
+    assert_eq!(got, want, "transformers continues with {:?}", e["greedy_continuation"]);
 }

@@ -8,9 +8,7 @@ use portalora::model::{load_model, ModelError};
 use portalora::reference::model::{forward, loss};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -21,13 +19,7 @@ fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        })
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
         .collect()
 }
 
@@ -43,31 +35,14 @@ fn check_tiny(name: &str) {
     let (l, n) = loss(&w, &ids).unwrap();
     assert_eq!(n, ids.len() * (ids[0].len() - 1));
     let want = e["loss"].as_f64().unwrap();
-    assert!(
-        rel_err(l, want) <= 1e-4,
-        "{name}: loss {l} vs transformers {want}"
-    );
+    assert!(rel_err(l, want) <= 1e-4, "{name}: loss {l} vs transformers {want}");
     let logits = forward(&w, &ids).unwrap();
     for row in e["logits_rows"].as_array().unwrap() {
-        let (b, t) = (
-            row["batch"].as_u64().unwrap() as usize,
-            row["pos"].as_u64().unwrap() as usize,
-        );
-        let want: Vec<f64> = row["values"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let (b, t) = (row["batch"].as_u64().unwrap() as usize, row["pos"].as_u64().unwrap() as usize);
+        let want: Vec<f64> = row["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-        let err = logits[b][t]
-            .iter()
-            .zip(&want)
-            .fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
-        assert!(
-            err <= 1e-4,
-            "{name}: logits[{b}][{t}] relative error {err:e}"
-        );
+        let err = logits[b][t].iter().zip(&want).fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
+        assert!(err <= 1e-4, "{name}: logits[{b}][{t}] relative error {err:e}");
     }
 }
 
@@ -94,10 +69,7 @@ fn config_and_weights_that_disagree_are_refused() {
     let e = load_model(&tmp).unwrap_err();
     assert!(matches!(e, ModelError::Shape { .. }), "{e}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("gate_proj") && msg.contains("[37, 30]") && msg.contains("[40, 30]"),
-        "{msg}"
-    );
+    assert!(msg.contains("gate_proj") && msg.contains("[37, 30]") && msg.contains("[40, 30]"), "{msg}");
     let e = load_model(tmp.join("nope.gguf")).unwrap_err();
     assert!(e.to_string().contains("nope.gguf"), "{e}");
 }
@@ -107,23 +79,15 @@ fn config_and_weights_that_disagree_are_refused() {
 pub fn smollm2_path() -> Option<PathBuf> {
     let cache = std::env::var_os("PORTALORA_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora")
-        });
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
     let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.exists() {
         return Some(p);
     }
     if std::env::var("PORTALORA_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!(
-            "PORTALORA_REQUIRE_ASSETS=1 but {} is missing: run scripts/fetch-assets",
-            p.display()
-        );
+        panic!("PORTALORA_REQUIRE_ASSETS=1 but {} is missing: run scripts/fetch-assets", p.display());
     }
-    eprintln!(
-        "SKIPPED: {} missing (run scripts/fetch-assets)",
-        p.display()
-    );
+    eprintln!("SKIPPED: {} missing (run scripts/fetch-assets)", p.display());
     None
 }
 
@@ -132,50 +96,20 @@ fn smollm2_gguf_matches_transformers() {
     let Some(path) = smollm2_path() else { return };
     let w = load_model(&path).unwrap();
     let e = json(&fixture("smollm2_expected.json"));
-    let prompt: Vec<u32> = e["prompt_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
+    let prompt: Vec<u32> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let logits = forward(&w, std::slice::from_ref(&prompt)).unwrap();
     let last = &logits[0][prompt.len() - 1];
-    let head: Vec<f64> = e["last_logits_head"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let head: Vec<f64> = e["last_logits_head"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let scale = head.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    let err = last
-        .iter()
-        .zip(&head)
-        .fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
+    let err = last.iter().zip(&head).fold(0.0f64, |m, (g, w)| m.max((g - w).abs() / scale));
     assert!(err <= 1e-4, "last-position logits relative error {err:e}");
     for t in e["last_logits_top"].as_array().unwrap() {
-        let (id, want) = (
-            t["id"].as_u64().unwrap() as usize,
-            t["logit"].as_f64().unwrap(),
-        );
-        assert!(
-            (last[id] - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "logit {id}: {} vs {want}",
-            last[id]
-        );
+        let (id, want) = (t["id"].as_u64().unwrap() as usize, t["logit"].as_f64().unwrap());
+        assert!((last[id] - want).abs() <= 1e-4 * want.abs().max(1.0), "logit {id}: {} vs {want}", last[id]);
     }
     // Greedy: the top logit is the first token of transformers' continuation (" Paris").
-    let argmax = last
-        .iter()
-        .enumerate()
-        .fold(
-            (0, f64::NEG_INFINITY),
-            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-        )
-        .0;
-    assert_eq!(
-        argmax as u64,
-        e["greedy_continuation_ids"][0].as_u64().unwrap()
-    );
+    let argmax = last.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    assert_eq!(argmax as u64, e["greedy_continuation_ids"][0].as_u64().unwrap());
     let (l, _) = loss(&w, std::slice::from_ref(&prompt)).unwrap();
     let want = e["loss"].as_f64().unwrap();
     assert!(rel_err(l, want) <= 1e-4, "loss {l} vs transformers {want}");
@@ -191,32 +125,16 @@ fn smollm2_tokenizer_matches_transformers() {
     let e = json(&fixture("smollm2_expected.json"));
     for case in e["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let got = tok.encode(text).unwrap();
         assert_eq!(got, want, "ids of {text:?}");
         assert_eq!(tok.decode(&got).unwrap(), text, "round trip of {text:?}");
     }
-    let cont: Vec<u32> = e["greedy_continuation_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    assert_eq!(
-        tok.decode(&cont).unwrap(),
-        e["greedy_continuation"].as_str().unwrap()
-    );
+    let cont: Vec<u32> =
+        e["greedy_continuation_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(tok.decode(&cont).unwrap(), e["greedy_continuation"].as_str().unwrap());
     // Special tokens are matched whole.
     let ids = tok.encode("<|im_start|>user").unwrap();
     assert_eq!(tok.decode(&ids[..1]).unwrap(), "<|im_start|>");
-    assert!(tok
-        .decode(&[49152])
-        .unwrap_err()
-        .to_string()
-        .contains("49152"));
+    assert!(tok.decode(&[49152]).unwrap_err().to_string().contains("49152"));
 }

@@ -4,38 +4,24 @@ use portalora::gpu::{KernelSource, ALL_SOURCES};
 use portalora::ops::matmul::subgroup_kernel;
 
 fn validate(name: &str, wgsl: &str) {
-    let module = naga::front::wgsl::parse_str(wgsl)
+    let module = naga::front::wgsl::parse_str(wgsl).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
-    naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
 }
 
 fn uses_subgroups_without_flag(src: &KernelSource) -> bool {
     !src.needs_subgroups
-        && [
-            "subgroupBroadcast",
-            "subgroupShuffle",
-            "subgroupAdd",
-            "subgroup_invocation_id",
-            "subgroup_size",
-        ]
-        .iter()
-        .any(|w| src.wgsl.contains(w))
+        && ["subgroupBroadcast", "subgroupShuffle", "subgroupAdd", "subgroup_invocation_id", "subgroup_size"]
+            .iter()
+            .any(|w| src.wgsl.contains(w))
 }
 
 #[test]
 fn every_wgsl_file_validates() {
     let mut checked = 0;
     for src in ALL_SOURCES {
-        assert!(
-            !uses_subgroups_without_flag(src),
-            "{} uses subgroups but is not marked so",
-            src.file
-        );
+        assert!(!uses_subgroups_without_flag(src), "{} uses subgroups but is not marked so", src.file);
         if src.template {
             continue; // expanded below
         }
@@ -53,13 +39,7 @@ fn matmul_subgroup_template_validates_for_every_size() {
                 for tnv in [1, 2] {
                     let spec = subgroup_kernel(s, 32, tnv, trans_a, trans_b, vec);
                     let wgsl = spec.wgsl().expect("template expands");
-                    validate(
-                        &format!(
-                            "{} s={s} ta={trans_a} tb={trans_b} vec={vec} tnv={tnv}",
-                            spec.label()
-                        ),
-                        &wgsl,
-                    );
+                    validate(&format!("{} s={s} ta={trans_a} tb={trans_b} vec={vec} tnv={tnv}", spec.label()), &wgsl);
                 }
             }
         }
@@ -72,18 +52,14 @@ fn every_shader_file_is_registered() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
         if name.ends_with(".wgsl") {
-            assert!(
-                ALL_SOURCES.iter().any(|s| s.file == name),
-                "shaders/{name} is not in ALL_SOURCES"
-            );
+            assert!(ALL_SOURCES.iter().any(|s| s.file == name), "shaders/{name} is not in ALL_SOURCES");
         }
     }
 }
 
 #[test]
 fn template_errors_are_reported() {
-    let e =
-        portalora::gpu::preprocess("t.wgsl", "// #if NOPE\nx\n// #endif\n", &[], &[]).unwrap_err();
+    let e = portalora::gpu::preprocess("t.wgsl", "// #if NOPE\nx\n// #endif\n", &[], &[]).unwrap_err();
     assert!(e.to_string().contains("NOPE"), "{e}");
     let e = portalora::gpu::preprocess("t.wgsl", "a {{MISSING}} b\n", &[], &[]).unwrap_err();
     assert!(e.to_string().contains("MISSING"), "{e}");

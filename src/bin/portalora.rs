@@ -55,6 +55,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Continue a prompt with the model, on the GPU with a KV cache.
+    Generate {
+        /// A .gguf file or a Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// New tokens at most (generation also stops at the end-of-sequence token).
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// 0 picks the most likely token every time (greedy); higher values sample more freely.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample only among the k most likely tokens (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample only among the most likely tokens whose probabilities add up to p (1: no limit).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Measure speed.
     Bench {
         #[command(subcommand)]
@@ -114,40 +137,19 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
         Command::Inspect { .. } => unreachable!("handled above"),
-        Command::Eval {
-            model,
-            ids,
-            data,
-            seq,
-            batch,
-            json,
-        } => eval(
-            &ctx,
-            &model,
-            ids.as_deref(),
-            data.as_deref(),
-            seq,
-            batch,
-            json,
-        ),
+        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed } => {
+            let sampling = portalora::model::generate::Sampling { temperature, top_k, top_p, seed };
+            generate(&ctx, &model, &prompt, max_tokens, sampling)
+        }
+        Command::Eval { model, ids, data, seq, batch, json } => {
+            eval(&ctx, &model, ids.as_deref(), data.as_deref(), seq, batch, json)
+        }
         Command::Info { json } => info(&ctx, json),
-        Command::Bench {
-            what:
-                BenchWhat::Matmul {
-                    json,
-                    path,
-                    repeats,
-                    seconds,
-                    shapes,
-                },
-        } => {
+        Command::Bench { what: BenchWhat::Matmul { json, path, repeats, seconds, shapes } } => {
             let shapes = if shapes.is_empty() {
                 MATMUL_SHAPES.to_vec()
             } else {
-                shapes
-                    .iter()
-                    .map(|s| MatmulShape::parse(s))
-                    .collect::<Result<Vec<_>, _>>()?
+                shapes.iter().map(|s| MatmulShape::parse(s)).collect::<Result<Vec<_>, _>>()?
             };
             let path = match path {
                 PathArg::Auto => MatmulPath::Auto,
@@ -211,34 +213,16 @@ fn info(ctx: &Context, json: bool) -> Result<(), Box<dyn std::error::Error>> {
     println!("device type:    {}", i.device_type);
     println!("driver:         {} {}", i.driver, i.driver_info);
     println!("features:");
-    println!(
-        "  subgroups:    {} (sizes {}..={})",
-        f.subgroups, i.subgroup_min_size, i.subgroup_max_size
-    );
+    println!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
     println!("  shader-f16:   {}", f.shader_f16);
     println!("  timestamps:   {}", f.timestamps);
     println!("limits:");
-    println!(
-        "  storage binding:        {:.0} MiB",
-        mib(l.max_storage_binding)
-    );
+    println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
     println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
-    println!(
-        "  workgroup storage:      {} KiB",
-        l.max_workgroup_storage / 1024
-    );
-    println!(
-        "  invocations/workgroup:  {}",
-        l.max_invocations_per_workgroup
-    );
-    println!(
-        "  workgroups/dimension:   {}",
-        l.max_workgroups_per_dimension
-    );
-    println!(
-        "  storage buffers/stage:  {}",
-        l.max_storage_buffers_per_stage
-    );
+    println!("  workgroup storage:      {} KiB", l.max_workgroup_storage / 1024);
+    println!("  invocations/workgroup:  {}", l.max_invocations_per_workgroup);
+    println!("  workgroups/dimension:   {}", l.max_workgroups_per_dimension);
+    println!("  storage buffers/stage:  {}", l.max_storage_buffers_per_stage);
     Ok(())
 }
 
@@ -247,18 +231,11 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let c = &w.config;
     println!("model:          {}", path.display());
     println!("architecture:   {:?}", c.arch);
-    println!(
-        "parameters:     {} ({:.1} M)",
-        c.num_parameters(),
-        c.num_parameters() as f64 / 1e6
-    );
+    println!("parameters:     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
     println!("vocab:          {}", c.vocab_size);
     println!("layers:         {}", c.num_layers);
     println!("hidden:         {}", c.hidden_size);
-    println!(
-        "heads:          {} (kv {}, head dim {})",
-        c.num_heads, c.num_kv_heads, c.head_dim
-    );
+    println!("heads:          {} (kv {}, head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
     println!("mlp:            {}", c.intermediate_size);
     println!("context:        {}", c.max_positions);
     println!("norm eps:       {:e}", c.norm_eps);
@@ -273,19 +250,13 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
 /// Reads `{"input_ids": [[...], ...]}` with rows of equal length.
 fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
-    let rows = v["input_ids"].as_array().ok_or_else(|| {
-        format!(
-            "{}: expected {{\"input_ids\": [[...], ...]}}",
-            path.display()
-        )
-    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let rows = v["input_ids"]
+        .as_array()
+        .ok_or_else(|| format!("{}: expected {{\"input_ids\": [[...], ...]}}", path.display()))?;
     let mut out = Vec::with_capacity(rows.len());
     for (r, row) in rows.iter().enumerate() {
-        let row = row
-            .as_array()
-            .ok_or_else(|| format!("{}: input_ids[{r}] is not a list", path.display()))?;
+        let row = row.as_array().ok_or_else(|| format!("{}: input_ids[{r}] is not a list", path.display()))?;
         let ids = row
             .iter()
             .enumerate()
@@ -293,26 +264,22 @@ fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
                 x.as_u64()
                     .filter(|&x| x <= u32::MAX as u64)
                     .map(|x| x as u32)
-                    .ok_or_else(|| {
-                        format!(
-                            "{}: input_ids[{r}][{i}] = {x} is not a token id",
-                            path.display()
-                        )
-                    })
+                    .ok_or_else(|| format!("{}: input_ids[{r}][{i}] = {x} is not a token id", path.display()))
             })
             .collect::<Result<Vec<u32>, String>>()?;
         out.push(ids);
     }
     let len = out.first().map(Vec::len).unwrap_or(0);
     if len < 2 {
-        return Err(format!(
-            "{}: rows need at least 2 tokens to predict one",
-            path.display()
-        )
-        .into());
+        return Err(format!("{}: rows need at least 2 tokens to predict one", path.display()).into());
     }
     if let Some(r) = out.iter().position(|row| row.len() != len) {
-        return Err(format!("{}: input_ids[{r}] has {} tokens but input_ids[0] has {len}; rows must be of equal length", path.display(), out[r].len()).into());
+        return Err(format!(
+            "{}: input_ids[{r}] has {} tokens but input_ids[0] has {len}; rows must be of equal length",
+            path.display(),
+            out[r].len()
+        )
+        .into());
     }
     Ok(out)
 }
@@ -331,11 +298,7 @@ fn eval(
         (None, Some(p)) => {
             let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
             let text = String::from_utf8(text).map_err(|e| {
-                format!(
-                    "{}: not UTF-8 text (first bad byte at {})",
-                    p.display(),
-                    e.utf8_error().valid_up_to()
-                )
+                format!("{}: not UTF-8 text (first bad byte at {})", p.display(), e.utf8_error().valid_up_to())
             })?;
             let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
             let all = tok.encode(&text)?;
@@ -351,12 +314,7 @@ fn eval(
                 )
                 .into());
             }
-            eprintln!(
-                "{}: {} tokens, {} rows of {seq}",
-                p.display(),
-                all.len(),
-                rows.len()
-            );
+            eprintln!("{}: {} tokens, {} rows of {seq}", p.display(), all.len(), rows.len());
             rows
         }
         (None, None) => return Err("give --ids FILE.json or --data FILE.txt".into()),
@@ -375,10 +333,57 @@ fn eval(
     if json {
         println!("{{\"loss\": {loss}, \"tokens\": {count}}}");
     } else {
-        println!(
-            "loss {loss:.6} over {count} predicted tokens (perplexity {:.3})",
-            loss.exp()
-        );
+        println!("loss {loss:.6} over {count} predicted tokens (perplexity {:.3})", loss.exp());
+    }
+    Ok(())
+}
+
+fn generate(
+    ctx: &Context,
+    model: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: portalora::model::generate::Sampling,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        return Err(format!("--temperature {} must be 0 or positive", sampling.temperature).into());
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        return Err(format!("--top-p {} must be in (0, 1]", sampling.top_p).into());
+    }
+    let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
+    let weights = portalora::model::load_model(model)?;
+    let ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    let params = portalora::model::gpu::ParameterTensors::upload(ctx, &weights)?;
+    let max_len = (ids.len() + max_tokens).min(weights.config.max_positions);
+    let mut gen = portalora::model::generate::Generator::new(ctx, &weights.config, &params, max_len)?;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    out.flush()?;
+    // Decode the whole continuation each time and print what is new, so that multi-byte
+    // characters split across tokens come out whole.
+    let mut new_ids = Vec::new();
+    let mut printed = 0;
+    let mut err = None;
+    gen.generate(ctx, &ids, max_tokens, sampling, tok.eos_id, |t| {
+        new_ids.push(t);
+        match tok.decode(&new_ids) {
+            Ok(text) if !text.ends_with('\u{fffd}') => {
+                let _ = write!(out, "{}", &text[printed.min(text.len())..]);
+                let _ = out.flush();
+                printed = text.len();
+            }
+            Ok(_) => {}
+            Err(e) => err = Some(e),
+        }
+    })?;
+    writeln!(out)?;
+    if let Some(e) = err {
+        return Err(e.into());
     }
     Ok(())
 }

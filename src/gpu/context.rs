@@ -135,11 +135,7 @@ impl Context {
 
         let offered = adapter.features();
         let mut wanted = wgpu::Features::empty();
-        for f in [
-            wgpu::Features::SUBGROUP,
-            wgpu::Features::SHADER_F16,
-            wgpu::Features::TIMESTAMP_QUERY,
-        ] {
+        for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
             if offered.contains(f) {
                 wanted |= f;
             }
@@ -157,24 +153,16 @@ impl Context {
                 trace: wgpu::Trace::Off,
             })
             .await
-            .map_err(|source| GpuError::RequestDevice {
-                adapter: ainfo.name.clone(),
-                source,
-            })?;
+            .map_err(|source| GpuError::RequestDevice { adapter: ainfo.name.clone(), source })?;
 
         let errors: ErrorSink = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e| {
             let raw = match e {
-                wgpu::Error::OutOfMemory { source } => RawError {
-                    out_of_memory: true,
-                    message: source.to_string(),
-                },
-                wgpu::Error::Validation { description, .. }
-                | wgpu::Error::Internal { description, .. } => RawError {
-                    out_of_memory: false,
-                    message: description,
-                },
+                wgpu::Error::OutOfMemory { source } => RawError { out_of_memory: true, message: source.to_string() },
+                wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+                    RawError { out_of_memory: false, message: description }
+                }
             };
             sink.lock().unwrap_or_else(|p| p.into_inner()).push(raw);
         }));
@@ -205,21 +193,10 @@ impl Context {
             subgroup_min_size: ainfo.subgroup_min_size,
             subgroup_max_size: ainfo.subgroup_max_size,
         };
-        Ok(Context {
-            device,
-            queue,
-            info,
-            features,
-            limits,
-            errors,
-            pipelines: Mutex::new(HashMap::new()),
-        })
+        Ok(Context { device, queue, info, features, limits, errors, pipelines: Mutex::new(HashMap::new()) })
     }
 
-    async fn pick_adapter(
-        instance: &wgpu::Instance,
-        opts: &ContextOptions,
-    ) -> Result<wgpu::Adapter> {
+    async fn pick_adapter(instance: &wgpu::Instance, opts: &ContextOptions) -> Result<wgpu::Adapter> {
         let backends = match &opts.backends {
             Some(b) => wgpu::Backends::from_comma_list(b),
             None => wgpu::Backends::all(),
@@ -238,11 +215,7 @@ impl Context {
             }
             return Err(GpuError::AdapterNameNotFound {
                 wanted: wanted.clone(),
-                available: if names.is_empty() {
-                    "none".into()
-                } else {
-                    names.join(", ")
-                },
+                available: if names.is_empty() { "none".into() } else { names.join(", ") },
             });
         }
         instance
@@ -255,10 +228,7 @@ impl Context {
                 apply_limit_buckets: false,
             })
             .await
-            .map_err(|_| GpuError::NoAdapter {
-                backends: backend_label(&opts.backends),
-                hint: NO_ADAPTER_HINT,
-            })
+            .map_err(|_| GpuError::NoAdapter { backends: backend_label(&opts.backends), hint: NO_ADAPTER_HINT })
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -274,9 +244,7 @@ impl Context {
     /// The subgroup size the subgroup kernels are generated for: the smallest the adapter may
     /// use, so that a workgroup of this many invocations always fits in one subgroup.
     pub fn subgroup_size(&self) -> Option<u32> {
-        self.features
-            .subgroups
-            .then_some(self.info.subgroup_min_size.max(1))
+        self.features.subgroups.then_some(self.info.subgroup_min_size.max(1))
     }
 
     /// Turns any error wgpu reported since the last check into a Rust error naming `context`.
@@ -296,9 +264,7 @@ impl Context {
         #[cfg(not(target_arch = "wasm32"))]
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::DeviceLost {
-                message: e.to_string(),
-            })?;
+            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
         self.check("waiting for the GPU")
     }
 }
@@ -306,14 +272,8 @@ impl Context {
 fn convert_error(e: RawError, context: &str) -> GpuError {
     let context = context.to_string();
     if e.out_of_memory {
-        GpuError::OutOfMemory {
-            context,
-            message: e.message,
-        }
+        GpuError::OutOfMemory { context, message: e.message }
     } else {
-        GpuError::Validation {
-            context,
-            message: e.message,
-        }
+        GpuError::Validation { context, message: e.message }
     }
 }

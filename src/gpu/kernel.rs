@@ -45,28 +45,13 @@ source!(EMBED, "embed.wgsl", subgroups: false, template: false);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
 
 /// Every WGSL file of the crate (the naga test validates each one).
-pub const ALL_SOURCES: &[&KernelSource] = &[
-    &MATMUL,
-    &MATMUL_SUBGROUP,
-    &REDUCE,
-    &ELEMENTWISE,
-    &NORM,
-    &ROPE,
-    &ATTENTION,
-    &ACT,
-    &EMBED,
-    &XENT,
-];
+pub const ALL_SOURCES: &[&KernelSource] =
+    &[&MATMUL, &MATMUL_SUBGROUP, &REDUCE, &ELEMENTWISE, &NORM, &ROPE, &ATTENTION, &ACT, &EMBED, &XENT];
 
 /// Expands a template: a line `// #if FLAG` (or `// #if !FLAG`) keeps the lines up to its
 /// `// #else` / `// #endif` only when the flag is set (unset); `{{NAME}}` is replaced by its value.
 /// Unknown flags and names left over are errors, so a typo cannot silently change a kernel.
-pub fn preprocess(
-    file: &'static str,
-    src: &str,
-    flags: &[(&str, bool)],
-    vars: &[(&str, String)],
-) -> Result<String> {
+pub fn preprocess(file: &'static str, src: &str, flags: &[(&str, bool)], vars: &[(&str, String)]) -> Result<String> {
     let err = |message: String| GpuError::Kernel { file, message };
     let mut out = String::with_capacity(src.len() * 2);
     // Stack of (this branch is kept, the enclosing region is kept).
@@ -86,14 +71,10 @@ pub fn preprocess(
                 .ok_or_else(|| err(format!("line {}: unknown template flag {name:?}", no + 1)))?;
             stack.push((value != neg, active));
         } else if t == "// #else" {
-            let top = stack
-                .last_mut()
-                .ok_or_else(|| err(format!("line {}: #else without #if", no + 1)))?;
+            let top = stack.last_mut().ok_or_else(|| err(format!("line {}: #else without #if", no + 1)))?;
             top.0 = !top.0;
         } else if t == "// #endif" {
-            stack
-                .pop()
-                .ok_or_else(|| err(format!("line {}: #endif without #if", no + 1)))?;
+            stack.pop().ok_or_else(|| err(format!("line {}: #endif without #if", no + 1)))?;
         } else if active {
             out.push_str(line);
             out.push('\n');
@@ -127,13 +108,7 @@ pub struct KernelSpec {
 
 impl KernelSpec {
     pub fn new(source: &'static KernelSource, entry: &'static str) -> Self {
-        KernelSpec {
-            source,
-            entry,
-            flags: Vec::new(),
-            vars: Vec::new(),
-            constants: Vec::new(),
-        }
+        KernelSpec { source, entry, flags: Vec::new(), vars: Vec::new(), constants: Vec::new() }
     }
     pub fn flag(mut self, name: &'static str, on: bool) -> Self {
         self.flags.push((name, on));
@@ -205,41 +180,24 @@ impl Context {
             entry: spec.entry,
             flags: spec.flags.clone(),
             vars: spec.vars.clone(),
-            constants: spec
-                .constants
-                .iter()
-                .map(|&(n, v)| (n, v.to_bits()))
-                .collect(),
+            constants: spec.constants.iter().map(|&(n, v)| (n, v.to_bits())).collect(),
             bindings: args.iter().map(Arg::kind).collect(),
         };
-        if let Some(p) = self
-            .pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(p) = self.pipelines.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(p.clone());
         }
         if spec.source.needs_subgroups && !self.features().subgroups {
-            return Err(GpuError::MissingFeature {
-                feature: "subgroup operations",
-                adapter: self.info().name.clone(),
-            });
+            return Err(GpuError::MissingFeature { feature: "subgroup operations", adapter: self.info().name.clone() });
         }
         let label = spec.label();
         let wgsl = spec.wgsl()?;
         self.check("before compiling a kernel")?;
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&label),
-                source: wgpu::ShaderSource::Wgsl(wgsl.into()),
-            });
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&label),
+            source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+        });
         self.check(&format!("compiling {}", spec.source.file))
-            .map_err(|e| GpuError::Kernel {
-                file: spec.source.file,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| GpuError::Kernel { file: spec.source.file, message: e.to_string() })?;
 
         let entries: Vec<wgpu::BindGroupLayoutEntry> = args
             .iter()
@@ -261,42 +219,29 @@ impl Context {
             .collect();
         let layout = self
             .device
-            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-                label: Some(&label),
-                entries: &entries,
-            });
-        let pipeline_layout = self
-            .device
-            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-                label: Some(&label),
-                bind_group_layouts: &[Some(&layout)],
-                immediate_size: 0,
-            });
-        let pipeline = self
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&label),
-                layout: Some(&pipeline_layout),
-                module: &module,
-                entry_point: Some(spec.entry),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &spec.constants,
-                    // Our kernels initialise the workgroup memory they read; skipping the implicit
-                    // zeroing saves a pass over it per workgroup.
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            });
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(&label), entries: &entries });
+        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&label),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(spec.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &spec.constants,
+                // Our kernels initialise the workgroup memory they read; skipping the implicit
+                // zeroing saves a pass over it per workgroup.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
         self.check(&format!("creating pipeline {label}"))
-            .map_err(|e| GpuError::Kernel {
-                file: spec.source.file,
-                message: e.to_string(),
-            })?;
+            .map_err(|e| GpuError::Kernel { file: spec.source.file, message: e.to_string() })?;
         let cached = Arc::new(CachedPipeline { pipeline, layout });
-        self.pipelines
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, cached.clone());
+        self.pipelines.lock().unwrap_or_else(|p| p.into_inner()).insert(key, cached.clone());
         Ok(cached)
     }
 
@@ -312,23 +257,18 @@ impl Context {
         let uniforms: Vec<Option<wgpu::Buffer>> = args
             .iter()
             .map(|a| match a {
-                Arg::Uniform(bytes) => Some(self.device.create_buffer_init(
-                    &wgpu::util::BufferInitDescriptor {
-                        label: Some(&label),
-                        contents: bytes,
-                        usage: wgpu::BufferUsages::UNIFORM,
-                    },
-                )),
+                Arg::Uniform(bytes) => Some(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(&label),
+                    contents: bytes,
+                    usage: wgpu::BufferUsages::UNIFORM,
+                })),
                 _ => None,
             })
             .collect();
         let mut entries = Vec::with_capacity(args.len());
         for (i, a) in args.iter().enumerate() {
             let resource = match a {
-                Arg::Uniform(_) => uniforms[i]
-                    .as_ref()
-                    .expect("uniform buffer created above")
-                    .as_entire_binding(),
+                Arg::Uniform(_) => uniforms[i].as_ref().expect("uniform buffer created above").as_entire_binding(),
                 Arg::Read(t) | Arg::Write(t) => {
                     let bytes = t.byte_len();
                     if bytes > self.limits().max_storage_binding {
@@ -346,10 +286,7 @@ impl Context {
                     })
                 }
             };
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource,
-            });
+            entries.push(wgpu::BindGroupEntry { binding: i as u32, resource });
         }
         let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(&label),

@@ -23,9 +23,7 @@ pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {
-    pub use super::kernel::{
-        ACT, ATTENTION, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, REDUCE, ROPE, XENT,
-    };
+    pub use super::kernel::{ACT, ATTENTION, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, REDUCE, ROPE, XENT};
 }
 pub use step::Step;
 pub use tensor::{DType, Readback, Tensor};
@@ -35,10 +33,7 @@ pub use tensor::{DType, Readback, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error("no GPU adapter found{backends}. {hint}")]
-    NoAdapter {
-        backends: String,
-        hint: &'static str,
-    },
+    NoAdapter { backends: String, hint: &'static str },
     #[error("WGPU_ADAPTER_NAME={wanted:?} matches no adapter; available: {available}")]
     AdapterNameNotFound { wanted: String, available: String },
     #[error("could not open a device on adapter {adapter:?}")]
@@ -59,29 +54,15 @@ pub enum GpuError {
         "tensor {label:?} of {bytes} bytes exceeds this device's {limit}-byte {what} limit; \
          split it or use a smaller shape"
     )]
-    TooLarge {
-        label: String,
-        bytes: u64,
-        limit: u64,
-        what: &'static str,
-    },
+    TooLarge { label: String, bytes: u64, limit: u64, what: &'static str },
     #[error("{op}: {message}")]
     Shape { op: &'static str, message: String },
-    #[error(
-        "dispatch {label}: {groups:?} workgroups exceeds the device limit of {limit} per dimension"
-    )]
-    DispatchTooLarge {
-        label: String,
-        groups: [u32; 3],
-        limit: u32,
-    },
+    #[error("dispatch {label}: {groups:?} workgroups exceeds the device limit of {limit} per dimension")]
+    DispatchTooLarge { label: String, groups: [u32; 3], limit: u32 },
     #[error("reading back tensor {label:?} failed: {message}")]
     Readback { label: String, message: String },
     #[error("{feature} is not available on adapter {adapter:?}")]
-    MissingFeature {
-        feature: &'static str,
-        adapter: String,
-    },
+    MissingFeature { feature: &'static str, adapter: String },
     #[error("encoding uniforms for {kernel}")]
     Uniform {
         kernel: String,

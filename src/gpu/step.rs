@@ -43,29 +43,14 @@ impl Step {
 
 impl Context {
     /// Records one dispatch of `spec` over a grid of `groups` workgroups into `step`.
-    pub fn record(
-        &self,
-        step: &mut Step,
-        spec: &KernelSpec,
-        args: &[Arg],
-        groups: [u32; 3],
-    ) -> Result<()> {
+    pub fn record(&self, step: &mut Step, spec: &KernelSpec, args: &[Arg], groups: [u32; 3]) -> Result<()> {
         let limit = self.limits().max_workgroups_per_dimension;
         if groups.iter().any(|&g| g > limit) {
-            return Err(GpuError::DispatchTooLarge {
-                label: spec.label(),
-                groups,
-                limit,
-            });
+            return Err(GpuError::DispatchTooLarge { label: spec.label(), groups, limit });
         }
         let pipeline = self.pipeline(spec, args)?;
         let bind_group = self.bind_group(spec, &pipeline.layout, args)?;
-        step.dispatches.push(Dispatch {
-            label: spec.label(),
-            pipeline,
-            bind_group,
-            groups,
-        });
+        step.dispatches.push(Dispatch { label: spec.label(), pipeline, bind_group, groups });
         Ok(())
     }
 
@@ -78,16 +63,10 @@ impl Context {
     /// Like [`Context::run`], with the whole step encoded `times` times in the same submission
     /// (benchmarks use this to keep the submission overhead out of the figures).
     pub fn run_repeated(&self, step: &Step, times: usize) -> Result<()> {
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("step"),
-            });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("step"),
-                timestamp_writes: None,
-            });
+            let mut pass =
+                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
             for _ in 0..times {
                 for d in &step.dispatches {
                     if d.groups.contains(&0) {

@@ -69,11 +69,7 @@ impl Tensor {
     /// view stays 1-D). The byte offset must meet the device's storage
     /// offset alignment (256 almost everywhere): choose `start` accordingly.
     pub fn rows(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
-        let row_len = if self.shape.len() < 2 {
-            1
-        } else {
-            *self.shape.last().unwrap_or(&1)
-        };
+        let row_len = if self.shape.len() < 2 { 1 } else { *self.shape.last().unwrap_or(&1) };
         let total = self.numel() / row_len.max(1);
         let offset = self.offset + (start * row_len * self.dtype.size()) as u64;
         if start + count > total || !offset.is_multiple_of(alignment as u64) {
@@ -87,16 +83,8 @@ impl Tensor {
                 ),
             });
         }
-        let shape = if self.shape.len() < 2 {
-            vec![count]
-        } else {
-            vec![count, row_len]
-        };
-        Ok(Tensor {
-            offset,
-            shape,
-            ..self.clone()
-        })
+        let shape = if self.shape.len() < 2 { vec![count] } else { vec![count, row_len] };
+        Ok(Tensor { offset, shape, ..self.clone() })
     }
 
     /// The same memory seen with another shape of the same element count.
@@ -105,16 +93,10 @@ impl Tensor {
         if n != self.numel() {
             return Err(GpuError::Shape {
                 op: "reshape",
-                message: format!(
-                    "tensor {:?} of shape {:?} cannot be viewed as {shape:?}",
-                    self.label, self.shape
-                ),
+                message: format!("tensor {:?} of shape {:?} cannot be viewed as {shape:?}", self.label, self.shape),
             });
         }
-        Ok(Tensor {
-            shape: shape.to_vec(),
-            ..self.clone()
-        })
+        Ok(Tensor { shape: shape.to_vec(), ..self.clone() })
     }
 }
 
@@ -136,19 +118,11 @@ impl Context {
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
         self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
-        Ok(Tensor {
-            buffer: Arc::new(buffer),
-            offset: 0,
-            shape: shape.to_vec(),
-            dtype,
-            label: label.into(),
-        })
+        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), dtype, label: label.into() })
     }
 
     /// Allocates a tensor and fills it with `data` (row-major).
@@ -174,8 +148,7 @@ impl Context {
             });
         }
         if !data.is_empty() {
-            self.queue
-                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+            self.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
         }
         self.check(&format!("writing tensor {:?}", t.label))
     }
@@ -202,8 +175,7 @@ impl Context {
             });
         }
         if !data.is_empty() {
-            self.queue
-                .write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+            self.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
         }
         self.check(&format!("writing tensor {:?}", t.label))
     }
@@ -223,11 +195,7 @@ impl Context {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("readback"),
-            });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
         enc.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, bytes);
         let submission = self.queue.submit([enc.finish()]);
         let state: Arc<Mutex<MapState>> = Arc::default();
@@ -281,23 +249,14 @@ pub struct Readback {
 impl Readback {
     fn finish(&self) -> Result<Vec<f32>> {
         let data = {
-            let view =
-                self.staging
-                    .slice(..)
-                    .get_mapped_range()
-                    .map_err(|e| GpuError::Readback {
-                        label: self.label.clone(),
-                        message: e.to_string(),
-                    })?;
+            let view = self
+                .staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| GpuError::Readback { label: self.label.clone(), message: e.to_string() })?;
             if self.dtype != DType::F32 {
-                let message = format!(
-                    "only f32 tensors can be read back, this one is {:?}",
-                    self.dtype
-                );
-                return Err(GpuError::Readback {
-                    label: self.label.clone(),
-                    message,
-                });
+                let message = format!("only f32 tensors can be read back, this one is {:?}", self.dtype);
+                return Err(GpuError::Readback { label: self.label.clone(), message });
             }
             bytemuck::pod_collect_to_vec::<u8, f32>(&view[..self.len])
         };
@@ -309,29 +268,13 @@ impl Readback {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn wait(self) -> Result<Vec<f32>> {
         self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(self.submission.clone()),
-                timeout: None,
-            })
-            .map_err(|e| GpuError::DeviceLost {
-                message: e.to_string(),
-            })?;
-        let r = self
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .result
-            .take();
+            .poll(wgpu::PollType::Wait { submission_index: Some(self.submission.clone()), timeout: None })
+            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
+        let r = self.state.lock().unwrap_or_else(|p| p.into_inner()).result.take();
         match r {
             Some(Ok(())) => self.finish(),
-            Some(Err(message)) => Err(GpuError::Readback {
-                label: self.label.clone(),
-                message,
-            }),
-            None => Err(GpuError::Readback {
-                label: self.label.clone(),
-                message: "the map callback never ran".into(),
-            }),
+            Some(Err(message)) => Err(GpuError::Readback { label: self.label.clone(), message }),
+            None => Err(GpuError::Readback { label: self.label.clone(), message: "the map callback never ran".into() }),
         }
     }
 }
@@ -348,10 +291,7 @@ impl Future for Readback {
                 drop(s);
                 Poll::Ready(self.finish())
             }
-            Some(Err(message)) => Poll::Ready(Err(GpuError::Readback {
-                label: self.label.clone(),
-                message,
-            })),
+            Some(Err(message)) => Poll::Ready(Err(GpuError::Readback { label: self.label.clone(), message })),
             None => {
                 s.waker = Some(cx.waker().clone());
                 #[cfg(not(target_arch = "wasm32"))]

@@ -27,27 +27,13 @@ pub enum GgufError {
     #[error("{path}: GGUF version {version} is not supported (only 2 and 3)")]
     Version { path: PathBuf, version: u32 },
     #[error("{path}: corrupt GGUF header at byte {offset}: {message}")]
-    Corrupt {
-        path: PathBuf,
-        offset: u64,
-        message: String,
-    },
+    Corrupt { path: PathBuf, offset: u64, message: String },
     #[error("{path}: tensor {name:?} has ggml type {ty} ({type_name}), which portalora cannot read yet; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")]
-    UnsupportedType {
-        path: PathBuf,
-        name: String,
-        ty: u32,
-        type_name: &'static str,
-    },
+    UnsupportedType { path: PathBuf, name: String, ty: u32, type_name: &'static str },
     #[error("{path}: no tensor named {name:?}")]
     NoTensor { path: PathBuf, name: String },
     #[error("{path}: tensor {name:?} ({what}) lies past the end of the file ({file_len} bytes); the file is truncated or its header lies")]
-    PastEnd {
-        path: PathBuf,
-        name: String,
-        what: String,
-        file_len: u64,
-    },
+    PastEnd { path: PathBuf, name: String, what: String, file_len: u64 },
 }
 
 type Result<T> = std::result::Result<T, GgufError>;
@@ -206,11 +192,7 @@ struct Parser<R> {
 
 impl<R: Read> Parser<R> {
     fn corrupt(&self, message: impl Into<String>) -> GgufError {
-        GgufError::Corrupt {
-            path: self.path.clone(),
-            offset: self.pos,
-            message: message.into(),
-        }
+        GgufError::Corrupt { path: self.path.clone(), offset: self.pos, message: message.into() }
     }
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
         let mut b = [0u8; N];
@@ -218,10 +200,7 @@ impl<R: Read> Parser<R> {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 self.corrupt("the file ends inside the header")
             } else {
-                GgufError::Io {
-                    path: self.path.clone(),
-                    source: e,
-                }
+                GgufError::Io { path: self.path.clone(), source: e }
             }
         })?;
         self.pos += N as u64;
@@ -239,9 +218,7 @@ impl<R: Read> Parser<R> {
             return Err(self.corrupt(format!("a string claims {len} bytes")));
         }
         let mut buf = vec![0u8; len as usize];
-        self.r
-            .read_exact(&mut buf)
-            .map_err(|_| self.corrupt("the file ends inside a string"))?;
+        self.r.read_exact(&mut buf).map_err(|_| self.corrupt("the file ends inside a string"))?;
         self.pos += len;
         String::from_utf8(buf).map_err(|_| self.corrupt("a string is not valid UTF-8"))
     }
@@ -283,21 +260,11 @@ impl Gguf {
     /// Reads the header and tensor directory of `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| GgufError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: path.clone(), source };
         let file = File::open(&path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
-        let mut p = Parser {
-            r: BufReader::new(file),
-            pos: 0,
-            path: path.clone(),
-        };
-        let magic: [u8; 4] = p.bytes().map_err(|_| GgufError::BadMagic {
-            path: path.clone(),
-            magic: [0; 4],
-        })?;
+        let mut p = Parser { r: BufReader::new(file), pos: 0, path: path.clone() };
+        let magic: [u8; 4] = p.bytes().map_err(|_| GgufError::BadMagic { path: path.clone(), magic: [0; 4] })?;
         if &magic != b"GGUF" {
             return Err(GgufError::BadMagic { path, magic });
         }
@@ -309,9 +276,9 @@ impl Gguf {
         let n_kv = p.u64()?;
         // Each entry takes at least 8 bytes: a count larger than the file is a lie.
         if n_tensors > file_len / 8 || n_kv > file_len / 8 {
-            return Err(p.corrupt(format!(
-                "{n_tensors} tensors and {n_kv} metadata entries cannot fit in {file_len} bytes"
-            )));
+            return Err(
+                p.corrupt(format!("{n_tensors} tensors and {n_kv} metadata entries cannot fit in {file_len} bytes"))
+            );
         }
         let mut metadata = BTreeMap::new();
         for _ in 0..n_kv {
@@ -335,14 +302,9 @@ impl Gguf {
             let offset = p.u64()?;
             raw.push((name, dims, ty, offset));
         }
-        let alignment = metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .unwrap_or(32);
+        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32);
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(p.corrupt(format!(
-                "general.alignment is {alignment}, not a power of two"
-            )));
+            return Err(p.corrupt(format!("general.alignment is {alignment}, not a power of two")));
         }
         let data_start = p.pos.next_multiple_of(alignment);
         let mut tensors = Vec::with_capacity(raw.len());
@@ -353,10 +315,7 @@ impl Gguf {
                 ty: ty_id,
                 type_name: ggml_type_name(ty_id),
             })?;
-            let numel = dims
-                .iter()
-                .try_fold(1u64, |a, &d| a.checked_mul(d))
-                .filter(|&n| n <= u32::MAX as u64 * 16);
+            let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= u32::MAX as u64 * 16);
             let Some(numel) = numel else {
                 return Err(p.corrupt(format!("tensor {name:?} has absurd dimensions {dims:?}")));
             };
@@ -368,9 +327,8 @@ impl Gguf {
                 )));
             }
             let bytes = numel / per_block * block_bytes;
-            let offset = data_start
-                .checked_add(rel)
-                .ok_or_else(|| p.corrupt(format!("tensor {name:?} offset overflows")))?;
+            let offset =
+                data_start.checked_add(rel).ok_or_else(|| p.corrupt(format!("tensor {name:?} offset overflows")))?;
             if offset.checked_add(bytes).is_none_or(|end| end > file_len) {
                 return Err(GgufError::PastEnd {
                     path: path.clone(),
@@ -380,39 +338,21 @@ impl Gguf {
                 });
             }
             let shape = dims.iter().rev().map(|&d| d as usize).collect();
-            tensors.push(TensorInfo {
-                name,
-                shape,
-                ty,
-                offset,
-                bytes,
-            });
+            tensors.push(TensorInfo { name, shape, ty, offset, bytes });
         }
-        Ok(Gguf {
-            path,
-            version,
-            metadata,
-            tensors,
-            file_len,
-        })
+        Ok(Gguf { path, version, metadata, tensors, file_len })
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
         self.tensors
             .iter()
             .find(|t| t.name == name)
-            .ok_or_else(|| GgufError::NoTensor {
-                path: self.path.clone(),
-                name: name.to_string(),
-            })
+            .ok_or_else(|| GgufError::NoTensor { path: self.path.clone(), name: name.to_string() })
     }
 
     /// The raw bytes of a tensor as stored.
     pub fn raw(&self, info: &TensorInfo) -> Result<Vec<u8>> {
-        let io = |source| GgufError::Io {
-            path: self.path.clone(),
-            source,
-        };
+        let io = |source| GgufError::Io { path: self.path.clone(), source };
         if info.offset + info.bytes > self.file_len {
             return Err(GgufError::PastEnd {
                 path: self.path.clone(),
@@ -440,10 +380,7 @@ impl Gguf {
 pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
     let h = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
     match ty {
-        GgmlType::F32 => raw
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        GgmlType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         GgmlType::F16 => raw.chunks_exact(2).map(|c| f16_to_f32(h(c, 0))).collect(),
         GgmlType::BF16 => raw.chunks_exact(2).map(|c| bf16_to_f32(h(c, 0))).collect(),
         GgmlType::Q8_0 => {
@@ -455,11 +392,7 @@ pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
             out
         }
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
-            let (bytes, offset) = if ty == GgmlType::Q4_0 {
-                (18, 2)
-            } else {
-                (20, 4)
-            };
+            let (bytes, offset) = if ty == GgmlType::Q4_0 { (18, 2) } else { (20, 4) };
             let mut out = Vec::with_capacity(raw.len() / bytes * 32);
             for b in raw.chunks_exact(bytes) {
                 let d = f16_to_f32(h(b, 0));

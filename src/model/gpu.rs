@@ -18,7 +18,7 @@ use crate::ops::embed::embed_forward;
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::norm::rmsnorm_forward;
 use crate::ops::reduce::reduce_forward;
-use crate::ops::rope::rope_forward;
+use crate::ops::rope::{rope_forward, RopeShape};
 use crate::ops::xent::{xent_forward, IGNORE};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,21 +27,10 @@ pub enum GpuModelError {
     Gpu(#[from] GpuError),
     #[error("{0}")]
     Unsupported(String),
-    #[error(
-        "token id {id} at row {row}, position {pos} is outside the vocabulary of {vocab} tokens"
-    )]
-    BadId {
-        id: u32,
-        row: usize,
-        pos: usize,
-        vocab: usize,
-    },
+    #[error("token id {id} at row {row}, position {pos} is outside the vocabulary of {vocab} tokens")]
+    BadId { id: u32, row: usize, pos: usize, vocab: usize },
     #[error("input rows must all have {expected} tokens (the planned sequence length); row {row} has {found}")]
-    RowLength {
-        row: usize,
-        expected: usize,
-        found: usize,
-    },
+    RowLength { row: usize, expected: usize, found: usize },
     #[error("{found} input rows do not fit the planned batch of {batch}")]
     BatchSize { batch: usize, found: usize },
     #[error("sequence length {seq} exceeds the model's context of {max} positions")]
@@ -127,8 +116,8 @@ impl Activations {
         all.extend(&self.x);
         for l in &self.layers {
             all.extend([
-                &l.h1, &l.rstd1, &l.q, &l.k, &l.v, &l.q_rot, &l.k_rot, &l.att, &l.lse, &l.o,
-                &l.x_mid, &l.h2, &l.rstd2, &l.gate, &l.up, &l.act, &l.down,
+                &l.h1, &l.rstd1, &l.q, &l.k, &l.v, &l.q_rot, &l.k_rot, &l.att, &l.lse, &l.o, &l.x_mid, &l.h2, &l.rstd2,
+                &l.gate, &l.up, &l.act, &l.down,
             ]);
         }
         all.iter().map(|t| t.byte_len()).sum()
@@ -145,18 +134,12 @@ pub struct GpuModel {
 
 impl fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "GpuModel {{ {:?}, batch {}, seq {} }}",
-            self.config.arch, self.acts.batch, self.acts.seq
-        )
+        write!(f, "GpuModel {{ {:?}, batch {}, seq {} }}", self.config.arch, self.acts.batch, self.acts.seq)
     }
 }
 
 fn upload(ctx: &Context, w: &Weights, name: &str) -> Result<Tensor> {
-    let t = w
-        .get(name)
-        .map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+    let t = w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
     Ok(ctx.upload_f32(name, &t.shape, &t.data)?)
 }
 
@@ -182,11 +165,7 @@ impl ParameterTensors {
             embed: upload(ctx, w, "model.embed_tokens.weight")?,
             layers,
             norm: upload(ctx, w, "model.norm.weight")?,
-            lm_head: if c.tie_embeddings {
-                None
-            } else {
-                Some(upload(ctx, w, "lm_head.weight")?)
-            },
+            lm_head: if c.tie_embeddings { None } else { Some(upload(ctx, w, "lm_head.weight")?) },
         })
     }
 }
@@ -214,37 +193,18 @@ impl GpuModel {
             )));
         }
         if seq > c.max_positions {
-            return Err(GpuModelError::TooLong {
-                seq,
-                max: c.max_positions,
-            });
+            return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
         let params = ParameterTensors::upload(ctx, w)?;
         let acts = Self::plan(ctx, &c, batch, seq, chunk_rows)?;
-        let mut model = GpuModel {
-            config: c,
-            params,
-            acts,
-            forward: Step::new(),
-        };
+        let mut model = GpuModel { config: c, params, acts, forward: Step::new() };
         model.forward = model.record_forward(ctx)?;
         Ok(model)
     }
 
-    fn plan(
-        ctx: &Context,
-        c: &ModelConfig,
-        batch: usize,
-        seq: usize,
-        chunk: Option<usize>,
-    ) -> Result<Activations> {
+    fn plan(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize, chunk: Option<usize>) -> Result<Activations> {
         let n = batch * seq;
-        let (h, q, kv, f) = (
-            c.hidden_size,
-            c.num_heads * c.head_dim,
-            c.num_kv_heads * c.head_dim,
-            c.intermediate_size,
-        );
+        let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let t = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
@@ -287,9 +247,7 @@ impl GpuModel {
             seq,
             ids: ctx.tensor("ids", &[n], DType::U32)?,
             targets: ctx.tensor("targets", &[n], DType::U32)?,
-            x: (0..=c.num_layers)
-                .map(|_| t("x", &[n, h]))
-                .collect::<std::result::Result<_, _>>()?,
+            x: (0..=c.num_layers).map(|_| t("x", &[n, h])).collect::<std::result::Result<_, _>>()?,
             layers,
             hf: t("hf", &[n, h])?,
             rstdf: t("rstdf", &[n])?,
@@ -314,36 +272,19 @@ impl GpuModel {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
+            q_offset: 0,
         };
+        let rope_q = RopeShape { seq: t, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: 0 };
+        let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             let x = &a.x[l];
             rmsnorm_forward(ctx, &mut s, x, &lp.ln1, eps, &la.h1, &la.rstd1)?;
             matmul(ctx, &mut s, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
             matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
             matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
-            rope_forward(
-                ctx,
-                &mut s,
-                &la.q,
-                t,
-                c.num_heads,
-                c.head_dim,
-                c.rope_theta,
-                &la.q_rot,
-            )?;
-            rope_forward(
-                ctx,
-                &mut s,
-                &la.k,
-                t,
-                c.num_kv_heads,
-                c.head_dim,
-                c.rope_theta,
-                &la.k_rot,
-            )?;
-            attention_forward(
-                ctx, &mut s, shape, &la.q_rot, &la.k_rot, &la.v, &la.att, &la.lse,
-            )?;
+            rope_forward(ctx, &mut s, rope_q, &la.q, &la.q_rot)?;
+            rope_forward(ctx, &mut s, rope_k, &la.k, &la.k_rot)?;
+            attention_forward(ctx, &mut s, shape, &la.q_rot, &la.k_rot, &la.v, &la.att, &la.lse)?;
             matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nt())?;
             add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
             rmsnorm_forward(ctx, &mut s, &la.x_mid, &lp.ln2, eps, &la.h2, &la.rstd2)?;
@@ -353,15 +294,7 @@ impl GpuModel {
             matmul(ctx, &mut s, &la.act, &lp.w_down, &la.down, Matmul::nt())?;
             add_forward(ctx, &mut s, &la.x_mid, &la.down, &a.x[l + 1])?;
         }
-        rmsnorm_forward(
-            ctx,
-            &mut s,
-            &a.x[c.num_layers],
-            &p.norm,
-            eps,
-            &a.hf,
-            &a.rstdf,
-        )?;
+        rmsnorm_forward(ctx, &mut s, &a.x[c.num_layers], &p.norm, eps, &a.hf, &a.rstdf)?;
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
         let n = b * t;
         let align = ctx.limits().storage_offset_alignment;
@@ -369,14 +302,7 @@ impl GpuModel {
         while start < n {
             let rows = a.chunk_rows.min(n - start);
             let logits = a.logits.rows(0, rows, align)?;
-            matmul(
-                ctx,
-                &mut s,
-                &a.hf.rows(start, rows, align)?,
-                head,
-                &logits,
-                Matmul::nt(),
-            )?;
+            matmul(ctx, &mut s, &a.hf.rows(start, rows, align)?, head, &logits, Matmul::nt())?;
             xent_forward(
                 ctx,
                 &mut s,
@@ -387,44 +313,21 @@ impl GpuModel {
             )?;
             start += rows;
         }
-        reduce_forward(
-            ctx,
-            &mut s,
-            &a.loss_rows.reshape(&[1, n])?,
-            1,
-            false,
-            &a.loss_sum,
-        )?;
+        reduce_forward(ctx, &mut s, &a.loss_rows.reshape(&[1, n])?, 1, false, &a.loss_sum)?;
         Ok(s)
     }
 
     /// Checks that `ids` fit the plan and the vocabulary, with the row and position of any fault.
     pub fn check_ids(&self, ids: &[Vec<u32>]) -> Result<()> {
         if ids.len() > self.acts.batch || ids.is_empty() {
-            return Err(GpuModelError::BatchSize {
-                batch: self.acts.batch,
-                found: ids.len(),
-            });
+            return Err(GpuModelError::BatchSize { batch: self.acts.batch, found: ids.len() });
         }
         for (row, r) in ids.iter().enumerate() {
             if r.len() != self.acts.seq {
-                return Err(GpuModelError::RowLength {
-                    row,
-                    expected: self.acts.seq,
-                    found: r.len(),
-                });
+                return Err(GpuModelError::RowLength { row, expected: self.acts.seq, found: r.len() });
             }
-            if let Some((pos, &id)) = r
-                .iter()
-                .enumerate()
-                .find(|&(_, &id)| id as usize >= self.config.vocab_size)
-            {
-                return Err(GpuModelError::BadId {
-                    id,
-                    row,
-                    pos,
-                    vocab: self.config.vocab_size,
-                });
+            if let Some((pos, &id)) = r.iter().enumerate().find(|&(_, &id)| id as usize >= self.config.vocab_size) {
+                return Err(GpuModelError::BadId { id, row, pos, vocab: self.config.vocab_size });
             }
         }
         Ok(())
@@ -456,9 +359,7 @@ impl GpuModel {
     /// Logits `(rows, V)` of the last forward pass, when they fit one chunk (tests, generation).
     pub fn last_logits(&self, ctx: &Context) -> Result<Vec<f32>> {
         if self.acts.chunk_rows < self.acts.batch * self.acts.seq {
-            return Err(GpuModelError::Unsupported(
-                "logits of this batch span several chunks".into(),
-            ));
+            return Err(GpuModelError::Unsupported("logits of this batch span several chunks".into()));
         }
         Ok(ctx.read_f32(&self.acts.logits)?)
     }

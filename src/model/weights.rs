@@ -27,26 +27,11 @@ pub enum ModelError {
     #[error("{path}: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: tensor {name:?} is missing; a {arch:?} model with this config needs it")]
-    Missing {
-        path: PathBuf,
-        name: String,
-        arch: Arch,
-    },
+    Missing { path: PathBuf, name: String, arch: Arch },
     #[error("{path}: tensor {name:?} has shape {found:?} but the config implies {expected:?}; the config and the weights disagree")]
-    Shape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-    #[error(
-        "{path}: tensor {name:?} has dtype {dtype}; portalora reads F32, F16 and BF16 safetensors"
-    )]
-    Dtype {
-        path: PathBuf,
-        name: String,
-        dtype: String,
-    },
+    Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{path}: tensor {name:?} has dtype {dtype}; portalora reads F32, F16 and BF16 safetensors")]
+    Dtype { path: PathBuf, name: String, dtype: String },
     #[error("{path}: not a model: expected a .gguf file or a folder with config.json and model.safetensors")]
     NotAModel { path: PathBuf },
 }
@@ -140,16 +125,10 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<Weights, ModelError> {
     let path = path.as_ref();
     if path.is_dir() {
         load_hf_folder(path)
-    } else if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        || is_gguf(path)
-    {
+    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) || is_gguf(path) {
         load_gguf(path)
     } else if path.exists() {
-        Err(ModelError::NotAModel {
-            path: path.to_path_buf(),
-        })
+        Err(ModelError::NotAModel { path: path.to_path_buf() })
     } else {
         Err(ModelError::Io {
             path: path.to_path_buf(),
@@ -161,27 +140,14 @@ pub fn load_model(path: impl AsRef<Path>) -> Result<Weights, ModelError> {
 fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
 /// Checks that exactly the expected tensors are present with the expected shapes.
-fn check_complete(
-    path: &Path,
-    c: &ModelConfig,
-    tensors: &BTreeMap<String, HostTensor>,
-) -> Result<(), ModelError> {
+fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostTensor>) -> Result<(), ModelError> {
     for (name, shape) in expected_tensors(c) {
         match tensors.get(&name) {
-            None => {
-                return Err(ModelError::Missing {
-                    path: path.to_path_buf(),
-                    name,
-                    arch: c.arch,
-                })
-            }
+            None => return Err(ModelError::Missing { path: path.to_path_buf(), name, arch: c.arch }),
             Some(t) if t.shape != shape => {
                 return Err(ModelError::Shape {
                     path: path.to_path_buf(),
@@ -258,8 +224,7 @@ pub fn unpermute_rotary(data: &[f32], rows: usize, cols: usize, heads: usize) ->
             for t in 0..2 {
                 let src = h * hd + 2 * j + t;
                 let dst = h * hd + t * half + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -301,19 +266,13 @@ fn load_gguf(path: &Path) -> Result<Weights, ModelError> {
         tensors.insert(name, HostTensor { shape, data });
     }
     check_complete(path, &config, &tensors)?;
-    Ok(Weights {
-        config,
-        tensors,
-        source: path.to_path_buf(),
-    })
+    Ok(Weights { config, tensors, source: path.to_path_buf() })
 }
 
 fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
     let cfg_path = dir.join("config.json");
     if !cfg_path.exists() {
-        return Err(ModelError::NotAModel {
-            path: dir.to_path_buf(),
-        });
+        return Err(ModelError::NotAModel { path: dir.to_path_buf() });
     }
     let config = ModelConfig::from_hf_json(&cfg_path)?;
     let single = dir.join("model.safetensors");
@@ -321,32 +280,19 @@ fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
     let files: Vec<PathBuf> = if single.exists() {
         vec![single]
     } else if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Safetensors { path: index.clone(), message: e.to_string() })?;
+        let map = v["weight_map"].as_object().ok_or_else(|| ModelError::Safetensors {
             path: index.clone(),
-            source,
+            message: "no \"weight_map\" object".into(),
         })?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Safetensors {
-                path: index.clone(),
-                message: e.to_string(),
-            })?;
-        let map = v["weight_map"]
-            .as_object()
-            .ok_or_else(|| ModelError::Safetensors {
-                path: index.clone(),
-                message: "no \"weight_map\" object".into(),
-            })?;
-        let mut names: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(str::to_string))
-            .collect();
+        let mut names: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
         names.sort();
         names.dedup();
         names.into_iter().map(|n| dir.join(n)).collect()
     } else {
-        return Err(ModelError::NotAModel {
-            path: dir.to_path_buf(),
-        });
+        return Err(ModelError::NotAModel { path: dir.to_path_buf() });
     };
     let mut tensors = BTreeMap::new();
     for file in files {
@@ -359,13 +305,7 @@ fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
     {
         tensors = tensors
             .into_iter()
-            .map(|(k, v)| {
-                if k == "lm_head.weight" {
-                    (k, v)
-                } else {
-                    (format!("transformer.{k}"), v)
-                }
-            })
+            .map(|(k, v)| if k == "lm_head.weight" { (k, v) } else { (format!("transformer.{k}"), v) })
             .collect();
     }
     // Tied heads are sometimes saved anyway; keep only what the config asks for.
@@ -373,62 +313,31 @@ fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
         tensors.remove("lm_head.weight");
     }
     tensors.retain(|k, _| {
-        !k.ends_with(".attn.bias")
-            && !k.ends_with(".attn.masked_bias")
-            && !k.contains("rotary_emb.inv_freq")
+        !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias") && !k.contains("rotary_emb.inv_freq")
     });
     check_complete(dir, &config, &tensors)?;
-    Ok(Weights {
-        config,
-        tensors,
-        source: dir.to_path_buf(),
-    })
+    Ok(Weights { config, tensors, source: dir.to_path_buf() })
 }
 
 /// Reads every tensor of one safetensors file as f32.
-pub fn read_safetensors(
-    path: &Path,
-    out: &mut BTreeMap<String, HostTensor>,
-) -> Result<(), ModelError> {
+pub fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<(), ModelError> {
     use safetensors::{Dtype, SafeTensors};
-    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
     for (name, view) in st.tensors() {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| crate::io::half::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| crate::io::half::bf16_to_f32(u16::from_le_bytes([c[0], c[1]])))
-                .collect(),
-            other => {
-                return Err(ModelError::Dtype {
-                    path: path.to_path_buf(),
-                    name,
-                    dtype: format!("{other:?}"),
-                })
+            Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => {
+                raw.chunks_exact(2).map(|c| crate::io::half::f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
             }
+            Dtype::BF16 => {
+                raw.chunks_exact(2).map(|c| crate::io::half::bf16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect()
+            }
+            other => return Err(ModelError::Dtype { path: path.to_path_buf(), name, dtype: format!("{other:?}") }),
         };
-        out.insert(
-            name,
-            HostTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }
     Ok(())
 }

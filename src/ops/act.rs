@@ -10,13 +10,7 @@ struct Params {
 }
 
 /// `out = silu(gate) · up`, elementwise.
-pub fn swiglu_forward(
-    ctx: &Context,
-    step: &mut Step,
-    gate: &Tensor,
-    up: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
+pub fn swiglu_forward(ctx: &Context, step: &mut Step, gate: &Tensor, up: &Tensor, out: &Tensor) -> Result<()> {
     const OP: &str = "swiglu_forward";
     for t in [gate, up, out] {
         check_f32(OP, t)?;
@@ -24,23 +18,7 @@ pub fn swiglu_forward(
     check_numel(OP, up, gate.numel(), "gate's shape")?;
     check_numel(OP, out, gate.numel(), "gate's shape")?;
     let groups = grid_for(ctx, gate.numel(), 256);
-    let params = uniform(
-        OP,
-        &Params {
-            n: gate.numel() as u32,
-            gx: groups[0],
-        },
-    )?;
+    let params = uniform(OP, &Params { n: gate.numel() as u32, gx: groups[0] })?;
     let spec = KernelSpec::new(&kernel_sources::ACT, OP);
-    ctx.record(
-        step,
-        &spec,
-        &[
-            Arg::Uniform(params),
-            Arg::Read(gate),
-            Arg::Read(up),
-            Arg::Write(out),
-        ],
-        groups,
-    )
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(gate), Arg::Read(up), Arg::Write(out)], groups)
 }

@@ -12,19 +12,25 @@ struct Params {
     head_dim: u32,
     gx: u32,
     scale: f32,
+    kv_seq: u32,
+    q_offset: u32,
 }
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionShape {
     pub batch: usize,
+    /// Query rows per batch entry.
     pub seq: usize,
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Positions before the first query (a KV cache's length during generation; 0 in training).
+    /// Keys and values then have `q_offset + seq` rows per batch entry.
+    pub q_offset: usize,
 }
 
-/// `out = softmax(q·kᵀ/√d + causal mask)·v` with q, out `(B, T, H, d)`, k, v `(B, T, KV, d)`;
+/// `out = softmax(q·kᵀ/√d + causal mask)·v` with q, out `(B, T, H, d)`, k, v `(B, q_offset + T, KV, d)`;
 /// also writes each row's log-sum-exp `lse` `(B, H, T)` for the backward pass.
 pub fn attention_forward(
     ctx: &Context,
@@ -40,18 +46,15 @@ pub fn attention_forward(
     for t in [q, k, v, out, lse] {
         check_f32(OP, t)?;
     }
-    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256
-    {
-        return Err(shape_err(
-            OP,
-            format!("{s:?}: heads must be a multiple of kv_heads and head_dim in 1..=256"),
-        ));
+    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256 {
+        return Err(shape_err(OP, format!("{s:?}: heads must be a multiple of kv_heads and head_dim in 1..=256")));
     }
     let (b, t, h, kv, d) = (s.batch, s.seq, s.heads, s.kv_heads, s.head_dim);
     check_numel(OP, q, b * t * h * d, "(B, T, H, d)")?;
     check_numel(OP, out, b * t * h * d, "(B, T, H, d)")?;
-    check_numel(OP, k, b * t * kv * d, "(B, T, KV, d)")?;
-    check_numel(OP, v, b * t * kv * d, "(B, T, KV, d)")?;
+    let kv_seq = s.q_offset + t;
+    check_numel(OP, k, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
+    check_numel(OP, v, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
     check_numel(OP, lse, b * h * t, "(B, H, T)")?;
     let groups = grid_for(ctx, b * h * t, 64);
     let params = Params {
@@ -62,6 +65,8 @@ pub fn attention_forward(
         head_dim: d as u32,
         gx: groups[0],
         scale: 1.0 / (d as f32).sqrt(),
+        kv_seq: kv_seq as u32,
+        q_offset: s.q_offset as u32,
     };
     let spec = KernelSpec::new(&kernel_sources::ATTENTION, OP);
     let args = [

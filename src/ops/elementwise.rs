@@ -1,4 +1,4 @@
-//! Elementwise f32 ops (shaders/elementwise.wgsl): add, scale, axpy.
+//! Elementwise f32 ops (shaders/elementwise.wgsl): add, scale, axpy, copy.
 
 use super::{check_f32, grid_2d, shape_err, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
@@ -8,6 +8,7 @@ struct Params {
     n: u32,
     gx: u32,
     alpha: f32,
+    offset: u32,
 }
 
 fn record(
@@ -19,15 +20,29 @@ fn record(
     out: &Tensor,
     alpha: f32,
 ) -> Result<()> {
+    record_at(ctx, step, entry, x, y, out, alpha, 0)
+}
+
+/// Records one elementwise dispatch over `x`'s elements, writing `out` from element `offset`.
+fn record_at(
+    ctx: &Context,
+    step: &mut Step,
+    entry: &'static str,
+    x: &Tensor,
+    y: &Tensor,
+    out: &Tensor,
+    alpha: f32,
+    offset: usize,
+) -> Result<()> {
     for t in [x, y, out] {
         check_f32(entry, t)?;
     }
     for t in [x, y] {
-        if t.numel() != out.numel() {
+        if t.numel() + offset > out.numel() || (entry != "copy_forward" && t.numel() != out.numel()) {
             return Err(shape_err(
                 entry,
                 format!(
-                    "tensor {:?} {:?} and output {:?} {:?} differ in size",
+                    "tensor {:?} {:?} does not fit output {:?} {:?} at element offset {offset}",
                     t.label(),
                     t.shape(),
                     out.label(),
@@ -38,70 +53,33 @@ fn record(
         if t.overlaps(out) {
             return Err(shape_err(
                 entry,
-                format!(
-                    "input {:?} overlaps output {:?}; use a separate output",
-                    t.label(),
-                    out.label()
-                ),
+                format!("input {:?} overlaps output {:?}; use a separate output", t.label(), out.label()),
             ));
         }
     }
-    let n = out.numel();
-    let groups = grid_2d(
-        n.div_ceil(256) as u64,
-        ctx.limits().max_workgroups_per_dimension,
-    );
-    let params = uniform(
-        entry,
-        &Params {
-            n: n as u32,
-            gx: groups[0],
-            alpha,
-        },
-    )?;
+    let n = x.numel();
+    let groups = grid_2d(n.div_ceil(256) as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(entry, &Params { n: n as u32, gx: groups[0], alpha, offset: offset as u32 })?;
     let spec = KernelSpec::new(&kernel_sources::ELEMENTWISE, entry);
-    ctx.record(
-        step,
-        &spec,
-        &[
-            Arg::Uniform(params),
-            Arg::Read(x),
-            Arg::Read(y),
-            Arg::Write(out),
-        ],
-        groups,
-    )
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(x), Arg::Read(y), Arg::Write(out)], groups)
 }
 
 /// `out = x + y`.
-pub fn add_forward(
-    ctx: &Context,
-    step: &mut Step,
-    x: &Tensor,
-    y: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
+pub fn add_forward(ctx: &Context, step: &mut Step, x: &Tensor, y: &Tensor, out: &Tensor) -> Result<()> {
     record(ctx, step, "add_forward", x, y, out, 1.0)
 }
 
 /// `out = alpha * x`.
-pub fn scale_forward(
-    ctx: &Context,
-    step: &mut Step,
-    x: &Tensor,
-    alpha: f32,
-    out: &Tensor,
-) -> Result<()> {
+pub fn scale_forward(ctx: &Context, step: &mut Step, x: &Tensor, alpha: f32, out: &Tensor) -> Result<()> {
     record(ctx, step, "scale_forward", x, x, out, alpha)
 }
 
 /// `out += alpha * x`.
-pub fn axpy_forward(
-    ctx: &Context,
-    step: &mut Step,
-    alpha: f32,
-    x: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
+pub fn axpy_forward(ctx: &Context, step: &mut Step, alpha: f32, x: &Tensor, out: &Tensor) -> Result<()> {
     record(ctx, step, "axpy_forward", x, x, out, alpha)
+}
+
+/// `out[offset..offset + x.len()] = x` (appends rows to a cache without bind-offset alignment).
+pub fn copy_forward(ctx: &Context, step: &mut Step, x: &Tensor, out: &Tensor, offset: usize) -> Result<()> {
+    record_at(ctx, step, "copy_forward", x, x, out, 1.0, offset)
 }

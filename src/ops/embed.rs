@@ -12,48 +12,20 @@ struct Params {
 
 /// `out[t] = table[ids[t]]` with ids `(tokens,)` u32, table `(vocab, dim)`, out `(tokens, dim)`.
 /// Ids must already be checked against the vocabulary (see `Model::check_ids`).
-pub fn embed_forward(
-    ctx: &Context,
-    step: &mut Step,
-    ids: &Tensor,
-    table: &Tensor,
-    out: &Tensor,
-) -> Result<()> {
+pub fn embed_forward(ctx: &Context, step: &mut Step, ids: &Tensor, table: &Tensor, out: &Tensor) -> Result<()> {
     const OP: &str = "embed_forward";
     check_f32(OP, table)?;
     check_f32(OP, out)?;
     if ids.dtype() != DType::U32 || table.shape().len() != 2 {
         return Err(shape_err(
             OP,
-            format!(
-                "ids {:?} must be u32 and table {:?} {:?} 2-D",
-                ids.label(),
-                table.label(),
-                table.shape()
-            ),
+            format!("ids {:?} must be u32 and table {:?} {:?} 2-D", ids.label(), table.label(), table.shape()),
         ));
     }
     let dim = table.shape()[1];
     check_numel(OP, out, ids.numel() * dim, "(tokens, dim)")?;
     let groups = grid_for(ctx, out.numel(), 256);
-    let params = uniform(
-        OP,
-        &Params {
-            tokens: ids.numel() as u32,
-            dim: dim as u32,
-            gx: groups[0],
-        },
-    )?;
+    let params = uniform(OP, &Params { tokens: ids.numel() as u32, dim: dim as u32, gx: groups[0] })?;
     let spec = KernelSpec::new(&kernel_sources::EMBED, OP);
-    ctx.record(
-        step,
-        &spec,
-        &[
-            Arg::Uniform(params),
-            Arg::Read(ids),
-            Arg::Read(table),
-            Arg::Write(out),
-        ],
-        groups,
-    )
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(ids), Arg::Read(table), Arg::Write(out)], groups)
 }

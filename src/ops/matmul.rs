@@ -39,13 +39,7 @@ pub struct Matmul {
 
 impl Default for Matmul {
     fn default() -> Self {
-        Matmul {
-            trans_a: false,
-            trans_b: false,
-            alpha: 1.0,
-            accumulate: false,
-            path: MatmulPath::Auto,
-        }
+        Matmul { trans_a: false, trans_b: false, alpha: 1.0, accumulate: false, path: MatmulPath::Auto }
     }
 }
 
@@ -56,17 +50,11 @@ impl Matmul {
     }
     /// `C = A·Bᵀ` (a linear layer's forward).
     pub fn nt() -> Self {
-        Matmul {
-            trans_b: true,
-            ..Self::default()
-        }
+        Matmul { trans_b: true, ..Self::default() }
     }
     /// `C = Aᵀ·B` (a linear layer's weight gradient).
     pub fn tn() -> Self {
-        Matmul {
-            trans_a: true,
-            ..Self::default()
-        }
+        Matmul { trans_a: true, ..Self::default() }
     }
     pub fn alpha(self, alpha: f32) -> Self {
         Matmul { alpha, ..self }
@@ -110,13 +98,7 @@ fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
     match *t.shape() {
         [r, c] => Ok((1, r, c)),
         [b, r, c] => Ok((b, r, c)),
-        ref s => Err(shape_err(
-            OP,
-            format!(
-                "tensor {:?} has shape {s:?}; expected 2 or 3 dimensions",
-                t.label()
-            ),
-        )),
+        ref s => Err(shape_err(OP, format!("tensor {:?} has shape {s:?}; expected 2 or 3 dimensions", t.label()))),
     }
 }
 
@@ -124,14 +106,7 @@ fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
 ///
 /// Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N); each may carry a leading batch
 /// dimension. A 2-D operand is shared by every batch of a 3-D C.
-pub fn matmul(
-    ctx: &Context,
-    step: &mut Step,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    opts: Matmul,
-) -> Result<MatmulPath> {
+pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<MatmulPath> {
     let params = check_shapes(ctx, a, b, c, opts)?;
     let sg = ctx.subgroup_size().filter(|s| (4..=128).contains(s));
     match (opts.path, sg) {
@@ -148,12 +123,7 @@ pub fn matmul(
                 .constant("TRANS_A", opts.trans_a as u32 as f64)
                 .constant("TRANS_B", opts.trans_b as u32 as f64);
             let groups = [params.n.div_ceil(64), params.m.div_ceil(64), params.batch];
-            let args = [
-                Arg::Uniform(uniform(OP, &params)?),
-                Arg::Read(a),
-                Arg::Read(b),
-                Arg::Write(c),
-            ];
+            let args = [Arg::Uniform(uniform(OP, &params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
             ctx.record(step, &spec, &args, groups)?;
             Ok(MatmulPath::Portable)
         }
@@ -173,10 +143,7 @@ pub fn matmul_with_subgroup_size(
 ) -> Result<()> {
     let params = check_shapes(ctx, a, b, c, opts)?;
     if !ctx.features().subgroups {
-        return Err(GpuError::MissingFeature {
-            feature: "subgroup operations",
-            adapter: ctx.info().name.clone(),
-        });
+        return Err(GpuError::MissingFeature { feature: "subgroup operations", adapter: ctx.info().name.clone() });
     }
     record_subgroup(ctx, step, a, b, c, &params, opts, s)
 }
@@ -210,29 +177,17 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
     if am != m || bn != n || bk != k {
         return Err(shape_err(
             OP,
-            format!(
-                "shapes do not chain: {}; need op(A) (M, K), op(B) (K, N), C (M, N)",
-                describe()
-            ),
+            format!("shapes do not chain: {}; need op(A) (M, K), op(B) (K, N), C (M, N)", describe()),
         ));
     }
     if [ba, bb].iter().any(|&tb| tb != 1 && tb != batch) {
         return Err(shape_err(OP, format!("batch sizes differ: {}", describe())));
     }
     if batch > ctx.limits().max_workgroups_per_dimension as usize {
-        return Err(shape_err(
-            OP,
-            format!(
-                "batch {batch} exceeds the device's grid limit: {}",
-                describe()
-            ),
-        ));
+        return Err(shape_err(OP, format!("batch {batch} exceeds the device's grid limit: {}", describe())));
     }
     if a.overlaps(c) || b.overlaps(c) {
-        return Err(shape_err(
-            OP,
-            format!("an input overlaps the output: {}", describe()),
-        ));
+        return Err(shape_err(OP, format!("an input overlaps the output: {}", describe())));
     }
     let per = |t: &Tensor, tb: usize| {
         if tb == batch && batch > 1 {
@@ -265,12 +220,7 @@ fn record_subgroup(
     s: u32,
 ) -> Result<()> {
     let (spec, groups) = subgroup_spec(s, params, opts.trans_a, opts.trans_b);
-    let args = [
-        Arg::Uniform(uniform(OP, params)?),
-        Arg::Read(a),
-        Arg::Read(b),
-        Arg::Write(c),
-    ];
+    let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
     ctx.record(step, &spec, &args, groups)
 }
 
@@ -290,14 +240,7 @@ fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpe
 
 /// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
 /// lane. Public so that the WGSL validation test can expand it for many sizes.
-pub fn subgroup_kernel(
-    s: u32,
-    tm: u32,
-    tnv: u32,
-    trans_a: bool,
-    trans_b: bool,
-    vec: bool,
-) -> KernelSpec {
+pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
     KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
         .flag("VEC", vec)
         .var("S", s)
@@ -331,11 +274,7 @@ fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> Str
     if !trans_a {
         // Row r of the tile is loaded by lane r % s into slot r / s.
         for slot in 0..tm.div_ceil(s) {
-            let _ = writeln!(
-                w,
-                "{ind2}let a{slot} = a_row4(base_a, row0 + lane + {}u, k);",
-                s * slot
-            );
+            let _ = writeln!(w, "{ind2}let a{slot} = a_row4(base_a, row0 + lane + {}u, k);", s * slot);
         }
     } else {
         // Rows 4g..4g+4 are loaded by lane g % s into slot g / s, as four vec4 over rows.
@@ -351,50 +290,29 @@ fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> Str
     }
     for v in 0..tnv {
         let cols: Vec<String> = if !trans_b {
-            (0..4)
-                .map(|j| format!("b_row4(base_b, k + {j}u, n{v})"))
-                .collect()
+            (0..4).map(|j| format!("b_row4(base_b, k + {j}u, n{v})")).collect()
         } else {
-            (0..4)
-                .map(|q| format!("b_col4(base_b, n{v} + {q}u, k)"))
-                .collect()
+            (0..4).map(|q| format!("b_col4(base_b, n{v} + {q}u, k)")).collect()
         };
         let m = format!("mat4x4<f32>({})", cols.join(", "));
         // Loaded by columns of B (rows of op(B)ᵀ): transposing is free on CPU drivers, where
         // each vector component is a separate SIMD register anyway.
-        let m = if trans_b {
-            format!("transpose({m})")
-        } else {
-            m
-        };
+        let m = if trans_b { format!("transpose({m})") } else { m };
         let _ = writeln!(w, "{ind2}let b{v} = {m};");
     }
     for r in 0..tm {
         if !trans_a {
-            let _ = writeln!(
-                w,
-                "{ind2}let x{r} = subgroupBroadcast(a{}, {}u);",
-                r / s,
-                r % s
-            );
+            let _ = writeln!(w, "{ind2}let x{r} = subgroupBroadcast(a{}, {}u);", r / s, r % s);
         } else {
             // Broadcast each group's four vec4 once, then assemble its four rows.
             let g = r / 4;
             if r % 4 == 0 {
                 for j in 0..4 {
-                    let _ = writeln!(
-                        w,
-                        "{ind2}let w{g}_{j} = subgroupBroadcast(a{}_{j}, {}u);",
-                        g / s,
-                        g % s
-                    );
+                    let _ = writeln!(w, "{ind2}let w{g}_{j} = subgroupBroadcast(a{}_{j}, {}u);", g / s, g % s);
                 }
             }
             let c = ["x", "y", "z", "w"][(r % 4) as usize];
-            let _ = writeln!(
-                w,
-                "{ind2}let x{r} = vec4<f32>(w{g}_0.{c}, w{g}_1.{c}, w{g}_2.{c}, w{g}_3.{c});"
-            );
+            let _ = writeln!(w, "{ind2}let x{r} = vec4<f32>(w{g}_0.{c}, w{g}_1.{c}, w{g}_2.{c}, w{g}_3.{c});");
         }
         for v in 0..tnv {
             let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");

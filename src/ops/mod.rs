@@ -19,15 +19,9 @@ pub mod xent;
 use crate::gpu::{GpuError, Result, Tensor};
 
 /// Lays out a uniform struct with WGSL's alignment rules.
-pub(crate) fn uniform<T: encase::ShaderType + encase::internal::WriteInto>(
-    kernel: &str,
-    value: &T,
-) -> Result<Vec<u8>> {
+pub(crate) fn uniform<T: encase::ShaderType + encase::internal::WriteInto>(kernel: &str, value: &T) -> Result<Vec<u8>> {
     let mut buf = encase::UniformBuffer::new(Vec::new());
-    buf.write(value).map_err(|source| GpuError::Uniform {
-        kernel: kernel.to_string(),
-        source,
-    })?;
+    buf.write(value).map_err(|source| GpuError::Uniform { kernel: kernel.to_string(), source })?;
     Ok(buf.into_inner())
 }
 
@@ -44,10 +38,7 @@ pub(crate) fn grid_2d(count: u64, limit: u32) -> [u32; 3] {
 
 /// The grid for `n` invocations in workgroups of `wg`.
 pub(crate) fn grid_for(ctx: &crate::gpu::Context, n: usize, wg: usize) -> [u32; 3] {
-    grid_2d(
-        n.div_ceil(wg) as u64,
-        ctx.limits().max_workgroups_per_dimension,
-    )
+    grid_2d(n.div_ceil(wg) as u64, ctx.limits().max_workgroups_per_dimension)
 }
 
 /// Checks a tensor's element count, naming it and the expected shape in the error.
@@ -72,20 +63,10 @@ pub(crate) fn shape_err(op: &'static str, message: String) -> GpuError {
 
 pub(crate) fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
     if t.dtype() != crate::gpu::DType::F32 {
-        return Err(shape_err(
-            op,
-            format!(
-                "tensor {:?} is {:?}; this op takes f32",
-                t.label(),
-                t.dtype()
-            ),
-        ));
+        return Err(shape_err(op, format!("tensor {:?} is {:?}; this op takes f32", t.label(), t.dtype())));
     }
     if t.numel() == 0 {
-        return Err(shape_err(
-            op,
-            format!("tensor {:?} of shape {:?} is empty", t.label(), t.shape()),
-        ));
+        return Err(shape_err(op, format!("tensor {:?} of shape {:?} is empty", t.label(), t.shape())));
     }
     Ok(())
 }

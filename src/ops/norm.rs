@@ -31,26 +31,12 @@ pub fn rmsnorm_forward(
     check_numel(OP, out, rows * dim, "x's shape")?;
     check_numel(OP, rstd, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(
-        OP,
-        &Params {
-            rows: rows as u32,
-            dim: dim as u32,
-            gx: groups[0],
-            eps,
-        },
-    )?;
+    let params = uniform(OP, &Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps })?;
     let spec = KernelSpec::new(&kernel_sources::NORM, OP);
     ctx.record(
         step,
         &spec,
-        &[
-            Arg::Uniform(params),
-            Arg::Read(x),
-            Arg::Read(w),
-            Arg::Write(out),
-            Arg::Write(rstd),
-        ],
+        &[Arg::Uniform(params), Arg::Read(x), Arg::Read(w), Arg::Write(out), Arg::Write(rstd)],
         groups,
     )
 }

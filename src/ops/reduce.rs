@@ -15,44 +15,28 @@ struct Params {
 /// `out = sum over dim` of `x` (or the mean when `mean`), where `out` has `x`'s shape without
 /// that dimension. The order of summation is fixed by the shapes, so results are bit-identical
 /// from run to run.
-pub fn reduce_forward(
-    ctx: &Context,
-    step: &mut Step,
-    x: &Tensor,
-    dim: usize,
-    mean: bool,
-    out: &Tensor,
-) -> Result<()> {
+pub fn reduce_forward(ctx: &Context, step: &mut Step, x: &Tensor, dim: usize, mean: bool, out: &Tensor) -> Result<()> {
     const OP: &str = "reduce_forward";
     check_f32(OP, x)?;
     check_f32(OP, out)?;
     let shape = x.shape();
     if dim >= shape.len() {
+        return Err(shape_err(OP, format!("dim {dim} is out of range for tensor {:?} of shape {shape:?}", x.label())));
+    }
+    let expect: Vec<usize> = shape.iter().enumerate().filter(|&(i, _)| i != dim).map(|(_, &s)| s).collect();
+    if out.numel() != expect.iter().product::<usize>() {
         return Err(shape_err(
             OP,
             format!(
-                "dim {dim} is out of range for tensor {:?} of shape {shape:?}",
+                "output {:?} has shape {:?}; reducing {:?} {shape:?} over dim {dim} gives {expect:?}",
+                out.label(),
+                out.shape(),
                 x.label()
             ),
         ));
     }
-    let expect: Vec<usize> = shape
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != dim)
-        .map(|(_, &s)| s)
-        .collect();
-    if out.numel() != expect.iter().product::<usize>() {
-        return Err(shape_err(
-            OP,
-            format!("output {:?} has shape {:?}; reducing {:?} {shape:?} over dim {dim} gives {expect:?}", out.label(), out.shape(), x.label()),
-        ));
-    }
     if x.overlaps(out) {
-        return Err(shape_err(
-            OP,
-            format!("input {:?} overlaps output {:?}", x.label(), out.label()),
-        ));
+        return Err(shape_err(OP, format!("input {:?} overlaps output {:?}", x.label(), out.label())));
     }
     let outer: usize = shape[..dim].iter().product();
     let d = shape[dim];
@@ -67,21 +51,7 @@ pub fn reduce_forward(
         ("reduce_columns_forward", grid_2d(count.div_ceil(64), limit))
     };
     let scale = if mean { 1.0 / d as f32 } else { 1.0 };
-    let params = uniform(
-        OP,
-        &Params {
-            outer: outer as u32,
-            d: d as u32,
-            inner: inner as u32,
-            gx: groups[0],
-            scale,
-        },
-    )?;
+    let params = uniform(OP, &Params { outer: outer as u32, d: d as u32, inner: inner as u32, gx: groups[0], scale })?;
     let spec = KernelSpec::new(&kernel_sources::REDUCE, entry);
-    ctx.record(
-        step,
-        &spec,
-        &[Arg::Uniform(params), Arg::Read(x), Arg::Write(out)],
-        groups,
-    )
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(x), Arg::Write(out)], groups)
 }

@@ -28,10 +28,7 @@ pub fn xent_forward(
         check_f32(OP, t)?;
     }
     if targets.dtype() != DType::U32 {
-        return Err(shape_err(
-            OP,
-            format!("targets {:?} must be u32", targets.label()),
-        ));
+        return Err(shape_err(OP, format!("targets {:?} must be u32", targets.label())));
     }
     let rows = targets.numel();
     let vocab = logits.numel() / rows.max(1);
@@ -39,25 +36,12 @@ pub fn xent_forward(
     check_numel(OP, loss, rows, "(rows,)")?;
     check_numel(OP, lse, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(
-        OP,
-        &Params {
-            rows: rows as u32,
-            vocab: vocab as u32,
-            gx: groups[0],
-        },
-    )?;
+    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0] })?;
     let spec = KernelSpec::new(&kernel_sources::XENT, OP);
     ctx.record(
         step,
         &spec,
-        &[
-            Arg::Uniform(params),
-            Arg::Read(logits),
-            Arg::Read(targets),
-            Arg::Write(loss),
-            Arg::Write(lse),
-        ],
+        &[Arg::Uniform(params), Arg::Read(logits), Arg::Read(targets), Arg::Write(loss), Arg::Write(lse)],
         groups,
     )
 }

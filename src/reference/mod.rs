@@ -4,31 +4,15 @@
 pub mod model;
 
 /// `op(A)·op(B)` for one (M, K) × (K, N) product; layouts as in `ops::matmul`.
-pub fn matmul(
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    trans_a: bool,
-    trans_b: bool,
-) -> Vec<f64> {
+pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, trans_a: bool, trans_b: bool) -> Vec<f64> {
     assert_eq!(a.len(), m * k, "A must hold M*K values");
     assert_eq!(b.len(), k * n, "B must hold K*N values");
     let mut c = vec![0.0f64; m * n];
     for i in 0..m {
         for kk in 0..k {
-            let av = if trans_a {
-                a[kk * m + i]
-            } else {
-                a[i * k + kk]
-            } as f64;
+            let av = if trans_a { a[kk * m + i] } else { a[i * k + kk] } as f64;
             for j in 0..n {
-                let bv = if trans_b {
-                    b[j * k + kk]
-                } else {
-                    b[kk * n + j]
-                } as f64;
+                let bv = if trans_b { b[j * k + kk] } else { b[kk * n + j] } as f64;
                 c[i * n + j] += av * bv;
             }
         }
@@ -54,10 +38,7 @@ pub fn reduce(x: &[f32], outer: usize, d: usize, inner: usize, mean: bool) -> Ve
 }
 
 pub fn add(x: &[f32], y: &[f32]) -> Vec<f64> {
-    x.iter()
-        .zip(y)
-        .map(|(&a, &b)| a as f64 + b as f64)
-        .collect()
+    x.iter().zip(y).map(|(&a, &b)| a as f64 + b as f64).collect()
 }
 
 pub fn scale(x: &[f32], alpha: f32) -> Vec<f64> {
@@ -65,19 +46,13 @@ pub fn scale(x: &[f32], alpha: f32) -> Vec<f64> {
 }
 
 pub fn axpy(alpha: f32, x: &[f32], out: &[f32]) -> Vec<f64> {
-    x.iter()
-        .zip(out)
-        .map(|(&a, &o)| o as f64 + alpha as f64 * a as f64)
-        .collect()
+    x.iter().zip(out).map(|(&a, &o)| o as f64 + alpha as f64 * a as f64).collect()
 }
 
 /// RMSNorm over rows of `x` `(rows, dim)`: (out, rstd).
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>) {
     let dim = w.len();
-    let wt = crate::model::HostTensor {
-        shape: vec![dim],
-        data: w.to_vec(),
-    };
+    let wt = crate::model::HostTensor { shape: vec![dim], data: w.to_vec() };
     let mut out = Vec::with_capacity(x.len());
     let mut rstd = Vec::new();
     for row in x.chunks(dim) {
@@ -112,23 +87,12 @@ pub fn attention_forward(
     d: usize,
 ) -> (Vec<f64>, Vec<f64>) {
     let rows = |x: &[f32], w: usize, b: usize| -> Vec<Vec<f64>> {
-        (0..seq)
-            .map(|t| {
-                x[(b * seq + t) * w..(b * seq + t + 1) * w]
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect()
-            })
-            .collect()
+        (0..seq).map(|t| x[(b * seq + t) * w..(b * seq + t + 1) * w].iter().map(|&v| v as f64).collect()).collect()
     };
     let mut out = Vec::new();
     let mut lse = vec![0.0; batch * heads * seq];
     for b in 0..batch {
-        let (qb, kb, vb) = (
-            rows(q, heads * d, b),
-            rows(k, kv_heads * d, b),
-            rows(v, kv_heads * d, b),
-        );
+        let (qb, kb, vb) = (rows(q, heads * d, b), rows(k, kv_heads * d, b), rows(v, kv_heads * d, b));
         for o in model::attention(&qb, &kb, &vb, heads, kv_heads, d) {
             out.extend(o);
         }
@@ -136,17 +100,10 @@ pub fn attention_forward(
         for h in 0..heads {
             let g = h / (heads / kv_heads);
             for t in 0..seq {
-                let s: Vec<f64> = (0..=t)
-                    .map(|s| {
-                        (0..d)
-                            .map(|i| qb[t][h * d + i] * kb[s][g * d + i])
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
+                let s: Vec<f64> =
+                    (0..=t).map(|s| (0..d).map(|i| qb[t][h * d + i] * kb[s][g * d + i]).sum::<f64>() * scale).collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                lse[(b * heads + h) * seq + t] =
-                    m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                lse[(b * heads + h) * seq + t] = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
             }
         }
     }
@@ -155,21 +112,12 @@ pub fn attention_forward(
 
 /// `silu(gate) · up`.
 pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f64> {
-    gate.iter()
-        .zip(up)
-        .map(|(&g, &u)| model::silu(g as f64) * u as f64)
-        .collect()
+    gate.iter().zip(up).map(|(&g, &u)| model::silu(g as f64) * u as f64).collect()
 }
 
 /// Rows of `table` `(vocab, dim)` at `ids`.
 pub fn embed_forward(ids: &[u32], table: &[f32], dim: usize) -> Vec<f64> {
-    ids.iter()
-        .flat_map(|&i| {
-            table[i as usize * dim..(i as usize + 1) * dim]
-                .iter()
-                .map(|&v| v as f64)
-        })
-        .collect()
+    ids.iter().flat_map(|&i| table[i as usize * dim..(i as usize + 1) * dim].iter().map(|&v| v as f64)).collect()
 }
 
 /// Per-row cross-entropy of logits `(rows, vocab)`: (loss, lse); `u32::MAX` targets give 0.
@@ -182,11 +130,7 @@ pub fn xent_forward(logits: &[f32], targets: &[u32]) -> (Vec<f64>, Vec<f64>) {
         let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let l = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
         lse.push(l);
-        loss.push(if t == u32::MAX {
-            0.0
-        } else {
-            l - z[t as usize]
-        });
+        loss.push(if t == u32::MAX { 0.0 } else { l - z[t as usize] });
     }
     (loss, lse)
 }

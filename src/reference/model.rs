@@ -37,13 +37,7 @@ impl M<'_> {
     /// `y = x · Wᵀ` for W `(out, in)` (nn.Linear).
     fn linear(&self, x: &[f64]) -> Vec<f64> {
         let (out, inp) = (self.t.shape[0], self.t.shape[1]);
-        (0..out)
-            .map(|o| {
-                (0..inp)
-                    .map(|i| self.t.data[o * inp + i] as f64 * x[i])
-                    .sum()
-            })
-            .collect()
+        (0..out).map(|o| (0..inp).map(|i| self.t.data[o * inp + i] as f64 * x[i]).sum()).collect()
     }
     /// `y = x · W + b` for W `(in, out)` (GPT-2's Conv1D).
     fn conv1d(&self, x: &[f64], b: &HostTensor) -> Vec<f64> {
@@ -61,10 +55,7 @@ impl M<'_> {
 pub(crate) fn rmsnorm(x: &[f64], w: &HostTensor, eps: f64) -> Vec<f64> {
     let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
     let r = 1.0 / (ms + eps).sqrt();
-    x.iter()
-        .zip(&w.data)
-        .map(|(v, &g)| v * r * g as f64)
-        .collect()
+    x.iter().zip(&w.data).map(|(v, &g)| v * r * g as f64).collect()
 }
 
 fn layernorm(x: &[f64], w: &HostTensor, b: &HostTensor, eps: f64) -> Vec<f64> {
@@ -72,10 +63,7 @@ fn layernorm(x: &[f64], w: &HostTensor, b: &HostTensor, eps: f64) -> Vec<f64> {
     let mean = x.iter().sum::<f64>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
     let r = 1.0 / (var + eps).sqrt();
-    x.iter()
-        .zip(w.data.iter().zip(&b.data))
-        .map(|(v, (&g, &bb))| (v - mean) * r * g as f64 + bb as f64)
-        .collect()
+    x.iter().zip(w.data.iter().zip(&b.data)).map(|(v, (&g, &bb))| (v - mean) * r * g as f64 + bb as f64).collect()
 }
 
 fn gelu_tanh(x: f64) -> f64 {
@@ -117,13 +105,7 @@ pub(crate) fn attention(
             let kh = h / group;
             let qh = &q[t][h * hd..(h + 1) * hd];
             let scores: Vec<f64> = (0..=t)
-                .map(|s| {
-                    qh.iter()
-                        .zip(&k[s][kh * hd..(kh + 1) * hd])
-                        .map(|(a, b)| a * b)
-                        .sum::<f64>()
-                        * scale
-                })
+                .map(|s| qh.iter().zip(&k[s][kh * hd..(kh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() * scale)
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
@@ -142,22 +124,12 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
     let c = &w.config;
     let g = |n: &str| w.get(n);
     let (emb_name, head_name) = match c.arch {
-        Arch::Llama => (
-            "model.embed_tokens.weight",
-            if c.tie_embeddings {
-                "model.embed_tokens.weight"
-            } else {
-                "lm_head.weight"
-            },
-        ),
-        Arch::Gpt2 => (
-            "transformer.wte.weight",
-            if c.tie_embeddings {
-                "transformer.wte.weight"
-            } else {
-                "lm_head.weight"
-            },
-        ),
+        Arch::Llama => {
+            ("model.embed_tokens.weight", if c.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" })
+        }
+        Arch::Gpt2 => {
+            ("transformer.wte.weight", if c.tie_embeddings { "transformer.wte.weight" } else { "lm_head.weight" })
+        }
     };
     let emb = g(emb_name)?;
     let width = c.hidden_size;
@@ -166,16 +138,10 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
         .enumerate()
         .map(|(pos, &id)| {
             let id = id as usize;
-            let mut row: Vec<f64> = emb.data[id * width..(id + 1) * width]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
+            let mut row: Vec<f64> = emb.data[id * width..(id + 1) * width].iter().map(|&v| v as f64).collect();
             if c.arch == Arch::Gpt2 {
                 let wpe = &w.tensors["transformer.wpe.weight"];
-                for (r, &p) in row
-                    .iter_mut()
-                    .zip(&wpe.data[pos * width..(pos + 1) * width])
-                {
+                for (r, &p) in row.iter_mut().zip(&wpe.data[pos * width..(pos + 1) * width]) {
                     *r += p as f64;
                 }
             }
@@ -189,18 +155,10 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
                 let p = format!("model.layers.{l}");
                 let ln1 = g(&format!("{p}.input_layernorm.weight"))?;
                 let (wq, wk, wv, wo) = (
-                    M {
-                        t: g(&format!("{p}.self_attn.q_proj.weight"))?,
-                    },
-                    M {
-                        t: g(&format!("{p}.self_attn.k_proj.weight"))?,
-                    },
-                    M {
-                        t: g(&format!("{p}.self_attn.v_proj.weight"))?,
-                    },
-                    M {
-                        t: g(&format!("{p}.self_attn.o_proj.weight"))?,
-                    },
+                    M { t: g(&format!("{p}.self_attn.q_proj.weight"))? },
+                    M { t: g(&format!("{p}.self_attn.k_proj.weight"))? },
+                    M { t: g(&format!("{p}.self_attn.v_proj.weight"))? },
+                    M { t: g(&format!("{p}.self_attn.o_proj.weight"))? },
                 );
                 let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
                 for (pos, xt) in x.iter().enumerate() {
@@ -220,27 +178,17 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
                 let att = attention(&q, &k, &v, heads, kvh, hd);
                 let ln2 = g(&format!("{p}.post_attention_layernorm.weight"))?;
                 let (wg, wu, wd) = (
-                    M {
-                        t: g(&format!("{p}.mlp.gate_proj.weight"))?,
-                    },
-                    M {
-                        t: g(&format!("{p}.mlp.up_proj.weight"))?,
-                    },
-                    M {
-                        t: g(&format!("{p}.mlp.down_proj.weight"))?,
-                    },
+                    M { t: g(&format!("{p}.mlp.gate_proj.weight"))? },
+                    M { t: g(&format!("{p}.mlp.up_proj.weight"))? },
+                    M { t: g(&format!("{p}.mlp.down_proj.weight"))? },
                 );
                 for (xt, at) in x.iter_mut().zip(&att) {
                     for (a, b) in xt.iter_mut().zip(wo.linear(at)) {
                         *a += b;
                     }
                     let h = rmsnorm(xt, ln2, c.norm_eps);
-                    let act: Vec<f64> = wg
-                        .linear(&h)
-                        .into_iter()
-                        .zip(wu.linear(&h))
-                        .map(|(a, b)| silu(a) * b)
-                        .collect();
+                    let act: Vec<f64> =
+                        wg.linear(&h).into_iter().zip(wu.linear(&h)).map(|(a, b)| silu(a) * b).collect();
                     for (a, b) in xt.iter_mut().zip(wd.linear(&act)) {
                         *a += b;
                     }
@@ -252,38 +200,26 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
                 let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
                 for xt in &x {
                     let h = layernorm(xt, t("ln_1.weight")?, t("ln_1.bias")?, c.norm_eps);
-                    let qkv = M {
-                        t: t("attn.c_attn.weight")?,
-                    }
-                    .conv1d(&h, t("attn.c_attn.bias")?);
+                    let qkv = M { t: t("attn.c_attn.weight")? }.conv1d(&h, t("attn.c_attn.bias")?);
                     q.push(qkv[..width].to_vec());
                     k.push(qkv[width..2 * width].to_vec());
                     v.push(qkv[2 * width..].to_vec());
                 }
                 let att = attention(&q, &k, &v, heads, heads, hd);
                 for (xt, at) in x.iter_mut().zip(&att) {
-                    for (a, b) in xt.iter_mut().zip(
-                        M {
-                            t: t("attn.c_proj.weight")?,
-                        }
-                        .conv1d(at, t("attn.c_proj.bias")?),
-                    ) {
+                    for (a, b) in
+                        xt.iter_mut().zip(M { t: t("attn.c_proj.weight")? }.conv1d(at, t("attn.c_proj.bias")?))
+                    {
                         *a += b;
                     }
                     let h = layernorm(xt, t("ln_2.weight")?, t("ln_2.bias")?, c.norm_eps);
-                    let f: Vec<f64> = M {
-                        t: t("mlp.c_fc.weight")?,
-                    }
-                    .conv1d(&h, t("mlp.c_fc.bias")?)
-                    .into_iter()
-                    .map(gelu_tanh)
-                    .collect();
-                    for (a, b) in xt.iter_mut().zip(
-                        M {
-                            t: t("mlp.c_proj.weight")?,
-                        }
-                        .conv1d(&f, t("mlp.c_proj.bias")?),
-                    ) {
+                    let f: Vec<f64> = M { t: t("mlp.c_fc.weight")? }
+                        .conv1d(&h, t("mlp.c_fc.bias")?)
+                        .into_iter()
+                        .map(gelu_tanh)
+                        .collect();
+                    for (a, b) in xt.iter_mut().zip(M { t: t("mlp.c_proj.weight")? }.conv1d(&f, t("mlp.c_proj.bias")?))
+                    {
                         *a += b;
                     }
                 }
@@ -295,12 +231,7 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
         .map(|xt| {
             let h = match c.arch {
                 Arch::Llama => rmsnorm(xt, g("model.norm.weight")?, c.norm_eps),
-                Arch::Gpt2 => layernorm(
-                    xt,
-                    g("transformer.ln_f.weight")?,
-                    g("transformer.ln_f.bias")?,
-                    c.norm_eps,
-                ),
+                Arch::Gpt2 => layernorm(xt, g("transformer.ln_f.weight")?, g("transformer.ln_f.bias")?, c.norm_eps),
             };
             Ok(head.linear(&h))
         })
