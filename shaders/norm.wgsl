@@ -3,6 +3,10 @@
 // rmsnorm_forward: out[r, :] = x[r, :] · rstd[r] · w,  rstd[r] = 1 / sqrt(mean(x[r, :]²) + eps).
 // rstd is kept for the backward pass. One workgroup of 64 invocations per row: each sums the
 // squares of a strided slice, then a fixed pairwise tree combines them (deterministic).
+// rmsnorm_backward: given dy = dL/dout, writes dx = dresid + dL/dx where
+//   dL/dx_i = rstd · w_i · dy_i − rstd³ / dim · x_i · sum_j (w_j · dy_j · x_j).
+// dresid is the gradient arriving through the residual connection around the norm (the norm's
+// input also feeds the residual add), so the sum costs no extra pass; has_resid = 0 skips it.
 // Rows come from a 2-D grid: row = wg.y * gx + wg.x.
 
 struct Params {
@@ -10,6 +14,7 @@ struct Params {
     dim: u32,
     gx: u32,
     eps: f32,
+    has_resid: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -46,4 +51,43 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
         out[base + i] = x[base + i] * r * w[i];
     }
     if (t == 0u) { rstd[row] = r; }
+}
+
+// Backward bindings. They reuse binding numbers of the forward entry point: WGSL only requires
+// bindings to be distinct among the resources one entry point uses.
+@group(0) @binding(0) var<uniform> pb: Params;
+@group(0) @binding(1) var<storage, read> bx: array<f32>;          // (rows, dim) forward input
+@group(0) @binding(2) var<storage, read> bw: array<f32>;          // (dim,)
+@group(0) @binding(3) var<storage, read> brstd: array<f32>;       // (rows,)
+@group(0) @binding(4) var<storage, read> dy: array<f32>;          // (rows, dim)
+@group(0) @binding(5) var<storage, read> dresid: array<f32>;      // (rows, dim), unused if has_resid = 0
+@group(0) @binding(6) var<storage, read_write> dx: array<f32>;    // (rows, dim)
+
+@compute @workgroup_size(64, 1, 1)
+fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let row = wg.y * pb.gx + wg.x;
+    let valid = row < pb.rows;
+    let base = row * pb.dim;
+    var s = 0.0;
+    if (valid) {
+        for (var i = t; i < pb.dim; i += 64u) {
+            s += bw[i] * dy[base + i] * bx[base + i];
+        }
+    }
+    partial[t] = s;
+    workgroupBarrier();
+    for (var width = 32u; width > 0u; width /= 2u) {
+        if (t < width) {
+            partial[t] = partial[t] + partial[t + width];
+        }
+        workgroupBarrier();
+    }
+    if (!valid) { return; }
+    let r = brstd[row];
+    let c = r * r * r / f32(pb.dim) * partial[0];
+    for (var i = t; i < pb.dim; i += 64u) {
+        var g = r * bw[i] * dy[base + i] - c * bx[base + i];
+        if (pb.has_resid != 0u) { g += dresid[base + i]; }
+        dx[base + i] = g;
+    }
 }

@@ -4,11 +4,15 @@
 //   lse[r] = log(sum_j exp(logits[r, j])), loss[r] = lse[r] − logits[r, targets[r]],
 //   or loss[r] = 0 when targets[r] is IGNORE (0xffffffff: positions that predict nothing).
 // One workgroup of 256 per row; max and sum reduced with fixed trees (deterministic).
+// xent_backward: the gradient of scale · sum_r loss[r] with respect to the logits, written over
+// the logits in place (they are not needed afterwards):
+//   dlogits[r, j] = scale · (exp(logits[r, j] − lse[r]) − [j = targets[r]]), 0 for ignored rows.
 
 struct Params {
     rows: u32,
     vocab: u32,
     gx: u32,
+    scale: f32,
 }
 
 const IGNORE: u32 = 0xffffffffu;
@@ -57,5 +61,27 @@ fn xent_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
         } else {
             loss[row] = l - logits[base + tg];
         }
+    }
+}
+
+@group(0) @binding(1) var<storage, read_write> dlogits: array<f32>;  // (rows, vocab): logits in, gradient out
+@group(0) @binding(2) var<storage, read> btargets: array<u32>;       // (rows,)
+@group(0) @binding(3) var<storage, read> blse: array<f32>;           // (rows,)
+
+@compute @workgroup_size(256, 1, 1)
+fn xent_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let row = wg.y * p.gx + wg.x;
+    if (row >= p.rows) { return; }
+    let base = row * p.vocab;
+    let tg = btargets[row];
+    let l = blse[row];
+    for (var j = t; j < p.vocab; j += 256u) {
+        var g = 0.0;
+        if (tg != IGNORE) {
+            g = exp(dlogits[base + j] - l);
+            if (j == tg) { g -= 1.0; }
+            g *= p.scale;
+        }
+        dlogits[base + j] = g;
     }
 }

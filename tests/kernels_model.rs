@@ -197,3 +197,137 @@ fn xent_matches_reference() {
         assert_close(&ctx, &format!("xent lse {rows}x{vocab}"), &lse, &want_lse, TOL);
     }
 }
+
+/// Central finite differences of `loss` (an f64 function of f32 inputs) at `n` coordinates of
+/// `x`, compared with the GPU gradient `grad`. Returns the largest error relative to max|grad|.
+fn fd_error(x: &[f32], grad: &[f32], loss: &dyn Fn(&[f32]) -> f64, rng: &mut Rng, n: usize) -> f64 {
+    let scale = grad.iter().fold(0.0f32, |m, g| m.max(g.abs())).max(1e-12) as f64;
+    let mut worst = 0.0f64;
+    for _ in 0..n {
+        let i = (rng.next_u64() % x.len() as u64) as usize;
+        let eps = 1e-2f32 * x[i].abs().max(0.1);
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[i] += eps;
+        xm[i] -= eps;
+        let fd = (loss(&xp) - loss(&xm)) / (xp[i] as f64 - xm[i] as f64);
+        worst = worst.max((fd - grad[i] as f64).abs() / scale);
+    }
+    worst
+}
+
+fn dot(a: &[f64], c: &[f32]) -> f64 {
+    a.iter().zip(c).map(|(a, &c)| a * c as f64).sum()
+}
+
+const FD_TOL: f64 = 2e-3;
+
+#[test]
+fn rmsnorm_backward_matches_finite_differences() {
+    use portalora::ops::norm::rmsnorm_backward;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(41);
+    for (rows, dim) in [(1, 1), (7, 33), (3, 129)] {
+        let (x, w, c, r) = (rng.vec(rows * dim), rng.vec(dim), rng.vec(rows * dim), rng.vec(rows * dim));
+        let (xt, wt, ct, rt) = (
+            ctx.upload_f32("x", &[rows, dim], &x).unwrap(),
+            ctx.upload_f32("w", &[dim], &w).unwrap(),
+            ctx.upload_f32("dy", &[rows, dim], &c).unwrap(),
+            ctx.upload_f32("dresid", &[rows, dim], &r).unwrap(),
+        );
+        let (out, rstd, dx) =
+            (poisoned(&ctx, "out", &[rows, dim]), poisoned(&ctx, "rstd", &[rows]), poisoned(&ctx, "dx", &[rows, dim]));
+        let mut step = Step::new();
+        rmsnorm_forward(&ctx, &mut step, &xt, &wt, 1e-5, &out, &rstd).unwrap();
+        rmsnorm_backward(&ctx, &mut step, &xt, &wt, &rstd, &ct, Some(&rt), &dx).unwrap();
+        run(&ctx, step);
+        let grad = ctx.read_f32(&dx).unwrap();
+        // L(x) = c · rmsnorm(x) + r · x, so dL/dx = backward(c) + r.
+        let loss = |x: &[f32]| {
+            dot(&reference::rmsnorm_forward(x, &w, 1e-5).0, &c)
+                + dot(&x.iter().map(|&v| v as f64).collect::<Vec<_>>(), &r)
+        };
+        let err = fd_error(&x, &grad, &loss, &mut rng, 40);
+        assert!(err <= FD_TOL, "rmsnorm_backward {rows}x{dim}: {err:e}");
+    }
+}
+
+#[test]
+fn swiglu_backward_matches_finite_differences() {
+    use portalora::ops::act::swiglu_backward;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(42);
+    for n in [1, 7, 129, 1000] {
+        let (g, u, c) = (rng.vec(n).iter().map(|v| v * 4.0).collect::<Vec<f32>>(), rng.vec(n), rng.vec(n));
+        let (gt, ut, ct) = (
+            ctx.upload_f32("g", &[n], &g).unwrap(),
+            ctx.upload_f32("u", &[n], &u).unwrap(),
+            ctx.upload_f32("c", &[n], &c).unwrap(),
+        );
+        let (dg, du) = (poisoned(&ctx, "dg", &[n]), poisoned(&ctx, "du", &[n]));
+        let mut step = Step::new();
+        swiglu_backward(&ctx, &mut step, &gt, &ut, &ct, &dg, &du).unwrap();
+        run(&ctx, step);
+        let (dgv, duv) = (ctx.read_f32(&dg).unwrap(), ctx.read_f32(&du).unwrap());
+        let err_g = fd_error(&g, &dgv, &|g| dot(&reference::swiglu_forward(g, &u), &c), &mut rng, 30);
+        let err_u = fd_error(&u, &duv, &|u| dot(&reference::swiglu_forward(&g, u), &c), &mut rng, 30);
+        assert!(err_g <= FD_TOL && err_u <= FD_TOL, "swiglu_backward n={n}: {err_g:e} {err_u:e}");
+    }
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    use portalora::ops::attention::attention_backward;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(43);
+    for (batch, seq, heads, kv_heads, d) in [(1, 1, 1, 1, 2), (2, 7, 5, 1, 6), (1, 9, 4, 2, 8), (1, 33, 3, 3, 5)] {
+        let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
+        let (nq, nk) = (batch * seq * heads * d, batch * seq * kv_heads * d);
+        let (q, k, v, c) = (rng.vec(nq), rng.vec(nk), rng.vec(nk), rng.vec(nq));
+        let up = |l: &str, data: &[f32], n: usize| ctx.upload_f32(l, &[n], data).unwrap();
+        let (qt, kt, vt, ct) = (up("q", &q, nq), up("k", &k, nk), up("v", &v, nk), up("dout", &c, nq));
+        let (out, lse, dsum) = (
+            poisoned(&ctx, "out", &[nq]),
+            poisoned(&ctx, "lse", &[batch * heads * seq]),
+            poisoned(&ctx, "dsum", &[batch * heads * seq]),
+        );
+        let (dq, dk, dv) = (poisoned(&ctx, "dq", &[nq]), poisoned(&ctx, "dk", &[nk]), poisoned(&ctx, "dv", &[nk]));
+        let mut step = Step::new();
+        attention_forward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse).unwrap();
+        attention_backward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, &ct, &dq, &dk, &dv, &dsum).unwrap();
+        run(&ctx, step);
+        let f = |q: &[f32], k: &[f32], v: &[f32]| {
+            dot(&reference::attention_forward(q, k, v, batch, seq, heads, kv_heads, d).0, &c)
+        };
+        let e_q = fd_error(&q, &ctx.read_f32(&dq).unwrap(), &|x| f(x, &k, &v), &mut rng, 25);
+        let e_k = fd_error(&k, &ctx.read_f32(&dk).unwrap(), &|x| f(&q, x, &v), &mut rng, 25);
+        let e_v = fd_error(&v, &ctx.read_f32(&dv).unwrap(), &|x| f(&q, &k, x), &mut rng, 25);
+        assert!(
+            e_q <= FD_TOL && e_k <= FD_TOL && e_v <= FD_TOL,
+            "attention_backward {s:?}: dq {e_q:e} dk {e_k:e} dv {e_v:e}"
+        );
+    }
+}
+
+#[test]
+fn xent_backward_matches_finite_differences() {
+    use portalora::ops::xent::xent_backward;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(44);
+    for (rows, vocab) in [(1, 2), (7, 33), (5, 1000)] {
+        let logits: Vec<f32> = rng.vec(rows * vocab).iter().map(|v| v * 5.0).collect();
+        let targets: Vec<u32> =
+            (0..rows).map(|r| if r == 2 { IGNORE } else { (rng.next_u64() % vocab as u64) as u32 }).collect();
+        let scale = 1.0 / rows as f32;
+        let lt = ctx.upload_f32("logits", &[rows, vocab], &logits).unwrap();
+        let tt = ctx.upload_u32("targets", &[rows], &targets).unwrap();
+        let (loss, lse) = (poisoned(&ctx, "loss", &[rows]), poisoned(&ctx, "lse", &[rows]));
+        let mut step = Step::new();
+        xent_forward(&ctx, &mut step, &lt, &tt, &loss, &lse).unwrap();
+        xent_backward(&ctx, &mut step, &lt, &tt, &lse, scale).unwrap();
+        run(&ctx, step);
+        let grad = ctx.read_f32(&lt).unwrap();
+        let f = |x: &[f32]| reference::xent_forward(x, &targets).0.iter().sum::<f64>() * scale as f64;
+        let err = fd_error(&logits, &grad, &f, &mut rng, 40);
+        assert!(err <= FD_TOL, "xent_backward {rows}x{vocab}: {err:e}");
+    }
+}

@@ -22,3 +22,26 @@ pub fn swiglu_forward(ctx: &Context, step: &mut Step, gate: &Tensor, up: &Tensor
     let spec = KernelSpec::new(&kernel_sources::ACT, OP);
     ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(gate), Arg::Read(up), Arg::Write(out)], groups)
 }
+
+/// The gradient through [`swiglu_forward`]: `dgate`, `dup` from `dout` and the forward inputs.
+pub fn swiglu_backward(
+    ctx: &Context,
+    step: &mut Step,
+    gate: &Tensor,
+    up: &Tensor,
+    dout: &Tensor,
+    dgate: &Tensor,
+    dup: &Tensor,
+) -> Result<()> {
+    const OP: &str = "swiglu_backward";
+    for t in [gate, up, dout, dgate, dup] {
+        check_f32(OP, t)?;
+        check_numel(OP, t, gate.numel(), "gate's shape")?;
+    }
+    let groups = grid_for(ctx, gate.numel(), 256);
+    let params = uniform(OP, &Params { n: gate.numel() as u32, gx: groups[0] })?;
+    let spec = KernelSpec::new(&kernel_sources::ACT, OP);
+    let args =
+        [Arg::Uniform(params), Arg::Read(gate), Arg::Read(up), Arg::Read(dout), Arg::Write(dgate), Arg::Write(dup)];
+    ctx.record(step, &spec, &args, groups)
+}

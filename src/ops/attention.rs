@@ -79,3 +79,82 @@ pub fn attention_forward(
     ];
     ctx.record(step, &spec, &args, groups)
 }
+
+/// The gradient through [`attention_forward`] (training shapes: `q_offset == 0`): `dq`, `dk`,
+/// `dv` from `dout` and the forward's inputs, output and `lse`. `dsum` `(B, H, T)` is scratch.
+/// Key/value gradients sum over the query heads that share them.
+pub fn attention_backward(
+    ctx: &Context,
+    step: &mut Step,
+    s: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    dsum: &Tensor,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    for t in [q, k, v, out, lse, dout, dq, dk, dv, dsum] {
+        check_f32(OP, t)?;
+    }
+    if s.q_offset != 0 || s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256
+    {
+        return Err(shape_err(
+            OP,
+            format!("{s:?}: needs q_offset 0, heads a multiple of kv_heads, head_dim in 1..=256"),
+        ));
+    }
+    let (b, t, h, kv, d) = (s.batch, s.seq, s.heads, s.kv_heads, s.head_dim);
+    for x in [q, out, dout, dq] {
+        check_numel(OP, x, b * t * h * d, "(B, T, H, d)")?;
+    }
+    for x in [k, v, dk, dv] {
+        check_numel(OP, x, b * t * kv * d, "(B, T, KV, d)")?;
+    }
+    check_numel(OP, lse, b * h * t, "(B, H, T)")?;
+    check_numel(OP, dsum, b * h * t, "(B, H, T)")?;
+    let groups_q = grid_for(ctx, b * h * t, 64);
+    let groups_kv = grid_for(ctx, b * kv * t, 64);
+    let params = |gx: u32| Params {
+        batch: b as u32,
+        seq: t as u32,
+        heads: h as u32,
+        kv_heads: kv as u32,
+        head_dim: d as u32,
+        gx,
+        scale: 1.0 / (d as f32).sqrt(),
+        kv_seq: t as u32,
+        q_offset: 0,
+    };
+    let spec = KernelSpec::new(&kernel_sources::ATTENTION, "attention_backward_dq");
+    let args = [
+        Arg::Uniform(uniform(OP, &params(groups_q[0]))?),
+        Arg::Read(q),
+        Arg::Read(k),
+        Arg::Read(v),
+        Arg::Read(out),
+        Arg::Read(lse),
+        Arg::Read(dout),
+        Arg::Write(dq),
+        Arg::Write(dsum),
+    ];
+    ctx.record(step, &spec, &args, groups_q)?;
+    let spec = KernelSpec::new(&kernel_sources::ATTENTION, "attention_backward_dkv");
+    let args = [
+        Arg::Uniform(uniform(OP, &params(groups_kv[0]))?),
+        Arg::Read(q),
+        Arg::Read(k),
+        Arg::Read(v),
+        Arg::Read(lse),
+        Arg::Read(dout),
+        Arg::Read(dsum),
+        Arg::Write(dk),
+        Arg::Write(dv),
+    ];
+    ctx.record(step, &spec, &args, groups_kv)
+}

@@ -9,6 +9,7 @@ struct Params {
     dim: u32,
     gx: u32,
     eps: f32,
+    has_resid: u32,
 }
 
 /// `out = x · rstd · w` per row of `x` `(rows, dim)`; also writes `rstd` `(rows,)` for backward.
@@ -31,7 +32,7 @@ pub fn rmsnorm_forward(
     check_numel(OP, out, rows * dim, "x's shape")?;
     check_numel(OP, rstd, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(OP, &Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps })?;
+    let params = uniform(OP, &Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps, has_resid: 0 })?;
     let spec = KernelSpec::new(&kernel_sources::NORM, OP);
     ctx.record(
         step,
@@ -39,4 +40,44 @@ pub fn rmsnorm_forward(
         &[Arg::Uniform(params), Arg::Read(x), Arg::Read(w), Arg::Write(out), Arg::Write(rstd)],
         groups,
     )
+}
+
+/// The gradient through [`rmsnorm_forward`]: `dx = dresid + dL/dx` given `dy = dL/dout`, the
+/// forward input `x` and the saved `rstd`. `dresid` (the gradient arriving around the norm
+/// through the residual connection) may be `None`.
+pub fn rmsnorm_backward(
+    ctx: &Context,
+    step: &mut Step,
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dresid: Option<&Tensor>,
+    dx: &Tensor,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_backward";
+    for t in [x, w, rstd, dy, dx] {
+        check_f32(OP, t)?;
+    }
+    let dim = w.numel();
+    let rows = x.numel() / dim;
+    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    check_numel(OP, rstd, rows, "(rows,)")?;
+    for t in [dy, dx].into_iter().chain(dresid) {
+        check_numel(OP, t, rows * dim, "x's shape")?;
+    }
+    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
+    let params =
+        Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps: 0.0, has_resid: dresid.is_some() as u32 };
+    let spec = KernelSpec::new(&kernel_sources::NORM, OP);
+    let args = [
+        Arg::Uniform(uniform(OP, &params)?),
+        Arg::Read(x),
+        Arg::Read(w),
+        Arg::Read(rstd),
+        Arg::Read(dy),
+        Arg::Read(dresid.unwrap_or(dy)),
+        Arg::Write(dx),
+    ];
+    ctx.record(step, &spec, &args, groups)
 }

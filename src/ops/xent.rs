@@ -11,6 +11,7 @@ struct Params {
     rows: u32,
     vocab: u32,
     gx: u32,
+    scale: f32,
 }
 
 /// Per-row `loss = logsumexp(logits) − logits[target]` for logits `(rows, vocab)` and u32
@@ -36,7 +37,7 @@ pub fn xent_forward(
     check_numel(OP, loss, rows, "(rows,)")?;
     check_numel(OP, lse, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0] })?;
+    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], scale: 1.0 })?;
     let spec = KernelSpec::new(&kernel_sources::XENT, OP);
     ctx.record(
         step,
@@ -44,4 +45,30 @@ pub fn xent_forward(
         &[Arg::Uniform(params), Arg::Read(logits), Arg::Read(targets), Arg::Write(loss), Arg::Write(lse)],
         groups,
     )
+}
+
+/// The gradient of `scale · sum(loss)` with respect to the logits, written over `logits` in
+/// place: `scale · (softmax(logits) − onehot(target))` per row, 0 for ignored rows.
+pub fn xent_backward(
+    ctx: &Context,
+    step: &mut Step,
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "xent_backward";
+    check_f32(OP, logits)?;
+    check_f32(OP, lse)?;
+    if targets.dtype() != DType::U32 {
+        return Err(shape_err(OP, format!("targets {:?} must be u32", targets.label())));
+    }
+    let rows = targets.numel();
+    let vocab = logits.numel() / rows.max(1);
+    check_numel(OP, logits, rows * vocab, "(rows, vocab)")?;
+    check_numel(OP, lse, rows, "(rows,)")?;
+    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], scale })?;
+    let spec = KernelSpec::new(&kernel_sources::XENT, OP);
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Write(logits), Arg::Read(targets), Arg::Read(lse)], groups)
 }
