@@ -11,15 +11,15 @@ use std::fmt;
 use super::config::{Arch, ModelConfig};
 use super::weights::Weights;
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
-use crate::ops::act::swiglu_forward;
-use crate::ops::attention::{attention_forward, AttentionShape};
+use crate::ops::act::{swiglu_backward, swiglu_forward};
+use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
 use crate::ops::elementwise::add_forward;
 use crate::ops::embed::embed_forward;
 use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::norm::rmsnorm_forward;
+use crate::ops::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::ops::reduce::reduce_forward;
-use crate::ops::rope::{rope_forward, RopeShape};
-use crate::ops::xent::{xent_forward, IGNORE};
+use crate::ops::rope::{rope_backward, rope_forward, RopeShape};
+use crate::ops::xent::{xent_backward, xent_forward, IGNORE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuModelError {
@@ -124,12 +124,35 @@ impl Activations {
     }
 }
 
-/// A model on the GPU with its forward pass recorded for one (batch, seq).
+/// Gradients of the loss with respect to activations (the base weights get none: they are
+/// frozen). Scratch tensors are shared by every layer, since the backward pass visits the layers
+/// one at a time; `dx` keeps the gradient entering each layer.
+pub struct Gradients {
+    pub dx: Vec<Tensor>, // L+1 × (N, C): d loss / d residual stream entering layer l (dx[L]: the final norm)
+    pub dhf: Tensor,     // (N, C)
+    pub d_xmid: Tensor,  // (N, C)
+    pub d_h: Tensor,     // (N, C)
+    pub d_act: Tensor,   // (N, F)
+    pub d_gate: Tensor,  // (N, F)
+    pub d_up: Tensor,    // (N, F)
+    pub d_att: Tensor,   // (N, H·hd)
+    pub d_qrot: Tensor,  // (N, H·hd)
+    pub d_q: Tensor,     // (N, H·hd)
+    pub d_krot: Tensor,  // (N, KV·hd)
+    pub d_k: Tensor,     // (N, KV·hd)
+    pub d_v: Tensor,     // (N, KV·hd)
+    pub dsum: Tensor,    // (B, H, T) attention backward scratch
+}
+
+/// A model on the GPU with its forward pass (and, for training, forward + backward) recorded
+/// for one (batch, seq).
 pub struct GpuModel {
     pub config: ModelConfig,
     pub params: ParameterTensors,
     pub acts: Activations,
+    pub grads: Option<Gradients>,
     forward: Step,
+    train: Option<Step>,
 }
 
 impl fmt::Debug for GpuModel {
@@ -197,9 +220,36 @@ impl GpuModel {
         }
         let params = ParameterTensors::upload(ctx, w)?;
         let acts = Self::plan(ctx, &c, batch, seq, chunk_rows)?;
-        let mut model = GpuModel { config: c, params, acts, forward: Step::new() };
-        model.forward = model.record_forward(ctx)?;
+        let mut model = GpuModel { config: c, params, acts, grads: None, forward: Step::new(), train: None };
+        model.forward = model.record_forward(ctx, false)?;
         Ok(model)
+    }
+
+    /// Plans the gradient tensors and records forward + loss + backward as one step.
+    pub fn enable_backward(&mut self, ctx: &Context) -> Result<()> {
+        let c = &self.config;
+        let (b, t) = (self.acts.batch, self.acts.seq);
+        let n = b * t;
+        let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let z = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
+        self.grads = Some(Gradients {
+            dx: (0..=c.num_layers).map(|_| z("dx", &[n, h])).collect::<std::result::Result<_, _>>()?,
+            dhf: z("dhf", &[n, h])?,
+            d_xmid: z("d_xmid", &[n, h])?,
+            d_h: z("d_h", &[n, h])?,
+            d_act: z("d_act", &[n, f])?,
+            d_gate: z("d_gate", &[n, f])?,
+            d_up: z("d_up", &[n, f])?,
+            d_att: z("d_att", &[n, q])?,
+            d_qrot: z("d_qrot", &[n, q])?,
+            d_q: z("d_q", &[n, q])?,
+            d_krot: z("d_krot", &[n, kv])?,
+            d_k: z("d_k", &[n, kv])?,
+            d_v: z("d_v", &[n, kv])?,
+            dsum: z("dsum", &[b, c.num_heads, t])?,
+        });
+        self.train = Some(self.record_forward(ctx, true)?);
+        Ok(())
     }
 
     fn plan(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize, chunk: Option<usize>) -> Result<Activations> {
@@ -259,7 +309,10 @@ impl GpuModel {
         })
     }
 
-    fn record_forward(&self, ctx: &Context) -> Result<Step> {
+    /// Records the forward pass and the loss; with `backward`, also the gradient of the mean loss
+    /// over every predicted position of a full batch (scale 1 / (B·(T−1))) back to the input of
+    /// every layer, in exact reverse order.
+    fn record_forward(&self, ctx: &Context, backward: bool) -> Result<Step> {
         let c = &self.config;
         let (p, a) = (&self.params, &self.acts);
         let (b, t) = (a.batch, a.seq);
@@ -298,23 +351,73 @@ impl GpuModel {
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
         let n = b * t;
         let align = ctx.limits().storage_offset_alignment;
+        let grads = if backward { self.grads.as_ref() } else { None };
+        let scale = 1.0 / (b * (t - 1)).max(1) as f32;
         let mut start = 0;
         while start < n {
+            // The LM head, the loss and (in training) their backward, one chunk of rows at a time
+            // through the one logits buffer: the vocabulary-sized activation never exists whole.
             let rows = a.chunk_rows.min(n - start);
             let logits = a.logits.rows(0, rows, align)?;
+            let targets = a.targets.rows(start, rows, align)?;
+            let lse = a.lse_rows.rows(start, rows, align)?;
             matmul(ctx, &mut s, &a.hf.rows(start, rows, align)?, head, &logits, Matmul::nt())?;
-            xent_forward(
-                ctx,
-                &mut s,
-                &logits,
-                &a.targets.rows(start, rows, align)?,
-                &a.loss_rows.rows(start, rows, align)?,
-                &a.lse_rows.rows(start, rows, align)?,
-            )?;
+            xent_forward(ctx, &mut s, &logits, &targets, &a.loss_rows.rows(start, rows, align)?, &lse)?;
+            if let Some(g) = grads {
+                xent_backward(ctx, &mut s, &logits, &targets, &lse, scale)?;
+                matmul(ctx, &mut s, &logits, head, &g.dhf.rows(start, rows, align)?, Matmul::nn())?;
+            }
             start += rows;
         }
         reduce_forward(ctx, &mut s, &a.loss_rows.reshape(&[1, n])?, 1, false, &a.loss_sum)?;
+        if let Some(g) = grads {
+            self.record_backward(ctx, &mut s, g)?;
+        }
         Ok(s)
+    }
+
+    /// The backward pass from `dhf` down to `dx[0]`. Each linear projection's input gradient is
+    /// `dx = dy·W` (and `+=` where several projections share an input): the places where an
+    /// adapter adds its own term and computes its parameter gradients.
+    fn record_backward(&self, ctx: &Context, s: &mut Step, g: &Gradients) -> Result<()> {
+        let c = &self.config;
+        let (p, a) = (&self.params, &self.acts);
+        let (b, t) = (a.batch, a.seq);
+        let shape = AttentionShape {
+            batch: b,
+            seq: t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_offset: 0,
+        };
+        let rope_q = RopeShape { seq: t, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: 0 };
+        let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
+        let acc = Matmul::nn().accumulate(true);
+        rmsnorm_backward(ctx, s, &a.x[c.num_layers], &p.norm, &a.rstdf, &g.dhf, None, &g.dx[c.num_layers])?;
+        for l in (0..c.num_layers).rev() {
+            let (lp, la) = (&p.layers[l], &a.layers[l]);
+            let dxo = &g.dx[l + 1];
+            // MLP: down_proj, swiglu, gate_proj + up_proj, post-attention norm (+ residual).
+            matmul(ctx, s, dxo, &lp.w_down, &g.d_act, Matmul::nn())?;
+            swiglu_backward(ctx, s, &la.gate, &la.up, &g.d_act, &g.d_gate, &g.d_up)?;
+            matmul(ctx, s, &g.d_gate, &lp.w_gate, &g.d_h, Matmul::nn())?;
+            matmul(ctx, s, &g.d_up, &lp.w_up, &g.d_h, acc)?;
+            rmsnorm_backward(ctx, s, &la.x_mid, &lp.ln2, &la.rstd2, &g.d_h, Some(dxo), &g.d_xmid)?;
+            // Attention: o_proj, attention, rotary, q/k/v projections, input norm (+ residual).
+            matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nn())?;
+            attention_backward(
+                ctx, s, shape, &la.q_rot, &la.k_rot, &la.v, &la.att, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot, &g.d_v,
+                &g.dsum,
+            )?;
+            rope_backward(ctx, s, rope_q, &g.d_qrot, &g.d_q)?;
+            rope_backward(ctx, s, rope_k, &g.d_krot, &g.d_k)?;
+            matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nn())?;
+            matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
+            matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
+            rmsnorm_backward(ctx, s, &a.x[l], &lp.ln1, &la.rstd1, &g.d_h, Some(&g.d_xmid), &g.dx[l])?;
+        }
+        Ok(())
     }
 
     /// Checks that `ids` fit the plan and the vocabulary, with the row and position of any fault.
@@ -337,6 +440,14 @@ impl GpuModel {
     /// padding whose positions are ignored) and returns (sum of next-token losses, positions).
     /// Only the loss sum is read back.
     pub fn loss_sum(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
+        let count = self.write_inputs(ctx, ids)?;
+        ctx.run(&self.forward)?;
+        let sum = ctx.read_f32(&self.acts.loss_sum)?;
+        Ok((sum[0] as f64, count))
+    }
+
+    /// Uploads ids and next-token targets (padding rows ignored); returns the predicted positions.
+    fn write_inputs(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<usize> {
         self.check_ids(ids)?;
         let (b, t) = (self.acts.batch, self.acts.seq);
         let mut flat = vec![0u32; b * t];
@@ -351,7 +462,20 @@ impl GpuModel {
         }
         ctx.write_u32(&self.acts.ids, &flat)?;
         ctx.write_u32(&self.acts.targets, &targets)?;
-        ctx.run(&self.forward)?;
+        Ok(count)
+    }
+
+    /// Forward, loss and backward on a full batch of `ids` (B rows of T tokens). Returns (sum of
+    /// next-token losses, positions); the gradients are left in [`GpuModel::grads`].
+    pub fn forward_backward(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
+        if self.train.is_none() {
+            self.enable_backward(ctx)?;
+        }
+        if ids.len() != self.acts.batch {
+            return Err(GpuModelError::BatchSize { batch: self.acts.batch, found: ids.len() });
+        }
+        let count = self.write_inputs(ctx, ids)?;
+        ctx.run(self.train.as_ref().expect("recorded above"))?;
         let sum = ctx.read_f32(&self.acts.loss_sum)?;
         Ok((sum[0] as f64, count))
     }
