@@ -77,19 +77,7 @@ fn bad_ids_are_refused_with_their_position() {
 #[test]
 fn smollm2_gguf_loss_on_the_gpu_matches_transformers() {
     let Some(ctx) = common::context() else { return };
-    let cache = std::env::var_os("PORTALORA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert!(
-            std::env::var("PORTALORA_REQUIRE_ASSETS").map_or(true, |v| v != "1"),
-            "{} missing: run scripts/fetch-assets",
-            path.display()
-        );
-        eprintln!("SKIPPED: {} missing (run scripts/fetch-assets)", path.display());
-        return;
-    }
+    let Some(path) = common::smollm2_path() else { return };
     let w = load_model(&path).unwrap();
     let e = json(&fixture("smollm2_expected.json"));
     let prompt: Vec<u32> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -155,14 +143,7 @@ fn smollm2_greedy_generation_matches_transformers() {
     use portalora::model::generate::{Generator, Sampling};
     use portalora::model::gpu::ParameterTensors;
     let Some(ctx) = common::context() else { return };
-    let cache = std::env::var_os("PORTALORA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
-    let path = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        assert!(std::env::var("PORTALORA_REQUIRE_ASSETS").map_or(true, |v| v != "1"), "{} missing", path.display());
-        return;
-    }
+    let Some(path) = common::smollm2_path() else { return };
     let w = load_model(&path).unwrap();
     let e = json(&fixture("smollm2_expected.json"));
     let prompt: Vec<u32> = e["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();

@@ -2,6 +2,9 @@
 //! (tests/fixtures/gen_models.py), for tiny random LLaMA and GPT-2 folders and for the real
 //! SmolLM2 GGUF when scripts/fetch-assets has fetched it.
 
+mod common;
+
+use common::smollm2_path;
 use std::path::{Path, PathBuf};
 
 use portalora::model::{load_model, ModelError};
@@ -72,23 +75,6 @@ fn config_and_weights_that_disagree_are_refused() {
     assert!(msg.contains("gate_proj") && msg.contains("[37, 30]") && msg.contains("[40, 30]"), "{msg}");
     let e = load_model(tmp.join("nope.gguf")).unwrap_err();
     assert!(e.to_string().contains("nope.gguf"), "{e}");
-}
-
-/// The SmolLM2 GGUF from scripts/fetch-assets, if present (`make test` fetches it; set
-/// PORTALORA_REQUIRE_ASSETS=1 to fail instead of skipping when it is missing).
-pub fn smollm2_path() -> Option<PathBuf> {
-    let cache = std::env::var_os("PORTALORA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.exists() {
-        return Some(p);
-    }
-    if std::env::var("PORTALORA_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
-        panic!("PORTALORA_REQUIRE_ASSETS=1 but {} is missing: run scripts/fetch-assets", p.display());
-    }
-    eprintln!("SKIPPED: {} missing (run scripts/fetch-assets)", p.display());
-    None
 }
 
 #[test]

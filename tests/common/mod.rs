@@ -17,3 +17,22 @@ pub fn context() -> Option<Context> {
         }
     }
 }
+
+/// The SmolLM2 GGUF from scripts/fetch-assets (in `$PORTALORA_CACHE`, default
+/// `~/.cache/portalora`). Missing, the test is skipped with a message, unless
+/// `PORTALORA_REQUIRE_ASSETS=1` (set by `make test` and CI), where it fails.
+pub fn smollm2_path() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let cache = std::env::var_os("PORTALORA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
+    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var("PORTALORA_REQUIRE_ASSETS").is_ok_and(|v| v == "1") {
+        panic!("PORTALORA_REQUIRE_ASSETS=1 but {} is missing: run scripts/fetch-assets", p.display());
+    }
+    eprintln!("SKIPPED: {} missing (run scripts/fetch-assets)", p.display());
+    None
+}
