@@ -4,6 +4,7 @@
 // scale_forward: out = alpha * x            (y is bound but unused)
 // axpy_forward:  out = out + alpha * x      (y is bound but unused)
 // copy_forward:  out[offset + i] = x[i]     (y is bound but unused; appends rows to a cache)
+// bias_forward:  out[i] = out[i] + x[i % offset]  (adds a bias of `offset` values to every row)
 // The backward of each is itself elementwise (add: both inputs get the gradient; scale: alpha
 // times it), so the same entry points serve both directions.
 // Grids may be 2-D: workgroup (x, y) handles elements from (y * gx + x) * 256; this keeps every
@@ -47,4 +48,10 @@ fn axpy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 fn copy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i = index(wg, t);
     if (i < p.n) { out[p.offset + i] = x[i]; }
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn bias_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = index(wg, t);
+    if (i < p.n) { out[i] = out[i] + x[i % p.offset]; }
 }

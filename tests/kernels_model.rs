@@ -331,3 +331,68 @@ fn xent_backward_matches_finite_differences() {
         assert!(err <= FD_TOL, "xent_backward {rows}x{vocab}: {err:e}");
     }
 }
+
+#[test]
+fn layernorm_forward_and_backward() {
+    use portalora::ops::norm::{layernorm_backward, layernorm_forward};
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(51);
+    for (rows, dim) in [(1, 2), (7, 33), (3, 129), (2, 768)] {
+        let (x, w, b, c, r) =
+            (rng.vec(rows * dim), rng.vec(dim), rng.vec(dim), rng.vec(rows * dim), rng.vec(rows * dim));
+        let up = |l: &str, d: &[f32]| ctx.upload_f32(l, &[d.len()], d).unwrap();
+        let (xt, wt, bt, ct, rt) = (up("x", &x), up("w", &w), up("b", &b), up("dy", &c), up("dresid", &r));
+        let (out, mean, rstd, dx) = (
+            poisoned(&ctx, "out", &[rows * dim]),
+            poisoned(&ctx, "mean", &[rows]),
+            poisoned(&ctx, "rstd", &[rows]),
+            poisoned(&ctx, "dx", &[rows * dim]),
+        );
+        let mut step = Step::new();
+        layernorm_forward(&ctx, &mut step, &xt, &wt, &bt, 1e-5, &out, &mean, &rstd).unwrap();
+        layernorm_backward(&ctx, &mut step, &xt, &wt, &mean, &rstd, &ct, Some(&rt), &dx).unwrap();
+        run(&ctx, step);
+        assert_close(
+            &ctx,
+            &format!("layernorm {rows}x{dim}"),
+            &out,
+            &reference::layernorm_forward(&x, &w, &b, 1e-5),
+            TOL,
+        );
+        let loss = |x: &[f32]| {
+            dot(&reference::layernorm_forward(x, &w, &b, 1e-5), &c)
+                + x.iter().zip(&r).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>()
+        };
+        let err = fd_error(&x, &ctx.read_f32(&dx).unwrap(), &loss, &mut rng, 40);
+        assert!(err <= FD_TOL, "layernorm_backward {rows}x{dim}: {err:e}");
+    }
+}
+
+#[test]
+fn gelu_forward_and_backward_and_bias() {
+    use portalora::ops::act::{gelu_backward, gelu_forward};
+    use portalora::ops::elementwise::bias_forward;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(52);
+    for n in [1, 7, 129, 5000] {
+        let (x, c) = (rng.vec(n).iter().map(|v| v * 4.0).collect::<Vec<f32>>(), rng.vec(n));
+        let (xt, ct) = (ctx.upload_f32("x", &[n], &x).unwrap(), ctx.upload_f32("c", &[n], &c).unwrap());
+        let (out, dx) = (poisoned(&ctx, "out", &[n]), poisoned(&ctx, "dx", &[n]));
+        let mut step = Step::new();
+        gelu_forward(&ctx, &mut step, &xt, &out).unwrap();
+        gelu_backward(&ctx, &mut step, &xt, &ct, &dx).unwrap();
+        run(&ctx, step);
+        assert_close(&ctx, &format!("gelu n={n}"), &out, &reference::gelu_forward(&x), TOL);
+        let err = fd_error(&x, &ctx.read_f32(&dx).unwrap(), &|x| dot(&reference::gelu_forward(x), &c), &mut rng, 30);
+        assert!(err <= FD_TOL, "gelu_backward n={n}: {err:e}");
+    }
+    for (rows, dim) in [(1, 1), (7, 33), (129, 3)] {
+        let (m, b) = (rng.vec(rows * dim), rng.vec(dim));
+        let (mt, bt) = (ctx.upload_f32("m", &[rows, dim], &m).unwrap(), ctx.upload_f32("b", &[dim], &b).unwrap());
+        let mut step = Step::new();
+        bias_forward(&ctx, &mut step, &bt, &mt).unwrap();
+        run(&ctx, step);
+        let want: Vec<f64> = m.iter().enumerate().map(|(i, &v)| v as f64 + b[i % dim] as f64).collect();
+        assert_close(&ctx, &format!("bias {rows}x{dim}"), &mt, &want, TOL);
+    }
+}

@@ -45,3 +45,28 @@ pub fn swiglu_backward(
         [Arg::Uniform(params), Arg::Read(gate), Arg::Read(up), Arg::Read(dout), Arg::Write(dgate), Arg::Write(dup)];
     ctx.record(step, &spec, &args, groups)
 }
+
+/// GPT-2's GELU (tanh approximation), elementwise.
+pub fn gelu_forward(ctx: &Context, step: &mut Step, x: &Tensor, out: &Tensor) -> Result<()> {
+    const OP: &str = "gelu_forward";
+    check_f32(OP, x)?;
+    check_f32(OP, out)?;
+    check_numel(OP, out, x.numel(), "x's shape")?;
+    let groups = grid_for(ctx, x.numel(), 256);
+    let params = uniform(OP, &Params { n: x.numel() as u32, gx: groups[0] })?;
+    let spec = KernelSpec::new(&kernel_sources::ACT, OP);
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(x), Arg::Write(out)], groups)
+}
+
+/// The gradient through [`gelu_forward`]: `dx` from `dout` and the forward input `x`.
+pub fn gelu_backward(ctx: &Context, step: &mut Step, x: &Tensor, dout: &Tensor, dx: &Tensor) -> Result<()> {
+    const OP: &str = "gelu_backward";
+    for t in [x, dout, dx] {
+        check_f32(OP, t)?;
+        check_numel(OP, t, x.numel(), "x's shape")?;
+    }
+    let groups = grid_for(ctx, x.numel(), 256);
+    let params = uniform(OP, &Params { n: x.numel() as u32, gx: groups[0] })?;
+    let spec = KernelSpec::new(&kernel_sources::ACT, OP);
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(x), Arg::Read(dout), Arg::Write(dx)], groups)
+}

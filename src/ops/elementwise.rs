@@ -1,4 +1,4 @@
-//! Elementwise f32 ops (shaders/elementwise.wgsl): add, scale, axpy, copy.
+//! Elementwise f32 ops (shaders/elementwise.wgsl): add, scale, axpy, copy, bias.
 
 use super::{check_f32, grid_2d, shape_err, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
@@ -82,4 +82,29 @@ pub fn axpy_forward(ctx: &Context, step: &mut Step, alpha: f32, x: &Tensor, out:
 /// `out[offset..offset + x.len()] = x` (appends rows to a cache without bind-offset alignment).
 pub fn copy_forward(ctx: &Context, step: &mut Step, x: &Tensor, out: &Tensor, offset: usize) -> Result<()> {
     record_at(ctx, step, "copy_forward", x, x, out, 1.0, offset)
+}
+
+/// `out[r, :] += bias` for every row of `out` `(rows, bias.len())`, in place.
+pub fn bias_forward(ctx: &Context, step: &mut Step, bias: &Tensor, out: &Tensor) -> Result<()> {
+    const OP: &str = "bias_forward";
+    check_f32(OP, bias)?;
+    check_f32(OP, out)?;
+    let dim = bias.numel();
+    if !out.numel().is_multiple_of(dim) || bias.overlaps(out) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "output {:?} {:?} is not rows of bias {:?} {:?}",
+                out.label(),
+                out.shape(),
+                bias.label(),
+                bias.shape()
+            ),
+        ));
+    }
+    let n = out.numel();
+    let groups = grid_2d(n.div_ceil(256) as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(OP, &Params { n: n as u32, gx: groups[0], alpha: 1.0, offset: dim as u32 })?;
+    let spec = KernelSpec::new(&kernel_sources::ELEMENTWISE, OP);
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(bias), Arg::Read(bias), Arg::Write(out)], groups)
 }

@@ -1,4 +1,4 @@
-//! RMSNorm (shaders/norm.wgsl).
+//! RMSNorm and LayerNorm (shaders/norm.wgsl).
 
 use super::{check_f32, check_numel, grid_2d, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
@@ -74,6 +74,86 @@ pub fn rmsnorm_backward(
         Arg::Uniform(uniform(OP, &params)?),
         Arg::Read(x),
         Arg::Read(w),
+        Arg::Read(rstd),
+        Arg::Read(dy),
+        Arg::Read(dresid.unwrap_or(dy)),
+        Arg::Write(dx),
+    ];
+    ctx.record(step, &spec, &args, groups)
+}
+
+/// `out = (x − mean) · rstd · w + b` per row of `x` `(rows, dim)`; also writes `mean` and
+/// `rstd` `(rows,)` for backward.
+pub fn layernorm_forward(
+    ctx: &Context,
+    step: &mut Step,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f32,
+    out: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    const OP: &str = "layernorm_forward";
+    for t in [x, w, b, out, mean, rstd] {
+        check_f32(OP, t)?;
+    }
+    let dim = w.numel();
+    let rows = x.numel() / dim;
+    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    check_numel(OP, b, dim, "(dim,)")?;
+    check_numel(OP, out, rows * dim, "x's shape")?;
+    check_numel(OP, mean, rows, "(rows,)")?;
+    check_numel(OP, rstd, rows, "(rows,)")?;
+    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(OP, &Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps, has_resid: 0 })?;
+    let spec = KernelSpec::new(&kernel_sources::NORM, OP);
+    let args = [
+        Arg::Uniform(params),
+        Arg::Read(x),
+        Arg::Read(w),
+        Arg::Read(b),
+        Arg::Write(out),
+        Arg::Write(mean),
+        Arg::Write(rstd),
+    ];
+    ctx.record(step, &spec, &args, groups)
+}
+
+/// The gradient through [`layernorm_forward`] with respect to `x`: `dx = dresid + dL/dx`.
+pub fn layernorm_backward(
+    ctx: &Context,
+    step: &mut Step,
+    x: &Tensor,
+    w: &Tensor,
+    mean: &Tensor,
+    rstd: &Tensor,
+    dy: &Tensor,
+    dresid: Option<&Tensor>,
+    dx: &Tensor,
+) -> Result<()> {
+    const OP: &str = "layernorm_backward";
+    for t in [x, w, mean, rstd, dy, dx] {
+        check_f32(OP, t)?;
+    }
+    let dim = w.numel();
+    let rows = x.numel() / dim;
+    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    check_numel(OP, mean, rows, "(rows,)")?;
+    check_numel(OP, rstd, rows, "(rows,)")?;
+    for t in [dy, dx].into_iter().chain(dresid) {
+        check_numel(OP, t, rows * dim, "x's shape")?;
+    }
+    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
+    let params =
+        Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps: 0.0, has_resid: dresid.is_some() as u32 };
+    let spec = KernelSpec::new(&kernel_sources::NORM, OP);
+    let args = [
+        Arg::Uniform(uniform(OP, &params)?),
+        Arg::Read(x),
+        Arg::Read(w),
+        Arg::Read(mean),
         Arg::Read(rstd),
         Arg::Read(dy),
         Arg::Read(dresid.unwrap_or(dy)),

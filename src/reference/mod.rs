@@ -75,6 +75,21 @@ pub fn rope_forward(x: &[f32], seq: usize, heads: usize, head_dim: usize, theta:
     out
 }
 
+/// LayerNorm over rows of `x` `(rows, dim)` (biased variance, as PyTorch).
+pub fn layernorm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> Vec<f64> {
+    let dim = w.len();
+    let wt = crate::model::HostTensor { shape: vec![dim], data: w.to_vec() };
+    let bt = crate::model::HostTensor { shape: vec![dim], data: b.to_vec() };
+    x.chunks(dim)
+        .flat_map(|row| model::layernorm(&row.iter().map(|&v| v as f64).collect::<Vec<_>>(), &wt, &bt, eps))
+        .collect()
+}
+
+/// GPT-2's GELU (tanh approximation).
+pub fn gelu_forward(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| model::gelu_tanh(v as f64)).collect()
+}
+
 /// Causal GQA attention; q `(B, T, H, d)`, k/v `(B, T, KV, d)` → (out `(B, T, H, d)`, lse `(B, H, T)`).
 pub fn attention_forward(
     q: &[f32],

@@ -58,7 +58,7 @@ pub(crate) fn rmsnorm(x: &[f64], w: &HostTensor, eps: f64) -> Vec<f64> {
     x.iter().zip(&w.data).map(|(v, &g)| v * r * g as f64).collect()
 }
 
-fn layernorm(x: &[f64], w: &HostTensor, b: &HostTensor, eps: f64) -> Vec<f64> {
+pub(crate) fn layernorm(x: &[f64], w: &HostTensor, b: &HostTensor, eps: f64) -> Vec<f64> {
     let n = x.len() as f64;
     let mean = x.iter().sum::<f64>() / n;
     let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
@@ -66,7 +66,7 @@ fn layernorm(x: &[f64], w: &HostTensor, b: &HostTensor, eps: f64) -> Vec<f64> {
     x.iter().zip(w.data.iter().zip(&b.data)).map(|(v, (&g, &bb))| (v - mean) * r * g as f64 + bb as f64).collect()
 }
 
-fn gelu_tanh(x: f64) -> f64 {
+pub(crate) fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
 }
 
