@@ -18,9 +18,18 @@ fn json(path: &Path) -> serde_json::Value {
 
 #[test]
 fn tiny_llama_forward_matches_reference_and_transformers() {
+    check_forward("tiny_llama");
+}
+
+#[test]
+fn tiny_gpt2_forward_matches_reference_and_transformers() {
+    check_forward("tiny_gpt2");
+}
+
+fn check_forward(name: &str) {
     let Some(ctx) = common::context() else { return };
-    let w = load_model(fixture("tiny_llama")).unwrap();
-    let e = json(&fixture("tiny_llama/expected.json"));
+    let w = load_model(fixture(name)).unwrap();
+    let e = json(&fixture(&format!("{name}/expected.json")));
     let ids: Vec<Vec<u32>> = e["input_ids"]
         .as_array()
         .unwrap()
@@ -157,9 +166,18 @@ fn smollm2_greedy_generation_matches_transformers() {
 
 #[test]
 fn tiny_llama_layer_input_gradients_match_transformers() {
+    check_gradients("tiny_llama");
+}
+
+#[test]
+fn tiny_gpt2_layer_input_gradients_match_transformers() {
+    check_gradients("tiny_gpt2");
+}
+
+fn check_gradients(name: &str) {
     let Some(ctx) = common::context() else { return };
-    let w = load_model(fixture("tiny_llama")).unwrap();
-    let e = json(&fixture("tiny_llama/expected.json"));
+    let w = load_model(fixture(name)).unwrap();
+    let e = json(&fixture(&format!("{name}/expected.json")));
     let ids: Vec<Vec<u32>> = e["input_ids"]
         .as_array()
         .unwrap()
@@ -181,7 +199,7 @@ fn tiny_llama_layer_input_gradients_match_transformers() {
         let want: Vec<f64> = want.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         let got = ctx.read_f32(&model.grads.as_ref().unwrap().dx[l]).unwrap();
         let err = reference::max_rel_error(&got, &want);
-        assert!(err <= 1e-4, "d loss / d input of layer {l}: relative error {err:e}");
+        assert!(err <= 1e-4, "{name}: d loss / d input of layer {l}: relative error {err:e}");
     }
     // The forward-only step still works alongside and agrees.
     let (sum2, _) = model.loss_sum(&ctx, &ids).unwrap();

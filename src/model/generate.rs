@@ -3,7 +3,7 @@
 //! Sampling (greedy, temperature, top-k, top-p) happens on the CPU over one row of logits.
 
 use super::config::ModelConfig;
-use super::gpu::{GpuModelError, ParameterTensors};
+use super::gpu::{GpuModelError, LayerParams, ParameterTensors};
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::ops::act::swiglu_forward;
 use crate::ops::attention::{attention_forward, AttentionShape};
@@ -74,6 +74,12 @@ impl<'p> Generator<'p> {
     pub fn new(ctx: &Context, config: &ModelConfig, params: &'p ParameterTensors, max_len: usize) -> Result<Self> {
         if max_len > config.max_positions {
             return Err(GpuModelError::TooLong { seq: max_len, max: config.max_positions });
+        }
+        if config.arch != super::Arch::Llama {
+            return Err(GpuModelError::Unsupported(format!(
+                "generation runs LLaMA-family models for now; {:?} is evaluated and trained only",
+                config.arch
+            )));
         }
         let c = config;
         let (h, q, kv, f, v) =
@@ -153,6 +159,9 @@ impl<'p> Generator<'p> {
         };
         let lse = s.lse.rows(0, c.num_heads * n, 4)?;
         for (l, lp) in p.layers.iter().enumerate() {
+            let LayerParams::Llama(lp) = lp else {
+                return Err(GpuModelError::Unsupported("generation runs LLaMA-family models for now".into()));
+            };
             let (x_in, x_out) = (r(&s.x[l % 2])?, r(&s.x[(l + 1) % 2])?);
             rmsnorm_forward(ctx, &mut st, &x_in, &lp.ln1, eps, &r(&s.h)?, &r(&s.rstd)?)?;
             matmul(ctx, &mut st, &r(&s.h)?, &lp.wq, &r(&s.q)?, Matmul::nt())?;

@@ -1,22 +1,25 @@
-//! The LLaMA-family model on the GPU: parameters uploaded once, activations planned for a fixed
-//! batch and sequence length, and the forward pass recorded once as a [`Step`] and replayed.
+//! Models on the GPU (LLaMA family and GPT-2): parameters uploaded once, activations planned for a
+//! fixed batch and sequence length, and the forward pass (and forward + loss + backward) recorded
+//! once as a [`Step`] and replayed.
 //!
 //! Conventions: the residual stream and every activation are row-major `(N, ·)` with
-//! N = batch · seq and row n = b · seq + t. Linear weights keep `nn.Linear`'s `(out, in)`, so each
-//! projection is `y = x·Wᵀ` ([`Matmul::nt`]). Every activation the backward pass will need is
-//! kept (one tensor per layer and role), which is what [`Activations`] plans up front.
+//! N = batch · seq and row n = b · seq + t. LLaMA's linear weights keep `nn.Linear`'s `(out, in)`,
+//! so a projection is `y = x·Wᵀ` ([`Matmul::nt`]) and its input gradient `dx = dy·W`; GPT-2's keep
+//! `Conv1D`'s `(in, out)`, so `y = x·W + b` ([`Matmul::nn`]) and `dx = dy·Wᵀ`. Every activation
+//! the backward pass needs is kept (one tensor per layer and role): [`Activations`] plans them
+//! up front.
 
 use std::fmt;
 
 use super::config::{Arch, ModelConfig};
 use super::weights::Weights;
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
-use crate::ops::act::{swiglu_backward, swiglu_forward};
+use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
-use crate::ops::elementwise::add_forward;
+use crate::ops::elementwise::{add_forward, bias_forward};
 use crate::ops::embed::embed_forward;
 use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::norm::{rmsnorm_backward, rmsnorm_forward};
+use crate::ops::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::ops::reduce::reduce_forward;
 use crate::ops::rope::{rope_backward, rope_forward, RopeShape};
 use crate::ops::xent::{xent_backward, xent_forward, IGNORE};
@@ -40,7 +43,13 @@ pub enum GpuModelError {
 type Result<T> = std::result::Result<T, GpuModelError>;
 
 /// One decoder layer's frozen weights.
-pub struct LayerParams {
+pub enum LayerParams {
+    Llama(LlamaLayer),
+    Gpt2(Gpt2Layer),
+}
+
+/// A LLaMA decoder layer (`nn.Linear` layouts).
+pub struct LlamaLayer {
     pub ln1: Tensor,    // (C,)
     pub wq: Tensor,     // (H·hd, C)
     pub wk: Tensor,     // (KV·hd, C)
@@ -52,45 +61,74 @@ pub struct LayerParams {
     pub w_down: Tensor, // (C, F)
 }
 
+/// A GPT-2 block (`Conv1D` layouts; c_attn split into its q, k and v thirds at upload).
+pub struct Gpt2Layer {
+    pub ln1_w: Tensor,  // (C,)
+    pub ln1_b: Tensor,  // (C,)
+    pub wq: Tensor,     // (C, C)
+    pub wk: Tensor,     // (C, C)
+    pub wv: Tensor,     // (C, C)
+    pub bq: Tensor,     // (C,)
+    pub bk: Tensor,     // (C,)
+    pub bv: Tensor,     // (C,)
+    pub wo: Tensor,     // (C, C)  attn.c_proj
+    pub bo: Tensor,     // (C,)
+    pub ln2_w: Tensor,  // (C,)
+    pub ln2_b: Tensor,  // (C,)
+    pub w_fc: Tensor,   // (C, F)
+    pub b_fc: Tensor,   // (F,)
+    pub w_proj: Tensor, // (F, C)  mlp.c_proj
+    pub b_proj: Tensor, // (C,)
+}
+
 /// The frozen base model's weights on the GPU, f32.
 pub struct ParameterTensors {
-    pub embed: Tensor, // (V, C)
+    pub embed: Tensor,             // (V, C)
+    pub pos_embed: Option<Tensor>, // (P, C) GPT-2's learned positions
     pub layers: Vec<LayerParams>,
-    pub norm: Tensor,            // (C,)
-    pub lm_head: Option<Tensor>, // (V, C); None when tied to `embed`
+    pub norm: Tensor,              // (C,)
+    pub norm_bias: Option<Tensor>, // (C,) GPT-2's ln_f bias
+    pub lm_head: Option<Tensor>,   // (V, C); None when tied to `embed`
 }
 
 /// One layer's activations for a batch of N = B·T tokens.
+/// One layer's activations. Fields marked LLaMA or GPT-2 exist for that architecture only.
 pub struct LayerActivations {
-    pub h1: Tensor,    // (N, C)   rmsnorm(x)
-    pub rstd1: Tensor, // (N,)
-    pub q: Tensor,     // (N, H·hd) before rotary
-    pub k: Tensor,     // (N, KV·hd) before rotary
-    pub v: Tensor,     // (N, KV·hd)
-    pub q_rot: Tensor, // (N, H·hd)
-    pub k_rot: Tensor, // (N, KV·hd)
-    pub att: Tensor,   // (N, H·hd) attention output before o_proj
-    pub lse: Tensor,   // (B, H, T) softmax log-sum-exp per query row
-    pub o: Tensor,     // (N, C)   o_proj output
-    pub x_mid: Tensor, // (N, C)   x + o
-    pub h2: Tensor,    // (N, C)   rmsnorm(x_mid)
-    pub rstd2: Tensor, // (N,)
-    pub gate: Tensor,  // (N, F)
-    pub up: Tensor,    // (N, F)
-    pub act: Tensor,   // (N, F)   silu(gate)·up
-    pub down: Tensor,  // (N, C)
+    pub h1: Tensor,            // (N, C)    norm(x)
+    pub mean1: Option<Tensor>, // (N,)      GPT-2: LayerNorm mean
+    pub rstd1: Tensor,         // (N,)
+    pub q: Tensor,             // (N, H·hd)  (LLaMA: before rotary)
+    pub k: Tensor,             // (N, KV·hd)
+    pub v: Tensor,             // (N, KV·hd)
+    pub q_rot: Option<Tensor>, // (N, H·hd)  LLaMA
+    pub k_rot: Option<Tensor>, // (N, KV·hd) LLaMA
+    pub att: Tensor,           // (N, H·hd)  attention output before the output projection
+    pub lse: Tensor,           // (B, H, T)  softmax log-sum-exp per query row
+    pub o: Tensor,             // (N, C)    output projection
+    pub x_mid: Tensor,         // (N, C)    x + o
+    pub h2: Tensor,            // (N, C)    norm(x_mid)
+    pub mean2: Option<Tensor>, // (N,)      GPT-2
+    pub rstd2: Tensor,         // (N,)
+    pub gate: Tensor,          // (N, F)    LLaMA: gate_proj output; GPT-2: c_fc output before GELU
+    pub up: Option<Tensor>,    // (N, F)    LLaMA
+    pub act: Tensor,           // (N, F)    LLaMA: silu(gate)·up; GPT-2: gelu(c_fc)
+    pub down: Tensor,          // (N, C)
 }
 
 /// Every activation of one forward pass, sized from the config and (batch, seq).
 pub struct Activations {
     pub batch: usize,
     pub seq: usize,
-    pub ids: Tensor,     // (N,) u32
-    pub targets: Tensor, // (N,) u32, IGNORE where nothing is predicted
-    pub x: Vec<Tensor>,  // L+1 × (N, C): the residual stream entering each layer, and the last
+    pub ids: Tensor,             // (N,) u32
+    pub targets: Tensor,         // (N,) u32, IGNORE where nothing is predicted
+    pub pos_ids: Option<Tensor>, // (N,) u32 positions, GPT-2
+    pub emb: Option<Tensor>,     // (N, C) token embeddings before positions are added, GPT-2
+    pub pos: Option<Tensor>,     // (N, C) position embeddings, GPT-2
+    pub x: Vec<Tensor>,          // L+1 × (N, C): the residual stream entering each layer, and the last
     pub layers: Vec<LayerActivations>,
-    pub hf: Tensor,    // (N, C)  final rmsnorm
-    pub rstdf: Tensor, // (N,)
+    pub hf: Tensor,            // (N, C)  final norm
+    pub meanf: Option<Tensor>, // (N,)    GPT-2
+    pub rstdf: Tensor,         // (N,)
     /// (rows, V) logits of one chunk of rows at a time: the vocabulary-sized activation is the
     /// largest, so the LM head and the loss run chunk by chunk through this one buffer.
     pub logits: Tensor,
@@ -113,12 +151,14 @@ impl Activations {
             &self.lse_rows,
             &self.loss_sum,
         ];
+        all.extend(self.pos_ids.iter().chain(&self.emb).chain(&self.pos).chain(&self.meanf));
         all.extend(&self.x);
         for l in &self.layers {
             all.extend([
-                &l.h1, &l.rstd1, &l.q, &l.k, &l.v, &l.q_rot, &l.k_rot, &l.att, &l.lse, &l.o, &l.x_mid, &l.h2, &l.rstd2,
-                &l.gate, &l.up, &l.act, &l.down,
+                &l.h1, &l.rstd1, &l.q, &l.k, &l.v, &l.att, &l.lse, &l.o, &l.x_mid, &l.h2, &l.rstd2, &l.gate, &l.act,
+                &l.down,
             ]);
+            all.extend(l.mean1.iter().chain(&l.q_rot).chain(&l.k_rot).chain(&l.mean2).chain(&l.up));
         }
         all.iter().map(|t| t.byte_len()).sum()
     }
@@ -166,31 +206,92 @@ fn upload(ctx: &Context, w: &Weights, name: &str) -> Result<Tensor> {
     Ok(ctx.upload_f32(name, &t.shape, &t.data)?)
 }
 
+/// Columns `part · C .. (part + 1) · C` of a row-major `(rows, 3C)` matrix (GPT-2's fused c_attn).
+fn third(data: &[f32], rows: usize, part: usize) -> Vec<f32> {
+    let c3 = data.len() / rows;
+    let c = c3 / 3;
+    (0..rows).flat_map(|r| data[r * c3 + part * c..r * c3 + (part + 1) * c].iter().copied()).collect()
+}
+
 impl ParameterTensors {
     pub fn upload(ctx: &Context, w: &Weights) -> Result<Self> {
         let c = &w.config;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
-            let p = |n: &str| upload(ctx, w, &format!("model.layers.{i}.{n}"));
-            layers.push(LayerParams {
-                ln1: p("input_layernorm.weight")?,
-                wq: p("self_attn.q_proj.weight")?,
-                wk: p("self_attn.k_proj.weight")?,
-                wv: p("self_attn.v_proj.weight")?,
-                wo: p("self_attn.o_proj.weight")?,
-                ln2: p("post_attention_layernorm.weight")?,
-                w_gate: p("mlp.gate_proj.weight")?,
-                w_up: p("mlp.up_proj.weight")?,
-                w_down: p("mlp.down_proj.weight")?,
+            layers.push(match c.arch {
+                Arch::Llama => {
+                    let p = |n: &str| upload(ctx, w, &format!("model.layers.{i}.{n}"));
+                    LayerParams::Llama(LlamaLayer {
+                        ln1: p("input_layernorm.weight")?,
+                        wq: p("self_attn.q_proj.weight")?,
+                        wk: p("self_attn.k_proj.weight")?,
+                        wv: p("self_attn.v_proj.weight")?,
+                        wo: p("self_attn.o_proj.weight")?,
+                        ln2: p("post_attention_layernorm.weight")?,
+                        w_gate: p("mlp.gate_proj.weight")?,
+                        w_up: p("mlp.up_proj.weight")?,
+                        w_down: p("mlp.down_proj.weight")?,
+                    })
+                }
+                Arch::Gpt2 => {
+                    let name = |n: &str| format!("transformer.h.{i}.{n}");
+                    let p = |n: &str| upload(ctx, w, &name(n));
+                    let get = |n: &str| w.get(&name(n)).map_err(|e| GpuModelError::Unsupported(e.to_string()));
+                    let (aw, ab) = (get("attn.c_attn.weight")?, get("attn.c_attn.bias")?);
+                    let h = c.hidden_size;
+                    let part = |k: usize| -> Result<(Tensor, Tensor)> {
+                        Ok((
+                            ctx.upload_f32(&name("attn.c_attn.weight"), &[h, h], &third(&aw.data, h, k))?,
+                            ctx.upload_f32(&name("attn.c_attn.bias"), &[h], &third(&ab.data, 1, k))?,
+                        ))
+                    };
+                    let ((wq, bq), (wk, bk), (wv, bv)) = (part(0)?, part(1)?, part(2)?);
+                    LayerParams::Gpt2(Gpt2Layer {
+                        ln1_w: p("ln_1.weight")?,
+                        ln1_b: p("ln_1.bias")?,
+                        wq,
+                        wk,
+                        wv,
+                        bq,
+                        bk,
+                        bv,
+                        wo: p("attn.c_proj.weight")?,
+                        bo: p("attn.c_proj.bias")?,
+                        ln2_w: p("ln_2.weight")?,
+                        ln2_b: p("ln_2.bias")?,
+                        w_fc: p("mlp.c_fc.weight")?,
+                        b_fc: p("mlp.c_fc.bias")?,
+                        w_proj: p("mlp.c_proj.weight")?,
+                        b_proj: p("mlp.c_proj.bias")?,
+                    })
+                }
             });
         }
-        Ok(ParameterTensors {
-            embed: upload(ctx, w, "model.embed_tokens.weight")?,
-            layers,
-            norm: upload(ctx, w, "model.norm.weight")?,
-            lm_head: if c.tie_embeddings { None } else { Some(upload(ctx, w, "lm_head.weight")?) },
+        let lm_head = if c.tie_embeddings { None } else { Some(upload(ctx, w, "lm_head.weight")?) };
+        Ok(match c.arch {
+            Arch::Llama => ParameterTensors {
+                embed: upload(ctx, w, "model.embed_tokens.weight")?,
+                pos_embed: None,
+                layers,
+                norm: upload(ctx, w, "model.norm.weight")?,
+                norm_bias: None,
+                lm_head,
+            },
+            Arch::Gpt2 => ParameterTensors {
+                embed: upload(ctx, w, "transformer.wte.weight")?,
+                pos_embed: Some(upload(ctx, w, "transformer.wpe.weight")?),
+                layers,
+                norm: upload(ctx, w, "transformer.ln_f.weight")?,
+                norm_bias: Some(upload(ctx, w, "transformer.ln_f.bias")?),
+                lm_head,
+            },
         })
     }
+}
+
+/// An activation that exists for one architecture only (planned in [`GpuModel::plan`]).
+fn need(t: &Option<Tensor>) -> Result<&Tensor> {
+    t.as_ref().ok_or_else(|| GpuModelError::Unsupported("an activation of another architecture was asked for".into()))
 }
 
 impl GpuModel {
@@ -209,12 +310,6 @@ impl GpuModel {
         chunk_rows: Option<usize>,
     ) -> Result<Self> {
         let c = w.config.clone();
-        if c.arch != Arch::Llama {
-            return Err(GpuModelError::Unsupported(format!(
-                "{:?} models do not run on the GPU yet; LLaMA-family models do",
-                c.arch
-            )));
-        }
         if seq > c.max_positions {
             return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
@@ -256,28 +351,40 @@ impl GpuModel {
         let n = batch * seq;
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let t = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
+        let llama = c.arch == Arch::Llama;
+        let opt = |on: bool, label: &str, shape: &[usize]| -> Result<Option<Tensor>> {
+            Ok(if on { Some(t(label, shape)?) } else { None })
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             layers.push(LayerActivations {
                 h1: t("h1", &[n, h])?,
+                mean1: opt(!llama, "mean1", &[n])?,
                 rstd1: t("rstd1", &[n])?,
                 q: t("q", &[n, q])?,
                 k: t("k", &[n, kv])?,
                 v: t("v", &[n, kv])?,
-                q_rot: t("q_rot", &[n, q])?,
-                k_rot: t("k_rot", &[n, kv])?,
+                q_rot: opt(llama, "q_rot", &[n, q])?,
+                k_rot: opt(llama, "k_rot", &[n, kv])?,
                 att: t("att", &[n, q])?,
                 lse: t("lse", &[batch, c.num_heads, seq])?,
                 o: t("o", &[n, h])?,
                 x_mid: t("x_mid", &[n, h])?,
                 h2: t("h2", &[n, h])?,
+                mean2: opt(!llama, "mean2", &[n])?,
                 rstd2: t("rstd2", &[n])?,
                 gate: t("gate", &[n, f])?,
-                up: t("up", &[n, f])?,
+                up: opt(llama, "up", &[n, f])?,
                 act: t("act", &[n, f])?,
                 down: t("down", &[n, h])?,
             });
         }
+        let pos_ids = if llama {
+            None
+        } else {
+            let ids: Vec<u32> = (0..n).map(|i| (i % seq) as u32).collect();
+            Some(ctx.upload_u32("pos_ids", &[n], &ids)?)
+        };
         // Logit chunks: as many rows as fit one storage binding, a multiple of 64 rows so that
         // every chunk's offset into the (N, C) activations is 256-byte aligned.
         let row_bytes = (c.vocab_size * 4) as u64;
@@ -297,6 +404,10 @@ impl GpuModel {
             seq,
             ids: ctx.tensor("ids", &[n], DType::U32)?,
             targets: ctx.tensor("targets", &[n], DType::U32)?,
+            pos_ids,
+            emb: opt(!llama, "emb", &[n, h])?,
+            pos: opt(!llama, "pos", &[n, h])?,
+            meanf: opt(!llama, "meanf", &[n])?,
             x: (0..=c.num_layers).map(|_| t("x", &[n, h])).collect::<std::result::Result<_, _>>()?,
             layers,
             hf: t("hf", &[n, h])?,
@@ -318,7 +429,14 @@ impl GpuModel {
         let (b, t) = (a.batch, a.seq);
         let eps = c.norm_eps as f32;
         let mut s = Step::new();
-        embed_forward(ctx, &mut s, &a.ids, &p.embed, &a.x[0])?;
+        match &p.pos_embed {
+            None => embed_forward(ctx, &mut s, &a.ids, &p.embed, &a.x[0])?,
+            Some(wpe) => {
+                embed_forward(ctx, &mut s, &a.ids, &p.embed, need(&a.emb)?)?;
+                embed_forward(ctx, &mut s, need(&a.pos_ids)?, wpe, need(&a.pos)?)?;
+                add_forward(ctx, &mut s, need(&a.emb)?, need(&a.pos)?, &a.x[0])?;
+            }
+        }
         let shape = AttentionShape {
             batch: b,
             seq: t,
@@ -331,23 +449,59 @@ impl GpuModel {
         let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             let x = &a.x[l];
-            rmsnorm_forward(ctx, &mut s, x, &lp.ln1, eps, &la.h1, &la.rstd1)?;
-            matmul(ctx, &mut s, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
-            matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
-            matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
-            rope_forward(ctx, &mut s, rope_q, &la.q, &la.q_rot)?;
-            rope_forward(ctx, &mut s, rope_k, &la.k, &la.k_rot)?;
-            attention_forward(ctx, &mut s, shape, &la.q_rot, &la.k_rot, &la.v, &la.att, &la.lse)?;
-            matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nt())?;
-            add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
-            rmsnorm_forward(ctx, &mut s, &la.x_mid, &lp.ln2, eps, &la.h2, &la.rstd2)?;
-            matmul(ctx, &mut s, &la.h2, &lp.w_gate, &la.gate, Matmul::nt())?;
-            matmul(ctx, &mut s, &la.h2, &lp.w_up, &la.up, Matmul::nt())?;
-            swiglu_forward(ctx, &mut s, &la.gate, &la.up, &la.act)?;
-            matmul(ctx, &mut s, &la.act, &lp.w_down, &la.down, Matmul::nt())?;
+            match lp {
+                LayerParams::Llama(lp) => {
+                    let (q_rot, k_rot) = (need(&la.q_rot)?, need(&la.k_rot)?);
+                    rmsnorm_forward(ctx, &mut s, x, &lp.ln1, eps, &la.h1, &la.rstd1)?;
+                    matmul(ctx, &mut s, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
+                    matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
+                    matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
+                    rope_forward(ctx, &mut s, rope_q, &la.q, q_rot)?;
+                    rope_forward(ctx, &mut s, rope_k, &la.k, k_rot)?;
+                    attention_forward(ctx, &mut s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse)?;
+                    matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nt())?;
+                    add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
+                    rmsnorm_forward(ctx, &mut s, &la.x_mid, &lp.ln2, eps, &la.h2, &la.rstd2)?;
+                    matmul(ctx, &mut s, &la.h2, &lp.w_gate, &la.gate, Matmul::nt())?;
+                    matmul(ctx, &mut s, &la.h2, &lp.w_up, need(&la.up)?, Matmul::nt())?;
+                    swiglu_forward(ctx, &mut s, &la.gate, need(&la.up)?, &la.act)?;
+                    matmul(ctx, &mut s, &la.act, &lp.w_down, &la.down, Matmul::nt())?;
+                }
+                LayerParams::Gpt2(lp) => {
+                    layernorm_forward(ctx, &mut s, x, &lp.ln1_w, &lp.ln1_b, eps, &la.h1, need(&la.mean1)?, &la.rstd1)?;
+                    for (w, bias, out) in [(&lp.wq, &lp.bq, &la.q), (&lp.wk, &lp.bk, &la.k), (&lp.wv, &lp.bv, &la.v)] {
+                        matmul(ctx, &mut s, &la.h1, w, out, Matmul::nn())?;
+                        bias_forward(ctx, &mut s, bias, out)?;
+                    }
+                    attention_forward(ctx, &mut s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse)?;
+                    matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nn())?;
+                    bias_forward(ctx, &mut s, &lp.bo, &la.o)?;
+                    add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
+                    layernorm_forward(
+                        ctx,
+                        &mut s,
+                        &la.x_mid,
+                        &lp.ln2_w,
+                        &lp.ln2_b,
+                        eps,
+                        &la.h2,
+                        need(&la.mean2)?,
+                        &la.rstd2,
+                    )?;
+                    matmul(ctx, &mut s, &la.h2, &lp.w_fc, &la.gate, Matmul::nn())?;
+                    bias_forward(ctx, &mut s, &lp.b_fc, &la.gate)?;
+                    gelu_forward(ctx, &mut s, &la.gate, &la.act)?;
+                    matmul(ctx, &mut s, &la.act, &lp.w_proj, &la.down, Matmul::nn())?;
+                    bias_forward(ctx, &mut s, &lp.b_proj, &la.down)?;
+                }
+            }
             add_forward(ctx, &mut s, &la.x_mid, &la.down, &a.x[l + 1])?;
         }
-        rmsnorm_forward(ctx, &mut s, &a.x[c.num_layers], &p.norm, eps, &a.hf, &a.rstdf)?;
+        let x_last = &a.x[c.num_layers];
+        match &p.norm_bias {
+            None => rmsnorm_forward(ctx, &mut s, x_last, &p.norm, eps, &a.hf, &a.rstdf)?,
+            Some(bias) => layernorm_forward(ctx, &mut s, x_last, &p.norm, bias, eps, &a.hf, need(&a.meanf)?, &a.rstdf)?,
+        }
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
         let n = b * t;
         let align = ctx.limits().storage_offset_alignment;
@@ -393,29 +547,74 @@ impl GpuModel {
         };
         let rope_q = RopeShape { seq: t, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: 0 };
         let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
-        let acc = Matmul::nn().accumulate(true);
-        rmsnorm_backward(ctx, s, &a.x[c.num_layers], &p.norm, &a.rstdf, &g.dhf, None, &g.dx[c.num_layers])?;
+        let last = c.num_layers;
+        match &a.meanf {
+            None => rmsnorm_backward(ctx, s, &a.x[last], &p.norm, &a.rstdf, &g.dhf, None, &g.dx[last])?,
+            Some(meanf) => layernorm_backward(ctx, s, &a.x[last], &p.norm, meanf, &a.rstdf, &g.dhf, None, &g.dx[last])?,
+        }
         for l in (0..c.num_layers).rev() {
-            let (lp, la) = (&p.layers[l], &a.layers[l]);
+            let la = &a.layers[l];
             let dxo = &g.dx[l + 1];
-            // MLP: down_proj, swiglu, gate_proj + up_proj, post-attention norm (+ residual).
-            matmul(ctx, s, dxo, &lp.w_down, &g.d_act, Matmul::nn())?;
-            swiglu_backward(ctx, s, &la.gate, &la.up, &g.d_act, &g.d_gate, &g.d_up)?;
-            matmul(ctx, s, &g.d_gate, &lp.w_gate, &g.d_h, Matmul::nn())?;
-            matmul(ctx, s, &g.d_up, &lp.w_up, &g.d_h, acc)?;
-            rmsnorm_backward(ctx, s, &la.x_mid, &lp.ln2, &la.rstd2, &g.d_h, Some(dxo), &g.d_xmid)?;
-            // Attention: o_proj, attention, rotary, q/k/v projections, input norm (+ residual).
-            matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nn())?;
-            attention_backward(
-                ctx, s, shape, &la.q_rot, &la.k_rot, &la.v, &la.att, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot, &g.d_v,
-                &g.dsum,
-            )?;
-            rope_backward(ctx, s, rope_q, &g.d_qrot, &g.d_q)?;
-            rope_backward(ctx, s, rope_k, &g.d_krot, &g.d_k)?;
-            matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nn())?;
-            matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
-            matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
-            rmsnorm_backward(ctx, s, &a.x[l], &lp.ln1, &la.rstd1, &g.d_h, Some(&g.d_xmid), &g.dx[l])?;
+            match &p.layers[l] {
+                LayerParams::Llama(lp) => {
+                    let acc = Matmul::nn().accumulate(true);
+                    // MLP: down_proj, swiglu, gate_proj + up_proj, post-attention norm (+ residual).
+                    matmul(ctx, s, dxo, &lp.w_down, &g.d_act, Matmul::nn())?;
+                    swiglu_backward(ctx, s, &la.gate, need(&la.up)?, &g.d_act, &g.d_gate, &g.d_up)?;
+                    matmul(ctx, s, &g.d_gate, &lp.w_gate, &g.d_h, Matmul::nn())?;
+                    matmul(ctx, s, &g.d_up, &lp.w_up, &g.d_h, acc)?;
+                    rmsnorm_backward(ctx, s, &la.x_mid, &lp.ln2, &la.rstd2, &g.d_h, Some(dxo), &g.d_xmid)?;
+                    // Attention: o_proj, attention, rotary, q/k/v projections, input norm (+ residual).
+                    matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nn())?;
+                    let (q_rot, k_rot) = (need(&la.q_rot)?, need(&la.k_rot)?);
+                    attention_backward(
+                        ctx, s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot, &g.d_v,
+                        &g.dsum,
+                    )?;
+                    rope_backward(ctx, s, rope_q, &g.d_qrot, &g.d_q)?;
+                    rope_backward(ctx, s, rope_k, &g.d_krot, &g.d_k)?;
+                    matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nn())?;
+                    matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
+                    matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
+                    rmsnorm_backward(ctx, s, &a.x[l], &lp.ln1, &la.rstd1, &g.d_h, Some(&g.d_xmid), &g.dx[l])?;
+                }
+                LayerParams::Gpt2(lp) => {
+                    // Conv1D: y = x·W + b, so dx = dy·Wᵀ.
+                    let acc = Matmul::nt().accumulate(true);
+                    matmul(ctx, s, dxo, &lp.w_proj, &g.d_act, Matmul::nt())?;
+                    gelu_backward(ctx, s, &la.gate, &g.d_act, &g.d_gate)?;
+                    matmul(ctx, s, &g.d_gate, &lp.w_fc, &g.d_h, Matmul::nt())?;
+                    layernorm_backward(
+                        ctx,
+                        s,
+                        &la.x_mid,
+                        &lp.ln2_w,
+                        need(&la.mean2)?,
+                        &la.rstd2,
+                        &g.d_h,
+                        Some(dxo),
+                        &g.d_xmid,
+                    )?;
+                    matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nt())?;
+                    attention_backward(
+                        ctx, s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse, &g.d_att, &g.d_q, &g.d_k, &g.d_v, &g.dsum,
+                    )?;
+                    matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nt())?;
+                    matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
+                    matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
+                    layernorm_backward(
+                        ctx,
+                        s,
+                        &a.x[l],
+                        &lp.ln1_w,
+                        need(&la.mean1)?,
+                        &la.rstd1,
+                        &g.d_h,
+                        Some(&g.d_xmid),
+                        &g.dx[l],
+                    )?;
+                }
+            }
         }
         Ok(())
     }
