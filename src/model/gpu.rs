@@ -45,7 +45,7 @@ type Result<T> = std::result::Result<T, GpuModelError>;
 /// One decoder layer's frozen weights.
 pub enum LayerParams {
     Llama(LlamaLayer),
-    Gpt2(Gpt2Layer),
+    Gpt2(Box<Gpt2Layer>),
 }
 
 /// A LLaMA decoder layer (`nn.Linear` layouts).
@@ -246,7 +246,7 @@ impl ParameterTensors {
                         ))
                     };
                     let ((wq, bq), (wk, bk), (wv, bv)) = (part(0)?, part(1)?, part(2)?);
-                    LayerParams::Gpt2(Gpt2Layer {
+                    LayerParams::Gpt2(Box::new(Gpt2Layer {
                         ln1_w: p("ln_1.weight")?,
                         ln1_b: p("ln_1.bias")?,
                         wq,
@@ -263,7 +263,7 @@ impl ParameterTensors {
                         b_fc: p("mlp.c_fc.bias")?,
                         w_proj: p("mlp.c_proj.weight")?,
                         b_proj: p("mlp.c_proj.bias")?,
-                    })
+                    }))
                 }
             });
         }
