@@ -44,7 +44,7 @@ type Result<T> = std::result::Result<T, GpuModelError>;
 
 /// One decoder layer's frozen weights.
 pub enum LayerParams {
-    Llama(LlamaLayer),
+    Llama(Box<LlamaLayer>),
     Gpt2(Box<Gpt2Layer>),
 }
 
@@ -221,7 +221,7 @@ impl ParameterTensors {
             layers.push(match c.arch {
                 Arch::Llama => {
                     let p = |n: &str| upload(ctx, w, &format!("model.layers.{i}.{n}"));
-                    LayerParams::Llama(LlamaLayer {
+                    LayerParams::Llama(Box::new(LlamaLayer {
                         ln1: p("input_layernorm.weight")?,
                         wq: p("self_attn.q_proj.weight")?,
                         wk: p("self_attn.k_proj.weight")?,
@@ -231,7 +231,7 @@ impl ParameterTensors {
                         w_gate: p("mlp.gate_proj.weight")?,
                         w_up: p("mlp.up_proj.weight")?,
                         w_down: p("mlp.down_proj.weight")?,
-                    })
+                    }))
                 }
                 Arch::Gpt2 => {
                     let name = |n: &str| format!("transformer.h.{i}.{n}");
