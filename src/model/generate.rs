@@ -1,16 +1,16 @@
-//! Text generation on the GPU with a KV cache: the prompt is run once (prefill), then each new
+//! Text generation on the GPU with a KV cache (LLaMA family and GPT-2): the prompt is run once (prefill), then each new
 //! token runs one position through the layers, attending to the cached keys and values.
 //! Sampling (greedy, temperature, top-k, top-p) happens on the CPU over one row of logits.
 
 use super::config::ModelConfig;
 use super::gpu::{GpuModelError, LayerParams, ParameterTensors};
 use crate::gpu::{Context, DType, Step, Tensor};
-use crate::ops::act::swiglu_forward;
+use crate::ops::act::{gelu_forward, swiglu_forward};
 use crate::ops::attention::{attention_forward, AttentionShape};
-use crate::ops::elementwise::{add_forward, copy_forward};
+use crate::ops::elementwise::{add_forward, bias_forward, copy_forward};
 use crate::ops::embed::embed_forward;
 use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::norm::rmsnorm_forward;
+use crate::ops::norm::{layernorm_forward, rmsnorm_forward};
 use crate::ops::rope::{rope_forward, RopeShape};
 use crate::reference::Rng;
 
@@ -40,6 +40,10 @@ struct Scratch {
     x: [Tensor; 2],       // (rows, C) residual stream, ping-pong between layers
     h: Tensor,            // (rows, C)
     rstd: Tensor,         // (rows,)
+    mean: Tensor,         // (rows,)  LayerNorm mean (GPT-2)
+    pos_ids: Tensor,      // (rows,) u32 absolute positions (GPT-2)
+    emb: Tensor,          // (rows, C) token embeddings before positions (GPT-2)
+    pos_emb: Tensor,      // (rows, C) position embeddings (GPT-2)
     q: Tensor,            // (rows, H·hd)
     k: Tensor,            // (rows, KV·hd)
     v: Tensor,            // (rows, KV·hd)
@@ -75,12 +79,7 @@ impl<'p> Generator<'p> {
         if max_len > config.max_positions {
             return Err(GpuModelError::TooLong { seq: max_len, max: config.max_positions });
         }
-        if config.arch != super::Arch::Llama {
-            return Err(GpuModelError::Unsupported(format!(
-                "generation runs LLaMA-family models for now; {:?} is evaluated and trained only",
-                config.arch
-            )));
-        }
+
         let c = config;
         let (h, q, kv, f, v) =
             (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.vocab_size);
@@ -93,6 +92,10 @@ impl<'p> Generator<'p> {
             x: [t("x0", &[rows, h])?, t("x1", &[rows, h])?],
             h: t("h", &[rows, h])?,
             rstd: t("rstd", &[rows])?,
+            mean: t("mean", &[rows])?,
+            pos_ids: ctx.tensor("pos_ids", &[rows], DType::U32)?,
+            emb: t("emb", &[rows, h])?,
+            pos_emb: t("pos_emb", &[rows, h])?,
             q: t("q", &[rows, q])?,
             k: t("k", &[rows, kv])?,
             v: t("v", &[rows, kv])?,
@@ -145,7 +148,16 @@ impl<'p> Generator<'p> {
         let r = |t: &Tensor| t.rows(0, n, 4);
         ctx.write_u32(&r(&s.ids)?, tokens)?;
         let mut st = Step::new();
-        embed_forward(ctx, &mut st, &r(&s.ids)?, &p.embed, &r(&s.x[0])?)?;
+        match &p.pos_embed {
+            None => embed_forward(ctx, &mut st, &r(&s.ids)?, &p.embed, &r(&s.x[0])?)?,
+            Some(wpe) => {
+                let positions: Vec<u32> = (pos..pos + n).map(|i| i as u32).collect();
+                ctx.write_u32(&r(&s.pos_ids)?, &positions)?;
+                embed_forward(ctx, &mut st, &r(&s.ids)?, &p.embed, &r(&s.emb)?)?;
+                embed_forward(ctx, &mut st, &r(&s.pos_ids)?, wpe, &r(&s.pos_emb)?)?;
+                add_forward(ctx, &mut st, &r(&s.emb)?, &r(&s.pos_emb)?, &r(&s.x[0])?)?;
+            }
+        }
         let rope_q =
             RopeShape { seq: n, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: pos };
         let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
@@ -158,33 +170,61 @@ impl<'p> Generator<'p> {
             q_offset: pos,
         };
         let lse = s.lse.rows(0, c.num_heads * n, 4)?;
+        let (h, rstd, mean) = (r(&s.h)?, r(&s.rstd)?, r(&s.mean)?);
         for (l, lp) in p.layers.iter().enumerate() {
-            let LayerParams::Llama(lp) = lp else {
-                return Err(GpuModelError::Unsupported("generation runs LLaMA-family models for now".into()));
-            };
             let (x_in, x_out) = (r(&s.x[l % 2])?, r(&s.x[(l + 1) % 2])?);
-            rmsnorm_forward(ctx, &mut st, &x_in, &lp.ln1, eps, &r(&s.h)?, &r(&s.rstd)?)?;
-            matmul(ctx, &mut st, &r(&s.h)?, &lp.wq, &r(&s.q)?, Matmul::nt())?;
-            matmul(ctx, &mut st, &r(&s.h)?, &lp.wk, &r(&s.k)?, Matmul::nt())?;
-            matmul(ctx, &mut st, &r(&s.h)?, &lp.wv, &r(&s.v)?, Matmul::nt())?;
-            rope_forward(ctx, &mut st, rope_q, &r(&s.q)?, &r(&s.q_rot)?)?;
-            rope_forward(ctx, &mut st, rope_k, &r(&s.k)?, &r(&s.k_rot)?)?;
-            copy_forward(ctx, &mut st, &r(&s.k_rot)?, &s.k_cache[l], pos * kvw)?;
-            copy_forward(ctx, &mut st, &r(&s.v)?, &s.v_cache[l], pos * kvw)?;
+            let (q, k, v, att, o, x_mid) = (r(&s.q)?, r(&s.k)?, r(&s.v)?, r(&s.att)?, r(&s.o)?, r(&s.x_mid)?);
+            let (gate, act, down) = (r(&s.gate)?, r(&s.act)?, r(&s.down)?);
             let kc = s.k_cache[l].rows(0, pos + n, 4)?;
             let vc = s.v_cache[l].rows(0, pos + n, 4)?;
-            attention_forward(ctx, &mut st, shape, &r(&s.q_rot)?, &kc, &vc, &r(&s.att)?, &lse)?;
-            matmul(ctx, &mut st, &r(&s.att)?, &lp.wo, &r(&s.o)?, Matmul::nt())?;
-            add_forward(ctx, &mut st, &x_in, &r(&s.o)?, &r(&s.x_mid)?)?;
-            rmsnorm_forward(ctx, &mut st, &r(&s.x_mid)?, &lp.ln2, eps, &r(&s.h)?, &r(&s.rstd)?)?;
-            matmul(ctx, &mut st, &r(&s.h)?, &lp.w_gate, &r(&s.gate)?, Matmul::nt())?;
-            matmul(ctx, &mut st, &r(&s.h)?, &lp.w_up, &r(&s.up)?, Matmul::nt())?;
-            swiglu_forward(ctx, &mut st, &r(&s.gate)?, &r(&s.up)?, &r(&s.act)?)?;
-            matmul(ctx, &mut st, &r(&s.act)?, &lp.w_down, &r(&s.down)?, Matmul::nt())?;
-            add_forward(ctx, &mut st, &r(&s.x_mid)?, &r(&s.down)?, &x_out)?;
+            match lp {
+                LayerParams::Llama(lp) => {
+                    let (q_rot, k_rot) = (r(&s.q_rot)?, r(&s.k_rot)?);
+                    rmsnorm_forward(ctx, &mut st, &x_in, &lp.ln1, eps, &h, &rstd)?;
+                    matmul(ctx, &mut st, &h, &lp.wq, &q, Matmul::nt())?;
+                    matmul(ctx, &mut st, &h, &lp.wk, &k, Matmul::nt())?;
+                    matmul(ctx, &mut st, &h, &lp.wv, &v, Matmul::nt())?;
+                    rope_forward(ctx, &mut st, rope_q, &q, &q_rot)?;
+                    rope_forward(ctx, &mut st, rope_k, &k, &k_rot)?;
+                    copy_forward(ctx, &mut st, &k_rot, &s.k_cache[l], pos * kvw)?;
+                    copy_forward(ctx, &mut st, &v, &s.v_cache[l], pos * kvw)?;
+                    attention_forward(ctx, &mut st, shape, &q_rot, &kc, &vc, &att, &lse)?;
+                    matmul(ctx, &mut st, &att, &lp.wo, &o, Matmul::nt())?;
+                    add_forward(ctx, &mut st, &x_in, &o, &x_mid)?;
+                    rmsnorm_forward(ctx, &mut st, &x_mid, &lp.ln2, eps, &h, &rstd)?;
+                    let up = r(&s.up)?;
+                    matmul(ctx, &mut st, &h, &lp.w_gate, &gate, Matmul::nt())?;
+                    matmul(ctx, &mut st, &h, &lp.w_up, &up, Matmul::nt())?;
+                    swiglu_forward(ctx, &mut st, &gate, &up, &act)?;
+                    matmul(ctx, &mut st, &act, &lp.w_down, &down, Matmul::nt())?;
+                }
+                LayerParams::Gpt2(lp) => {
+                    layernorm_forward(ctx, &mut st, &x_in, &lp.ln1_w, &lp.ln1_b, eps, &h, &mean, &rstd)?;
+                    for (w, b, out) in [(&lp.wq, &lp.bq, &q), (&lp.wk, &lp.bk, &k), (&lp.wv, &lp.bv, &v)] {
+                        matmul(ctx, &mut st, &h, w, out, Matmul::nn())?;
+                        bias_forward(ctx, &mut st, b, out)?;
+                    }
+                    copy_forward(ctx, &mut st, &k, &s.k_cache[l], pos * kvw)?;
+                    copy_forward(ctx, &mut st, &v, &s.v_cache[l], pos * kvw)?;
+                    attention_forward(ctx, &mut st, shape, &q, &kc, &vc, &att, &lse)?;
+                    matmul(ctx, &mut st, &att, &lp.wo, &o, Matmul::nn())?;
+                    bias_forward(ctx, &mut st, &lp.bo, &o)?;
+                    add_forward(ctx, &mut st, &x_in, &o, &x_mid)?;
+                    layernorm_forward(ctx, &mut st, &x_mid, &lp.ln2_w, &lp.ln2_b, eps, &h, &mean, &rstd)?;
+                    matmul(ctx, &mut st, &h, &lp.w_fc, &gate, Matmul::nn())?;
+                    bias_forward(ctx, &mut st, &lp.b_fc, &gate)?;
+                    gelu_forward(ctx, &mut st, &gate, &act)?;
+                    matmul(ctx, &mut st, &act, &lp.w_proj, &down, Matmul::nn())?;
+                    bias_forward(ctx, &mut st, &lp.b_proj, &down)?;
+                }
+            }
+            add_forward(ctx, &mut st, &x_mid, &down, &x_out)?;
         }
         let x_last = r(&s.x[c.num_layers % 2])?;
-        rmsnorm_forward(ctx, &mut st, &x_last, &p.norm, eps, &r(&s.h)?, &r(&s.rstd)?)?;
+        match &p.norm_bias {
+            None => rmsnorm_forward(ctx, &mut st, &x_last, &p.norm, eps, &h, &rstd)?,
+            Some(b) => layernorm_forward(ctx, &mut st, &x_last, &p.norm, b, eps, &h, &mean, &rstd)?,
+        }
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
         matmul(ctx, &mut st, &r(&s.h)?, head, &r(&s.logits)?, Matmul::nt())?;
         ctx.run(&st)?;
