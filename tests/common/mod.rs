@@ -22,11 +22,20 @@ pub fn context() -> Option<Context> {
 /// `~/.cache/portalora`). Missing, the test is skipped with a message, unless
 /// `PORTALORA_REQUIRE_ASSETS=1` (set by `make test` and CI), where it fails.
 pub fn smollm2_path() -> Option<std::path::PathBuf> {
+    asset("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// GPT-2's tokenizer folder (vocab.json + merges.txt) from scripts/fetch-assets; as above.
+pub fn gpt2_tokenizer_dir() -> Option<std::path::PathBuf> {
+    asset("gpt2-tokenizer/merges.txt").map(|p| p.parent().unwrap().to_path_buf())
+}
+
+fn asset(rel: &str) -> Option<std::path::PathBuf> {
     use std::path::PathBuf;
     let cache = std::env::var_os("PORTALORA_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/portalora"));
-    let p = cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = cache.join(rel);
     if p.exists() {
         return Some(p);
     }
