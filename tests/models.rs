@@ -148,3 +148,37 @@ fn gpt2_tokenizer_matches_the_reference_encoder() {
         assert_eq!(tok.decode(&got).unwrap(), text);
     }
 }
+
+#[test]
+fn sharded_safetensors_folders_load() {
+    use safetensors::tensor::{serialize, TensorView};
+    use safetensors::Dtype;
+    let src = fixture("tiny_llama");
+    let w = load_model(&src).unwrap();
+    let dir = std::env::temp_dir().join(format!("portalora-sharded-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    // Two shards with half the tensors each, and the index that maps names to shards.
+    let names: Vec<&String> = w.tensors.keys().collect();
+    let mut map = serde_json::Map::new();
+    let bytes: Vec<Vec<u8>> =
+        names.iter().map(|n| w.tensors[*n].data.iter().flat_map(|v| v.to_le_bytes()).collect()).collect();
+    for (shard, range) in [(0, 0..names.len() / 2), (1, names.len() / 2..names.len())] {
+        let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        let views: Vec<(String, TensorView)> = range
+            .map(|i| {
+                map.insert(names[i].clone(), serde_json::Value::String(file.clone()));
+                (names[i].clone(), TensorView::new(Dtype::F32, w.tensors[names[i]].shape.clone(), &bytes[i]).unwrap())
+            })
+            .collect();
+        std::fs::write(dir.join(&file), serialize(views, None).unwrap()).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = load_model(&dir).unwrap();
+    assert_eq!(sharded.tensors, w.tensors);
+    // A missing shard is named in the error.
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let e = load_model(&dir).unwrap_err();
+    assert!(e.to_string().contains("model-00002-of-00002.safetensors"), "{e}");
+}
