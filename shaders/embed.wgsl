@@ -1,12 +1,16 @@
 // embed: token embedding lookup, f32.
 //
-// embed_forward: out[t, :] = table[ids[t], :]. One invocation per output element. Ids are
-// checked against the vocabulary on the host before they are uploaded.
+// embed_forward: out[t, :] = table[ids[t] − first, :] for the ids in [first, last); rows of
+// other ids are left alone. A table larger than one storage binding is stored as parts of
+// consecutive rows, one dispatch per part, and every id falls in exactly one part.
+// One invocation per output element. Ids are checked against the vocabulary on the host.
 
 struct Params {
     tokens: u32,
     dim: u32,
     gx: u32,
+    first: u32,
+    last: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -20,5 +24,8 @@ fn embed_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     if (i >= p.tokens * p.dim) { return; }
     let t = i / p.dim;
     let c = i % p.dim;
-    out[i] = table[ids[t] * p.dim + c];
+    let id = ids[t];
+    if (id >= p.first && id < p.last) {
+        out[i] = table[(id - p.first) * p.dim + c];
+    }
 }

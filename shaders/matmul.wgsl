@@ -6,6 +6,9 @@
 // - TRANS_B = false: B is stored (K, N); true: B is stored (N, K) and read transposed.
 //   A linear layer y = x Wᵀ is (TRANS_A, TRANS_B) = (false, true); its backward needs
 //   dx = g W (false, false) and dW = gᵀ x (true, false).
+// - Row strides (leading dimensions) lda, ldb, ldc: elements from one stored row to the next;
+//   equal to the stored width for contiguous matrices, larger for column views (a block of
+//   columns of a wider matrix, e.g. one vocabulary part of the logits).
 // - Batched (strided) form: workgroup z indexes the batch; matrix `b` of A starts at
 //   b * stride_a elements (stride 0 broadcasts one matrix to every batch), likewise B and C.
 // - accumulate = 0 writes C = alpha·op(A)op(B) and never reads C (it may hold NaN);
@@ -28,6 +31,9 @@ struct Params {
     stride_c: u32,
     accumulate: u32,
     alpha: f32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -45,15 +51,15 @@ var<workgroup> b_tile: array<f32, 1024>;  // (KT, TILE): b_tile[kk * TILE + col]
 // Element (row, kk) of op(A) for the current batch; 0 outside the matrix.
 fn load_a(base: u32, row: u32, kk: u32) -> f32 {
     if (row >= p.m || kk >= p.k) { return 0.0; }
-    if (TRANS_A) { return a[base + kk * p.m + row]; }
-    return a[base + row * p.k + kk];
+    if (TRANS_A) { return a[base + kk * p.lda + row]; }
+    return a[base + row * p.lda + kk];
 }
 
 // Element (kk, col) of op(B) for the current batch; 0 outside the matrix.
 fn load_b(base: u32, kk: u32, col: u32) -> f32 {
     if (kk >= p.k || col >= p.n) { return 0.0; }
-    if (TRANS_B) { return b[base + col * p.k + kk]; }
-    return b[base + kk * p.n + col];
+    if (TRANS_B) { return b[base + col * p.ldb + kk]; }
+    return b[base + kk * p.ldb + col];
 }
 
 @compute @workgroup_size(16, 16, 1)
@@ -102,7 +108,7 @@ fn matmul(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li
         for (var j = 0u; j < R; j++) {
             let col = col0 + lid.x * 4u + j;
             if (col >= p.n) { continue; }
-            let idx = base_c + row * p.n + col;
+            let idx = base_c + row * p.ldc + col;
             var v = p.alpha * acc[i][j];
             if (p.accumulate != 0u) { v += c[idx]; }
             c[idx] = v;

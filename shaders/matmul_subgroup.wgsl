@@ -15,7 +15,7 @@
 // the S invocations of a workgroup always sit in one subgroup, and lanes are identified by
 // subgroup_invocation_id.
 //
-// Variants: VEC (all of K, N — and M when A is transposed — plus the batch strides are
+// Variants: VEC (all of K, N — and M when A is transposed — plus the row and batch strides are
 // multiples of 4) binds the buffers as vec4 arrays; otherwise every element is loaded with a
 // bounds check. TRANS_A / TRANS_B choose how op(A) and op(B) are read (template flags here).
 
@@ -29,6 +29,9 @@ struct Params {
     stride_c: u32,
     accumulate: u32,
     alpha: f32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -39,23 +42,23 @@ struct Params {
 
 // op(A)[row][k..k+4] for A stored (M, K). Rows past M are clamped: their results are never stored.
 fn a_row4(base: u32, row: u32, k: u32) -> vec4<f32> {
-    return a[(base + min(row, p.m - 1u) * p.k + k) / 4u];
+    return a[(base + min(row, p.m - 1u) * p.lda + k) / 4u];
 }
 // A[k][m..m+4] for A stored (K, M), i.e. four rows of op(A) at one k.
 fn a_col4(base: u32, k: u32, m: u32) -> vec4<f32> {
-    return a[(base + k * p.m + min(m, p.m - 4u)) / 4u];
+    return a[(base + k * p.lda + min(m, p.m - 4u)) / 4u];
 }
 // op(B)[k][n..n+4] for B stored (K, N).
 fn b_row4(base: u32, k: u32, n: u32) -> vec4<f32> {
-    return b[(base + k * p.n + min(n, p.n - 4u)) / 4u];
+    return b[(base + k * p.ldb + min(n, p.n - 4u)) / 4u];
 }
 // B[n][k..k+4] for B stored (N, K), i.e. column n of op(B) at k..k+4.
 fn b_col4(base: u32, n: u32, k: u32) -> vec4<f32> {
-    return b[(base + min(n, p.n - 1u) * p.k + k) / 4u];
+    return b[(base + min(n, p.n - 1u) * p.ldb + k) / 4u];
 }
 fn store_c(base: u32, row: u32, n: u32, v: vec4<f32>) {
     if (row >= p.m || n >= p.n) { return; }
-    let i = (base + row * p.n + n) / 4u;
+    let i = (base + row * p.ldc + n) / 4u;
     var out = p.alpha * v;
     if (p.accumulate != 0u) { out += c[i]; }
     c[i] = out;
@@ -71,32 +74,32 @@ fn ga(i: u32, ok: bool) -> f32 { return select(0.0, a[i], ok); }
 fn gb(i: u32, ok: bool) -> f32 { return select(0.0, b[i], ok); }
 
 fn a_row4(base: u32, row: u32, k: u32) -> vec4<f32> {
-    let i = base + row * p.k + k;
+    let i = base + row * p.lda + k;
     let r = row < p.m;
     return vec4<f32>(ga(i, r && k < p.k), ga(i + 1u, r && k + 1u < p.k),
                      ga(i + 2u, r && k + 2u < p.k), ga(i + 3u, r && k + 3u < p.k));
 }
 fn a_col4(base: u32, k: u32, m: u32) -> vec4<f32> {
-    let i = base + k * p.m + m;
+    let i = base + k * p.lda + m;
     let r = k < p.k;
     return vec4<f32>(ga(i, r && m < p.m), ga(i + 1u, r && m + 1u < p.m),
                      ga(i + 2u, r && m + 2u < p.m), ga(i + 3u, r && m + 3u < p.m));
 }
 fn b_row4(base: u32, k: u32, n: u32) -> vec4<f32> {
-    let i = base + k * p.n + n;
+    let i = base + k * p.ldb + n;
     let r = k < p.k;
     return vec4<f32>(gb(i, r && n < p.n), gb(i + 1u, r && n + 1u < p.n),
                      gb(i + 2u, r && n + 2u < p.n), gb(i + 3u, r && n + 3u < p.n));
 }
 fn b_col4(base: u32, n: u32, k: u32) -> vec4<f32> {
-    let i = base + n * p.k + k;
+    let i = base + n * p.ldb + k;
     let r = n < p.n;
     return vec4<f32>(gb(i, r && k < p.k), gb(i + 1u, r && k + 1u < p.k),
                      gb(i + 2u, r && k + 2u < p.k), gb(i + 3u, r && k + 3u < p.k));
 }
 fn store_c(base: u32, row: u32, n: u32, v: vec4<f32>) {
     if (row >= p.m) { return; }
-    let i = base + row * p.n + n;
+    let i = base + row * p.ldc + n;
     for (var j = 0u; j < 4u; j++) {
         if (n + j < p.n) {
             var out = p.alpha * v[j];

@@ -375,3 +375,68 @@ fn missing_backend_says_what_to_install() {
         "{msg}"
     );
 }
+
+/// Column views: op(A), op(B) and C may be blocks of columns of wider matrices (row strides
+/// larger than their width). The columns of C outside the view must stay untouched.
+#[test]
+fn matmul_on_column_views() {
+    let Some(ctx) = common::context() else { return };
+    let align = ctx.limits().storage_offset_alignment as usize / 4;
+    let mut rng = Rng::new(77);
+    let mut paths = vec![MatmulPath::Portable];
+    if ctx.features().subgroups {
+        paths.push(MatmulPath::Subgroup);
+    }
+    for path in paths {
+        for (trans_a, trans_b) in OPS {
+            for &(m, k, n, extra) in &[(7usize, 33usize, 5usize, 3usize), (64, 32, 36, 4), (33, 8, 129, 7)] {
+                // Each operand is the block of columns [align, align + width) of a matrix `extra`
+                // columns wider than that block.
+                let (ar, ac) = if trans_a { (k, m) } else { (m, k) };
+                let (br, bc) = if trans_b { (n, k) } else { (k, n) };
+                let wide = |rows: usize, cols: usize| (rows, align + cols + extra);
+                let (aw, bw, cw) = (wide(ar, ac), wide(br, bc), wide(m, n));
+                let a_full = rng.vec(aw.0 * aw.1);
+                let b_full = rng.vec(bw.0 * bw.1);
+                let c_full = ctx.upload_f32("C", &[cw.0, cw.1], &vec![7.0; cw.0 * cw.1]).unwrap();
+                let at = ctx
+                    .upload_f32("A", &[aw.0, aw.1], &a_full)
+                    .unwrap()
+                    .cols(align, ac, ctx.limits().storage_offset_alignment)
+                    .unwrap();
+                let bt = ctx
+                    .upload_f32("B", &[bw.0, bw.1], &b_full)
+                    .unwrap()
+                    .cols(align, bc, ctx.limits().storage_offset_alignment)
+                    .unwrap();
+                let ct = c_full.cols(align, n, ctx.limits().storage_offset_alignment).unwrap();
+                let opts = Matmul { trans_a, trans_b, path, alpha: 0.5, accumulate: true };
+                let mut step = Step::new();
+                matmul(&ctx, &mut step, &at, &bt, &ct, opts).unwrap();
+                ctx.run(&step).unwrap();
+                let pick = |full: &[f32], w: (usize, usize), cols: usize| -> Vec<f32> {
+                    (0..w.0).flat_map(|r| full[r * w.1 + align..r * w.1 + align + cols].to_vec()).collect()
+                };
+                let prod = reference::matmul(&pick(&a_full, aw, ac), &pick(&b_full, bw, bc), m, k, n, trans_a, trans_b);
+                let got = ctx.read_f32(&c_full).unwrap();
+                for r in 0..m {
+                    for col in 0..cw.1 {
+                        let g = got[r * cw.1 + col] as f64;
+                        let want =
+                            if col >= align && col < align + n { 7.0 + 0.5 * prod[r * n + col - align] } else { 7.0 };
+                        assert!(
+                            (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "{path:?} ta={trans_a} tb={trans_b} {m}x{k}x{n}: C[{r}][{col}] = {g}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Other ops refuse strided views.
+    let v = ctx.tensor("v", &[4, 64], DType::F32).unwrap().cols(0, 8, 4).unwrap();
+    let out = ctx.tensor("o", &[4, 8], DType::F32).unwrap();
+    let e = portalora::ops::elementwise::scale_forward(&ctx, &mut Step::new(), &v, 2.0, &out).unwrap_err();
+    assert!(e.to_string().contains("strided"), "{e}");
+    assert!(ctx.read_f32(&v).is_err());
+}

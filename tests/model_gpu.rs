@@ -4,7 +4,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use portalora::model::gpu::{GpuModel, GpuModelError};
+use portalora::model::gpu::{GpuModel, GpuModelError, PlanOptions};
 use portalora::model::load_model;
 use portalora::reference::{self, Rng};
 
@@ -60,7 +60,8 @@ fn chunked_lm_head_gives_the_same_loss() {
     let (b, t) = (3, 50); // 150 rows: chunks of 64, 64 and 22
     let ids: Vec<Vec<u32>> = (0..b).map(|_| (0..t).map(|_| (rng.next_u64() % 61) as u32).collect()).collect();
     let whole = GpuModel::new(&ctx, &w, b, t).unwrap().loss_sum(&ctx, &ids).unwrap();
-    let chunked = GpuModel::with_logit_chunk(&ctx, &w, b, t, Some(64)).unwrap();
+    let opts = PlanOptions { logit_chunk_rows: Some(64), ..PlanOptions::default() };
+    let chunked = GpuModel::with_options(&ctx, &w, b, t, opts).unwrap();
     assert_eq!(chunked.acts.chunk_rows, 64);
     let parts = chunked.loss_sum(&ctx, &ids).unwrap();
     assert_eq!(whole.1, parts.1);
@@ -210,4 +211,45 @@ fn check_gradients(name: &str) {
     // The forward-only step still works alongside and agrees.
     let (sum2, _) = model.loss_sum(&ctx, &ids).unwrap();
     assert!((sum - sum2).abs() <= 1e-6 * sum.abs());
+}
+
+/// Vocabulary tables larger than one storage binding are split into parts of rows; here the split
+/// is forced on the tiny models and must not change the loss, the gradients or generation.
+#[test]
+fn split_vocabulary_tables_give_the_same_results() {
+    use portalora::model::generate::Generator;
+    use portalora::model::gpu::ParameterTensors;
+    let Some(ctx) = common::context() else { return };
+    for name in ["tiny_llama", "tiny_gpt2"] {
+        let w = load_model(fixture(name)).unwrap();
+        let e = json(&fixture(&format!("{name}/expected.json")));
+        let ids: Vec<Vec<u32>> = e["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+            .collect();
+        let (b, t) = (ids.len(), ids[0].len());
+        let mut whole = GpuModel::new(&ctx, &w, b, t).unwrap();
+        let opts = PlanOptions { table_part_rows: Some(16), ..PlanOptions::default() };
+        let mut split = GpuModel::with_options(&ctx, &w, b, t, opts).unwrap();
+        let align_rows = ctx.limits().storage_offset_alignment as usize / 4;
+        if align_rows <= 16 {
+            assert!(split.params.embed.parts.len() > 1, "{name}: the table should be split");
+        }
+        let (l1, _) = whole.forward_backward(&ctx, &ids).unwrap();
+        let (l2, _) = split.forward_backward(&ctx, &ids).unwrap();
+        assert!((l1 - l2).abs() <= 1e-5 * l1, "{name}: loss {l1} vs split {l2}");
+        for l in 0..=w.config.num_layers {
+            let g1 = ctx.read_f32(&whole.grads.as_ref().unwrap().dx[l]).unwrap();
+            let g2 = ctx.read_f32(&split.grads.as_ref().unwrap().dx[l]).unwrap();
+            let want: Vec<f64> = g1.iter().map(|&v| v as f64).collect();
+            assert!(reference::max_rel_error(&g2, &want) <= 1e-5, "{name}: gradient of layer {l}");
+        }
+        let params = ParameterTensors::upload_with(&ctx, &w, Some(16)).unwrap();
+        let mut gen = Generator::new(&ctx, &w.config, &params, t).unwrap();
+        let got = gen.feed(&ctx, &ids[0]).unwrap();
+        let want = &reference::model::forward(&w, &ids[..1]).unwrap()[0][t - 1];
+        assert!(reference::max_rel_error(&got, want) <= 1e-5, "{name}: generation logits");
+    }
 }

@@ -34,9 +34,43 @@ pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     label: Arc<str>,
+    /// Elements from one row to the next for a 2-D column view ([`Tensor::cols`]); `None` for a
+    /// contiguous tensor. Only ops that say so accept strided views (matmul); the others, and
+    /// uploads and readbacks, refuse them.
+    row_stride: Option<usize>,
 }
 
 impl Tensor {
+    /// Elements from one row to the next (the last dimension when contiguous).
+    pub fn row_stride(&self) -> usize {
+        self.row_stride.unwrap_or_else(|| *self.shape.last().unwrap_or(&1))
+    }
+    pub fn is_contiguous(&self) -> bool {
+        self.row_stride.is_none()
+    }
+    /// Columns `start..start + count` of a contiguous 2-D tensor, as a strided view sharing the
+    /// memory. The byte offset of column `start` must meet `alignment`.
+    pub fn cols(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
+        let [rows, width] = self.shape[..] else {
+            return Err(GpuError::Shape {
+                op: "cols",
+                message: format!("tensor {:?} {:?} is not 2-D", self.label, self.shape),
+            });
+        };
+        let offset = self.offset + (start * self.dtype.size()) as u64;
+        if !self.is_contiguous() || start + count > width || count == 0 || !offset.is_multiple_of(alignment as u64) {
+            return Err(GpuError::Shape {
+                op: "cols",
+                message: format!(
+                    "columns {start}..{} of tensor {:?} {:?}: out of range, already strided, or not {alignment}-byte aligned",
+                    start + count,
+                    self.label,
+                    self.shape
+                ),
+            });
+        }
+        Ok(Tensor { offset, shape: vec![rows, count], row_stride: Some(width), ..self.clone() })
+    }
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -49,8 +83,13 @@ impl Tensor {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+    /// Bytes from the first element to one past the last (gaps between strided rows included).
     pub fn byte_len(&self) -> u64 {
-        (self.numel() * self.dtype.size()) as u64
+        let elems = match (self.row_stride, &self.shape[..]) {
+            (Some(stride), &[rows, cols]) if rows > 0 => (rows - 1) * stride + cols,
+            _ => self.numel(),
+        };
+        (elems * self.dtype.size()) as u64
     }
     pub(super) fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
@@ -69,6 +108,9 @@ impl Tensor {
     /// view stays 1-D). The byte offset must meet the device's storage
     /// offset alignment (256 almost everywhere): choose `start` accordingly.
     pub fn rows(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
+        if !self.is_contiguous() {
+            return Err(GpuError::Shape { op: "rows", message: format!("tensor {:?} is a strided view", self.label) });
+        }
         let row_len = if self.shape.len() < 2 { 1 } else { *self.shape.last().unwrap_or(&1) };
         let total = self.numel() / row_len.max(1);
         let offset = self.offset + (start * row_len * self.dtype.size()) as u64;
@@ -90,7 +132,7 @@ impl Tensor {
     /// The same memory seen with another shape of the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        if n != self.numel() {
+        if n != self.numel() || !self.is_contiguous() {
             return Err(GpuError::Shape {
                 op: "reshape",
                 message: format!("tensor {:?} of shape {:?} cannot be viewed as {shape:?}", self.label, self.shape),
@@ -122,7 +164,14 @@ impl Context {
             mapped_at_creation: false,
         });
         self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
-        Ok(Tensor { buffer: Arc::new(buffer), offset: 0, shape: shape.to_vec(), dtype, label: label.into() })
+        Ok(Tensor {
+            buffer: Arc::new(buffer),
+            offset: 0,
+            shape: shape.to_vec(),
+            dtype,
+            label: label.into(),
+            row_stride: None,
+        })
     }
 
     /// Allocates a tensor and fills it with `data` (row-major).
@@ -134,7 +183,7 @@ impl Context {
 
     /// Overwrites a tensor's contents. The write is ordered before any later submission.
     pub fn write_f32(&self, t: &Tensor, data: &[f32]) -> Result<()> {
-        if t.dtype != DType::F32 || data.len() != t.numel() {
+        if t.dtype != DType::F32 || data.len() != t.numel() || !t.is_contiguous() {
             return Err(GpuError::Shape {
                 op: "write_f32",
                 message: format!(
@@ -162,7 +211,7 @@ impl Context {
 
     /// Overwrites a u32 tensor's contents.
     pub fn write_u32(&self, t: &Tensor, data: &[u32]) -> Result<()> {
-        if t.dtype != DType::U32 || data.len() != t.numel() {
+        if t.dtype != DType::U32 || data.len() != t.numel() || !t.is_contiguous() {
             return Err(GpuError::Shape {
                 op: "write_u32",
                 message: format!(
@@ -188,6 +237,12 @@ impl Context {
     /// Starts copying a tensor back to the CPU and returns at once. Work submitted afterwards
     /// is not held up; await (or [`Readback::wait`]) the result when it is needed.
     pub fn read(&self, t: &Tensor) -> Result<Readback> {
+        if !t.is_contiguous() {
+            return Err(GpuError::Readback {
+                label: t.label.to_string(),
+                message: "strided views cannot be read back".into(),
+            });
+        }
         let bytes = t.byte_len().max(4).next_multiple_of(4);
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),

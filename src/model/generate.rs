@@ -149,11 +149,11 @@ impl<'p> Generator<'p> {
         ctx.write_u32(&r(&s.ids)?, tokens)?;
         let mut st = Step::new();
         match &p.pos_embed {
-            None => embed_forward(ctx, &mut st, &r(&s.ids)?, &p.embed, &r(&s.x[0])?)?,
+            None => p.embed.embed(ctx, &mut st, &r(&s.ids)?, &r(&s.x[0])?)?,
             Some(wpe) => {
                 let positions: Vec<u32> = (pos..pos + n).map(|i| i as u32).collect();
                 ctx.write_u32(&r(&s.pos_ids)?, &positions)?;
-                embed_forward(ctx, &mut st, &r(&s.ids)?, &p.embed, &r(&s.emb)?)?;
+                p.embed.embed(ctx, &mut st, &r(&s.ids)?, &r(&s.emb)?)?;
                 embed_forward(ctx, &mut st, &r(&s.pos_ids)?, wpe, &r(&s.pos_emb)?)?;
                 add_forward(ctx, &mut st, &r(&s.emb)?, &r(&s.pos_emb)?, &r(&s.x[0])?)?;
             }
@@ -226,7 +226,7 @@ impl<'p> Generator<'p> {
             Some(b) => layernorm_forward(ctx, &mut st, &x_last, &p.norm, b, eps, &h, &mean, &rstd)?,
         }
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
-        matmul(ctx, &mut st, &r(&s.h)?, head, &r(&s.logits)?, Matmul::nt())?;
+        head.project(ctx, &mut st, &r(&s.h)?, &r(&s.logits)?)?;
         ctx.run(&st)?;
         self.pos += n;
         // Only the last row is read back (a copy needs 4-byte alignment, not 256).

@@ -12,12 +12,12 @@
 use std::fmt;
 
 use super::config::{Arch, ModelConfig};
-use super::weights::Weights;
+use super::weights::{HostTensor, Weights};
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
 use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
 use crate::ops::elementwise::{add_forward, bias_forward};
-use crate::ops::embed::embed_forward;
+use crate::ops::embed::{embed_forward, embed_forward_part};
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::ops::reduce::reduce_forward;
@@ -81,14 +81,71 @@ pub struct Gpt2Layer {
     pub b_proj: Tensor, // (C,)
 }
 
+/// A `(rows, cols)` table (token embeddings, LM head) stored as parts of consecutive rows that
+/// each fit one storage binding: GPT-2's f32 token embeddings (147 MiB) exceed lavapipe's 128 MiB.
+/// Part boundaries are multiples of the storage alignment in columns of the logits, so that each
+/// part's logits are a column view of the one logits buffer.
+pub struct SplitTable {
+    pub parts: Vec<(usize, Tensor)>, // (first row, (part rows, cols))
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl SplitTable {
+    /// Uploads a host table, splitting it when it exceeds one binding (or `max_part_rows`).
+    pub fn upload(ctx: &Context, label: &str, t: &HostTensor, max_part_rows: Option<usize>) -> Result<Self> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let align_rows = (ctx.limits().storage_offset_alignment as usize / 4).max(1);
+        let fit = (ctx.limits().max_storage_binding / (cols as u64 * 4)).max(1) as usize;
+        let part = max_part_rows.unwrap_or(fit).min(fit);
+        let part = if part >= rows { rows } else { (part / align_rows * align_rows).max(align_rows) };
+        let mut parts = Vec::new();
+        for first in (0..rows).step_by(part) {
+            let n = part.min(rows - first);
+            parts.push((first, ctx.upload_f32(label, &[n, cols], &t.data[first * cols..(first + n) * cols])?));
+        }
+        Ok(SplitTable { parts, rows, cols })
+    }
+
+    /// `out[t] = table[ids[t]]`.
+    pub fn embed(&self, ctx: &Context, s: &mut Step, ids: &Tensor, out: &Tensor) -> Result<()> {
+        for (first, part) in &self.parts {
+            embed_forward_part(ctx, s, ids, part, *first, out)?;
+        }
+        Ok(())
+    }
+
+    /// `logits = x · tableᵀ` for logits `(n, rows)`, part by part into column views.
+    pub fn project(&self, ctx: &Context, s: &mut Step, x: &Tensor, logits: &Tensor) -> Result<()> {
+        let align = ctx.limits().storage_offset_alignment;
+        for (first, part) in &self.parts {
+            let out =
+                if self.parts.len() == 1 { logits.clone() } else { logits.cols(*first, part.shape()[0], align)? };
+            matmul(ctx, s, x, part, &out, Matmul::nt())?;
+        }
+        Ok(())
+    }
+
+    /// The input gradient of [`SplitTable::project`]: `dx = dlogits · table`, summed over parts.
+    pub fn project_backward(&self, ctx: &Context, s: &mut Step, dlogits: &Tensor, dx: &Tensor) -> Result<()> {
+        let align = ctx.limits().storage_offset_alignment;
+        for (i, (first, part)) in self.parts.iter().enumerate() {
+            let dl =
+                if self.parts.len() == 1 { dlogits.clone() } else { dlogits.cols(*first, part.shape()[0], align)? };
+            matmul(ctx, s, &dl, part, dx, Matmul::nn().accumulate(i > 0))?;
+        }
+        Ok(())
+    }
+}
+
 /// The frozen base model's weights on the GPU, f32.
 pub struct ParameterTensors {
-    pub embed: Tensor,             // (V, C)
+    pub embed: SplitTable,         // (V, C)
     pub pos_embed: Option<Tensor>, // (P, C) GPT-2's learned positions
     pub layers: Vec<LayerParams>,
-    pub norm: Tensor,              // (C,)
-    pub norm_bias: Option<Tensor>, // (C,) GPT-2's ln_f bias
-    pub lm_head: Option<Tensor>,   // (V, C); None when tied to `embed`
+    pub norm: Tensor,                // (C,)
+    pub norm_bias: Option<Tensor>,   // (C,) GPT-2's ln_f bias
+    pub lm_head: Option<SplitTable>, // (V, C); None when tied to `embed`
 }
 
 /// One layer's activations for a batch of N = B·T tokens.
@@ -184,6 +241,15 @@ pub struct Gradients {
     pub dsum: Tensor,    // (B, H, T) attention backward scratch
 }
 
+/// How the plan splits what could exceed one storage binding. `None` picks the largest that fits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanOptions {
+    /// Rows of logits computed at a time (a positive multiple of 64).
+    pub logit_chunk_rows: Option<usize>,
+    /// Rows per part of the token-embedding / LM-head tables.
+    pub table_part_rows: Option<usize>,
+}
+
 /// A model on the GPU with its forward pass (and, for training, forward + backward) recorded
 /// for one (batch, seq).
 pub struct GpuModel {
@@ -215,7 +281,17 @@ fn third(data: &[f32], rows: usize, part: usize) -> Vec<f32> {
 
 impl ParameterTensors {
     pub fn upload(ctx: &Context, w: &Weights) -> Result<Self> {
+        Self::upload_with(ctx, w, None)
+    }
+
+    /// As [`ParameterTensors::upload`], splitting the vocabulary tables into parts of at most
+    /// `table_part_rows` rows (tests use it to exercise the split on small models).
+    pub fn upload_with(ctx: &Context, w: &Weights, table_part_rows: Option<usize>) -> Result<Self> {
         let c = &w.config;
+        let table = |name: &str| -> Result<SplitTable> {
+            let t = w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+            SplitTable::upload(ctx, name, t, table_part_rows)
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             layers.push(match c.arch {
@@ -267,10 +343,10 @@ impl ParameterTensors {
                 }
             });
         }
-        let lm_head = if c.tie_embeddings { None } else { Some(upload(ctx, w, "lm_head.weight")?) };
+        let lm_head = if c.tie_embeddings { None } else { Some(table("lm_head.weight")?) };
         Ok(match c.arch {
             Arch::Llama => ParameterTensors {
-                embed: upload(ctx, w, "model.embed_tokens.weight")?,
+                embed: table("model.embed_tokens.weight")?,
                 pos_embed: None,
                 layers,
                 norm: upload(ctx, w, "model.norm.weight")?,
@@ -278,7 +354,7 @@ impl ParameterTensors {
                 lm_head,
             },
             Arch::Gpt2 => ParameterTensors {
-                embed: upload(ctx, w, "transformer.wte.weight")?,
+                embed: table("transformer.wte.weight")?,
                 pos_embed: Some(upload(ctx, w, "transformer.wpe.weight")?),
                 layers,
                 norm: upload(ctx, w, "transformer.ln_f.weight")?,
@@ -297,24 +373,17 @@ fn need(t: &Option<Tensor>) -> Result<&Tensor> {
 impl GpuModel {
     /// Uploads `w` and plans and records the forward pass for `batch` rows of `seq` tokens.
     pub fn new(ctx: &Context, w: &Weights, batch: usize, seq: usize) -> Result<Self> {
-        Self::with_logit_chunk(ctx, w, batch, seq, None)
+        Self::with_options(ctx, w, batch, seq, PlanOptions::default())
     }
 
-    /// As [`GpuModel::new`], with the LM head computed `chunk_rows` rows at a time (a multiple
-    /// of 64) instead of as many as fit one storage binding.
-    pub fn with_logit_chunk(
-        ctx: &Context,
-        w: &Weights,
-        batch: usize,
-        seq: usize,
-        chunk_rows: Option<usize>,
-    ) -> Result<Self> {
+    /// As [`GpuModel::new`], with the memory plan's chunking forced (see [`PlanOptions`]).
+    pub fn with_options(ctx: &Context, w: &Weights, batch: usize, seq: usize, opts: PlanOptions) -> Result<Self> {
         let c = w.config.clone();
         if seq > c.max_positions {
             return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
-        let params = ParameterTensors::upload(ctx, w)?;
-        let acts = Self::plan(ctx, &c, batch, seq, chunk_rows)?;
+        let params = ParameterTensors::upload_with(ctx, w, opts.table_part_rows)?;
+        let acts = Self::plan(ctx, &c, batch, seq, opts.logit_chunk_rows)?;
         let mut model = GpuModel { config: c, params, acts, grads: None, forward: Step::new(), train: None };
         model.forward = model.record_forward(ctx, false)?;
         Ok(model)
@@ -430,9 +499,9 @@ impl GpuModel {
         let eps = c.norm_eps as f32;
         let mut s = Step::new();
         match &p.pos_embed {
-            None => embed_forward(ctx, &mut s, &a.ids, &p.embed, &a.x[0])?,
+            None => p.embed.embed(ctx, &mut s, &a.ids, &a.x[0])?,
             Some(wpe) => {
-                embed_forward(ctx, &mut s, &a.ids, &p.embed, need(&a.emb)?)?;
+                p.embed.embed(ctx, &mut s, &a.ids, need(&a.emb)?)?;
                 embed_forward(ctx, &mut s, need(&a.pos_ids)?, wpe, need(&a.pos)?)?;
                 add_forward(ctx, &mut s, need(&a.emb)?, need(&a.pos)?, &a.x[0])?;
             }
@@ -515,11 +584,11 @@ impl GpuModel {
             let logits = a.logits.rows(0, rows, align)?;
             let targets = a.targets.rows(start, rows, align)?;
             let lse = a.lse_rows.rows(start, rows, align)?;
-            matmul(ctx, &mut s, &a.hf.rows(start, rows, align)?, head, &logits, Matmul::nt())?;
+            head.project(ctx, &mut s, &a.hf.rows(start, rows, align)?, &logits)?;
             xent_forward(ctx, &mut s, &logits, &targets, &a.loss_rows.rows(start, rows, align)?, &lse)?;
             if let Some(g) = grads {
                 xent_backward(ctx, &mut s, &logits, &targets, &lse, scale)?;
-                matmul(ctx, &mut s, &logits, head, &g.dhf.rows(start, rows, align)?, Matmul::nn())?;
+                head.project_backward(ctx, &mut s, &logits, &g.dhf.rows(start, rows, align)?)?;
             }
             start += rows;
         }

@@ -8,11 +8,26 @@ struct Params {
     tokens: u32,
     dim: u32,
     gx: u32,
+    first: u32,
+    last: u32,
 }
 
 /// `out[t] = table[ids[t]]` with ids `(tokens,)` u32, table `(vocab, dim)`, out `(tokens, dim)`.
-/// Ids must already be checked against the vocabulary (see `Model::check_ids`).
+/// Ids must already be checked against the vocabulary (see `GpuModel::check_ids`).
 pub fn embed_forward(ctx: &Context, step: &mut Step, ids: &Tensor, table: &Tensor, out: &Tensor) -> Result<()> {
+    embed_forward_part(ctx, step, ids, table, 0, out)
+}
+
+/// As [`embed_forward`] for one part of a table split by rows: `table` holds the rows of ids
+/// `first..first + table rows`; only tokens with those ids are written.
+pub fn embed_forward_part(
+    ctx: &Context,
+    step: &mut Step,
+    ids: &Tensor,
+    table: &Tensor,
+    first: usize,
+    out: &Tensor,
+) -> Result<()> {
     const OP: &str = "embed_forward";
     check_f32(OP, table)?;
     check_f32(OP, out)?;
@@ -25,7 +40,16 @@ pub fn embed_forward(ctx: &Context, step: &mut Step, ids: &Tensor, table: &Tenso
     let dim = table.shape()[1];
     check_numel(OP, out, ids.numel() * dim, "(tokens, dim)")?;
     let groups = grid_for(ctx, out.numel(), 256);
-    let params = uniform(OP, &Params { tokens: ids.numel() as u32, dim: dim as u32, gx: groups[0] })?;
+    let params = uniform(
+        OP,
+        &Params {
+            tokens: ids.numel() as u32,
+            dim: dim as u32,
+            gx: groups[0],
+            first: first as u32,
+            last: (first + table.shape()[0]) as u32,
+        },
+    )?;
     let spec = KernelSpec::new(&kernel_sources::EMBED, OP);
     ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(ids), Arg::Read(table), Arg::Write(out)], groups)
 }

@@ -78,6 +78,9 @@ struct Params {
     stride_c: u32,
     accumulate: u32,
     alpha: f32,
+    lda: u32,
+    ldb: u32,
+    ldc: u32,
 }
 
 /// Rows of C per workgroup in the subgroup kernel.
@@ -153,7 +156,15 @@ const OP: &str = "matmul";
 /// Checks the operands and derives the kernel parameters.
 fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<Params> {
     for t in [a, b, c] {
-        check_f32(OP, t)?;
+        // Column views (strided rows) are fine here, as long as they are 2-D.
+        if t.is_contiguous() {
+            check_f32(OP, t)?;
+        } else if t.dtype() != crate::gpu::DType::F32 || t.shape().len() != 2 || t.numel() == 0 {
+            return Err(shape_err(
+                OP,
+                format!("strided view {:?} {:?} must be a non-empty 2-D f32 matrix", t.label(), t.shape()),
+            ));
+        }
     }
     let (ba, ar, ac) = dims3(a)?;
     let (bb, br, bc) = dims3(b)?;
@@ -206,6 +217,9 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
         stride_c: if batch > 1 { (m * n) as u32 } else { 0 },
         accumulate: opts.accumulate as u32,
         alpha: opts.alpha,
+        lda: a.row_stride() as u32,
+        ldb: b.row_stride() as u32,
+        ldc: c.row_stride() as u32,
     })
 }
 
@@ -225,7 +239,10 @@ fn record_subgroup(
 }
 
 fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpec, [u32; 3]) {
-    let vec = p.k.is_multiple_of(4)
+    let vec = p.lda.is_multiple_of(4)
+        && p.ldb.is_multiple_of(4)
+        && p.ldc.is_multiple_of(4)
+        && p.k.is_multiple_of(4)
         && p.n.is_multiple_of(4)
         && (!trans_a || p.m.is_multiple_of(4))
         && p.stride_a.is_multiple_of(4)

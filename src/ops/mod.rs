@@ -68,5 +68,11 @@ pub(crate) fn check_f32(op: &'static str, t: &Tensor) -> Result<()> {
     if t.numel() == 0 {
         return Err(shape_err(op, format!("tensor {:?} of shape {:?} is empty", t.label(), t.shape())));
     }
+    if !t.is_contiguous() {
+        return Err(shape_err(
+            op,
+            format!("tensor {:?} is a strided column view; this op needs contiguous rows", t.label()),
+        ));
+    }
     Ok(())
 }
