@@ -2,19 +2,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use common::{fixture, ids_of, json};
 
 use portalora::model::gpu::{GpuModel, GpuModelError, PlanOptions};
 use portalora::model::load_model;
 use portalora::reference::{self, Rng};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
 
 #[test]
 fn tiny_llama_forward_matches_reference_and_transformers() {
@@ -30,12 +22,7 @@ fn check_forward(name: &str) {
     let Some(ctx) = common::context() else { return };
     let w = load_model(fixture(name)).unwrap();
     let e = json(&fixture(&format!("{name}/expected.json")));
-    let ids: Vec<Vec<u32>> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
-        .collect();
+    let ids: Vec<Vec<u32>> = ids_of(&e["input_ids"]);
     let (b, t) = (ids.len(), ids[0].len());
     let model = GpuModel::new(&ctx, &w, b, t).unwrap();
     ctx.fill_f32(&model.acts.logits, f32::NAN).unwrap();
@@ -185,12 +172,7 @@ fn check_gradients(name: &str) {
     let Some(ctx) = common::context() else { return };
     let w = load_model(fixture(name)).unwrap();
     let e = json(&fixture(&format!("{name}/expected.json")));
-    let ids: Vec<Vec<u32>> = e["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
-        .collect();
+    let ids: Vec<Vec<u32>> = ids_of(&e["input_ids"]);
     let (b, t) = (ids.len(), ids[0].len());
     let mut model = GpuModel::new(&ctx, &w, b, t).unwrap();
     model.enable_backward(&ctx).unwrap();
@@ -223,12 +205,7 @@ fn split_vocabulary_tables_give_the_same_results() {
     for name in ["tiny_llama", "tiny_gpt2"] {
         let w = load_model(fixture(name)).unwrap();
         let e = json(&fixture(&format!("{name}/expected.json")));
-        let ids: Vec<Vec<u32>> = e["input_ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
-            .collect();
+        let ids: Vec<Vec<u32>> = ids_of(&e["input_ids"]);
         let (b, t) = (ids.len(), ids[0].len());
         let mut whole = GpuModel::new(&ctx, &w, b, t).unwrap();
         let opts = PlanOptions { table_part_rows: Some(16), ..PlanOptions::default() };

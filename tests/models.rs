@@ -5,26 +5,10 @@
 mod common;
 
 use common::smollm2_path;
-use std::path::{Path, PathBuf};
+use common::{fixture, ids_of, json};
 
 use portalora::model::{load_model, ModelError};
 use portalora::reference::model::{forward, loss};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
-        .collect()
-}
 
 fn rel_err(got: f64, want: f64) -> f64 {
     (got - want).abs() / want.abs().max(1e-12)

@@ -209,6 +209,34 @@ impl ModelConfig {
         Ok(())
     }
 
+    /// The attention call for `batch` rows of `seq` new positions after `q_offset` cached ones.
+    pub fn attention_shape(&self, batch: usize, seq: usize, q_offset: usize) -> crate::ops::attention::AttentionShape {
+        crate::ops::attention::AttentionShape {
+            batch,
+            seq,
+            heads: self.num_heads,
+            kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            q_offset,
+        }
+    }
+
+    /// The rotary calls for queries and keys of `seq` positions starting at `pos_offset`.
+    pub fn rope_shapes(
+        &self,
+        seq: usize,
+        pos_offset: usize,
+    ) -> (crate::ops::rope::RopeShape, crate::ops::rope::RopeShape) {
+        let q = crate::ops::rope::RopeShape {
+            seq,
+            heads: self.num_heads,
+            head_dim: self.head_dim,
+            theta: self.rope_theta,
+            pos_offset,
+        };
+        (q, crate::ops::rope::RopeShape { heads: self.num_kv_heads, ..q })
+    }
+
     /// Parameter count of the base model (tied head counted once).
     pub fn num_parameters(&self) -> usize {
         let c = self.hidden_size;

@@ -6,12 +6,12 @@ use super::config::ModelConfig;
 use super::gpu::{GpuModelError, LayerParams, ParameterTensors};
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::ops::act::{gelu_forward, swiglu_forward};
-use crate::ops::attention::{attention_forward, AttentionShape};
+use crate::ops::attention::attention_forward;
 use crate::ops::elementwise::{add_forward, bias_forward, copy_forward};
 use crate::ops::embed::embed_forward;
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::norm::{layernorm_forward, rmsnorm_forward};
-use crate::ops::rope::{rope_forward, RopeShape};
+use crate::ops::rope::rope_forward;
 use crate::reference::Rng;
 
 type Result<T> = std::result::Result<T, GpuModelError>;
@@ -158,17 +158,8 @@ impl<'p> Generator<'p> {
                 add_forward(ctx, &mut st, &r(&s.emb)?, &r(&s.pos_emb)?, &r(&s.x[0])?)?;
             }
         }
-        let rope_q =
-            RopeShape { seq: n, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: pos };
-        let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
-        let shape = AttentionShape {
-            batch: 1,
-            seq: n,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            q_offset: pos,
-        };
+        let (rope_q, rope_k) = c.rope_shapes(n, pos);
+        let shape = c.attention_shape(1, n, pos);
         let lse = s.lse.rows(0, c.num_heads * n, 4)?;
         let (h, rstd, mean) = (r(&s.h)?, r(&s.rstd)?, r(&s.mean)?);
         for (l, lp) in p.layers.iter().enumerate() {

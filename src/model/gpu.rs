@@ -15,13 +15,13 @@ use super::config::{Arch, ModelConfig};
 use super::weights::{HostTensor, Weights};
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
 use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
-use crate::ops::attention::{attention_backward, attention_forward, AttentionShape};
+use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::elementwise::{add_forward, bias_forward};
 use crate::ops::embed::{embed_forward, embed_forward_part};
 use crate::ops::matmul::{matmul, Matmul};
 use crate::ops::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::ops::reduce::reduce_forward;
-use crate::ops::rope::{rope_backward, rope_forward, RopeShape};
+use crate::ops::rope::{rope_backward, rope_forward};
 use crate::ops::xent::{xent_backward, xent_forward, IGNORE};
 
 #[derive(Debug, thiserror::Error)]
@@ -506,16 +506,8 @@ impl GpuModel {
                 add_forward(ctx, &mut s, need(&a.emb)?, need(&a.pos)?, &a.x[0])?;
             }
         }
-        let shape = AttentionShape {
-            batch: b,
-            seq: t,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            q_offset: 0,
-        };
-        let rope_q = RopeShape { seq: t, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: 0 };
-        let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
+        let shape = c.attention_shape(b, t, 0);
+        let (rope_q, rope_k) = c.rope_shapes(t, 0);
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             let x = &a.x[l];
             match lp {
@@ -606,16 +598,8 @@ impl GpuModel {
         let c = &self.config;
         let (p, a) = (&self.params, &self.acts);
         let (b, t) = (a.batch, a.seq);
-        let shape = AttentionShape {
-            batch: b,
-            seq: t,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            q_offset: 0,
-        };
-        let rope_q = RopeShape { seq: t, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta, pos_offset: 0 };
-        let rope_k = RopeShape { heads: c.num_kv_heads, ..rope_q };
+        let shape = c.attention_shape(b, t, 0);
+        let (rope_q, rope_k) = c.rope_shapes(t, 0);
         let last = c.num_layers;
         match &a.meanf {
             None => rmsnorm_backward(ctx, s, &a.x[last], &p.norm, &a.rstdf, &g.dhf, None, &g.dx[last])?,

@@ -45,3 +45,21 @@ fn asset(rel: &str) -> Option<std::path::PathBuf> {
     eprintln!("SKIPPED: {} missing (run scripts/fetch-assets)", p.display());
     None
 }
+
+/// A file under tests/fixtures.
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `[[id, ...], ...]` as rows of token ids.
+pub fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect()
+}
