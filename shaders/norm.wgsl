@@ -24,6 +24,25 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;  // (rows,)
 
 var<workgroup> partial: array<f32, 64>;
+var<workgroup> partial2: array<f32, 64>;
+
+// Sums `a` (and `b`) over the workgroup with fixed trees; every invocation gets the totals.
+fn tree_sum2(t: u32, a: f32, b: f32) -> vec2<f32> {
+    partial[t] = a;
+    partial2[t] = b;
+    workgroupBarrier();
+    for (var width = 32u; width > 0u; width /= 2u) {
+        if (t < width) {
+            partial[t] = partial[t] + partial[t + width];
+            partial2[t] = partial2[t] + partial2[t + width];
+        }
+        workgroupBarrier();
+    }
+    let r = vec2<f32>(partial[0], partial2[0]);
+    workgroupBarrier();
+    return r;
+}
+
 
 @compute @workgroup_size(64, 1, 1)
 fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -37,16 +56,8 @@ fn rmsnorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
             s += v * v;
         }
     }
-    partial[t] = s;
-    workgroupBarrier();
-    for (var width = 32u; width > 0u; width /= 2u) {
-        if (t < width) {
-            partial[t] = partial[t] + partial[t + width];
-        }
-        workgroupBarrier();
-    }
+    let r = inverseSqrt(tree_sum2(t, s, 0.0).x / f32(p.dim) + p.eps);
     if (!valid) { return; }
-    let r = inverseSqrt(partial[0] / f32(p.dim) + p.eps);
     for (var i = t; i < p.dim; i += 64u) {
         out[base + i] = x[base + i] * r * w[i];
     }
@@ -74,17 +85,10 @@ fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
             s += bw[i] * dy[base + i] * bx[base + i];
         }
     }
-    partial[t] = s;
-    workgroupBarrier();
-    for (var width = 32u; width > 0u; width /= 2u) {
-        if (t < width) {
-            partial[t] = partial[t] + partial[t + width];
-        }
-        workgroupBarrier();
-    }
+    let c_sum = tree_sum2(t, s, 0.0).x;
     if (!valid) { return; }
     let r = brstd[row];
-    let c = r * r * r / f32(pb.dim) * partial[0];
+    let c = r * r * r / f32(pb.dim) * c_sum;
     for (var i = t; i < pb.dim; i += 64u) {
         var g = r * bw[i] * dy[base + i] - c * bx[base + i];
         if (pb.has_resid != 0u) { g += dresid[base + i]; }
@@ -102,25 +106,6 @@ fn rmsnorm_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
 @group(0) @binding(4) var<storage, read_write> lout: array<f32>;   // (rows, dim)
 @group(0) @binding(5) var<storage, read_write> lmean: array<f32>;  // (rows,)
 @group(0) @binding(6) var<storage, read_write> lrstd: array<f32>;  // (rows,)
-
-var<workgroup> partial2: array<f32, 64>;
-
-// Sums `a` (and `b`) over the workgroup with fixed trees; every invocation gets the totals.
-fn tree_sum2(t: u32, a: f32, b: f32) -> vec2<f32> {
-    partial[t] = a;
-    partial2[t] = b;
-    workgroupBarrier();
-    for (var width = 32u; width > 0u; width /= 2u) {
-        if (t < width) {
-            partial[t] = partial[t] + partial[t + width];
-            partial2[t] = partial2[t] + partial2[t + width];
-        }
-        workgroupBarrier();
-    }
-    let r = vec2<f32>(partial[0], partial2[0]);
-    workgroupBarrier();
-    return r;
-}
 
 @compute @workgroup_size(64, 1, 1)
 fn layernorm_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {

@@ -3,6 +3,14 @@
 use super::{check_f32, check_numel, grid_2d, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
+/// (rows, dim) of `x` normalised over the length of `w`.
+fn rows_dim(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> {
+    let dim = w.numel();
+    let rows = x.numel() / dim;
+    check_numel(op, x, rows * dim, "(rows, dim)")?;
+    Ok((rows, dim))
+}
+
 #[derive(encase::ShaderType)]
 struct Params {
     rows: u32,
@@ -26,9 +34,7 @@ pub fn rmsnorm_forward(
     for t in [x, w, out, rstd] {
         check_f32(OP, t)?;
     }
-    let dim = w.numel();
-    let rows = x.numel() / dim;
-    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    let (rows, dim) = rows_dim(OP, x, w)?;
     check_numel(OP, out, rows * dim, "x's shape")?;
     check_numel(OP, rstd, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
@@ -59,9 +65,7 @@ pub fn rmsnorm_backward(
     for t in [x, w, rstd, dy, dx] {
         check_f32(OP, t)?;
     }
-    let dim = w.numel();
-    let rows = x.numel() / dim;
-    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    let (rows, dim) = rows_dim(OP, x, w)?;
     check_numel(OP, rstd, rows, "(rows,)")?;
     for t in [dy, dx].into_iter().chain(dresid) {
         check_numel(OP, t, rows * dim, "x's shape")?;
@@ -99,9 +103,7 @@ pub fn layernorm_forward(
     for t in [x, w, b, out, mean, rstd] {
         check_f32(OP, t)?;
     }
-    let dim = w.numel();
-    let rows = x.numel() / dim;
-    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    let (rows, dim) = rows_dim(OP, x, w)?;
     check_numel(OP, b, dim, "(dim,)")?;
     check_numel(OP, out, rows * dim, "x's shape")?;
     check_numel(OP, mean, rows, "(rows,)")?;
@@ -137,9 +139,7 @@ pub fn layernorm_backward(
     for t in [x, w, mean, rstd, dy, dx] {
         check_f32(OP, t)?;
     }
-    let dim = w.numel();
-    let rows = x.numel() / dim;
-    check_numel(OP, x, rows * dim, "(rows, dim)")?;
+    let (rows, dim) = rows_dim(OP, x, w)?;
     check_numel(OP, mean, rows, "(rows,)")?;
     check_numel(OP, rstd, rows, "(rows,)")?;
     for t in [dy, dx].into_iter().chain(dresid) {
