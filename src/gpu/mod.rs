@@ -23,7 +23,9 @@ pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {
-    pub use super::kernel::{ACT, ATTENTION, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, REDUCE, ROPE, XENT};
+    pub use super::kernel::{
+        ACT, ATTENTION, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, OPTIM, REDUCE, ROPE, XENT,
+    };
 }
 pub use step::Step;
 pub use tensor::{DType, Readback, Tensor};

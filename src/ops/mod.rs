@@ -12,6 +12,7 @@ pub mod elementwise;
 pub mod embed;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod reduce;
 pub mod rope;
 pub mod xent;

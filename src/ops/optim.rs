@@ -1,0 +1,116 @@
+//! Optimizer steps (shaders/optim.wgsl): AdamW and SGD with momentum, in place on the GPU.
+//!
+//! The per-step values live in a small `hyper` tensor that the host rewrites before each
+//! submission (`*_hyper` below build it), so a recorded step replays with a new learning rate and
+//! bias corrections and no CPU round trip; `clip` is a one-element tensor holding the gradient
+//! scale (1 without clipping).
+
+use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
+
+#[derive(encase::ShaderType)]
+struct Params {
+    n: u32,
+    gx: u32,
+}
+
+/// AdamW's hyperparameters (PyTorch's names and defaults but for the learning rate).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    pub fn new(lr: f64) -> Self {
+        AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+    }
+    /// The `hyper` tensor's contents for step `t` (1-based).
+    pub fn hyper(&self, t: u64) -> [f32; 8] {
+        let bc1 = 1.0 - self.beta1.powf(t as f64);
+        let bc2 = 1.0 - self.beta2.powf(t as f64);
+        [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, bc1, bc2, 0.0].map(|v| v as f32)
+    }
+}
+
+/// SGD's hyperparameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+}
+
+impl Sgd {
+    /// The `hyper` tensor's contents for step `t` (1-based; the momentum buffer starts at step 1).
+    pub fn hyper(&self, t: u64) -> [f32; 8] {
+        [self.lr, self.momentum, self.weight_decay, if t <= 1 { 1.0 } else { 0.0 }, 0.0, 0.0, 0.0, 0.0]
+            .map(|v| v as f32)
+    }
+}
+
+fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: &[&Tensor]) -> Result<()> {
+    for t in [hyper, clip, grad].into_iter().chain(state.iter().copied()) {
+        check_f32(op, t)?;
+    }
+    check_numel(op, hyper, 8, "(8,) step values")?;
+    check_numel(op, clip, 1, "(1,) gradient scale")?;
+    for t in state {
+        check_numel(op, t, grad.numel(), "the gradient's size")?;
+        if t.overlaps(grad) {
+            return Err(shape_err(op, format!("state {:?} overlaps gradient {:?}", t.label(), grad.label())));
+        }
+    }
+    Ok(())
+}
+
+/// One AdamW step on `param` with its moments `m`, `v`.
+pub fn adamw_step(
+    ctx: &Context,
+    step: &mut Step,
+    hyper: &Tensor,
+    clip: &Tensor,
+    grad: &Tensor,
+    param: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+) -> Result<()> {
+    const OP: &str = "adamw_step";
+    check(OP, hyper, clip, grad, &[param, m, v])?;
+    let groups = grid_for(ctx, grad.numel(), 256);
+    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0] })?;
+    let spec = KernelSpec::new(&kernel_sources::OPTIM, OP);
+    let args = [
+        Arg::Uniform(params),
+        Arg::Read(hyper),
+        Arg::Read(clip),
+        Arg::Read(grad),
+        Arg::Write(param),
+        Arg::Write(m),
+        Arg::Write(v),
+    ];
+    ctx.record(step, &spec, &args, groups)
+}
+
+/// One SGD-with-momentum step on `param` with its momentum buffer `buf`.
+pub fn sgd_step(
+    ctx: &Context,
+    step: &mut Step,
+    hyper: &Tensor,
+    clip: &Tensor,
+    grad: &Tensor,
+    param: &Tensor,
+    buf: &Tensor,
+) -> Result<()> {
+    const OP: &str = "sgd_step";
+    check(OP, hyper, clip, grad, &[param, buf])?;
+    let groups = grid_for(ctx, grad.numel(), 256);
+    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0] })?;
+    let spec = KernelSpec::new(&kernel_sources::OPTIM, OP);
+    let args =
+        [Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip), Arg::Read(grad), Arg::Write(param), Arg::Write(buf)];
+    ctx.record(step, &spec, &args, groups)
+}

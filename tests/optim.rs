@@ -1,0 +1,102 @@
+//! AdamW and SGD steps on the GPU against PyTorch's optimizers on the same gradients
+//! (tests/fixtures/gen_optim.py), replaying one recorded step with new per-step values.
+
+mod common;
+
+use common::{fixture, json};
+use portalora::gpu::{Context, DType, Step, Tensor};
+use portalora::ops::optim::{adamw_step, sgd_step, AdamW, Sgd};
+use portalora::reference::max_rel_error;
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+struct Run {
+    hyper: Tensor,
+    grad: Tensor,
+    param: Tensor,
+    step: Step,
+}
+
+fn setup(ctx: &Context, kind: &str, init: &[f32], clip: f32) -> Run {
+    let n = init.len();
+    let hyper = ctx.tensor("hyper", &[8], DType::F32).unwrap();
+    let clip = ctx.upload_f32("clip", &[1], &[clip]).unwrap();
+    let grad = ctx.tensor("grad", &[n], DType::F32).unwrap();
+    let param = ctx.upload_f32("param", &[n], init).unwrap();
+    let m = ctx.tensor("m", &[n], DType::F32).unwrap();
+    let v = ctx.tensor("v", &[n], DType::F32).unwrap();
+    ctx.fill_f32(&m, f32::NAN).unwrap(); // must be ignored on the first step of SGD...
+    if kind == "adamw" {
+        ctx.fill_f32(&m, 0.0).unwrap(); // ...while AdamW's moments start at zero.
+        ctx.fill_f32(&v, 0.0).unwrap();
+    }
+    let mut step = Step::new();
+    if kind == "adamw" {
+        adamw_step(ctx, &mut step, &hyper, &clip, &grad, &param, &m, &v).unwrap();
+    } else {
+        sgd_step(ctx, &mut step, &hyper, &clip, &grad, &param, &m).unwrap();
+    }
+    Run { hyper, grad, param, step }
+}
+
+fn hyper_of(kind: &str, hp: &serde_json::Value, t: u64) -> [f32; 8] {
+    let f = |k: &str| hp[k].as_f64().unwrap();
+    if kind == "adamw" {
+        let betas = hp["betas"].as_array().unwrap();
+        let a = AdamW {
+            lr: f("lr"),
+            beta1: betas[0].as_f64().unwrap(),
+            beta2: betas[1].as_f64().unwrap(),
+            eps: f("eps"),
+            weight_decay: f("weight_decay"),
+        };
+        a.hyper(t)
+    } else {
+        Sgd { lr: f("lr"), momentum: f("momentum"), weight_decay: f("weight_decay") }.hyper(t)
+    }
+}
+
+#[test]
+fn optimizers_match_pytorch() {
+    let Some(ctx) = common::context() else { return };
+    let cases = json(&fixture("optim_expected.json"));
+    for case in cases.as_array().unwrap() {
+        let kind = case["kind"].as_str().unwrap();
+        let init = floats(&case["init"]);
+        let run = setup(&ctx, kind, &init, 1.0);
+        for (t, (g, want)) in
+            case["grads"].as_array().unwrap().iter().zip(case["params"].as_array().unwrap()).enumerate()
+        {
+            ctx.write_f32(&run.grad, &floats(g)).unwrap();
+            ctx.write_f32(&run.hyper, &hyper_of(kind, &case["hp"], t as u64 + 1)).unwrap();
+            ctx.run(&run.step).unwrap();
+            let want: Vec<f64> = want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            let err = max_rel_error(&ctx.read_f32(&run.param).unwrap(), &want);
+            assert!(err <= 1e-5, "{kind} {:?} n={} step {}: relative error {err:e}", case["hp"], init.len(), t + 1);
+        }
+    }
+}
+
+#[test]
+fn gradient_scale_multiplies_the_gradient() {
+    let Some(ctx) = common::context() else { return };
+    let cases = json(&fixture("optim_expected.json"));
+    for case in cases.as_array().unwrap() {
+        let kind = case["kind"].as_str().unwrap();
+        let init = floats(&case["init"]);
+        let (halved, scaled) = (setup(&ctx, kind, &init, 1.0), setup(&ctx, kind, &init, 0.5));
+        for (t, g) in case["grads"].as_array().unwrap().iter().enumerate() {
+            let g = floats(g);
+            ctx.write_f32(&halved.grad, &g.iter().map(|v| v * 0.5).collect::<Vec<_>>()).unwrap();
+            ctx.write_f32(&scaled.grad, &g).unwrap();
+            for r in [&halved, &scaled] {
+                ctx.write_f32(&r.hyper, &hyper_of(kind, &case["hp"], t as u64 + 1)).unwrap();
+                ctx.run(&r.step).unwrap();
+            }
+        }
+        let want: Vec<f64> = ctx.read_f32(&halved.param).unwrap().iter().map(|&v| v as f64).collect();
+        assert!(max_rel_error(&ctx.read_f32(&scaled.param).unwrap(), &want) <= 1e-6, "{kind}");
+    }
+}
