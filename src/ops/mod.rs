@@ -10,6 +10,7 @@ pub mod act;
 pub mod attention;
 pub mod elementwise;
 pub mod embed;
+pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
