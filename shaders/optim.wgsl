@@ -2,8 +2,9 @@
 //
 // Per-step values (learning rate, bias corrections) change every step, so they are read from a
 // small storage tensor `hyper` that the host rewrites before each submission, instead of baked
-// into the recorded uniforms; `clip` holds the gradient scale from global-norm clipping,
-// computed on the GPU (1 when clipping is off), so no step needs a CPU round trip.
+// into the recorded uniforms; `clip` = [gradient scale, global gradient norm], computed on the
+// GPU by sumsq_partial + clip_scale below (scale 1 when clipping is off), so no step needs a CPU
+// round trip.
 //
 // adamw_step (PyTorch's AdamW, decoupled weight decay), with g = grad · clip:
 //   p ← p · (1 − lr · wd);  m ← β1 m + (1 − β1) g;  v ← β2 v + (1 − β2) g²
@@ -16,11 +17,13 @@
 struct Params {
     n: u32,
     gx: u32,
+    offset: u32,     // sumsq_partial: first slot of this tensor's partial sums
+    max_norm: f32,   // clip_scale: 0 or less disables clipping (the norm is still computed)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> hyper: array<f32>;        // (8,)
-@group(0) @binding(2) var<storage, read> clip: array<f32>;         // (1,)
+@group(0) @binding(2) var<storage, read> clip: array<f32>;         // (2,) [scale, norm]
 @group(0) @binding(3) var<storage, read> grad: array<f32>;         // (n,)
 @group(0) @binding(4) var<storage, read_write> param: array<f32>;  // (n,)
 @group(0) @binding(5) var<storage, read_write> m: array<f32>;      // (n,) first moment / momentum buffer
@@ -61,4 +64,53 @@ fn sgd_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
     if (hyper[3] == 0.0) { buf = mu * m[i] + g; }
     m[i] = buf;
     param[i] = param[i] - lr * buf;
+}
+
+// Global gradient-norm clipping, deterministic: sumsq_partial writes, for each block of 4096
+// elements of one gradient, the sum of squares (a fixed tree per workgroup) into partial[offset +
+// block]; one dispatch per gradient tensor. clip_scale then sums all partials in a fixed order in
+// a single workgroup and writes clip = [min(1, max_norm / (norm + 1e-6)), norm].
+const BLOCK: u32 = 4096u;
+var<workgroup> red: array<f32, 256>;
+
+@group(0) @binding(1) var<storage, read> sq_in: array<f32>;            // (n,) one gradient
+@group(0) @binding(2) var<storage, read_write> sq_out: array<f32>;     // (partials,)
+
+fn tree256(t: u32, v: f32) -> f32 {
+    red[t] = v;
+    workgroupBarrier();
+    for (var w = 128u; w > 0u; w /= 2u) {
+        if (t < w) { red[t] = red[t] + red[t + w]; }
+        workgroupBarrier();
+    }
+    return red[0];
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn sumsq_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let block = wg.y * p.gx + wg.x;
+    let start = block * BLOCK;
+    var s = 0.0;
+    for (var i = start + t; i < min(start + BLOCK, p.n); i += 256u) {
+        let g = sq_in[i];
+        s += g * g;
+    }
+    let total = tree256(t, s);
+    if (t == 0u && start < p.n) { sq_out[p.offset + block] = total; }
+}
+
+@group(0) @binding(1) var<storage, read> partials: array<f32>;         // (n,)
+@group(0) @binding(2) var<storage, read_write> clip_out: array<f32>;   // (2,)
+
+@compute @workgroup_size(256, 1, 1)
+fn clip_scale(@builtin(local_invocation_index) t: u32) {
+    var s = 0.0;
+    for (var i = t; i < p.n; i += 256u) { s += partials[i]; }
+    let norm = sqrt(tree256(t, s));
+    if (t == 0u) {
+        var scale = 1.0;
+        if (p.max_norm > 0.0) { scale = min(1.0, p.max_norm / (norm + 1e-6)); }
+        clip_out[0] = scale;
+        clip_out[1] = norm;
+    }
 }

@@ -22,7 +22,7 @@ struct Run {
 fn setup(ctx: &Context, kind: &str, init: &[f32], clip: f32) -> Run {
     let n = init.len();
     let hyper = ctx.tensor("hyper", &[8], DType::F32).unwrap();
-    let clip = ctx.upload_f32("clip", &[1], &[clip]).unwrap();
+    let clip = ctx.upload_f32("clip", &[2], &[clip, 0.0]).unwrap();
     let grad = ctx.tensor("grad", &[n], DType::F32).unwrap();
     let param = ctx.upload_f32("param", &[n], init).unwrap();
     let m = ctx.tensor("m", &[n], DType::F32).unwrap();
@@ -98,5 +98,33 @@ fn gradient_scale_multiplies_the_gradient() {
         }
         let want: Vec<f64> = ctx.read_f32(&halved.param).unwrap().iter().map(|&v| v as f64).collect();
         assert!(max_rel_error(&ctx.read_f32(&scaled.param).unwrap(), &want) <= 1e-6, "{kind}");
+    }
+}
+
+#[test]
+fn global_norm_clipping_matches_reference() {
+    use portalora::ops::optim::{grad_norm_clip, grad_norm_partials};
+    use portalora::reference::Rng;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(8);
+    let sizes = [1usize, 7, 4096, 4097, 33, 70_001];
+    let data: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
+    let grads: Vec<Tensor> = data.iter().map(|d| ctx.upload_f32("g", &[d.len()], d).unwrap()).collect();
+    let refs: Vec<&Tensor> = grads.iter().collect();
+    let partials = ctx.tensor("partials", &[grad_norm_partials(&refs)], DType::F32).unwrap();
+    let norm: f64 = data.iter().flatten().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    for max_norm in [0.0f32, 1.0, 1e6] {
+        let clip = ctx.tensor("clip", &[2], DType::F32).unwrap();
+        ctx.fill_f32(&clip, f32::NAN).unwrap();
+        let mut step = Step::new();
+        grad_norm_clip(&ctx, &mut step, &refs, &partials, max_norm, &clip).unwrap();
+        ctx.run(&step).unwrap();
+        let got = ctx.read_f32(&clip).unwrap();
+        let want_scale = if max_norm > 0.0 { (max_norm as f64 / (norm + 1e-6)).min(1.0) } else { 1.0 };
+        assert!((got[1] as f64 - norm).abs() <= 1e-5 * norm, "norm {} vs {norm}", got[1]);
+        assert!((got[0] as f64 - want_scale).abs() <= 1e-5, "max_norm {max_norm}: scale {} vs {want_scale}", got[0]);
+        // Bit-reproducible.
+        ctx.run(&step).unwrap();
+        assert_eq!(ctx.read_f32(&clip).unwrap(), got);
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! The per-step values live in a small `hyper` tensor that the host rewrites before each
 //! submission (`*_hyper` below build it), so a recorded step replays with a new learning rate and
-//! bias corrections and no CPU round trip; `clip` is a one-element tensor holding the gradient
-//! scale (1 without clipping).
+//! bias corrections and no CPU round trip; `clip` is a two-element tensor `[scale, norm]` that
+//! [`grad_norm_clip`] fills on the GPU (`[1, _]` without clipping).
 
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
@@ -12,6 +12,8 @@ use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor}
 struct Params {
     n: u32,
     gx: u32,
+    offset: u32,
+    max_norm: f32,
 }
 
 /// AdamW's hyperparameters (PyTorch's names and defaults but for the learning rate).
@@ -57,7 +59,7 @@ fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: 
         check_f32(op, t)?;
     }
     check_numel(op, hyper, 8, "(8,) step values")?;
-    check_numel(op, clip, 1, "(1,) gradient scale")?;
+    check_numel(op, clip, 2, "(2,) [gradient scale, norm]")?;
     for t in state {
         check_numel(op, t, grad.numel(), "the gradient's size")?;
         if t.overlaps(grad) {
@@ -81,7 +83,7 @@ pub fn adamw_step(
     const OP: &str = "adamw_step";
     check(OP, hyper, clip, grad, &[param, m, v])?;
     let groups = grid_for(ctx, grad.numel(), 256);
-    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0] })?;
+    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0], offset: 0, max_norm: 0.0 })?;
     let spec = KernelSpec::new(&kernel_sources::OPTIM, OP);
     let args = [
         Arg::Uniform(params),
@@ -108,9 +110,48 @@ pub fn sgd_step(
     const OP: &str = "sgd_step";
     check(OP, hyper, clip, grad, &[param, buf])?;
     let groups = grid_for(ctx, grad.numel(), 256);
-    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0] })?;
+    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0], offset: 0, max_norm: 0.0 })?;
     let spec = KernelSpec::new(&kernel_sources::OPTIM, OP);
     let args =
         [Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip), Arg::Read(grad), Arg::Write(param), Arg::Write(buf)];
     ctx.record(step, &spec, &args, groups)
+}
+
+/// Elements per partial sum of [`grad_norm_clip`].
+const BLOCK: usize = 4096;
+
+/// The partial-sum slots [`grad_norm_clip`] needs for these gradients.
+pub fn grad_norm_partials(grads: &[&Tensor]) -> usize {
+    grads.iter().map(|g| g.numel().div_ceil(BLOCK)).sum()
+}
+
+/// Writes `clip = [min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖]` for the global L2 norm of all `grads`
+/// (`max_norm <= 0` computes the norm without clipping), deterministically, without leaving the
+/// GPU. `partials` needs [`grad_norm_partials`] elements.
+pub fn grad_norm_clip(
+    ctx: &Context,
+    step: &mut Step,
+    grads: &[&Tensor],
+    partials: &Tensor,
+    max_norm: f32,
+    clip: &Tensor,
+) -> Result<()> {
+    const OP: &str = "grad_norm_clip";
+    check_f32(OP, partials)?;
+    check_f32(OP, clip)?;
+    check_numel(OP, clip, 2, "(2,) [gradient scale, norm]")?;
+    check_numel(OP, partials, grad_norm_partials(grads), "one slot per 4096 gradient elements")?;
+    let spec = KernelSpec::new(&kernel_sources::OPTIM, "sumsq_partial");
+    let mut offset = 0;
+    for g in grads {
+        check_f32(OP, g)?;
+        let blocks = g.numel().div_ceil(BLOCK);
+        let groups = super::grid_2d(blocks as u64, ctx.limits().max_workgroups_per_dimension);
+        let params = uniform(OP, &Params { n: g.numel() as u32, gx: groups[0], offset: offset as u32, max_norm })?;
+        ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(g), Arg::Write(partials)], groups)?;
+        offset += blocks;
+    }
+    let spec = KernelSpec::new(&kernel_sources::OPTIM, "clip_scale");
+    let params = uniform(OP, &Params { n: offset as u32, gx: 1, offset: 0, max_norm })?;
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(partials), Arg::Write(clip)], [1, 1, 1])
 }
