@@ -30,6 +30,35 @@ pub struct AttentionShape {
     pub q_offset: usize,
 }
 
+impl AttentionShape {
+    /// Checks the head layout, naming the op.
+    fn check(&self, op: &'static str) -> Result<()> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) || self.head_dim == 0 || self.head_dim > 256
+        {
+            return Err(shape_err(
+                op,
+                format!("{self:?}: heads must be a multiple of kv_heads and head_dim in 1..=256"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The kernel's uniforms for a grid `gx` workgroups wide.
+    fn params(&self, gx: u32) -> Params {
+        Params {
+            batch: self.batch as u32,
+            seq: self.seq as u32,
+            heads: self.heads as u32,
+            kv_heads: self.kv_heads as u32,
+            head_dim: self.head_dim as u32,
+            gx,
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            kv_seq: (self.q_offset + self.seq) as u32,
+            q_offset: self.q_offset as u32,
+        }
+    }
+}
+
 /// `out = softmax(q·kᵀ/√d + causal mask)·v` with q, out `(B, T, H, d)`, k, v `(B, q_offset + T, KV, d)`;
 /// also writes each row's log-sum-exp `lse` `(B, H, T)` for the backward pass.
 pub fn attention_forward(
@@ -46,9 +75,7 @@ pub fn attention_forward(
     for t in [q, k, v, out, lse] {
         check_f32(OP, t)?;
     }
-    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256 {
-        return Err(shape_err(OP, format!("{s:?}: heads must be a multiple of kv_heads and head_dim in 1..=256")));
-    }
+    s.check(OP)?;
     let (b, t, h, kv, d) = (s.batch, s.seq, s.heads, s.kv_heads, s.head_dim);
     check_numel(OP, q, b * t * h * d, "(B, T, H, d)")?;
     check_numel(OP, out, b * t * h * d, "(B, T, H, d)")?;
@@ -57,17 +84,7 @@ pub fn attention_forward(
     check_numel(OP, v, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
     check_numel(OP, lse, b * h * t, "(B, H, T)")?;
     let groups = grid_for(ctx, b * h * t, 64);
-    let params = Params {
-        batch: b as u32,
-        seq: t as u32,
-        heads: h as u32,
-        kv_heads: kv as u32,
-        head_dim: d as u32,
-        gx: groups[0],
-        scale: 1.0 / (d as f32).sqrt(),
-        kv_seq: kv_seq as u32,
-        q_offset: s.q_offset as u32,
-    };
+    let params = s.params(groups[0]);
     let spec = KernelSpec::new(&kernel_sources::ATTENTION, OP);
     let args = [
         Arg::Uniform(uniform(OP, &params)?),
@@ -102,12 +119,9 @@ pub fn attention_backward(
     for t in [q, k, v, out, lse, dout, dq, dk, dv, dsum] {
         check_f32(OP, t)?;
     }
-    if s.q_offset != 0 || s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.head_dim == 0 || s.head_dim > 256
-    {
-        return Err(shape_err(
-            OP,
-            format!("{s:?}: needs q_offset 0, heads a multiple of kv_heads, head_dim in 1..=256"),
-        ));
+    s.check(OP)?;
+    if s.q_offset != 0 {
+        return Err(shape_err(OP, format!("{s:?}: the backward pass takes training shapes (q_offset 0)")));
     }
     let (b, t, h, kv, d) = (s.batch, s.seq, s.heads, s.kv_heads, s.head_dim);
     for x in [q, out, dout, dq] {
@@ -120,17 +134,7 @@ pub fn attention_backward(
     check_numel(OP, dsum, b * h * t, "(B, H, T)")?;
     let groups_q = grid_for(ctx, b * h * t, 64);
     let groups_kv = grid_for(ctx, b * kv * t, 64);
-    let params = |gx: u32| Params {
-        batch: b as u32,
-        seq: t as u32,
-        heads: h as u32,
-        kv_heads: kv as u32,
-        head_dim: d as u32,
-        gx,
-        scale: 1.0 / (d as f32).sqrt(),
-        kv_seq: t as u32,
-        q_offset: 0,
-    };
+    let params = |gx| s.params(gx);
     let spec = KernelSpec::new(&kernel_sources::ATTENTION, "attention_backward_dq");
     let args = [
         Arg::Uniform(uniform(OP, &params(groups_q[0]))?),

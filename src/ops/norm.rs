@@ -61,29 +61,7 @@ pub fn rmsnorm_backward(
     dresid: Option<&Tensor>,
     dx: &Tensor,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm_backward";
-    for t in [x, w, rstd, dy, dx] {
-        check_f32(OP, t)?;
-    }
-    let (rows, dim) = rows_dim(OP, x, w)?;
-    check_numel(OP, rstd, rows, "(rows,)")?;
-    for t in [dy, dx].into_iter().chain(dresid) {
-        check_numel(OP, t, rows * dim, "x's shape")?;
-    }
-    let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params =
-        Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps: 0.0, has_resid: dresid.is_some() as u32 };
-    let spec = KernelSpec::new(&kernel_sources::NORM, OP);
-    let args = [
-        Arg::Uniform(uniform(OP, &params)?),
-        Arg::Read(x),
-        Arg::Read(w),
-        Arg::Read(rstd),
-        Arg::Read(dy),
-        Arg::Read(dresid.unwrap_or(dy)),
-        Arg::Write(dx),
-    ];
-    ctx.record(step, &spec, &args, groups)
+    norm_backward(ctx, step, "rmsnorm_backward", x, w, &[rstd], dy, dresid, dx)
 }
 
 /// `out = (x − mean) · rstd · w + b` per row of `x` `(rows, dim)`; also writes `mean` and
@@ -135,29 +113,37 @@ pub fn layernorm_backward(
     dresid: Option<&Tensor>,
     dx: &Tensor,
 ) -> Result<()> {
-    const OP: &str = "layernorm_backward";
-    for t in [x, w, mean, rstd, dy, dx] {
-        check_f32(OP, t)?;
+    norm_backward(ctx, step, "layernorm_backward", x, w, &[mean, rstd], dy, dresid, dx)
+}
+
+/// Records either norm's backward: `stats` are the saved per-row statistics in binding order
+/// (`[rstd]` for RMSNorm, `[mean, rstd]` for LayerNorm), each `(rows,)`.
+fn norm_backward(
+    ctx: &Context,
+    step: &mut Step,
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    stats: &[&Tensor],
+    dy: &Tensor,
+    dresid: Option<&Tensor>,
+    dx: &Tensor,
+) -> Result<()> {
+    for t in [x, w, dy, dx].into_iter().chain(stats.iter().copied()) {
+        check_f32(op, t)?;
     }
-    let (rows, dim) = rows_dim(OP, x, w)?;
-    check_numel(OP, mean, rows, "(rows,)")?;
-    check_numel(OP, rstd, rows, "(rows,)")?;
+    let (rows, dim) = rows_dim(op, x, w)?;
+    for t in stats {
+        check_numel(op, t, rows, "(rows,)")?;
+    }
     for t in [dy, dx].into_iter().chain(dresid) {
-        check_numel(OP, t, rows * dim, "x's shape")?;
+        check_numel(op, t, rows * dim, "x's shape")?;
     }
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
     let params =
         Params { rows: rows as u32, dim: dim as u32, gx: groups[0], eps: 0.0, has_resid: dresid.is_some() as u32 };
-    let spec = KernelSpec::new(&kernel_sources::NORM, OP);
-    let args = [
-        Arg::Uniform(uniform(OP, &params)?),
-        Arg::Read(x),
-        Arg::Read(w),
-        Arg::Read(mean),
-        Arg::Read(rstd),
-        Arg::Read(dy),
-        Arg::Read(dresid.unwrap_or(dy)),
-        Arg::Write(dx),
-    ];
-    ctx.record(step, &spec, &args, groups)
+    let mut args = vec![Arg::Uniform(uniform(op, &params)?), Arg::Read(x), Arg::Read(w)];
+    args.extend(stats.iter().map(|t| Arg::Read(t)));
+    args.extend([Arg::Read(dy), Arg::Read(dresid.unwrap_or(dy)), Arg::Write(dx)]);
+    ctx.record(step, &KernelSpec::new(&kernel_sources::NORM, op), &args, groups)
 }

@@ -69,6 +69,25 @@ fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: 
     Ok(())
 }
 
+/// Records an optimizer step: `state` (the parameter first, then its optimizer buffers) is bound
+/// after `hyper`, `clip` and `grad`, all written in place.
+fn record_step(
+    ctx: &Context,
+    step: &mut Step,
+    op: &'static str,
+    hyper: &Tensor,
+    clip: &Tensor,
+    grad: &Tensor,
+    state: &[&Tensor],
+) -> Result<()> {
+    check(op, hyper, clip, grad, state)?;
+    let groups = grid_for(ctx, grad.numel(), 256);
+    let params = uniform(op, &Params { n: grad.numel() as u32, gx: groups[0], offset: 0, max_norm: 0.0 })?;
+    let mut args = vec![Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip), Arg::Read(grad)];
+    args.extend(state.iter().map(|t| Arg::Write(t)));
+    ctx.record(step, &KernelSpec::new(&kernel_sources::OPTIM, op), &args, groups)
+}
+
 /// One AdamW step on `param` with its moments `m`, `v`.
 pub fn adamw_step(
     ctx: &Context,
@@ -80,21 +99,7 @@ pub fn adamw_step(
     m: &Tensor,
     v: &Tensor,
 ) -> Result<()> {
-    const OP: &str = "adamw_step";
-    check(OP, hyper, clip, grad, &[param, m, v])?;
-    let groups = grid_for(ctx, grad.numel(), 256);
-    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0], offset: 0, max_norm: 0.0 })?;
-    let spec = KernelSpec::new(&kernel_sources::OPTIM, OP);
-    let args = [
-        Arg::Uniform(params),
-        Arg::Read(hyper),
-        Arg::Read(clip),
-        Arg::Read(grad),
-        Arg::Write(param),
-        Arg::Write(m),
-        Arg::Write(v),
-    ];
-    ctx.record(step, &spec, &args, groups)
+    record_step(ctx, step, "adamw_step", hyper, clip, grad, &[param, m, v])
 }
 
 /// One SGD-with-momentum step on `param` with its momentum buffer `buf`.
@@ -107,14 +112,7 @@ pub fn sgd_step(
     param: &Tensor,
     buf: &Tensor,
 ) -> Result<()> {
-    const OP: &str = "sgd_step";
-    check(OP, hyper, clip, grad, &[param, buf])?;
-    let groups = grid_for(ctx, grad.numel(), 256);
-    let params = uniform(OP, &Params { n: grad.numel() as u32, gx: groups[0], offset: 0, max_norm: 0.0 })?;
-    let spec = KernelSpec::new(&kernel_sources::OPTIM, OP);
-    let args =
-        [Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip), Arg::Read(grad), Arg::Write(param), Arg::Write(buf)];
-    ctx.record(step, &spec, &args, groups)
+    record_step(ctx, step, "sgd_step", hyper, clip, grad, &[param, buf])
 }
 
 /// Elements per partial sum of [`grad_norm_clip`].
