@@ -9,7 +9,10 @@
 // adamw_step (PyTorch's AdamW, decoupled weight decay), with g = grad · clip:
 //   p ← p · (1 − lr · wd);  m ← β1 m + (1 − β1) g;  v ← β2 v + (1 − β2) g²
 //   p ← p − (lr / bc1) · m / (sqrt(v) / sqrt(bc2) + eps),  bc_k = 1 − β_k^t
-//   hyper = [lr, β1, β2, eps, wd, bc1, bc2, unused]
+//   hyper = [lr, β1, β2, eps, wd, bc1, bc2, decay_after]
+//   decay_after = 1 applies the decay after the update, p ← p − lr · wd · p, as transformers'
+//   AdamW (which PEFT's LoRA-FA optimizer uses); its eps-outside-the-bias-correction form is the
+//   same formula with eps' = eps / sqrt(bc2), which the host passes.
 // sgd_step (PyTorch's SGD with momentum, coupled weight decay, no dampening or Nesterov):
 //   g ← g + wd · p;  buf ← g on the first step, else μ · buf + g;  p ← p − lr · buf
 //   hyper = [lr, μ, wd, first (1 or 0), unused...]
@@ -43,12 +46,15 @@ fn adamw_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
     let eps = hyper[3];
     let wd = hyper[4];
     let g = grad[i] * clip[0];
-    var w = param[i] * (1.0 - lr * wd);
+    let decay_after = hyper[7] != 0.0;
+    var w = param[i];
+    if (!decay_after) { w = w * (1.0 - lr * wd); }
     let mi = b1 * m[i] + (1.0 - b1) * g;
     let vi = b2 * v[i] + (1.0 - b2) * g * g;
     m[i] = mi;
     v[i] = vi;
     w -= (lr / hyper[5]) * mi / (sqrt(vi) / sqrt(hyper[6]) + eps);
+    if (decay_after) { w = w - lr * wd * w; }
     param[i] = w;
 }
 

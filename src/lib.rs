@@ -31,11 +31,14 @@
 // them into structs to satisfy this lint would hide which buffer goes where.
 #![allow(clippy::too_many_arguments)]
 
+pub mod adapter;
 pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;
 pub mod reference;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod train;
 
 #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
 pub mod bench;

@@ -44,10 +44,23 @@ source!(ACT, "act.wgsl", subgroups: false, template: false);
 source!(EMBED, "embed.wgsl", subgroups: false, template: false);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
 source!(OPTIM, "optim.wgsl", subgroups: false, template: false);
+source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);
 
 /// Every WGSL file of the crate (the naga test validates each one).
-pub const ALL_SOURCES: &[&KernelSource] =
-    &[&MATMUL, &MATMUL_SUBGROUP, &REDUCE, &ELEMENTWISE, &NORM, &ROPE, &ATTENTION, &ACT, &EMBED, &XENT, &OPTIM];
+pub const ALL_SOURCES: &[&KernelSource] = &[
+    &MATMUL,
+    &MATMUL_SUBGROUP,
+    &REDUCE,
+    &ELEMENTWISE,
+    &NORM,
+    &ROPE,
+    &ATTENTION,
+    &ACT,
+    &EMBED,
+    &XENT,
+    &OPTIM,
+    &ADAPTER,
+];
 
 /// Expands a template: a line `// #if FLAG` (or `// #if !FLAG`) keeps the lines up to its
 /// `// #else` / `// #endif` only when the flag is set (unset); `{{NAME}}` is replaced by its value.

@@ -24,7 +24,7 @@ pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {
     pub use super::kernel::{
-        ACT, ATTENTION, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, OPTIM, REDUCE, ROPE, XENT,
+        ACT, ADAPTER, ATTENTION, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, OPTIM, REDUCE, ROPE, XENT,
     };
 }
 pub use step::Step;

@@ -63,11 +63,21 @@ impl Context {
     /// Like [`Context::run`], with the whole step encoded `times` times in the same submission
     /// (benchmarks use this to keep the submission overhead out of the figures).
     pub fn run_repeated(&self, step: &Step, times: usize) -> Result<()> {
+        self.encode_and_submit(&vec![step; times])
+    }
+
+    /// Encodes `steps` one after the other into one command encoder and submits it once (a
+    /// training step = forward/backward, optimizer, after-step hooks, with no sync between).
+    pub fn run_steps(&self, steps: &[&Step]) -> Result<()> {
+        self.encode_and_submit(steps)
+    }
+
+    fn encode_and_submit(&self, steps: &[&Step]) -> Result<()> {
         let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         {
             let mut pass =
                 enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-            for _ in 0..times {
+            for step in steps {
                 for d in &step.dispatches {
                     if d.groups.contains(&0) {
                         continue;

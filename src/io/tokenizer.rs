@@ -165,6 +165,11 @@ impl Tokenizer {
         Self::from_gguf(&g)
     }
 
+    /// The tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner.to_string(true).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -13,6 +13,7 @@ use std::fmt;
 
 use super::config::{Arch, ModelConfig};
 use super::weights::{HostTensor, Weights};
+use crate::adapter::{Adapter, AdapterError, Input, Proj, SiteWeights};
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
 use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{attention_backward, attention_forward};
@@ -38,6 +39,8 @@ pub enum GpuModelError {
     BatchSize { batch: usize, found: usize },
     #[error("sequence length {seq} exceeds the model's context of {max} positions")]
     TooLong { seq: usize, max: usize },
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
 }
 
 type Result<T> = std::result::Result<T, GpuModelError>;
@@ -193,6 +196,8 @@ pub struct Activations {
     pub loss_rows: Tensor, // (N,) per-position loss, 0 where ignored
     pub lse_rows: Tensor,  // (N,)
     pub loss_sum: Tensor,  // (1,)
+    /// Bytes of activations the backward pass reads (per-layer tensors and the residual streams).
+    pub kept_bytes: u64,
 }
 
 impl Activations {
@@ -241,13 +246,17 @@ pub struct Gradients {
     pub dsum: Tensor,    // (B, H, T) attention backward scratch
 }
 
-/// How the plan splits what could exceed one storage binding. `None` picks the largest that fits.
-#[derive(Clone, Copy, Debug, Default)]
+/// How the plan splits what could exceed one storage binding (`None` picks the largest that
+/// fits), and which projection inputs it keeps per layer.
+#[derive(Clone, Debug, Default)]
 pub struct PlanOptions {
     /// Rows of logits computed at a time (a positive multiple of 64).
     pub logit_chunk_rows: Option<usize>,
     /// Rows per part of the token-embedding / LM-head tables.
     pub table_part_rows: Option<usize>,
+    /// Projection inputs kept per layer for an adapter's backward pass. The frozen base's own
+    /// backward never reads them, so by default each is one tensor shared by all layers.
+    pub keep_inputs: Vec<Input>,
 }
 
 /// A model on the GPU with its forward pass (and, for training, forward + backward) recorded
@@ -259,6 +268,10 @@ pub struct GpuModel {
     pub grads: Option<Gradients>,
     forward: Step,
     train: Option<Step>,
+    adapter: Option<Box<dyn Adapter>>,
+    /// The adapter's ΔW has been added into the base weights (its branch is then skipped).
+    merged: bool,
+    keep_inputs: Vec<Input>,
 }
 
 impl fmt::Debug for GpuModel {
@@ -383,14 +396,27 @@ impl GpuModel {
             return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
         let params = ParameterTensors::upload_with(ctx, w, opts.table_part_rows)?;
-        let acts = Self::plan(ctx, &c, batch, seq, opts.logit_chunk_rows)?;
-        let mut model = GpuModel { config: c, params, acts, grads: None, forward: Step::new(), train: None };
+        let acts = Self::plan(ctx, &c, batch, seq, &opts)?;
+        let mut model = GpuModel {
+            config: c,
+            params,
+            acts,
+            grads: None,
+            forward: Step::new(),
+            train: None,
+            adapter: None,
+            merged: false,
+            keep_inputs: opts.keep_inputs,
+        };
         model.forward = model.record_forward(ctx, false)?;
         Ok(model)
     }
 
     /// Plans the gradient tensors and records forward + loss + backward as one step.
     pub fn enable_backward(&mut self, ctx: &Context) -> Result<()> {
+        if let Some(a) = self.adapter.as_deref() {
+            self.check_kept_inputs(a)?;
+        }
         let c = &self.config;
         let (b, t) = (self.acts.batch, self.acts.seq);
         let n = b * t;
@@ -416,7 +442,8 @@ impl GpuModel {
         Ok(())
     }
 
-    fn plan(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize, chunk: Option<usize>) -> Result<Activations> {
+    fn plan(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize, opts: &PlanOptions) -> Result<Activations> {
+        let chunk = opts.logit_chunk_rows;
         let n = batch * seq;
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let t = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
@@ -424,30 +451,61 @@ impl GpuModel {
         let opt = |on: bool, label: &str, shape: &[usize]| -> Result<Option<Tensor>> {
             Ok(if on { Some(t(label, shape)?) } else { None })
         };
+        // Activations no backward pass reads are one tensor shared by every layer: the
+        // projections' outputs consumed by a residual add (o, down), LLaMA's q and k before
+        // rotary (rotary's backward is linear), and the projections' inputs unless an adapter's
+        // backward reads them (`keep_inputs`).
+        let keep = |i: Input| opts.keep_inputs.contains(&i);
+        let shared_h1 = t("h1", &[n, h])?;
+        let shared_h2 = t("h2", &[n, h])?;
+        let shared_act = t("act", &[n, f])?;
+        let shared_o = t("o", &[n, h])?;
+        let shared_down = t("down", &[n, h])?;
+        let shared_q = t("q", &[n, q])?;
+        let shared_k = t("k", &[n, kv])?;
+        let per_layer = |shared: &Tensor, on: bool| -> Result<Tensor> {
+            Ok(if on { t(shared.label(), shared.shape())? } else { shared.clone() })
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             layers.push(LayerActivations {
-                h1: t("h1", &[n, h])?,
+                h1: per_layer(&shared_h1, keep(Input::H1))?,
                 mean1: opt(!llama, "mean1", &[n])?,
                 rstd1: t("rstd1", &[n])?,
-                q: t("q", &[n, q])?,
-                k: t("k", &[n, kv])?,
+                q: per_layer(&shared_q, !llama)?,
+                k: per_layer(&shared_k, !llama)?,
                 v: t("v", &[n, kv])?,
                 q_rot: opt(llama, "q_rot", &[n, q])?,
                 k_rot: opt(llama, "k_rot", &[n, kv])?,
                 att: t("att", &[n, q])?,
                 lse: t("lse", &[batch, c.num_heads, seq])?,
-                o: t("o", &[n, h])?,
+                o: shared_o.clone(),
                 x_mid: t("x_mid", &[n, h])?,
-                h2: t("h2", &[n, h])?,
+                h2: per_layer(&shared_h2, keep(Input::H2))?,
                 mean2: opt(!llama, "mean2", &[n])?,
                 rstd2: t("rstd2", &[n])?,
                 gate: t("gate", &[n, f])?,
                 up: opt(llama, "up", &[n, f])?,
-                act: t("act", &[n, f])?,
-                down: t("down", &[n, h])?,
+                act: per_layer(&shared_act, keep(Input::Act))?,
+                down: shared_down.clone(),
             });
         }
+        // What the backward pass reads, per layer and for the stack of residual streams.
+        let mut kept_bytes = 0u64;
+        for la in &layers {
+            let mut ts: Vec<&Tensor> = vec![&la.rstd1, &la.v, &la.att, &la.lse, &la.x_mid, &la.rstd2, &la.gate];
+            ts.extend([&la.mean1, &la.q_rot, &la.k_rot, &la.mean2, &la.up].into_iter().flatten());
+            if !llama {
+                ts.extend([&la.q, &la.k]);
+            }
+            for (input, tensor) in [(Input::H1, &la.h1), (Input::H2, &la.h2), (Input::Act, &la.act)] {
+                if keep(input) {
+                    ts.push(tensor);
+                }
+            }
+            kept_bytes += ts.iter().map(|t| t.byte_len()).sum::<u64>();
+        }
+        kept_bytes += ((c.num_layers + 1) * n * h * 4) as u64;
         let pos_ids = if llama {
             None
         } else {
@@ -486,6 +544,7 @@ impl GpuModel {
             loss_rows: t("loss_rows", &[n])?,
             lse_rows: t("lse_rows", &[n])?,
             loss_sum: t("loss_sum", &[1])?,
+            kept_bytes,
         })
     }
 
@@ -515,18 +574,25 @@ impl GpuModel {
                     let (q_rot, k_rot) = (need(&la.q_rot)?, need(&la.k_rot)?);
                     rmsnorm_forward(ctx, &mut s, x, &lp.ln1, eps, &la.h1, &la.rstd1)?;
                     matmul(ctx, &mut s, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Q, &la.h1, &[&la.q])?;
                     matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::K, &la.h1, &[&la.k])?;
                     matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::V, &la.h1, &[&la.v])?;
                     rope_forward(ctx, &mut s, rope_q, &la.q, q_rot)?;
                     rope_forward(ctx, &mut s, rope_k, &la.k, k_rot)?;
                     attention_forward(ctx, &mut s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse)?;
                     matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::O, &la.att, &[&la.o])?;
                     add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
                     rmsnorm_forward(ctx, &mut s, &la.x_mid, &lp.ln2, eps, &la.h2, &la.rstd2)?;
                     matmul(ctx, &mut s, &la.h2, &lp.w_gate, &la.gate, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Gate, &la.h2, &[&la.gate])?;
                     matmul(ctx, &mut s, &la.h2, &lp.w_up, need(&la.up)?, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Up, &la.h2, &[need(&la.up)?])?;
                     swiglu_forward(ctx, &mut s, &la.gate, need(&la.up)?, &la.act)?;
                     matmul(ctx, &mut s, &la.act, &lp.w_down, &la.down, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Down, &la.act, &[&la.down])?;
                 }
                 LayerParams::Gpt2(lp) => {
                     layernorm_forward(ctx, &mut s, x, &lp.ln1_w, &lp.ln1_b, eps, &la.h1, need(&la.mean1)?, &la.rstd1)?;
@@ -534,9 +600,11 @@ impl GpuModel {
                         matmul(ctx, &mut s, &la.h1, w, out, Matmul::nn())?;
                         bias_forward(ctx, &mut s, bias, out)?;
                     }
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::CAttn, &la.h1, &[&la.q, &la.k, &la.v])?;
                     attention_forward(ctx, &mut s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse)?;
                     matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nn())?;
                     bias_forward(ctx, &mut s, &lp.bo, &la.o)?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::AttnProj, &la.att, &[&la.o])?;
                     add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
                     layernorm_forward(
                         ctx,
@@ -551,9 +619,11 @@ impl GpuModel {
                     )?;
                     matmul(ctx, &mut s, &la.h2, &lp.w_fc, &la.gate, Matmul::nn())?;
                     bias_forward(ctx, &mut s, &lp.b_fc, &la.gate)?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Fc, &la.h2, &[&la.gate])?;
                     gelu_forward(ctx, &mut s, &la.gate, &la.act)?;
                     matmul(ctx, &mut s, &la.act, &lp.w_proj, &la.down, Matmul::nn())?;
                     bias_forward(ctx, &mut s, &lp.b_proj, &la.down)?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::MlpProj, &la.act, &[&la.down])?;
                 }
             }
             add_forward(ctx, &mut s, &la.x_mid, &la.down, &a.x[l + 1])?;
@@ -613,12 +683,16 @@ impl GpuModel {
                     let acc = Matmul::nn().accumulate(true);
                     // MLP: down_proj, swiglu, gate_proj + up_proj, post-attention norm (+ residual).
                     matmul(ctx, s, dxo, &lp.w_down, &g.d_act, Matmul::nn())?;
+                    self.adapt_backward(ctx, s, l, Proj::Down, &la.act, &[dxo], &g.d_act)?;
                     swiglu_backward(ctx, s, &la.gate, need(&la.up)?, &g.d_act, &g.d_gate, &g.d_up)?;
                     matmul(ctx, s, &g.d_gate, &lp.w_gate, &g.d_h, Matmul::nn())?;
                     matmul(ctx, s, &g.d_up, &lp.w_up, &g.d_h, acc)?;
+                    self.adapt_backward(ctx, s, l, Proj::Gate, &la.h2, &[&g.d_gate], &g.d_h)?;
+                    self.adapt_backward(ctx, s, l, Proj::Up, &la.h2, &[&g.d_up], &g.d_h)?;
                     rmsnorm_backward(ctx, s, &la.x_mid, &lp.ln2, &la.rstd2, &g.d_h, Some(dxo), &g.d_xmid)?;
                     // Attention: o_proj, attention, rotary, q/k/v projections, input norm (+ residual).
                     matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nn())?;
+                    self.adapt_backward(ctx, s, l, Proj::O, &la.att, &[&g.d_xmid], &g.d_att)?;
                     let (q_rot, k_rot) = (need(&la.q_rot)?, need(&la.k_rot)?);
                     attention_backward(
                         ctx, s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot, &g.d_v,
@@ -629,14 +703,19 @@ impl GpuModel {
                     matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nn())?;
                     matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
                     matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
+                    self.adapt_backward(ctx, s, l, Proj::Q, &la.h1, &[&g.d_q], &g.d_h)?;
+                    self.adapt_backward(ctx, s, l, Proj::K, &la.h1, &[&g.d_k], &g.d_h)?;
+                    self.adapt_backward(ctx, s, l, Proj::V, &la.h1, &[&g.d_v], &g.d_h)?;
                     rmsnorm_backward(ctx, s, &a.x[l], &lp.ln1, &la.rstd1, &g.d_h, Some(&g.d_xmid), &g.dx[l])?;
                 }
                 LayerParams::Gpt2(lp) => {
                     // Conv1D: y = x·W + b, so dx = dy·Wᵀ.
                     let acc = Matmul::nt().accumulate(true);
                     matmul(ctx, s, dxo, &lp.w_proj, &g.d_act, Matmul::nt())?;
+                    self.adapt_backward(ctx, s, l, Proj::MlpProj, &la.act, &[dxo], &g.d_act)?;
                     gelu_backward(ctx, s, &la.gate, &g.d_act, &g.d_gate)?;
                     matmul(ctx, s, &g.d_gate, &lp.w_fc, &g.d_h, Matmul::nt())?;
+                    self.adapt_backward(ctx, s, l, Proj::Fc, &la.h2, &[&g.d_gate], &g.d_h)?;
                     layernorm_backward(
                         ctx,
                         s,
@@ -649,12 +728,14 @@ impl GpuModel {
                         &g.d_xmid,
                     )?;
                     matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nt())?;
+                    self.adapt_backward(ctx, s, l, Proj::AttnProj, &la.att, &[&g.d_xmid], &g.d_att)?;
                     attention_backward(
                         ctx, s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse, &g.d_att, &g.d_q, &g.d_k, &g.d_v, &g.dsum,
                     )?;
                     matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nt())?;
                     matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
                     matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
+                    self.adapt_backward(ctx, s, l, Proj::CAttn, &la.h1, &[&g.d_q, &g.d_k, &g.d_v], &g.d_h)?;
                     layernorm_backward(
                         ctx,
                         s,
@@ -670,6 +751,165 @@ impl GpuModel {
             }
         }
         Ok(())
+    }
+
+    /// The attached adapter's site for (layer, projection), unless merged.
+    fn site(&self, layer: usize, proj: Proj) -> Option<(&dyn Adapter, usize)> {
+        let a = self.adapter.as_deref().filter(|_| !self.merged)?;
+        a.sites().iter().position(|s| s.layer == layer && s.proj == proj).map(|i| (a, i))
+    }
+
+    /// Records the adapter branch of (layer, proj), if adapted: `ys += branch(x)`.
+    fn adapt_forward(
+        &self,
+        ctx: &Context,
+        s: &mut Step,
+        train: bool,
+        l: usize,
+        proj: Proj,
+        x: &Tensor,
+        ys: &[&Tensor],
+    ) -> Result<()> {
+        if let Some((a, i)) = self.site(l, proj) {
+            a.forward(ctx, s, i, x, ys, train)?;
+        }
+        Ok(())
+    }
+
+    /// Records the adapter's gradients for (layer, proj), if adapted, and `dx += ` its input gradient.
+    fn adapt_backward(
+        &self,
+        ctx: &Context,
+        s: &mut Step,
+        l: usize,
+        proj: Proj,
+        x: &Tensor,
+        dys: &[&Tensor],
+        dx: &Tensor,
+    ) -> Result<()> {
+        if let Some((a, i)) = self.site(l, proj) {
+            a.backward(ctx, s, i, x, dys, dx)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches an adapter to the projections its sites name and re-records the steps. Fails when
+    /// the adapter's backward reads projection inputs this plan does not keep per layer.
+    pub fn attach(&mut self, ctx: &Context, adapter: Box<dyn Adapter>) -> Result<()> {
+        if self.grads.is_some() {
+            self.check_kept_inputs(adapter.as_ref())?;
+        }
+        if let Some(site) = adapter.sites().iter().find(|s| s.layer >= self.config.num_layers) {
+            return Err(GpuModelError::Unsupported(format!("{} is not a layer of this model", site.module)));
+        }
+        self.adapter = Some(adapter);
+        self.merged = false;
+        self.rerecord(ctx)
+    }
+
+    /// Training needs every projection input the adapter's backward reads kept per layer.
+    fn check_kept_inputs(&self, adapter: &dyn Adapter) -> Result<()> {
+        if !adapter.needs_input() {
+            return Ok(());
+        }
+        match adapter.sites().iter().find(|s| !self.keep_inputs.contains(&s.proj.input())) {
+            None => Ok(()),
+            Some(site) => Err(GpuModelError::Unsupported(format!(
+                "the {} adapter on {} reads its input in backward, but the model was planned without \
+                 keeping {:?}; plan it with PlanOptions::keep_inputs",
+                adapter.config().method,
+                site.module,
+                site.proj.input()
+            ))),
+        }
+    }
+
+    /// Detaches the adapter (unmerged first if merged) and re-records the steps.
+    pub fn detach(&mut self, ctx: &Context) -> Result<Option<Box<dyn Adapter>>> {
+        if self.merged {
+            self.unmerge(ctx)?;
+        }
+        let a = self.adapter.take();
+        self.rerecord(ctx)?;
+        Ok(a)
+    }
+
+    fn rerecord(&mut self, ctx: &Context) -> Result<()> {
+        self.forward = self.record_forward(ctx, false)?;
+        if self.train.is_some() {
+            self.train = Some(self.record_forward(ctx, true)?);
+        }
+        Ok(())
+    }
+
+    pub fn adapter(&self) -> Option<&dyn Adapter> {
+        self.adapter.as_deref()
+    }
+
+    pub fn adapter_mut(&mut self) -> Option<&mut (dyn Adapter + 'static)> {
+        self.adapter.as_deref_mut()
+    }
+
+    /// The frozen weights of every site of the attached adapter, in site order.
+    pub fn site_weights(&self) -> Result<Vec<SiteWeights<'_>>> {
+        let Some(a) = self.adapter.as_deref() else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for site in a.sites() {
+            let parts = match &self.params.layers[site.layer] {
+                LayerParams::Llama(lp) => vec![match site.proj {
+                    Proj::Q => &lp.wq,
+                    Proj::K => &lp.wk,
+                    Proj::V => &lp.wv,
+                    Proj::O => &lp.wo,
+                    Proj::Gate => &lp.w_gate,
+                    Proj::Up => &lp.w_up,
+                    Proj::Down => &lp.w_down,
+                    p => return Err(GpuModelError::Unsupported(format!("{p:?} is not a LLaMA projection"))),
+                }],
+                LayerParams::Gpt2(lp) => match site.proj {
+                    Proj::CAttn => vec![&lp.wq, &lp.wk, &lp.wv],
+                    Proj::AttnProj => vec![&lp.wo],
+                    Proj::Fc => vec![&lp.w_fc],
+                    Proj::MlpProj => vec![&lp.w_proj],
+                    p => return Err(GpuModelError::Unsupported(format!("{p:?} is not a GPT-2 projection"))),
+                },
+            };
+            out.push(SiteWeights { parts, conv1d: site.conv1d });
+        }
+        Ok(out)
+    }
+
+    /// Adds the adapter's ΔW into the frozen weights on the GPU (`W0 += s·B·A`, PEFT's merge);
+    /// the branch is then skipped, so the forward pass gives the same results faster.
+    pub fn merge(&mut self, ctx: &Context) -> Result<()> {
+        self.merge_sign(ctx, 1.0)?;
+        self.merged = true;
+        self.rerecord(ctx)
+    }
+
+    /// Subtracts what [`GpuModel::merge`] added (the base comes back within f32 rounding).
+    pub fn unmerge(&mut self, ctx: &Context) -> Result<()> {
+        if !self.merged {
+            return Ok(());
+        }
+        self.merge_sign(ctx, -1.0)?;
+        self.merged = false;
+        self.rerecord(ctx)
+    }
+
+    fn merge_sign(&self, ctx: &Context, sign: f32) -> Result<()> {
+        let Some(a) = self.adapter.as_deref() else {
+            return Err(GpuModelError::Unsupported("no adapter is attached to merge".into()));
+        };
+        let mut s = Step::new();
+        a.merge(ctx, &mut s, &self.site_weights()?, sign)?;
+        ctx.run(&s)?;
+        Ok(())
+    }
+
+    /// The recorded forward + loss + backward step (after [`GpuModel::enable_backward`]).
+    pub fn train_step(&self) -> Option<&Step> {
+        self.train.as_ref()
     }
 
     /// Checks that `ids` fit the plan and the vocabulary, with the row and position of any fault.
@@ -699,7 +939,7 @@ impl GpuModel {
     }
 
     /// Uploads ids and next-token targets (padding rows ignored); returns the predicted positions.
-    fn write_inputs(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<usize> {
+    pub fn write_inputs(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<usize> {
         self.check_ids(ids)?;
         let (b, t) = (self.acts.batch, self.acts.seq);
         let mut flat = vec![0u32; b * t];

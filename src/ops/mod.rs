@@ -7,6 +7,7 @@
 //! [`Context::run`]: crate::gpu::Context::run
 
 pub mod act;
+pub mod adapter;
 pub mod attention;
 pub mod elementwise;
 pub mod embed;

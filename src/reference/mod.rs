@@ -188,3 +188,26 @@ impl Rng {
         (0..n).map(|_| self.uniform()).collect()
     }
 }
+
+/// shaders/adapter.wgsl's integer hash (lowbias32).
+fn hash32(v: u32) -> u32 {
+    let mut h = v;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846ca68b);
+    h ^= h >> 16;
+    h
+}
+
+/// The multiplier dropout applies to element `i` (0 or `1 / (1 − p)`), exactly as
+/// `dropout_forward` computes it on the GPU for the same seed and salt.
+pub fn dropout_keep(seed: u32, salt: u32, i: u32, p: f32) -> f64 {
+    let (threshold, keep_scale) = crate::ops::adapter::dropout_params(p);
+    let h = hash32(i.wrapping_add(hash32(seed ^ hash32(salt))));
+    if (h >> 8) < threshold {
+        0.0
+    } else {
+        keep_scale as f64
+    }
+}

@@ -8,6 +8,8 @@ use portalora::bench::{bench_matmul, MatmulShape, MATMUL_SHAPES};
 use portalora::gpu::Context;
 use portalora::ops::matmul::MatmulPath;
 
+mod train;
+
 #[derive(Parser)]
 #[command(
     name = "portalora",
@@ -51,6 +53,9 @@ enum Command {
         /// Rows per forward pass (memory grows with batch × seq).
         #[arg(long, default_value_t = 4)]
         batch: usize,
+        /// A PEFT adapter folder (LoRA or VeRA; written by portalora or by PEFT) to evaluate with.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// Print the result as one JSON object on the last line.
         #[arg(long)]
         json: bool,
@@ -77,6 +82,24 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// A PEFT adapter folder, merged into the weights on the GPU before generating.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+    },
+    /// Fine-tune an adapter (LoRA, LoRA-FA, VeRA, Delta-LoRA or LoRA+) and write it in PEFT's format.
+    Train(Box<TrainArgs>),
+    /// Merge an adapter into its base model and write a Hugging Face folder with the base's key
+    /// names and layouts.
+    Merge {
+        /// The base model: a .gguf file or a Hugging Face folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// A PEFT adapter folder (LoRA or VeRA).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The output folder (config.json, model.safetensors, tokenizer files).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Measure speed.
     Bench {
@@ -105,6 +128,129 @@ enum BenchWhat {
         #[arg(long, value_delimiter = ',')]
         shapes: Vec<String>,
     },
+}
+
+/// `portalora train`'s options.
+#[derive(clap::Args)]
+pub(crate) struct TrainArgs {
+    /// The base model: a .gguf file or a Hugging Face folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// A JSON file {"input_ids": [[...], ...]}: every step trains on all its rows, in order.
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    ids: Option<PathBuf>,
+    /// A text file, tokenized with the model's tokenizer and cut into rows of --seq tokens;
+    /// step s trains on the next --batch rows (wrapping around).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// lora, lora-fa, vera, delta-lora or lora-plus.
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// Adapter rank r [default: 8; VeRA 256; or the --init-adapter's].
+    #[arg(long, value_parser = parse_count)]
+    rank: Option<usize>,
+    /// LoRA's alpha: the branch is scaled by alpha / r [default: 8, or the --init-adapter's]. VeRA ignores it.
+    #[arg(long, value_parser = parse_number)]
+    alpha: Option<f64>,
+    /// rsLoRA: scale by alpha / sqrt(r).
+    #[arg(long)]
+    rslora: bool,
+    /// Dropout on the adapter branch's input (Delta-LoRA has none).
+    #[arg(long, default_value = "0", value_parser = parse_number)]
+    dropout: f64,
+    /// Target modules, comma-separated, matched as module-name suffixes as in PEFT
+    /// (GPT-2: c_attn, c_proj, c_fc; LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+    /// [default: the --init-adapter's].
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// A's initialisation: kaiming (PEFT's default) or gaussian.
+    #[arg(long, default_value = "kaiming")]
+    init: String,
+    /// adamw or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Learning rate.
+    #[arg(long, default_value = "2e-4", value_parser = parse_number)]
+    lr: f64,
+    /// AdamW's betas, as B1,B2.
+    #[arg(long, default_value = "0.9,0.999")]
+    betas: String,
+    /// AdamW's epsilon [default: 1e-8; 1e-6 with --lorafa-projected].
+    #[arg(long, value_parser = parse_number)]
+    eps: Option<f64>,
+    /// Decoupled weight decay (AdamW) or L2 penalty (SGD).
+    #[arg(long, default_value = "0", value_parser = parse_number)]
+    weight_decay: f64,
+    /// SGD's momentum.
+    #[arg(long, default_value = "0.9", value_parser = parse_number)]
+    momentum: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value = "1.0", value_parser = parse_number)]
+    max_grad_norm: f64,
+    /// Learning-rate schedule: constant, linear or cosine (after --warmup-steps of linear warm-up).
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    warmup_steps: usize,
+    /// LoRA+: B (and 1-D parameters) train at lr × this ratio.
+    #[arg(long, default_value = "16", value_parser = parse_number)]
+    lr_ratio: f64,
+    /// Delta-LoRA's λ: W0 += λ·s·(B'A' − BA) after each step past the warm-up.
+    #[arg(long, default_value = "2", value_parser = parse_number)]
+    delta_lambda: f64,
+    /// Delta-LoRA's warm-up K: W0 is updated after steps K+1, K+2, ...
+    #[arg(long, default_value = "500", value_parser = parse_count)]
+    delta_warmup: usize,
+    /// VeRA's initial λ_d.
+    #[arg(long, default_value = "0.1", value_parser = parse_number)]
+    vera_d_initial: f64,
+    /// VeRA's shared-pair seed (PEFT's projection_prng_key).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    vera_seed: usize,
+    /// LoRA-FA: PEFT's projected optimizer (dB·(AAᵀ)⁻¹/s², transformers' AdamW) instead of plain AdamW on B.
+    #[arg(long)]
+    lorafa_projected: bool,
+    /// Optimizer steps.
+    #[arg(long, value_parser = parse_count)]
+    steps: usize,
+    /// Rows per step with --data (with --ids, the file's rows).
+    #[arg(long, value_parser = parse_count)]
+    batch: Option<usize>,
+    /// Tokens per row with --data.
+    #[arg(long, default_value = "128", value_parser = parse_count)]
+    seq: usize,
+    /// Seed of the adapter's init and the dropout masks.
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    seed: usize,
+    /// Start from the tensors of this PEFT adapter folder instead of a random init.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Output folder: the adapter in PEFT's format (Delta-LoRA: a merged Hugging Face folder,
+    /// with the final adapter in OUT/adapter).
+    #[arg(long)]
+    out: PathBuf,
+    /// Write one JSON line per step: {"step": s, "loss": x, "lr": lr}.
+    #[arg(long)]
+    log_json: Option<PathBuf>,
+}
+
+/// A number in any usual form: 1e-08, 16.0, 0.5.
+fn parse_number(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !v.is_finite() {
+        return Err(format!("{s:?} is not a finite number"));
+    }
+    Ok(v)
+}
+
+/// A non-negative whole number, also written as 8.0 or 1e3.
+fn parse_count(s: &str) -> Result<usize, String> {
+    let v = parse_number(s)?;
+    if v < 0.0 || v.fract() != 0.0 || v > usize::MAX as f64 {
+        return Err(format!("{s:?} is not a non-negative whole number"));
+    }
+    Ok(v as usize)
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -137,13 +283,15 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
         Command::Inspect { .. } => unreachable!("handled above"),
-        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed } => {
+        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, adapter } => {
             let sampling = portalora::model::generate::Sampling { temperature, top_k, top_p, seed };
-            generate(&ctx, &model, &prompt, max_tokens, sampling)
+            generate(&ctx, &model, &prompt, max_tokens, sampling, adapter.as_deref())
         }
-        Command::Eval { model, ids, data, seq, batch, json } => {
-            eval(&ctx, &model, ids.as_deref(), data.as_deref(), seq, batch, json)
+        Command::Eval { model, ids, data, seq, batch, adapter, json } => {
+            eval(&ctx, &model, ids.as_deref(), data.as_deref(), seq, batch, adapter.as_deref(), json)
         }
+        Command::Train(args) => train::train(&ctx, *args),
+        Command::Merge { model, adapter, out } => train::merge(&ctx, &model, &adapter, &out),
         Command::Info { json } => info(&ctx, json),
         Command::Bench { what: BenchWhat::Matmul { json, path, repeats, seconds, shapes } } => {
             let shapes = if shapes.is_empty() {
@@ -284,16 +432,14 @@ fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
-fn eval(
-    ctx: &Context,
+/// Token rows from `--ids` or from `--data` cut into rows of `seq`.
+pub(crate) fn read_rows(
     model: &Path,
     ids: Option<&Path>,
     data: Option<&Path>,
     seq: usize,
-    batch: usize,
-    json: bool,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let rows = match (ids, data) {
+) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
+    Ok(match (ids, data) {
         (Some(p), _) => read_ids(p)?,
         (None, Some(p)) => {
             let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -318,11 +464,28 @@ fn eval(
             rows
         }
         (None, None) => return Err("give --ids FILE.json or --data FILE.txt".into()),
-    };
+    })
+}
+
+#[allow(clippy::too_many_arguments)] // one argument per command-line flag
+fn eval(
+    ctx: &Context,
+    model: &Path,
+    ids: Option<&Path>,
+    data: Option<&Path>,
+    seq: usize,
+    batch: usize,
+    adapter: Option<&Path>,
+    json: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let rows = read_rows(model, ids, data, seq)?;
     let weights = portalora::model::load_model(model)?;
     let seq = rows[0].len();
     let batch = batch.clamp(1, rows.len());
-    let gpu = portalora::model::gpu::GpuModel::new(ctx, &weights, batch, seq)?;
+    let gpu = match adapter {
+        Some(dir) => portalora::train::model_with_adapter(ctx, &weights, batch, seq, dir)?,
+        None => portalora::model::gpu::GpuModel::new(ctx, &weights, batch, seq)?,
+    };
     let (mut sum, mut count) = (0.0f64, 0usize);
     for chunk in rows.chunks(batch) {
         let (s, n) = gpu.loss_sum(ctx, chunk)?;
@@ -344,6 +507,7 @@ fn generate(
     prompt: &str,
     max_tokens: usize,
     sampling: portalora::model::generate::Sampling,
+    adapter: Option<&Path>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     use std::io::Write;
     if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
@@ -358,9 +522,26 @@ fn generate(
     if ids.is_empty() {
         return Err("the prompt is empty".into());
     }
-    let params = portalora::model::gpu::ParameterTensors::upload(ctx, &weights)?;
+    // With an adapter, its ΔW is merged into the weights on the GPU: generation then runs the
+    // plain model, exactly as PEFT's merged inference.
+    let merged = match adapter {
+        Some(dir) => {
+            let mut m = portalora::train::model_with_adapter(ctx, &weights, 1, 2, dir)?;
+            m.merge(ctx)?;
+            Some(m)
+        }
+        None => None,
+    };
+    let uploaded;
+    let params = match &merged {
+        Some(m) => &m.params,
+        None => {
+            uploaded = portalora::model::gpu::ParameterTensors::upload(ctx, &weights)?;
+            &uploaded
+        }
+    };
     let max_len = (ids.len() + max_tokens).min(weights.config.max_positions);
-    let mut gen = portalora::model::generate::Generator::new(ctx, &weights.config, &params, max_len)?;
+    let mut gen = portalora::model::generate::Generator::new(ctx, &weights.config, params, max_len)?;
     let mut out = std::io::stdout().lock();
     write!(out, "{prompt}")?;
     out.flush()?;

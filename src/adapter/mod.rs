@@ -1,0 +1,569 @@
+//! Adapters: the trainable branches added to a frozen model's linear projections
+//! (`../shared/METHODS.md` defines each method exactly).
+//!
+//! One small trait, [`Adapter`], and one file per method: [`lora`] (also what LoRA+ trains),
+//! [`lora_fa`] (frozen A; keeps only `z = x·Aᵀ` for backward), [`vera`] (shared frozen pair,
+//! trained scale vectors), [`delta_lora`] (LoRA plus an after-step update of the frozen weight)
+//! and [`lora_plus`] (an optimizer setting: parameter groups). [`peft`] reads and writes PEFT's
+//! files.
+//!
+//! Conventions, for every method:
+//! - An adapted projection is a [`Site`]: a layer, a projection, its input width and its output
+//!   parts. Output parts exist because GPT-2's fused `c_attn` (q, k and v, 3·C outputs) is split
+//!   into three projections on the GPU; an adapter keeps its B (or λ_b) as one tensor per part and
+//!   joins them back into PEFT's single tensor when saving.
+//! - Adapter matrices keep `nn.Linear`'s orientation whatever the base layout: A `(r, in)`,
+//!   B `(out, r)`.
+//! - Forward adds the branch into the projection's output (`y += …`); backward writes (`=`) the
+//!   adapter's parameter gradients and adds (`+=`) its input gradient into the projection's `dx`.
+//! - Activations are `(N, ·)` rows with N = batch · seq tokens, as in the model.
+
+pub mod delta_lora;
+pub mod lora;
+pub mod lora_fa;
+pub mod lora_plus;
+pub mod peft;
+pub mod vera;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::gpu::{Context, DType, GpuError, Step, Tensor};
+use crate::model::config::{Arch, ModelConfig};
+use crate::ops::matmul::{matmul, Matmul};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("unknown target module {name:?} for a {arch:?} model; valid targets: {valid}")]
+    UnknownTarget { name: String, arch: Arch, valid: String },
+    #[error("no target modules given; valid targets for a {arch:?} model: {valid}")]
+    NoTargets { arch: Arch, valid: String },
+    #[error("rank {rank} does not fit {module} ({in_features} → {out_features}); use 1 ≤ r ≤ {max}")]
+    Rank { rank: usize, module: String, in_features: usize, out_features: usize, max: usize },
+    #[error("{0}")]
+    Option(String),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, AdapterError>;
+
+/// The five methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Lora,
+    LoraFa,
+    Vera,
+    DeltaLora,
+    LoraPlus,
+}
+
+impl Method {
+    pub const ALL: [Method; 5] = [Method::Lora, Method::LoraFa, Method::Vera, Method::DeltaLora, Method::LoraPlus];
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+            Method::LoraFa => "lora-fa",
+            Method::Vera => "vera",
+            Method::DeltaLora => "delta-lora",
+            Method::LoraPlus => "lora-plus",
+        }
+    }
+    /// Whether the method trains an A/B pair (everything but VeRA).
+    pub fn is_lora(self) -> bool {
+        self != Method::Vera
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = AdapterError;
+    fn from_str(s: &str) -> Result<Self> {
+        Method::ALL.into_iter().find(|m| m.name() == s.to_ascii_lowercase().replace('_', "-")).ok_or_else(|| {
+            AdapterError::Option(format!(
+                "unknown method {s:?}; use one of {}",
+                Method::ALL.map(|m| m.name()).join(", ")
+            ))
+        })
+    }
+}
+
+/// How A (LoRA) starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// PEFT's default: kaiming-uniform with a = sqrt(5), i.e. U(±1/sqrt(in)).
+    Kaiming,
+    /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r).
+    Gaussian,
+}
+
+impl FromStr for Init {
+    type Err = AdapterError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "kaiming" | "kaiming-uniform" | "default" => Ok(Init::Kaiming),
+            "gaussian" => Ok(Init::Gaussian),
+            _ => Err(AdapterError::Option(format!("unknown init {s:?}; use kaiming or gaussian"))),
+        }
+    }
+}
+
+/// Everything that defines an adapter (the optimizer's settings live in `train`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterConfig {
+    pub method: Method,
+    pub rank: usize,
+    /// LoRA's alpha; the branch is scaled by alpha / r (alpha / sqrt(r) with rsLoRA). VeRA has no scale.
+    pub alpha: f64,
+    pub rslora: bool,
+    /// Dropout on the adapter branch's input (Delta-LoRA removes it).
+    pub dropout: f32,
+    /// Module-name suffixes, as PEFT's `target_modules`.
+    pub targets: Vec<String>,
+    pub init: Init,
+    /// Seed of the random init and of the dropout masks.
+    pub seed: u64,
+    /// VeRA: λ_d's initial value.
+    pub vera_d_initial: f64,
+    /// VeRA: the shared pair's seed (PEFT's projection_prng_key; recorded in the config).
+    pub vera_seed: u64,
+    /// Delta-LoRA: λ and the warm-up steps K (W0 is updated after steps t > K).
+    pub delta_lambda: f64,
+    pub delta_warmup: u64,
+    /// LoRA-FA: PEFT's projected optimizer (`create_lorafa_optimizer`).
+    pub lorafa_projected: bool,
+}
+
+impl AdapterConfig {
+    /// PEFT's defaults for `method` (VeRA: r = 256).
+    pub fn new(method: Method) -> Self {
+        AdapterConfig {
+            method,
+            rank: if method == Method::Vera { 256 } else { 8 },
+            alpha: 8.0,
+            rslora: false,
+            dropout: 0.0,
+            targets: Vec::new(),
+            init: Init::Kaiming,
+            seed: 0,
+            vera_d_initial: 0.1,
+            vera_seed: 0,
+            delta_lambda: 2.0,
+            delta_warmup: 500,
+            lorafa_projected: false,
+        }
+    }
+
+    /// The branch's scale s: alpha / r, or alpha / sqrt(r) with rsLoRA (1 for VeRA).
+    pub fn scale(&self) -> f64 {
+        match (self.method, self.rslora) {
+            (Method::Vera, _) => 1.0,
+            (_, true) => self.alpha / (self.rank as f64).sqrt(),
+            (_, false) => self.alpha / self.rank as f64,
+        }
+    }
+
+    /// Checks the values, naming the bad one.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(AdapterError::Option(m));
+        if self.rank == 0 {
+            return bad("rank 0: use --rank 1 or more".into());
+        }
+        if !self.alpha.is_finite() || self.alpha <= 0.0 {
+            return bad(format!("alpha {} must be a positive number", self.alpha));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("dropout {} must be in [0, 1)", self.dropout));
+        }
+        if !self.vera_d_initial.is_finite() {
+            return bad(format!("VeRA d_initial {} is not a number", self.vera_d_initial));
+        }
+        if !self.delta_lambda.is_finite() {
+            return bad(format!("Delta-LoRA lambda {} is not a number", self.delta_lambda));
+        }
+        Ok(())
+    }
+}
+
+/// A linear projection an adapter can attach to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+    /// GPT-2's fused q, k, v projection.
+    CAttn,
+    /// GPT-2's `attn.c_proj`.
+    AttnProj,
+    Fc,
+    /// GPT-2's `mlp.c_proj`.
+    MlpProj,
+}
+
+impl Proj {
+    /// The projections of an architecture, in forward order.
+    pub fn all(arch: Arch) -> &'static [Proj] {
+        match arch {
+            Arch::Llama => &[Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down],
+            Arch::Gpt2 => &[Proj::CAttn, Proj::AttnProj, Proj::Fc, Proj::MlpProj],
+        }
+    }
+    /// The module's path inside a decoder layer (transformers' names).
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+            Proj::CAttn => "attn.c_attn",
+            Proj::AttnProj => "attn.c_proj",
+            Proj::Fc => "mlp.c_fc",
+            Proj::MlpProj => "mlp.c_proj",
+        }
+    }
+    /// The activation this projection reads.
+    pub fn input(self) -> Input {
+        match self {
+            Proj::Q | Proj::K | Proj::V | Proj::CAttn => Input::H1,
+            Proj::O | Proj::AttnProj => Input::Att,
+            Proj::Gate | Proj::Up | Proj::Fc => Input::H2,
+            Proj::Down | Proj::MlpProj => Input::Act,
+        }
+    }
+}
+
+/// The activations that feed projections; the memory plan keeps one per layer only when an
+/// adapter's backward pass reads it (the frozen base never does).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The first norm's output (q, k, v).
+    H1,
+    /// The attention output (o_proj; attention's own backward needs it anyway).
+    Att,
+    /// The second norm's output (gate, up, c_fc).
+    H2,
+    /// The MLP activation (down_proj, mlp.c_proj).
+    Act,
+}
+
+/// One adapted projection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Site {
+    pub layer: usize,
+    pub proj: Proj,
+    /// Module path as transformers names it (`model.layers.3.self_attn.q_proj`).
+    pub module: String,
+    pub in_features: usize,
+    /// Output widths of the GPU projections this module is split into (one, or q/k/v for c_attn).
+    pub outs: Vec<usize>,
+    /// The base weight is GPT-2's `Conv1D` `(in, out)` rather than `nn.Linear`'s `(out, in)`.
+    pub conv1d: bool,
+}
+
+impl Site {
+    pub fn out_features(&self) -> usize {
+        self.outs.iter().sum()
+    }
+}
+
+/// The target names valid for an architecture, for messages.
+pub fn valid_targets(arch: Arch) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for p in Proj::all(arch) {
+        let m = p.module();
+        names.push(m.rsplit('.').next().unwrap_or(m).to_string());
+        names.push(m.to_string());
+    }
+    names.dedup();
+    names.join(", ")
+}
+
+/// The projections `targets` select, matched as PEFT matches `target_modules`: a module is
+/// adapted when its full path equals a target or ends with `.` + target (so GPT-2's `c_proj`
+/// selects both `attn.c_proj` and `mlp.c_proj`). A target that selects nothing is an error.
+pub fn sites(config: &ModelConfig, targets: &[String]) -> Result<Vec<Site>> {
+    let arch = config.arch;
+    if targets.is_empty() {
+        return Err(AdapterError::NoTargets { arch, valid: valid_targets(arch) });
+    }
+    let prefix = match arch {
+        Arch::Llama => "model.layers",
+        Arch::Gpt2 => "transformer.h",
+    };
+    let matches = |module: &str, t: &str| module == t || module.ends_with(&format!(".{t}"));
+    for t in targets {
+        let t = t.trim();
+        if !Proj::all(arch).iter().any(|p| matches(&format!("{prefix}.0.{}", p.module()), t)) {
+            return Err(AdapterError::UnknownTarget { name: t.to_string(), arch, valid: valid_targets(arch) });
+        }
+    }
+    let (c, f) = (config.hidden_size, config.intermediate_size);
+    let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
+    let mut out = Vec::new();
+    for layer in 0..config.num_layers {
+        for &proj in Proj::all(arch) {
+            let module = format!("{prefix}.{layer}.{}", proj.module());
+            if !targets.iter().any(|t| matches(&module, t.trim())) {
+                continue;
+            }
+            let (in_features, outs) = match proj {
+                Proj::Q => (c, vec![q]),
+                Proj::K | Proj::V => (c, vec![kv]),
+                Proj::O => (q, vec![c]),
+                Proj::Gate | Proj::Up => (c, vec![f]),
+                Proj::Down => (f, vec![c]),
+                Proj::CAttn => (c, vec![c, c, c]),
+                Proj::AttnProj => (c, vec![c]),
+                Proj::Fc => (c, vec![f]),
+                Proj::MlpProj => (f, vec![c]),
+            };
+            out.push(Site { layer, proj, module, in_features, outs, conv1d: arch == Arch::Gpt2 });
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that the rank fits every adapted projection (r ≤ min(in, out), as a low-rank update must).
+pub fn check_rank(rank: usize, sites: &[Site]) -> Result<()> {
+    for s in sites {
+        let max = s.in_features.min(s.out_features());
+        if rank == 0 || rank > max {
+            return Err(AdapterError::Rank {
+                rank,
+                module: s.module.clone(),
+                in_features: s.in_features,
+                out_features: s.out_features(),
+                max,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A site's frozen base weights on the GPU, one per output part, in the base layout.
+pub struct SiteWeights<'a> {
+    pub parts: Vec<&'a Tensor>, // Linear: (out_j, in); Conv1D: (in, out_j)
+    pub conv1d: bool,
+}
+
+/// Which optimizer group a trainable tensor belongs to (LoRA+ gives B and vectors their own rate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    A,
+    B,
+    /// 1-D parameters (VeRA's λ_b, λ_d).
+    Vector,
+}
+
+/// One trainable tensor and its gradient (same shape).
+pub struct Param<'a> {
+    pub name: String,
+    pub kind: ParamKind,
+    pub value: &'a Tensor,
+    pub grad: &'a Tensor,
+}
+
+/// One tensor of PEFT's file: its key, its full shape, and the GPU tensors holding its row parts
+/// (several only for GPT-2's c_attn B / λ_b).
+pub struct Slot<'a> {
+    pub key: String,
+    pub shape: Vec<usize>,
+    pub parts: Vec<&'a Tensor>,
+}
+
+/// An adapter attached to a model's projections.
+pub trait Adapter {
+    fn config(&self) -> &AdapterConfig;
+    fn sites(&self) -> &[Site];
+    /// Records `y_j += branch_j(x)` for site `i` (`ys` one tensor per output part, `(N, out_j)`).
+    /// Dropout applies only when `train`.
+    fn forward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, ys: &[&Tensor], train: bool) -> Result<()>;
+    /// Records the parameter gradients of site `i` from `dys` (`=`) and adds its input gradient
+    /// into `dx` `(N, in)` (`+=`). `x` is the site's input, as in forward.
+    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()>;
+    /// Whether backward reads the site's input `x` (else the plan need not keep it).
+    fn needs_input(&self) -> bool;
+    /// The trainable tensors with their gradients.
+    fn params(&self) -> Vec<Param<'_>>;
+    /// The tensors saved in PEFT's file (trainable and frozen).
+    fn slots(&self) -> Vec<Slot<'_>>;
+    /// Bytes of adapter-owned activations kept from forward to backward (z per site).
+    fn kept_bytes(&self) -> u64;
+    /// The one-element u32 tensor of the dropout seed, rewritten before each step (None without dropout).
+    fn dropout_seed(&self) -> Option<&Tensor> {
+        None
+    }
+    /// Called after new values were written into the slots (file load): refresh derived state,
+    /// in place (recorded steps hold the tensors).
+    fn loaded(&mut self, _ctx: &Context) -> Result<()> {
+        Ok(())
+    }
+    /// Records work before the optimizer step (Delta-LoRA keeps the old A and B).
+    fn before_update(&self, _ctx: &Context, _s: &mut Step) -> Result<()> {
+        Ok(())
+    }
+    /// Records the after-step hook (Delta-LoRA's W0 update); `weights` has one entry per site.
+    fn after_update(&self, _ctx: &Context, _s: &mut Step, _weights: &[SiteWeights]) -> Result<bool> {
+        Ok(false)
+    }
+    /// Records `W0 += sign · ΔW` for every site (merge with +1, unmerge with −1).
+    fn merge(&self, ctx: &Context, s: &mut Step, weights: &[SiteWeights], sign: f32) -> Result<()>;
+}
+
+/// Builds the adapter of `cfg.method` for `sites` of a model run on `n` tokens at a time, with a
+/// seeded random init (PEFT's, in our own random stream).
+pub fn build(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize) -> Result<Box<dyn Adapter>> {
+    cfg.validate()?;
+    if cfg.method.is_lora() {
+        // VeRA's rank is the shared pair's and may exceed a layer's dimensions (PEFT: r = 256).
+        check_rank(cfg.rank, &sites)?;
+    }
+    Ok(match cfg.method {
+        Method::Lora | Method::LoraPlus => Box::new(lora::Lora::new(ctx, cfg, sites, n, true)?),
+        Method::LoraFa => Box::new(lora_fa::new(ctx, cfg, sites, n)?),
+        Method::DeltaLora => Box::new(delta_lora::DeltaLora::new(ctx, cfg, sites, n)?),
+        Method::Vera => Box::new(vera::Vera::new(ctx, cfg, sites, n)?),
+    })
+}
+
+/// `W += alpha · B A` in the base layout (Linear `(out, in)`: `B·A`; Conv1D `(in, out)`: `Aᵀ·Bᵀ`).
+pub(crate) fn add_product(
+    ctx: &Context,
+    s: &mut Step,
+    b: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    conv1d: bool,
+    alpha: f32,
+) -> Result<()> {
+    if conv1d {
+        matmul(ctx, s, a, b, w, Matmul { trans_a: true, trans_b: true, ..Matmul::nn() }.alpha(alpha).accumulate(true))?;
+    } else {
+        matmul(ctx, s, b, a, w, Matmul::nn().alpha(alpha).accumulate(true))?;
+    }
+    Ok(())
+}
+
+/// A scratch tensor of `len` elements viewed as `(rows, cols)` (rows · cols ≤ len): one buffer
+/// serves every site's transient of that role.
+pub(crate) fn scratch_view(t: &Tensor, rows: usize, cols: usize) -> Result<Tensor> {
+    let flat = t.reshape(&[t.numel(), 1])?;
+    Ok(flat.rows(0, rows * cols, 1)?.reshape(&[rows, cols])?)
+}
+
+/// A zero-filled f32 tensor.
+pub(crate) fn zeros(ctx: &Context, label: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = ctx.tensor(label, shape, DType::F32)?;
+    ctx.fill_f32(&t, 0.0)?;
+    Ok(t)
+}
+
+/// The dropout pieces shared by the methods that have it.
+pub(crate) struct Dropout {
+    pub p: f32,
+    pub seed: Tensor, // (1,) u32, rewritten each step
+    pub xd: Tensor,   // (N · max_in,) dropout(x) of the site being processed
+    pub dxs: Tensor,  // (N · max_in,) the branch's input gradient before the mask
+}
+
+impl Dropout {
+    pub fn new(ctx: &Context, p: f32, n: usize, sites: &[Site]) -> Result<Option<Dropout>> {
+        if p <= 0.0 {
+            return Ok(None);
+        }
+        let max_in = sites.iter().map(|s| s.in_features).max().unwrap_or(1);
+        Ok(Some(Dropout {
+            p,
+            seed: ctx.upload_u32("dropout_seed", &[1], &[0])?,
+            xd: ctx.tensor("dropout_x", &[n * max_in], DType::F32)?,
+            dxs: ctx.tensor("dropout_dx", &[n * max_in], DType::F32)?,
+        }))
+    }
+
+    /// The branch input of site `i`: `dropout(x)` (recorded into scratch) when training with
+    /// dropout, else `x` itself.
+    pub fn input(
+        d: &Option<Dropout>,
+        ctx: &Context,
+        s: &mut Step,
+        i: usize,
+        x: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        match (d, train) {
+            (Some(d), true) => d.apply(ctx, s, i, x),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// Records `dx += mask ⊙ (dz · A)` for site `i` (`dz` `(N, r)`, `A` `(r, in)`, `dx` `(N, in)`):
+    /// the branch's input gradient, through the same mask as forward.
+    pub fn add_input_grad(
+        d: &Option<Dropout>,
+        ctx: &Context,
+        s: &mut Step,
+        i: usize,
+        dz: &Tensor,
+        a: &Tensor,
+        dx: &Tensor,
+    ) -> Result<()> {
+        match d {
+            None => {
+                matmul(ctx, s, dz, a, dx, Matmul::nn().accumulate(true))?;
+            }
+            Some(d) => {
+                let tmp = scratch_view(&d.dxs, dx.shape()[0], dx.shape()[1])?;
+                matmul(ctx, s, dz, a, &tmp, Matmul::nn())?;
+                crate::ops::adapter::dropout_backward(ctx, s, &tmp, &d.seed, i as u32, d.p, dx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `dropout(x)` of site `i` into scratch and returns the view.
+    pub fn apply(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor) -> Result<Tensor> {
+        let [n, d] = x.shape()[..] else {
+            return Err(AdapterError::Option(format!("adapter input {:?} is not 2-D", x.label())));
+        };
+        let xd = scratch_view(&self.xd, n, d)?;
+        crate::ops::adapter::dropout_forward(ctx, s, x, &self.seed, i as u32, self.p, &xd)?;
+        Ok(xd)
+    }
+}
+
+/// Uniform samples in [-bound, bound) from the crate's seeded generator.
+pub(crate) fn uniform_init(rng: &mut crate::reference::Rng, n: usize, bound: f64) -> Vec<f32> {
+    (0..n).map(|_| (rng.uniform() as f64 * bound) as f32).collect()
+}
+
+/// Normal samples N(0, std²) (Box–Muller on the seeded generator).
+pub(crate) fn normal_init(rng: &mut crate::reference::Rng, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}

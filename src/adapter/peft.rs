@@ -1,0 +1,251 @@
+//! PEFT's adapter files: `adapter_config.json` + `adapter_model.safetensors` (metadata
+//! `{"format": "pt"}`), keys `base_model.model.<module>.lora_A.weight` `(r, in)` and
+//! `...lora_B.weight` `(out, r)`; VeRA: `...<module>.vera_lambda_b` `(out,)`, `...vera_lambda_d`
+//! `(r,)` and the shared `base_model.vera_A` / `base_model.vera_B`.
+//!
+//! Files are written to temporary names and renamed, so a folder never holds a half-written file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::{Adapter, AdapterConfig, AdapterError, Method, Result};
+use crate::gpu::Context;
+use crate::model::weights::{read_safetensors, HostTensor};
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+
+/// An adapter folder read from disk.
+#[derive(Debug)]
+pub struct PeftFile {
+    pub dir: PathBuf,
+    pub config: Value,
+    /// "LORA" or "VERA".
+    pub peft_type: String,
+    pub rank: usize,
+    /// LoRA's lora_alpha (None for VeRA).
+    pub alpha: Option<f64>,
+    pub rslora: bool,
+    pub targets: Vec<String>,
+    pub dropout: f32,
+    pub tensors: BTreeMap<String, HostTensor>,
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> AdapterError {
+    AdapterError::File { path: path.display().to_string(), message: message.into() }
+}
+
+impl PeftFile {
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    pub fn read(dir: &Path) -> Result<PeftFile> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|source| AdapterError::Io { path: cfg_path.display().to_string(), source })?;
+        let config: Value = serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, format!("not JSON: {e}")))?;
+        let peft_type = config["peft_type"].as_str().unwrap_or("").to_ascii_uppercase();
+        if peft_type != "LORA" && peft_type != "VERA" {
+            return Err(file_err(
+                &cfg_path,
+                format!("peft_type {:?} is not supported; portalora reads LORA and VERA adapters", config["peft_type"]),
+            ));
+        }
+        let rank = config["r"]
+            .as_f64()
+            .filter(|r| *r >= 1.0 && r.fract() == 0.0)
+            .ok_or_else(|| file_err(&cfg_path, format!("\"r\" = {} is not a positive integer", config["r"])))?
+            as usize;
+        let alpha = if peft_type == "LORA" { Some(config["lora_alpha"].as_f64().unwrap_or(8.0)) } else { None };
+        let targets = match &config["target_modules"] {
+            Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
+            Value::String(s) => vec![s.clone()],
+            _ => Vec::new(),
+        };
+        let dropout_key = if peft_type == "LORA" { "lora_dropout" } else { "vera_dropout" };
+        let mut raw = BTreeMap::new();
+        let st_path = dir.join(WEIGHTS_FILE);
+        if !st_path.exists() {
+            return Err(file_err(
+                &st_path,
+                "missing; an adapter folder holds adapter_config.json and adapter_model.safetensors",
+            ));
+        }
+        read_safetensors(&st_path, &mut raw).map_err(|e| file_err(&st_path, e.to_string()))?;
+        // Files written with an adapter name inside the keys (".default.") mean the same tensors.
+        let tensors = raw.into_iter().map(|(k, v)| (k.replace(".default.", ".").replace(".default", ""), v)).collect();
+        Ok(PeftFile {
+            dir: dir.to_path_buf(),
+            rank,
+            alpha,
+            rslora: config["use_rslora"].as_bool().unwrap_or(false),
+            targets,
+            dropout: config[dropout_key].as_f64().unwrap_or(0.0) as f32,
+            peft_type,
+            config,
+            tensors,
+        })
+    }
+
+    /// An adapter config for these files: `method` (LoRA files may serve LoRA, LoRA-FA, LoRA+ and
+    /// Delta-LoRA) with the file's rank, alpha, rsLoRA, targets and dropout, the rest from `base`.
+    pub fn adapter_config(&self, method: Method, base: &AdapterConfig) -> Result<AdapterConfig> {
+        let is_vera = self.peft_type == "VERA";
+        if is_vera != (method == Method::Vera) {
+            return Err(file_err(
+                &self.dir,
+                format!("holds a {} adapter, which method {method} cannot use", self.peft_type),
+            ));
+        }
+        let mut cfg = base.clone();
+        cfg.method = method;
+        cfg.rank = self.rank;
+        if let Some(a) = self.alpha {
+            cfg.alpha = a;
+        }
+        cfg.rslora = self.rslora;
+        cfg.targets = self.targets.clone();
+        cfg.dropout = self.dropout;
+        if let Some(d) = self.config["d_initial"].as_f64() {
+            cfg.vera_d_initial = d;
+        }
+        if let Some(k) = self.config["projection_prng_key"].as_u64() {
+            cfg.vera_seed = k;
+        }
+        Ok(cfg)
+    }
+
+    /// Writes these tensors into `adapter`, checking every name and shape first.
+    pub fn load_into(&self, ctx: &Context, adapter: &mut dyn Adapter) -> Result<()> {
+        let st_path = self.dir.join(WEIGHTS_FILE);
+        let slots = adapter.slots();
+        let wanted: Vec<&str> = slots.iter().map(|s| s.key.as_str()).collect();
+        if let Some(extra) = self.tensors.keys().find(|k| !wanted.contains(&k.as_str())) {
+            return Err(file_err(
+                &st_path,
+                format!(
+                    "tensor {extra:?} does not belong to an adapter on this model's targets ({}); \
+                     check the base model and target_modules",
+                    adapter.config().targets.join(", ")
+                ),
+            ));
+        }
+        for slot in &slots {
+            let t = self.tensors.get(&slot.key).ok_or_else(|| {
+                file_err(&st_path, format!("tensor {:?} is missing; the adapter and the model do not fit", slot.key))
+            })?;
+            if t.shape != slot.shape {
+                return Err(file_err(
+                    &st_path,
+                    format!(
+                        "tensor {:?} has shape {:?} but this model needs {:?}; was it trained on another base model?",
+                        slot.key, t.shape, slot.shape
+                    ),
+                ));
+            }
+        }
+        for slot in &slots {
+            let t = &self.tensors[&slot.key];
+            let mut at = 0;
+            for part in &slot.parts {
+                let n = part.numel();
+                ctx.write_f32(part, &t.data[at..at + n])?;
+                at += n;
+            }
+        }
+        drop(slots);
+        adapter.loaded(ctx)
+    }
+}
+
+/// The JSON config PEFT reads back for this adapter.
+pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: &str) -> Value {
+    if cfg.method == Method::Vera {
+        json!({
+            "peft_type": "VERA",
+            "task_type": "CAUSAL_LM",
+            "r": cfg.rank,
+            "target_modules": cfg.targets,
+            "projection_prng_key": cfg.vera_seed,
+            "save_projection": true,
+            "vera_dropout": cfg.dropout,
+            "d_initial": cfg.vera_d_initial,
+            "fan_in_fan_out": gpt2,
+            "bias": "none",
+            "modules_to_save": null,
+            "init_weights": true,
+            "inference_mode": true,
+            "base_model_name_or_path": base_model,
+        })
+    } else {
+        json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": cfg.rank,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": cfg.targets,
+            "fan_in_fan_out": gpt2,
+            "use_rslora": cfg.rslora,
+            "bias": "none",
+            "modules_to_save": null,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "base_model_name_or_path": base_model,
+        })
+    }
+}
+
+/// Reads every slot of `adapter` back from the GPU, joining row parts, keyed as PEFT keys them.
+pub fn export(ctx: &Context, adapter: &dyn Adapter) -> Result<BTreeMap<String, HostTensor>> {
+    let mut out = BTreeMap::new();
+    for slot in adapter.slots() {
+        let mut data = Vec::with_capacity(slot.shape.iter().product());
+        for part in &slot.parts {
+            data.extend(ctx.read_f32(part)?);
+        }
+        out.insert(slot.key, HostTensor { shape: slot.shape, data });
+    }
+    Ok(out)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |source| AdapterError::Io { path: path.display().to_string(), source };
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Serialises f32 tensors as a safetensors file with metadata `{"format": "pt"}`.
+pub fn safetensors_bytes(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape.clone(), t.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(k, shape, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map(|v| (k.clone(), v))
+                .map_err(|e| AdapterError::Option(format!("tensor {k:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| AdapterError::Option(format!("safetensors: {e}")))
+}
+
+/// Writes `adapter` as a PEFT folder `dir` (created if missing).
+pub fn save(ctx: &Context, adapter: &dyn Adapter, gpt2: bool, base_model: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.display().to_string(), source })?;
+    let tensors = export(ctx, adapter)?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors)?)?;
+    let cfg = serde_json::to_string_pretty(&config_json(adapter.config(), gpt2, base_model))
+        .map_err(|e| AdapterError::Option(e.to_string()))?;
+    write_atomic(&dir.join(CONFIG_FILE), cfg.as_bytes())
+}

@@ -1,0 +1,384 @@
+//! Training an adapter: optimizer state on the GPU, parameter groups, learning-rate schedules,
+//! global gradient-norm clipping, and the whole step (forward, loss, backward, clipping,
+//! optimizer, after-step hooks) replayed from recorded dispatches in one submission.
+//!
+//! Per-step values (learning rate after the schedule, bias corrections, the dropout seed) live in
+//! small tensors the host rewrites before each submission; nothing in the step waits for the CPU.
+//! Only the loss is read back.
+
+use crate::adapter::{self, lora_plus, peft, Adapter, AdapterConfig, AdapterError, Input, Method};
+use crate::gpu::{Context, DType, Step, Tensor};
+use crate::model::gpu::{GpuModel, GpuModelError, PlanOptions};
+use crate::model::{Arch, Weights};
+use crate::ops::optim::{adamw_step, grad_norm_clip, grad_norm_partials, sgd_step};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] GpuModelError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimizerKind {
+    AdamW,
+    Sgd,
+}
+
+/// Learning-rate schedules, as transformers' `get_*_schedule_with_warmup` (step index from 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = TrainError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "constant" => Ok(Schedule::Constant),
+            "linear" => Ok(Schedule::Linear),
+            "cosine" => Ok(Schedule::Cosine),
+            _ => Err(TrainError::Config(format!("unknown schedule {s:?}; use constant, linear or cosine"))),
+        }
+    }
+}
+
+impl Schedule {
+    /// The learning-rate multiplier at step index `i` (0 for the first step) of `total`.
+    pub fn multiplier(self, i: u64, warmup: u64, total: u64) -> f64 {
+        if i < warmup {
+            return i as f64 / warmup.max(1) as f64;
+        }
+        let rest = total.saturating_sub(warmup).max(1) as f64;
+        let progress = (i - warmup) as f64 / rest;
+        match self {
+            Schedule::Constant => 1.0,
+            Schedule::Linear => (total.saturating_sub(i) as f64 / rest).max(0.0),
+            Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+        }
+    }
+}
+
+/// The optimizer's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub optimizer: OptimizerKind,
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// SGD's momentum.
+    pub momentum: f64,
+    /// Global gradient-norm clipping (0 disables it).
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    /// The run's length (for the schedule).
+    pub total_steps: u64,
+    /// LoRA+'s lr_B / lr_A.
+    pub lr_ratio: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            optimizer: OptimizerKind::AdamW,
+            lr: 2e-4,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            weight_decay: 0.0,
+            momentum: 0.9,
+            max_grad_norm: 1.0,
+            schedule: Schedule::Constant,
+            warmup_steps: 0,
+            total_steps: 1,
+            lr_ratio: lora_plus::DEFAULT_RATIO,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if !self.lr.is_finite() || self.lr < 0.0 {
+            return bad(format!("learning rate {} must be a non-negative number", self.lr));
+        }
+        for (name, b) in [("beta1", self.betas.0), ("beta2", self.betas.1)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(format!("{name} {b} must be in [0, 1)"));
+            }
+        }
+        for (name, v) in [
+            ("eps", self.eps),
+            ("weight decay", self.weight_decay),
+            ("momentum", self.momentum),
+            ("max grad norm", self.max_grad_norm),
+            ("lr ratio", self.lr_ratio),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(format!("{name} {v} must be a non-negative number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One optimizer group: its learning-rate multiplier, weight decay and step values.
+struct Group {
+    lr_mult: f64,
+    hyper: Tensor, // (8,)
+}
+
+/// A trainable tensor with its optimizer buffers.
+pub struct ParamState {
+    pub name: String,
+    pub value: Tensor,
+    pub grad: Tensor,
+    pub m: Tensor,         // first moment / momentum buffer
+    pub v: Option<Tensor>, // second moment (AdamW)
+    group: usize,
+}
+
+/// A model with an adapter attached, its optimizer and its recorded step.
+pub struct Trainer {
+    pub model: GpuModel,
+    pub adapter_config: AdapterConfig,
+    pub config: TrainConfig,
+    pub params: Vec<ParamState>,
+    groups: Vec<Group>,
+    pub clip: Tensor,    // (2,) [scale, norm]
+    update: Step,        // clipping, before-update hooks, optimizer
+    after: Option<Step>, // Delta-LoRA's W0 update
+    /// Steps completed.
+    pub step: u64,
+    /// transformers' AdamW form (PEFT's LoRA-FA optimizer).
+    hf_adamw: bool,
+}
+
+/// Statistics of one step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    pub step: u64,
+    /// The mean next-token loss of the step's forward pass (before its update).
+    pub loss: f64,
+    pub lr: f64,
+    pub tokens: usize,
+}
+
+impl Trainer {
+    /// Uploads the model, plans it for (batch, seq), builds the adapter (random init, or the
+    /// tensors of `init` when given), and records the training step.
+    pub fn new(
+        ctx: &Context,
+        weights: &Weights,
+        batch: usize,
+        seq: usize,
+        adapter_config: &AdapterConfig,
+        config: &TrainConfig,
+        init: Option<&peft::PeftFile>,
+    ) -> Result<Self> {
+        config.validate()?;
+        adapter_config.validate()?;
+        let sites = adapter::sites(&weights.config, &adapter_config.targets)?;
+        let needs_x = matches!(adapter_config.method, Method::Lora | Method::LoraPlus | Method::DeltaLora);
+        let keep_inputs: Vec<Input> = if needs_x {
+            let mut k: Vec<Input> = sites.iter().map(|s| s.proj.input()).collect();
+            k.dedup();
+            k
+        } else {
+            Vec::new()
+        };
+        let mut model =
+            GpuModel::with_options(ctx, weights, batch, seq, PlanOptions { keep_inputs, ..PlanOptions::default() })?;
+        let mut adapter = adapter::build(ctx, adapter_config, sites, batch * seq)?;
+        if let Some(f) = init {
+            f.load_into(ctx, adapter.as_mut())?;
+        }
+        model.enable_backward(ctx)?;
+        model.attach(ctx, adapter)?;
+        Self::with_model(ctx, model, adapter_config, config)
+    }
+
+    /// Builds the optimizer for a model that already has its adapter attached and backward enabled.
+    pub fn with_model(
+        ctx: &Context,
+        model: GpuModel,
+        adapter_config: &AdapterConfig,
+        config: &TrainConfig,
+    ) -> Result<Self> {
+        let adapter = model.adapter().ok_or_else(|| TrainError::Config("the model has no adapter to train".into()))?;
+        let method = adapter_config.method;
+        let hf_adamw = method == Method::LoraFa && adapter_config.lorafa_projected;
+        let mut groups: Vec<Group> = Vec::new();
+        let mut params = Vec::new();
+        for p in adapter.params() {
+            let lr_mult =
+                if method == Method::LoraPlus { lora_plus::lr_multiplier(p.kind, config.lr_ratio) } else { 1.0 };
+            let group = match groups.iter().position(|g| g.lr_mult == lr_mult) {
+                Some(i) => i,
+                None => {
+                    groups.push(Group { lr_mult, hyper: ctx.tensor("hyper", &[8], DType::F32)? });
+                    groups.len() - 1
+                }
+            };
+            let zero = |label: &str| -> Result<Tensor> {
+                let t = ctx.tensor(label, p.value.shape(), DType::F32)?;
+                ctx.fill_f32(&t, 0.0)?;
+                Ok(t)
+            };
+            params.push(ParamState {
+                name: p.name.clone(),
+                value: p.value.clone(),
+                grad: p.grad.clone(),
+                m: zero("adam_m")?,
+                v: if config.optimizer == OptimizerKind::AdamW { Some(zero("adam_v")?) } else { None },
+                group,
+            });
+        }
+        if params.is_empty() {
+            return Err(TrainError::Config("the adapter has no trainable parameters".into()));
+        }
+        let clip = ctx.tensor("clip", &[2], DType::F32)?;
+        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        let partials = ctx.tensor("grad_norm_partials", &[grad_norm_partials(&grads)], DType::F32)?;
+        let mut update = Step::new();
+        grad_norm_clip(ctx, &mut update, &grads, &partials, config.max_grad_norm as f32, &clip)?;
+        adapter.before_update(ctx, &mut update)?;
+        for p in &params {
+            let hyper = &groups[p.group].hyper;
+            match &p.v {
+                Some(v) => adamw_step(ctx, &mut update, hyper, &clip, &p.grad, &p.value, &p.m, v)?,
+                None => sgd_step(ctx, &mut update, hyper, &clip, &p.grad, &p.value, &p.m)?,
+            }
+        }
+        let mut after = Step::new();
+        let has_after = adapter.after_update(ctx, &mut after, &model.site_weights()?)?;
+        Ok(Trainer {
+            model,
+            adapter_config: adapter_config.clone(),
+            config: config.clone(),
+            params,
+            groups,
+            clip,
+            update,
+            after: if has_after { Some(after) } else { None },
+            step: 0,
+            hf_adamw,
+        })
+    }
+
+    pub fn adapter(&self) -> &dyn Adapter {
+        self.model.adapter().expect("a trainer always has an adapter")
+    }
+
+    /// The learning rate of step `t` (1-based) before group multipliers.
+    pub fn lr_at(&self, t: u64) -> f64 {
+        let c = &self.config;
+        c.lr * c.schedule.multiplier(t - 1, c.warmup_steps, c.total_steps)
+    }
+
+    fn hyper(&self, g: &Group, t: u64) -> [f32; 8] {
+        let c = &self.config;
+        let lr = self.lr_at(t) * g.lr_mult;
+        match c.optimizer {
+            OptimizerKind::AdamW => {
+                let (b1, b2) = c.betas;
+                let bc1 = 1.0 - b1.powf(t as f64);
+                let bc2 = 1.0 - b2.powf(t as f64);
+                // transformers' AdamW adds eps to sqrt(v) before the bias correction.
+                let (eps, after) = if self.hf_adamw { (c.eps / bc2.sqrt(), 1.0) } else { (c.eps, 0.0) };
+                [lr, b1, b2, eps, c.weight_decay, bc1, bc2, after].map(|v| v as f32)
+            }
+            OptimizerKind::Sgd => {
+                [lr, c.momentum, c.weight_decay, if t <= 1 { 1.0 } else { 0.0 }, 0.0, 0.0, 0.0, 0.0].map(|v| v as f32)
+            }
+        }
+    }
+
+    /// Bytes of activations kept from forward to backward: the model's and the adapter's.
+    pub fn kept_bytes(&self) -> u64 {
+        self.model.acts.kept_bytes + self.adapter().kept_bytes()
+    }
+
+    /// Trainable parameter count.
+    pub fn trainable_parameters(&self) -> usize {
+        self.params.iter().map(|p| p.value.numel()).sum()
+    }
+
+    /// One training step on a full batch of `ids` (B rows of T tokens).
+    pub fn train_step(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<StepStats> {
+        let t = self.step + 1;
+        if ids.len() != self.model.acts.batch {
+            return Err(GpuModelError::BatchSize { batch: self.model.acts.batch, found: ids.len() }.into());
+        }
+        let count = self.model.write_inputs(ctx, ids)?;
+        for g in &self.groups {
+            ctx.write_f32(&g.hyper, &self.hyper(g, t))?;
+        }
+        if let Some(seed) = self.adapter().dropout_seed() {
+            let s = (self.adapter_config.seed ^ t.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as u32;
+            ctx.write_u32(seed, &[s ^ (t as u32).rotate_left(16)])?;
+        }
+        let train = self.model.train_step().ok_or_else(|| TrainError::Config("backward is not enabled".into()))?;
+        let delta = t > self.adapter_config.delta_warmup;
+        let mut steps = vec![train, &self.update];
+        if let (Some(after), true) = (&self.after, delta) {
+            steps.push(after);
+        }
+        ctx.run_steps(&steps)?;
+        let sum = ctx.read_f32(&self.model.acts.loss_sum)?[0] as f64;
+        self.step = t;
+        Ok(StepStats { step: t, loss: sum / count.max(1) as f64, lr: self.lr_at(t), tokens: count + ids.len() })
+    }
+
+    /// Mean next-token loss of the current model (with its adapter) over `rows`, in batches.
+    pub fn eval_loss(&self, ctx: &Context, rows: &[Vec<u32>]) -> Result<f64> {
+        let (mut sum, mut count) = (0.0, 0usize);
+        for chunk in rows.chunks(self.model.acts.batch) {
+            let (s, c) = self.model.loss_sum(ctx, chunk)?;
+            sum += s;
+            count += c;
+        }
+        Ok(sum / count.max(1) as f64)
+    }
+
+    /// The gradients of the last step, keyed by parameter name (tests, diagnostics).
+    pub fn gradients(&self, ctx: &Context) -> Result<Vec<(String, Vec<f32>)>> {
+        self.params.iter().map(|p| Ok((p.name.clone(), ctx.read_f32(&p.grad)?))).collect()
+    }
+
+    /// Writes the adapter in PEFT's format to `dir`.
+    pub fn save_adapter(&self, ctx: &Context, base_model: &str, dir: &std::path::Path) -> Result<()> {
+        peft::save(ctx, self.adapter(), self.model.config.arch == Arch::Gpt2, base_model, dir)?;
+        Ok(())
+    }
+}
+
+/// A forward-only model for `batch` rows of `seq` tokens with the PEFT adapter folder `dir`
+/// (LoRA or VeRA files, ours or PEFT's) attached: for evaluation, generation and merging.
+pub fn model_with_adapter(
+    ctx: &Context,
+    weights: &Weights,
+    batch: usize,
+    seq: usize,
+    dir: &std::path::Path,
+) -> Result<GpuModel> {
+    let file = peft::PeftFile::read(dir)?;
+    let method = if file.peft_type == "VERA" { Method::Vera } else { Method::Lora };
+    let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;
+    let sites = adapter::sites(&weights.config, &cfg.targets)?;
+    let mut model = GpuModel::new(ctx, weights, batch, seq)?;
+    let mut a = adapter::build(ctx, &cfg, sites, batch * seq)?;
+    file.load_into(ctx, a.as_mut())?;
+    model.attach(ctx, a)?;
+    Ok(model)
+}

@@ -1,0 +1,307 @@
+//! The adapter kernels against f64 references at awkward shapes, the adapter branches against
+//! finite differences (with dropout on), merge / unmerge, PEFT file round trips, the memory
+//! report, and the errors bad adapter settings get.
+
+mod common;
+
+use common::{context, fixture};
+use portalora::adapter::peft::{self, PeftFile};
+use portalora::adapter::{self, AdapterConfig, AdapterError, Input, Method};
+use portalora::gpu::{Context, Step};
+use portalora::model::gpu::{GpuModel, PlanOptions};
+use portalora::model::{load_model, Weights};
+use portalora::ops::adapter::{dropout_backward, dropout_forward, scale_backward, scale_forward};
+use portalora::reference::{dropout_keep, max_rel_error, Rng};
+
+#[test]
+fn dropout_matches_reference_mask() {
+    let Some(ctx) = context() else { return };
+    let mut rng = Rng::new(11);
+    for (n, p, salt) in [(1usize, 0.5f32, 0u32), (7, 0.1, 3), (33 * 129, 0.5, 7), (70_001, 0.25, 1)] {
+        let x = rng.vec(n);
+        let xt = ctx.upload_f32("x", &[n], &x).unwrap();
+        let seed = ctx.upload_u32("seed", &[1], &[0xdead_beef]).unwrap();
+        let out = ctx.upload_f32("out", &[n], &vec![f32::NAN; n]).unwrap();
+        let dx0 = rng.vec(n);
+        let dx = ctx.upload_f32("dx", &[n], &dx0).unwrap();
+        let mut s = Step::new();
+        dropout_forward(&ctx, &mut s, &xt, &seed, salt, p, &out).unwrap();
+        dropout_backward(&ctx, &mut s, &xt, &seed, salt, p, &dx).unwrap();
+        ctx.run(&s).unwrap();
+        let keep: Vec<f64> = (0..n).map(|i| dropout_keep(0xdead_beef, salt, i as u32, p)).collect();
+        let want: Vec<f64> = x.iter().zip(&keep).map(|(&v, k)| v as f64 * k).collect();
+        assert!(max_rel_error(&ctx.read_f32(&out).unwrap(), &want) < 1e-6, "forward n={n}");
+        let want: Vec<f64> = (0..n).map(|i| dx0[i] as f64 + x[i] as f64 * keep[i]).collect();
+        assert!(max_rel_error(&ctx.read_f32(&dx).unwrap(), &want) < 1e-6, "backward n={n}");
+        if n > 10_000 {
+            let dropped = keep.iter().filter(|&&k| k == 0.0).count() as f64 / n as f64;
+            let sigma = (p as f64 * (1.0 - p as f64) / n as f64).sqrt();
+            assert!((dropped - p as f64).abs() < 5.0 * sigma, "dropped fraction {dropped} for p = {p}");
+        }
+    }
+}
+
+#[test]
+fn dropout_masks_differ_by_seed_and_salt() {
+    let a: Vec<f64> = (0..256).map(|i| dropout_keep(1, 0, i, 0.5)).collect();
+    let b: Vec<f64> = (0..256).map(|i| dropout_keep(2, 0, i, 0.5)).collect();
+    let c: Vec<f64> = (0..256).map(|i| dropout_keep(1, 1, i, 0.5)).collect();
+    assert_ne!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn scale_kernels_match_f64() {
+    let Some(ctx) = context() else { return };
+    let mut rng = Rng::new(5);
+    for (rows, cols) in [(1usize, 1usize), (7, 33), (129, 7), (33, 129)] {
+        let a = rng.vec(rows * cols);
+        let b = rng.vec(rows * cols);
+        let col = rng.vec(cols);
+        let row = rng.vec(rows);
+        let acc0 = rng.vec(rows * cols);
+        let at = ctx.upload_f32("a", &[rows, cols], &a).unwrap();
+        let bt = ctx.upload_f32("b", &[rows, cols], &b).unwrap();
+        let colt = ctx.upload_f32("col", &[cols], &col).unwrap();
+        let rowt = ctx.upload_f32("row", &[rows], &row).unwrap();
+        let plain = ctx.upload_f32("plain", &[rows, cols], &vec![f32::NAN; rows * cols]).unwrap();
+        let both = ctx.upload_f32("both", &[rows, cols], &acc0).unwrap();
+        let dcol = ctx.upload_f32("dcol", &[cols], &vec![f32::NAN; cols]).unwrap();
+        let mut s = Step::new();
+        scale_forward(&ctx, &mut s, &at, &colt, None, &plain, false).unwrap();
+        scale_forward(&ctx, &mut s, &at, &colt, Some(&rowt), &both, true).unwrap();
+        scale_backward(&ctx, &mut s, &at, &bt, &dcol, false).unwrap();
+        ctx.run(&s).unwrap();
+        let idx = |i: usize, j: usize| i * cols + j;
+        let want: Vec<f64> = (0..rows * cols).map(|k| a[k] as f64 * col[k % cols] as f64).collect();
+        assert!(max_rel_error(&ctx.read_f32(&plain).unwrap(), &want) < 1e-6);
+        let want: Vec<f64> = (0..rows * cols)
+            .map(|k| acc0[k] as f64 + a[k] as f64 * col[k % cols] as f64 * row[k / cols] as f64)
+            .collect();
+        assert!(max_rel_error(&ctx.read_f32(&both).unwrap(), &want) < 1e-6);
+        let want: Vec<f64> =
+            (0..cols).map(|j| (0..rows).map(|i| a[idx(i, j)] as f64 * b[idx(i, j)] as f64).sum()).collect();
+        assert!(max_rel_error(&ctx.read_f32(&dcol).unwrap(), &want) < 1e-5, "{rows}x{cols}");
+    }
+}
+
+/// A model planned for `cfg`'s adapter with backward enabled.
+fn model_with(ctx: &Context, w: &Weights, cfg: &AdapterConfig, batch: usize, seq: usize) -> GpuModel {
+    let sites = adapter::sites(&w.config, &cfg.targets).unwrap();
+    let keep: Vec<Input> = sites.iter().map(|s| s.proj.input()).collect();
+    let mut model =
+        GpuModel::with_options(ctx, w, batch, seq, PlanOptions { keep_inputs: keep, ..PlanOptions::default() })
+            .unwrap();
+    let a = adapter::build(ctx, cfg, sites, batch * seq).unwrap();
+    model.enable_backward(ctx).unwrap();
+    model.attach(ctx, a).unwrap();
+    model
+}
+
+fn rows(vocab: usize, batch: usize, seq: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Rng::new(seed);
+    (0..batch).map(|_| (0..seq).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()).collect()
+}
+
+/// Central finite differences of the training loss against the adapter gradients, for a few
+/// elements of every trainable tensor of the first and last site, with dropout on (same seed, so
+/// the same mask, in every pass).
+fn finite_differences(arch: &str, method: Method, targets: &[&str], dropout: f32) {
+    let Some(ctx) = context() else { return };
+    let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
+    let mut cfg = AdapterConfig::new(method);
+    cfg.rank = if method == Method::Vera { 7 } else { 3 };
+    cfg.alpha = 5.0;
+    cfg.dropout = dropout;
+    cfg.seed = 3;
+    cfg.targets = targets.iter().map(|s| s.to_string()).collect();
+    let (b, t) = (2, 7);
+    let mut model = model_with(&ctx, &w, &cfg, b, t);
+    let seed = model.adapter().unwrap().dropout_seed().cloned();
+    if let Some(seed) = &seed {
+        ctx.write_u32(seed, &[77]).unwrap();
+    }
+    // Non-zero B / λ_b so that every gradient is non-trivial.
+    let mut rng = Rng::new(9);
+    for p in model.adapter().unwrap().params() {
+        let v = ctx.read_f32(p.value).unwrap();
+        let nv: Vec<f32> = v.iter().map(|x| x + 0.3 * rng.uniform()).collect();
+        ctx.write_f32(p.value, &nv).unwrap();
+    }
+    let ids = rows(w.config.vocab_size, b, t, 4);
+    let n = (b * (t - 1)) as f64;
+    let (_, _) = model.forward_backward(&ctx, &ids).unwrap();
+    let params: Vec<(String, portalora::gpu::Tensor, portalora::gpu::Tensor)> =
+        model.adapter().unwrap().params().iter().map(|p| (p.name.clone(), p.value.clone(), p.grad.clone())).collect();
+    let grads: Vec<Vec<f32>> = params.iter().map(|(_, _, g)| ctx.read_f32(g).unwrap()).collect();
+    let checked: Vec<usize> = vec![0, 1, params.len() - 2, params.len() - 1];
+    for &pi in &checked {
+        let (name, value, _) = &params[pi];
+        let base = ctx.read_f32(value).unwrap();
+        let g = &grads[pi];
+        let gmax = g.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        for k in [0, base.len() / 2, base.len() - 1] {
+            let h = 1e-2f32;
+            let mut loss = [0.0; 2];
+            for (j, sign) in [1.0f32, -1.0].into_iter().enumerate() {
+                let mut v = base.clone();
+                v[k] += sign * h;
+                ctx.write_f32(value, &v).unwrap();
+                loss[j] = model.forward_backward(&ctx, &ids).unwrap().0 / n;
+            }
+            ctx.write_f32(value, &base).unwrap();
+            let fd = (loss[0] - loss[1]) / (2.0 * h as f64);
+            let err = (fd - g[k] as f64).abs() / gmax.max(1e-3);
+            assert!(err < 2e-2, "{arch} {method} {name}[{k}]: finite difference {fd:.6} vs gradient {:.6}", g[k]);
+        }
+    }
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_with_dropout() {
+    finite_differences("llama", Method::Lora, &["q_proj", "v_proj", "o_proj", "down_proj"], 0.3);
+}
+
+#[test]
+fn lora_gradients_match_finite_differences_gpt2() {
+    finite_differences("gpt2", Method::Lora, &["c_attn", "c_proj", "c_fc"], 0.2);
+}
+
+#[test]
+fn lora_fa_gradients_match_finite_differences_with_dropout() {
+    finite_differences("gpt2", Method::LoraFa, &["c_attn", "mlp.c_proj"], 0.4);
+}
+
+#[test]
+fn vera_gradients_match_finite_differences_with_dropout() {
+    finite_differences("llama", Method::Vera, &["k_proj", "up_proj", "down_proj"], 0.25);
+    finite_differences("gpt2", Method::Vera, &["c_attn", "c_fc"], 0.0);
+}
+
+/// Merge gives the loss of the adapter branch; unmerge gives the base weights back.
+fn merge_roundtrip(arch: &str, fixture_dir: &str, method: Method) {
+    let Some(ctx) = context() else { return };
+    let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
+    let file = PeftFile::read(&fixture(&format!("adapters/{fixture_dir}/init"))).unwrap();
+    let cfg = file.adapter_config(method, &AdapterConfig::new(method)).unwrap();
+    let mut model = model_with(&ctx, &w, &cfg, 2, 9);
+    file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap();
+    let ids = rows(w.config.vocab_size, 2, 9, 8);
+    let before: Vec<Vec<f32>> = weights_of(&ctx, &model);
+    let (with_branch, _) = model.loss_sum(&ctx, &ids).unwrap();
+    model.merge(&ctx).unwrap();
+    let (merged, _) = model.loss_sum(&ctx, &ids).unwrap();
+    assert!((merged - with_branch).abs() / with_branch < 1e-5, "{arch}: merged {merged} vs branch {with_branch}");
+    let changed = weights_of(&ctx, &model);
+    assert!(before.iter().zip(&changed).any(|(a, b)| a != b), "merge changed no weight");
+    model.unmerge(&ctx).unwrap();
+    for (a, b) in before.iter().zip(weights_of(&ctx, &model)) {
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-6, "{arch}: unmerge is off by {err}");
+    }
+    let (again, _) = model.loss_sum(&ctx, &ids).unwrap();
+    assert!((again - with_branch).abs() / with_branch < 1e-5);
+}
+
+fn weights_of(ctx: &Context, model: &GpuModel) -> Vec<Vec<f32>> {
+    model.site_weights().unwrap().iter().flat_map(|w| w.parts.iter().map(|p| ctx.read_f32(p).unwrap())).collect()
+}
+
+#[test]
+fn merge_and_unmerge_lora_gpt2() {
+    merge_roundtrip("gpt2", "gpt2_lora", Method::Lora);
+}
+
+#[test]
+fn merge_and_unmerge_lora_llama() {
+    merge_roundtrip("llama", "llama_lora-plus", Method::LoraPlus);
+}
+
+#[test]
+fn merge_and_unmerge_vera() {
+    merge_roundtrip("llama", "llama_vera", Method::Vera);
+    merge_roundtrip("gpt2", "gpt2_vera", Method::Vera);
+}
+
+#[test]
+fn saved_adapters_read_back_identically() {
+    let Some(ctx) = context() else { return };
+    for (arch, dir, method) in [("gpt2", "gpt2_lora", Method::Lora), ("llama", "llama_vera", Method::Vera)] {
+        let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
+        let file = PeftFile::read(&fixture(&format!("adapters/{dir}/init"))).unwrap();
+        let cfg = file.adapter_config(method, &AdapterConfig::new(method)).unwrap();
+        let mut model = model_with(&ctx, &w, &cfg, 1, 4);
+        file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap();
+        let out = std::env::temp_dir().join(format!("portalora-roundtrip-{arch}-{}", std::process::id()));
+        peft::save(&ctx, model.adapter().unwrap(), arch == "gpt2", "tiny", &out).unwrap();
+        let back = PeftFile::read(&out).unwrap();
+        assert_eq!(back.tensors, file.tensors, "{arch}: tensors changed in a save/read round trip");
+        assert_eq!(back.rank, file.rank);
+        assert_eq!(back.alpha, file.alpha);
+        assert_eq!(back.config["fan_in_fan_out"], file.config["fan_in_fan_out"]);
+        let names: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 2, "{arch}: left {names:?}");
+        // safetensors metadata {"format": "pt"}, as PEFT writes it.
+        let bytes = std::fs::read(out.join(peft::WEIGHTS_FILE)).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
+
+#[test]
+fn lora_fa_keeps_only_z_for_backward() {
+    let Some(ctx) = context() else { return };
+    let w = load_model(fixture("tiny_llama")).unwrap();
+    let c = &w.config;
+    let (b, t) = (2usize, 9usize);
+    let n = b * t;
+    let targets: Vec<String> =
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec();
+    let kept = |method: Method| {
+        let mut cfg = AdapterConfig::new(method);
+        cfg.rank = 4;
+        cfg.targets = targets.clone();
+        let model =
+            portalora::train::Trainer::new(&ctx, &w, b, t, &cfg, &portalora::train::TrainConfig::default(), None)
+                .unwrap();
+        model.kept_bytes()
+    };
+    let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    // What the frozen LLaMA layer's backward reads: rstd1, v, att, lse, x_mid, rstd2, gate,
+    // q_rot, k_rot, up; plus the residual streams; plus z = x·Aᵀ (N, r) per adapted projection.
+    let base = c.num_layers * (n + n * kv + n * q + b * c.num_heads * t + n * h + n + n * f + n * q + n * kv + n * f)
+        + (c.num_layers + 1) * n * h;
+    let z = c.num_layers * 7 * n * 4;
+    assert_eq!(kept(Method::LoraFa), ((base + z) * 4) as u64);
+    // LoRA also keeps each projection's full-width input (h1, h2 and act; att is kept anyway).
+    assert_eq!(kept(Method::Lora), ((base + z + c.num_layers * n * (2 * h + f)) * 4) as u64);
+}
+
+#[test]
+fn bad_targets_and_ranks_are_named() {
+    let w = load_model(fixture("tiny_gpt2")).unwrap();
+    let err = adapter::sites(&w.config, &["q_proj".into()]).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, AdapterError::UnknownTarget { .. }) && msg.contains("c_attn") && msg.contains("q_proj"),
+        "{msg}"
+    );
+    let sites = adapter::sites(&w.config, &["c_proj".into()]).unwrap();
+    assert_eq!(sites.len(), 2 * w.config.num_layers, "c_proj selects attn.c_proj and mlp.c_proj");
+    let err = adapter::check_rank(25, &sites).unwrap_err().to_string();
+    assert!(err.contains("rank 25") && err.contains("c_proj") && err.contains("1 ≤ r ≤ 24"), "{err}");
+    assert!(adapter::sites(&w.config, &[]).unwrap_err().to_string().contains("c_fc"));
+}
+
+#[test]
+fn adapter_for_another_model_is_refused() {
+    let Some(ctx) = context() else { return };
+    let w = load_model(fixture("tiny_llama")).unwrap();
+    let file = PeftFile::read(&fixture("adapters/gpt2_lora/init")).unwrap();
+    let mut cfg = file.adapter_config(Method::Lora, &AdapterConfig::new(Method::Lora)).unwrap();
+    cfg.targets = vec!["q_proj".into()];
+    let mut model = model_with(&ctx, &w, &cfg, 1, 4);
+    let err = file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap_err().to_string();
+    assert!(err.contains("adapter_model.safetensors") && err.contains("transformer.h.0"), "{err}");
+}
