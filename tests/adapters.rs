@@ -12,7 +12,7 @@ use portalora::adapter::peft::PeftFile;
 use portalora::adapter::{AdapterConfig, Method};
 use portalora::gpu::Context;
 use portalora::model::load_model;
-use portalora::train::{TrainConfig, Trainer};
+use portalora::train::{OptimizerKind, Schedule, TrainConfig, Trainer};
 
 const TOL: f64 = 1e-4;
 
@@ -29,12 +29,16 @@ fn configs(e: &serde_json::Value, peft: &PeftFile) -> (AdapterConfig, TrainConfi
     base.delta_warmup = e["delta_warmup"].as_u64().unwrap();
     let cfg = peft.adapter_config(method, &base).unwrap();
     let tc = TrainConfig {
+        optimizer: if e["optimizer"] == "sgd" { OptimizerKind::Sgd } else { OptimizerKind::AdamW },
         lr: e["lr"].as_f64().unwrap(),
         weight_decay: e["weight_decay"].as_f64().unwrap(),
         eps: e["eps"].as_f64().unwrap(),
+        momentum: e["momentum"].as_f64().unwrap(),
         lr_ratio: e["lr_ratio"].as_f64().unwrap(),
-        max_grad_norm: 0.0,
-        total_steps: 4,
+        max_grad_norm: e["max_grad_norm"].as_f64().unwrap(),
+        schedule: e["schedule"].as_str().unwrap().parse().unwrap(),
+        warmup_steps: e["warmup_steps"].as_u64().unwrap(),
+        total_steps: e["total_steps"].as_u64().unwrap(),
         ..TrainConfig::default()
     };
     (cfg, tc)
@@ -102,3 +106,20 @@ peft_match!(llama_lora_fa_matches_peft, "llama", "lora-fa");
 peft_match!(llama_lora_fa_projected_matches_peft, "llama", "lora-fa-projected");
 peft_match!(llama_vera_matches_peft, "llama", "vera");
 peft_match!(llama_delta_lora_matches_reference, "llama", "delta-lora");
+peft_match!(gpt2_lora_sgd_momentum_matches_pytorch, "gpt2", "lora-sgd");
+peft_match!(llama_lora_cosine_schedule_and_clipping_match_pytorch, "llama", "lora-sched");
+
+/// transformers' schedule lambdas at hand-computed points (step index from 0).
+#[test]
+fn schedules_follow_transformers() {
+    let (w, n) = (2, 10);
+    assert_eq!(Schedule::Constant.multiplier(0, w, n), 0.0);
+    assert_eq!(Schedule::Constant.multiplier(1, w, n), 0.5);
+    assert_eq!(Schedule::Constant.multiplier(7, w, n), 1.0);
+    assert_eq!(Schedule::Linear.multiplier(2, w, n), 1.0);
+    assert!((Schedule::Linear.multiplier(6, w, n) - 0.5).abs() < 1e-12);
+    assert_eq!(Schedule::Linear.multiplier(10, w, n), 0.0);
+    assert!((Schedule::Cosine.multiplier(6, w, n) - 0.5).abs() < 1e-12);
+    assert!((Schedule::Cosine.multiplier(4, w, n) - (0.5 * (1.0 + (std::f64::consts::PI / 4.0).cos()))).abs() < 1e-12);
+    assert_eq!(Schedule::Cosine.multiplier(0, 0, n), 1.0);
+}
