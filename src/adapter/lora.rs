@@ -7,10 +7,13 @@
 //! after-step hook, Delta-LoRA.
 
 use super::{
-    add_product, normal_init, uniform_init, zeros, Adapter, AdapterConfig, Dropout, Init, Param, ParamKind, Result,
+    add_product, normal_init, uniform_init, AdapterError, zeros, Adapter, AdapterConfig, Dropout, Init, Param, ParamKind, Result,
     Site, SiteWeights, Slot,
 };
+use std::collections::BTreeMap;
+
 use crate::gpu::{Context, DType, Step, Tensor};
+use crate::model::weights::HostTensor;
 use crate::ops::matmul::{matmul, Matmul};
 
 /// One site's adapter tensors.
@@ -45,13 +48,14 @@ impl Lora {
         let mut rng = crate::reference::Rng::new(cfg.seed ^ 0x4c6f_5241);
         let projected = !train_a && cfg.lorafa_projected;
         let mut layers = Vec::with_capacity(sites.len());
+        let mut host_a = Vec::with_capacity(sites.len());
         for site in &sites {
             let k = site.in_features;
-            let a = match cfg.init {
+            host_a.push(match cfg.init {
                 Init::Kaiming => uniform_init(&mut rng, r * k, 1.0 / (k as f64).sqrt()),
                 Init::Gaussian => normal_init(&mut rng, r * k, 1.0 / r as f64),
-            };
-            let a = ctx.upload_f32(&format!("{}.lora_A", site.module), &[r, k], &a)?;
+            });
+            let a = ctx.upload_f32(&format!("{}.lora_A", site.module), &[r, k], host_a.last().expect("pushed"))?;
             let part = |label: &str, o: usize| zeros(ctx, &format!("{}.{label}", site.module), &[o, r]);
             layers.push(LoraLayer {
                 a,
@@ -79,35 +83,31 @@ impl Lora {
             proj: Vec::new(),
         };
         if projected {
-            lora.refresh_projection(ctx)?;
+            lora.set_projection(ctx, &host_a.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
         }
         Ok(lora)
     }
 
-    /// Recomputes LoRA-FA's `(A Aᵀ + 1e-8 I)⁻¹` from the current A (f64 on the host, r × r).
-    fn refresh_projection(&mut self, ctx: &Context) -> Result<()> {
+    /// Computes LoRA-FA's `(A Aᵀ + 1e-8 I)⁻¹` per site from A's values `a[i]` (f64 on the host,
+    /// r × r), writing existing tensors in place (recorded steps hold them).
+    fn set_projection(&mut self, ctx: &Context, a: &[&[f32]]) -> Result<()> {
         let r = self.cfg.rank;
-        let mut proj = Vec::new();
-        for (site, l) in self.sites.iter().zip(&self.layers) {
-            let a = ctx.read_f32(&l.a)?;
+        for (i, (site, a)) in self.sites.iter().zip(a).enumerate() {
             let k = site.in_features;
             let mut m = vec![0f64; r * r];
-            for i in 0..r {
-                for j in 0..r {
-                    m[i * r + j] = (0..k).map(|c| a[i * k + c] as f64 * a[j * k + c] as f64).sum::<f64>()
-                        + if i == j { 1e-8 } else { 0.0 };
+            for p in 0..r {
+                for q in 0..r {
+                    m[p * r + q] = (0..k).map(|c| a[p * k + c] as f64 * a[q * k + c] as f64).sum::<f64>()
+                        + if p == q { 1e-8 } else { 0.0 };
                 }
             }
             let inv = invert(&m, r).ok_or_else(|| {
-                super::AdapterError::Option(format!(
+                AdapterError::Option(format!(
                     "{}: A·Aᵀ is singular; LoRA-FA's projection needs a full-rank A",
                     site.module
                 ))
             })?;
-            proj.push(inv.into_iter().map(|v| v as f32).collect::<Vec<f32>>());
-        }
-        // Written in place once they exist: recorded steps hold these tensors.
-        for (i, (site, inv)) in self.sites.iter().zip(proj).enumerate() {
+            let inv: Vec<f32> = inv.into_iter().map(|v| v as f32).collect();
             match self.proj.get(i) {
                 Some(t) => ctx.write_f32(t, &inv)?,
                 None => self.proj.push(ctx.upload_f32(&format!("{}.lorafa_proj", site.module), &[r, r], &inv)?),
@@ -234,11 +234,17 @@ impl Adapter for Lora {
         self.dropout.as_ref().map(|d| &d.seed)
     }
 
-    fn loaded(&mut self, ctx: &Context) -> Result<()> {
-        if !self.proj.is_empty() {
-            self.refresh_projection(ctx)?;
+    fn loaded(&mut self, ctx: &Context, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+        if self.proj.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let keys: Vec<String> = self.sites.iter().map(|s| format!("base_model.model.{}.lora_A.weight", s.module)).collect();
+        let a = keys
+            .iter()
+            .map(|k| tensors.get(k).map(|t| t.data.as_slice()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| AdapterError::Option("LoRA-FA's projection needs every lora_A".into()))?;
+        self.set_projection(ctx, &a)
     }
 
     fn merge(&self, ctx: &Context, s: &mut Step, weights: &[SiteWeights], sign: f32) -> Result<()> {

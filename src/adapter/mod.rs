@@ -25,11 +25,13 @@ pub mod lora_plus;
 pub mod peft;
 pub mod vera;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
 use crate::model::config::{Arch, ModelConfig};
+use crate::model::weights::HostTensor;
 use crate::ops::matmul::{matmul, Matmul};
 
 #[derive(Debug, thiserror::Error)]
@@ -414,9 +416,9 @@ pub trait Adapter {
     fn dropout_seed(&self) -> Option<&Tensor> {
         None
     }
-    /// Called after new values were written into the slots (file load): refresh derived state,
-    /// in place (recorded steps hold the tensors).
-    fn loaded(&mut self, _ctx: &Context) -> Result<()> {
+    /// Called after `tensors` (keyed as [`Adapter::slots`]) were written into the slots (file
+    /// load): refresh derived state, in place (recorded steps hold the tensors).
+    fn loaded(&mut self, _ctx: &Context, _tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
         Ok(())
     }
     /// Records work before the optimizer step (Delta-LoRA keeps the old A and B).

@@ -154,7 +154,7 @@ impl PeftFile {
             }
         }
         drop(slots);
-        adapter.loaded(ctx)
+        adapter.loaded(ctx, &self.tensors)
     }
 }
 
@@ -197,14 +197,20 @@ pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: &str) -> Value {
 }
 
 /// Reads every slot of `adapter` back from the GPU, joining row parts, keyed as PEFT keys them.
-pub fn export(ctx: &Context, adapter: &dyn Adapter) -> Result<BTreeMap<String, HostTensor>> {
-    let mut out = BTreeMap::new();
+/// (Async so that a browser can await it; natively [`save`] blocks on it.)
+pub async fn export(ctx: &Context, adapter: &dyn Adapter) -> Result<BTreeMap<String, HostTensor>> {
+    let mut reads = Vec::new();
     for slot in adapter.slots() {
-        let mut data = Vec::with_capacity(slot.shape.iter().product());
-        for part in &slot.parts {
-            data.extend(ctx.read_f32(part)?);
+        let parts = slot.parts.iter().map(|p| ctx.read(p)).collect::<std::result::Result<Vec<_>, _>>()?;
+        reads.push((slot.key, slot.shape, parts));
+    }
+    let mut out = BTreeMap::new();
+    for (key, shape, parts) in reads {
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for r in parts {
+            data.extend(r.await?);
         }
-        out.insert(slot.key, HostTensor { shape: slot.shape, data });
+        out.insert(key, HostTensor { shape, data });
     }
     Ok(out)
 }
@@ -241,9 +247,10 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u
 }
 
 /// Writes `adapter` as a PEFT folder `dir` (created if missing).
+#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
 pub fn save(ctx: &Context, adapter: &dyn Adapter, gpt2: bool, base_model: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.display().to_string(), source })?;
-    let tensors = export(ctx, adapter)?;
+    let tensors = pollster::block_on(export(ctx, adapter))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors)?)?;
     let cfg = serde_json::to_string_pretty(&config_json(adapter.config(), gpt2, base_model))
         .map_err(|e| AdapterError::Option(e.to_string()))?;

@@ -14,6 +14,7 @@ use super::{
     scratch_view, uniform_init, Adapter, AdapterConfig, Dropout, Param, ParamKind, Result, Site, SiteWeights, Slot,
 };
 use crate::gpu::{Context, DType, Step, Tensor};
+use crate::model::weights::HostTensor;
 use crate::ops::adapter::{scale_backward, scale_forward};
 use crate::ops::matmul::{matmul, Matmul};
 
@@ -85,35 +86,27 @@ impl Vera {
             cfg: cfg.clone(),
             sites,
         };
-        vera.refresh_rows(ctx)?;
+        vera.set_rows(ctx, &b)?;
         Ok(vera)
     }
 
-    /// (Re)creates the copies of B_s's non-prefix row ranges from the current shared B.
-    fn refresh_rows(&mut self, ctx: &Context) -> Result<()> {
+    /// (Re)creates the copies of B_s's non-prefix row ranges from the shared B's values `all`
+    /// `(max_out, r)`, writing existing tensors in place (recorded steps hold them).
+    fn set_rows(&mut self, ctx: &Context, all: &[f32]) -> Result<()> {
         let r = self.cfg.rank;
-        let mut ranges = Vec::new();
         for site in &self.sites {
             let mut first = 0;
             for &o in &site.outs {
                 if first > 0 {
-                    ranges.push((first, o));
+                    let data = &all[first * r..(first + o) * r];
+                    match self.b_rows.get(&(first, o)) {
+                        Some(t) => ctx.write_f32(t, data)?,
+                        None => {
+                            self.b_rows.insert((first, o), ctx.upload_f32("vera_B_rows", &[o, r], data)?);
+                        }
+                    }
                 }
                 first += o;
-            }
-        }
-        if ranges.is_empty() {
-            return Ok(());
-        }
-        // Written in place: recorded steps hold these tensors.
-        let all = ctx.read_f32(&self.shared_b)?;
-        for (first, rows) in ranges {
-            let data = &all[first * r..(first + rows) * r];
-            match self.b_rows.get(&(first, rows)) {
-                Some(t) => ctx.write_f32(t, data)?,
-                None => {
-                    self.b_rows.insert((first, rows), ctx.upload_f32("vera_B_rows", &[rows, r], data)?);
-                }
             }
         }
         Ok(())
@@ -245,8 +238,11 @@ impl Adapter for Vera {
         self.dropout.as_ref().map(|d| &d.seed)
     }
 
-    fn loaded(&mut self, ctx: &Context) -> Result<()> {
-        self.refresh_rows(ctx)
+    fn loaded(&mut self, ctx: &Context, tensors: &BTreeMap<String, HostTensor>) -> Result<()> {
+        match tensors.get("base_model.vera_B") {
+            Some(b) => self.set_rows(ctx, &b.data),
+            None => Err(super::AdapterError::Option("a VeRA adapter needs base_model.vera_B".into())),
+        }
     }
 
     /// `W0 += sign · λ_b ⊙ B_s (λ_d ⊙ A_s)`: B_s's rows scaled by λ_b and its columns by λ_d into

@@ -230,7 +230,8 @@ pub(crate) struct TrainArgs {
     /// with the final adapter in OUT/adapter).
     #[arg(long)]
     out: PathBuf,
-    /// Write one JSON line per step: {"step": s, "loss": x, "lr": lr}.
+    /// Write one JSON line per step: {"step": s, "loss": x, "lr": lr, "tokens": n, "seconds": t}
+    /// (the step's forward loss before its update, its learning rate, tokens and wall time).
     #[arg(long)]
     log_json: Option<PathBuf>,
 }

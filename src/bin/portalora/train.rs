@@ -160,7 +160,9 @@ pub fn train(ctx: &Context, a: TrainArgs) -> Res<()> {
         } else {
             (0..batch).map(|i| rows[(s * batch + i) % rows.len()].clone()).collect()
         };
+        let t0 = Instant::now();
         let st = trainer.train_step(ctx, &batch_rows)?;
+        let dt = t0.elapsed().as_secs_f64();
         if !st.loss.is_finite() {
             return Err(
                 format!("step {}: the loss is {}; lower --lr or enable --max-grad-norm", st.step, st.loss).into()
@@ -179,7 +181,11 @@ pub fn train(ctx: &Context, a: TrainArgs) -> Res<()> {
             eta
         );
         if let Some(f) = log.as_mut() {
-            writeln!(f, "{{\"step\": {}, \"loss\": {}, \"lr\": {}}}", st.step, st.loss, st.lr)?;
+            writeln!(
+                f,
+                "{{\"step\": {}, \"loss\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {dt:.6}}}",
+                st.step, st.loss, st.lr, st.tokens
+            )?;
         }
     }
     let base_name = a.model.display().to_string();
