@@ -305,3 +305,40 @@ fn adapter_for_another_model_is_refused() {
     let err = file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap_err().to_string();
     assert!(err.contains("adapter_model.safetensors") && err.contains("transformer.h.0"), "{err}");
 }
+
+/// Fresh adapters start exactly at the base model (B = 0, λ_b = 0), with A drawn as PEFT draws it:
+/// kaiming-uniform within ±1/sqrt(in), or gaussian with std 1/r.
+#[test]
+fn fresh_adapters_start_at_the_base() {
+    let Some(ctx) = context() else { return };
+    let w = load_model(fixture("tiny_llama")).unwrap();
+    let ids = rows(w.config.vocab_size, 2, 9, 3);
+    let base = GpuModel::new(&ctx, &w, 2, 9).unwrap().loss_sum(&ctx, &ids).unwrap().0;
+    for (method, init) in [(Method::Lora, "kaiming"), (Method::Lora, "gaussian"), (Method::Vera, "kaiming")] {
+        let mut cfg = AdapterConfig::new(method);
+        cfg.rank = 5;
+        cfg.init = init.parse().unwrap();
+        cfg.targets = vec!["q_proj".into(), "up_proj".into(), "down_proj".into()];
+        let model = model_with(&ctx, &w, &cfg, 2, 9);
+        let (with, _) = model.loss_sum(&ctx, &ids).unwrap();
+        assert_eq!(with, base, "{method} {init}: a fresh adapter must not change the model");
+        if method == Method::Vera {
+            continue;
+        }
+        let a = model.adapter().unwrap();
+        for slot in a.slots() {
+            let v: Vec<f32> = slot.parts.iter().flat_map(|p| ctx.read_f32(p).unwrap()).collect();
+            if slot.key.contains("lora_B") {
+                assert!(v.iter().all(|&x| x == 0.0), "{}: B starts at 0", slot.key);
+            } else if init == "kaiming" {
+                let bound = 1.0 / (slot.shape[1] as f32).sqrt();
+                assert!(v.iter().all(|x| x.abs() <= bound), "{}: outside ±1/sqrt(in)", slot.key);
+                let spread = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                assert!(spread > 0.8 * bound, "{}: max |A| {spread} far below the bound {bound}", slot.key);
+            } else {
+                let std = (v.iter().map(|x| (x * x) as f64).sum::<f64>() / v.len() as f64).sqrt();
+                assert!((std - 0.2).abs() < 0.03, "{}: std {std}, want 1/r = 0.2", slot.key);
+            }
+        }
+    }
+}

@@ -7,8 +7,8 @@
 //! after-step hook, Delta-LoRA.
 
 use super::{
-    add_product, normal_init, uniform_init, AdapterError, zeros, Adapter, AdapterConfig, Dropout, Init, Param, ParamKind, Result,
-    Site, SiteWeights, Slot,
+    add_product, normal_init, uniform_init, zeros, Adapter, AdapterConfig, AdapterError, Dropout, Init, Param,
+    ParamKind, Result, Site, SiteWeights, Slot,
 };
 use std::collections::BTreeMap;
 
@@ -238,7 +238,8 @@ impl Adapter for Lora {
         if self.proj.is_empty() {
             return Ok(());
         }
-        let keys: Vec<String> = self.sites.iter().map(|s| format!("base_model.model.{}.lora_A.weight", s.module)).collect();
+        let keys: Vec<String> =
+            self.sites.iter().map(|s| format!("base_model.model.{}.lora_A.weight", s.module)).collect();
         let a = keys
             .iter()
             .map(|k| tensors.get(k).map(|t| t.data.as_slice()))
