@@ -7,6 +7,8 @@
 // xent_backward: the gradient of scale · sum_r loss[r] with respect to the logits, written over
 // the logits in place (they are not needed afterwards):
 //   dlogits[r, j] = scale · (exp(logits[r, j] − lse[r]) − [j = targets[r]]), 0 for ignored rows.
+//   scale is read from a one-element tensor (1 / the batch's predicted positions, which the host
+//   writes with the batch), so a recorded step serves batches with any number of masked targets.
 
 struct Params {
     rows: u32,
@@ -67,6 +69,7 @@ fn xent_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 @group(0) @binding(1) var<storage, read_write> dlogits: array<f32>;  // (rows, vocab): logits in, gradient out
 @group(0) @binding(2) var<storage, read> btargets: array<u32>;       // (rows,)
 @group(0) @binding(3) var<storage, read> blse: array<f32>;           // (rows,)
+@group(0) @binding(4) var<storage, read> bscale: array<f32>;         // (1,)
 
 @compute @workgroup_size(256, 1, 1)
 fn xent_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
@@ -75,12 +78,13 @@ fn xent_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let base = row * p.vocab;
     let tg = btargets[row];
     let l = blse[row];
+    let scale = bscale[0];
     for (var j = t; j < p.vocab; j += 256u) {
         var g = 0.0;
         if (tg != IGNORE) {
             g = exp(dlogits[base + j] - l);
             if (j == tg) { g -= 1.0; }
-            g *= p.scale;
+            g *= scale;
         }
         dlogits[base + j] = g;
     }

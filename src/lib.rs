@@ -6,9 +6,38 @@
 //! Layers, from the bottom:
 //! - [`gpu`]: the only module that touches `wgpu`: device context, kernel registry, tensors,
 //!   step recording and replay.
-//! - [`ops`]: one file per kernel family (matmul, reduce, elementwise), each recording
-//!   dispatches into a [`gpu::Step`].
-//! - [`reference`]: f64 CPU twins of every op, for tests.
+//! - [`ops`]: one file per kernel family (matmul, norms, attention, adapters, optimizers, …),
+//!   each recording dispatches into a [`gpu::Step`].
+//! - [`io`] and [`model`]: GGUF and safetensors, tokenizers, model configs, the model on the GPU
+//!   (forward, loss, backward, generation) and Hugging Face export.
+//! - [`adapter`]: the five methods behind one trait, and PEFT's files.
+//! - [`train`]: the optimizer and the recorded training step; [`data`]: packing text into rows;
+//!   [`finetune`]: a whole run (data, loop, evaluation, checkpoints, resume, log, plot, samples)
+//!   — what `portalora train` and `examples/finetune.rs` use.
+//! - [`mod@reference`]: f64 CPU twins of every op, for tests.
+//!
+//! The whole of an embedding app's fine-tuning, natively:
+//!
+//! ```no_run
+//! # #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use portalora::adapter::{AdapterConfig, Method};
+//! use portalora::finetune::{run, Event, RunConfig};
+//! let ctx = pollster::block_on(portalora::gpu::Context::new())?; // the engine: one GPU device
+//! let mut cfg = RunConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf", "my-adapter");
+//! cfg.data = Some("hamlet.txt".into());
+//! cfg.adapter = AdapterConfig { rank: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()], ..AdapterConfig::new(Method::Lora) };
+//! cfg.train.lr = 1e-3;
+//! cfg.steps = Some(50);
+//! let summary = run(&ctx, &cfg, false, &mut |e: &Event| {
+//!     if let Event::Step { stats, .. } = e { println!("step {} loss {:.3}", stats.step, stats.loss) }
+//! })?;
+//! println!("validation loss {:?} → {:?}; adapter in {}", summary.val_before, summary.val_after, summary.adapter_dir.display());
+//! # Ok(()) }
+//! # #[cfg(not(all(feature = "native", not(target_arch = "wasm32"))))] fn main() {}
+//! ```
+//!
+//! And the engine's lowest level, one matmul:
 //!
 //! ```no_run
 //! # #[cfg(not(target_arch = "wasm32"))]
@@ -32,10 +61,14 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod adapter;
+pub mod data;
+#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+pub mod finetune;
 pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod reference;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod train;

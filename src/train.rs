@@ -9,8 +9,11 @@
 use crate::adapter::{self, lora_plus, peft, Adapter, AdapterConfig, AdapterError, Input, Method};
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::gpu::{GpuModel, GpuModelError, PlanOptions};
+use crate::model::HostTensor;
 use crate::model::{Arch, Weights};
+use crate::ops::elementwise::{axpy_forward, copy_forward};
 use crate::ops::optim::{adamw_step, grad_norm_clip, grad_norm_partials, sgd_step};
+use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -26,14 +29,16 @@ pub enum TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     AdamW,
     Sgd,
 }
 
 /// Learning-rate schedules, as transformers' `get_*_schedule_with_warmup` (step index from 0).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     Linear,
@@ -69,7 +74,7 @@ impl Schedule {
 }
 
 /// The optimizer's settings.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub optimizer: OptimizerKind,
     pub lr: f64,
@@ -86,6 +91,8 @@ pub struct TrainConfig {
     pub total_steps: u64,
     /// LoRA+'s lr_B / lr_A.
     pub lr_ratio: f64,
+    /// Micro-batches whose gradients are summed into one optimizer step.
+    pub grad_accum: usize,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +109,7 @@ impl Default for TrainConfig {
             warmup_steps: 0,
             total_steps: 1,
             lr_ratio: lora_plus::DEFAULT_RATIO,
+            grad_accum: 1,
         }
     }
 }
@@ -128,6 +136,9 @@ impl TrainConfig {
                 return bad(format!("{name} {v} must be a non-negative number"));
             }
         }
+        if self.grad_accum == 0 {
+            return bad("gradient accumulation 0: use 1 or more micro-batches per step".into());
+        }
         Ok(())
     }
 }
@@ -143,6 +154,8 @@ pub struct ParamState {
     pub name: String,
     pub value: Tensor,
     pub grad: Tensor,
+    /// The sum of the micro-batches' gradients (gradient accumulation only).
+    pub acc: Option<Tensor>,
     pub m: Tensor,         // first moment / momentum buffer
     pub v: Option<Tensor>, // second moment (AdamW)
     group: usize,
@@ -157,11 +170,24 @@ pub struct Trainer {
     groups: Vec<Group>,
     pub clip: Tensor,    // (2,) [scale, norm]
     update: Step,        // clipping, before-update hooks, optimizer
+    acc_first: Step,     // acc = grad (gradient accumulation)
+    acc_add: Step,       // acc += grad
     after: Option<Step>, // Delta-LoRA's W0 update
     /// Steps completed.
     pub step: u64,
     /// transformers' AdamW form (PEFT's LoRA-FA optimizer).
     hf_adamw: bool,
+}
+
+/// One micro-batch: B rows of T tokens and, optionally, which tokens are predicted.
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub ids: &'a [Vec<u32>],
+    pub predict: Option<&'a [Vec<bool>]>,
+}
+
+fn host(ctx: &Context, t: &Tensor) -> Result<HostTensor> {
+    Ok(HostTensor { shape: t.shape().to_vec(), data: ctx.read_f32(t)? })
 }
 
 /// Statistics of one step.
@@ -171,6 +197,7 @@ pub struct StepStats {
     /// The mean next-token loss of the step's forward pass (before its update).
     pub loss: f64,
     pub lr: f64,
+    /// Tokens the step read (all micro-batches).
     pub tokens: usize,
 }
 
@@ -239,6 +266,7 @@ impl Trainer {
                 name: p.name.clone(),
                 value: p.value.clone(),
                 grad: p.grad.clone(),
+                acc: if config.grad_accum > 1 { Some(zero("grad_acc")?) } else { None },
                 m: zero("adam_m")?,
                 v: if config.optimizer == OptimizerKind::AdamW { Some(zero("adam_v")?) } else { None },
                 group,
@@ -248,16 +276,24 @@ impl Trainer {
             return Err(TrainError::Config("the adapter has no trainable parameters".into()));
         }
         let clip = ctx.tensor("clip", &[2], DType::F32)?;
-        let grads: Vec<&Tensor> = params.iter().map(|p| &p.grad).collect();
+        // With accumulation the optimizer reads the summed gradients.
+        let grads: Vec<&Tensor> = params.iter().map(|p| p.acc.as_ref().unwrap_or(&p.grad)).collect();
+        let (mut acc_first, mut acc_add) = (Step::new(), Step::new());
+        for p in &params {
+            if let Some(acc) = &p.acc {
+                copy_forward(ctx, &mut acc_first, &p.grad, acc, 0)?;
+                axpy_forward(ctx, &mut acc_add, 1.0, &p.grad, acc)?;
+            }
+        }
         let partials = ctx.tensor("grad_norm_partials", &[grad_norm_partials(&grads)], DType::F32)?;
         let mut update = Step::new();
         grad_norm_clip(ctx, &mut update, &grads, &partials, config.max_grad_norm as f32, &clip)?;
         adapter.before_update(ctx, &mut update)?;
-        for p in &params {
+        for (p, grad) in params.iter().zip(&grads) {
             let hyper = &groups[p.group].hyper;
             match &p.v {
-                Some(v) => adamw_step(ctx, &mut update, hyper, &clip, &p.grad, &p.value, &p.m, v)?,
-                None => sgd_step(ctx, &mut update, hyper, &clip, &p.grad, &p.value, &p.m)?,
+                Some(v) => adamw_step(ctx, &mut update, hyper, &clip, grad, &p.value, &p.m, v)?,
+                None => sgd_step(ctx, &mut update, hyper, &clip, grad, &p.value, &p.m)?,
             }
         }
         let mut after = Step::new();
@@ -271,6 +307,8 @@ impl Trainer {
             clip,
             update,
             after: if has_after { Some(after) } else { None },
+            acc_first,
+            acc_add,
             step: 0,
             hf_adamw,
         })
@@ -314,37 +352,131 @@ impl Trainer {
         self.params.iter().map(|p| p.value.numel()).sum()
     }
 
-    /// One training step on a full batch of `ids` (B rows of T tokens).
+    /// One training step on a full batch of `ids` (B rows of T tokens), every token after the
+    /// first predicted.
     pub fn train_step(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<StepStats> {
+        self.train_step_batches(ctx, &[Batch { ids, predict: None }])
+    }
+
+    /// One optimizer step over `micro` batches (one per gradient-accumulation micro-batch, each
+    /// B rows of T tokens): the gradient is that of the mean loss over every predicted position
+    /// of all of them, so accumulating k micro-batches equals one batch k times larger.
+    pub fn train_step_batches(&mut self, ctx: &Context, micro: &[Batch]) -> Result<StepStats> {
         let t = self.step + 1;
-        if ids.len() != self.model.acts.batch {
-            return Err(GpuModelError::BatchSize { batch: self.model.acts.batch, found: ids.len() }.into());
+        let k = self.config.grad_accum;
+        if micro.len() != k {
+            return Err(TrainError::Config(format!("{} micro-batches for a step that accumulates {k}", micro.len())));
         }
-        let count = self.model.write_inputs(ctx, ids)?;
+        for m in micro {
+            if m.ids.len() != self.model.acts.batch {
+                return Err(GpuModelError::BatchSize { batch: self.model.acts.batch, found: m.ids.len() }.into());
+            }
+            self.model.check_ids(m.ids)?;
+        }
         for g in &self.groups {
             ctx.write_f32(&g.hyper, &self.hyper(g, t))?;
         }
-        if let Some(seed) = self.adapter().dropout_seed() {
-            let s = (self.adapter_config.seed ^ t.wrapping_mul(0x9E37_79B9_7F4A_7C15)) as u32;
-            ctx.write_u32(seed, &[s ^ (t as u32).rotate_left(16)])?;
-        }
         let train = self.model.train_step().ok_or_else(|| TrainError::Config("backward is not enabled".into()))?;
-        let delta = t > self.adapter_config.delta_warmup;
-        let mut steps = vec![train, &self.update];
-        if let (Some(after), true) = (&self.after, delta) {
-            steps.push(after);
+        // Every micro-batch's loss is scaled by 1 / (all predicted positions of the step).
+        let mut counts = Vec::with_capacity(k);
+        for m in micro {
+            counts.push(self.model.write_batch(ctx, m.ids, m.predict)?);
         }
-        ctx.run_steps(&steps)?;
-        let sum = ctx.read_f32(&self.model.acts.loss_sum)?[0] as f64;
+        let total = counts.iter().sum::<usize>().max(1);
+        let (mut sum, mut tokens) = (0.0, 0);
+        for (i, m) in micro.iter().enumerate() {
+            if k > 1 {
+                self.model.write_batch(ctx, m.ids, m.predict)?;
+            }
+            ctx.write_f32(&self.model.acts.loss_scale, &[1.0 / total as f32])?;
+            if let Some(seed) = self.adapter().dropout_seed() {
+                let s = self.adapter_config.seed ^ (t * k as u64 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                ctx.write_u32(seed, &[(s ^ (s >> 32)) as u32])?;
+            }
+            let mut steps = vec![train];
+            if k > 1 {
+                steps.push(if i == 0 { &self.acc_first } else { &self.acc_add });
+            }
+            if i + 1 == k {
+                steps.push(&self.update);
+                if let (Some(after), true) = (&self.after, t > self.adapter_config.delta_warmup) {
+                    steps.push(after);
+                }
+            }
+            ctx.run_steps(&steps)?;
+            sum += ctx.read_f32(&self.model.acts.loss_sum)?[0] as f64;
+            tokens += m.ids.len() * m.ids[0].len();
+        }
         self.step = t;
-        Ok(StepStats { step: t, loss: sum / count.max(1) as f64, lr: self.lr_at(t), tokens: count + ids.len() })
+        Ok(StepStats { step: t, loss: sum / total as f64, lr: self.lr_at(t), tokens })
+    }
+
+    /// The optimizer's state and the step count, keyed by parameter name (checkpoints).
+    pub fn optimizer_state(&self, ctx: &Context) -> Result<BTreeMap<String, HostTensor>> {
+        let mut out = BTreeMap::new();
+        for p in &self.params {
+            out.insert(format!("{}.exp_avg", p.name), host(ctx, &p.m)?);
+            if let Some(v) = &p.v {
+                out.insert(format!("{}.exp_avg_sq", p.name), host(ctx, v)?);
+            }
+        }
+        // Delta-LoRA moves W0: its current values belong to the state too.
+        if self.after.is_some() {
+            for (site, w) in self.adapter().sites().iter().zip(self.model.site_weights()?) {
+                for (j, part) in w.parts.iter().enumerate() {
+                    out.insert(format!("{}.base_weight.{j}", site.module), host(ctx, part)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores [`Trainer::optimizer_state`] and the step count.
+    pub fn load_optimizer_state(
+        &mut self,
+        ctx: &Context,
+        state: &BTreeMap<String, HostTensor>,
+        step: u64,
+    ) -> Result<()> {
+        let get = |k: &str, want: usize| -> Result<&HostTensor> {
+            let t = state.get(k).ok_or_else(|| TrainError::Config(format!("the checkpoint has no {k:?}")))?;
+            if t.data.len() != want {
+                return Err(TrainError::Config(format!(
+                    "checkpoint tensor {k:?} has {} values, not {want}",
+                    t.data.len()
+                )));
+            }
+            Ok(t)
+        };
+        for p in &self.params {
+            ctx.write_f32(&p.m, &get(&format!("{}.exp_avg", p.name), p.m.numel())?.data)?;
+            if let Some(v) = &p.v {
+                ctx.write_f32(v, &get(&format!("{}.exp_avg_sq", p.name), v.numel())?.data)?;
+            }
+        }
+        if self.after.is_some() {
+            for (site, w) in self.adapter().sites().iter().zip(self.model.site_weights()?) {
+                for (j, part) in w.parts.iter().enumerate() {
+                    ctx.write_f32(part, &get(&format!("{}.base_weight.{j}", site.module), part.numel())?.data)?;
+                }
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Mean next-token loss of the current model (with its adapter) over `rows`, in batches.
     pub fn eval_loss(&self, ctx: &Context, rows: &[Vec<u32>]) -> Result<f64> {
+        self.eval_loss_masked(ctx, rows, None)
+    }
+
+    /// [`Trainer::eval_loss`] over the positions `predict` marks.
+    pub fn eval_loss_masked(&self, ctx: &Context, rows: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> Result<f64> {
         let (mut sum, mut count) = (0.0, 0usize);
-        for chunk in rows.chunks(self.model.acts.batch) {
-            let (s, c) = self.model.loss_sum(ctx, chunk)?;
+        let b = self.model.acts.batch;
+        for (i, chunk) in rows.chunks(b).enumerate() {
+            let mask = predict.map(|p| &p[i * b..i * b + chunk.len()]);
+            let (s, c) = self.model.loss_sum_masked(ctx, chunk, mask)?;
             sum += s;
             count += c;
         }

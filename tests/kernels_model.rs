@@ -323,7 +323,8 @@ fn xent_backward_matches_finite_differences() {
         let (loss, lse) = (poisoned(&ctx, "loss", &[rows]), poisoned(&ctx, "lse", &[rows]));
         let mut step = Step::new();
         xent_forward(&ctx, &mut step, &lt, &tt, &loss, &lse).unwrap();
-        xent_backward(&ctx, &mut step, &lt, &tt, &lse, scale).unwrap();
+        let st = ctx.upload_f32("scale", &[1], &[scale]).unwrap();
+        xent_backward(&ctx, &mut step, &lt, &tt, &lse, &st).unwrap();
         run(&ctx, step);
         let grad = ctx.read_f32(&lt).unwrap();
         let f = |x: &[f32]| reference::xent_forward(x, &targets).0.iter().sum::<f64>() * scale as f64;

@@ -59,7 +59,8 @@ pub enum AdapterError {
 pub type Result<T> = std::result::Result<T, AdapterError>;
 
 /// The five methods.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
     Lora,
     LoraFa,
@@ -105,7 +106,8 @@ impl FromStr for Method {
 }
 
 /// How A (LoRA) starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Init {
     /// PEFT's default: kaiming-uniform with a = sqrt(5), i.e. U(±1/sqrt(in)).
     Kaiming,
@@ -125,7 +127,7 @@ impl FromStr for Init {
 }
 
 /// Everything that defines an adapter (the optimizer's settings live in `train`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdapterConfig {
     pub method: Method,
     pub rank: usize,

@@ -92,3 +92,34 @@ impl Context {
         self.check("submitting a step")
     }
 }
+
+impl Context {
+    /// Runs every dispatch of `step` in a submission of its own and waits for it: wall seconds
+    /// per dispatch, labelled `file:entry`. Slow (a sync per dispatch); for finding hot kernels.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile(&self, step: &Step) -> Result<Vec<(String, f64)>> {
+        let mut out = Vec::with_capacity(step.dispatches.len());
+        self.wait_idle()?;
+        for d in &step.dispatches {
+            let t0 = std::time::Instant::now();
+            let mut enc =
+                self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profile") });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("profile"),
+                    timestamp_writes: None,
+                });
+                if !d.groups.contains(&0) {
+                    pass.set_pipeline(&d.pipeline.pipeline);
+                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                }
+            }
+            self.queue.submit([enc.finish()]);
+            self.wait_idle()?;
+            out.push((format!("{} {:?}", d.label, d.groups), t0.elapsed().as_secs_f64()));
+        }
+        self.check("profiling a step")?;
+        Ok(out)
+    }
+}

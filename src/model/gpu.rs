@@ -196,6 +196,9 @@ pub struct Activations {
     pub loss_rows: Tensor, // (N,) per-position loss, 0 where ignored
     pub lse_rows: Tensor,  // (N,)
     pub loss_sum: Tensor,  // (1,)
+    /// (1,) 1 / the batch's predicted positions: the backward pass's loss scale (the loss is the
+    /// mean over predicted positions, as transformers computes it with ignored labels).
+    pub loss_scale: Tensor,
     /// Bytes of activations the backward pass reads (per-layer tensors and the residual streams).
     pub kept_bytes: u64,
 }
@@ -544,6 +547,7 @@ impl GpuModel {
             loss_rows: t("loss_rows", &[n])?,
             lse_rows: t("lse_rows", &[n])?,
             loss_sum: t("loss_sum", &[1])?,
+            loss_scale: t("loss_scale", &[1])?,
             kept_bytes,
         })
     }
@@ -637,7 +641,6 @@ impl GpuModel {
         let n = b * t;
         let align = ctx.limits().storage_offset_alignment;
         let grads = if backward { self.grads.as_ref() } else { None };
-        let scale = 1.0 / (b * (t - 1)).max(1) as f32;
         let mut start = 0;
         while start < n {
             // The LM head, the loss and (in training) their backward, one chunk of rows at a time
@@ -649,7 +652,7 @@ impl GpuModel {
             head.project(ctx, &mut s, &a.hf.rows(start, rows, align)?, &logits)?;
             xent_forward(ctx, &mut s, &logits, &targets, &a.loss_rows.rows(start, rows, align)?, &lse)?;
             if let Some(g) = grads {
-                xent_backward(ctx, &mut s, &logits, &targets, &lse, scale)?;
+                xent_backward(ctx, &mut s, &logits, &targets, &lse, &a.loss_scale)?;
                 head.project_backward(ctx, &mut s, &logits, &g.dhf.rows(start, rows, align)?)?;
             }
             start += rows;
@@ -932,7 +935,17 @@ impl GpuModel {
     /// padding whose positions are ignored) and returns (sum of next-token losses, positions).
     /// Only the loss sum is read back.
     pub fn loss_sum(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
-        let count = self.write_inputs(ctx, ids)?;
+        self.loss_sum_masked(ctx, ids, None)
+    }
+
+    /// [`GpuModel::loss_sum`] over the positions `predict` marks (see [`GpuModel::write_batch`]).
+    pub fn loss_sum_masked(
+        &self,
+        ctx: &Context,
+        ids: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+    ) -> Result<(f64, usize)> {
+        let count = self.write_batch(ctx, ids, predict)?;
         ctx.run(&self.forward)?;
         let sum = ctx.read_f32(&self.acts.loss_sum)?;
         Ok((sum[0] as f64, count))
@@ -940,6 +953,14 @@ impl GpuModel {
 
     /// Uploads ids and next-token targets (padding rows ignored); returns the predicted positions.
     pub fn write_inputs(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<usize> {
+        self.write_batch(ctx, ids, None)
+    }
+
+    /// Uploads ids and, per row, which positions count in the loss: `predict[r][t]` says whether
+    /// token t of row r is a target (predicted from the tokens before it). `None` predicts every
+    /// token after the first, as a language model's loss does. Writes the loss scale
+    /// 1 / (predicted positions); returns that count.
+    pub fn write_batch(&self, ctx: &Context, ids: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> Result<usize> {
         self.check_ids(ids)?;
         let (b, t) = (self.acts.batch, self.acts.seq);
         let mut flat = vec![0u32; b * t];
@@ -947,18 +968,25 @@ impl GpuModel {
         let mut count = 0;
         for (r, row) in ids.iter().enumerate() {
             flat[r * t..(r + 1) * t].copy_from_slice(row);
+            let mask = predict.and_then(|p| p.get(r));
+            if let Some(m) = mask.filter(|m| m.len() != t) {
+                return Err(GpuModelError::RowLength { row: r, expected: t, found: m.len() });
+            }
             for pos in 0..t - 1 {
-                targets[r * t + pos] = row[pos + 1];
-                count += 1;
+                if mask.is_none_or(|m| m[pos + 1]) {
+                    targets[r * t + pos] = row[pos + 1];
+                    count += 1;
+                }
             }
         }
         ctx.write_u32(&self.acts.ids, &flat)?;
         ctx.write_u32(&self.acts.targets, &targets)?;
+        ctx.write_f32(&self.acts.loss_scale, &[1.0 / count.max(1) as f32])?;
         Ok(count)
     }
 
     /// Forward, loss and backward on a full batch of `ids` (B rows of T tokens). Returns (sum of
-    /// next-token losses, positions); the gradients are left in [`GpuModel::grads`].
+    /// next-token losses, positions); the gradients of their mean are left in [`GpuModel::grads`].
     pub fn forward_backward(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
         if self.train.is_none() {
             self.enable_backward(ctx)?;

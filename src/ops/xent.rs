@@ -47,19 +47,22 @@ pub fn xent_forward(
     )
 }
 
-/// The gradient of `scale · sum(loss)` with respect to the logits, written over `logits` in
-/// place: `scale · (softmax(logits) − onehot(target))` per row, 0 for ignored rows.
+/// The gradient of `scale[0] · sum(loss)` with respect to the logits, written over `logits` in
+/// place: `scale · (softmax(logits) − onehot(target))` per row, 0 for ignored rows. `scale` is a
+/// one-element tensor, so the host can change it between replays.
 pub fn xent_backward(
     ctx: &Context,
     step: &mut Step,
     logits: &Tensor,
     targets: &Tensor,
     lse: &Tensor,
-    scale: f32,
+    scale: &Tensor,
 ) -> Result<()> {
     const OP: &str = "xent_backward";
     check_f32(OP, logits)?;
     check_f32(OP, lse)?;
+    check_f32(OP, scale)?;
+    check_numel(OP, scale, 1, "(1,) the loss scale")?;
     if targets.dtype() != DType::U32 {
         return Err(shape_err(OP, format!("targets {:?} must be u32", targets.label())));
     }
@@ -68,7 +71,8 @@ pub fn xent_backward(
     check_numel(OP, logits, rows * vocab, "(rows, vocab)")?;
     check_numel(OP, lse, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], scale })?;
+    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], scale: 0.0 })?;
     let spec = KernelSpec::new(&kernel_sources::XENT, OP);
-    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Write(logits), Arg::Read(targets), Arg::Read(lse)], groups)
+    let args = [Arg::Uniform(params), Arg::Write(logits), Arg::Read(targets), Arg::Read(lse), Arg::Read(scale)];
+    ctx.record(step, &spec, &args, groups)
 }

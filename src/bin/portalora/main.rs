@@ -87,6 +87,7 @@ enum Command {
         adapter: Option<PathBuf>,
     },
     /// Fine-tune an adapter (LoRA, LoRA-FA, VeRA, Delta-LoRA or LoRA+) and write it in PEFT's format.
+    #[command(args_override_self = true)]
     Train(Box<TrainArgs>),
     /// Merge an adapter into its base model and write a Hugging Face folder with the base's key
     /// names and layouts.
@@ -135,12 +136,14 @@ enum BenchWhat {
 pub(crate) struct TrainArgs {
     /// The base model: a .gguf file or a Hugging Face folder.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// A JSON file {"input_ids": [[...], ...]}: every step trains on all its rows, in order.
-    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    #[arg(long, conflicts_with = "data")]
     ids: Option<PathBuf>,
-    /// A text file, tokenized with the model's tokenizer and cut into rows of --seq tokens;
-    /// step s trains on the next --batch rows (wrapping around).
+    /// Training text: a text file, a folder of text files, or JSONL ({"text": ...} or
+    /// {"prompt": ..., "completion": ...}, the loss then masked to the completion). Tokenized with
+    /// the model's tokenizer, packed into rows of --seq tokens, split into training and validation
+    /// rows, shuffled each epoch with --seed.
     #[arg(long)]
     data: Option<PathBuf>,
     /// lora, lora-fa, vera, delta-lora or lora-plus.
@@ -211,27 +214,62 @@ pub(crate) struct TrainArgs {
     /// LoRA-FA: PEFT's projected optimizer (dB·(AAᵀ)⁻¹/s², transformers' AdamW) instead of plain AdamW on B.
     #[arg(long)]
     lorafa_projected: bool,
-    /// Optimizer steps.
+    /// Optimizer steps (or give --epochs).
     #[arg(long, value_parser = parse_count)]
-    steps: usize,
-    /// Rows per step with --data (with --ids, the file's rows).
-    #[arg(long, value_parser = parse_count)]
-    batch: Option<usize>,
+    steps: Option<usize>,
+    /// Passes over the training rows (instead of --steps).
+    #[arg(long, value_parser = parse_number)]
+    epochs: Option<f64>,
+    /// Rows per micro-batch with --data (with --ids, the file's rows / --grad-accum).
+    #[arg(long, default_value = "4", value_parser = parse_count)]
+    batch: usize,
+    /// Micro-batches whose gradients are summed into each optimizer step.
+    #[arg(long, default_value = "1", value_parser = parse_count)]
+    grad_accum: usize,
     /// Tokens per row with --data.
     #[arg(long, default_value = "128", value_parser = parse_count)]
     seq: usize,
-    /// Seed of the adapter's init and the dropout masks.
+    /// Fraction of the --data rows held out for validation.
+    #[arg(long, default_value = "0.1", value_parser = parse_number)]
+    val_fraction: f64,
+    /// Evaluate at most this many validation rows (0: all).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    val_rows: usize,
+    /// Evaluate on the validation rows every N steps (0: only before and after training).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    eval_every: usize,
+    /// Write a checkpoint (adapter, optimizer state, step, data position) under --out every N steps (0: never).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    save_every: usize,
+    /// Continue the run whose --out is DIR from its last checkpoint, with its settings (--steps may extend it).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Read options from a TOML file (keys as the flags without dashes, e.g. lr = 1e-3,
+    /// targets = ["q_proj", "v_proj"]); flags on the command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Keep the training rows in order instead of shuffling them each epoch.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// A prompt to continue (greedy) before and after training; repeat for more.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value = "32", value_parser = parse_count)]
+    sample_tokens: usize,
+    /// Seed of the adapter's init, the data split and order, and the dropout masks.
     #[arg(long, default_value = "0", value_parser = parse_count)]
     seed: usize,
     /// Start from the tensors of this PEFT adapter folder instead of a random init.
     #[arg(long)]
     init_adapter: Option<PathBuf>,
     /// Output folder: the adapter in PEFT's format (Delta-LoRA: a merged Hugging Face folder,
-    /// with the final adapter in OUT/adapter).
+    /// with the final adapter in OUT/adapter), run.json, checkpoint/, log.jsonl, loss.svg.
     #[arg(long)]
-    out: PathBuf,
-    /// Write one JSON line per step: {"step": s, "loss": x, "lr": lr, "tokens": n, "seconds": t}
-    /// (the step's forward loss before its update, its learning rate, tokens and wall time).
+    out: Option<PathBuf>,
+    /// The JSONL log [default: OUT/log.jsonl]: per step {"step": s, "loss": x, "lr": lr, "tokens": n,
+    /// "seconds": t} (x is the step's forward loss before its update), per evaluation
+    /// {"step": s, "val_loss": v}.
     #[arg(long)]
     log_json: Option<PathBuf>,
 }
@@ -262,7 +300,13 @@ enum PathArg {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match with_config_file(Cli::parse()) {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -275,6 +319,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `train --config FILE`: the TOML file's keys become flags placed before the command line's,
+/// which therefore override them (the train command lets a later flag override an earlier one).
+fn with_config_file(cli: Cli) -> Result<Cli, Box<dyn std::error::Error>> {
+    let Command::Train(args) = &cli.command else { return Ok(cli) };
+    let Some(path) = &args.config else { return Ok(cli) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("{}: not TOML: {e}", path.display()))?;
+    let mut argv: Vec<String> = std::env::args().take(1).collect();
+    argv.push("train".into());
+    for (key, value) in &table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let text = |v: &toml::Value| -> Result<String, String> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                other => Err(format!("{}: {key} = {other:?} is not a string or number", path.display())),
+            }
+        };
+        match value {
+            toml::Value::Boolean(true) => argv.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) if key == "prompt" => {
+                for it in items {
+                    argv.extend([flag.clone(), text(it)?]);
+                }
+            }
+            toml::Value::Array(items) => {
+                let parts = items.iter().map(text).collect::<Result<Vec<_>, _>>()?;
+                argv.extend([flag, parts.join(",")]);
+            }
+            v => argv.extend([flag, text(v)?]),
+        }
+    }
+    let given: Vec<String> = std::env::args().skip_while(|a| a != "train").skip(1).collect();
+    argv.extend(given);
+    Cli::try_parse_from(argv).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {

@@ -1,16 +1,16 @@
 //! `portalora train` and `portalora merge`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
-use std::time::Instant;
 
 use portalora::adapter::peft::PeftFile;
 use portalora::adapter::{AdapterConfig, Method};
+use portalora::finetune::{self, Event, RunConfig};
 use portalora::gpu::Context;
 use portalora::model::export::{read_back_site_weights, write_hf_folder};
-use portalora::train::{model_with_adapter, OptimizerKind, TrainConfig, Trainer};
+use portalora::train::{model_with_adapter, OptimizerKind, TrainConfig};
 
-use super::{read_rows, TrainArgs};
+use super::TrainArgs;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -77,7 +77,7 @@ fn adapter_config(a: &TrainArgs, method: Method, init: Option<&PeftFile>) -> Res
     Ok(cfg)
 }
 
-fn train_config(a: &TrainArgs, method: Method) -> Res<TrainConfig> {
+fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
     let betas: Vec<f64> = a
         .betas
         .split(',')
@@ -101,107 +101,172 @@ fn train_config(a: &TrainArgs, method: Method) -> Res<TrainConfig> {
         max_grad_norm: a.max_grad_norm,
         schedule: a.schedule.parse()?,
         warmup_steps: a.warmup_steps as u64,
-        total_steps: a.steps as u64,
+        total_steps: steps,
         lr_ratio: a.lr_ratio,
+        grad_accum: a.grad_accum,
     })
 }
 
-pub fn train(ctx: &Context, a: TrainArgs) -> Res<()> {
+/// The run's configuration from the flags.
+fn run_config(a: &TrainArgs) -> Res<RunConfig> {
     let method: Method = a.method.parse()?;
-    if a.steps == 0 {
-        return Err("--steps must be at least 1".into());
+    let model = a.model.clone().ok_or("give --model MODEL (a .gguf file or a Hugging Face folder)")?;
+    let out = a.out.clone().ok_or("give --out DIR (where the adapter, log and checkpoints go)")?;
+    if a.ids.is_none() && a.data.is_none() {
+        return Err("give --ids FILE.json or --data FILE (text, a folder of texts, or JSONL)".into());
     }
     let init = a.init_adapter.as_deref().map(PeftFile::read).transpose()?;
-    let cfg = adapter_config(&a, method, init.as_ref())?;
-    let tc = train_config(&a, method)?;
-    let rows = read_rows(&a.model, a.ids.as_deref(), a.data.as_deref(), a.seq)?;
-    let batch = match (&a.ids, a.batch) {
-        (Some(_), Some(b)) if b != rows.len() => {
-            return Err(format!("--batch {b}: with --ids every step uses the file's {} rows", rows.len()).into())
-        }
-        (Some(_), _) => rows.len(),
-        (None, b) => b.unwrap_or(4).min(rows.len()).max(1),
+    let adapter = adapter_config(a, method, init.as_ref())?;
+    let steps = match (a.steps, a.epochs) {
+        (Some(0), _) => return Err("--steps must be at least 1".into()),
+        (Some(s), _) => Some(s as u64),
+        (None, Some(e)) if e > 0.0 => None,
+        (None, Some(e)) => return Err(format!("--epochs {e} must be positive").into()),
+        (None, None) => return Err("give --steps N or --epochs E".into()),
     };
-    let seq = rows[0].len();
-    let weights = portalora::model::load_model(&a.model)?;
-    let mut trainer = Trainer::new(ctx, &weights, batch, seq, &cfg, &tc, init.as_ref())?;
-    let c = &weights.config;
+    let mut cfg = RunConfig::new(model, out);
+    cfg.ids = a.ids.clone();
+    cfg.data = a.data.clone();
+    // The schedule's length is fixed once the data is known (epochs): see finetune::run.
+    cfg.train = train_config(a, method, steps.unwrap_or(0))?;
+    cfg.adapter = adapter;
+    cfg.batch = a.batch.max(1);
+    cfg.seq = a.seq;
+    cfg.steps = steps;
+    cfg.epochs = a.epochs;
+    cfg.val_fraction = a.val_fraction;
+    cfg.val_rows = a.val_rows;
+    cfg.eval_every = a.eval_every as u64;
+    cfg.save_every = a.save_every as u64;
+    cfg.shuffle = !a.no_shuffle;
+    cfg.init_adapter = a.init_adapter.clone();
+    cfg.log_json = a.log_json.clone();
+    cfg.prompts = a.prompt.clone();
+    cfg.sample_tokens = a.sample_tokens;
+    Ok(cfg)
+}
+
+fn clock(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// Progress on the terminal: a bar redrawn in place when stdout is a terminal; otherwise a line
+/// every 5% of the run (and for every evaluation and checkpoint).
+struct Progress {
+    tty: bool,
+    val: Option<f64>,
+    bar_open: bool,
+}
+
+impl Progress {
+    fn line(&mut self, text: &str) {
+        if self.bar_open {
+            println!();
+            self.bar_open = false;
+        }
+        println!("{text}");
+    }
+
+    fn event(&mut self, e: &Event) {
+        match e {
+            Event::Data(s) => self.line(&format!("data: {s}")),
+            Event::Started { trainable, kept_bytes, model_kept_bytes, steps, first_step } => {
+                self.line(&format!(
+                    "trainable parameters {trainable}, kept for backward {} (model {} + adapter {}), steps {first_step}..={steps}",
+                    mib(*kept_bytes),
+                    mib(*model_kept_bytes),
+                    mib(kept_bytes - model_kept_bytes)
+                ));
+            }
+            Event::Samples { after, samples } => {
+                let when = if *after { "after training" } else { "before training (the base model)" };
+                self.line(&format!("samples {when}:"));
+                for (p, t) in samples.iter() {
+                    self.line(&format!("  {p}▌{}", t.replace('\n', "\n  ")));
+                }
+            }
+            Event::Step { stats, steps, eta_s, tokens_per_s, .. } => {
+                let val = self.val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
+                let text = format!(
+                    "step {}/{steps}  loss {:.4}{val}  lr {:.2e}  {:.0} tok/s  ETA {}",
+                    stats.step,
+                    stats.loss,
+                    stats.lr,
+                    tokens_per_s,
+                    clock(*eta_s)
+                );
+                if self.tty {
+                    let width = 24;
+                    let done = (stats.step as usize * width / (*steps).max(1) as usize).min(width);
+                    print!("\r[{}{}] {text}\x1b[K", "#".repeat(done), "-".repeat(width - done));
+                    let _ = std::io::stdout().flush();
+                    self.bar_open = true;
+                } else if stats.step == *steps || stats.step % (steps / 20).max(1) == 0 {
+                    self.line(&text);
+                }
+            }
+            Event::Eval { step, val_loss } => {
+                self.val = Some(*val_loss);
+                if !self.tty || *step == 0 {
+                    self.line(&format!("step {step}: validation loss {val_loss:.4}"));
+                }
+            }
+            Event::Checkpoint { step, dir } => {
+                if !self.tty {
+                    self.line(&format!("step {step}: checkpoint in {}", dir.display()));
+                }
+            }
+        }
+    }
+}
+
+pub fn train(ctx: &Context, a: TrainArgs) -> Res<()> {
+    let (cfg, resume) = match &a.resume {
+        Some(dir) => {
+            let mut cfg = RunConfig::load(dir)?;
+            cfg.out = dir.clone();
+            if let Some(s) = a.steps {
+                cfg.steps = Some(s as u64);
+                cfg.train.total_steps = s as u64;
+            }
+            (cfg, true)
+        }
+        None => (run_config(&a)?, false),
+    };
+    let c = &cfg.adapter;
     println!(
-        "model {} ({:?}, {} layers), {} on {} projections ({}), r = {}{}",
-        a.model.display(),
-        c.arch,
-        c.num_layers,
-        method,
-        trainer.adapter().sites().len(),
-        cfg.targets.join(","),
-        cfg.rank,
-        if method == Method::Vera {
+        "{} {} on {} ({}), r = {}{}{}",
+        if resume { "resuming" } else { "training" },
+        c.method,
+        cfg.model.display(),
+        c.targets.join(","),
+        c.rank,
+        if c.method == Method::Vera {
             String::new()
         } else {
-            format!(", alpha = {}, scale = {:.4}", cfg.alpha, cfg.scale())
-        }
+            format!(", alpha = {}, scale = {:.4}", c.alpha, c.scale())
+        },
+        if resume { format!(" from {}", cfg.out.display()) } else { String::new() },
     );
-    println!(
-        "trainable parameters {}, kept for backward {} (model {} + adapter {}), batch {batch} × seq {seq}",
-        trainer.trainable_parameters(),
-        mib(trainer.kept_bytes()),
-        mib(trainer.model.acts.kept_bytes),
-        mib(trainer.adapter().kept_bytes())
-    );
-    let mut log = match &a.log_json {
-        Some(p) => Some(std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?),
-        None => None,
-    };
-    let start = Instant::now();
-    let mut tokens = 0usize;
-    for s in 0..a.steps {
-        let batch_rows: Vec<Vec<u32>> = if a.ids.is_some() {
-            rows.clone()
-        } else {
-            (0..batch).map(|i| rows[(s * batch + i) % rows.len()].clone()).collect()
-        };
-        let t0 = Instant::now();
-        let st = trainer.train_step(ctx, &batch_rows)?;
-        let dt = t0.elapsed().as_secs_f64();
-        if !st.loss.is_finite() {
-            return Err(
-                format!("step {}: the loss is {}; lower --lr or enable --max-grad-norm", st.step, st.loss).into()
-            );
-        }
-        tokens += st.tokens;
-        let secs = start.elapsed().as_secs_f64();
-        let eta = secs / (s + 1) as f64 * (a.steps - s - 1) as f64;
-        println!(
-            "step {:>5}/{}  loss {:.5}  lr {:.3e}  {:.0} tok/s  ETA {:.0}s",
-            st.step,
-            a.steps,
-            st.loss,
-            st.lr,
-            tokens as f64 / secs.max(1e-9),
-            eta
-        );
-        if let Some(f) = log.as_mut() {
-            writeln!(
-                f,
-                "{{\"step\": {}, \"loss\": {}, \"lr\": {}, \"tokens\": {}, \"seconds\": {dt:.6}}}",
-                st.step, st.loss, st.lr, st.tokens
-            )?;
-        }
+    let mut progress = Progress { tty: std::io::stdout().is_terminal(), val: None, bar_open: false };
+    let summary = finetune::run(ctx, &cfg, resume, &mut |e| progress.event(e))?;
+    progress.line(&format!("done: {} steps in {}", summary.steps, clock(summary.seconds)));
+    if let (Some(b), Some(a)) = (summary.val_before, summary.val_after) {
+        println!("validation loss: {b:.4} before → {a:.4} after");
     }
-    let base_name = a.model.display().to_string();
-    if method == Method::DeltaLora {
-        // W0 moved: the result is a merged model; the final adapter goes beside it.
-        let adapter_dir = a.out.join("adapter");
-        trainer.save_adapter(ctx, &base_name, &adapter_dir)?;
-        trainer.model.merge(ctx)?;
-        let mut merged = weights;
-        read_back_site_weights(ctx, &trainer.model, &mut merged)?;
-        write_hf_folder(&merged, &a.out)?;
-        println!("wrote the merged model to {} and the final adapter to {}", a.out.display(), adapter_dir.display());
-    } else {
-        trainer.save_adapter(ctx, &base_name, &a.out)?;
-        println!("wrote the adapter to {} (PEFT format)", a.out.display());
+    if cfg.adapter.method == Method::DeltaLora {
+        println!("merged model:  {} (Hugging Face folder)", cfg.out.display());
     }
+    println!("adapter:       {} (PEFT format)", summary.adapter_dir.display());
+    println!("log:           {}", summary.log.display());
+    println!("loss curve:    {}", summary.plot.display());
     Ok(())
 }
 

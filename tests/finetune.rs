@@ -1,0 +1,317 @@
+//! Fine-tuning runs as people use them: the data pipeline (packing, prompt masking, split,
+//! seeded order), a short run that lowers the validation loss, the loss plot, gradient
+//! accumulation, configs from TOML, and a run killed with SIGKILL that resumes to exactly the
+//! uninterrupted run's losses and adapter.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{context, fixture};
+use portalora::adapter::{AdapterConfig, Method};
+use portalora::data::{self, Order};
+use portalora::finetune::{run, RunConfig};
+use portalora::io::tokenizer::Tokenizer;
+use portalora::train::{Batch, TrainConfig, Trainer};
+
+fn tmp(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("portalora-ft-{name}-{}-{k}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// The tiny GPT-2's character-level tokenizer (tests/fixtures/gen_tiny_tokenizer.py).
+fn tiny_tokenizer() -> Tokenizer {
+    Tokenizer::for_model(&fixture("tiny_gpt2")).unwrap()
+}
+
+const VERSE: &str = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n";
+
+#[test]
+fn text_is_packed_into_rows_with_the_tail_dropped() {
+    let tok = tiny_tokenizer();
+    let dir = tmp("pack");
+    let file = dir.join("a.txt");
+    std::fs::write(&file, VERSE).unwrap();
+    let ds = data::load(&file, &tok, 8, 0.0, 1).unwrap();
+    let n = VERSE.chars().count() + 1; // + end-of-text
+    assert_eq!(ds.summary.tokens, n);
+    assert_eq!(ds.summary.target_tokens, n);
+    assert_eq!(ds.train.len(), n / 8);
+    assert_eq!(ds.summary.dropped_tokens, n % 8);
+    let flat: Vec<u32> = ds.train.iter().flat_map(|r| r.ids.clone()).collect();
+    assert_eq!(&flat[..], &tok.encode(VERSE).unwrap()[..flat.len()], "rows are the token stream in order");
+    // A folder: every file, sorted, each a document ended by end-of-text.
+    std::fs::write(dir.join("b.txt"), "Hello there.").unwrap();
+    let ds = data::load(&dir, &tok, 4, 0.0, 1).unwrap();
+    assert_eq!((ds.summary.files, ds.summary.documents), (2, 2));
+    assert_eq!(ds.summary.tokens, n + "Hello there.".len() + 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn jsonl_prompts_are_masked_out_of_the_loss() {
+    let tok = tiny_tokenizer();
+    let dir = tmp("jsonl");
+    let file = dir.join("d.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"Q: who?\\nA:\", \"completion\": \" Hamlet.\"}\n\n{\"text\": \"abc\"}\n")
+        .unwrap();
+    let ds = data::load(&file, &tok, 2, 0.0, 0).unwrap();
+    let predict: Vec<bool> = ds.train.iter().flat_map(|r| r.predict.clone()).collect();
+    let (p, c) = ("Q: who?\nA:".len(), " Hamlet.".len());
+    let mut want = vec![false; p];
+    want.extend(vec![true; c + 1]); // the completion and its end-of-text
+    want.extend(vec![true; 4]); // "abc" + end-of-text
+    assert_eq!(predict, want[..predict.len()]);
+    assert_eq!(ds.summary.target_tokens, c + 1 + 4);
+    // Missing fields and bad lines name the file and line.
+    std::fs::write(&file, "{\"text\": \"ok\"}\n{\"prompt\": \"no completion\"}\n").unwrap();
+    let err = data::load(&file, &tok, 2, 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("d.jsonl:2") && err.contains("completion"), "{err}");
+    std::fs::write(&file, "{\"text\": 5}\n").unwrap();
+    let err = data::load(&file, &tok, 2, 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("d.jsonl:1") && err.contains("not a string"), "{err}");
+    std::fs::write(dir.join("bad.txt"), [0x66, 0x6f, 0xff, 0x6f]).unwrap();
+    let err = data::load(&dir.join("bad.txt"), &tok, 2, 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("bad.txt") && err.contains("UTF-8") && err.contains("offset 2"), "{err}");
+    std::fs::write(dir.join("empty.txt"), "").unwrap();
+    let err = data::load(&dir.join("empty.txt"), &tok, 2, 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("nothing to train on"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn split_sizes_and_seeded_orders() {
+    let rows: Vec<data::Row> = (0..40).map(|i| data::Row { ids: vec![i, i], predict: vec![true; 2] }).collect();
+    for (frac, val) in [(0.0, 0), (0.1, 4), (0.25, 10), (0.01, 1), (0.99, 39)] {
+        let ds = data::split(rows.clone(), frac, 3, data::DataSummary::default());
+        assert_eq!((ds.train.len(), ds.val.len()), (40 - val, val), "fraction {frac}");
+        let mut all: Vec<u32> = ds.train.iter().chain(&ds.val).map(|r| r.ids[0]).collect();
+        all.sort();
+        assert_eq!(all, (0..40).collect::<Vec<_>>(), "a split loses or repeats no row");
+    }
+    let a = data::split(rows.clone(), 0.25, 3, data::DataSummary::default());
+    let b = data::split(rows.clone(), 0.25, 3, data::DataSummary::default());
+    let c = data::split(rows, 0.25, 4, data::DataSummary::default());
+    assert_eq!(a.val, b.val, "the same seed splits the same way");
+    assert_ne!(a.val, c.val, "another seed splits another way");
+    assert_eq!(data::permutation(50, 9), data::permutation(50, 9));
+    assert_ne!(data::permutation(50, 9), data::permutation(50, 10));
+    let mut o = Order::new(10, 5, true);
+    let epoch0: Vec<usize> = (0..10).map(|k| o.at(k).0).collect();
+    let epoch1: Vec<usize> = (10..20).map(|k| o.at(k).0).collect();
+    let mut sorted = epoch0.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "an epoch reads every row once");
+    assert_ne!(epoch0, epoch1, "each epoch is reshuffled");
+    let mut again = Order::new(10, 5, true);
+    assert_eq!(again.at(13), o.at(13), "the order is a function of (seed, rows read)");
+    let mut plain = Order::new(4, 5, false);
+    assert_eq!((0..6).map(|k| plain.at(k).0).collect::<Vec<_>>(), vec![0, 1, 2, 3, 0, 1]);
+}
+
+fn tiny_run(out: &Path, text: &Path, steps: u64) -> RunConfig {
+    let mut cfg = RunConfig::new(fixture("tiny_gpt2"), out);
+    cfg.data = Some(text.to_path_buf());
+    cfg.adapter = AdapterConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["c_attn".into(), "c_proj".into(), "c_fc".into()],
+        ..AdapterConfig::new(Method::Lora)
+    };
+    cfg.train = TrainConfig { lr: 1e-2, total_steps: steps, ..TrainConfig::default() };
+    cfg.batch = 4;
+    cfg.seq = 32;
+    cfg.steps = Some(steps);
+    cfg.val_fraction = 0.2;
+    cfg.eval_every = 10;
+    cfg.prompts = vec!["To be".into()];
+    cfg.sample_tokens = 12;
+    cfg
+}
+
+#[test]
+fn a_short_run_lowers_the_validation_loss_and_draws_it() {
+    let Some(ctx) = context() else { return };
+    let dir = tmp("learn");
+    let text = dir.join("verse.txt");
+    std::fs::write(&text, VERSE.repeat(40)).unwrap();
+    let out = dir.join("out");
+    let cfg = tiny_run(&out, &text, 40);
+    let mut events = 0;
+    let s = run(&ctx, &cfg, false, &mut |_| events += 1).unwrap();
+    let (before, after) = (s.val_before.unwrap(), s.val_after.unwrap());
+    assert!(after < 0.8 * before, "validation loss {before} → {after}: a repeated text must be learned");
+    assert_eq!(s.train_loss.len(), 40);
+    assert!(events > 40);
+    assert_eq!(s.samples_before.len(), 1);
+    assert_eq!(s.samples_after.len(), 1);
+    assert!(out.join("adapter_model.safetensors").exists() && out.join("adapter_config.json").exists());
+    // The loss curve is a well-formed SVG with both series.
+    let svg = std::fs::read_to_string(&s.plot).unwrap();
+    let doc = roxmltree::Document::parse(&svg).expect("loss.svg must be well-formed XML");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    assert_eq!(doc.descendants().filter(|n| n.has_tag_name("polyline")).count(), 2);
+    // The log: one line per step and per evaluation.
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 40);
+    assert_eq!(log.lines().filter(|l| l.contains("val_loss")).count(), 5); // steps 0, 10, 20, 30, 40
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gradient_accumulation_equals_one_larger_batch() {
+    let Some(ctx) = context() else { return };
+    let w = portalora::model::load_model(fixture("tiny_gpt2")).unwrap();
+    let mut cfg = AdapterConfig::new(Method::Lora);
+    cfg.rank = 4;
+    cfg.targets = vec!["c_attn".into(), "mlp.c_proj".into()];
+    // B non-zero from the start: make both runs start from the same trained-looking adapter.
+    let rows: Vec<Vec<u32>> = (0..2).map(|r| (0..9).map(|i| ((r * 31 + i * 7) % 67) as u32).collect()).collect();
+    let mask: Vec<Vec<bool>> = vec![vec![true, true, false, true, true, true, false, true, true]; 2];
+    let tc = TrainConfig { lr: 5e-3, max_grad_norm: 0.5, ..TrainConfig::default() };
+    let mut one = Trainer::new(&ctx, &w, 2, 9, &cfg, &tc, None).unwrap();
+    let mut two = Trainer::new(&ctx, &w, 1, 9, &cfg, &TrainConfig { grad_accum: 2, ..tc.clone() }, None).unwrap();
+    for _ in 0..3 {
+        let a = one.train_step_batches(&ctx, &[Batch { ids: &rows, predict: Some(&mask) }]).unwrap();
+        let b = two
+            .train_step_batches(
+                &ctx,
+                &[
+                    Batch { ids: &rows[..1], predict: Some(&mask[..1]) },
+                    Batch { ids: &rows[1..], predict: Some(&mask[1..]) },
+                ],
+            )
+            .unwrap();
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss, "loss {} vs accumulated {}", a.loss, b.loss);
+    }
+    let ta = pollster::block_on(portalora::adapter::peft::export(&ctx, one.adapter())).unwrap();
+    let tb = pollster::block_on(portalora::adapter::peft::export(&ctx, two.adapter())).unwrap();
+    for (k, a) in &ta {
+        let err =
+            portalora::reference::max_rel_error(&tb[k].data, &a.data.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        assert!(err < 1e-5, "{k}: {err:e}");
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_portalora"));
+    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()));
+    c
+}
+
+fn step_losses(log: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Trains to `out` with the CLI; with `kill_after`, sends SIGKILL once that many steps are logged
+/// and resumes with `--resume out`.
+fn train_cli(args: &[String], out: &Path, kill_after: Option<usize>) {
+    let mut cmd = bin();
+    cmd.arg("train").args(args).arg("--out").arg(out).stdout(std::process::Stdio::null());
+    match kill_after {
+        None => assert!(cmd.status().unwrap().success()),
+        Some(n) => {
+            let mut child = cmd.spawn().unwrap();
+            let log = out.join("log.jsonl");
+            let t0 = std::time::Instant::now();
+            while step_losses(&log).len() < n {
+                assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+                assert!(t0.elapsed().as_secs() < 120, "no progress");
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            assert!(out.join("checkpoint/state.json").exists() || out.join("checkpoint.old/state.json").exists());
+            let st = bin().arg("train").arg("--resume").arg(out).stdout(std::process::Stdio::null()).status().unwrap();
+            assert!(st.success());
+        }
+    }
+}
+
+fn resume_case(name: &str, data_args: Vec<String>, steps: usize, kill_after: usize) {
+    if context().is_none() {
+        return;
+    }
+    let dir = tmp(name);
+    let mut args: Vec<String> =
+        ["--model", fixture("tiny_gpt2").to_str().unwrap(), "--targets", "c_attn,c_fc", "--rank", "4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    args.extend(data_args.into_iter().map(|a| a.replace("DIR", dir.to_str().unwrap())));
+    args.extend(
+        ["--lr", "1e-2", "--dropout", "0.1", "--steps", &steps.to_string(), "--save-every", "7", "--seed", "3"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    train_cli(&args, &a, None);
+    train_cli(&args, &b, Some(kill_after));
+    let (la, lb) = (step_losses(&a.join("log.jsonl")), step_losses(&b.join("log.jsonl")));
+    assert_eq!(la.len(), steps);
+    assert_eq!(la, lb, "{name}: the resumed run's per-step losses differ from the uninterrupted run's");
+    let read = |p: &Path| std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&a), read(&b), "{name}: the resumed run's adapter differs");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_killed_run_resumes_exactly_with_data() {
+    let text = VERSE.repeat(30);
+    let dir = tmp("verse");
+    std::fs::write(dir.join("verse.txt"), text).unwrap();
+    let data = vec!["--data".into(), dir.join("verse.txt").to_str().unwrap().into(), "--seq".into(), "16".into()];
+    let extra =
+        vec!["--batch".into(), "3".into(), "--grad-accum".into(), "2".into(), "--eval-every".into(), "5".into()];
+    resume_case("resume-data", [data, extra].concat(), 60, 23);
+}
+
+#[test]
+fn a_killed_run_resumes_exactly_with_ids() {
+    let dir = tmp("ids");
+    let rows: Vec<Vec<u32>> = (0..3).map(|r| (0..10).map(|i| ((r * 13 + i * 5) % 67) as u32).collect()).collect();
+    std::fs::write(dir.join("ids.json"), serde_json::json!({ "input_ids": rows }).to_string()).unwrap();
+    resume_case("resume-ids", vec!["--ids".into(), dir.join("ids.json").to_str().unwrap().into()], 50, 30);
+}
+
+#[test]
+fn a_toml_config_is_read_and_flags_override_it() {
+    if context().is_none() {
+        return;
+    }
+    let dir = tmp("toml");
+    std::fs::write(dir.join("verse.txt"), VERSE.repeat(10)).unwrap();
+    let cfg = format!(
+        "model = {:?}\ndata = {:?}\nmethod = \"lora-fa\"\ntargets = [\"c_attn\", \"c_fc\"]\nrank = 2\nlr = 1e-3\nsteps = 5\nseq = 16\nrslora = true\nprompt = [\"To\", \"be\"]\nsample_tokens = 3\n",
+        fixture("tiny_gpt2").to_str().unwrap(),
+        dir.join("verse.txt").to_str().unwrap()
+    );
+    std::fs::write(dir.join("run.toml"), cfg).unwrap();
+    let out = dir.join("out");
+    let st = bin()
+        .args(["train", "--config", dir.join("run.toml").to_str().unwrap(), "--steps", "2", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert_eq!(step_losses(&out.join("log.jsonl")).len(), 2, "--steps on the command line overrides the file's");
+    let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["adapter"]["method"], "lora-fa");
+    assert_eq!(run["adapter"]["rank"], 2);
+    assert_eq!(run["adapter"]["rslora"], true);
+    assert_eq!(run["prompts"], serde_json::json!(["To", "be"]));
+    let stdout = String::from_utf8_lossy(&st.stdout);
+    assert!(stdout.contains("samples after training"), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
