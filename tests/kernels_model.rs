@@ -279,7 +279,9 @@ fn attention_backward_matches_finite_differences() {
     use portalora::ops::attention::attention_backward;
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(43);
-    for (batch, seq, heads, kv_heads, d) in [(1, 1, 1, 1, 2), (2, 7, 5, 1, 6), (1, 9, 4, 2, 8), (1, 33, 3, 3, 5)] {
+    for (batch, seq, heads, kv_heads, d) in
+        [(1, 1, 1, 1, 2), (2, 7, 5, 1, 6), (1, 9, 4, 2, 8), (1, 33, 3, 3, 5), (2, 70, 4, 2, 4), (1, 65, 3, 1, 12)]
+    {
         let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
         let (nq, nk) = (batch * seq * heads * d, batch * seq * kv_heads * d);
         let (q, k, v, c) = (rng.vec(nq), rng.vec(nk), rng.vec(nk), rng.vec(nq));

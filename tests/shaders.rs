@@ -74,3 +74,14 @@ fn template_errors_are_reported() {
     .unwrap();
     assert_eq!(ok, "y\n7\n");
 }
+
+#[test]
+fn attention_vec4_template_validates_for_every_head_size() {
+    use portalora::ops::attention::vec4_kernel;
+    for d4 in [1usize, 2, 3, 16, 32, 64] {
+        for entry in ["attention_forward", "attention_backward_dq", "attention_backward_dkv"] {
+            let spec = vec4_kernel(entry, d4);
+            validate(&format!("attention_vec4 d4={d4} {entry}"), &spec.wgsl().unwrap());
+        }
+    }
+}

@@ -40,6 +40,7 @@ source!(ELEMENTWISE, "elementwise.wgsl", subgroups: false, template: false);
 source!(NORM, "norm.wgsl", subgroups: false, template: false);
 source!(ROPE, "rope.wgsl", subgroups: false, template: false);
 source!(ATTENTION, "attention.wgsl", subgroups: false, template: false);
+source!(ATTENTION_VEC4, "attention_vec4.wgsl", subgroups: false, template: true);
 source!(ACT, "act.wgsl", subgroups: false, template: false);
 source!(EMBED, "embed.wgsl", subgroups: false, template: false);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);

@@ -43,6 +43,22 @@ impl AttentionShape {
         Ok(())
     }
 
+    /// The specialised kernels (shaders/attention_vec4.wgsl) serve head dimensions that are a
+    /// multiple of 4; others take the generic ones. Both compute the same thing.
+    fn vec4(&self) -> bool {
+        self.head_dim.is_multiple_of(4) && self.batch * self.heads <= 65535
+    }
+
+    /// The kernel and grid of `entry` for `rows_per_head` rows of `heads` heads.
+    fn spec(&self, ctx: &Context, entry: &'static str, heads: usize) -> (KernelSpec, [u32; 3]) {
+        if self.vec4() {
+            let spec = vec4_kernel(entry, self.head_dim / 4);
+            (spec, [self.seq.div_ceil(64) as u32, (self.batch * heads) as u32, 1])
+        } else {
+            (KernelSpec::new(&kernel_sources::ATTENTION, entry), grid_for(ctx, self.batch * heads * self.seq, 64))
+        }
+    }
+
     /// The kernel's uniforms for a grid `gx` workgroups wide.
     fn params(&self, gx: u32) -> Params {
         Params {
@@ -57,6 +73,44 @@ impl AttentionShape {
             q_offset: self.q_offset as u32,
         }
     }
+}
+
+/// shaders/attention_vec4.wgsl for head_dim = 4·`d4`: the per-row loops over the head dimension are
+/// written out here, one line per vec4, so that every row and accumulator lives in registers
+/// (a private array indexed in a loop may end up in memory).
+pub fn vec4_kernel(entry: &'static str, d4: usize) -> KernelSpec {
+    let lines = |f: &dyn Fn(usize) -> String| (0..d4).map(f).collect::<Vec<_>>().join("\n");
+    KernelSpec::new(&kernel_sources::ATTENTION_VEC4, entry)
+        .var("D4", d4)
+        .var("FWD_DECL", lines(&|i| format!("    let q{i} = q[qb + {i}u] * p.scale;\n    var a{i} = vec4<f32>(0.0);")))
+        .var("FWD_DOT", lines(&|i| format!("        dot += q{i} * k[kb + {i}u];")))
+        .var("FWD_ACC", lines(&|i| format!("            a{i} = a{i} * c + e * v[kb + {i}u];")))
+        .var("FWD_STORE", lines(&|i| format!("        out[qb + {i}u] = a{i} * inv;")))
+        .var(
+            "DQ_DECL",
+            lines(&|i| {
+                format!(
+                    "    let q{i} = bq[qb + {i}u];\n    let d{i} = dout[qb + {i}u];\n    dsum4 += d{i} * bout[qb + {i}u];\n    var a{i} = vec4<f32>(0.0);"
+                )
+            }),
+        )
+        .var("DQ_DOT", lines(&|i| format!("        qk += q{i} * bk[kb + {i}u];\n        dvd += d{i} * bv[kb + {i}u];")))
+        .var("DQ_ACC", lines(&|i| format!("            a{i} += ds * bk[kb + {i}u];")))
+        .var("DQ_STORE", lines(&|i| format!("        dq[qb + {i}u] = a{i};")))
+        .var(
+            "DKV_DECL",
+            lines(&|i| {
+                format!(
+                    "    let k{i} = bk[kb + {i}u];\n    let v{i} = bv[kb + {i}u];\n    var ak{i} = vec4<f32>(0.0);\n    var av{i} = vec4<f32>(0.0);"
+                )
+            }),
+        )
+        .var("DKV_DOT", lines(&|i| format!("            qk += k{i} * bq[qb + {i}u];\n            dvd += v{i} * kdout[qb + {i}u];")))
+        .var(
+            "DKV_ACC",
+            lines(&|i| format!("                ak{i} += ds * bq[qb + {i}u];\n                av{i} += pr * kdout[qb + {i}u];")),
+        )
+        .var("DKV_STORE", lines(&|i| format!("        dk[kb + {i}u] = ak{i};\n        dv[kb + {i}u] = av{i};")))
 }
 
 /// `out = softmax(q·kᵀ/√d + causal mask)·v` with q, out `(B, T, H, d)`, k, v `(B, q_offset + T, KV, d)`;
@@ -83,9 +137,8 @@ pub fn attention_forward(
     check_numel(OP, k, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
     check_numel(OP, v, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
     check_numel(OP, lse, b * h * t, "(B, H, T)")?;
-    let groups = grid_for(ctx, b * h * t, 64);
+    let (spec, groups) = s.spec(ctx, OP, h);
     let params = s.params(groups[0]);
-    let spec = KernelSpec::new(&kernel_sources::ATTENTION, OP);
     let args = [
         Arg::Uniform(uniform(OP, &params)?),
         Arg::Read(q),
@@ -132,10 +185,8 @@ pub fn attention_backward(
     }
     check_numel(OP, lse, b * h * t, "(B, H, T)")?;
     check_numel(OP, dsum, b * h * t, "(B, H, T)")?;
-    let groups_q = grid_for(ctx, b * h * t, 64);
-    let groups_kv = grid_for(ctx, b * kv * t, 64);
+    let (spec, groups_q) = s.spec(ctx, "attention_backward_dq", h);
     let params = |gx| s.params(gx);
-    let spec = KernelSpec::new(&kernel_sources::ATTENTION, "attention_backward_dq");
     let args = [
         Arg::Uniform(uniform(OP, &params(groups_q[0]))?),
         Arg::Read(q),
@@ -148,7 +199,7 @@ pub fn attention_backward(
         Arg::Write(dsum),
     ];
     ctx.record(step, &spec, &args, groups_q)?;
-    let spec = KernelSpec::new(&kernel_sources::ATTENTION, "attention_backward_dkv");
+    let (spec, groups_kv) = s.spec(ctx, "attention_backward_dkv", kv);
     let args = [
         Arg::Uniform(uniform(OP, &params(groups_kv[0]))?),
         Arg::Read(q),
