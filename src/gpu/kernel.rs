@@ -56,6 +56,7 @@ pub const ALL_SOURCES: &[&KernelSource] = &[
     &NORM,
     &ROPE,
     &ATTENTION,
+    &ATTENTION_VEC4,
     &ACT,
     &EMBED,
     &XENT,
