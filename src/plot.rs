@@ -86,15 +86,36 @@ pub fn loss_svg(train: &[(u64, f64)], val: &[(u64, f64)], title: &str) -> String
                 writeln!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#, p.join(" "));
         }
     };
-    line(train, "#1f77b4", &mut s);
+    // The raw per-step loss is noisy (each step sees other rows): drawn faint, with a trailing
+    // mean over about a twentieth of the run on top.
+    let line_faint = |pts: &[(u64, f64)], s: &mut String| {
+        let p: Vec<String> =
+            pts.iter().filter(finite).map(|&(x, y)| format!("{:.1},{:.1}", px(x as f64), py(y))).collect();
+        if !p.is_empty() {
+            let _ = writeln!(
+                s,
+                r##"<polyline fill="none" stroke="#1f77b4" stroke-opacity="0.3" stroke-width="1" points="{}"/>"##,
+                p.join(" ")
+            );
+        }
+    };
+    line_faint(train, &mut s);
+    let w = (train.len() / 20).max(1);
+    let smooth: Vec<(u64, f64)> = (0..train.len())
+        .map(|i| {
+            let window = &train[i.saturating_sub(w - 1)..=i];
+            (train[i].0, window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64)
+        })
+        .collect();
+    line(&smooth, "#1f77b4", &mut s);
     line(val, "#ff7f0e", &mut s);
     for &(x, y) in val.iter().filter(finite) {
         let _ = writeln!(s, r##"<circle cx="{:.1}" cy="{:.1}" r="3.5" fill="#ff7f0e"/>"##, px(x as f64), py(y));
     }
-    let lx = W - RIGHT - 170.0;
+    let lx = W - RIGHT - 260.0;
     let _ = write!(
         s,
-        r##"<line x1="{lx}" x2="{}" y1="{}" y2="{}" stroke="#1f77b4" stroke-width="2"/><text x="{}" y="{}">train loss</text>
+        r##"<line x1="{lx}" x2="{}" y1="{}" y2="{}" stroke="#1f77b4" stroke-width="2"/><text x="{}" y="{}">train loss (mean of recent steps)</text>
 <line x1="{lx}" x2="{}" y1="{}" y2="{}" stroke="#ff7f0e" stroke-width="2"/><text x="{}" y="{}">validation loss</text>
 </svg>
 "##,

@@ -155,7 +155,11 @@ fn a_short_run_lowers_the_validation_loss_and_draws_it() {
     let svg = std::fs::read_to_string(&s.plot).unwrap();
     let doc = roxmltree::Document::parse(&svg).expect("loss.svg must be well-formed XML");
     assert_eq!(doc.root_element().tag_name().name(), "svg");
-    assert_eq!(doc.descendants().filter(|n| n.has_tag_name("polyline")).count(), 2);
+    assert_eq!(
+        doc.descendants().filter(|n| n.has_tag_name("polyline")).count(),
+        3,
+        "raw and smoothed train loss, validation loss"
+    );
     // The log: one line per step and per evaluation.
     let log = std::fs::read_to_string(&s.log).unwrap();
     assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 40);
