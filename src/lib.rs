@@ -70,7 +70,6 @@ pub mod model;
 pub mod ops;
 pub mod plot;
 pub mod reference;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod train;
 
 #[cfg(all(feature = "native", not(target_arch = "wasm32")))]

@@ -9,10 +9,12 @@
 use crate::adapter::{self, lora_plus, peft, Adapter, AdapterConfig, AdapterError, Input, Method};
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::gpu::{GpuModel, GpuModelError, PlanOptions};
+#[cfg(not(target_arch = "wasm32"))]
 use crate::model::HostTensor;
-use crate::model::{Arch, Weights};
+use crate::model::Weights;
 use crate::ops::elementwise::{axpy_forward, copy_forward};
 use crate::ops::optim::{adamw_step, grad_norm_clip, grad_norm_partials, sgd_step};
+#[cfg(not(target_arch = "wasm32"))]
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -168,10 +170,14 @@ pub struct Trainer {
     pub config: TrainConfig,
     pub params: Vec<ParamState>,
     groups: Vec<Group>,
-    pub clip: Tensor,    // (2,) [scale, norm]
-    update: Step,        // clipping, before-update hooks, optimizer
-    acc_first: Step,     // acc = grad (gradient accumulation)
-    acc_add: Step,       // acc += grad
+    pub clip: Tensor, // (2,) [scale, norm]
+    update: Step,     // clipping, before-update hooks, optimizer
+    acc_first: Step,  // acc = grad (gradient accumulation)
+    acc_add: Step,    // acc += grad
+    /// (K,) each micro-batch's loss sum, copied there by `loss_copy[i]`, so a step reads its
+    /// losses back once, after the last submission.
+    losses: Tensor,
+    loss_copy: Vec<Step>,
     after: Option<Step>, // Delta-LoRA's W0 update
     /// Steps completed.
     pub step: u64,
@@ -186,6 +192,7 @@ pub struct Batch<'a> {
     pub predict: Option<&'a [Vec<bool>]>,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn host(ctx: &Context, t: &Tensor) -> Result<HostTensor> {
     Ok(HostTensor { shape: t.shape().to_vec(), data: ctx.read_f32(t)? })
 }
@@ -298,6 +305,14 @@ impl Trainer {
         }
         let mut after = Step::new();
         let has_after = adapter.after_update(ctx, &mut after, &model.site_weights()?)?;
+        let k = config.grad_accum.max(1);
+        let losses = ctx.tensor("micro_losses", &[k], DType::F32)?;
+        let mut loss_copy = Vec::with_capacity(k);
+        for i in 0..k {
+            let mut s = Step::new();
+            copy_forward(ctx, &mut s, &model.acts.loss_sum, &losses, i)?;
+            loss_copy.push(s);
+        }
         Ok(Trainer {
             model,
             adapter_config: adapter_config.clone(),
@@ -309,6 +324,8 @@ impl Trainer {
             after: if has_after { Some(after) } else { None },
             acc_first,
             acc_add,
+            losses,
+            loss_copy,
             step: 0,
             hf_adamw,
         })
@@ -354,6 +371,7 @@ impl Trainer {
 
     /// One training step on a full batch of `ids` (B rows of T tokens), every token after the
     /// first predicted.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn train_step(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<StepStats> {
         self.train_step_batches(ctx, &[Batch { ids, predict: None }])
     }
@@ -361,7 +379,14 @@ impl Trainer {
     /// One optimizer step over `micro` batches (one per gradient-accumulation micro-batch, each
     /// B rows of T tokens): the gradient is that of the mean loss over every predicted position
     /// of all of them, so accumulating k micro-batches equals one batch k times larger.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn train_step_batches(&mut self, ctx: &Context, micro: &[Batch]) -> Result<StepStats> {
+        crate::gpu::block_on(self.train_step_async(ctx, micro))
+    }
+
+    /// [`Trainer::train_step_batches`] for callers that cannot block (browsers). The step's
+    /// submissions go out back to back; the losses are read once, at the end.
+    pub async fn train_step_async(&mut self, ctx: &Context, micro: &[Batch<'_>]) -> Result<StepStats> {
         let t = self.step + 1;
         let k = self.config.grad_accum;
         if micro.len() != k {
@@ -383,7 +408,7 @@ impl Trainer {
             counts.push(self.model.write_batch(ctx, m.ids, m.predict)?);
         }
         let total = counts.iter().sum::<usize>().max(1);
-        let (mut sum, mut tokens) = (0.0, 0);
+        let mut tokens = 0;
         for (i, m) in micro.iter().enumerate() {
             if k > 1 {
                 self.model.write_batch(ctx, m.ids, m.predict)?;
@@ -393,7 +418,7 @@ impl Trainer {
                 let s = self.adapter_config.seed ^ (t * k as u64 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 ctx.write_u32(seed, &[(s ^ (s >> 32)) as u32])?;
             }
-            let mut steps = vec![train];
+            let mut steps = vec![train, &self.loss_copy[i]];
             if k > 1 {
                 steps.push(if i == 0 { &self.acc_first } else { &self.acc_add });
             }
@@ -404,14 +429,15 @@ impl Trainer {
                 }
             }
             ctx.run_steps(&steps)?;
-            sum += ctx.read_f32(&self.model.acts.loss_sum)?[0] as f64;
             tokens += m.ids.len() * m.ids[0].len();
         }
+        let sum: f64 = ctx.read(&self.losses)?.await?.iter().map(|&l| l as f64).sum();
         self.step = t;
         Ok(StepStats { step: t, loss: sum / total as f64, lr: self.lr_at(t), tokens })
     }
 
     /// The optimizer's state and the step count, keyed by parameter name (checkpoints).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn optimizer_state(&self, ctx: &Context) -> Result<BTreeMap<String, HostTensor>> {
         let mut out = BTreeMap::new();
         for p in &self.params {
@@ -432,6 +458,7 @@ impl Trainer {
     }
 
     /// Restores [`Trainer::optimizer_state`] and the step count.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn load_optimizer_state(
         &mut self,
         ctx: &Context,
@@ -466,17 +493,29 @@ impl Trainer {
     }
 
     /// Mean next-token loss of the current model (with its adapter) over `rows`, in batches.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn eval_loss(&self, ctx: &Context, rows: &[Vec<u32>]) -> Result<f64> {
         self.eval_loss_masked(ctx, rows, None)
     }
 
     /// [`Trainer::eval_loss`] over the positions `predict` marks.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn eval_loss_masked(&self, ctx: &Context, rows: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> Result<f64> {
+        crate::gpu::block_on(self.eval_loss_async(ctx, rows, predict))
+    }
+
+    /// [`Trainer::eval_loss_masked`] for callers that cannot block (browsers).
+    pub async fn eval_loss_async(
+        &self,
+        ctx: &Context,
+        rows: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+    ) -> Result<f64> {
         let (mut sum, mut count) = (0.0, 0usize);
         let b = self.model.acts.batch;
         for (i, chunk) in rows.chunks(b).enumerate() {
             let mask = predict.map(|p| &p[i * b..i * b + chunk.len()]);
-            let (s, c) = self.model.loss_sum_masked(ctx, chunk, mask)?;
+            let (s, c) = self.model.loss_sum_async(ctx, chunk, mask).await?;
             sum += s;
             count += c;
         }
@@ -484,19 +523,22 @@ impl Trainer {
     }
 
     /// The gradients of the last step, keyed by parameter name (tests, diagnostics).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn gradients(&self, ctx: &Context) -> Result<Vec<(String, Vec<f32>)>> {
         self.params.iter().map(|p| Ok((p.name.clone(), ctx.read_f32(&p.grad)?))).collect()
     }
 
     /// Writes the adapter in PEFT's format to `dir`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn save_adapter(&self, ctx: &Context, base_model: &str, dir: &std::path::Path) -> Result<()> {
-        peft::save(ctx, self.adapter(), self.model.config.arch == Arch::Gpt2, base_model, dir)?;
+        peft::save(ctx, self.adapter(), self.model.config.arch == crate::model::Arch::Gpt2, base_model, dir)?;
         Ok(())
     }
 }
 
 /// A forward-only model for `batch` rows of `seq` tokens with the PEFT adapter folder `dir`
 /// (LoRA or VeRA files, ours or PEFT's) attached: for evaluation, generation and merging.
+#[cfg(not(target_arch = "wasm32"))]
 pub fn model_with_adapter(
     ctx: &Context,
     weights: &Weights,

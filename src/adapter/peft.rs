@@ -247,10 +247,10 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u
 }
 
 /// Writes `adapter` as a PEFT folder `dir` (created if missing).
-#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+#[cfg(not(target_arch = "wasm32"))]
 pub fn save(ctx: &Context, adapter: &dyn Adapter, gpt2: bool, base_model: &str, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.display().to_string(), source })?;
-    let tensors = pollster::block_on(export(ctx, adapter))?;
+    let tensors = crate::gpu::block_on(export(ctx, adapter))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors)?)?;
     let cfg = serde_json::to_string_pretty(&config_json(adapter.config(), gpt2, base_model))
         .map_err(|e| AdapterError::Option(e.to_string()))?;

@@ -75,3 +75,18 @@ pub enum GpuError {
 }
 
 pub type Result<T, E = GpuError> = std::result::Result<T, E>;
+
+/// Runs a future to completion on this thread (native). The futures of this crate are GPU
+/// readbacks, whose poll waits for the device natively, so this never spins; it lets one async
+/// code path (needed by browsers) serve native callers too.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}

@@ -334,12 +334,18 @@ impl Readback {
     }
 }
 
-/// Awaiting a readback works on every platform; on native it drives the device itself.
+/// Awaiting a readback works on every platform; natively its poll waits for the GPU.
 impl Future for Readback {
     type Output = Result<Vec<f32>>;
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // Natively nothing else would drive the device: wait for the submission right here (a
+        // GPU readback is a wait in any case), so that `block_on` never spins.
         #[cfg(not(target_arch = "wasm32"))]
-        let _ = self.device.poll(wgpu::PollType::Poll);
+        if let Err(e) =
+            self.device.poll(wgpu::PollType::Wait { submission_index: Some(self.submission.clone()), timeout: None })
+        {
+            return Poll::Ready(Err(GpuError::DeviceLost { message: e.to_string() }));
+        }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.result.take() {
             Some(Ok(())) => {

@@ -4,7 +4,7 @@
 
 use super::config::ModelConfig;
 use super::gpu::{GpuModelError, LayerParams, ParameterTensors};
-use crate::gpu::{Context, DType, Step, Tensor};
+use crate::gpu::{Context, DType, Readback, Step, Tensor};
 use crate::ops::act::{gelu_forward, swiglu_forward};
 use crate::ops::attention::attention_forward;
 use crate::ops::elementwise::{add_forward, bias_forward, copy_forward};
@@ -122,7 +122,18 @@ impl<'p> Generator<'p> {
     }
 
     /// Runs `tokens` at the next positions and returns the logits after the last one.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn feed(&mut self, ctx: &Context, tokens: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.submit(ctx, tokens)?.wait()?)
+    }
+
+    /// [`Generator::feed`] for callers that cannot block (browsers).
+    pub async fn feed_async(&mut self, ctx: &Context, tokens: &[u32]) -> Result<Vec<f32>> {
+        Ok(self.submit(ctx, tokens)?.await?)
+    }
+
+    /// Submits `tokens` at the next positions; the readback yields the logits after the last one.
+    fn submit(&mut self, ctx: &Context, tokens: &[u32]) -> Result<Readback> {
         if tokens.is_empty() {
             return Err(GpuModelError::Unsupported("feed needs at least one token".into()));
         }
@@ -132,14 +143,15 @@ impl<'p> Generator<'p> {
         if let Some((pos, &id)) = tokens.iter().enumerate().find(|&(_, &id)| id as usize >= self.config.vocab_size) {
             return Err(GpuModelError::BadId { id, row: 0, pos: self.pos + pos, vocab: self.config.vocab_size });
         }
-        let mut last = Vec::new();
         for chunk in tokens.chunks(self.rows) {
-            last = self.feed_chunk(ctx, chunk)?;
+            self.run_chunk(ctx, chunk)?;
         }
-        Ok(last)
+        // Only the last row is read back (a copy needs 4-byte alignment, not 256).
+        let n = tokens.len() - (tokens.len() - 1) / self.rows * self.rows;
+        Ok(ctx.read(&self.s.logits.rows(n - 1, 1, 4)?)?)
     }
 
-    fn feed_chunk(&mut self, ctx: &Context, tokens: &[u32]) -> Result<Vec<f32>> {
+    fn run_chunk(&mut self, ctx: &Context, tokens: &[u32]) -> Result<()> {
         let c = &self.config;
         let (n, pos) = (tokens.len(), self.pos);
         let (p, s) = (self.params, &self.s);
@@ -220,13 +232,26 @@ impl<'p> Generator<'p> {
         head.project(ctx, &mut st, &r(&s.h)?, &r(&s.logits)?)?;
         ctx.run(&st)?;
         self.pos += n;
-        // Only the last row is read back (a copy needs 4-byte alignment, not 256).
-        Ok(ctx.read_f32(&s.logits.rows(n - 1, 1, 4)?)?)
+        Ok(())
     }
 
     /// Feeds the prompt, then samples up to `max_new` tokens (stopping after `stop`), calling
     /// `on_token` with each new token as it is chosen. Returns the new tokens.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn generate(
+        &mut self,
+        ctx: &Context,
+        prompt: &[u32],
+        max_new: usize,
+        sampling: Sampling,
+        stop: Option<u32>,
+        on_token: impl FnMut(u32),
+    ) -> Result<Vec<u32>> {
+        crate::gpu::block_on(self.generate_async(ctx, prompt, max_new, sampling, stop, on_token))
+    }
+
+    /// [`Generator::generate`] for callers that cannot block (browsers).
+    pub async fn generate_async(
         &mut self,
         ctx: &Context,
         prompt: &[u32],
@@ -237,7 +262,7 @@ impl<'p> Generator<'p> {
     ) -> Result<Vec<u32>> {
         self.reset();
         let mut rng = Rng::new(sampling.seed);
-        let mut logits = self.feed(ctx, prompt)?;
+        let mut logits = self.submit(ctx, prompt)?.await?;
         let mut out = Vec::with_capacity(max_new);
         for i in 0..max_new {
             let next = sample(&logits, sampling, &mut rng);
@@ -246,7 +271,7 @@ impl<'p> Generator<'p> {
             if Some(next) == stop || i + 1 == max_new || self.pos >= self.max_len {
                 break;
             }
-            logits = self.feed(ctx, &[next])?;
+            logits = self.submit(ctx, &[next])?.await?;
         }
         Ok(out)
     }

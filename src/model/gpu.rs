@@ -934,12 +934,24 @@ impl GpuModel {
     /// Runs the forward pass on `ids` (up to `batch` rows of `seq` tokens; missing rows are
     /// padding whose positions are ignored) and returns (sum of next-token losses, positions).
     /// Only the loss sum is read back.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn loss_sum(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
         self.loss_sum_masked(ctx, ids, None)
     }
 
     /// [`GpuModel::loss_sum`] over the positions `predict` marks (see [`GpuModel::write_batch`]).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn loss_sum_masked(
+        &self,
+        ctx: &Context,
+        ids: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+    ) -> Result<(f64, usize)> {
+        crate::gpu::block_on(self.loss_sum_async(ctx, ids, predict))
+    }
+
+    /// [`GpuModel::loss_sum_masked`] for callers that cannot block (browsers).
+    pub async fn loss_sum_async(
         &self,
         ctx: &Context,
         ids: &[Vec<u32>],
@@ -947,7 +959,7 @@ impl GpuModel {
     ) -> Result<(f64, usize)> {
         let count = self.write_batch(ctx, ids, predict)?;
         ctx.run(&self.forward)?;
-        let sum = ctx.read_f32(&self.acts.loss_sum)?;
+        let sum = ctx.read(&self.acts.loss_sum)?.await?;
         Ok((sum[0] as f64, count))
     }
 
@@ -987,6 +999,7 @@ impl GpuModel {
 
     /// Forward, loss and backward on a full batch of `ids` (B rows of T tokens). Returns (sum of
     /// next-token losses, positions); the gradients of their mean are left in [`GpuModel::grads`].
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn forward_backward(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
         if self.train.is_none() {
             self.enable_backward(ctx)?;
@@ -1001,6 +1014,7 @@ impl GpuModel {
     }
 
     /// Logits `(rows, V)` of the last forward pass, when they fit one chunk (tests, generation).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn last_logits(&self, ctx: &Context) -> Result<Vec<f32>> {
         if self.acts.chunk_rows < self.acts.batch * self.acts.seq {
             return Err(GpuModelError::Unsupported("logits of this batch span several chunks".into()));

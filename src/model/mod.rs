@@ -4,9 +4,7 @@
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod export;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod generate;
-#[cfg(not(target_arch = "wasm32"))]
 pub mod gpu;
 pub mod weights;
 
