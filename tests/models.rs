@@ -166,3 +166,26 @@ fn sharded_safetensors_folders_load() {
     let e = load_model(&dir).unwrap_err();
     assert!(e.to_string().contains("model-00002-of-00002.safetensors"), "{e}");
 }
+
+/// Browsers hand files over as bytes: the byte loaders give exactly what the path loaders give.
+#[test]
+fn models_load_from_bytes_as_from_files() {
+    use portalora::model::weights::{load_gguf_bytes, load_safetensors_bytes};
+    for name in ["tiny_gpt2", "tiny_llama"] {
+        let dir = fixture(name);
+        let from_dir = load_model(&dir).unwrap();
+        let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let st = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let from_bytes = load_safetensors_bytes(name, &config, &[&st]).unwrap();
+        assert_eq!(from_bytes.config, from_dir.config);
+        assert_eq!(from_bytes.tensors, from_dir.tensors, "{name}");
+    }
+    if let Some(path) = common::smollm2_path() {
+        let from_file = load_model(&path).unwrap();
+        let from_bytes = load_gguf_bytes("smollm2.gguf", std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(from_bytes.config, from_file.config);
+        assert_eq!(from_bytes.tensors, from_file.tensors);
+    }
+    let err = load_gguf_bytes("upload.gguf", b"GGUF\x09\0\0\0".to_vec()).unwrap_err().to_string();
+    assert!(err.contains("upload.gguf"), "{err}");
+}

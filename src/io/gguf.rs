@@ -169,14 +169,17 @@ impl TensorInfo {
     }
 }
 
-/// A parsed GGUF file; tensor data is read from disk on demand.
+/// A parsed GGUF file; tensor data is read from disk on demand (or from memory, for files that
+/// came as bytes, as in a browser).
 #[derive(Debug)]
 pub struct Gguf {
+    /// The file, or the name the bytes were given under.
     pub path: PathBuf,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     file_len: u64,
+    bytes: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// Upper bounds that keep a lying header from making us allocate without limit.
@@ -263,7 +266,18 @@ impl Gguf {
         let io = |source| GgufError::Io { path: path.clone(), source };
         let file = File::open(&path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
-        let mut p = Parser { r: BufReader::new(file), pos: 0, path: path.clone() };
+        Self::parse(BufReader::new(file), path, file_len, None)
+    }
+
+    /// Parses a GGUF file held in memory; `name` stands for its path in messages.
+    pub fn from_bytes(name: &str, bytes: Vec<u8>) -> Result<Self> {
+        let bytes = std::sync::Arc::new(bytes);
+        let len = bytes.len() as u64;
+        Self::parse(std::io::Cursor::new(bytes.as_slice()), PathBuf::from(name), len, Some(bytes.clone()))
+    }
+
+    fn parse<R: Read>(r: R, path: PathBuf, file_len: u64, bytes: Option<std::sync::Arc<Vec<u8>>>) -> Result<Self> {
+        let mut p = Parser { r, pos: 0, path: path.clone() };
         let magic: [u8; 4] = p.bytes().map_err(|_| GgufError::BadMagic { path: path.clone(), magic: [0; 4] })?;
         if &magic != b"GGUF" {
             return Err(GgufError::BadMagic { path, magic });
@@ -340,7 +354,7 @@ impl Gguf {
             let shape = dims.iter().rev().map(|&d| d as usize).collect();
             tensors.push(TensorInfo { name, shape, ty, offset, bytes });
         }
-        Ok(Gguf { path, version, metadata, tensors, file_len })
+        Ok(Gguf { path, version, metadata, tensors, file_len, bytes })
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
@@ -360,6 +374,9 @@ impl Gguf {
                 what: format!("{} bytes at offset {}", info.bytes, info.offset),
                 file_len: self.file_len,
             });
+        }
+        if let Some(b) = &self.bytes {
+            return Ok(b[info.offset as usize..(info.offset + info.bytes) as usize].to_vec());
         }
         let mut f = File::open(&self.path).map_err(io)?;
         f.seek(SeekFrom::Start(info.offset)).map_err(io)?;

@@ -44,7 +44,14 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Reads a Hugging Face `tokenizer.json`.
     pub fn from_json_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let bytes = std::fs::read(path)
+            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+        Self::from_json_bytes(path, &bytes)
+    }
+
+    /// Parses the bytes of a `tokenizer.json` (`path` names it in messages).
+    pub fn from_json_bytes(path: &Path, bytes: &[u8]) -> Result<Self, TokenizerError> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let bos_id = find(&["<|endoftext|>", "<s>", "<|im_start|>"]);

@@ -74,7 +74,12 @@ impl ModelConfig {
     pub fn from_hf_json(path: &Path) -> Result<Self, ModelError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-        let c: HfConfig = serde_json::from_str(&text)
+        Self::from_hf_str(path, &text)
+    }
+
+    /// Parses the text of a `config.json`; `path` names it in messages.
+    pub fn from_hf_str(path: &Path, text: &str) -> Result<Self, ModelError> {
+        let c: HfConfig = serde_json::from_str(text)
             .map_err(|e| ModelError::Config { path: path.to_path_buf(), message: e.to_string() })?;
         let bad = |message: String| ModelError::Config { path: path.to_path_buf(), message };
         let need = |v: Option<usize>, name: &str| v.ok_or_else(|| bad(format!("missing field {name:?}")));

@@ -242,8 +242,29 @@ fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 fn load_gguf(path: &Path) -> Result<Weights, ModelError> {
-    let g = Gguf::open(path)?;
-    let config = ModelConfig::from_gguf(&g)?;
+    weights_from_gguf(&Gguf::open(path)?)
+}
+
+/// Loads a model from the bytes of a GGUF file (`name` stands for its path in messages).
+pub fn load_gguf_bytes(name: &str, bytes: Vec<u8>) -> Result<Weights, ModelError> {
+    weights_from_gguf(&Gguf::from_bytes(name, bytes)?)
+}
+
+/// Loads a model from the text of its `config.json` and the bytes of its safetensors file(s)
+/// (`name` stands for its folder in messages).
+pub fn load_safetensors_bytes(name: &str, config_json: &str, files: &[&[u8]]) -> Result<Weights, ModelError> {
+    let dir = Path::new(name);
+    let config = ModelConfig::from_hf_str(&dir.join("config.json"), config_json)?;
+    let mut tensors = BTreeMap::new();
+    for (i, bytes) in files.iter().enumerate() {
+        read_safetensors_bytes(&dir.join(format!("model-{i}.safetensors")), bytes, &mut tensors)?;
+    }
+    finish_hf(dir, config, tensors)
+}
+
+fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
+    let path = g.path.as_path();
+    let config = ModelConfig::from_gguf(g)?;
     let mut tensors = BTreeMap::new();
     for info in &g.tensors {
         let Some(name) = hf_name(config.arch, &info.name) else {
@@ -298,6 +319,15 @@ fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
     for file in files {
         read_safetensors(&file, &mut tensors)?;
     }
+    finish_hf(dir, config, tensors)
+}
+
+/// Names, tied heads and completeness of a Hugging Face model's tensors.
+fn finish_hf(
+    dir: &Path,
+    config: ModelConfig,
+    mut tensors: BTreeMap<String, HostTensor>,
+) -> Result<Weights, ModelError> {
     // GPT-2 checkpoints name tensors without the "transformer." prefix.
     if config.arch == Arch::Gpt2
         && !tensors.contains_key("transformer.wte.weight")
@@ -321,9 +351,18 @@ fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
 
 /// Reads every tensor of one safetensors file as f32.
 pub fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<(), ModelError> {
-    use safetensors::{Dtype, SafeTensors};
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
-    let st = SafeTensors::deserialize(&bytes)
+    read_safetensors_bytes(path, &bytes, out)
+}
+
+/// Reads every tensor of safetensors bytes as f32 (`path` names them in messages).
+pub fn read_safetensors_bytes(
+    path: &Path,
+    bytes: &[u8],
+    out: &mut BTreeMap<String, HostTensor>,
+) -> Result<(), ModelError> {
+    use safetensors::{Dtype, SafeTensors};
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
     for (name, view) in st.tensors() {
         let raw = view.data();
