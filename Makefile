@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The Vulkan loader warns when this is unset; any writable directory silences it.
 export XDG_RUNTIME_DIR ?= /tmp
 
-.PHONY: demo test test-native check-targets bench setup
+.PHONY: demo test test-native test-web check-targets bench setup
 
 setup:
 	@scripts/setup
@@ -32,15 +32,22 @@ demo: setup
 # reference forward against transformers (tiny fixtures and the real SmolLM2 GGUF), the wasm32
 # build, and compile checks of the DX12 (Windows) and Metal (macOS) paths. A missing adapter fails.
 test:
-	@scripts/setup --cross
+	@scripts/setup --cross --web
 	@scripts/fetch-assets "$(CACHE)"
-	$(MAKE) test-native check-targets
+	$(MAKE) test-native test-web check-targets
 
 # The real-model parity tests need scripts/fetch-assets' files; here their absence fails.
 test-native:
 	PORTALORA_CACHE="$(CACHE)" PORTALORA_REQUIRE_GPU=1 PORTALORA_REQUIRE_ASSETS=1 $(CARGO) test
 	$(CARGO) build --release
 	./target/release/portalora info
+
+# The browser tests (tests/web.rs) in headless Chromium's WebGPU, through wasm-bindgen-test with
+# chromedriver (webdriver.json holds Chromium's flags).
+test-web:
+	CHROMEDRIVER=/usr/bin/chromedriver CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+	  WASM_BINDGEN_TEST_TIMEOUT=300 \
+	  $(CARGO) test --target wasm32-unknown-unknown --no-default-features --features web --test web
 
 check-targets:
 	$(CARGO) build --lib --target wasm32-unknown-unknown --no-default-features --features web

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::{Adapter, AdapterConfig, AdapterError, Method, Result};
 use crate::gpu::Context;
-use crate::model::weights::{read_safetensors, HostTensor};
+use crate::model::weights::{read_safetensors_bytes, HostTensor};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -43,7 +43,20 @@ impl PeftFile {
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|source| AdapterError::Io { path: cfg_path.display().to_string(), source })?;
-        let config: Value = serde_json::from_str(&text).map_err(|e| file_err(&cfg_path, format!("not JSON: {e}")))?;
+        let st_path = dir.join(WEIGHTS_FILE);
+        if !st_path.exists() {
+            return Err(file_err(&st_path, "missing; an adapter folder holds adapter_config.json and adapter_model.safetensors"));
+        }
+        let bytes = std::fs::read(&st_path)
+            .map_err(|source| AdapterError::Io { path: st_path.display().to_string(), source })?;
+        Self::from_bytes(dir, &text, &bytes)
+    }
+
+    /// Parses an adapter from the text of its `adapter_config.json` and the bytes of its
+    /// `adapter_model.safetensors` (`dir` names the folder in messages).
+    pub fn from_bytes(dir: &Path, text: &str, safetensors: &[u8]) -> Result<PeftFile> {
+        let cfg_path = dir.join(CONFIG_FILE);
+        let config: Value = serde_json::from_str(text).map_err(|e| file_err(&cfg_path, format!("not JSON: {e}")))?;
         let peft_type = config["peft_type"].as_str().unwrap_or("").to_ascii_uppercase();
         if peft_type != "LORA" && peft_type != "VERA" {
             return Err(file_err(
@@ -65,13 +78,7 @@ impl PeftFile {
         let dropout_key = if peft_type == "LORA" { "lora_dropout" } else { "vera_dropout" };
         let mut raw = BTreeMap::new();
         let st_path = dir.join(WEIGHTS_FILE);
-        if !st_path.exists() {
-            return Err(file_err(
-                &st_path,
-                "missing; an adapter folder holds adapter_config.json and adapter_model.safetensors",
-            ));
-        }
-        read_safetensors(&st_path, &mut raw).map_err(|e| file_err(&st_path, e.to_string()))?;
+        read_safetensors_bytes(&st_path, safetensors, &mut raw).map_err(|e| file_err(&st_path, e.to_string()))?;
         // Files written with an adapter name inside the keys (".default.") mean the same tensors.
         let tensors = raw.into_iter().map(|(k, v)| (k.replace(".default.", ".").replace(".default", ""), v)).collect();
         Ok(PeftFile {
