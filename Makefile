@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The Vulkan loader warns when this is unset; any writable directory silences it.
 export XDG_RUNTIME_DIR ?= /tmp
 
-.PHONY: demo test test-native test-web check-targets bench setup
+.PHONY: demo test test-native test-web test-web-e2e check-targets bench setup web build-web
 
 setup:
 	@scripts/setup
@@ -29,12 +29,14 @@ demo: setup
 	  --out "$(DEMO_OUT)"
 
 # Every test: kernels on the GPU (lavapipe without one), WGSL validation, model loading and the
-# reference forward against transformers (tiny fixtures and the real SmolLM2 GGUF), the wasm32
-# build, and compile checks of the DX12 (Windows) and Metal (macOS) paths. A missing adapter fails.
+# reference forward against transformers (tiny fixtures and the real SmolLM2 GGUF), the adapters
+# against PEFT, fine-tuning runs, the browser tests in headless Chromium (wasm-bindgen-test and the
+# demo page end to end), and compile checks of the DX12 (Windows) and Metal (macOS) paths. A
+# missing adapter fails.
 test:
 	@scripts/setup --cross --web
 	@scripts/fetch-assets "$(CACHE)"
-	$(MAKE) test-native test-web check-targets
+	$(MAKE) test-native test-web test-web-e2e check-targets
 
 # The real-model parity tests need scripts/fetch-assets' files; here their absence fails.
 test-native:
@@ -58,3 +60,30 @@ check-targets:
 bench: setup
 	$(CARGO) build --release
 	python3 benches/compare_matmul.py ./target/release/portalora
+
+# The browser demo: builds the wasm module (cargo, wasm-bindgen-cli at the crate's exact version,
+# wasm-opt from the npm package binaryen), puts the bundled tiny model beside the page, and serves
+# web/ on 127.0.0.1 (WebGPU needs a secure context: localhost is one).
+WEB_PORT ?= 8000
+NODE_DIR = $(CACHE)/node
+WASM = target/wasm32-unknown-unknown/release/portalora.wasm
+web: build-web
+	@echo "portalora: serving web/ at http://127.0.0.1:$(WEB_PORT)/  (Ctrl-C stops)"
+	cd web && python3 -m http.server $(WEB_PORT) --bind 127.0.0.1
+
+build-web:
+	@scripts/setup --web
+	$(CARGO) build --lib --release --target wasm32-unknown-unknown --no-default-features --features web
+	wasm-bindgen --target web --no-typescript --out-dir web/pkg $(WASM)
+	@[ -x "$(NODE_DIR)/node_modules/.bin/wasm-opt" ] || npm install --silent --prefix "$(NODE_DIR)" binaryen@132.0.0 playwright-core@1.65.1
+	"$(NODE_DIR)/node_modules/.bin/wasm-opt" -O2 --enable-bulk-memory --enable-nontrapping-float-to-int \
+	  --enable-sign-ext --enable-mutable-globals --enable-reference-types web/pkg/portalora_bg.wasm -o web/pkg/portalora_bg.wasm
+	mkdir -p web/models/tiny
+	cp tests/fixtures/tiny_gpt2/config.json tests/fixtures/tiny_gpt2/model.safetensors tests/fixtures/tiny_gpt2/tokenizer.json web/models/tiny/
+	@ls -l web/pkg/portalora_bg.wasm
+
+# The page end to end in headless Chromium (tests/web/e2e.mjs, playwright-core): every method
+# trains the bundled tiny model, the chart is drawn, text is generated, the adapter downloads and
+# parses; a browser without WebGPU gets a readable error. Screenshot: target/web-e2e.png.
+test-web-e2e: build-web
+	PLAYWRIGHT_CORE="$(NODE_DIR)/node_modules/playwright-core" node tests/web/e2e.mjs

@@ -74,3 +74,5 @@ pub mod train;
 
 #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
 pub mod bench;
+#[cfg(all(feature = "web", target_arch = "wasm32"))]
+pub mod web;

@@ -27,7 +27,11 @@ async fn context() -> Context {
 }
 
 fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
-    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+        .collect()
 }
 
 #[wasm_bindgen_test]

@@ -45,7 +45,10 @@ impl PeftFile {
             .map_err(|source| AdapterError::Io { path: cfg_path.display().to_string(), source })?;
         let st_path = dir.join(WEIGHTS_FILE);
         if !st_path.exists() {
-            return Err(file_err(&st_path, "missing; an adapter folder holds adapter_config.json and adapter_model.safetensors"));
+            return Err(file_err(
+                &st_path,
+                "missing; an adapter folder holds adapter_config.json and adapter_model.safetensors",
+            ));
         }
         let bytes = std::fs::read(&st_path)
             .map_err(|source| AdapterError::Io { path: st_path.display().to_string(), source })?;

@@ -262,7 +262,8 @@ pub fn load_safetensors_bytes(name: &str, config_json: &str, files: &[&[u8]]) ->
     finish_hf(dir, config, tensors)
 }
 
-fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
+/// A model from a parsed GGUF file.
+pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
     let path = g.path.as_path();
     let config = ModelConfig::from_gguf(g)?;
     let mut tensors = BTreeMap::new();

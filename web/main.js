@@ -1,0 +1,189 @@
+// The demo page: UI, loss chart and downloads. All GPU work happens in worker.js.
+const $ = (id) => document.getElementById(id);
+const worker = new Worker("worker.js", { type: "module" });
+const state = { train: [], val: [], model: null, busy: false };
+window.demoState = state; // read by the end-to-end test
+
+const DEFAULT_TEXT = `To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die, to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to: 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+To sleep, perchance to dream: ay, there's the rub.
+`;
+$("text").value = DEFAULT_TEXT.repeat(4);
+
+function error(msg) {
+  $("error").textContent = msg ? "Error: " + msg : "";
+  if (msg) setBusy(false);
+}
+function status(msg) {
+  $("status").textContent = msg;
+}
+function setBusy(b) {
+  state.busy = b;
+  $("train").disabled = b || !state.model;
+  $("pause").disabled = !b;
+  $("stop").disabled = !b;
+}
+
+// The loss chart: train loss per step (blue) and validation loss (orange dots and line).
+function draw() {
+  const c = $("chart");
+  const g = c.getContext("2d");
+  g.clearRect(0, 0, c.width, c.height);
+  const pts = state.train.concat(state.val);
+  if (pts.length === 0) return;
+  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
+  let y0 = Math.min(...ys), y1 = Math.max(...ys);
+  const pad = Math.max((y1 - y0) * 0.1, 1e-3);
+  y0 -= pad; y1 += pad;
+  const L = 50, R = 10, T = 10, B = 25;
+  const px = (x) => L + ((x - x0) / (x1 - x0)) * (c.width - L - R);
+  const py = (y) => T + ((y1 - y) / (y1 - y0)) * (c.height - T - B);
+  g.strokeStyle = "#999"; g.strokeRect(L, T, c.width - L - R, c.height - T - B);
+  g.fillStyle = "#444"; g.font = "12px sans-serif";
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + ((y1 - y0) * i) / 4;
+    g.fillText(y.toFixed(2), 4, py(y) + 4);
+  }
+  g.fillText("step " + x1, c.width - 60, c.height - 6);
+  const line = (p, color) => {
+    g.strokeStyle = color; g.lineWidth = 1.5; g.beginPath();
+    p.forEach(([x, y], i) => (i ? g.lineTo(px(x), py(y)) : g.moveTo(px(x), py(y))));
+    g.stroke();
+  };
+  line(state.train, "#1f77b4");
+  line(state.val, "#ff7f0e");
+  g.fillStyle = "#ff7f0e";
+  state.val.forEach(([x, y]) => { g.beginPath(); g.arc(px(x), py(y), 3.5, 0, 7); g.fill(); });
+  c.dataset.points = String(pts.length);
+}
+
+worker.onmessage = (e) => {
+  const m = e.data;
+  switch (m.type) {
+    case "ready":
+      status(`GPU: ${m.info.name || "WebGPU adapter"} (${m.info.backend})${m.info.subgroups ? ", subgroups of " + m.info.subgroup_min_size : ""}${m.info.shader_f16 ? ", f16" : ", no f16"}`);
+      $("load-tiny").disabled = false;
+      break;
+    case "loaded":
+      state.model = m.model;
+      $("model-desc").textContent = ` ${m.model.name}: ${m.model.arch}, ${m.model.layers} layers, ${(m.model.parameters / 1e6).toFixed(2)} M parameters`;
+      if (m.model.arch === "Llama" && $("targets").value.includes("c_attn")) $("targets").value = "q_proj,v_proj";
+      if (m.model.arch === "Gpt2" && $("targets").value.includes("q_proj")) $("targets").value = "c_attn,c_proj,c_fc";
+      setBusy(false);
+      document.body.dataset.model = m.model.name;
+      break;
+    case "started":
+      status(`training: ${m.summary.train_rows} rows (${m.summary.val_rows} for validation), ${m.summary.trainable} trainable parameters`);
+      break;
+    case "step":
+      state.train.push([m.step, m.loss]);
+      $("speed").textContent = `step ${m.step}  loss ${m.loss.toFixed(4)}  ${m.tokens_per_s.toFixed(0)} tokens/s`;
+      document.body.dataset.tokensPerS = m.tokens_per_s.toFixed(1);
+      draw();
+      break;
+    case "eval":
+      state.val.push([m.step, m.loss]);
+      draw();
+      break;
+    case "sample":
+      $(m.when).textContent = m.prompt + "▌" + m.text;
+      state[m.when] = m.text;
+      break;
+    case "paused":
+      $("pause").textContent = m.paused ? "Resume" : "Pause";
+      break;
+    case "done":
+      setBusy(false);
+      $("download").disabled = false;
+      status(`done after ${m.step} steps: validation loss ${state.val[0][1].toFixed(4)} → ${state.val[state.val.length - 1][1].toFixed(4)}`);
+      document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1);
+      break;
+    case "adapter": {
+      const save = (name, data, type) => {
+        const a = document.createElement("a");
+        a.href = URL.createObjectURL(new Blob([data], { type }));
+        a.download = name;
+        a.click();
+      };
+      save("adapter_config.json", m.config, "application/json");
+      save("adapter_model.safetensors", m.bytes, "application/octet-stream");
+      break;
+    }
+    case "error":
+      error(m.message);
+      document.body.dataset.error = m.message;
+      break;
+  }
+};
+worker.onerror = (e) => error(e.message || "the worker failed to start");
+
+$("load-tiny").disabled = true;
+$("load-tiny").onclick = async () => {
+  error("");
+  const get = async (f) => {
+    const r = await fetch("models/tiny/" + f);
+    if (!r.ok) throw new Error(`models/tiny/${f}: ${r.status}`);
+    return r;
+  };
+  try {
+    const config = await (await get("config.json")).text();
+    const bytes = await (await get("model.safetensors")).arrayBuffer();
+    const tokenizer = await (await get("tokenizer.json")).arrayBuffer();
+    worker.postMessage({ cmd: "load", kind: "safetensors", name: "tiny GPT-2", config, bytes, tokenizer }, [bytes, tokenizer]);
+  } catch (e) {
+    error(e.message);
+  }
+};
+$("model-file").onchange = async (ev) => {
+  error("");
+  const files = [...ev.target.files];
+  const gguf = files.find((f) => f.name.endsWith(".gguf"));
+  if (gguf) {
+    const bytes = await gguf.arrayBuffer();
+    worker.postMessage({ cmd: "load", kind: "gguf", name: gguf.name, bytes }, [bytes]);
+    return;
+  }
+  const st = files.find((f) => f.name.endsWith(".safetensors"));
+  const cfg = files.find((f) => f.name === "config.json");
+  const tok = files.find((f) => f.name === "tokenizer.json");
+  if (!st || !cfg) {
+    error("pick a .gguf file, or a model.safetensors with its config.json (and tokenizer.json)");
+    return;
+  }
+  const bytes = await st.arrayBuffer();
+  const tokenizer = tok ? await tok.arrayBuffer() : undefined;
+  worker.postMessage({ cmd: "load", kind: "safetensors", name: st.name, config: await cfg.text(), bytes, tokenizer });
+};
+$("text-file").onchange = async (ev) => {
+  if (ev.target.files[0]) $("text").value = await ev.target.files[0].text();
+};
+$("train").onclick = () => {
+  error("");
+  state.train = [];
+  state.val = [];
+  draw();
+  $("before").textContent = "";
+  $("after").textContent = "";
+  $("download").disabled = true;
+  setBusy(true);
+  const num = (id) => Number($(id).value);
+  const steps = num("steps");
+  const config = {
+    method: $("method").value, rank: num("rank"), alpha: num("alpha"), lr: num("lr"), steps,
+    batch: num("batch"), seq: num("seq"), targets: $("targets").value.split(",").map((s) => s.trim()).filter(Boolean),
+    text: $("text").value,
+  };
+  worker.postMessage({ cmd: "train", config: { ...config, eval_every: Math.max(1, Math.floor(steps / 5)) }, prompt: $("prompt").value, tokens: 24 });
+};
+$("pause").onclick = () => worker.postMessage({ cmd: "pause" });
+$("stop").onclick = () => worker.postMessage({ cmd: "stop" });
+$("download").onclick = () => worker.postMessage({ cmd: "export" });
+worker.postMessage({ cmd: "init" });

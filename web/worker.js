@@ -1,0 +1,79 @@
+// The engine runs here, off the page's thread: the page stays responsive while the GPU trains.
+// Messages in: {cmd: "init" | "load" | "train" | "pause" | "stop" | "generate" | "export", ...};
+// messages out: {type: "ready" | "loaded" | "started" | "step" | "eval" | "sample" | "done" |
+// "adapter" | "error", ...}.
+import init, { Engine } from "./pkg/portalora.js";
+
+let engine = null;
+let running = false;
+let paused = false;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function train(m) {
+  const c = m.config;
+  const { eval_every, ...settings } = c;
+  const summary = JSON.parse(engine.start(JSON.stringify(settings)));
+  postMessage({ type: "started", summary });
+  postMessage({ type: "sample", when: "before", prompt: m.prompt, text: await engine.generate(m.prompt, m.tokens) });
+  postMessage({ type: "eval", step: 0, loss: await engine.eval() });
+  running = true;
+  paused = false;
+  let step = 0;
+  const t0 = performance.now();
+  let tokens = 0;
+  while (running && step < c.steps) {
+    if (paused) {
+      await sleep(100);
+      continue;
+    }
+    const s = JSON.parse(await engine.step());
+    step = s.step;
+    tokens += s.tokens;
+    postMessage({ type: "step", ...s, tokens_per_s: tokens / ((performance.now() - t0) / 1000) });
+    if (eval_every > 0 && step % eval_every === 0 && step < c.steps) {
+      postMessage({ type: "eval", step, loss: await engine.eval() });
+    }
+  }
+  postMessage({ type: "eval", step, loss: await engine.eval() });
+  postMessage({ type: "sample", when: "after", prompt: m.prompt, text: await engine.generate(m.prompt, m.tokens) });
+  running = false;
+  postMessage({ type: "done", step });
+}
+
+onmessage = async (e) => {
+  const m = e.data;
+  try {
+    switch (m.cmd) {
+      case "init":
+        await init();
+        engine = await Engine.create();
+        postMessage({ type: "ready", info: JSON.parse(engine.info()) });
+        break;
+      case "load": {
+        const desc = m.kind === "gguf"
+          ? engine.loadGguf(m.name, new Uint8Array(m.bytes))
+          : engine.loadSafetensors(m.name, m.config, new Uint8Array(m.bytes), m.tokenizer ? new Uint8Array(m.tokenizer) : undefined);
+        postMessage({ type: "loaded", model: JSON.parse(desc) });
+        break;
+      }
+      case "train":
+        await train(m);
+        break;
+      case "pause":
+        paused = !paused;
+        postMessage({ type: "paused", paused });
+        break;
+      case "stop":
+        running = false;
+        break;
+      case "export": {
+        const [config, bytes] = await engine.exportAdapter();
+        postMessage({ type: "adapter", config, bytes }, [bytes.buffer]);
+        break;
+      }
+    }
+  } catch (err) {
+    running = false;
+    postMessage({ type: "error", message: String((err && err.message) || err) });
+  }
+};
