@@ -227,7 +227,8 @@ struct Data {
     summary: Option<DataSummary>,
 }
 
-fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
+/// Reads `{"input_ids": [[...], ...]}`: rows of equal length, at least 2 tokens each.
+pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
     let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(path, format!("not JSON: {e}")))?;
     let rows = v["input_ids"].as_array().ok_or_else(|| file_err(path, "expected {\"input_ids\": [[...], ...]}"))?;

@@ -16,7 +16,10 @@
 //! Calls are meant to be made one at a time (a worker awaiting each): a method called while
 //! another is still running is refused with a message.
 
-use std::cell::RefCell;
+// The cell's borrow is held across awaits on purpose: `Busy` keeps calls from overlapping.
+#![allow(clippy::await_holding_refcell_ref)]
+
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 use std::rc::Rc;
 
@@ -99,30 +102,30 @@ struct Inner {
     train: Vec<Row>,
     val: Vec<Row>,
     rows_read: usize,
-    busy: bool,
 }
 
 /// The engine a page talks to.
 #[wasm_bindgen]
 pub struct Engine {
     inner: Rc<RefCell<Inner>>,
+    busy: Rc<Cell<bool>>,
 }
 
-/// Marks the engine busy for the duration of one call.
-struct Busy(Rc<RefCell<Inner>>);
+/// Marks the engine busy for the duration of one call. The flag lives outside the `RefCell`, so
+/// a second call while one is awaiting is refused with a message instead of finding the cell
+/// borrowed; this is also why holding the borrow across an await is sound here.
+struct Busy(Rc<Cell<bool>>);
 impl Busy {
-    fn take(inner: &Rc<RefCell<Inner>>) -> Result<Busy, JsError> {
-        let mut g = inner.borrow_mut();
-        if g.busy {
+    fn take(busy: &Rc<Cell<bool>>) -> Result<Busy, JsError> {
+        if busy.replace(true) {
             return Err(err("the engine is busy with another call; await it first"));
         }
-        g.busy = true;
-        Ok(Busy(inner.clone()))
+        Ok(Busy(busy.clone()))
     }
 }
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.borrow_mut().busy = false;
+        self.0.set(false);
     }
 }
 
@@ -145,8 +148,8 @@ impl Engine {
                 train: Vec::new(),
                 val: Vec::new(),
                 rows_read: 0,
-                busy: false,
             })),
+            busy: Rc::new(Cell::new(false)),
         })
     }
 
@@ -165,7 +168,7 @@ impl Engine {
     /// Loads a GGUF file's bytes (the model and its tokenizer). Returns a JSON description.
     #[wasm_bindgen(js_name = loadGguf)]
     pub fn load_gguf(&self, name: &str, bytes: Vec<u8>) -> Result<String, JsError> {
-        let _busy = Busy::take(&self.inner)?;
+        let _busy = Busy::take(&self.busy)?;
         let g = crate::io::gguf::Gguf::from_bytes(name, bytes).map_err(err)?;
         let tok = Tokenizer::from_gguf(&g).ok();
         let w = crate::model::weights::weights_from_gguf(&g).map_err(err)?;
@@ -183,7 +186,7 @@ impl Engine {
         weights: Vec<u8>,
         tokenizer: Option<Vec<u8>>,
     ) -> Result<String, JsError> {
-        let _busy = Busy::take(&self.inner)?;
+        let _busy = Busy::take(&self.busy)?;
         let w = load_safetensors_bytes(name, config, &[&weights]).map_err(err)?;
         let tok = match tokenizer {
             Some(b) => Some(Tokenizer::from_json_bytes(Path::new(name), &b).map_err(err)?),
@@ -200,7 +203,7 @@ impl Engine {
     /// "targets", "lr", "batch", "seq", "steps" (for the schedule; 0: constant), "dropout",
     /// "lr_ratio", "seed", "delta_lambda", "delta_warmup" (default 0), "text"}`. Returns a JSON summary (data, trainable parameters).
     pub fn start(&self, config: &str) -> Result<String, JsError> {
-        let _busy = Busy::take(&self.inner)?;
+        let _busy = Busy::take(&self.busy)?;
         let c: StartConfig = serde_json::from_str(config).map_err(|e| err(format!("training settings: {e}")))?;
         let method: Method = c.method.parse().map_err(err)?;
         let mut g = self.inner.borrow_mut();
@@ -258,9 +261,9 @@ impl Engine {
     /// One optimizer step on the next rows. Resolves to JSON `{"step", "loss", "lr", "tokens",
     /// "seconds"}`; a page pauses or stops training simply by not calling it again.
     pub fn step(&self) -> js_sys::Promise {
-        let inner = self.inner.clone();
+        let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
-            let _busy = Busy::take(&inner)?;
+            let _busy = Busy::take(&busy)?;
             let t0 = js_sys::Date::now();
             let mut g = inner.borrow_mut();
             let g = &mut *g;
@@ -280,9 +283,9 @@ impl Engine {
 
     /// The mean loss on the validation rows (resolves to a number).
     pub fn eval(&self) -> js_sys::Promise {
-        let inner = self.inner.clone();
+        let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
-            let _busy = Busy::take(&inner)?;
+            let _busy = Busy::take(&busy)?;
             let g = inner.borrow();
             let trainer = g.trainer.as_ref().ok_or_else(|| err("start a run first"))?;
             let rows: Vec<Vec<u32>> = g.val.iter().map(|r| r.ids.clone()).collect();
@@ -297,9 +300,9 @@ impl Engine {
     /// Greedy continuation of `prompt` by `max_tokens` tokens, with the adapter (merged for the
     /// generation, then unmerged) when a run exists. Resolves to the new text.
     pub fn generate(&self, prompt: String, max_tokens: usize) -> js_sys::Promise {
-        let inner = self.inner.clone();
+        let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
-            let _busy = Busy::take(&inner)?;
+            let _busy = Busy::take(&busy)?;
             let mut g = inner.borrow_mut();
             let g = &mut *g;
             let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
@@ -334,9 +337,9 @@ impl Engine {
     /// adapter_model.safetensors bytes]`.
     #[wasm_bindgen(js_name = exportAdapter)]
     pub fn export_adapter(&self) -> js_sys::Promise {
-        let inner = self.inner.clone();
+        let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
-            let _busy = Busy::take(&inner)?;
+            let _busy = Busy::take(&busy)?;
             let g = inner.borrow();
             let t = g.trainer.as_ref().ok_or_else(|| err("start a run first"))?;
             let tensors = export(&g.ctx, t.adapter()).await.map_err(err)?;

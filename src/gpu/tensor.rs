@@ -165,6 +165,8 @@ impl Context {
         });
         self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
         Ok(Tensor {
+            // (On wasm, wgpu's handles are neither Send nor Sync; the Arc only shares them.)
+            #[allow(clippy::arc_with_non_send_sync)]
             buffer: Arc::new(buffer),
             offset: 0,
             shape: shape.to_vec(),

@@ -479,52 +479,15 @@ fn inspect(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Reads `{"input_ids": [[...], ...]}` with rows of equal length.
-fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
-    let rows = v["input_ids"]
-        .as_array()
-        .ok_or_else(|| format!("{}: expected {{\"input_ids\": [[...], ...]}}", path.display()))?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (r, row) in rows.iter().enumerate() {
-        let row = row.as_array().ok_or_else(|| format!("{}: input_ids[{r}] is not a list", path.display()))?;
-        let ids = row
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                x.as_u64()
-                    .filter(|&x| x <= u32::MAX as u64)
-                    .map(|x| x as u32)
-                    .ok_or_else(|| format!("{}: input_ids[{r}][{i}] = {x} is not a token id", path.display()))
-            })
-            .collect::<Result<Vec<u32>, String>>()?;
-        out.push(ids);
-    }
-    let len = out.first().map(Vec::len).unwrap_or(0);
-    if len < 2 {
-        return Err(format!("{}: rows need at least 2 tokens to predict one", path.display()).into());
-    }
-    if let Some(r) = out.iter().position(|row| row.len() != len) {
-        return Err(format!(
-            "{}: input_ids[{r}] has {} tokens but input_ids[0] has {len}; rows must be of equal length",
-            path.display(),
-            out[r].len()
-        )
-        .into());
-    }
-    Ok(out)
-}
-
 /// Token rows from `--ids` or from `--data` cut into rows of `seq`.
-pub(crate) fn read_rows(
+fn read_rows(
     model: &Path,
     ids: Option<&Path>,
     data: Option<&Path>,
     seq: usize,
 ) -> Result<Vec<Vec<u32>>, Box<dyn std::error::Error>> {
     Ok(match (ids, data) {
-        (Some(p), _) => read_ids(p)?,
+        (Some(p), _) => portalora::finetune::read_ids(p)?,
         (None, Some(p)) => {
             let text = std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
             let text = String::from_utf8(text).map_err(|e| {
