@@ -181,7 +181,7 @@ $("train").onclick = () => {
     batch: num("batch"), seq: num("seq"), targets: $("targets").value.split(",").map((s) => s.trim()).filter(Boolean),
     text: $("text").value,
   };
-  worker.postMessage({ cmd: "train", config: { ...config, eval_every: Math.max(1, Math.floor(steps / 5)) }, prompt: $("prompt").value, tokens: 24 });
+  worker.postMessage({ cmd: "train", config: { ...config, eval_every: Math.max(1, Math.floor(steps / 5)) }, prompt: $("prompt").value, tokens: num("sample-tokens") });
 };
 $("pause").onclick = () => worker.postMessage({ cmd: "pause" });
 $("stop").onclick = () => worker.postMessage({ cmd: "stop" });
