@@ -26,7 +26,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 
-use crate::adapter::peft::{config_json, export, safetensors_bytes};
+use crate::adapter::peft::{config_json, export, safetensors_bytes, PeftFile};
 use crate::adapter::{AdapterConfig, Method};
 use crate::data::{self, Row};
 use crate::gpu::Context;
@@ -102,6 +102,8 @@ struct Inner {
     train: Vec<Row>,
     val: Vec<Row>,
     rows_read: usize,
+    /// An adapter to start from instead of a random init (`loadAdapter`).
+    init: Option<PeftFile>,
 }
 
 /// The engine a page talks to.
@@ -148,6 +150,7 @@ impl Engine {
                 train: Vec::new(),
                 val: Vec::new(),
                 rows_read: 0,
+                init: None,
             })),
             busy: Rc::new(Cell::new(false)),
         })
@@ -198,6 +201,19 @@ impl Engine {
 
 #[wasm_bindgen]
 impl Engine {
+    /// Loads a PEFT adapter (`adapter_config.json`'s text and `adapter_model.safetensors`'
+    /// bytes, written by portalora or by PEFT) for the next `start`: training then continues from
+    /// it, with its rank, alpha and targets. Returns a JSON description.
+    #[wasm_bindgen(js_name = loadAdapter)]
+    pub fn load_adapter(&self, config: &str, weights: Vec<u8>) -> Result<String, JsError> {
+        let _busy = Busy::take(&self.busy)?;
+        let f = PeftFile::from_bytes(Path::new("adapter"), config, &weights).map_err(err)?;
+        let desc = serde_json::json!({"peft_type": f.peft_type, "r": f.rank, "alpha": f.alpha, "targets": f.targets})
+            .to_string();
+        self.inner.borrow_mut().init = Some(f);
+        Ok(desc)
+    }
+
     /// Creates an adapter and its optimizer on the loaded model and packs `text` into rows for
     /// training (90%) and validation (10%). `config` is JSON: `{"method", "rank", "alpha",
     /// "targets", "lr", "batch", "seq", "steps" (for the schedule; 0: constant), "dropout",
@@ -227,7 +243,7 @@ impl Engine {
                 c.batch
             )));
         }
-        let acfg = AdapterConfig {
+        let mut acfg = AdapterConfig {
             rank: c.rank,
             alpha: c.alpha,
             dropout: c.dropout,
@@ -237,6 +253,9 @@ impl Engine {
             delta_warmup: c.delta_warmup,
             ..AdapterConfig::new(method)
         };
+        if let Some(f) = &g.init {
+            acfg = f.adapter_config(method, &acfg).map_err(err)?;
+        }
         let tc = TrainConfig {
             lr: c.lr,
             lr_ratio: c.lr_ratio,
@@ -245,7 +264,7 @@ impl Engine {
             ..TrainConfig::default()
         };
         let ctx = g.ctx.clone();
-        let trainer = Trainer::new(&ctx, w, c.batch, c.seq, &acfg, &tc, None).map_err(err)?;
+        let trainer = Trainer::new(&ctx, w, c.batch, c.seq, &acfg, &tc, g.init.as_ref()).map_err(err)?;
         let out = serde_json::json!({
             "train_rows": ds.train.len(), "val_rows": ds.val.len(), "tokens": ds.summary.tokens,
             "trainable": trainer.trainable_parameters(), "kept_bytes": trainer.kept_bytes(),
@@ -368,6 +387,7 @@ impl Engine {
         g.tok = tok;
         g.name = name.to_string();
         g.trainer = None;
+        g.init = None;
         Ok(desc)
     }
 }

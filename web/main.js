@@ -117,6 +117,10 @@ worker.onmessage = (e) => {
       save("adapter_model.safetensors", m.bytes, "application/octet-stream");
       break;
     }
+    case "adapter-loaded":
+      $("adapter-desc").textContent = ` ${m.adapter.peft_type} r = ${m.adapter.r} on ${m.adapter.targets.join(",")}: the next run starts from it`;
+      document.body.dataset.adapter = "1";
+      break;
     case "error":
       error(m.message);
       document.body.dataset.error = m.message;
@@ -161,6 +165,18 @@ $("model-file").onchange = async (ev) => {
   const bytes = await st.arrayBuffer();
   const tokenizer = tok ? await tok.arrayBuffer() : undefined;
   worker.postMessage({ cmd: "load", kind: "safetensors", name: st.name, config: await cfg.text(), bytes, tokenizer });
+};
+$("adapter-file").onchange = async (ev) => {
+  error("");
+  const files = [...ev.target.files];
+  const cfg = files.find((f) => f.name.endsWith(".json"));
+  const st = files.find((f) => f.name.endsWith(".safetensors"));
+  if (!cfg || !st) {
+    error("pick both adapter_config.json and adapter_model.safetensors");
+    return;
+  }
+  const bytes = await st.arrayBuffer();
+  worker.postMessage({ cmd: "adapter-in", config: await cfg.text(), bytes }, [bytes]);
 };
 $("text-file").onchange = async (ev) => {
   if (ev.target.files[0]) $("text").value = await ev.target.files[0].text();

@@ -56,6 +56,9 @@ onmessage = async (e) => {
         postMessage({ type: "loaded", model: JSON.parse(desc) });
         break;
       }
+      case "adapter-in":
+        postMessage({ type: "adapter-loaded", adapter: JSON.parse(engine.loadAdapter(m.config, new Uint8Array(m.bytes))) });
+        break;
       case "train":
         await train(m);
         break;

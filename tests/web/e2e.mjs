@@ -93,6 +93,18 @@ const headerLen = Number(st.readBigUInt64LE(0));
 const header = JSON.parse(st.subarray(8, 8 + headerLen).toString("utf8"));
 assert.equal(header.__metadata__.format, "pt");
 assert.ok(Object.keys(header).some((k) => k.endsWith("attn.c_attn.lora_A.weight")), "PEFT's key names");
+// The downloaded adapter loads back into the page and training continues from it.
+await page.setInputFiles("#adapter-file", [path.join(dir, "adapter_config.json"), path.join(dir, "adapter_model.safetensors")]);
+await page.waitForFunction(() => document.body.dataset.adapter || document.body.dataset.error, null, { timeout: 60000 });
+await page.selectOption("#method", "lora");
+await page.fill("#steps", "2");
+await page.click("#train");
+await page.waitForFunction((n) => Number(document.body.dataset.done || 0) >= n || document.body.dataset.error,
+  methods.length + 1, { timeout: 300000 });
+assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
+const resumed = await page.evaluate(() => window.demoState.val[0][1]);
+assert.ok(resumed < results["lora-plus"].val_before, `starting from the downloaded adapter: validation loss ${resumed}`);
+console.log(`from the downloaded adapter: validation loss starts at ${resumed.toFixed(4)}`);
 const shot = path.join(root, "target", "web-e2e.png");
 await page.screenshot({ path: shot, fullPage: true });
 console.log(`screenshot: ${shot}`);
