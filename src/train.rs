@@ -197,6 +197,17 @@ fn host(ctx: &Context, t: &Tensor) -> Result<HostTensor> {
     Ok(HostTensor { shape: t.shape().to_vec(), data: ctx.read_f32(t)? })
 }
 
+/// The positions of `ids` whose next token is a loss target, as `GpuModel::write_batch` counts them.
+fn predicted_positions(ids: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> usize {
+    ids.iter()
+        .enumerate()
+        .map(|(r, row)| match predict.and_then(|p| p.get(r)) {
+            None => row.len().saturating_sub(1),
+            Some(m) => m.iter().skip(1).filter(|&&p| p).count(),
+        })
+        .sum()
+}
+
 /// Statistics of one step.
 #[derive(Clone, Copy, Debug)]
 pub struct StepStats {
@@ -403,16 +414,10 @@ impl Trainer {
         }
         let train = self.model.train_step().ok_or_else(|| TrainError::Config("backward is not enabled".into()))?;
         // Every micro-batch's loss is scaled by 1 / (all predicted positions of the step).
-        let mut counts = Vec::with_capacity(k);
-        for m in micro {
-            counts.push(self.model.write_batch(ctx, m.ids, m.predict)?);
-        }
-        let total = counts.iter().sum::<usize>().max(1);
+        let total = micro.iter().map(|m| predicted_positions(m.ids, m.predict)).sum::<usize>().max(1);
         let mut tokens = 0;
         for (i, m) in micro.iter().enumerate() {
-            if k > 1 {
-                self.model.write_batch(ctx, m.ids, m.predict)?;
-            }
+            self.model.write_batch(ctx, m.ids, m.predict)?;
             ctx.write_f32(&self.model.acts.loss_scale, &[1.0 / total as f32])?;
             if let Some(seed) = self.adapter().dropout_seed() {
                 let s = self.adapter_config.seed ^ (t * k as u64 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
