@@ -2,8 +2,12 @@
 """Training speed of portalora next to PyTorch + PEFT, same model, method, batch and sequence,
 on the same machine in the same run.
 
-    python3 benches/compare.py --model HF_FOLDER [--method lora] [--rank 8] [--batch 4] [--seq 128]
-                               [--steps 8] [--warmup 3] [--targets q_proj,...] [--portalora PATH]
+    python3 benches/compare.py --model HF_FOLDER|FILE.gguf [--method lora] [--rank 8] [--batch 4]
+                               [--seq 128] [--steps 8] [--warmup 3] [--targets q_proj,...]
+                               [--base-dtype auto] [--portalora PATH]
+
+A GGUF model is loaded by transformers dequantized to f32; portalora keeps it as stored unless
+--base-dtype f32 (its default, auto, is the QLoRA-style quantized base).
 
 Needs torch, transformers and peft (it is not part of the test suite). PyTorch runs on CUDA when
 it sees a GPU, else on the CPU. Both sides train on the same random token ids with AdamW; each
@@ -29,7 +33,8 @@ def portalora_speed(a, ids_path, targets):
         log = os.path.join(tmp, "log.jsonl")
         cmd = [a.portalora, "train", "--model", a.model, "--ids", ids_path, "--method", a.method,
                "--rank", str(a.rank), "--alpha", str(2 * a.rank), "--targets", targets, "--lr", "1e-4",
-               "--steps", str(a.steps), "--out", os.path.join(tmp, "out"), "--log-json", log]
+               "--steps", str(a.steps), "--out", os.path.join(tmp, "out"), "--log-json", log,
+               "--base-dtype", a.base_dtype]
         if a.method == "vera":
             cmd[cmd.index("--rank") + 1] = str(max(a.rank, 256))
         if a.method == "delta-lora":
@@ -46,7 +51,11 @@ def peft_speed(a, ids, targets):
     import peft
     import peft.optimizers
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)
+    if a.model.endswith(".gguf"):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(os.path.abspath(a.model)), gguf_file=os.path.basename(a.model), dtype=torch.float32).to(dev)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).to(dev)
     tlist = targets.split(",")
     if a.method == "vera":
         cfg = peft.VeraConfig(r=max(a.rank, 256), target_modules=tlist)
@@ -104,9 +113,16 @@ def main():
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--targets")
+    p.add_argument("--base-dtype", default="auto")
     p.add_argument("--portalora", default=os.path.join(os.path.dirname(__file__), "..", "target/release/portalora"))
     a = p.parse_args()
-    cfg = json.load(open(os.path.join(a.model, "config.json")))
+    if a.model.endswith(".gguf"):
+        # The few fields needed here, from the portalora CLI (which reads GGUF metadata).
+        out = subprocess.run([a.portalora, "inspect", "--model", a.model], check=True, capture_output=True, text=True)
+        info = dict(l.split(":", 1) for l in out.stdout.splitlines() if ":" in l)
+        cfg = {"model_type": info["architecture"].strip().lower(), "vocab_size": int(info["vocab"])}
+    else:
+        cfg = json.load(open(os.path.join(a.model, "config.json")))
     targets = a.targets or (GPT2 if cfg.get("model_type") == "gpt2" else LLAMA)
     import random
     rng = random.Random(0)

@@ -34,6 +34,7 @@ struct Params {
     lda: u32,
     ldb: u32,
     ldc: u32,
+    qoff: u32,  // packed B: the word where its scales begin (see src/ops/quant.rs)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -18,6 +18,9 @@
 // Variants: VEC (all of K, N — and M when A is transposed — plus the row and batch strides are
 // multiples of 4) binds the buffers as vec4 arrays; otherwise every element is loaded with a
 // bounds check. TRANS_A / TRANS_B choose how op(A) and op(B) are read (template flags here).
+// QB (with VEC only): B is a frozen 2-D weight stored packed, f16 or GGUF's Q8_0 / Q4_0 / Q4_1
+// blocks, dequantized as it is loaded. B's loads are 1/TM of the FMAs, so the unpacking is
+// cheap, and the weight needs no f32 copy in memory.
 
 struct Params {
     m: u32,
@@ -32,12 +35,26 @@ struct Params {
     lda: u32,
     ldb: u32,
     ldc: u32,
+    qoff: u32,  // packed B: the word where its scales begin (see src/ops/quant.rs)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 // #if VEC
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;        // (batch?, M, K) or (batch?, K, M)
+// #if QB
+// B is a frozen weight stored packed (f16 or GGUF blocks, 2-D): QLOAD dequantizes four
+// consecutive elements of one of its rows.
+@group(0) @binding(2) var<storage, read> b: array<u32>;              // (K, N) or (N, K), packed
+{{QLOAD}}
+fn b_row4(base: u32, k: u32, n: u32) -> vec4<f32> {
+    return qload4(k * p.ldb + min(n, p.n - 4u));
+}
+fn b_col4(base: u32, n: u32, k: u32) -> vec4<f32> {
+    return qload4(min(n, p.n - 1u) * p.ldb + k);
+}
+// #else
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;        // (batch?, K, N) or (batch?, N, K)
+// #endif
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;  // (batch, M, N)
 
 // op(A)[row][k..k+4] for A stored (M, K). Rows past M are clamped: their results are never stored.
@@ -48,6 +65,7 @@ fn a_row4(base: u32, row: u32, k: u32) -> vec4<f32> {
 fn a_col4(base: u32, k: u32, m: u32) -> vec4<f32> {
     return a[(base + k * p.lda + min(m, p.m - 4u)) / 4u];
 }
+// #if !QB
 // op(B)[k][n..n+4] for B stored (K, N).
 fn b_row4(base: u32, k: u32, n: u32) -> vec4<f32> {
     return b[(base + k * p.ldb + min(n, p.n - 4u)) / 4u];
@@ -56,6 +74,7 @@ fn b_row4(base: u32, k: u32, n: u32) -> vec4<f32> {
 fn b_col4(base: u32, n: u32, k: u32) -> vec4<f32> {
     return b[(base + min(n, p.n - 1u) * p.ldb + k) / 4u];
 }
+// #endif
 fn store_c(base: u32, row: u32, n: u32, v: vec4<f32>) {
     if (row >= p.m || n >= p.n) { return; }
     let i = (base + row * p.ldc + n) / 4u;

@@ -132,3 +132,153 @@ pub fn bench_matmul(
     }
     Ok(MatmulResult { shape, path: used, gflops })
 }
+
+/// Why a step benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+    #[error(transparent)]
+    Model(#[from] crate::model::gpu::GpuModelError),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// What `portalora bench step` measures.
+#[derive(Clone, Debug)]
+pub struct StepOptions {
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    pub warmup: usize,
+    /// Time every dispatch of one step with GPU timestamps.
+    pub kernels: bool,
+}
+
+/// One kernel's share of a step: every dispatch with the same label and grid, summed.
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    pub label: String,
+    pub seconds: f64,
+    pub count: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct StepResult {
+    /// Wall seconds of each timed step (submission to loss on the CPU).
+    pub step_seconds: Vec<f64>,
+    pub tokens_per_step: usize,
+    /// Bytes of GPU tensors by kind: weights (frozen base), adapters (trainable and frozen
+    /// adapter tensors and their gradients), optimizer (moments, accumulators), activations
+    /// (the model's and the adapter's activations and activation gradients), other.
+    pub gpu_bytes: std::collections::BTreeMap<&'static str, u64>,
+    /// Bytes of activations kept from forward to backward (part of `activations`).
+    pub kept_bytes: u64,
+    pub trainable: usize,
+    /// Sorted by time, longest first; empty unless asked for.
+    pub kernels: Vec<KernelTime>,
+    /// GPU seconds of the timed dispatches of one step (sum over `kernels`).
+    pub kernel_seconds: f64,
+    /// Whether `kernels` came from GPU timestamps (else: wall clock per dispatch).
+    pub timestamps: bool,
+}
+
+impl StepResult {
+    pub fn median_seconds(&self) -> f64 {
+        let mut v = self.step_seconds.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        if n == 0 {
+            return f64::NAN;
+        }
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens_per_step as f64 / self.median_seconds()
+    }
+}
+
+/// Trains `adapter` on `weights` for `warmup + steps` steps of random tokens and reports the
+/// median step time, the GPU memory by kind and (optionally) where one step's GPU time goes.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn bench_step(
+    ctx: &Context,
+    weights: &crate::model::Weights,
+    adapter: &crate::adapter::AdapterConfig,
+    train: &crate::train::TrainConfig,
+    opts: &StepOptions,
+    mut progress: impl FnMut(usize, f64),
+) -> std::result::Result<StepResult, BenchError> {
+    use crate::train::Trainer;
+    if opts.batch == 0 || opts.seq < 2 || opts.steps == 0 {
+        return Err(BenchError::Config(format!(
+            "batch {} × seq {} for {} steps: need a batch of at least 1, a sequence of at least 2 and 1 or more steps",
+            opts.batch, opts.seq, opts.steps
+        )));
+    }
+    let before = ctx.allocated_bytes();
+    let mut trainer = Trainer::new(ctx, weights, opts.batch, opts.seq, adapter, train, None)?;
+    let vocab = weights.config.vocab_size as u64;
+    let mut rng = Rng::new(7);
+    let mut batch = || -> Vec<Vec<u32>> {
+        (0..opts.batch).map(|_| (0..opts.seq).map(|_| (rng.next_u64() % vocab) as u32).collect()).collect()
+    };
+    let mut step_seconds = Vec::with_capacity(opts.steps);
+    for i in 0..opts.warmup + opts.steps {
+        let ids = batch();
+        let t = Instant::now();
+        trainer.train_step(ctx, &ids)?;
+        let s = t.elapsed().as_secs_f64();
+        if i >= opts.warmup {
+            step_seconds.push(s);
+        }
+        progress(i, s);
+    }
+    // Bytes allocated by this trainer, by kind (the adapter's z = x·Aᵀ and scratch count as
+    // activations: see adapter::activation).
+    let mut gpu_bytes = ctx.allocated_bytes();
+    for (k, v) in before {
+        if let Some(x) = gpu_bytes.get_mut(k) {
+            *x -= v;
+        }
+    }
+    for k in ["weights", "adapters", "optimizer", "activations", "other"] {
+        gpu_bytes.entry(k).or_default();
+    }
+
+    let mut kernels = Vec::new();
+    let mut kernel_seconds = 0.0;
+    if opts.kernels {
+        let ids = batch();
+        trainer.model.write_inputs(ctx, &ids)?;
+        let times = ctx.time_dispatches(&trainer.recorded_steps())?;
+        let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+        for (label, s) in times {
+            kernel_seconds += s;
+            let e = by.entry(label).or_default();
+            e.0 += s;
+            e.1 += 1;
+        }
+        kernels = by.into_iter().map(|(label, (seconds, count))| KernelTime { label, seconds, count }).collect();
+        kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    }
+    Ok(StepResult {
+        step_seconds,
+        tokens_per_step: opts.batch * opts.seq,
+        gpu_bytes,
+        kept_bytes: trainer.kept_bytes(),
+        trainable: trainer.trainable_parameters(),
+        kernels,
+        kernel_seconds,
+        timestamps: ctx.features().timestamps,
+    })
+}

@@ -459,6 +459,7 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
 
     let mut order = Order::new(data.train.len(), cfg.adapter.seed, cfg.shuffle && cfg.ids.is_none());
     let loop_start = Instant::now();
+    let mut last_read = loop_start;
     let mut tokens = 0usize;
     for t in first..=steps {
         // Micro-batches: with --ids the file's rows in order, else the next rows of the order.
@@ -480,35 +481,45 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
         }
         let batches: Vec<Batch> =
             micro.iter().map(|(ids, p)| Batch { ids, predict: if data.masked { Some(p) } else { None } }).collect();
-        let t0 = Instant::now();
-        let stats = trainer.train_step_batches(ctx, &batches)?;
-        let seconds = t0.elapsed().as_secs_f64();
-        if !stats.loss.is_finite() {
-            return Err(FinetuneError::NonFinite { step: stats.step, loss: stats.loss });
+        trainer.submit_step(ctx, &batches)?;
+        let evaluates = (cfg.eval_every > 0 && t % cfg.eval_every == 0) || t == steps;
+        let saves = cfg.save_every > 0 && t % cfg.save_every == 0 && t < steps;
+        // Losses come back every `loss_every` steps (and before evaluations and checkpoints,
+        // which record the history): the only time the CPU waits for the GPU.
+        if trainer.losses_due() || evaluates || saves {
+            let collected = trainer.collect_losses(ctx)?;
+            let seconds = last_read.elapsed().as_secs_f64() / collected.len().max(1) as f64;
+            last_read = Instant::now();
+            for stats in collected {
+                if !stats.loss.is_finite() {
+                    return Err(FinetuneError::NonFinite { step: stats.step, loss: stats.loss });
+                }
+                let s = stats.step;
+                tokens += stats.tokens;
+                summary.train_loss.push((s, stats.loss));
+                log_line(
+                    &mut log,
+                    serde_json::json!({"step": s, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens, "seconds": seconds}),
+                )?;
+                let elapsed = loop_start.elapsed().as_secs_f64();
+                let done = (s - first + 1) as f64;
+                on(&Event::Step {
+                    stats: &stats,
+                    steps,
+                    elapsed_s: elapsed,
+                    eta_s: elapsed / done * (steps - s) as f64,
+                    tokens_per_s: tokens as f64 / elapsed.max(1e-9),
+                });
+            }
         }
-        tokens += stats.tokens;
-        summary.train_loss.push((t, stats.loss));
-        log_line(
-            &mut log,
-            serde_json::json!({"step": t, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens, "seconds": seconds}),
-        )?;
-        let elapsed = loop_start.elapsed().as_secs_f64();
-        let done = (t - first + 1) as f64;
-        on(&Event::Step {
-            stats: &stats,
-            steps,
-            elapsed_s: elapsed,
-            eta_s: elapsed / done * (steps - t) as f64,
-            tokens_per_s: tokens as f64 / elapsed.max(1e-9),
-        });
-        if (cfg.eval_every > 0 && t % cfg.eval_every == 0) || t == steps {
+        if evaluates {
             if let Some(v) = eval(&trainer)? {
                 summary.val_loss.push((t, v));
                 log_line(&mut log, serde_json::json!({"step": t, "val_loss": v}))?;
                 on(&Event::Eval { step: t, val_loss: v });
             }
         }
-        if cfg.save_every > 0 && t % cfg.save_every == 0 && t < steps {
+        if saves {
             log.sync_all().map_err(|e| file_err(&log_path, e))?;
             let st = State { step: t, rows_read, summary: summary.clone() };
             let dir = save_checkpoint(ctx, cfg, &trainer, &st)?;
@@ -530,10 +541,21 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
         write_hf_folder(&merged, &cfg.out)?;
     } else {
         trainer.save_adapter(ctx, &base_name, &cfg.out)?;
-        trainer.model.merge(ctx)?;
     }
     if let (Some(t), false) = (&tok, cfg.prompts.is_empty()) {
-        summary.samples_after = samples(ctx, &weights, &trainer.model.params, t, &cfg.prompts, cfg.sample_tokens)?;
+        summary.samples_after = if trainer.model.base_is_packed() {
+            // A quantized base cannot take ΔW: sample from an f32 copy with the saved adapter merged.
+            drop(trainer);
+            let dir = &summary.adapter_dir;
+            let mut m = crate::train::model_with_adapter(ctx, &weights, 1, 2, dir)?;
+            m.merge(ctx)?;
+            samples(ctx, &weights, &m.params, t, &cfg.prompts, cfg.sample_tokens)?
+        } else {
+            if cfg.adapter.method != Method::DeltaLora {
+                trainer.model.merge(ctx)?;
+            }
+            samples(ctx, &weights, &trainer.model.params, t, &cfg.prompts, cfg.sample_tokens)?
+        };
         on(&Event::Samples { after: true, samples: &summary.samples_after });
     }
     summary.plot = cfg.out.join("loss.svg");

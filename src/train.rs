@@ -8,7 +8,7 @@
 
 use crate::adapter::{self, lora_plus, peft, Adapter, AdapterConfig, AdapterError, Input, Method};
 use crate::gpu::{Context, DType, Step, Tensor};
-use crate::model::gpu::{GpuModel, GpuModelError, PlanOptions};
+use crate::model::gpu::{BaseDType, GpuModel, GpuModelError, PlanOptions};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::model::HostTensor;
 use crate::model::Weights;
@@ -95,6 +95,17 @@ pub struct TrainConfig {
     pub lr_ratio: f64,
     /// Micro-batches whose gradients are summed into one optimizer step.
     pub grad_accum: usize,
+    /// How the frozen base is stored on the GPU (a GGUF's quantized tensors stay quantized by
+    /// default; Delta-LoRA, which writes into the base, always uses f32).
+    #[serde(default)]
+    pub base_dtype: BaseDType,
+    /// Steps between loss read-backs: the only CPU–GPU sync of training (1: every step).
+    #[serde(default = "one")]
+    pub loss_every: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for TrainConfig {
@@ -112,6 +123,8 @@ impl Default for TrainConfig {
             total_steps: 1,
             lr_ratio: lora_plus::DEFAULT_RATIO,
             grad_accum: 1,
+            base_dtype: BaseDType::Auto,
+            loss_every: 1,
         }
     }
 }
@@ -140,6 +153,9 @@ impl TrainConfig {
         }
         if self.grad_accum == 0 {
             return bad("gradient accumulation 0: use 1 or more micro-batches per step".into());
+        }
+        if !(1..=4096).contains(&self.loss_every) {
+            return bad(format!("loss read-back every {} steps: use 1 to 4096", self.loss_every));
         }
         Ok(())
     }
@@ -174,10 +190,13 @@ pub struct Trainer {
     update: Step,     // clipping, before-update hooks, optimizer
     acc_first: Step,  // acc = grad (gradient accumulation)
     acc_add: Step,    // acc += grad
-    /// (K,) each micro-batch's loss sum, copied there by `loss_copy[i]`, so a step reads its
-    /// losses back once, after the last submission.
+    /// (R, K) each micro-batch's loss sum, copied into slot (r, i) by `loss_copy[r·K + i]`, for
+    /// up to R = `loss_every` steps in flight: losses are read back once per R steps, so the
+    /// CPU never waits for the GPU inside that window.
     losses: Tensor,
     loss_copy: Vec<Step>,
+    /// Steps submitted whose losses are not read yet: (step, predicted positions, tokens).
+    pending: Vec<(u64, usize, usize)>,
     after: Option<Step>, // Delta-LoRA's W0 update
     /// Steps completed.
     pub step: u64,
@@ -242,8 +261,19 @@ impl Trainer {
         } else {
             Vec::new()
         };
-        let mut model =
-            GpuModel::with_options(ctx, weights, batch, seq, PlanOptions { keep_inputs, ..PlanOptions::default() })?;
+        // Delta-LoRA adds ΔW into W0 after every step: the base must be f32.
+        let base_dtype = match (adapter_config.method, config.base_dtype) {
+            (Method::DeltaLora, BaseDType::Auto | BaseDType::F32) => BaseDType::F32,
+            (Method::DeltaLora, other) => {
+                return Err(TrainError::Config(format!(
+                    "delta-lora updates the base weights, which --base-dtype {other} would keep quantized; \
+                     use --base-dtype f32 (or auto)"
+                )))
+            }
+            (_, d) => d,
+        };
+        let plan = PlanOptions { keep_inputs, base_dtype: Some(base_dtype), ..PlanOptions::default() };
+        let mut model = GpuModel::with_options(ctx, weights, batch, seq, plan)?;
         let mut adapter = adapter::build(ctx, adapter_config, sites, batch * seq)?;
         if let Some(f) = init {
             f.load_into(ctx, adapter.as_mut())?;
@@ -265,6 +295,7 @@ impl Trainer {
         let hf_adamw = method == Method::LoraFa && adapter_config.lorafa_projected;
         let mut groups: Vec<Group> = Vec::new();
         let mut params = Vec::new();
+        let optimizer_kind = ctx.alloc_kind("optimizer");
         for p in adapter.params() {
             let lr_mult =
                 if method == Method::LoraPlus { lora_plus::lr_multiplier(p.kind, config.lr_ratio) } else { 1.0 };
@@ -293,6 +324,7 @@ impl Trainer {
         if params.is_empty() {
             return Err(TrainError::Config("the adapter has no trainable parameters".into()));
         }
+        drop(optimizer_kind);
         let clip = ctx.tensor("clip", &[2], DType::F32)?;
         // With accumulation the optimizer reads the summed gradients.
         let grads: Vec<&Tensor> = params.iter().map(|p| p.acc.as_ref().unwrap_or(&p.grad)).collect();
@@ -317,9 +349,10 @@ impl Trainer {
         let mut after = Step::new();
         let has_after = adapter.after_update(ctx, &mut after, &model.site_weights()?)?;
         let k = config.grad_accum.max(1);
-        let losses = ctx.tensor("micro_losses", &[k], DType::F32)?;
-        let mut loss_copy = Vec::with_capacity(k);
-        for i in 0..k {
+        let ring = config.loss_every.max(1);
+        let losses = ctx.tensor("micro_losses", &[ring, k], DType::F32)?;
+        let mut loss_copy = Vec::with_capacity(ring * k);
+        for i in 0..ring * k {
             let mut s = Step::new();
             copy_forward(ctx, &mut s, &model.acts.loss_sum, &losses, i)?;
             loss_copy.push(s);
@@ -337,6 +370,7 @@ impl Trainer {
             acc_add,
             losses,
             loss_copy,
+            pending: Vec::new(),
             step: 0,
             hf_adamw,
         })
@@ -398,6 +432,29 @@ impl Trainer {
     /// [`Trainer::train_step_batches`] for callers that cannot block (browsers). The step's
     /// submissions go out back to back; the losses are read once, at the end.
     pub async fn train_step_async(&mut self, ctx: &Context, micro: &[Batch<'_>]) -> Result<StepStats> {
+        if !self.pending.is_empty() {
+            return Err(TrainError::Config("read the submitted steps' losses (collect_losses) first".into()));
+        }
+        self.submit_step(ctx, micro)?;
+        let mut v = self.collect_losses_async(ctx).await?;
+        v.pop().ok_or_else(|| TrainError::Config("no step was submitted".into()))
+    }
+
+    /// Whether `loss_every` steps are in flight (their losses must be collected before the next).
+    pub fn losses_due(&self) -> bool {
+        self.pending.len() >= self.config.loss_every.max(1)
+    }
+
+    /// Submits one optimizer step over `micro` batches without reading anything back: its loss
+    /// lands in a ring of `loss_every` slots on the GPU, read by [`Trainer::collect_losses`].
+    pub fn submit_step(&mut self, ctx: &Context, micro: &[Batch<'_>]) -> Result<()> {
+        if self.losses_due() {
+            return Err(TrainError::Config(format!(
+                "{} steps are in flight (loss_every); collect their losses first",
+                self.pending.len()
+            )));
+        }
+        let slot = self.pending.len();
         let t = self.step + 1;
         let k = self.config.grad_accum;
         if micro.len() != k {
@@ -423,7 +480,7 @@ impl Trainer {
                 let s = self.adapter_config.seed ^ (t * k as u64 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 ctx.write_u32(seed, &[(s ^ (s >> 32)) as u32])?;
             }
-            let mut steps = vec![train, &self.loss_copy[i]];
+            let mut steps = vec![train, &self.loss_copy[slot * k + i]];
             if k > 1 {
                 steps.push(if i == 0 { &self.acc_first } else { &self.acc_add });
             }
@@ -436,9 +493,45 @@ impl Trainer {
             ctx.run_steps(&steps)?;
             tokens += m.ids.len() * m.ids[0].len();
         }
-        let sum: f64 = ctx.read(&self.losses)?.await?.iter().map(|&l| l as f64).sum();
         self.step = t;
-        Ok(StepStats { step: t, loss: sum / total as f64, lr: self.lr_at(t), tokens })
+        self.pending.push((t, total, tokens));
+        Ok(())
+    }
+
+    /// Reads the losses of every submitted step (one readback) and returns their stats in order.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn collect_losses(&mut self, ctx: &Context) -> Result<Vec<StepStats>> {
+        crate::gpu::block_on(self.collect_losses_async(ctx))
+    }
+
+    /// [`Trainer::collect_losses`] for callers that cannot block.
+    pub async fn collect_losses_async(&mut self, ctx: &Context) -> Result<Vec<StepStats>> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = self.config.grad_accum;
+        let all = ctx.read(&self.losses)?.await?;
+        let out = self
+            .pending
+            .iter()
+            .enumerate()
+            .map(|(slot, &(t, total, tokens))| {
+                let sum: f64 = all[slot * k..(slot + 1) * k].iter().map(|&l| l as f64).sum();
+                StepStats { step: t, loss: sum / total as f64, lr: self.lr_at(t), tokens }
+            })
+            .collect();
+        self.pending.clear();
+        Ok(out)
+    }
+
+    /// The recorded steps one training step (without gradient accumulation) submits, in order:
+    /// forward + loss + backward, the loss copy, clipping + optimizer, after-step hooks.
+    pub fn recorded_steps(&self) -> Vec<&Step> {
+        let mut v: Vec<&Step> = self.model.train_step().into_iter().collect();
+        v.push(&self.loss_copy[0]);
+        v.push(&self.update);
+        v.extend(&self.after);
+        v
     }
 
     /// The optimizer's state and the step count, keyed by parameter name (checkpoints).

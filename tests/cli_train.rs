@@ -274,3 +274,44 @@ fn bad_train_flags_get_clear_messages() {
         assert!(!r.out.exists(), "{args:?} left an output folder");
     }
 }
+
+#[test]
+fn bench_step_reports_speed_memory_and_kernels_as_json() {
+    let model = common::fixture("tiny_llama");
+    let Some((ok, out, err)) = run(&[
+        "bench",
+        "step",
+        "--model",
+        model.to_str().unwrap(),
+        "--method",
+        "lora-fa",
+        "--rank",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "7",
+        "--steps",
+        "2",
+        "--json",
+    ]) else {
+        return;
+    };
+    assert!(ok, "bench step failed: {err}");
+    let last = out.lines().last().expect("output");
+    let j: serde_json::Value = serde_json::from_str(last).expect("the last line is one JSON object");
+    assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0, "{last}");
+    let bytes = &j["gpu_bytes"];
+    for k in ["weights", "adapters", "optimizer", "activations"] {
+        assert!(bytes[k].as_u64().unwrap() > 0, "gpu_bytes.{k}: {last}");
+    }
+    assert!(j["kept_bytes"].as_u64().unwrap() <= bytes["activations"].as_u64().unwrap());
+    let kernels = j["kernels"].as_array().unwrap();
+    assert!(kernels.iter().any(|k| k["kernel"].as_str().unwrap().contains("matmul")), "{last}");
+    let sum: f64 = kernels.iter().map(|k| k["seconds"].as_f64().unwrap()).sum();
+    assert!((sum - j["kernel_seconds"].as_f64().unwrap()).abs() < 1e-9 + 1e-6 * sum);
+    assert_eq!(j["method"], "lora-fa");
+    // Bad input is named.
+    let (ok, _, err) = run(&["bench", "step", "--model", model.to_str().unwrap(), "--base-dtype", "q3"]).unwrap();
+    assert!(!ok && err.contains("q3") && err.contains("q4_1"), "{err}");
+}

@@ -168,6 +168,39 @@ fn a_short_run_lowers_the_validation_loss_and_draws_it() {
 }
 
 #[test]
+fn reading_losses_every_few_steps_changes_nothing() {
+    let Some(ctx) = context() else { return };
+    let dir = tmp("loss-every");
+    let text = dir.join("verse.txt");
+    std::fs::write(&text, VERSE.repeat(20)).unwrap();
+    let mut runs = Vec::new();
+    for every in [1usize, 4] {
+        let out = dir.join(format!("every{every}"));
+        let mut cfg = tiny_run(&out, &text, 13);
+        cfg.train.loss_every = every;
+        cfg.eval_every = 5;
+        cfg.save_every = 6;
+        cfg.prompts.clear();
+        let mut logged = Vec::new();
+        let s = run(&ctx, &cfg, false, &mut |e| {
+            if let portalora::finetune::Event::Step { stats, .. } = e {
+                logged.push(stats.step)
+            }
+        })
+        .unwrap();
+        assert_eq!(logged, (1..=13).collect::<Vec<u64>>(), "every step reported once, in order (every {every})");
+        let log = std::fs::read_to_string(&s.log).unwrap();
+        assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 13);
+        runs.push((s.train_loss, s.val_loss, std::fs::read(out.join("adapter_model.safetensors")).unwrap()));
+    }
+    // Same seed, same device: bit-identical losses and adapter whether read every step or not.
+    assert_eq!(runs[0].0, runs[1].0, "train losses");
+    assert_eq!(runs[0].1, runs[1].1, "validation losses");
+    assert!(runs[0].2 == runs[1].2, "adapter bytes differ");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn gradient_accumulation_equals_one_larger_batch() {
     let Some(ctx) = context() else { return };
     let w = portalora::model::load_model(fixture("tiny_gpt2")).unwrap();

@@ -7,12 +7,12 @@
 //! after-step hook, Delta-LoRA.
 
 use super::{
-    add_product, normal_init, uniform_init, zeros, Adapter, AdapterConfig, AdapterError, Dropout, Init, Param,
-    ParamKind, Result, Site, SiteWeights, Slot,
+    activation, add_product, normal_init, uniform_init, zeros, Adapter, AdapterConfig, AdapterError, Dropout, Init,
+    Param, ParamKind, Result, Site, SiteWeights, Slot,
 };
 use std::collections::BTreeMap;
 
-use crate::gpu::{Context, DType, Step, Tensor};
+use crate::gpu::{Context, Step, Tensor};
 use crate::model::weights::HostTensor;
 use crate::ops::matmul::{matmul, Matmul};
 
@@ -60,7 +60,7 @@ impl Lora {
             layers.push(LoraLayer {
                 a,
                 b: site.outs.iter().map(|&o| part("lora_B", o)).collect::<Result<_>>()?,
-                z: ctx.tensor(&format!("{}.z", site.module), &[n, r], DType::F32)?,
+                z: activation(ctx, &format!("{}.z", site.module), &[n, r])?,
                 da: if train_a { Some(zeros(ctx, &format!("{}.lora_A.grad", site.module), &[r, k])?) } else { None },
                 db: site.outs.iter().map(|&o| part("lora_B.grad", o)).collect::<Result<_>>()?,
                 db_raw: if projected {
@@ -74,7 +74,7 @@ impl Lora {
         let mut lora = Lora {
             cfg: cfg.clone(),
             scale: cfg.scale() as f32,
-            dz: ctx.tensor("lora_dz", &[n, r], DType::F32)?,
+            dz: activation(ctx, "lora_dz", &[n, r])?,
             dropout,
             n,
             train_a,

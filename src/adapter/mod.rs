@@ -291,6 +291,20 @@ impl Site {
     }
 }
 
+/// Every projection of an architecture by its short name (LLaMA: q_proj … down_proj; GPT-2:
+/// c_attn, c_proj, c_fc).
+pub fn all_targets(arch: Arch) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for p in Proj::all(arch) {
+        let m = p.module();
+        let short = m.rsplit('.').next().unwrap_or(m).to_string();
+        if !names.contains(&short) {
+            names.push(short);
+        }
+    }
+    names
+}
+
 /// The target names valid for an architecture, for messages.
 pub fn valid_targets(arch: Arch) -> String {
     let mut names: Vec<String> = Vec::new();
@@ -439,6 +453,7 @@ pub trait Adapter {
 /// seeded random init (PEFT's, in our own random stream).
 pub fn build(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize) -> Result<Box<dyn Adapter>> {
     cfg.validate()?;
+    let _kind = ctx.alloc_kind("adapters");
     if cfg.method.is_lora() {
         // VeRA's rank is the shared pair's and may exceed a layer's dimensions (PEFT: r = 256).
         check_rank(cfg.rank, &sites)?;
@@ -477,6 +492,13 @@ pub(crate) fn scratch_view(t: &Tensor, rows: usize, cols: usize) -> Result<Tenso
 }
 
 /// A zero-filled f32 tensor.
+/// An activation of the adapter's branch (z = x·Aᵀ, its gradient, scratch): counted as
+/// activations, not adapter parameters, in the memory report.
+pub(crate) fn activation(ctx: &Context, label: &str, shape: &[usize]) -> Result<Tensor> {
+    let _kind = ctx.alloc_kind("activations");
+    Ok(ctx.tensor(label, shape, DType::F32)?)
+}
+
 pub(crate) fn zeros(ctx: &Context, label: &str, shape: &[usize]) -> Result<Tensor> {
     let t = ctx.tensor(label, shape, DType::F32)?;
     ctx.fill_f32(&t, 0.0)?;
@@ -500,8 +522,8 @@ impl Dropout {
         Ok(Some(Dropout {
             p,
             seed: ctx.upload_u32("dropout_seed", &[1], &[0])?,
-            xd: ctx.tensor("dropout_x", &[n * max_in], DType::F32)?,
-            dxs: ctx.tensor("dropout_dx", &[n * max_in], DType::F32)?,
+            xd: activation(ctx, "dropout_x", &[n * max_in])?,
+            dxs: activation(ctx, "dropout_dx", &[n * max_in])?,
         }))
     }
 

@@ -11,7 +11,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    scratch_view, uniform_init, Adapter, AdapterConfig, Dropout, Param, ParamKind, Result, Site, SiteWeights, Slot,
+    activation, scratch_view, uniform_init, Adapter, AdapterConfig, Dropout, Param, ParamKind, Result, Site,
+    SiteWeights, Slot,
 };
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::weights::HostTensor;
@@ -65,21 +66,21 @@ impl Vera {
             layers.push(VeraLayer {
                 lambda_d: vec("vera_lambda_d", r, cfg.vera_d_initial as f32)?,
                 lambda_b: site.outs.iter().map(|&o| vec("vera_lambda_b", o, 0.0)).collect::<Result<_>>()?,
-                z: ctx.tensor(&format!("{}.z", site.module), &[n, r], DType::F32)?,
+                z: activation(ctx, &format!("{}.z", site.module), &[n, r])?,
                 d_lambda_d: vec("vera_lambda_d.grad", r, 0.0)?,
                 d_lambda_b: site.outs.iter().map(|&o| vec("vera_lambda_b.grad", o, 0.0)).collect::<Result<_>>()?,
             });
         }
-        let scratch = |label: &str, len: usize| ctx.tensor(label, &[len], DType::F32);
+        let scratch = |label: &str, len: usize| activation(ctx, label, &[len]);
         let mut vera = Vera {
             shared_a,
             shared_b,
             b_rows: BTreeMap::new(),
             layers,
             n,
-            u: ctx.tensor("vera_u", &[n, r], DType::F32)?,
-            du: ctx.tensor("vera_du", &[n, r], DType::F32)?,
-            dz: ctx.tensor("vera_dz", &[n, r], DType::F32)?,
+            u: activation(ctx, "vera_u", &[n, r])?,
+            du: activation(ctx, "vera_du", &[n, r])?,
+            dz: activation(ctx, "vera_dz", &[n, r])?,
             t: scratch("vera_t", n * max_part)?,
             dt: scratch("vera_dt", n * max_part)?,
             dropout: Dropout::new(ctx, cfg.dropout, n, &sites)?,

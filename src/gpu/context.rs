@@ -108,6 +108,28 @@ pub struct Context {
     limits: Limits,
     errors: ErrorSink,
     pub(super) pipelines: Mutex<PipelineCache>,
+    /// Bytes of tensors allocated so far, by the kind that was current (see [`Context::alloc_kind`]).
+    alloc: Mutex<AllocStats>,
+    /// Small results memoised per device, e.g. the matmul tile the autotune picked.
+    tuned: Mutex<HashMap<String, u32>>,
+}
+
+#[derive(Default)]
+struct AllocStats {
+    kind: &'static str,
+    bytes: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// Restores the previous allocation kind when dropped (see [`Context::alloc_kind`]).
+pub struct AllocKind<'a> {
+    ctx: &'a Context,
+    previous: &'static str,
+}
+
+impl Drop for AllocKind<'_> {
+    fn drop(&mut self) {
+        self.ctx.alloc.lock().unwrap_or_else(|p| p.into_inner()).kind = self.previous;
+    }
 }
 
 fn backend_label(backends: &Option<String>) -> String {
@@ -193,7 +215,17 @@ impl Context {
             subgroup_min_size: ainfo.subgroup_min_size,
             subgroup_max_size: ainfo.subgroup_max_size,
         };
-        Ok(Context { device, queue, info, features, limits, errors, pipelines: Mutex::new(HashMap::new()) })
+        Ok(Context {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            errors,
+            pipelines: Mutex::new(HashMap::new()),
+            alloc: Mutex::new(AllocStats { kind: "other", bytes: Default::default() }),
+            tuned: Mutex::new(HashMap::new()),
+        })
     }
 
     async fn pick_adapter(instance: &wgpu::Instance, opts: &ContextOptions) -> Result<wgpu::Adapter> {
@@ -245,6 +277,45 @@ impl Context {
     /// use, so that a workgroup of this many invocations always fits in one subgroup.
     pub fn subgroup_size(&self) -> Option<u32> {
         self.features.subgroups.then_some(self.info.subgroup_min_size.max(1))
+    }
+
+    /// Until the returned guard is dropped, tensors allocated are counted under `kind`
+    /// ("weights", "adapters", "optimizer", "activations"; "other" otherwise). Benchmarks report
+    /// the sums ([`Context::allocated_bytes`]).
+    pub fn alloc_kind(&self, kind: &'static str) -> AllocKind<'_> {
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = std::mem::replace(&mut a.kind, kind);
+        AllocKind { ctx: self, previous }
+    }
+
+    pub(super) fn count_alloc(&self, bytes: u64) {
+        let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
+        let kind = a.kind;
+        *a.bytes.entry(kind).or_default() += bytes;
+    }
+
+    /// Bytes of every tensor allocated on this device so far, by kind (tensors dropped since
+    /// still count: plans allocate once and keep what they allocate).
+    pub fn allocated_bytes(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.alloc.lock().unwrap_or_else(|p| p.into_inner()).bytes.clone()
+    }
+
+    /// A value memoised per adapter (autotune results), computed by `f` on first use. Kept for
+    /// the process, keyed by the adapter's name and driver, so that every context opened on the
+    /// same adapter reuses it.
+    pub fn tuned(&self, key: &str, f: impl FnOnce() -> u32) -> u32 {
+        static ACROSS_CONTEXTS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+        let full = format!("{}|{}|{}|{key}", self.info.name, self.info.driver, self.info.driver_info);
+        let cached =
+            ACROSS_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&full).copied());
+        if let Some(v) = cached.or_else(|| self.tuned.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied()) {
+            return v;
+        }
+        // Computed outside the locks: `f` may run kernels that ask for other tuned values.
+        let v = f();
+        self.tuned.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), v);
+        ACROSS_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new).insert(full, v);
+        v
     }
 
     /// Turns any error wgpu reported since the last check into a Rust error naming `context`.

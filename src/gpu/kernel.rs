@@ -42,7 +42,7 @@ source!(ROPE, "rope.wgsl", subgroups: false, template: false);
 source!(ATTENTION, "attention.wgsl", subgroups: false, template: false);
 source!(ATTENTION_VEC4, "attention_vec4.wgsl", subgroups: false, template: true);
 source!(ACT, "act.wgsl", subgroups: false, template: false);
-source!(EMBED, "embed.wgsl", subgroups: false, template: false);
+source!(EMBED, "embed.wgsl", subgroups: false, template: true);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
 source!(OPTIM, "optim.wgsl", subgroups: false, template: false);
 source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);

@@ -18,7 +18,7 @@ mod kernel;
 mod step;
 mod tensor;
 
-pub use context::{Context, ContextOptions, DeviceInfo, Features, Limits};
+pub use context::{AllocKind, Context, ContextOptions, DeviceInfo, Features, Limits};
 pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 
 /// The WGSL files, one per kernel family.

@@ -9,18 +9,53 @@ use super::context::Context;
 use super::{GpuError, Result};
 
 /// Element types stored on the GPU.
+///
+/// The block-quantized types hold GGUF's blocks of 32 consecutive elements of a row, split into
+/// two parts so that every load is 4-byte aligned: first the packed quants of all blocks, then
+/// their scales (see `ops::quant`). Bytes per block are GGUF's: Q8_0 34, Q4_0 18, Q4_1 20.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
+    /// IEEE half floats, two per 32-bit word (element 2i in the low half).
     F16,
     U32,
+    Q8_0,
+    Q4_0,
+    Q4_1,
 }
 
 impl DType {
+    /// Bytes per element of the unquantized types (quantized ones: see [`DType::bytes`]).
     pub fn size(self) -> usize {
         match self {
             DType::F32 | DType::U32 => 4,
             DType::F16 => 2,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 1,
+        }
+    }
+    /// Whether elements come in blocks of 32 with a scale each.
+    pub fn is_block_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+    }
+    /// 32-bit words of packed quants before the scales begin, for `numel` elements.
+    pub fn quant_words(self, numel: usize) -> usize {
+        let blocks = numel / 32;
+        match self {
+            DType::Q8_0 => blocks * 8,
+            DType::Q4_0 | DType::Q4_1 => blocks * 4,
+            DType::F16 => numel.div_ceil(2),
+            DType::F32 | DType::U32 => numel,
+        }
+    }
+    /// Bytes that `numel` elements take on the GPU (packed types: rounded up to whole words).
+    pub fn bytes(self, numel: usize) -> usize {
+        let blocks = numel / 32;
+        match self {
+            DType::Q8_0 => (blocks * 34).next_multiple_of(4),
+            DType::Q4_0 => (blocks * 18).next_multiple_of(4),
+            DType::Q4_1 => blocks * 20,
+            DType::F16 => (numel * 2).next_multiple_of(4),
+            DType::F32 | DType::U32 => numel * 4,
         }
     }
 }
@@ -50,6 +85,17 @@ impl Tensor {
     }
     /// Columns `start..start + count` of a contiguous 2-D tensor, as a strided view sharing the
     /// memory. The byte offset of column `start` must meet `alignment`.
+    /// Packed tensors (F16 pairs, quantized blocks with their scales after) have no views.
+    fn check_unpacked(&self, op: &'static str) -> Result<()> {
+        if matches!(self.dtype, DType::F16) || self.dtype.is_block_quantized() {
+            return Err(GpuError::Shape {
+                op,
+                message: format!("tensor {:?} is stored packed as {:?}; views need f32 or u32", self.label, self.dtype),
+            });
+        }
+        Ok(())
+    }
+
     pub fn cols(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
         let [rows, width] = self.shape[..] else {
             return Err(GpuError::Shape {
@@ -57,6 +103,7 @@ impl Tensor {
                 message: format!("tensor {:?} {:?} is not 2-D", self.label, self.shape),
             });
         };
+        self.check_unpacked("cols")?;
         let offset = self.offset + (start * self.dtype.size()) as u64;
         if !self.is_contiguous() || start + count > width || count == 0 || !offset.is_multiple_of(alignment as u64) {
             return Err(GpuError::Shape {
@@ -89,7 +136,7 @@ impl Tensor {
             (Some(stride), &[rows, cols]) if rows > 0 => (rows - 1) * stride + cols,
             _ => self.numel(),
         };
-        (elems * self.dtype.size()) as u64
+        self.dtype.bytes(elems) as u64
     }
     pub(super) fn buffer(&self) -> &wgpu::Buffer {
         &self.buffer
@@ -108,6 +155,7 @@ impl Tensor {
     /// view stays 1-D). The byte offset must meet the device's storage
     /// offset alignment (256 almost everywhere): choose `start` accordingly.
     pub fn rows(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
+        self.check_unpacked("rows")?;
         if !self.is_contiguous() {
             return Err(GpuError::Shape { op: "rows", message: format!("tensor {:?} is a strided view", self.label) });
         }
@@ -146,7 +194,7 @@ impl Context {
     /// Allocates a zero-filled tensor.
     pub fn tensor(&self, label: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
-        let bytes = (numel * dtype.size()) as u64;
+        let bytes = dtype.bytes(numel) as u64;
         if bytes > self.limits().max_buffer {
             return Err(GpuError::TooLarge {
                 label: label.into(),
@@ -164,6 +212,7 @@ impl Context {
             mapped_at_creation: false,
         });
         self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
+        self.count_alloc(size);
         Ok(Tensor {
             // (On wasm, wgpu's handles are neither Send nor Sync; the Arc only shares them.)
             #[allow(clippy::arc_with_non_send_sync)]
@@ -174,6 +223,22 @@ impl Context {
             label: label.into(),
             row_stride: None,
         })
+    }
+
+    /// Allocates a tensor of `dtype` (F16 or block-quantized) over the packed 32-bit `words`
+    /// that `ops::quant` laid out.
+    pub fn upload_packed(&self, label: &str, dtype: DType, shape: &[usize], words: &[u32]) -> Result<Tensor> {
+        let t = self.tensor(label, shape, dtype)?;
+        let bytes: &[u8] = bytemuck::cast_slice(words);
+        if bytes.len() as u64 > t.buffer.size() {
+            return Err(GpuError::Shape {
+                op: "upload_packed",
+                message: format!("{} bytes for tensor {label:?} {dtype:?} {shape:?}", bytes.len()),
+            });
+        }
+        self.queue.write_buffer(&t.buffer, 0, bytes);
+        self.check(&format!("uploading tensor {label:?}"))?;
+        Ok(t)
     }
 
     /// Allocates a tensor and fills it with `data` (row-major).

@@ -12,7 +12,7 @@
 use std::fmt;
 
 use super::config::{Arch, ModelConfig};
-use super::weights::{HostTensor, Weights};
+use super::weights::{HostTensor, RawTensor, Weights};
 use crate::adapter::{Adapter, AdapterError, Input, Proj, SiteWeights};
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
 use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
@@ -97,15 +97,34 @@ pub struct SplitTable {
 impl SplitTable {
     /// Uploads a host table, splitting it when it exceeds one binding (or `max_part_rows`).
     pub fn upload(ctx: &Context, label: &str, t: &HostTensor, max_part_rows: Option<usize>) -> Result<Self> {
+        Self::upload_as(ctx, label, t, None, max_part_rows, BaseDType::F32)
+    }
+
+    /// As [`SplitTable::upload`], stored as `base` asks (see [`BaseDType`]); each part is packed
+    /// on its own.
+    pub fn upload_as(
+        ctx: &Context,
+        label: &str,
+        t: &HostTensor,
+        raw: Option<&RawTensor>,
+        max_part_rows: Option<usize>,
+        base: BaseDType,
+    ) -> Result<Self> {
         let (rows, cols) = (t.shape[0], t.shape[1]);
         let align_rows = (ctx.limits().storage_offset_alignment as usize / 4).max(1);
+        // Sized for f32 rows even when packed: the logits of a part are a column view.
         let fit = (ctx.limits().max_storage_binding / (cols as u64 * 4)).max(1) as usize;
         let part = max_part_rows.unwrap_or(fit).min(fit);
         let part = if part >= rows { rows } else { (part / align_rows * align_rows).max(align_rows) };
         let mut parts = Vec::new();
         for first in (0..rows).step_by(part) {
             let n = part.min(rows - first);
-            parts.push((first, ctx.upload_f32(label, &[n, cols], &t.data[first * cols..(first + n) * cols])?));
+            let data = HostTensor { shape: vec![n, cols], data: t.data[first * cols..(first + n) * cols].to_vec() };
+            let part_raw = raw.map(|r| {
+                let row_bytes = r.bytes.len() / rows;
+                RawTensor { ty: r.ty, bytes: r.bytes[first * row_bytes..(first + n) * row_bytes].to_vec() }
+            });
+            parts.push((first, upload_matrix(ctx, label, &data, part_raw.as_ref(), base)?));
         }
         Ok(SplitTable { parts, rows, cols })
     }
@@ -249,6 +268,102 @@ pub struct Gradients {
     pub dsum: Tensor,    // (B, H, T) attention backward scratch
 }
 
+/// How the frozen base's matrices (projections, token embeddings, LM head) are stored on the
+/// GPU. Packed types are dequantized inside the kernels that read them (QLoRA-style: no f32
+/// copy); norms, biases and position tables stay f32, as do the adapters and optimizer state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseDType {
+    /// As the file stores them: a GGUF's Q8_0 / Q4_0 / Q4_1 / f16 tensors stay packed (LLaMA
+    /// family, on adapters with subgroup operations); everything else f32.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl BaseDType {
+    pub const ALL: [BaseDType; 6] =
+        [BaseDType::Auto, BaseDType::F32, BaseDType::F16, BaseDType::Q8_0, BaseDType::Q4_0, BaseDType::Q4_1];
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseDType::Auto => "auto",
+            BaseDType::F32 => "f32",
+            BaseDType::F16 => "f16",
+            BaseDType::Q8_0 => "q8_0",
+            BaseDType::Q4_0 => "q4_0",
+            BaseDType::Q4_1 => "q4_1",
+        }
+    }
+    fn dtype(self) -> Option<DType> {
+        match self {
+            BaseDType::Auto => None,
+            BaseDType::F32 => Some(DType::F32),
+            BaseDType::F16 => Some(DType::F16),
+            BaseDType::Q8_0 => Some(DType::Q8_0),
+            BaseDType::Q4_0 => Some(DType::Q4_0),
+            BaseDType::Q4_1 => Some(DType::Q4_1),
+        }
+    }
+}
+
+impl fmt::Display for BaseDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BaseDType {
+    type Err = GpuModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase().replace('-', "_");
+        BaseDType::ALL.into_iter().find(|d| d.name() == t).ok_or_else(|| {
+            GpuModelError::Unsupported(format!(
+                "unknown base dtype {s:?}; use one of {}",
+                BaseDType::ALL.map(|d| d.name()).join(", ")
+            ))
+        })
+    }
+}
+
+/// Uploads the 2-D frozen matrix `name` as `base` asks: the file's own bytes where they are
+/// already that type, else quantized from f32 on the host (ggml's reference quantizers), else
+/// f32 (shapes whose rows are not whole blocks; adapters without subgroup operations).
+fn upload_matrix(
+    ctx: &Context,
+    name: &str,
+    data: &HostTensor,
+    raw: Option<&RawTensor>,
+    base: BaseDType,
+) -> Result<Tensor> {
+    use crate::ops::quant;
+    let want = match base.dtype() {
+        Some(d) => d,
+        None => raw.and_then(|r| quant::dtype_of(r.ty)).unwrap_or(DType::F32),
+    };
+    if want == DType::F32 || data.shape.len() != 2 || !quant::fits(want, &data.shape) {
+        return Ok(ctx.upload_f32(name, &data.shape, &data.data)?);
+    }
+    if !ctx.features().subgroups {
+        if base == BaseDType::Auto {
+            return Ok(ctx.upload_f32(name, &data.shape, &data.data)?);
+        }
+        return Err(GpuModelError::Unsupported(format!(
+            "--base-dtype {base} needs subgroup operations, which adapter {:?} lacks; use --base-dtype f32",
+            ctx.info().name
+        )));
+    }
+    let ty = quant::ggml_of(want).expect("packed dtype");
+    let words = match raw {
+        Some(r) if r.ty == ty => quant::pack(ty, &r.bytes),
+        _ => quant::pack(ty, &quant::quantize(ty, &data.data)),
+    };
+    Ok(ctx.upload_packed(name, want, &data.shape, &words)?)
+}
+
 /// How the plan splits what could exceed one storage binding (`None` picks the largest that
 /// fits), and which projection inputs it keeps per layer.
 #[derive(Clone, Debug, Default)]
@@ -260,6 +375,8 @@ pub struct PlanOptions {
     /// Projection inputs kept per layer for an adapter's backward pass. The frozen base's own
     /// backward never reads them, so by default each is one tensor shared by all layers.
     pub keep_inputs: Vec<Input>,
+    /// How the frozen matrices are stored (default here: f32; `Auto` keeps a GGUF's types).
+    pub base_dtype: Option<BaseDType>,
 }
 
 /// A model on the GPU with its forward pass (and, for training, forward + backward) recorded
@@ -303,26 +420,34 @@ impl ParameterTensors {
     /// As [`ParameterTensors::upload`], splitting the vocabulary tables into parts of at most
     /// `table_part_rows` rows (tests use it to exercise the split on small models).
     pub fn upload_with(ctx: &Context, w: &Weights, table_part_rows: Option<usize>) -> Result<Self> {
+        Self::upload_as(ctx, w, table_part_rows, BaseDType::F32)
+    }
+
+    /// As [`ParameterTensors::upload_with`], with the frozen matrices stored as `base` asks.
+    pub fn upload_as(ctx: &Context, w: &Weights, table_part_rows: Option<usize>, base: BaseDType) -> Result<Self> {
+        let _kind = ctx.alloc_kind("weights");
         let c = &w.config;
+        let get = |name: &str| w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()));
         let table = |name: &str| -> Result<SplitTable> {
-            let t = w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
-            SplitTable::upload(ctx, name, t, table_part_rows)
+            SplitTable::upload_as(ctx, name, get(name)?, w.raw.get(name), table_part_rows, base)
         };
+        let matrix = |name: &str| -> Result<Tensor> { upload_matrix(ctx, name, get(name)?, w.raw.get(name), base) };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             layers.push(match c.arch {
                 Arch::Llama => {
                     let p = |n: &str| upload(ctx, w, &format!("model.layers.{i}.{n}"));
+                    let m = |n: &str| matrix(&format!("model.layers.{i}.{n}"));
                     LayerParams::Llama(Box::new(LlamaLayer {
                         ln1: p("input_layernorm.weight")?,
-                        wq: p("self_attn.q_proj.weight")?,
-                        wk: p("self_attn.k_proj.weight")?,
-                        wv: p("self_attn.v_proj.weight")?,
-                        wo: p("self_attn.o_proj.weight")?,
+                        wq: m("self_attn.q_proj.weight")?,
+                        wk: m("self_attn.k_proj.weight")?,
+                        wv: m("self_attn.v_proj.weight")?,
+                        wo: m("self_attn.o_proj.weight")?,
                         ln2: p("post_attention_layernorm.weight")?,
-                        w_gate: p("mlp.gate_proj.weight")?,
-                        w_up: p("mlp.up_proj.weight")?,
-                        w_down: p("mlp.down_proj.weight")?,
+                        w_gate: m("mlp.gate_proj.weight")?,
+                        w_up: m("mlp.up_proj.weight")?,
+                        w_down: m("mlp.down_proj.weight")?,
                     }))
                 }
                 Arch::Gpt2 => {
@@ -332,8 +457,9 @@ impl ParameterTensors {
                     let (aw, ab) = (get("attn.c_attn.weight")?, get("attn.c_attn.bias")?);
                     let h = c.hidden_size;
                     let part = |k: usize| -> Result<(Tensor, Tensor)> {
+                        let w3 = HostTensor { shape: vec![h, h], data: third(&aw.data, h, k) };
                         Ok((
-                            ctx.upload_f32(&name("attn.c_attn.weight"), &[h, h], &third(&aw.data, h, k))?,
+                            upload_matrix(ctx, &name("attn.c_attn.weight"), &w3, None, base)?,
                             ctx.upload_f32(&name("attn.c_attn.bias"), &[h], &third(&ab.data, 1, k))?,
                         ))
                     };
@@ -347,13 +473,13 @@ impl ParameterTensors {
                         bq,
                         bk,
                         bv,
-                        wo: p("attn.c_proj.weight")?,
+                        wo: matrix(&name("attn.c_proj.weight"))?,
                         bo: p("attn.c_proj.bias")?,
                         ln2_w: p("ln_2.weight")?,
                         ln2_b: p("ln_2.bias")?,
-                        w_fc: p("mlp.c_fc.weight")?,
+                        w_fc: matrix(&name("mlp.c_fc.weight"))?,
                         b_fc: p("mlp.c_fc.bias")?,
-                        w_proj: p("mlp.c_proj.weight")?,
+                        w_proj: matrix(&name("mlp.c_proj.weight"))?,
                         b_proj: p("mlp.c_proj.bias")?,
                     }))
                 }
@@ -398,7 +524,8 @@ impl GpuModel {
         if seq > c.max_positions {
             return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
-        let params = ParameterTensors::upload_with(ctx, w, opts.table_part_rows)?;
+        let params =
+            ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
         let acts = Self::plan(ctx, &c, batch, seq, &opts)?;
         let mut model = GpuModel {
             config: c,
@@ -424,6 +551,7 @@ impl GpuModel {
         let (b, t) = (self.acts.batch, self.acts.seq);
         let n = b * t;
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+        let _kind = ctx.alloc_kind("activations");
         let z = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
         self.grads = Some(Gradients {
             dx: (0..=c.num_layers).map(|_| z("dx", &[n, h])).collect::<std::result::Result<_, _>>()?,
@@ -446,6 +574,7 @@ impl GpuModel {
     }
 
     fn plan(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize, opts: &PlanOptions) -> Result<Activations> {
+        let _kind = ctx.alloc_kind("activations");
         let chunk = opts.logit_chunk_rows;
         let n = batch * seq;
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
@@ -884,6 +1013,18 @@ impl GpuModel {
 
     /// Adds the adapter's ΔW into the frozen weights on the GPU (`W0 += s·B·A`, PEFT's merge);
     /// the branch is then skipped, so the forward pass gives the same results faster.
+    /// Whether any frozen matrix is stored packed (f16 or quantized; see [`BaseDType`]).
+    pub fn base_is_packed(&self) -> bool {
+        self.params.layers.iter().any(|l| match l {
+            LayerParams::Llama(p) => {
+                [&p.wq, &p.wk, &p.wv, &p.wo, &p.w_gate, &p.w_up, &p.w_down].iter().any(|t| t.dtype() != DType::F32)
+            }
+            LayerParams::Gpt2(p) => {
+                [&p.wq, &p.wk, &p.wv, &p.wo, &p.w_fc, &p.w_proj].iter().any(|t| t.dtype() != DType::F32)
+            }
+        }) || self.params.embed.parts.iter().any(|(_, t)| t.dtype() != DType::F32)
+    }
+
     pub fn merge(&mut self, ctx: &Context) -> Result<()> {
         self.merge_sign(ctx, 1.0)?;
         self.merged = true;
@@ -904,6 +1045,13 @@ impl GpuModel {
         let Some(a) = self.adapter.as_deref() else {
             return Err(GpuModelError::Unsupported("no adapter is attached to merge".into()));
         };
+        if self.base_is_packed() {
+            return Err(GpuModelError::Unsupported(
+                "the base weights are stored quantized on the GPU and cannot take the adapter's ΔW; \
+                 load the base as f32 (--base-dtype f32) to merge"
+                    .into(),
+            ));
+        }
         let mut s = Step::new();
         a.merge(ctx, &mut s, &self.site_weights()?, sign)?;
         ctx.run(&s)?;

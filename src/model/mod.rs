@@ -9,4 +9,5 @@ pub mod gpu;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
-pub use weights::{load_model, HostTensor, ModelError, Weights};
+pub use gpu::BaseDType;
+pub use weights::{load_model, HostTensor, ModelError, RawTensor, Weights};

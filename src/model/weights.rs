@@ -36,6 +36,13 @@ pub enum ModelError {
     NotAModel { path: PathBuf },
 }
 
+/// A tensor's bytes as a GGUF file stores them: row-major blocks of `ty`.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub ty: crate::io::gguf::GgmlType,
+    pub bytes: Vec<u8>,
+}
+
 /// A dense f32 tensor in host memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {
@@ -48,6 +55,10 @@ pub struct HostTensor {
 pub struct Weights {
     pub config: ModelConfig,
     pub tensors: BTreeMap<String, HostTensor>,
+    /// The file's own encoding of tensors stored quantized or as f16 (GGUF, LLaMA family), in
+    /// the layout of `tensors` (rows in Hugging Face order): a quantized base uploads these
+    /// bytes as they are instead of re-quantizing the f32 values.
+    pub raw: BTreeMap<String, RawTensor>,
     /// Where they came from, for messages.
     pub source: PathBuf,
 }
@@ -215,10 +226,10 @@ fn hf_name(arch: Arch, gguf_name: &str) -> Option<String> {
 
 /// Undoes llama.cpp's rotary permutation of q_proj / k_proj rows: within each head, GGUF row
 /// `2j + t` is Hugging Face row `t · head_dim/2 + j`.
-pub fn unpermute_rotary(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub fn unpermute_rotary<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
     let hd = rows / heads;
     let half = hd / 2;
-    let mut out = vec![0.0; data.len()];
+    let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for j in 0..half {
             for t in 0..2 {
@@ -267,6 +278,7 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
     let path = g.path.as_path();
     let config = ModelConfig::from_gguf(g)?;
     let mut tensors = BTreeMap::new();
+    let mut raw = BTreeMap::new();
     for info in &g.tensors {
         let Some(name) = hf_name(config.arch, &info.name) else {
             continue;
@@ -274,10 +286,23 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
         let mut data = g.tensor_f32(&info.name)?;
         let mut shape = info.shape.clone();
         if config.arch == Arch::Llama && shape.len() == 2 {
-            if name.ends_with("q_proj.weight") {
-                data = unpermute_rotary(&data, shape[0], shape[1], config.num_heads);
+            let heads = if name.ends_with("q_proj.weight") {
+                Some(config.num_heads)
             } else if name.ends_with("k_proj.weight") {
-                data = unpermute_rotary(&data, shape[0], shape[1], config.num_kv_heads);
+                Some(config.num_kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                data = unpermute_rotary(&data, shape[0], shape[1], h);
+            }
+            // Blocks run along rows, so whole rows of the file's bytes move like rows of data.
+            if crate::ops::quant::dtype_of(info.ty).is_some() && shape[1] % 32 == 0 {
+                let mut bytes = g.raw(info)?;
+                if let Some(h) = heads {
+                    bytes = unpermute_rotary(&bytes, shape[0], bytes.len() / shape[0], h);
+                }
+                raw.insert(name.clone(), RawTensor { ty: info.ty, bytes });
             }
         }
         if config.arch == Arch::Gpt2 && shape.len() == 2 && name.starts_with("transformer.h.") {
@@ -288,7 +313,7 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
         tensors.insert(name, HostTensor { shape, data });
     }
     check_complete(path, &config, &tensors)?;
-    Ok(Weights { config, tensors, source: path.to_path_buf() })
+    Ok(Weights { config, tensors, raw, source: path.to_path_buf() })
 }
 
 fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
@@ -347,7 +372,7 @@ fn finish_hf(
         !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias") && !k.contains("rotary_emb.inv_freq")
     });
     check_complete(dir, &config, &tensors)?;
-    Ok(Weights { config, tensors, source: dir.to_path_buf() })
+    Ok(Weights { config, tensors, raw: BTreeMap::new(), source: dir.to_path_buf() })
 }
 
 /// Reads every tensor of one safetensors file as f32.

@@ -10,6 +10,7 @@ struct Params {
     gx: u32,
     first: u32,
     last: u32,
+    qoff: u32,
 }
 
 /// `out[t] = table[ids[t]]` with ids `(tokens,)` u32, table `(vocab, dim)`, out `(tokens, dim)`.
@@ -29,7 +30,16 @@ pub fn embed_forward_part(
     out: &Tensor,
 ) -> Result<()> {
     const OP: &str = "embed_forward";
-    check_f32(OP, table)?;
+    let packed = table.dtype() != DType::F32;
+    if packed && !crate::ops::quant::fits(table.dtype(), table.shape()) {
+        return Err(shape_err(
+            OP,
+            format!("packed table {:?} {:?} has rows of partial blocks", table.label(), table.shape()),
+        ));
+    }
+    if !packed {
+        check_f32(OP, table)?;
+    }
     check_f32(OP, out)?;
     if ids.dtype() != DType::U32 || table.shape().len() != 2 {
         return Err(shape_err(
@@ -39,7 +49,8 @@ pub fn embed_forward_part(
     }
     let dim = table.shape()[1];
     check_numel(OP, out, ids.numel() * dim, "(tokens, dim)")?;
-    let groups = grid_for(ctx, out.numel(), 256);
+    let per = if packed { 4 } else { 1 };
+    let groups = grid_for(ctx, out.numel() / per, 256);
     let params = uniform(
         OP,
         &Params {
@@ -48,8 +59,18 @@ pub fn embed_forward_part(
             gx: groups[0],
             first: first as u32,
             last: (first + table.shape()[0]) as u32,
+            qoff: if packed { table.dtype().quant_words(table.numel()) as u32 } else { 0 },
         },
     )?;
-    let spec = KernelSpec::new(&kernel_sources::EMBED, OP);
+    let spec = embed_kernel(table.dtype());
     ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(ids), Arg::Read(table), Arg::Write(out)], groups)
+}
+
+/// The embedding kernel for a table stored as `dtype` (public for the WGSL validation test).
+pub fn embed_kernel(dtype: DType) -> KernelSpec {
+    let packed = dtype != DType::F32;
+    KernelSpec::new(&kernel_sources::EMBED, "embed_forward").flag("PACKED", packed).var(
+        "QLOAD",
+        if packed { crate::ops::quant::load4_wgsl(dtype, "qload4", "table", "p.qoff") } else { String::new() },
+    )
 }

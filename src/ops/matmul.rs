@@ -11,7 +11,7 @@
 use std::fmt::Write as _;
 
 use super::{check_f32, shape_err, uniform};
-use crate::gpu::{kernel_sources, Arg, Context, GpuError, KernelSpec, Result, Step, Tensor};
+use crate::gpu::{kernel_sources, Arg, Context, DType, GpuError, KernelSpec, Result, Step, Tensor};
 
 /// Which kernel computes the product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +81,7 @@ struct Params {
     lda: u32,
     ldb: u32,
     ldc: u32,
+    qoff: u32,
 }
 
 /// Rows of C per workgroup in the subgroup kernel.
@@ -112,6 +113,12 @@ fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
 pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<MatmulPath> {
     let params = check_shapes(ctx, a, b, c, opts)?;
     let sg = ctx.subgroup_size().filter(|s| (4..=128).contains(s));
+    if b.dtype() != DType::F32 && (sg.is_none() || opts.path == MatmulPath::Portable) {
+        return Err(GpuError::MissingFeature {
+            feature: "subgroup operations (a packed f16 or quantized base is read by the subgroup matmul only; use an f32 base)",
+            adapter: ctx.info().name.clone(),
+        });
+    }
     match (opts.path, sg) {
         (MatmulPath::Auto | MatmulPath::Subgroup, Some(s)) => {
             record_subgroup(ctx, step, a, b, c, &params, opts, s)?;
@@ -155,7 +162,19 @@ const OP: &str = "matmul";
 
 /// Checks the operands and derives the kernel parameters.
 fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<Params> {
-    for t in [a, b, c] {
+    let packed_b = b.dtype() != DType::F32;
+    if packed_b && !(crate::ops::quant::fits(b.dtype(), b.shape()) && b.is_contiguous()) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "B {:?} {:?} is {:?}: a packed B must be a whole 2-D weight whose rows are whole blocks",
+                b.label(),
+                b.shape(),
+                b.dtype()
+            ),
+        ));
+    }
+    for t in [a, b, c].into_iter().filter(|t| !(packed_b && std::ptr::eq(*t, b))) {
         // Column views (strided rows) are fine here, as long as they are 2-D.
         if t.is_contiguous() {
             check_f32(OP, t)?;
@@ -220,6 +239,7 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
         lda: a.row_stride() as u32,
         ldb: b.row_stride() as u32,
         ldc: c.row_stride() as u32,
+        qoff: if packed_b { b.dtype().quant_words(b.numel()) as u32 } else { 0 },
     })
 }
 
@@ -233,12 +253,98 @@ fn record_subgroup(
     opts: Matmul,
     s: u32,
 ) -> Result<()> {
-    let (spec, groups) = subgroup_spec(s, params, opts.trans_a, opts.trans_b);
+    let tile = tuned_tile(ctx, s);
+    let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype())?;
     let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
     ctx.record(step, &spec, &args, groups)
 }
 
-fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpec, [u32; 3]) {
+/// Rows per workgroup and vec4 columns per lane of the subgroup kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub tm: u32,
+    pub tnv: u32,
+}
+
+/// The tiles the autotune tries, the default first. Wide subgroups (GPUs) get one vec4 column
+/// per lane to bound registers; narrow ones (CPU drivers) two.
+fn candidates(s: u32) -> Vec<Tile> {
+    let t = |tm, tnv| Tile { tm, tnv };
+    if s <= 16 {
+        vec![t(SG_TM, sg_tnv(s)), t(40, 2), t(64, 1), t(24, 2)]
+    } else {
+        vec![t(SG_TM, sg_tnv(s)), t(16, 1), t(64, 1), t(32, 2)]
+    }
+}
+
+/// The tile this device runs fastest, measured once per context (per adapter) on a
+/// 512×576×576 product, a projection of a small model at 512 tokens: each candidate is compiled
+/// and timed for a few repeats, the median kept. Every tile sums each output in the same order,
+/// so the choice changes speed only, never results. `PORTALORA_MATMUL_TILE=TMxTNV` forces a
+/// tile; `PORTALORA_AUTOTUNE=0` (and the browser, which cannot wait for the GPU) keeps the
+/// default.
+pub fn tuned_tile(ctx: &Context, s: u32) -> Tile {
+    let code = ctx.tuned(&format!("matmul_tile_s{s}"), || {
+        let t = autotune(ctx, s).unwrap_or(candidates(s)[0]);
+        t.tm * 1000 + t.tnv
+    });
+    Tile { tm: code / 1000, tnv: code % 1000 }
+}
+
+#[cfg(target_arch = "wasm32")]
+fn autotune(_ctx: &Context, _s: u32) -> Option<Tile> {
+    None
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
+    if let Ok(v) = std::env::var("PORTALORA_MATMUL_TILE") {
+        let (tm, tnv) = v.split_once('x')?;
+        let t = Tile { tm: tm.trim().parse().ok()?, tnv: tnv.trim().parse().ok()? };
+        return (t.tm % 4 == 0 && t.tm > 0 && (1..=4).contains(&t.tnv)).then_some(t);
+    }
+    if std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    let (m, k, n) = (512usize, 576usize, 576usize);
+    let _kind = ctx.alloc_kind("other");
+    let a = ctx.tensor("autotune A", &[m, k], DType::F32).ok()?;
+    let b = ctx.tensor("autotune B", &[n, k], DType::F32).ok()?;
+    let c = ctx.tensor("autotune C", &[m, n], DType::F32).ok()?;
+    let params = check_shapes(ctx, &a, &b, &c, Matmul::nt()).ok()?;
+    let mut best: Option<(f64, Tile)> = None;
+    for tile in candidates(s) {
+        let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32).ok()?;
+        let args = [Arg::Uniform(uniform(OP, &params).ok()?), Arg::Read(&a), Arg::Read(&b), Arg::Write(&c)];
+        let mut step = Step::new();
+        ctx.record(&mut step, &spec, &args, groups).ok()?;
+        ctx.run(&step).ok()?;
+        ctx.wait_idle().ok()?;
+        let mut times: Vec<f64> = (0..3)
+            .filter_map(|_| {
+                let t0 = std::time::Instant::now();
+                ctx.run_repeated(&step, 2).ok()?;
+                ctx.wait_idle().ok()?;
+                Some(t0.elapsed().as_secs_f64())
+            })
+            .collect();
+        times.sort_by(|x, y| x.total_cmp(y));
+        let t = *times.get(times.len() / 2)?;
+        if best.is_none_or(|(b, _)| t < b) {
+            best = Some((t, tile));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
+fn subgroup_spec(
+    s: u32,
+    tile: Tile,
+    p: &Params,
+    trans_a: bool,
+    trans_b: bool,
+    b: DType,
+) -> Result<(KernelSpec, [u32; 3])> {
     let vec = p.lda.is_multiple_of(4)
         && p.ldb.is_multiple_of(4)
         && p.ldc.is_multiple_of(4)
@@ -249,17 +355,40 @@ fn subgroup_spec(s: u32, p: &Params, trans_a: bool, trans_b: bool) -> (KernelSpe
         && p.stride_b.is_multiple_of(4)
         && p.stride_c.is_multiple_of(4);
     // Narrow outputs (LoRA's rank-r products) waste most of a wide tile.
-    let tnv = if p.n <= 4 * s { 1 } else { sg_tnv(s) };
-    let spec = subgroup_kernel(s, SG_TM, tnv, trans_a, trans_b, vec);
-    let groups = [p.n.div_ceil(4 * s * tnv), p.m.div_ceil(SG_TM), p.batch];
-    (spec, groups)
+    let tnv = if p.n <= 4 * s { 1 } else { tile.tnv };
+    if b != DType::F32 && !vec {
+        return Err(shape_err(
+            OP,
+            format!("a packed B needs K = {}, N = {} and the row strides to be multiples of 4", p.k, p.n),
+        ));
+    }
+    let spec = subgroup_kernel_packed(s, tile.tm, tnv, trans_a, trans_b, vec, b);
+    let groups = [p.n.div_ceil(4 * s * tnv), p.m.div_ceil(tile.tm), p.batch];
+    Ok((spec, groups))
 }
 
 /// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
 /// lane. Public so that the WGSL validation test can expand it for many sizes.
 pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
+    subgroup_kernel_packed(s, tm, tnv, trans_a, trans_b, vec, DType::F32)
+}
+
+/// [`subgroup_kernel`] reading B stored as `b` (F32, or packed F16 / Q8_0 / Q4_0 / Q4_1 with
+/// `vec`).
+pub fn subgroup_kernel_packed(
+    s: u32,
+    tm: u32,
+    tnv: u32,
+    trans_a: bool,
+    trans_b: bool,
+    vec: bool,
+    b: DType,
+) -> KernelSpec {
+    let packed = b != DType::F32;
     KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
         .flag("VEC", vec)
+        .flag("QB", packed)
+        .var("QLOAD", if packed { crate::ops::quant::load4_wgsl(b, "qload4", "b", "p.qoff") } else { String::new() })
         .var("S", s)
         .var("TM", tm)
         .var("TNV", tnv)

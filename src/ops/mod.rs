@@ -15,6 +15,7 @@ pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod optim;
+pub mod quant;
 pub mod reduce;
 pub mod rope;
 pub mod xent;

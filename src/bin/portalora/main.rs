@@ -129,6 +129,48 @@ enum BenchWhat {
         #[arg(long, value_delimiter = ',')]
         shapes: Vec<String>,
     },
+    /// Training-step speed and GPU memory: tokens/s (median over steps after warm-up), bytes
+    /// allocated by kind, and a per-kernel GPU time breakdown from timestamp queries.
+    Step(Box<BenchStepArgs>),
+}
+
+#[derive(clap::Args)]
+struct BenchStepArgs {
+    /// A GGUF file or a Hugging Face folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// lora, lora-fa, vera, delta-lora or lora-plus.
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// Adapter rank (VeRA: the shared matrices' rank).
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Projections to adapt; default: every projection of the model.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// How the frozen base is stored on the GPU: f32, f16, q8_0, q4_0, q4_1, or auto (as in
+    /// the file: a GGUF's quantized tensors stay quantized).
+    #[arg(long, default_value = "auto")]
+    base_dtype: String,
+    /// Timed steps after the warm-up.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first (pipeline compilation, first touches of memory).
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Skip the per-kernel breakdown (it runs one more step, each dispatch in its own pass).
+    #[arg(long)]
+    no_kernels: bool,
+    /// Kernel rows to print (the JSON has all).
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    /// Print the result as one JSON object on the last line.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `portalora train`'s options.
@@ -226,6 +268,14 @@ pub(crate) struct TrainArgs {
     /// Micro-batches whose gradients are summed into each optimizer step.
     #[arg(long, default_value = "1", value_parser = parse_count)]
     grad_accum: usize,
+    /// How the frozen base is stored on the GPU: auto (a GGUF's Q8_0/Q4_0/Q4_1/f16 tensors
+    /// stay as they are, dequantized inside the matmul), f32, f16, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "auto")]
+    base_dtype: String,
+    /// Read the loss back every N steps (the only CPU–GPU sync of training); log lines for
+    /// those steps arrive together. Evaluations and checkpoints read it too.
+    #[arg(long, default_value = "1", value_parser = parse_count)]
+    loss_every: usize,
     /// Tokens per row with --data.
     #[arg(long, default_value = "128", value_parser = parse_count)]
     seq: usize,
@@ -377,6 +427,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Train(args) => train::train(&ctx, *args),
         Command::Merge { model, adapter, out } => train::merge(&ctx, &model, &adapter, &out),
         Command::Info { json } => info(&ctx, json),
+        Command::Bench { what: BenchWhat::Step(args) } => bench_step(&ctx, *args),
         Command::Bench { what: BenchWhat::Matmul { json, path, repeats, seconds, shapes } } => {
             let shapes = if shapes.is_empty() {
                 MATMUL_SHAPES.to_vec()
@@ -391,6 +442,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if !json {
                 let i = ctx.info();
                 println!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+                if let Some(s) = ctx.subgroup_size() {
+                    let t = portalora::ops::matmul::tuned_tile(&ctx, s);
+                    println!("subgroup kernel tile (autotuned): {} rows × {} vec4 columns per lane", t.tm, t.tnv);
+                }
                 println!(
                     "{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10} {:>10} {:>10}",
                     "M", "K", "N", "op", "path", "GFLOP/s", "min", "max"
@@ -421,6 +476,80 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
     }
+}
+
+fn bench_step(ctx: &Context, a: BenchStepArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use portalora::adapter::{AdapterConfig, Method};
+    use portalora::bench::StepOptions;
+    let method: Method = a.method.parse()?;
+    let base_dtype: portalora::model::BaseDType = a.base_dtype.parse()?;
+    let weights = portalora::model::load_model(&a.model)?;
+    let mut cfg = AdapterConfig::new(method);
+    cfg.rank = a.rank;
+    cfg.alpha = 2.0 * a.rank as f64;
+    cfg.targets = if a.targets.is_empty() { portalora::adapter::all_targets(weights.config.arch) } else { a.targets };
+    let train = portalora::train::TrainConfig { base_dtype, ..Default::default() };
+    let opts = StepOptions { batch: a.batch, seq: a.seq, steps: a.steps, warmup: a.warmup, kernels: !a.no_kernels };
+    let i = ctx.info();
+    let model_name = a.model.display().to_string();
+    eprintln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+    eprintln!(
+        "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}",
+        cfg.rank,
+        cfg.targets.join(","),
+        a.batch,
+        a.seq
+    );
+    let total = a.warmup + a.steps;
+    let r = portalora::bench::bench_step(ctx, &weights, &cfg, &train, &opts, |k, s| {
+        let what = if k < a.warmup { " (warm-up)" } else { "" };
+        eprintln!("step {}/{total}: {s:.3} s{what}", k + 1);
+    })?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let kinds = ["weights", "adapters", "optimizer", "activations", "other"];
+    let b = |k: &str| r.gpu_bytes.get(k).copied().unwrap_or(0);
+    println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), a.steps);
+    println!("trainable parameters: {}", r.trainable);
+    println!("GPU memory allocated:");
+    for k in kinds {
+        println!("  {k:<12} {:>10.2} MiB", mib(b(k)));
+    }
+    println!("  {:<12} {:>10.2} MiB", "total", mib(kinds.iter().map(|k| b(k)).sum()));
+    println!("  kept for backward (part of activations): {:.2} MiB", mib(r.kept_bytes));
+    if !r.kernels.is_empty() {
+        let how = if r.timestamps { "GPU timestamps" } else { "wall clock per dispatch" };
+        println!("one step's kernels ({how}; {:.3} s in all):", r.kernel_seconds);
+        println!("{:>9} {:>6} {:>6}  kernel [workgroups]", "seconds", "%", "count");
+        for k in r.kernels.iter().take(a.top) {
+            println!("{:>9.4} {:>5.1}% {:>6}  {}", k.seconds, 100.0 * k.seconds / r.kernel_seconds, k.count, k.label);
+        }
+    }
+    if a.json {
+        let kernels: Vec<serde_json::Value> = r
+            .kernels
+            .iter()
+            .map(|k| serde_json::json!({"kernel": k.label, "seconds": k.seconds, "count": k.count}))
+            .collect();
+        let j = serde_json::json!({
+            "tokens_per_s": r.tokens_per_s(),
+            "step_seconds": r.median_seconds(),
+            "steps": r.step_seconds,
+            "gpu_bytes": serde_json::Value::Object(kinds.iter().map(|k| (k.to_string(), b(k).into())).collect()),
+            "kept_bytes": r.kept_bytes,
+            "trainable": r.trainable,
+            "model": model_name,
+            "method": method.name(),
+            "rank": cfg.rank,
+            "batch": a.batch,
+            "seq": a.seq,
+            "base_dtype": base_dtype.to_string(),
+            "adapter": i.name,
+            "kernel_seconds": r.kernel_seconds,
+            "kernels": kernels,
+        });
+        println!("{j}");
+    }
+    Ok(())
 }
 
 fn info(ctx: &Context, json: bool) -> Result<(), Box<dyn std::error::Error>> {

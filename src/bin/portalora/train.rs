@@ -104,6 +104,8 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
         total_steps: steps,
         lr_ratio: a.lr_ratio,
         grad_accum: a.grad_accum,
+        base_dtype: a.base_dtype.parse()?,
+        loss_every: a.loss_every,
     })
 }
 
