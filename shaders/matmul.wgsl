@@ -35,6 +35,8 @@ struct Params {
     ldb: u32,
     ldc: u32,
     qoff: u32,  // packed B: the word where its scales begin (see src/ops/quant.rs)
+    side_n: u32,  // SIDE: columns of the side product (a LoRA rank)
+    side_ld: u32, // SIDE: row stride of A2
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

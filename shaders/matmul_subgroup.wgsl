@@ -18,7 +18,8 @@
 // Variants: VEC (all of K, N — and M when A is transposed — plus the row and batch strides are
 // multiples of 4) binds the buffers as vec4 arrays; otherwise every element is loaded with a
 // bounds check. TRANS_A / TRANS_B choose how op(A) and op(B) are read (template flags here).
-// QB (with VEC only): B is a frozen 2-D weight stored packed, f16 or GGUF's Q8_0 / Q4_0 / Q4_1
+// SIDE (with VEC, A not transposed, one batch): also C2 = op(A)·A2ᵀ for up to S columns (see
+// the bindings). QB (with VEC only): B is a frozen 2-D weight stored packed, f16 or GGUF's Q8_0 / Q4_0 / Q4_1
 // blocks, dequantized as it is loaded. B's loads are 1/TM of the FMAs, so the unpacking is
 // cheap, and the weight needs no f32 copy in memory.
 
@@ -36,6 +37,8 @@ struct Params {
     ldb: u32,
     ldc: u32,
     qoff: u32,  // packed B: the word where its scales begin (see src/ops/quant.rs)
+    side_n: u32,  // SIDE: columns of the side product (a LoRA rank)
+    side_ld: u32, // SIDE: row stride of A2
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -56,6 +59,19 @@ fn b_col4(base: u32, n: u32, k: u32) -> vec4<f32> {
 @group(0) @binding(2) var<storage, read> b: array<vec4<f32>>;        // (batch?, K, N) or (batch?, N, K)
 // #endif
 @group(0) @binding(3) var<storage, read_write> c: array<vec4<f32>>;  // (batch, M, N)
+// #if SIDE
+// The side product C2 = op(A)·A2ᵀ (a LoRA branch's z = x·Aᵀ), computed by the workgroups of the
+// first column tile while they hold op(A)'s rows anyway: x is read once for both products.
+@group(0) @binding(4) var<storage, read> a2: array<vec4<f32>>;       // (side_n, K)
+@group(0) @binding(5) var<storage, read_write> c2: array<f32>;       // (M, side_n)
+fn a2_row4(col: u32, k: u32) -> vec4<f32> {
+    return a2[(min(col, p.side_n - 1u) * p.side_ld + k) / 4u];
+}
+fn store_c2(row: u32, col: u32, v: f32) {
+    if (row >= p.m || col >= p.side_n) { return; }
+    c2[row * p.side_n + col] = v;
+}
+// #endif
 
 // op(A)[row][k..k+4] for A stored (M, K). Rows past M are clamped: their results are never stored.
 fn a_row4(base: u32, row: u32, k: u32) -> vec4<f32> {

@@ -80,6 +80,53 @@ fn packed_matmul_matches_the_dequantized_product() {
 }
 
 #[test]
+fn the_fused_side_product_matches_f64_and_leaves_the_main_one_alone() {
+    use portalora::ops::matmul::{can_fuse_side, matmul_side, Side};
+    let Some(ctx) = common::context() else { return };
+    let s = ctx.subgroup_size().expect("subgroups");
+    let mut rng = Rng::new(13);
+    for (ggml, dtype) in [(GgmlType::F32, DType::F32), (GgmlType::Q4_1, DType::Q4_1)] {
+        for &m in &[1usize, 7, 33, 129] {
+            for &(k, n, trans_b) in &[(64usize, 36usize, true), (96, 64, false)] {
+                for r in [1usize, 3, s as usize] {
+                    let (rows, cols) = if trans_b { (n, k) } else { (k, n) };
+                    let w = rng.vec(rows * cols);
+                    let (b, deq) = if dtype == DType::F32 {
+                        (ctx.upload_f32("W", &[rows, cols], &w).unwrap(), w.clone())
+                    } else {
+                        let raw = quantize(ggml, &w);
+                        (
+                            ctx.upload_packed("W", dtype, &[rows, cols], &pack(ggml, &raw)).unwrap(),
+                            dequantize(ggml, &raw),
+                        )
+                    };
+                    let x = rng.vec(m * k);
+                    let a2h = rng.vec(r * k);
+                    let a = ctx.upload_f32("x", &[m, k], &x).unwrap();
+                    let a2 = ctx.upload_f32("A", &[r, k], &a2h).unwrap();
+                    let c = ctx.upload_f32("y", &[m, n], &vec![f32::NAN; m * n]).unwrap();
+                    let c2 = ctx.upload_f32("z", &[m, r], &vec![f32::NAN; m * r]).unwrap();
+                    let opts = Matmul { trans_b, ..Matmul::default() };
+                    let side = Side { a2: &a2, c2: &c2 };
+                    assert!(can_fuse_side(&ctx, &a, &b, &c, opts, side), "{dtype:?} m={m} r={r}");
+                    let mut st = Step::new();
+                    matmul_side(&ctx, &mut st, &a, &b, &c, opts, side).unwrap();
+                    ctx.run(&st).unwrap();
+                    let what = format!("{dtype:?} m={m} k={k} n={n} tb={trans_b} r={r}");
+                    close(
+                        &ctx.read_f32(&c).unwrap(),
+                        &reference::matmul(&x, &deq, m, k, n, false, trans_b),
+                        2e-5,
+                        &what,
+                    );
+                    close(&ctx.read_f32(&c2).unwrap(), &reference::matmul(&x, &a2h, m, k, r, false, true), 2e-5, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn packed_embedding_lookup_matches_the_dequantized_rows() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(12);

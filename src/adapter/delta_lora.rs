@@ -43,6 +43,12 @@ impl Adapter for DeltaLora {
     fn forward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, ys: &[&Tensor], train: bool) -> Result<()> {
         self.lora.forward(ctx, s, i, x, ys, train)
     }
+    fn fusable_input_product(&self, i: usize, train: bool) -> Option<(&Tensor, &Tensor)> {
+        self.lora.fusable_input_product(i, train)
+    }
+    fn forward_fused(&self, ctx: &Context, s: &mut Step, i: usize, ys: &[&Tensor]) -> Result<()> {
+        self.lora.forward_fused(ctx, s, i, ys)
+    }
     fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()> {
         self.lora.backward(ctx, s, i, x, dys, dx)
     }

@@ -162,6 +162,18 @@ impl Adapter for Lora {
         let l = &self.layers[i];
         let xd = Dropout::input(&self.dropout, ctx, s, i, x, train)?;
         matmul(ctx, s, &xd, &l.a, &l.z, Matmul::nt())?;
+        self.forward_fused(ctx, s, i, ys)
+    }
+
+    fn fusable_input_product(&self, i: usize, train: bool) -> Option<(&Tensor, &Tensor)> {
+        // With dropout on, z reads dropout(x), not the x the frozen product reads.
+        let l = &self.layers[i];
+        (self.dropout.is_none() || !train).then_some((&l.a, &l.z))
+    }
+
+    fn forward_fused(&self, ctx: &Context, s: &mut Step, i: usize, ys: &[&Tensor]) -> Result<()> {
+        // y_j += scale · z · B_jᵀ, accumulated straight into the projection's output.
+        let l = &self.layers[i];
         for (b, y) in l.b.iter().zip(ys) {
             matmul(ctx, s, &l.z, b, y, Matmul::nt().alpha(self.scale).accumulate(true))?;
         }

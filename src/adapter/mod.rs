@@ -417,6 +417,16 @@ pub trait Adapter {
     /// Records `y_j += branch_j(x)` for site `i` (`ys` one tensor per output part, `(N, out_j)`).
     /// Dropout applies only when `train`.
     fn forward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, ys: &[&Tensor], train: bool) -> Result<()>;
+    /// The LoRA branch's first product for site `i`, `z = x·Aᵀ`, as (A `(r, in)`, z `(N, r)`),
+    /// where it may be fused into the frozen projection's matmul (no dropout on x in this pass).
+    /// The model then calls [`Adapter::forward_fused`] instead of [`Adapter::forward`].
+    fn fusable_input_product(&self, _i: usize, _train: bool) -> Option<(&Tensor, &Tensor)> {
+        None
+    }
+    /// [`Adapter::forward`] for a site whose `z` the frozen matmul already wrote.
+    fn forward_fused(&self, _ctx: &Context, _s: &mut Step, i: usize, _ys: &[&Tensor]) -> Result<()> {
+        Err(AdapterError::Option(format!("site {i}: this adapter has no fused forward")))
+    }
     /// Records the parameter gradients of site `i` from `dys` (`=`) and adds its input gradient
     /// into `dx` `(N, in)` (`+=`). `x` is the site's input, as in forward.
     fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()>;

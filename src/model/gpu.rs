@@ -19,7 +19,7 @@ use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forwa
 use crate::ops::attention::{attention_backward, attention_forward};
 use crate::ops::elementwise::{add_forward, bias_forward};
 use crate::ops::embed::{embed_forward, embed_forward_part};
-use crate::ops::matmul::{matmul, Matmul};
+use crate::ops::matmul::{can_fuse_side, matmul, matmul_side, Matmul, Side};
 use crate::ops::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::ops::reduce::reduce_forward;
 use crate::ops::rope::{rope_backward, rope_forward};
@@ -706,38 +706,86 @@ impl GpuModel {
                 LayerParams::Llama(lp) => {
                     let (q_rot, k_rot) = (need(&la.q_rot)?, need(&la.k_rot)?);
                     rmsnorm_forward(ctx, &mut s, x, &lp.ln1, eps, &la.h1, &la.rstd1)?;
-                    matmul(ctx, &mut s, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Q, &la.h1, &[&la.q])?;
-                    matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::K, &la.h1, &[&la.k])?;
-                    matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::V, &la.h1, &[&la.v])?;
+                    let f =
+                        self.frozen_matmul(ctx, &mut s, backward, l, Proj::Q, &la.h1, &lp.wq, &la.q, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Q, &la.h1, &[&la.q], f)?;
+                    let f =
+                        self.frozen_matmul(ctx, &mut s, backward, l, Proj::K, &la.h1, &lp.wk, &la.k, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::K, &la.h1, &[&la.k], f)?;
+                    let f =
+                        self.frozen_matmul(ctx, &mut s, backward, l, Proj::V, &la.h1, &lp.wv, &la.v, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::V, &la.h1, &[&la.v], f)?;
                     rope_forward(ctx, &mut s, rope_q, &la.q, q_rot)?;
                     rope_forward(ctx, &mut s, rope_k, &la.k, k_rot)?;
                     attention_forward(ctx, &mut s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse)?;
-                    matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::O, &la.att, &[&la.o])?;
+                    let f =
+                        self.frozen_matmul(ctx, &mut s, backward, l, Proj::O, &la.att, &lp.wo, &la.o, Matmul::nt())?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::O, &la.att, &[&la.o], f)?;
                     add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
                     rmsnorm_forward(ctx, &mut s, &la.x_mid, &lp.ln2, eps, &la.h2, &la.rstd2)?;
-                    matmul(ctx, &mut s, &la.h2, &lp.w_gate, &la.gate, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Gate, &la.h2, &[&la.gate])?;
-                    matmul(ctx, &mut s, &la.h2, &lp.w_up, need(&la.up)?, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Up, &la.h2, &[need(&la.up)?])?;
+                    let f = self.frozen_matmul(
+                        ctx,
+                        &mut s,
+                        backward,
+                        l,
+                        Proj::Gate,
+                        &la.h2,
+                        &lp.w_gate,
+                        &la.gate,
+                        Matmul::nt(),
+                    )?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Gate, &la.h2, &[&la.gate], f)?;
+                    let f = self.frozen_matmul(
+                        ctx,
+                        &mut s,
+                        backward,
+                        l,
+                        Proj::Up,
+                        &la.h2,
+                        &lp.w_up,
+                        need(&la.up)?,
+                        Matmul::nt(),
+                    )?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Up, &la.h2, &[need(&la.up)?], f)?;
                     swiglu_forward(ctx, &mut s, &la.gate, need(&la.up)?, &la.act)?;
-                    matmul(ctx, &mut s, &la.act, &lp.w_down, &la.down, Matmul::nt())?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Down, &la.act, &[&la.down])?;
+                    let f = self.frozen_matmul(
+                        ctx,
+                        &mut s,
+                        backward,
+                        l,
+                        Proj::Down,
+                        &la.act,
+                        &lp.w_down,
+                        &la.down,
+                        Matmul::nt(),
+                    )?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Down, &la.act, &[&la.down], f)?;
                 }
                 LayerParams::Gpt2(lp) => {
                     layernorm_forward(ctx, &mut s, x, &lp.ln1_w, &lp.ln1_b, eps, &la.h1, need(&la.mean1)?, &la.rstd1)?;
-                    for (w, bias, out) in [(&lp.wq, &lp.bq, &la.q), (&lp.wk, &lp.bk, &la.k), (&lp.wv, &lp.bv, &la.v)] {
-                        matmul(ctx, &mut s, &la.h1, w, out, Matmul::nn())?;
+                    // The adapter's z rides along with the q third's product.
+                    let f =
+                        self.frozen_matmul(ctx, &mut s, backward, l, Proj::CAttn, &la.h1, &lp.wq, &la.q, Matmul::nn())?;
+                    matmul(ctx, &mut s, &la.h1, &lp.wk, &la.k, Matmul::nn())?;
+                    matmul(ctx, &mut s, &la.h1, &lp.wv, &la.v, Matmul::nn())?;
+                    for (bias, out) in [(&lp.bq, &la.q), (&lp.bk, &la.k), (&lp.bv, &la.v)] {
                         bias_forward(ctx, &mut s, bias, out)?;
                     }
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::CAttn, &la.h1, &[&la.q, &la.k, &la.v])?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::CAttn, &la.h1, &[&la.q, &la.k, &la.v], f)?;
                     attention_forward(ctx, &mut s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse)?;
-                    matmul(ctx, &mut s, &la.att, &lp.wo, &la.o, Matmul::nn())?;
+                    let f = self.frozen_matmul(
+                        ctx,
+                        &mut s,
+                        backward,
+                        l,
+                        Proj::AttnProj,
+                        &la.att,
+                        &lp.wo,
+                        &la.o,
+                        Matmul::nn(),
+                    )?;
                     bias_forward(ctx, &mut s, &lp.bo, &la.o)?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::AttnProj, &la.att, &[&la.o])?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::AttnProj, &la.att, &[&la.o], f)?;
                     add_forward(ctx, &mut s, x, &la.o, &la.x_mid)?;
                     layernorm_forward(
                         ctx,
@@ -750,13 +798,33 @@ impl GpuModel {
                         need(&la.mean2)?,
                         &la.rstd2,
                     )?;
-                    matmul(ctx, &mut s, &la.h2, &lp.w_fc, &la.gate, Matmul::nn())?;
+                    let f = self.frozen_matmul(
+                        ctx,
+                        &mut s,
+                        backward,
+                        l,
+                        Proj::Fc,
+                        &la.h2,
+                        &lp.w_fc,
+                        &la.gate,
+                        Matmul::nn(),
+                    )?;
                     bias_forward(ctx, &mut s, &lp.b_fc, &la.gate)?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Fc, &la.h2, &[&la.gate])?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::Fc, &la.h2, &[&la.gate], f)?;
                     gelu_forward(ctx, &mut s, &la.gate, &la.act)?;
-                    matmul(ctx, &mut s, &la.act, &lp.w_proj, &la.down, Matmul::nn())?;
+                    let f = self.frozen_matmul(
+                        ctx,
+                        &mut s,
+                        backward,
+                        l,
+                        Proj::MlpProj,
+                        &la.act,
+                        &lp.w_proj,
+                        &la.down,
+                        Matmul::nn(),
+                    )?;
                     bias_forward(ctx, &mut s, &lp.b_proj, &la.down)?;
-                    self.adapt_forward(ctx, &mut s, backward, l, Proj::MlpProj, &la.act, &[&la.down])?;
+                    self.adapt_forward(ctx, &mut s, backward, l, Proj::MlpProj, &la.act, &[&la.down], f)?;
                 }
             }
             add_forward(ctx, &mut s, &la.x_mid, &la.down, &a.x[l + 1])?;
@@ -891,7 +959,35 @@ impl GpuModel {
         a.sites().iter().position(|s| s.layer == layer && s.proj == proj).map(|i| (a, i))
     }
 
-    /// Records the adapter branch of (layer, proj), if adapted: `ys += branch(x)`.
+    /// Records the frozen projection `y = op(x, w)` of (layer, proj) and returns whether the
+    /// adapter's `z = x·Aᵀ` was fused into it (then [`GpuModel::adapt_forward`] skips it).
+    #[allow(clippy::too_many_arguments)]
+    fn frozen_matmul(
+        &self,
+        ctx: &Context,
+        s: &mut Step,
+        train: bool,
+        l: usize,
+        proj: Proj,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        opts: Matmul,
+    ) -> Result<bool> {
+        if let Some((a2, c2)) = self.site(l, proj).and_then(|(a, i)| a.fusable_input_product(i, train)) {
+            let side = Side { a2, c2 };
+            if can_fuse_side(ctx, x, w, y, opts, side) {
+                matmul_side(ctx, s, x, w, y, opts, side)?;
+                return Ok(true);
+            }
+        }
+        matmul(ctx, s, x, w, y, opts)?;
+        Ok(false)
+    }
+
+    /// Records the adapter branch of (layer, proj), if adapted: `ys += branch(x)` (its first
+    /// product already done when `fused`).
+    #[allow(clippy::too_many_arguments)]
     fn adapt_forward(
         &self,
         ctx: &Context,
@@ -901,9 +997,14 @@ impl GpuModel {
         proj: Proj,
         x: &Tensor,
         ys: &[&Tensor],
+        fused: bool,
     ) -> Result<()> {
         if let Some((a, i)) = self.site(l, proj) {
-            a.forward(ctx, s, i, x, ys, train)?;
+            if fused {
+                a.forward_fused(ctx, s, i, ys)?;
+            } else {
+                a.forward(ctx, s, i, x, ys, train)?;
+            }
         }
         Ok(())
     }

@@ -82,6 +82,8 @@ struct Params {
     ldb: u32,
     ldc: u32,
     qoff: u32,
+    side_n: u32,
+    side_ld: u32,
 }
 
 /// Rows of C per workgroup in the subgroup kernel.
@@ -138,6 +140,76 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
             Ok(MatmulPath::Portable)
         }
     }
+}
+
+/// A second product fused into a matmul: `C2 = op(A)·A2ᵀ` with A2 `(r, K)` and C2 `(M, r)`,
+/// written (`=`, no alpha). The LoRA branch's `z = x·Aᵀ` rides along with the frozen product
+/// `y = x·Wᵀ`, so x is read once for both.
+#[derive(Clone, Copy)]
+pub struct Side<'a> {
+    pub a2: &'a Tensor,
+    pub c2: &'a Tensor,
+}
+
+/// Whether [`matmul_side`] can fuse `side` into this product on this adapter: the subgroup
+/// path with vec4 operands, A not transposed, no batch, a contiguous A2 with at most S rows.
+pub fn can_fuse_side(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul, side: Side) -> bool {
+    let Some(s) = ctx.subgroup_size().filter(|s| (4..=128).contains(s)) else { return false };
+    let Ok(p) = check_shapes(ctx, a, b, c, opts) else { return false };
+    let (r, k) = match *side.a2.shape() {
+        [r, k] => (r, k),
+        _ => return false,
+    };
+    let vec = p.lda % 4 == 0 && p.ldb % 4 == 0 && p.ldc % 4 == 0 && p.k % 4 == 0 && p.n % 4 == 0;
+    opts.path != MatmulPath::Portable
+        && !opts.trans_a
+        && p.batch == 1
+        && vec
+        && side.a2.is_contiguous()
+        && side.c2.is_contiguous()
+        && side.a2.dtype() == DType::F32
+        && side.c2.dtype() == DType::F32
+        && k == p.k as usize
+        && r >= 1
+        && r <= s as usize
+        && side.c2.shape() == [p.m as usize, r]
+        && !side.c2.overlaps(a)
+        && !side.c2.overlaps(c)
+}
+
+/// `C = alpha·op(A)·op(B) (+ C)` and, in the same dispatch, `C2 = op(A)·A2ᵀ` (see [`Side`]).
+/// Errors where [`can_fuse_side`] says no: callers check first and otherwise record the two
+/// products apart.
+pub fn matmul_side(
+    ctx: &Context,
+    step: &mut Step,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    opts: Matmul,
+    side: Side,
+) -> Result<()> {
+    if !can_fuse_side(ctx, a, b, c, opts, side) {
+        return Err(shape_err(
+            OP,
+            format!("side product {:?} {:?} cannot be fused into this matmul", side.a2.label(), side.a2.shape()),
+        ));
+    }
+    let s = ctx.subgroup_size().expect("checked");
+    let mut params = check_shapes(ctx, a, b, c, opts)?;
+    params.side_n = side.a2.shape()[0] as u32;
+    params.side_ld = side.a2.row_stride() as u32;
+    let tile = tuned_tile(ctx, s);
+    let (spec, groups) = subgroup_spec(s, tile, &params, false, opts.trans_b, b.dtype(), true)?;
+    let args = [
+        Arg::Uniform(uniform(OP, &params)?),
+        Arg::Read(a),
+        Arg::Read(b),
+        Arg::Write(c),
+        Arg::Read(side.a2),
+        Arg::Write(side.c2),
+    ];
+    ctx.record(step, &spec, &args, groups)
 }
 
 /// Records the subgroup kernel generated for subgroup size `s`, which may be smaller than the
@@ -240,6 +312,8 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
         ldb: b.row_stride() as u32,
         ldc: c.row_stride() as u32,
         qoff: if packed_b { b.dtype().quant_words(b.numel()) as u32 } else { 0 },
+        side_n: 0,
+        side_ld: 0,
     })
 }
 
@@ -254,7 +328,7 @@ fn record_subgroup(
     s: u32,
 ) -> Result<()> {
     let tile = tuned_tile(ctx, s);
-    let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype())?;
+    let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype(), false)?;
     let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
     ctx.record(step, &spec, &args, groups)
 }
@@ -314,7 +388,7 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
     let params = check_shapes(ctx, &a, &b, &c, Matmul::nt()).ok()?;
     let mut best: Option<(f64, Tile)> = None;
     for tile in candidates(s) {
-        let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32).ok()?;
+        let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32, false).ok()?;
         let args = [Arg::Uniform(uniform(OP, &params).ok()?), Arg::Read(&a), Arg::Read(&b), Arg::Write(&c)];
         let mut step = Step::new();
         ctx.record(&mut step, &spec, &args, groups).ok()?;
@@ -344,6 +418,7 @@ fn subgroup_spec(
     trans_a: bool,
     trans_b: bool,
     b: DType,
+    side: bool,
 ) -> Result<(KernelSpec, [u32; 3])> {
     let vec = p.lda.is_multiple_of(4)
         && p.ldb.is_multiple_of(4)
@@ -362,7 +437,7 @@ fn subgroup_spec(
             format!("a packed B needs K = {}, N = {} and the row strides to be multiples of 4", p.k, p.n),
         ));
     }
-    let spec = subgroup_kernel_packed(s, tile.tm, tnv, trans_a, trans_b, vec, b);
+    let spec = subgroup_kernel_full(s, tile.tm, tnv, trans_a, trans_b, vec, b, side);
     let groups = [p.n.div_ceil(4 * s * tnv), p.m.div_ceil(tile.tm), p.batch];
     Ok((spec, groups))
 }
@@ -384,16 +459,33 @@ pub fn subgroup_kernel_packed(
     vec: bool,
     b: DType,
 ) -> KernelSpec {
+    subgroup_kernel_full(s, tm, tnv, trans_a, trans_b, vec, b, false)
+}
+
+/// [`subgroup_kernel_packed`], optionally with the fused side product (see [`Side`]; needs `vec`
+/// and A not transposed).
+#[allow(clippy::too_many_arguments)]
+pub fn subgroup_kernel_full(
+    s: u32,
+    tm: u32,
+    tnv: u32,
+    trans_a: bool,
+    trans_b: bool,
+    vec: bool,
+    b: DType,
+    side: bool,
+) -> KernelSpec {
     let packed = b != DType::F32;
     KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
         .flag("VEC", vec)
         .flag("QB", packed)
+        .flag("SIDE", side)
         .var("QLOAD", if packed { crate::ops::quant::load4_wgsl(b, "qload4", "b", "p.qoff") } else { String::new() })
         .var("S", s)
         .var("TM", tm)
         .var("TNV", tnv)
         .var("TILE_N", 4 * s * tnv)
-        .var("BODY", subgroup_body(s, tm, tnv, trans_a, trans_b))
+        .var("BODY", subgroup_body(s, tm, tnv, trans_a, trans_b, side && !trans_a))
 }
 
 /// Generates the unrolled body of the subgroup kernel. Names: `acc_R_V` accumulates row
@@ -403,13 +495,21 @@ pub fn subgroup_kernel_packed(
 ///
 /// Measured on lavapipe (see the README's benchmark section): 32 rows × 2 vec4 columns per lane
 /// is the sweet spot; larger tiles, unrolling k by 8 and explicit `fma` were all slower or equal.
-fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> String {
+fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, side: bool) -> String {
     assert!(tm.is_multiple_of(4) && s >= 1);
     let mut w = String::new();
     let (ind, ind2) = ("    ", "        ");
     for r in 0..tm {
         for v in 0..tnv {
             let _ = writeln!(w, "{ind}var acc_{r}_{v} = vec4<f32>(0.0);");
+        }
+    }
+    if side {
+        // Lane l accumulates column l of the side product for every row of the tile; only the
+        // first column tile's workgroups do it (a uniform branch).
+        let _ = writeln!(w, "{ind}let side = wg.x == 0u && wg.z == 0u;");
+        for r in 0..tm {
+            let _ = writeln!(w, "{ind}var zacc_{r} = 0.0;");
         }
     }
     for v in 0..tnv {
@@ -464,7 +564,22 @@ fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool) -> Str
             let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
         }
     }
+    if side {
+        let _ = writeln!(w, "{ind2}if (side) {{");
+        let _ = writeln!(w, "{ind2}    let a2v = a2_row4(lane, k);");
+        for r in 0..tm {
+            let _ = writeln!(w, "{ind2}    zacc_{r} += dot(x{r}, a2v);");
+        }
+        let _ = writeln!(w, "{ind2}}}");
+    }
     let _ = writeln!(w, "{ind}}}");
+    if side {
+        let _ = writeln!(w, "{ind}if (side) {{");
+        for r in 0..tm {
+            let _ = writeln!(w, "{ind}    store_c2(row0 + {r}u, lane, zacc_{r});");
+        }
+        let _ = writeln!(w, "{ind}}}");
+    }
     for r in 0..tm {
         for v in 0..tnv {
             let _ = writeln!(w, "{ind}store_c(base_c, row0 + {r}u, n{v}, acc_{r}_{v});");
