@@ -106,17 +106,42 @@ fn sumsq_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
 }
 
 @group(0) @binding(1) var<storage, read> partials: array<f32>;         // (n,)
-@group(0) @binding(2) var<storage, read_write> clip_out: array<f32>;   // (2,)
+@group(0) @binding(2) var<storage, read_write> clip_out: array<f32>;   // (2,) or (3,)
 
+var<workgroup> first_bad: array<u32, 256>;
+
+// NaN or ±Inf, tested on the bits: shader compilers may assume floats are finite and fold
+// `x != x` away.
+fn not_finite(x: f32) -> bool {
+    return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+// clip_out = [scale, norm] and, when it has a third element, the index of the first partial
+// sum that is not finite (-1 if none): the host maps it to the gradient tensor it belongs to,
+// so a NaN is caught and named without any extra pass or sync.
 @compute @workgroup_size(256, 1, 1)
 fn clip_scale(@builtin(local_invocation_index) t: u32) {
     var s = 0.0;
-    for (var i = t; i < p.n; i += 256u) { s += partials[i]; }
+    var bad = 0xffffffffu;
+    for (var i = t; i < p.n; i += 256u) {
+        let v = partials[i];
+        s += v;
+        if (bad == 0xffffffffu && not_finite(v)) { bad = i; }
+    }
     let norm = sqrt(tree256(t, s));
+    first_bad[t] = bad;
+    workgroupBarrier();
+    for (var w = 128u; w > 0u; w /= 2u) {
+        if (t < w) { first_bad[t] = min(first_bad[t], first_bad[t + w]); }
+        workgroupBarrier();
+    }
     if (t == 0u) {
         var scale = 1.0;
         if (p.max_norm > 0.0) { scale = min(1.0, p.max_norm / (norm + 1e-6)); }
         clip_out[0] = scale;
         clip_out[1] = norm;
+        if (arrayLength(&clip_out) > 2u) {
+            clip_out[2] = select(f32(first_bad[0]), -1.0, first_bad[0] == 0xffffffffu);
+        }
     }
 }

@@ -69,8 +69,11 @@ pub enum FinetuneError {
     File { path: PathBuf, message: String },
     #[error("{0}")]
     Config(String),
-    #[error("step {step}: the loss is {loss}; lower the learning rate or clip gradients (--max-grad-norm)")]
-    NonFinite { step: u64, loss: f64 },
+    #[error(
+        "step {step}: {what} is not finite (NaN or Inf); the run stopped before saving anything from it{kept}. \
+         Lower the learning rate or clip gradients (--max-grad-norm), check the data, then --resume"
+    )]
+    NonFinite { step: u64, what: String, kept: String },
 }
 
 pub type Result<T> = std::result::Result<T, FinetuneError>;
@@ -263,14 +266,41 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
     Ok(out)
 }
 
-fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>) -> Result<Data> {
+fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate::model::ModelConfig) -> Result<Data> {
     match (&cfg.ids, &cfg.data) {
         (Some(p), _) => {
             let rows = read_ids(p)?;
+            for (r, row) in rows.iter().enumerate() {
+                if let Some((i, id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= model.vocab_size) {
+                    return Err(file_err(
+                        p,
+                        format!(
+                            "input_ids[{r}][{i}] = {id} is outside the model's vocabulary of {} tokens",
+                            model.vocab_size
+                        ),
+                    ));
+                }
+            }
+            if rows[0].len() > model.max_positions {
+                return Err(file_err(
+                    p,
+                    format!(
+                        "rows of {} tokens exceed the model's context of {} positions",
+                        rows[0].len(),
+                        model.max_positions
+                    ),
+                ));
+            }
             let train = rows.into_iter().map(|ids| Row { predict: vec![true; ids.len()], ids }).collect();
             Ok(Data { train, val: Vec::new(), masked: false, summary: None })
         }
         (None, Some(p)) => {
+            if cfg.seq > model.max_positions {
+                return Err(FinetuneError::Config(format!(
+                    "--seq {} exceeds the model's context of {} positions; use --seq {} or less",
+                    cfg.seq, model.max_positions, model.max_positions
+                )));
+            }
             let tok = tok.ok_or_else(|| {
                 file_err(&cfg.model, "has no tokenizer (tokenizer.json or vocab.json + merges.txt); use --ids")
             })?;
@@ -358,7 +388,7 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
     let start = Instant::now();
     let weights = crate::model::load_model(&cfg.model)?;
     let tok = Tokenizer::for_model(&cfg.model).ok();
-    let data = load_data(cfg, tok.as_ref())?;
+    let data = load_data(cfg, tok.as_ref(), &weights.config)?;
     if let Some(s) = &data.summary {
         on(&Event::Data(s));
     }
@@ -414,6 +444,8 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
         write_atomic(&cfg.out.join("run.json"), json.as_bytes())?;
     }
     let first = trainer.step + 1;
+    // The step of the checkpoint on disk (named when a later step fails).
+    let mut last_checkpoint: Option<u64> = if resume { Some(trainer.step) } else { None };
     on(&Event::Started {
         trainable: trainer.trainable_parameters(),
         kept_bytes: trainer.kept_bytes(),
@@ -491,15 +523,27 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
             let seconds = last_read.elapsed().as_secs_f64() / collected.len().max(1) as f64;
             last_read = Instant::now();
             for stats in collected {
-                if !stats.loss.is_finite() {
-                    return Err(FinetuneError::NonFinite { step: stats.step, loss: stats.loss });
+                let what = if !stats.loss.is_finite() {
+                    Some(format!("the loss ({})", stats.loss))
+                } else {
+                    stats.nonfinite_grad.map(|i| format!("the gradient of {}", trainer.params[i].name))
+                };
+                if let Some(what) = what {
+                    let kept = match last_checkpoint {
+                        Some(s) => format!(
+                            "; the checkpoint of step {s} in {} is intact",
+                            cfg.out.join("checkpoint").display()
+                        ),
+                        None => String::new(),
+                    };
+                    return Err(FinetuneError::NonFinite { step: stats.step, what, kept });
                 }
                 let s = stats.step;
                 tokens += stats.tokens;
                 summary.train_loss.push((s, stats.loss));
                 log_line(
                     &mut log,
-                    serde_json::json!({"step": s, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens, "seconds": seconds}),
+                    serde_json::json!({"step": s, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens, "seconds": seconds, "grad_norm": stats.grad_norm}),
                 )?;
                 let elapsed = loop_start.elapsed().as_secs_f64();
                 let done = (s - first + 1) as f64;
@@ -523,6 +567,7 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
             log.sync_all().map_err(|e| file_err(&log_path, e))?;
             let st = State { step: t, rows_read, summary: summary.clone() };
             let dir = save_checkpoint(ctx, cfg, &trainer, &st)?;
+            last_checkpoint = Some(t);
             on(&Event::Checkpoint { step: t, dir: &dir });
         }
     }

@@ -64,6 +64,7 @@ pub mod adapter;
 pub mod data;
 #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
 pub mod finetune;
+pub mod fuzz;
 pub mod gpu;
 pub mod io;
 pub mod model;

@@ -13,7 +13,7 @@ use crate::model::gpu::{BaseDType, GpuModel, GpuModelError, PlanOptions};
 use crate::model::HostTensor;
 use crate::model::Weights;
 use crate::ops::elementwise::{axpy_forward, copy_forward};
-use crate::ops::optim::{adamw_step, grad_norm_clip, grad_norm_partials, sgd_step};
+use crate::ops::optim::{adamw_step, grad_norm_clip, grad_norm_partials, partial_owner, sgd_step};
 #[cfg(not(target_arch = "wasm32"))]
 use std::collections::BTreeMap;
 
@@ -190,11 +190,13 @@ pub struct Trainer {
     update: Step,     // clipping, before-update hooks, optimizer
     acc_first: Step,  // acc = grad (gradient accumulation)
     acc_add: Step,    // acc += grad
-    /// (R, K) each micro-batch's loss sum, copied into slot (r, i) by `loss_copy[r·K + i]`, for
-    /// up to R = `loss_every` steps in flight: losses are read back once per R steps, so the
-    /// CPU never waits for the GPU inside that window.
+    /// (R, K + 3) per step in flight: each micro-batch's loss sum, copied into (r, i) by
+    /// `loss_copy[r·K + i]`, then the step's `clip` (scale, gradient norm, first non-finite
+    /// gradient partial or -1) copied by `clip_copy[r]`; up to R = `loss_every` steps in flight,
+    /// read back once per R steps, so the CPU never waits for the GPU inside that window.
     losses: Tensor,
     loss_copy: Vec<Step>,
+    clip_copy: Vec<Step>,
     /// Steps submitted whose losses are not read yet: (step, predicted positions, tokens).
     pending: Vec<(u64, usize, usize)>,
     after: Option<Step>, // Delta-LoRA's W0 update
@@ -236,6 +238,11 @@ pub struct StepStats {
     pub lr: f64,
     /// Tokens the step read (all micro-batches).
     pub tokens: usize,
+    /// The global L2 norm of the step's gradients (before clipping).
+    pub grad_norm: f64,
+    /// The first trainable tensor (index into [`Trainer::params`]) whose gradient had a NaN or
+    /// Inf, found on the GPU by the clipping pass and read back with the loss.
+    pub nonfinite_grad: Option<usize>,
 }
 
 impl Trainer {
@@ -325,7 +332,7 @@ impl Trainer {
             return Err(TrainError::Config("the adapter has no trainable parameters".into()));
         }
         drop(optimizer_kind);
-        let clip = ctx.tensor("clip", &[2], DType::F32)?;
+        let clip = ctx.tensor("clip", &[3], DType::F32)?;
         // With accumulation the optimizer reads the summed gradients.
         let grads: Vec<&Tensor> = params.iter().map(|p| p.acc.as_ref().unwrap_or(&p.grad)).collect();
         let (mut acc_first, mut acc_add) = (Step::new(), Step::new());
@@ -350,12 +357,18 @@ impl Trainer {
         let has_after = adapter.after_update(ctx, &mut after, &model.site_weights()?)?;
         let k = config.grad_accum.max(1);
         let ring = config.loss_every.max(1);
-        let losses = ctx.tensor("micro_losses", &[ring, k], DType::F32)?;
+        let losses = ctx.tensor("micro_losses", &[ring, k + 3], DType::F32)?;
         let mut loss_copy = Vec::with_capacity(ring * k);
-        for i in 0..ring * k {
+        let mut clip_copy = Vec::with_capacity(ring);
+        for r in 0..ring {
+            for i in 0..k {
+                let mut s = Step::new();
+                copy_forward(ctx, &mut s, &model.acts.loss_sum, &losses, r * (k + 3) + i)?;
+                loss_copy.push(s);
+            }
             let mut s = Step::new();
-            copy_forward(ctx, &mut s, &model.acts.loss_sum, &losses, i)?;
-            loss_copy.push(s);
+            copy_forward(ctx, &mut s, &clip, &losses, r * (k + 3) + k)?;
+            clip_copy.push(s);
         }
         Ok(Trainer {
             model,
@@ -370,6 +383,7 @@ impl Trainer {
             acc_add,
             losses,
             loss_copy,
+            clip_copy,
             pending: Vec::new(),
             step: 0,
             hf_adamw,
@@ -486,6 +500,7 @@ impl Trainer {
             }
             if i + 1 == k {
                 steps.push(&self.update);
+                steps.push(&self.clip_copy[slot]);
                 if let (Some(after), true) = (&self.after, t > self.adapter_config.delta_warmup) {
                     steps.push(after);
                 }
@@ -511,13 +526,24 @@ impl Trainer {
         }
         let k = self.config.grad_accum;
         let all = ctx.read(&self.losses)?.await?;
+        let numels: Vec<usize> = self.params.iter().map(|p| p.value.numel()).collect();
         let out = self
             .pending
             .iter()
             .enumerate()
             .map(|(slot, &(t, total, tokens))| {
-                let sum: f64 = all[slot * k..(slot + 1) * k].iter().map(|&l| l as f64).sum();
-                StepStats { step: t, loss: sum / total as f64, lr: self.lr_at(t), tokens }
+                let row = &all[slot * (k + 3)..(slot + 1) * (k + 3)];
+                let sum: f64 = row[..k].iter().map(|&l| l as f64).sum();
+                let bad = row[k + 2];
+                let nonfinite_grad = (bad >= 0.0).then(|| partial_owner(&numels, bad as usize)).flatten();
+                StepStats {
+                    step: t,
+                    loss: sum / total as f64,
+                    lr: self.lr_at(t),
+                    tokens,
+                    grad_norm: row[k + 1] as f64,
+                    nonfinite_grad,
+                }
             })
             .collect();
         self.pending.clear();
@@ -530,6 +556,7 @@ impl Trainer {
         let mut v: Vec<&Step> = self.model.train_step().into_iter().collect();
         v.push(&self.loss_copy[0]);
         v.push(&self.update);
+        v.push(&self.clip_copy[0]);
         v.extend(&self.after);
         v
     }

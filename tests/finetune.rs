@@ -352,3 +352,220 @@ fn a_toml_config_is_read_and_flags_override_it() {
     assert!(stdout.contains("samples after training"), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let Some(ctx) = context() else { return };
+    let dir = tmp("nan");
+    // The tiny GPT-2 with the embedding row of 'Q' made NaN: any row holding a 'Q' has a NaN loss.
+    // (The fixture ties its head to the embedding; this copy gets an untied, clean head.)
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::copy(fixture("tiny_gpt2").join("tokenizer.json"), model.join("tokenizer.json")).unwrap();
+    // Untied head (a clean copy of the table), so that only inputs holding 'Q' go NaN.
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_gpt2").join("config.json")).unwrap()).unwrap();
+    config["tie_word_embeddings"] = serde_json::Value::Bool(false);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let q = Tokenizer::for_model(&model).unwrap().encode("Q").unwrap()[0] as usize;
+    let bytes = std::fs::read(fixture("tiny_gpt2/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name.ends_with("wte.weight") {
+            owned.push(("lm_head.weight".to_string(), view.shape().to_vec(), data.clone()));
+            let cols = view.shape()[1];
+            for c in 0..cols {
+                let at = 4 * (q * cols + c);
+                data[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+        }
+        owned.push((name.to_string(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, s, d)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())
+        })
+        .collect();
+    std::fs::write(model.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    // Clean verse first; 'Q' only in the last rows, read in order.
+    let text = dir.join("text.txt");
+    std::fs::write(&text, VERSE.repeat(6) + &"Quiet Queen Q. ".repeat(8)).unwrap();
+    let out = dir.join("out");
+    let mut cfg = RunConfig::new(&model, &out);
+    cfg.data = Some(text);
+    cfg.adapter = AdapterConfig { rank: 2, targets: vec!["c_attn".into()], ..AdapterConfig::new(Method::Lora) };
+    cfg.train = TrainConfig { lr: 1e-2, total_steps: 100, loss_every: 3, ..TrainConfig::default() };
+    cfg.batch = 2;
+    cfg.seq = 16;
+    cfg.steps = Some(100);
+    cfg.val_fraction = 0.0;
+    cfg.shuffle = false;
+    cfg.save_every = 2;
+    let err = run(&ctx, &cfg, false, &mut |_| {}).err().expect("a NaN loss must stop the run").to_string();
+    assert!(err.contains("the loss (NaN)") && err.contains("is intact"), "{err}");
+    let step: u64 = err.split("step ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
+    // The last checkpoint is from before the failing step and is whole: it resumes.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+    let saved = state["step"].as_u64().unwrap();
+    assert!(saved < step && saved >= 2, "checkpoint of step {saved}, failure at {step}");
+    assert!(err.contains(&format!("checkpoint of step {saved}")), "{err}");
+    assert!(!out.join("adapter_model.safetensors").exists(), "no final adapter from a failed run");
+    let ckpt = std::fs::read(out.join("checkpoint/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&ckpt).unwrap();
+    for (name, v) in st.tensors() {
+        assert!(
+            v.data().chunks_exact(4).all(|c| f32::from_le_bytes(c.try_into().unwrap()).is_finite()),
+            "{name} in the checkpoint is not finite"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn kills_at_random_moments_and_during_checkpoint_writes_lose_nothing() {
+    if context().is_none() {
+        return;
+    }
+    let dir = tmp("random-kill");
+    let text = dir.join("verse.txt");
+    std::fs::write(&text, VERSE.repeat(30)).unwrap();
+    let args: Vec<String> = [
+        "--model",
+        fixture("tiny_gpt2").to_str().unwrap(),
+        "--targets",
+        "c_attn",
+        "--rank",
+        "2",
+        "--data",
+        text.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--lr",
+        "1e-2",
+        "--dropout",
+        "0.1",
+        "--steps",
+        "24",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "8",
+        "--seed",
+        "5",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let t_full = std::time::Instant::now();
+    train_cli(&args, &a, None);
+    // Kill moments spread over an uninterrupted run's length (start-up included).
+    let full_ms = t_full.elapsed().as_millis() as u64;
+    let has_checkpoint =
+        |out: &Path| out.join("checkpoint/state.json").exists() || out.join("checkpoint.old/state.json").exists();
+    let mut rng = portalora::reference::Rng::new(99);
+    let mut kills = 0;
+    let mut finished = false;
+    for round in 0..12 {
+        let mut cmd = bin();
+        if has_checkpoint(&b) {
+            cmd.arg("train").arg("--resume").arg(&b);
+        } else {
+            let _ = std::fs::remove_dir_all(&b);
+            cmd.arg("train").args(&args).arg("--out").arg(&b);
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let t0 = std::time::Instant::now();
+        // Odd rounds: kill as soon as a checkpoint is being written (checkpoint.tmp exists);
+        // even rounds: after a random delay.
+        let delay = std::time::Duration::from_millis(full_ms / 5 + rng.next_u64() % (full_ms * 3 / 5).max(1));
+        let done = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                assert!(st.success(), "round {round}: the run failed");
+                break true;
+            }
+            let writing = b.join("checkpoint.tmp").exists();
+            if (round % 2 == 1 && writing && t0.elapsed().as_millis() > 200) || (round % 2 == 0 && t0.elapsed() > delay)
+            {
+                break false;
+            }
+            assert!(t0.elapsed().as_secs() < 120, "no progress");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        if done {
+            finished = true;
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    if !finished {
+        assert!(has_checkpoint(&b), "12 kills and no checkpoint yet");
+        let st = bin().arg("train").arg("--resume").arg(&b).stdout(std::process::Stdio::null()).status().unwrap();
+        assert!(st.success());
+    }
+    assert!(kills >= 3, "only {kills} kills landed");
+    assert_eq!(step_losses(&a.join("log.jsonl")), step_losses(&b.join("log.jsonl")), "per-step losses");
+    let read = |p: &Path| std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+    assert!(read(&a) == read(&b), "the adapter after {kills} kills differs from the uninterrupted run's");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_lost_device_ends_the_run_with_its_checkpoint_intact() {
+    let Some(ctx) = context() else { return };
+    let dir = tmp("lost");
+    let text = dir.join("verse.txt");
+    std::fs::write(&text, VERSE.repeat(20)).unwrap();
+    let out = dir.join("out");
+    let mut cfg = tiny_run(&out, &text, 20);
+    cfg.save_every = 4;
+    cfg.prompts.clear();
+    let err = run(&ctx, &cfg, false, &mut |e| {
+        // The GPU goes away right after the step-8 checkpoint (a driver reset, a removed eGPU).
+        if let portalora::finetune::Event::Checkpoint { step: 8, .. } = e {
+            ctx.destroy();
+        }
+    })
+    .err()
+    .expect("a lost device must end the run")
+    .to_string();
+    assert!(err.contains("device was lost"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"].as_u64(), Some(8), "the checkpoint before the loss is the one on disk");
+    assert!(!out.join("adapter_model.safetensors").exists());
+    // And it resumes on a new device.
+    let ctx2 = context().unwrap();
+    let s = run(&ctx2, &cfg, true, &mut |_| {}).unwrap();
+    assert_eq!(s.train_loss.len(), 20);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_same_seed_on_the_same_device_gives_bit_identical_runs() {
+    let Some(ctx) = context() else { return };
+    let dir = tmp("determinism");
+    let text = dir.join("verse.txt");
+    std::fs::write(&text, VERSE.repeat(20)).unwrap();
+    let mut runs = Vec::new();
+    for i in 0..2 {
+        let out = dir.join(format!("run{i}"));
+        let mut cfg = tiny_run(&out, &text, 12);
+        cfg.adapter.dropout = 0.1; // the dropout masks come from the seed too
+        cfg.prompts.clear();
+        let s = run(&ctx, &cfg, false, &mut |_| {}).unwrap();
+        let bits: Vec<u64> = s.train_loss.iter().map(|(_, l)| l.to_bits()).collect();
+        runs.push((bits, std::fs::read(out.join("adapter_model.safetensors")).unwrap()));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "per-step losses differ between two runs with the same seed");
+    assert!(runs[0].1 == runs[1].1, "adapters differ between two runs with the same seed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -128,3 +128,43 @@ fn global_norm_clipping_matches_reference() {
         assert_eq!(ctx.read_f32(&clip).unwrap(), got);
     }
 }
+
+#[test]
+fn a_nan_or_inf_gradient_is_found_and_attributed_on_the_gpu() {
+    use portalora::ops::optim::{grad_norm_clip, grad_norm_partials, partial_owner};
+    use portalora::reference::Rng;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(9);
+    let sizes = [1usize, 7, 4097, 33, 70_001, 129];
+    for (bad_tensor, bad_at, value) in [
+        (None, 0, 0.0),
+        (Some(0usize), 0usize, f32::NAN),
+        (Some(2), 4096, f32::INFINITY),
+        (Some(4), 65_000, f32::NEG_INFINITY),
+        (Some(5), 128, f32::NAN),
+    ] {
+        let mut data: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n)).collect();
+        if let Some(t) = bad_tensor {
+            data[t][bad_at] = value;
+            // A later tensor too: the first one must be reported.
+            if t + 1 < data.len() {
+                data[t + 1][0] = f32::NAN;
+            }
+        }
+        let grads: Vec<Tensor> = data.iter().map(|d| ctx.upload_f32("g", &[d.len()], d).unwrap()).collect();
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let partials = ctx.tensor("partials", &[grad_norm_partials(&refs)], DType::F32).unwrap();
+        let clip = ctx.tensor("clip", &[3], DType::F32).unwrap();
+        ctx.fill_f32(&clip, 12345.0).unwrap();
+        let mut step = Step::new();
+        grad_norm_clip(&ctx, &mut step, &refs, &partials, 1.0, &clip).unwrap();
+        ctx.run(&step).unwrap();
+        let got = ctx.read_f32(&clip).unwrap();
+        let found = (got[2] >= 0.0).then(|| partial_owner(&sizes, got[2] as usize)).flatten();
+        assert_eq!(found, bad_tensor, "clip {got:?} for {value} in tensor {bad_tensor:?} at {bad_at}");
+        if bad_tensor.is_none() {
+            assert_eq!(got[2], -1.0);
+            assert!(got[1].is_finite());
+        }
+    }
+}

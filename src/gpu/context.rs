@@ -112,6 +112,8 @@ pub struct Context {
     alloc: Mutex<AllocStats>,
     /// Small results memoised per device, e.g. the matmul tile the autotune picked.
     tuned: Mutex<HashMap<String, u32>>,
+    /// Set by wgpu's device-lost callback (driver reset, GPU removed, `destroy`).
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 #[derive(Default)]
@@ -180,14 +182,13 @@ impl Context {
         let errors: ErrorSink = Arc::new(Mutex::new(Vec::new()));
         let sink = errors.clone();
         device.on_uncaptured_error(Arc::new(move |e| {
-            let raw = match e {
-                wgpu::Error::OutOfMemory { source } => RawError { out_of_memory: true, message: source.to_string() },
-                wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
-                    RawError { out_of_memory: false, message: description }
-                }
-            };
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(raw);
+            sink.lock().unwrap_or_else(|p| p.into_inner()).push(raw_error(e));
         }));
+        let lost: Arc<Mutex<Option<String>>> = Arc::default();
+        let lost_sink = lost.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            *lost_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {message}"));
+        });
 
         let l = &required_limits;
         let limits = Limits {
@@ -224,6 +225,7 @@ impl Context {
             errors,
             pipelines: Mutex::new(HashMap::new()),
             alloc: Mutex::new(AllocStats { kind: "other", bytes: Default::default() }),
+            lost,
             tuned: Mutex::new(HashMap::new()),
         })
     }
@@ -318,15 +320,66 @@ impl Context {
         v
     }
 
+    /// Runs `f` inside wgpu error scopes for out-of-memory and validation errors and returns
+    /// what they caught as an error naming `context` (out of memory: with the suggestion to use
+    /// a smaller batch or sequence). Natively the scopes resolve at once; in browsers they
+    /// resolve asynchronously, so there the device's uncaptured-error handler catches the same
+    /// errors and [`Context::check`] reports them.
+    pub(super) fn scoped<T>(&self, context: &str, f: impl FnOnce() -> T) -> Result<T> {
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+            let out = f();
+            // Inner scope first.
+            let v = super::block_on(validation.pop());
+            let o = super::block_on(oom.pop());
+            if let Some(e) = o.or(v) {
+                return Err(self.lost_error(context).unwrap_or_else(|| convert_error(raw_error(e), context)));
+            }
+            self.check(context)?;
+            Ok(out)
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let out = f();
+            self.check(context)?;
+            Ok(out)
+        }
+    }
+
+    /// Destroys the device, as a driver reset or an unplugged GPU would: every later operation
+    /// fails with [`GpuError::DeviceLost`]. For tests of what a run does when its device goes
+    /// away, and for apps that want the GPU memory back at once.
+    pub fn destroy(&self) {
+        self.device.destroy();
+    }
+
+    /// The device-lost error, if the device is gone. wgpu reports a loss from its maintenance
+    /// pass, so natively this polls once first: the errors a lost device causes (every object
+    /// "invalid") then read as what they are.
+    fn lost_error(&self, context: &str) -> Option<GpuError> {
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        let lost = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        lost.map(|message| GpuError::DeviceLost { message: format!("{message} (while {context})") })
+    }
+
     /// Turns any error wgpu reported since the last check into a Rust error naming `context`.
     pub fn check(&self, context: &str) -> Result<()> {
-        let mut errs = self.errors.lock().unwrap_or_else(|p| p.into_inner());
-        if errs.is_empty() {
-            return Ok(());
+        let first = {
+            let mut errs = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+            let first = (!errs.is_empty()).then(|| errs.remove(0));
+            errs.clear();
+            first
+        };
+        match first {
+            None => match self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(message) => Err(GpuError::DeviceLost { message: format!("{message} (while {context})") }),
+                None => Ok(()),
+            },
+            Some(e) => Err(self.lost_error(context).unwrap_or_else(|| convert_error(e, context))),
         }
-        let first = errs.remove(0);
-        errs.clear();
-        Err(convert_error(first, context))
     }
 
     /// Blocks until all submitted work has finished (native); a no-op on the web, where the
@@ -337,6 +390,15 @@ impl Context {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
         self.check("waiting for the GPU")
+    }
+}
+
+fn raw_error(e: wgpu::Error) -> RawError {
+    match e {
+        wgpu::Error::OutOfMemory { source } => RawError { out_of_memory: true, message: source.to_string() },
+        wgpu::Error::Validation { description, .. } | wgpu::Error::Internal { description, .. } => {
+            RawError { out_of_memory: false, message: description }
+        }
     }
 }
 

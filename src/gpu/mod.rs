@@ -49,13 +49,16 @@ pub enum GpuError {
     Validation { context: String, message: String },
     #[error("GPU out of memory in {context}: {message}. Try a smaller batch or sequence length.")]
     OutOfMemory { context: String, message: String },
-    #[error("the GPU device was lost: {message}")]
+    #[error(
+        "the GPU device was lost ({message}): a driver reset, a removed GPU or an exhausted device; \
+         run again (a fine-tuning run continues from its last checkpoint with --resume)"
+    )]
     DeviceLost { message: String },
     #[error("kernel {file}: {message}")]
     Kernel { file: &'static str, message: String },
     #[error(
         "tensor {label:?} of {bytes} bytes exceeds this device's {limit}-byte {what} limit; \
-         split it or use a smaller shape"
+         use a smaller batch or sequence length"
     )]
     TooLarge { label: String, bytes: u64, limit: u64, what: &'static str },
     #[error("{op}: {message}")]

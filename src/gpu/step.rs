@@ -88,8 +88,8 @@ impl Context {
                 }
             }
         }
-        self.queue.submit([enc.finish()]);
-        self.check("submitting a step")
+        self.scoped("submitting a step", || self.queue.submit([enc.finish()]))?;
+        Ok(())
     }
 }
 

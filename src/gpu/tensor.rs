@@ -205,13 +205,14 @@ impl Context {
         }
         // Buffers are padded to 16 bytes so that a kernel may view them as vec4 arrays.
         let size = bytes.max(4).next_multiple_of(16);
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        self.check(&format!("allocating tensor {label:?} ({bytes} bytes)"))?;
+        let buffer = self.scoped(&format!("allocating tensor {label:?} ({bytes} bytes)"), || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
         self.count_alloc(size);
         Ok(Tensor {
             // (On wasm, wgpu's handles are neither Send nor Sync; the Arc only shares them.)

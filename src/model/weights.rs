@@ -156,6 +156,18 @@ fn is_gguf(path: &Path) -> bool {
 
 /// Checks that exactly the expected tensors are present with the expected shapes.
 fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostTensor>) -> Result<(), ModelError> {
+    // Each layer has several tensors: a layer count beyond the tensor count is a corrupt or
+    // mismatched config (and listing its expected tensors would exhaust memory).
+    if c.num_layers > tensors.len() {
+        return Err(ModelError::Config {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} layers, but the weights hold only {} tensors; the config does not match the weights",
+                c.num_layers,
+                tensors.len()
+            ),
+        });
+    }
     for (name, shape) in expected_tensors(c) {
         match tensors.get(&name) {
             None => return Err(ModelError::Missing { path: path.to_path_buf(), name, arch: c.arch }),
@@ -388,8 +400,10 @@ pub fn read_safetensors_bytes(
     out: &mut BTreeMap<String, HostTensor>,
 ) -> Result<(), ModelError> {
     use safetensors::{Dtype, SafeTensors};
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| ModelError::Safetensors { path: path.to_path_buf(), message: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file ({e}); it is truncated or corrupt: download or export it again"),
+    })?;
     for (name, view) in st.tensors() {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {

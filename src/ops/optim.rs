@@ -59,7 +59,9 @@ fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: 
         check_f32(op, t)?;
     }
     check_numel(op, hyper, 8, "(8,) step values")?;
-    check_numel(op, clip, 2, "(2,) [gradient scale, norm]")?;
+    if !(2..=3).contains(&clip.numel()) {
+        check_numel(op, clip, 2, "(2,) [gradient scale, norm] (or (3,) with the non-finite flag)")?;
+    }
     for t in state {
         check_numel(op, t, grad.numel(), "the gradient's size")?;
         if t.overlaps(grad) {
@@ -123,9 +125,24 @@ pub fn grad_norm_partials(grads: &[&Tensor]) -> usize {
     grads.iter().map(|g| g.numel().div_ceil(BLOCK)).sum()
 }
 
+/// Which of `numels` (the gradients given to [`grad_norm_clip`], in order) owns partial `index`.
+pub fn partial_owner(numels: &[usize], index: usize) -> Option<usize> {
+    let mut start = 0;
+    for (i, n) in numels.iter().enumerate() {
+        let end = start + n.div_ceil(BLOCK);
+        if index < end {
+            return Some(i);
+        }
+        start = end;
+    }
+    None
+}
+
 /// Writes `clip = [min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖]` for the global L2 norm of all `grads`
 /// (`max_norm <= 0` computes the norm without clipping), deterministically, without leaving the
-/// GPU. `partials` needs [`grad_norm_partials`] elements.
+/// GPU. `partials` needs [`grad_norm_partials`] elements. A `(3,)` clip also gets the index of the
+/// first partial sum that is NaN or Inf (-1 if none): partials `offset..offset + blocks` belong
+/// to `grads[i]` in order, `blocks = numel.div_ceil(4096)` (see [`partial_owner`]).
 pub fn grad_norm_clip(
     ctx: &Context,
     step: &mut Step,
@@ -137,7 +154,9 @@ pub fn grad_norm_clip(
     const OP: &str = "grad_norm_clip";
     check_f32(OP, partials)?;
     check_f32(OP, clip)?;
-    check_numel(OP, clip, 2, "(2,) [gradient scale, norm]")?;
+    if !(2..=3).contains(&clip.numel()) {
+        check_numel(OP, clip, 3, "(3,) [gradient scale, norm, first non-finite partial or -1] (or the first two)")?;
+    }
     check_numel(OP, partials, grad_norm_partials(grads), "one slot per 4096 gradient elements")?;
     let spec = KernelSpec::new(&kernel_sources::OPTIM, "sumsq_partial");
     let mut offset = 0;

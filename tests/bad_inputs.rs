@@ -1,0 +1,251 @@
+//! Every bad input of the README's table, fed to the command line as a user would: each must
+//! fail with a message naming the file, tensor, field or value (checked by substrings), never
+//! panic, and leave no output folder behind. `PORTALORA_PRINT_BAD_INPUTS=1` prints the messages
+//! (that is how the README's table was filled in).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixture;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_portalora"));
+    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()));
+    c
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A safetensors file from a header (JSON) and data bytes, the length prefix as given.
+fn safetensors(header: &str, data: &[u8], claimed_len: Option<u64>) -> Vec<u8> {
+    let mut out = claimed_len.unwrap_or(header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header.as_bytes());
+    out.extend(data);
+    out
+}
+
+/// The byte offset of the first tensor info in a GGUF file (after the header and metadata):
+/// found by the first tensor name's length-prefixed bytes.
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).position(|w| w == needle).expect("needle in file")
+}
+
+struct Case {
+    name: &'static str,
+    /// Command-line arguments; `DIR` is replaced by this case's folder, `OUT` by an output folder
+    /// that must not exist afterwards.
+    args: Vec<String>,
+    want: Vec<&'static str>,
+}
+
+fn setup(dir: &Path) {
+    let llama = fixture("tiny_llama");
+    let st = std::fs::read(llama.join("model.safetensors")).unwrap();
+    // Truncated safetensors: half the file.
+    copy_dir(&llama, &dir.join("truncated"));
+    std::fs::write(dir.join("truncated/model.safetensors"), &st[..st.len() / 2]).unwrap();
+    // A header whose length prefix points past the end of the file.
+    copy_dir(&llama, &dir.join("lying_header"));
+    std::fs::write(dir.join("lying_header/model.safetensors"), safetensors("{}", &[], Some(1 << 40))).unwrap();
+    // Offsets past the end of the data.
+    copy_dir(&llama, &dir.join("past_end"));
+    let h = r#"{"model.norm.weight":{"dtype":"F32","shape":[30],"data_offsets":[0,120000]}}"#;
+    std::fs::write(dir.join("past_end/model.safetensors"), safetensors(h, &[0u8; 120], None)).unwrap();
+    // An unknown dtype.
+    copy_dir(&llama, &dir.join("bad_dtype"));
+    let h = r#"{"model.norm.weight":{"dtype":"Q9","shape":[30],"data_offsets":[0,120]}}"#;
+    std::fs::write(dir.join("bad_dtype/model.safetensors"), safetensors(h, &[0u8; 120], None)).unwrap();
+    // An absurd shape.
+    copy_dir(&llama, &dir.join("absurd_shape"));
+    let h = r#"{"model.norm.weight":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,120]}}"#;
+    std::fs::write(dir.join("absurd_shape/model.safetensors"), safetensors(h, &[0u8; 120], None)).unwrap();
+    // A config that disagrees with the weights.
+    copy_dir(&llama, &dir.join("wrong_config"));
+    let cfg = std::fs::read_to_string(llama.join("config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 30", "\"hidden_size\": 32");
+    assert!(cfg.contains("\"hidden_size\": 32"), "fixture config format changed");
+    std::fs::write(dir.join("wrong_config/config.json"), cfg).unwrap();
+    // GGUF: truncated, a lying tensor count, a tensor past the end, an unknown type, an absurd shape.
+    let g = std::fs::read(fixture("tiny.gguf")).unwrap();
+    std::fs::write(dir.join("truncated.gguf"), &g[..g.len() * 2 / 3]).unwrap();
+    let mut lying = g.clone();
+    lying[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes()); // tensor count
+    std::fs::write(dir.join("lying.gguf"), lying).unwrap();
+    // The first tensor info: name (u64 len + bytes), n_dims u32, dims u64 × n, type u32, offset u64.
+    let name = b"f32.weight";
+    let at = find(&g, name) + name.len();
+    let n_dims = u32::from_le_bytes(g[at..at + 4].try_into().unwrap()) as usize;
+    let ty_at = at + 4 + 8 * n_dims;
+    let mut past = g.clone();
+    past[ty_at + 4..ty_at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(dir.join("past_end.gguf"), past).unwrap();
+    let mut unknown = g.clone();
+    unknown[ty_at..ty_at + 4].copy_from_slice(&14u32.to_le_bytes()); // Q6_K
+    std::fs::write(dir.join("unknown_type.gguf"), unknown).unwrap();
+    let mut absurd = g.clone();
+    absurd[at + 4..at + 12].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    std::fs::write(dir.join("absurd.gguf"), absurd).unwrap();
+    // Data.
+    std::fs::write(dir.join("empty.txt"), "").unwrap();
+    std::fs::write(dir.join("latin1.txt"), b"caf\xe9 au lait\n".repeat(10)).unwrap();
+    std::fs::write(dir.join("missing.jsonl"), "{\"text\": \"fine\"}\n{\"prompt\": \"no completion\"}\n").unwrap();
+    std::fs::write(dir.join("ids_vocab.json"), "{\"input_ids\": [[1, 2, 3, 99999]]}").unwrap();
+    std::fs::write(dir.join("ids_ok.json"), "{\"input_ids\": [[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]]}")
+        .unwrap();
+    std::fs::write(dir.join("text.txt"), "To be, or not to be, that is the question.\n".repeat(50)).unwrap();
+    // An adapter whose tensor shapes do not fit (rank 4 A with the wrong input width).
+    let adir = dir.join("bad_adapter");
+    copy_dir(&fixture("adapters/llama_lora/init"), &adir);
+    let cfg = std::fs::read_to_string(adir.join("adapter_config.json")).unwrap();
+    let st = std::fs::read(adir.join("adapter_model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    let mut renamed = serde_json::Map::new();
+    for (k, v) in header.as_object().unwrap() {
+        renamed.insert(k.replace("layers.0", "layers.7"), v.clone());
+    }
+    let h = serde_json::to_string(&renamed).unwrap();
+    std::fs::write(adir.join("adapter_model.safetensors"), safetensors(&h, &st[8 + n..], None)).unwrap();
+    std::fs::write(adir.join("adapter_config.json"), cfg).unwrap();
+}
+
+fn cases() -> Vec<Case> {
+    let llama = fixture("tiny_llama").to_str().unwrap().to_string();
+    let t = |model: &str, rest: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> =
+            ["train", "--model", model, "--out", "OUT", "--steps", "1", "--batch", "2", "--seq", "8"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        if !rest.contains(&"--data") && !rest.contains(&"--ids") {
+            v.extend(["--data".to_string(), "DIR/text.txt".to_string()]);
+        }
+        if !rest.contains(&"--targets") && !rest.contains(&"--init-adapter") {
+            v.extend(["--targets".to_string(), if model.contains("gpt2") { "c_attn" } else { "q_proj" }.to_string()]);
+        }
+        v.extend(rest.iter().map(|s| s.to_string()));
+        v
+    };
+    let tiny_gpt2 = fixture("tiny_gpt2").to_str().unwrap().to_string();
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    vec![
+        c("truncated safetensors", t("DIR/truncated", &[]), &["DIR/truncated/model.safetensors"]),
+        c("safetensors header longer than the file", t("DIR/lying_header", &[]), &["lying_header/model.safetensors"]),
+        c("safetensors offsets past the end", t("DIR/past_end", &[]), &["past_end/model.safetensors"]),
+        c("safetensors unknown dtype", t("DIR/bad_dtype", &[]), &["bad_dtype/model.safetensors", "Q9"]),
+        c("safetensors absurd shape", t("DIR/absurd_shape", &[]), &["absurd_shape/model.safetensors"]),
+        c(
+            "config that disagrees with the weights",
+            t("DIR/wrong_config", &[]),
+            &["wrong_config", "model.embed_tokens.weight", "config"],
+        ),
+        c("truncated GGUF", t("DIR/truncated.gguf", &[]), &["truncated.gguf"]),
+        c("GGUF tensor count that lies", t("DIR/lying.gguf", &[]), &["lying.gguf"]),
+        c("GGUF tensor past the end", t("DIR/past_end.gguf", &[]), &["past_end.gguf", "f32.weight"]),
+        c("GGUF unknown tensor type", t("DIR/unknown_type.gguf", &[]), &["unknown_type.gguf", "Q6_K"]),
+        c("GGUF absurd shape", t("DIR/absurd.gguf", &[]), &["absurd.gguf", "f32.weight"]),
+        c(
+            "adapter whose tensors do not fit the model",
+            t(&llama, &["--init-adapter", "DIR/bad_adapter", "--ids", "DIR/ids_ok.json"]),
+            &["bad_adapter", "layers.7"],
+        ),
+        c(
+            "adapter for another architecture",
+            t(&tiny_gpt2, &["--init-adapter", &fixture("adapters/llama_lora/init").to_string_lossy()]),
+            &["k_proj", "Gpt2"],
+        ),
+        c("unknown target module", t(&tiny_gpt2, &["--targets", "qkv_proj"]), &["qkv_proj", "valid targets: c_attn"]),
+        c("empty data file", t(&tiny_gpt2, &["--data", "DIR/empty.txt"]), &["empty.txt"]),
+        c("data that is not UTF-8", t(&tiny_gpt2, &["--data", "DIR/latin1.txt"]), &["latin1.txt", "UTF-8"]),
+        c("JSONL line without the fields", t(&tiny_gpt2, &["--data", "DIR/missing.jsonl"]), &["missing.jsonl", "2"]),
+        c(
+            "token id outside the vocabulary",
+            t(&llama, &["--ids", "DIR/ids_vocab.json"]),
+            &["ids_vocab.json", "99999", "vocabulary of 61"],
+        ),
+        c("sequence longer than the context", t(&tiny_gpt2, &["--seq", "100000"]), &["--seq 100000", "context of 40"]),
+        c("rank 0", t(&tiny_gpt2, &["--rank", "0"]), &["rank 0"]),
+        c("rank above min(in, out)", t(&tiny_gpt2, &["--rank", "25"]), &["rank 25", "c_attn"]),
+        c("negative learning rate", t(&tiny_gpt2, &["--lr=-0.1"]), &["-0.1"]),
+        c("NaN learning rate", t(&tiny_gpt2, &["--lr", "nan"]), &["--lr", "not a finite number"]),
+        c("NaN weight decay", t(&tiny_gpt2, &["--weight-decay", "nan"]), &["--weight-decay", "not a finite number"]),
+        c("dropout outside [0, 1)", t(&tiny_gpt2, &["--dropout", "1.5"]), &["dropout 1.5"]),
+        c(
+            "batch too large for the device",
+            vec![
+                "bench".into(),
+                "step".into(),
+                "--model".into(),
+                tiny_gpt2.clone(),
+                "--batch".into(),
+                "4000000".into(),
+                "--seq".into(),
+                "32".into(),
+            ],
+            &["\"h1\"", "12288000000 bytes", "smaller batch"],
+        ),
+        c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "q3_k"]), &["q3_k", "q4_1"]),
+        c("missing model", t("DIR/nothing-here", &[]), &["nothing-here"]),
+    ]
+}
+
+#[test]
+fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
+    if common::context().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("portalora-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    setup(&dir);
+    let print = std::env::var("PORTALORA_PRINT_BAD_INPUTS").is_ok();
+    let mut failures = Vec::new();
+    for (i, c) in cases().into_iter().enumerate() {
+        let out: PathBuf = dir.join(format!("out{i}"));
+        let d = dir.to_str().unwrap();
+        let args: Vec<String> =
+            c.args.iter().map(|a| a.replace("DIR", d).replace("OUT", out.to_str().unwrap())).collect();
+        let o = bin().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).replace(d, "DIR");
+        let msg = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if print {
+            println!("| {} | `{}` |", c.name, msg.replace('|', "\\|"));
+        }
+        let mut problems = Vec::new();
+        if o.status.success() {
+            problems.push("succeeded".to_string());
+        }
+        if stderr.contains("panicked") {
+            problems.push("panicked".to_string());
+        }
+        for w in &c.want {
+            if !stderr.contains(w) {
+                problems.push(format!("no {w:?}"));
+            }
+        }
+        if out.exists() {
+            problems.push("left an output folder".to_string());
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}: {} — stderr:\n{stderr}", c.name, problems.join(", ")));
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(failures.is_empty(), "{} bad inputs mishandled:\n{}", failures.len(), failures.join("\n"));
+}
