@@ -345,13 +345,14 @@ pub struct Tile {
 fn candidates(s: u32) -> Vec<Tile> {
     let t = |tm, tnv| Tile { tm, tnv };
     if s <= 16 {
-        vec![t(SG_TM, sg_tnv(s)), t(40, 2), t(64, 1), t(24, 2)]
+        // (24×2 and 40×2 won the short timing now and then but lost inside real steps.)
+        vec![t(SG_TM, sg_tnv(s)), t(64, 1)]
     } else {
         vec![t(SG_TM, sg_tnv(s)), t(16, 1), t(64, 1), t(32, 2)]
     }
 }
 
-/// The tile this device runs fastest, measured once per context (per adapter) on a
+/// The tile this device runs fastest, measured once per adapter and process on a
 /// 512×576×576 product, a projection of a small model at 512 tokens: each candidate is compiled
 /// and timed for a few repeats, the median kept. Every tile sums each output in the same order,
 /// so the choice changes speed only, never results. `PORTALORA_MATMUL_TILE=TMxTNV` forces a
@@ -386,7 +387,7 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
     let b = ctx.tensor("autotune B", &[n, k], DType::F32).ok()?;
     let c = ctx.tensor("autotune C", &[m, n], DType::F32).ok()?;
     let params = check_shapes(ctx, &a, &b, &c, Matmul::nt()).ok()?;
-    let mut best: Option<(f64, Tile)> = None;
+    let mut times_of: Vec<(f64, Tile)> = Vec::new();
     for tile in candidates(s) {
         let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32, false).ok()?;
         let args = [Arg::Uniform(uniform(OP, &params).ok()?), Arg::Read(&a), Arg::Read(&b), Arg::Write(&c)];
@@ -394,21 +395,21 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
         ctx.record(&mut step, &spec, &args, groups).ok()?;
         ctx.run(&step).ok()?;
         ctx.wait_idle().ok()?;
-        let mut times: Vec<f64> = (0..3)
+        let mut times: Vec<f64> = (0..5)
             .filter_map(|_| {
                 let t0 = std::time::Instant::now();
-                ctx.run_repeated(&step, 2).ok()?;
+                ctx.run_repeated(&step, 4).ok()?;
                 ctx.wait_idle().ok()?;
                 Some(t0.elapsed().as_secs_f64())
             })
             .collect();
         times.sort_by(|x, y| x.total_cmp(y));
-        let t = *times.get(times.len() / 2)?;
-        if best.is_none_or(|(b, _)| t < b) {
-            best = Some((t, tile));
-        }
+        times_of.push((*times.get(times.len() / 2)?, tile));
     }
-    best.map(|(_, t)| t)
+    // Timings on a shared machine are noisy: another tile must beat the default by 5%.
+    let (default_t, default_tile) = *times_of.first()?;
+    let best = times_of.iter().copied().min_by(|a, b| a.0.total_cmp(&b.0))?;
+    Some(if best.0 < 0.95 * default_t { best.1 } else { default_tile })
 }
 
 fn subgroup_spec(
