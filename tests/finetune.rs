@@ -463,10 +463,7 @@ fn kills_at_random_moments_and_during_checkpoint_writes_lose_nothing() {
     .map(|s| s.to_string())
     .collect();
     let (a, b) = (dir.join("a"), dir.join("b"));
-    let t_full = std::time::Instant::now();
     train_cli(&args, &a, None);
-    // Kill moments spread over an uninterrupted run's length (start-up included).
-    let full_ms = t_full.elapsed().as_millis() as u64;
     let has_checkpoint =
         |out: &Path| out.join("checkpoint/state.json").exists() || out.join("checkpoint.old/state.json").exists();
     let mut rng = portalora::reference::Rng::new(99);
@@ -482,20 +479,30 @@ fn kills_at_random_moments_and_during_checkpoint_writes_lose_nothing() {
         }
         let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
         let t0 = std::time::Instant::now();
-        // Odd rounds: kill as soon as a checkpoint is being written (checkpoint.tmp exists);
-        // even rounds: after a random delay.
-        let delay = std::time::Duration::from_millis(full_ms / 5 + rng.next_u64() % (full_ms * 3 / 5).max(1));
+        // Even rounds: after 2–8 more logged steps plus 0–40 ms (anywhere in a step or a
+        // checkpoint write). Odd rounds: the moment a checkpoint replacing an existing one is
+        // being written (checkpoint.tmp/ present).
+        let logged = step_losses(&b.join("log.jsonl")).len();
+        let wait_steps = 2 + (rng.next_u64() % 7) as usize;
+        let jitter = std::time::Duration::from_millis(rng.next_u64() % 40);
+        let mut reached: Option<std::time::Instant> = None;
         let done = loop {
             if let Some(st) = child.try_wait().unwrap() {
                 assert!(st.success(), "round {round}: the run failed");
                 break true;
             }
-            let writing = b.join("checkpoint.tmp").exists();
-            if (round % 2 == 1 && writing && t0.elapsed().as_millis() > 200) || (round % 2 == 0 && t0.elapsed() > delay)
-            {
+            if round % 2 == 1 && b.join("checkpoint.tmp").exists() && has_checkpoint(&b) {
                 break false;
             }
-            assert!(t0.elapsed().as_secs() < 120, "no progress");
+            // (Odd rounds fall back to a step count when no write was caught in the act.)
+            let wait = if round % 2 == 1 { 10 } else { wait_steps };
+            if reached.is_none() && step_losses(&b.join("log.jsonl")).len() >= logged + wait {
+                reached = Some(std::time::Instant::now());
+            }
+            if reached.is_some_and(|r| r.elapsed() >= jitter) {
+                break false;
+            }
+            assert!(t0.elapsed().as_secs() < 300, "no progress");
             std::thread::sleep(std::time::Duration::from_millis(1));
         };
         if done {
