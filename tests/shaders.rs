@@ -49,13 +49,13 @@ fn matmul_subgroup_template_validates_for_every_size() {
 #[test]
 fn packed_weight_kernels_validate_for_every_type() {
     use portalora::gpu::DType;
-    use portalora::ops::matmul::{subgroup_kernel_full, subgroup_kernel_packed};
+    use portalora::ops::matmul::subgroup_kernel_full;
     for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
         let spec = portalora::ops::embed::embed_kernel(dtype);
         validate(&format!("embed {dtype:?}"), &spec.wgsl().expect("template expands"));
         for s in [4u32, 8, 32] {
             for (trans_a, trans_b) in [(false, false), (false, true), (true, true)] {
-                let spec = subgroup_kernel_packed(s, 32, 2, trans_a, trans_b, true, dtype);
+                let spec = subgroup_kernel_full(s, 32, 2, trans_a, trans_b, true, dtype, false);
                 let wgsl = spec.wgsl().expect("template expands");
                 validate(&format!("matmul {dtype:?} s={s} ta={trans_a} tb={trans_b}"), &wgsl);
                 if !trans_a {

@@ -110,8 +110,6 @@ pub struct Context {
     pub(super) pipelines: Mutex<PipelineCache>,
     /// Bytes of tensors allocated so far, by the kind that was current (see [`Context::alloc_kind`]).
     alloc: Mutex<AllocStats>,
-    /// Small results memoised per device, e.g. the matmul tile the autotune picked.
-    tuned: Mutex<HashMap<String, u32>>,
     /// Set by wgpu's device-lost callback (driver reset, GPU removed, `destroy`).
     lost: Arc<Mutex<Option<String>>>,
 }
@@ -226,7 +224,6 @@ impl Context {
             pipelines: Mutex::new(HashMap::new()),
             alloc: Mutex::new(AllocStats { kind: "other", bytes: Default::default() }),
             lost,
-            tuned: Mutex::new(HashMap::new()),
         })
     }
 
@@ -310,12 +307,11 @@ impl Context {
         let full = format!("{}|{}|{}|{key}", self.info.name, self.info.driver, self.info.driver_info);
         let cached =
             ACROSS_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(&full).copied());
-        if let Some(v) = cached.or_else(|| self.tuned.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied()) {
+        if let Some(v) = cached {
             return v;
         }
-        // Computed outside the locks: `f` may run kernels that ask for other tuned values.
+        // Computed outside the lock: `f` may run kernels that ask for other tuned values.
         let v = f();
-        self.tuned.lock().unwrap_or_else(|p| p.into_inner()).insert(key.to_string(), v);
         ACROSS_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new).insert(full, v);
         v
     }

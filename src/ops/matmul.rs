@@ -376,7 +376,7 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
     if let Ok(v) = std::env::var("PORTALORA_MATMUL_TILE") {
         let (tm, tnv) = v.split_once('x')?;
         let t = Tile { tm: tm.trim().parse().ok()?, tnv: tnv.trim().parse().ok()? };
-        return (t.tm % 4 == 0 && t.tm > 0 && (1..=4).contains(&t.tnv)).then_some(t);
+        return (t.tm.is_multiple_of(4) && t.tm > 0 && (1..=4).contains(&t.tnv)).then_some(t);
     }
     if std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0") {
         return None;
@@ -446,25 +446,12 @@ fn subgroup_spec(
 /// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
 /// lane. Public so that the WGSL validation test can expand it for many sizes.
 pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
-    subgroup_kernel_packed(s, tm, tnv, trans_a, trans_b, vec, DType::F32)
+    subgroup_kernel_full(s, tm, tnv, trans_a, trans_b, vec, DType::F32, false)
 }
 
 /// [`subgroup_kernel`] reading B stored as `b` (F32, or packed F16 / Q8_0 / Q4_0 / Q4_1 with
-/// `vec`).
-pub fn subgroup_kernel_packed(
-    s: u32,
-    tm: u32,
-    tnv: u32,
-    trans_a: bool,
-    trans_b: bool,
-    vec: bool,
-    b: DType,
-) -> KernelSpec {
-    subgroup_kernel_full(s, tm, tnv, trans_a, trans_b, vec, b, false)
-}
-
-/// [`subgroup_kernel_packed`], optionally with the fused side product (see [`Side`]; needs `vec`
-/// and A not transposed).
+/// `vec`), optionally with the fused side product (see [`Side`]; needs `vec` and A not
+/// transposed).
 #[allow(clippy::too_many_arguments)]
 pub fn subgroup_kernel_full(
     s: u32,

@@ -19,7 +19,7 @@
 
 use crate::gpu::DType;
 use crate::io::gguf::GgmlType;
-use crate::io::half::f16_to_f32;
+use crate::io::half::f32_to_f16;
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
@@ -43,42 +43,6 @@ pub fn fits(dtype: DType, shape: &[usize]) -> bool {
         (d, &[_, c]) if d.is_block_quantized() => c % BLOCK == 0,
         _ => false,
     }
-}
-
-/// f32 → IEEE half, rounding to nearest even (ggml's `GGML_FP32_TO_FP16`).
-pub fn f32_to_f16(x: f32) -> u16 {
-    let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
-    let exp = ((b >> 23) & 0xff) as i32;
-    let man = b & 0x7f_ffff;
-    if exp == 0xff {
-        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
-    }
-    let e = exp - 127 + 15;
-    if e >= 0x1f {
-        return sign | 0x7c00;
-    }
-    if e <= 0 {
-        if e < -10 {
-            return sign;
-        }
-        // Subnormal: shift the mantissa (with its implicit 1) into place, round to nearest even.
-        let m = man | 0x80_0000;
-        let shift = (14 - e) as u32;
-        let half = 1u32 << (shift - 1);
-        let rest = m & ((1 << shift) - 1);
-        let mut h = m >> shift;
-        if rest > half || (rest == half && h & 1 == 1) {
-            h += 1;
-        }
-        return sign | h as u16;
-    }
-    let mut h = ((e as u32) << 10) | (man >> 13);
-    let rest = man & 0x1fff;
-    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
-        h += 1; // may carry into the exponent, which is the correct rounding
-    }
-    sign | h as u16
 }
 
 /// Quantizes row-major f32 values (a multiple of 32 of them) into GGUF blocks of `ty`, as
@@ -123,9 +87,16 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
                 out.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
             }
         }
-        GgmlType::F32 | GgmlType::BF16 => {
+        GgmlType::F32 => {
             for v in x {
                 out.extend(v.to_le_bytes());
+            }
+        }
+        GgmlType::BF16 => {
+            for v in x {
+                // Round to nearest even on the dropped half.
+                let b = v.to_bits();
+                out.extend((((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16).to_le_bytes());
             }
         }
     }
@@ -178,36 +149,6 @@ pub fn ggml_of(dtype: DType) -> Option<GgmlType> {
     }
 }
 
-/// The f32 values of packed GPU words (the inverse of [`pack`] followed by dequantizing), for
-/// tests and read-backs.
-pub fn unpack(dtype: DType, words: &[u32], numel: usize) -> Vec<f32> {
-    let q = dtype.quant_words(numel);
-    let h = |w: u32, hi: bool| f16_to_f32(if hi { (w >> 16) as u16 } else { w as u16 });
-    (0..numel)
-        .map(|e| {
-            let (blk, i) = (e / BLOCK, e % BLOCK);
-            match dtype {
-                DType::F16 => h(words[e / 2], e % 2 == 1),
-                DType::Q8_0 => {
-                    let byte = (words[blk * 8 + i / 4] >> (8 * (i % 4))) as u8 as i8;
-                    h(words[q + blk / 2], blk % 2 == 1) * byte as f32
-                }
-                DType::Q4_0 | DType::Q4_1 => {
-                    let byte = (words[blk * 4 + (i % 16) / 4] >> (8 * (i % 4))) as u8;
-                    let nib = if i < 16 { byte & 15 } else { byte >> 4 } as f32;
-                    if dtype == DType::Q4_0 {
-                        h(words[q + blk / 2], blk % 2 == 1) * (nib - 8.0)
-                    } else {
-                        let w = words[q + blk];
-                        h(w, false) * nib + h(w, true)
-                    }
-                }
-                DType::F32 | DType::U32 => f32::from_bits(words[e]),
-            }
-        })
-        .collect()
-}
-
 /// WGSL of `fn {name}(e: u32) -> vec4<f32>`: elements `e .. e + 4` (e a multiple of 4, inside
 /// one row) of a matrix of `dtype` bound as `array<u32>` named `buf`, whose scales start at word
 /// `scale_off` (a WGSL expression). Kernels splice it in through a template variable.
@@ -249,16 +190,36 @@ pub fn load4_wgsl(dtype: DType, name: &str, buf: &str, scale_off: &str) -> Strin
 mod tests {
     use super::*;
     use crate::io::gguf::dequantize;
+    use crate::io::half::f16_to_f32;
 
-    #[test]
-    fn f16_rounding_matches_the_decoder() {
-        for x in [0.0f32, 1.0, -2.5, 65504.0, 1e-5, 6.1e-5, 3.0e-8, 0.1, 1234.567, -0.33333] {
-            let back = f16_to_f32(f32_to_f16(x));
-            assert!((back - x).abs() <= x.abs() * 1e-3 + 6e-8, "{x} -> {back}");
-        }
-        assert_eq!(f32_to_f16(1.0), 0x3c00);
-        assert_eq!(f32_to_f16(-2.0), 0xc000);
-        assert_eq!(f32_to_f16(65520.0), 0x7c00);
+    /// The f32 values of packed GPU words, computed independently of the WGSL and of
+    /// `dequantize`: the inverse of [`pack`] followed by dequantizing.
+    fn unpack(dtype: DType, words: &[u32], numel: usize) -> Vec<f32> {
+        let q = dtype.quant_words(numel);
+        let h = |w: u32, hi: bool| f16_to_f32(if hi { (w >> 16) as u16 } else { w as u16 });
+        (0..numel)
+            .map(|e| {
+                let (blk, i) = (e / BLOCK, e % BLOCK);
+                match dtype {
+                    DType::F16 => h(words[e / 2], e % 2 == 1),
+                    DType::Q8_0 => {
+                        let byte = (words[blk * 8 + i / 4] >> (8 * (i % 4))) as u8 as i8;
+                        h(words[q + blk / 2], blk % 2 == 1) * byte as f32
+                    }
+                    DType::Q4_0 | DType::Q4_1 => {
+                        let byte = (words[blk * 4 + (i % 16) / 4] >> (8 * (i % 4))) as u8;
+                        let nib = if i < 16 { byte & 15 } else { byte >> 4 } as f32;
+                        if dtype == DType::Q4_0 {
+                            h(words[q + blk / 2], blk % 2 == 1) * (nib - 8.0)
+                        } else {
+                            let w = words[q + blk];
+                            h(w, false) * nib + h(w, true)
+                        }
+                    }
+                    DType::F32 | DType::U32 => f32::from_bits(words[e]),
+                }
+            })
+            .collect()
     }
 
     #[test]
