@@ -1,3 +1,6 @@
+// #if F16
+enable f16;
+// #endif
 // matmul (subgroup path): C = alpha * op(A) · op(B) (+ C), f32.
 //
 // Same conventions and Params as shaders/matmul.wgsl (read its header). This file is a template
@@ -21,7 +24,8 @@
 // SIDE (with VEC, A not transposed, one batch): also C2 = op(A)·A2ᵀ for up to S columns (see
 // the bindings). QB (with VEC only): B is a frozen 2-D weight stored packed, f16 or GGUF's Q8_0 / Q4_0 / Q4_1
 // blocks, dequantized as it is loaded. B's loads are 1/TM of the FMAs, so the unpacking is
-// cheap, and the weight needs no f32 copy in memory.
+// cheap, and the weight needs no f32 copy in memory. F16 (with QB, B f16, on adapters with
+// shader-f16): B is read as native f16 instead of unpacked from u32 words; same values.
 
 struct Params {
     m: u32,
@@ -47,8 +51,17 @@ struct Params {
 // #if QB
 // B is a frozen weight stored packed (f16 or GGUF blocks, 2-D): QLOAD dequantizes four
 // consecutive elements of one of its rows.
+// #if F16
+// f16 with shader-f16: four halves are one native load (element offsets are multiples of 4 on
+// this path), widened to f32 exactly; the products still accumulate in f32.
+@group(0) @binding(2) var<storage, read> b: array<vec4<f16>>;        // (K, N) or (N, K), f16
+fn qload4(e: u32) -> vec4<f32> {
+    return vec4<f32>(b[e / 4u]);
+}
+// #else
 @group(0) @binding(2) var<storage, read> b: array<u32>;              // (K, N) or (N, K), packed
 {{QLOAD}}
+// #endif
 fn b_row4(base: u32, k: u32, n: u32) -> vec4<f32> {
     return qload4(k * p.ldb + min(n, p.n - 4u));
 }

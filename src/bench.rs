@@ -179,6 +179,10 @@ pub struct StepResult {
     pub gpu_bytes: std::collections::BTreeMap<&'static str, u64>,
     /// Bytes of activations kept from forward to backward (part of `activations`).
     pub kept_bytes: u64,
+    /// The model's activations and gradients as the lifetime planner placed them (part of
+    /// `activations`), and what one buffer per tensor would have taken.
+    pub planned_bytes: u64,
+    pub unshared_bytes: u64,
     pub trainable: usize,
     /// Sorted by time, longest first; empty unless asked for.
     pub kernels: Vec<KernelTime>,
@@ -276,6 +280,8 @@ pub fn bench_step(
         tokens_per_step: opts.batch * opts.seq,
         gpu_bytes,
         kept_bytes: trainer.kept_bytes(),
+        planned_bytes: trainer.model.acts.planned_bytes,
+        unshared_bytes: trainer.model.acts.unshared_bytes,
         trainable: trainer.trainable_parameters(),
         kernels,
         kernel_seconds,

@@ -102,6 +102,10 @@ pub struct TrainConfig {
     /// Steps between loss read-backs: the only CPU–GPU sync of training (1: every step).
     #[serde(default = "one")]
     pub loss_every: usize,
+    /// Recompute the MLP's up-projections in the backward pass instead of keeping them
+    /// (activation checkpointing; see [`PlanOptions::recompute_mlp`]).
+    #[serde(default)]
+    pub recompute_mlp: bool,
 }
 
 fn one() -> usize {
@@ -125,6 +129,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             base_dtype: BaseDType::Auto,
             loss_every: 1,
+            recompute_mlp: false,
         }
     }
 }
@@ -279,7 +284,13 @@ impl Trainer {
             }
             (_, d) => d,
         };
-        let plan = PlanOptions { keep_inputs, base_dtype: Some(base_dtype), ..PlanOptions::default() };
+        let plan = PlanOptions {
+            keep_inputs,
+            base_dtype: Some(base_dtype),
+            backward: true,
+            recompute_mlp: config.recompute_mlp,
+            ..PlanOptions::default()
+        };
         let mut model = GpuModel::with_options(ctx, weights, batch, seq, plan)?;
         let mut adapter = adapter::build(ctx, adapter_config, sites, batch * seq)?;
         if let Some(f) = init {

@@ -258,15 +258,14 @@ fn lora_fa_keeps_only_z_for_backward() {
     let n = b * t;
     let targets: Vec<String> =
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec();
-    let kept = |method: Method| {
+    let trainer = |method: Method, recompute_mlp: bool| {
         let mut cfg = AdapterConfig::new(method);
         cfg.rank = 4;
         cfg.targets = targets.clone();
-        let model =
-            portalora::train::Trainer::new(&ctx, &w, b, t, &cfg, &portalora::train::TrainConfig::default(), None)
-                .unwrap();
-        model.kept_bytes()
+        let tc = portalora::train::TrainConfig { recompute_mlp, ..Default::default() };
+        portalora::train::Trainer::new(&ctx, &w, b, t, &cfg, &tc, None).unwrap()
     };
+    let kept = |method: Method| trainer(method, false).kept_bytes();
     let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
     // What the frozen LLaMA layer's backward reads: rstd1, v, att, lse, x_mid, rstd2, gate,
     // q_rot, k_rot, up; plus the residual streams; plus z = x·Aᵀ (N, r) per adapted projection.
@@ -276,6 +275,19 @@ fn lora_fa_keeps_only_z_for_backward() {
     assert_eq!(kept(Method::LoraFa), ((base + z) * 4) as u64);
     // LoRA also keeps each projection's full-width input (h1, h2 and act; att is kept anyway).
     assert_eq!(kept(Method::Lora), ((base + z + c.num_layers * n * (2 * h + f)) * 4) as u64);
+    // Recomputing the MLP in backward drops gate and up (N, F) per layer from both.
+    let mlp = c.num_layers * 2 * n * f;
+    for (method, extra) in [(Method::LoraFa, 0), (Method::Lora, c.num_layers * n * (2 * h + f))] {
+        let (plain, recomputed) = (trainer(method, false), trainer(method, true));
+        assert_eq!(recomputed.kept_bytes(), ((base - mlp + z + extra) * 4) as u64, "{method:?}");
+        // The planner shares buffers between tensors that are never live together: never more
+        // than one buffer per tensor, and recomputation's savings show in what it allocates.
+        for tr in [&plain, &recomputed] {
+            let a = &tr.model.acts;
+            assert!(a.planned_bytes < a.unshared_bytes, "{method:?}: {} vs {}", a.planned_bytes, a.unshared_bytes);
+        }
+        assert!(recomputed.model.acts.planned_bytes < plain.model.acts.planned_bytes, "{method:?}");
+    }
 }
 
 #[test]

@@ -55,11 +55,18 @@ fn joined(grads: Vec<(String, Vec<f32>)>) -> BTreeMap<String, Vec<f32>> {
 }
 
 fn check_run(ctx: &Context, arch: &str, method: &str) {
+    check_run_with(ctx, arch, method, false)
+}
+
+/// With `recompute_mlp`, the MLP's up-projections are recomputed in backward (activation
+/// checkpointing) instead of kept: PEFT's figures must not notice.
+fn check_run_with(ctx: &Context, arch: &str, method: &str, recompute_mlp: bool) {
     let dir = fixture(&format!("adapters/{arch}_{method}"));
     let e = json(&dir.join("expected.json"));
     let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
     let peft = PeftFile::read(&dir.join("init")).unwrap();
-    let (cfg, tc) = configs(&e, &peft);
+    let (cfg, mut tc) = configs(&e, &peft);
+    tc.recompute_mlp = recompute_mlp;
     let ids = ids_of(&e["input_ids"]);
     let mut trainer = Trainer::new(ctx, &w, ids.len(), ids[0].len(), &cfg, &tc, Some(&peft)).unwrap();
     let want_losses: Vec<f64> = e["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -107,6 +114,51 @@ peft_match!(llama_lora_fa_projected_matches_peft, "llama", "lora-fa-projected");
 peft_match!(llama_vera_matches_peft, "llama", "vera");
 peft_match!(llama_delta_lora_matches_reference, "llama", "delta-lora");
 peft_match!(gpt2_lora_sgd_momentum_matches_pytorch, "gpt2", "lora-sgd");
+
+macro_rules! peft_match_recomputed {
+    ($name:ident, $arch:literal, $method:literal) => {
+        #[test]
+        fn $name() {
+            let Some(ctx) = context() else { return };
+            check_run_with(&ctx, $arch, $method, true);
+        }
+    };
+}
+
+// LoRA keeps the MLP's input (only gate/up are recomputed); LoRA-FA and VeRA recompute the norm
+// before them too.
+peft_match_recomputed!(llama_lora_with_the_mlp_recomputed_matches_peft, "llama", "lora");
+peft_match_recomputed!(llama_lora_fa_with_the_mlp_recomputed_matches_peft, "llama", "lora-fa");
+peft_match_recomputed!(gpt2_lora_fa_with_the_mlp_recomputed_matches_peft, "gpt2", "lora-fa");
+peft_match_recomputed!(gpt2_vera_with_the_mlp_recomputed_matches_peft, "gpt2", "vera");
+
+/// Recomputation replays the forward kernels on the same inputs (dropout masks come from their
+/// seeds), so training with and without it gives the same bits.
+#[test]
+fn recomputing_the_mlp_changes_no_bit() {
+    let Some(ctx) = context() else { return };
+    for arch in ["llama", "gpt2"] {
+        let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
+        let ids = ids_of(&json(&fixture(&format!("tiny_{arch}/expected.json")))["input_ids"]);
+        for method in [Method::Lora, Method::LoraFa, Method::Vera] {
+            let mut cfg = AdapterConfig::new(method);
+            cfg.rank = 3;
+            cfg.dropout = 0.1;
+            cfg.targets = portalora::adapter::all_targets(w.config.arch);
+            let run = |recompute_mlp: bool| {
+                let tc = TrainConfig { recompute_mlp, lr: 1e-2, ..TrainConfig::default() };
+                let mut tr = Trainer::new(&ctx, &w, ids.len(), ids[0].len(), &cfg, &tc, None).unwrap();
+                let losses: Vec<u64> = (0..3).map(|_| tr.train_step(&ctx, &ids).unwrap().loss.to_bits()).collect();
+                (losses, tr.gradients(&ctx).unwrap())
+            };
+            let (plain, recomputed) = (run(false), run(true));
+            assert_eq!(plain.0, recomputed.0, "{arch} {method:?}: losses");
+            for ((name, a), (_, b)) in plain.1.iter().zip(&recomputed.1) {
+                assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{arch} {method:?}: {name}");
+            }
+        }
+    }
+}
 peft_match!(llama_lora_cosine_schedule_and_clipping_match_pytorch, "llama", "lora-sched");
 
 /// transformers' schedule lambdas at hand-computed points (step index from 0).

@@ -193,7 +193,7 @@ fn cases() -> Vec<Case> {
                 "--seq".into(),
                 "32".into(),
             ],
-            &["\"h1\"", "12288000000 bytes", "smaller batch"],
+            &["\"gate\"", "49152000000 bytes", "smaller batch"],
         ),
         c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "q3_k"]), &["q3_k", "q4_1"]),
         c("missing model", t("DIR/nothing-here", &[]), &["nothing-here"]),

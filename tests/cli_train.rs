@@ -186,7 +186,9 @@ fn train_lora_with_ids_matches_peft_and_the_adapter_evaluates() {
 #[test]
 fn train_vera_writes_the_shared_pair() {
     let r = Run::new("llama_vera");
-    let Some((ok, stdout, stderr)) = r.train("tiny_llama", "vera", &["--alpha", "123", "--lr", "0.01"]) else { return };
+    // With the MLP recomputed in backward (activation checkpointing): PEFT's losses all the same.
+    let flags = ["--alpha", "123", "--lr", "0.01", "--recompute-mlp"];
+    let Some((ok, stdout, stderr)) = r.train("tiny_llama", "vera", &flags) else { return };
     assert!(ok, "{stdout}\n{stderr}");
     check_losses("llama vera", &r.log, &r.e);
     let back = portalora::adapter::peft::PeftFile::read(&r.out).unwrap();
@@ -311,6 +313,18 @@ fn bench_step_reports_speed_memory_and_kernels_as_json() {
     let sum: f64 = kernels.iter().map(|k| k["seconds"].as_f64().unwrap()).sum();
     assert!((sum - j["kernel_seconds"].as_f64().unwrap()).abs() < 1e-9 + 1e-6 * sum);
     assert_eq!(j["method"], "lora-fa");
+    let (planned, unshared) = (j["planned_bytes"].as_u64().unwrap(), j["unshared_bytes"].as_u64().unwrap());
+    assert!(planned > 0 && planned < unshared && planned <= bytes["activations"].as_u64().unwrap(), "{last}");
+    // With the MLP recomputed in backward, less is kept (tiny LLaMA: gate and up, (N, F) per layer).
+    let args = ["bench", "step", "--model", model.to_str().unwrap(), "--method", "lora-fa", "--rank", "2"];
+    let more = ["--batch", "2", "--seq", "7", "--steps", "1", "--no-kernels", "--json", "--recompute-mlp"];
+    let (ok, out, err) = run(&[&args[..], &more[..]].concat()).unwrap();
+    assert!(ok, "bench step --recompute-mlp failed: {err}");
+    let r: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(r["recompute_mlp"], true);
+    let w = portalora::model::load_model(&model).unwrap().config;
+    let mlp = (w.num_layers * 2 * 14 * w.intermediate_size * 4) as u64;
+    assert_eq!(r["kept_bytes"].as_u64().unwrap(), j["kept_bytes"].as_u64().unwrap() - mlp, "{out}");
     // Bad input is named.
     let (ok, _, err) = run(&["bench", "step", "--model", model.to_str().unwrap(), "--base-dtype", "q3"]).unwrap();
     assert!(!ok && err.contains("q3") && err.contains("q4_1"), "{err}");

@@ -410,7 +410,7 @@ fn matmul_on_column_views() {
                     .cols(align, bc, ctx.limits().storage_offset_alignment)
                     .unwrap();
                 let ct = c_full.cols(align, n, ctx.limits().storage_offset_alignment).unwrap();
-                let opts = Matmul { trans_a, trans_b, path, alpha: 0.5, accumulate: true };
+                let opts = Matmul { trans_a, trans_b, path, alpha: 0.5, accumulate: true, ..Matmul::default() };
                 let mut step = Step::new();
                 matmul(&ctx, &mut step, &at, &bt, &ct, opts).unwrap();
                 ctx.run(&step).unwrap();

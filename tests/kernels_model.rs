@@ -104,6 +104,49 @@ fn attention_matches_reference() {
     }
 }
 
+/// The matmul path's scratch, poisoned.
+fn attention_scratch(ctx: &Context, s: &AttentionShape, backward: bool) -> portalora::ops::attention::AttentionScratch {
+    let hm = s.head_major_shape();
+    portalora::ops::attention::AttentionScratch {
+        q: poisoned(ctx, "qh", &hm),
+        k: poisoned(ctx, "kh", &hm),
+        v: poisoned(ctx, "vh", &hm),
+        o: poisoned(ctx, "oh", &hm),
+        scores: poisoned(ctx, "scores", &s.scores_shape()),
+        dscores: backward.then(|| poisoned(ctx, "dscores", &s.scores_shape())),
+    }
+}
+
+/// Attention as batched matrix products (head-major copies, S = q·kᵀ, causal softmax, P·v)
+/// against the same f64 reference.
+#[test]
+fn attention_as_matmuls_matches_reference() {
+    use portalora::ops::attention::attention_forward_mm;
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(5);
+    for (batch, seq, heads, kv_heads, d) in
+        [(1, 1, 1, 1, 4), (2, 7, 6, 2, 8), (1, 33, 9, 3, 64), (3, 9, 4, 2, 12), (1, 129, 2, 2, 16)]
+    {
+        let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
+        assert!(s.fits_matmul_path(&ctx, 1 << 30), "{s:?}");
+        let q = rng.vec(batch * seq * heads * d);
+        let k = rng.vec(batch * seq * kv_heads * d);
+        let v = rng.vec(batch * seq * kv_heads * d);
+        let (want, want_lse) = reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
+        let qt = ctx.upload_f32("q", &[batch, seq, heads, d], &q).unwrap();
+        let kt = ctx.upload_f32("k", &[batch, seq, kv_heads, d], &k).unwrap();
+        let vt = ctx.upload_f32("v", &[batch, seq, kv_heads, d], &v).unwrap();
+        let out = poisoned(&ctx, "out", &[batch, seq, heads, d]);
+        let lse = poisoned(&ctx, "lse", &[batch, heads, seq]);
+        let scratch = attention_scratch(&ctx, &s, false);
+        let mut step = Step::new();
+        attention_forward_mm(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, &scratch).unwrap();
+        run(&ctx, step);
+        assert_close(&ctx, &format!("attention (matmuls) {s:?}"), &out, &want, TOL);
+        assert_close(&ctx, &format!("attention (matmuls) lse {s:?}"), &lse, &want_lse, TOL);
+    }
+}
+
 /// Generation appends queries after a KV cache: rows q_offset.. of full causal attention.
 #[test]
 fn attention_after_a_kv_cache_matches_reference() {
@@ -276,26 +319,42 @@ fn swiglu_backward_matches_finite_differences() {
 
 #[test]
 fn attention_backward_matches_finite_differences() {
-    use portalora::ops::attention::attention_backward;
+    let shapes =
+        [(1, 1, 1, 1, 2), (2, 7, 5, 1, 6), (1, 9, 4, 2, 8), (1, 33, 3, 3, 5), (2, 70, 4, 2, 4), (1, 65, 3, 1, 12)];
+    check_attention_backward(false, 43, &shapes);
+}
+
+#[test]
+fn attention_backward_as_matmuls_matches_finite_differences() {
+    let shapes =
+        [(1, 1, 1, 1, 4), (2, 7, 6, 2, 8), (1, 9, 4, 2, 8), (1, 33, 3, 3, 12), (2, 70, 4, 2, 4), (1, 129, 3, 1, 16)];
+    check_attention_backward(true, 47, &shapes);
+}
+
+/// Forward then backward (fused kernels, or batched matmuls with `matmuls`) against finite
+/// differences of the f64 reference, for (batch, seq, heads, kv_heads, head_dim) shapes.
+fn check_attention_backward(matmuls: bool, seed: u64, shapes: &[(usize, usize, usize, usize, usize)]) {
+    use portalora::ops::attention::{attention_backward, attention_backward_mm, attention_forward_mm};
     let Some(ctx) = common::context() else { return };
-    let mut rng = Rng::new(43);
-    for (batch, seq, heads, kv_heads, d) in
-        [(1, 1, 1, 1, 2), (2, 7, 5, 1, 6), (1, 9, 4, 2, 8), (1, 33, 3, 3, 5), (2, 70, 4, 2, 4), (1, 65, 3, 1, 12)]
-    {
+    let mut rng = Rng::new(seed);
+    for &(batch, seq, heads, kv_heads, d) in shapes {
         let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
-        let (nq, nk) = (batch * seq * heads * d, batch * seq * kv_heads * d);
+        let (nq, nk, nl) = (batch * seq * heads * d, batch * seq * kv_heads * d, batch * heads * seq);
         let (q, k, v, c) = (rng.vec(nq), rng.vec(nk), rng.vec(nk), rng.vec(nq));
         let up = |l: &str, data: &[f32], n: usize| ctx.upload_f32(l, &[n], data).unwrap();
         let (qt, kt, vt, ct) = (up("q", &q, nq), up("k", &k, nk), up("v", &v, nk), up("dout", &c, nq));
-        let (out, lse, dsum) = (
-            poisoned(&ctx, "out", &[nq]),
-            poisoned(&ctx, "lse", &[batch * heads * seq]),
-            poisoned(&ctx, "dsum", &[batch * heads * seq]),
-        );
+        let (out, lse, dsum) =
+            (poisoned(&ctx, "out", &[nq]), poisoned(&ctx, "lse", &[nl]), poisoned(&ctx, "dsum", &[nl]));
         let (dq, dk, dv) = (poisoned(&ctx, "dq", &[nq]), poisoned(&ctx, "dk", &[nk]), poisoned(&ctx, "dv", &[nk]));
         let mut step = Step::new();
-        attention_forward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse).unwrap();
-        attention_backward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, &ct, &dq, &dk, &dv, &dsum).unwrap();
+        if matmuls {
+            let scratch = attention_scratch(&ctx, &s, true);
+            attention_forward_mm(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, &scratch).unwrap();
+            attention_backward_mm(&ctx, &mut step, s, &qt, &kt, &vt, &lse, &ct, &dq, &dk, &dv, &scratch).unwrap();
+        } else {
+            attention_forward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse).unwrap();
+            attention_backward(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, &ct, &dq, &dk, &dv, &dsum).unwrap();
+        }
         run(&ctx, step);
         let f = |q: &[f32], k: &[f32], v: &[f32]| {
             dot(&reference::attention_forward(q, k, v, batch, seq, heads, kv_heads, d).0, &c)
@@ -305,7 +364,7 @@ fn attention_backward_matches_finite_differences() {
         let e_v = fd_error(&v, &ctx.read_f32(&dv).unwrap(), &|x| f(&q, &k, x), &mut rng, 25);
         assert!(
             e_q <= FD_TOL && e_k <= FD_TOL && e_v <= FD_TOL,
-            "attention_backward {s:?}: dq {e_q:e} dk {e_k:e} dv {e_v:e}"
+            "attention backward (matmuls: {matmuls}) {s:?}: dq {e_q:e} dk {e_k:e} dv {e_v:e}"
         );
     }
 }

@@ -174,7 +174,10 @@ fn check_gradients(name: &str) {
     let e = json(&fixture(&format!("{name}/expected.json")));
     let ids: Vec<Vec<u32>> = ids_of(&e["input_ids"]);
     let (b, t) = (ids.len(), ids[0].len());
-    let mut model = GpuModel::new(&ctx, &w, b, t).unwrap();
+    // Every layer's input gradient stays readable after the step (by default the planner lets
+    // them share memory two layers apart).
+    let opts = PlanOptions { keep_layer_grads: true, backward: true, ..PlanOptions::default() };
+    let mut model = GpuModel::with_options(&ctx, &w, b, t, opts).unwrap();
     model.enable_backward(&ctx).unwrap();
     for d in &model.grads.as_ref().unwrap().dx {
         ctx.fill_f32(d, f32::NAN).unwrap();
@@ -193,6 +196,14 @@ fn check_gradients(name: &str) {
     // The forward-only step still works alongside and agrees.
     let (sum2, _) = model.loss_sum(&ctx, &ids).unwrap();
     assert!((sum - sum2).abs() <= 1e-6 * sum.abs());
+    // A model planned for the forward pass alone shares its layers' activation memory (only the
+    // residual streams of neighbouring layers are live together) and gives the same loss.
+    let inference = GpuModel::new(&ctx, &w, b, t).unwrap();
+    let (sum3, _) = inference.loss_sum(&ctx, &ids).unwrap();
+    assert_eq!(sum3.to_bits(), sum2.to_bits());
+    let (planned, unshared) = (inference.acts.planned_bytes, inference.acts.unshared_bytes);
+    assert!(planned < model.acts.planned_bytes, "{name}: {planned} vs training's {}", model.acts.planned_bytes);
+    assert!(planned < unshared, "{name}: {planned} of {unshared}");
 }
 
 /// Vocabulary tables larger than one storage binding are split into parts of rows; here the split
@@ -207,8 +218,9 @@ fn split_vocabulary_tables_give_the_same_results() {
         let e = json(&fixture(&format!("{name}/expected.json")));
         let ids: Vec<Vec<u32>> = ids_of(&e["input_ids"]);
         let (b, t) = (ids.len(), ids[0].len());
-        let mut whole = GpuModel::new(&ctx, &w, b, t).unwrap();
-        let opts = PlanOptions { table_part_rows: Some(16), ..PlanOptions::default() };
+        let keep = PlanOptions { keep_layer_grads: true, ..PlanOptions::default() };
+        let mut whole = GpuModel::with_options(&ctx, &w, b, t, keep.clone()).unwrap();
+        let opts = PlanOptions { table_part_rows: Some(16), ..keep };
         let mut split = GpuModel::with_options(&ctx, &w, b, t, opts).unwrap();
         let align_rows = ctx.limits().storage_offset_alignment as usize / 4;
         if align_rows <= 16 {

@@ -39,6 +39,10 @@ fn packed_matmul_matches_the_dequantized_product() {
     if !ctx.features().subgroups {
         panic!("this test needs subgroup operations; adapter {:?} has none", ctx.info().name);
     }
+    if ctx.info().name.contains("llvmpipe") {
+        // So that the native-f16 comparison below compares two different kernels in CI.
+        assert!(ctx.features().shader_f16, "lavapipe offers shader-f16");
+    }
     let mut rng = Rng::new(11);
     // (M, rows, cols) of the stored weight; nt reads it as (N, K) = (rows, cols), nn as (K, N).
     for (ggml, dtype, _) in TYPES {
@@ -60,6 +64,17 @@ fn packed_matmul_matches_the_dequantized_product() {
                     matmul(&ctx, &mut s, &a, &b, &c, opts).unwrap();
                     ctx.run(&s).unwrap();
                     let got = ctx.read_f32(&c).unwrap();
+                    if dtype == DType::F16 {
+                        // shader-f16's native loads (where the adapter has them: lavapipe does)
+                        // and the u32 unpacking give the same bits.
+                        ctx.write_f32(&c, &if accumulate { prior.clone() } else { vec![f32::NAN; m * n] }).unwrap();
+                        let mut s = Step::new();
+                        matmul(&ctx, &mut s, &a, &b, &c, opts.native_f16(false)).unwrap();
+                        ctx.run(&s).unwrap();
+                        let unpacked = ctx.read_f32(&c).unwrap();
+                        let same = got.iter().zip(&unpacked).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "f16 native vs unpacked, m={m} W ({rows}, {cols}) tb={trans_b}");
+                    }
                     let mut want = reference::matmul(&a_host, &deq, m, k, n, false, trans_b);
                     for (i, v) in want.iter_mut().enumerate() {
                         *v *= 0.5;

@@ -58,6 +58,13 @@ fn packed_weight_kernels_validate_for_every_type() {
                 let spec = subgroup_kernel_full(s, 32, 2, trans_a, trans_b, true, dtype, false);
                 let wgsl = spec.wgsl().expect("template expands");
                 validate(&format!("matmul {dtype:?} s={s} ta={trans_a} tb={trans_b}"), &wgsl);
+                if dtype == DType::F16 {
+                    // Native f16 loads (shader-f16).
+                    let spec = subgroup_kernel_full(s, 32, 2, trans_a, trans_b, true, dtype, !trans_a);
+                    let wgsl = spec.flag("F16", true).wgsl().expect("template expands");
+                    assert!(wgsl.starts_with("enable f16;") && wgsl.contains("array<vec4<f16>>"));
+                    validate(&format!("matmul native f16 s={s} ta={trans_a} tb={trans_b}"), &wgsl);
+                }
                 if !trans_a {
                     let spec = subgroup_kernel_full(s, 32, 2, trans_a, trans_b, true, dtype, true);
                     let wgsl = spec.wgsl().expect("template expands");

@@ -41,6 +41,8 @@ source!(NORM, "norm.wgsl", subgroups: false, template: false);
 source!(ROPE, "rope.wgsl", subgroups: false, template: false);
 source!(ATTENTION, "attention.wgsl", subgroups: false, template: false);
 source!(ATTENTION_VEC4, "attention_vec4.wgsl", subgroups: false, template: true);
+source!(HEADS, "heads.wgsl", subgroups: false, template: false);
+source!(SOFTMAX, "softmax.wgsl", subgroups: false, template: false);
 source!(ACT, "act.wgsl", subgroups: false, template: false);
 source!(EMBED, "embed.wgsl", subgroups: false, template: true);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
@@ -57,6 +59,8 @@ pub const ALL_SOURCES: &[&KernelSource] = &[
     &ROPE,
     &ATTENTION,
     &ATTENTION_VEC4,
+    &HEADS,
+    &SOFTMAX,
     &ACT,
     &EMBED,
     &XENT,
@@ -126,8 +130,12 @@ impl KernelSpec {
     pub fn new(source: &'static KernelSource, entry: &'static str) -> Self {
         KernelSpec { source, entry, flags: Vec::new(), vars: Vec::new(), constants: Vec::new() }
     }
+    /// Sets a template flag (again: the last setting counts).
     pub fn flag(mut self, name: &'static str, on: bool) -> Self {
-        self.flags.push((name, on));
+        match self.flags.iter_mut().find(|(n, _)| *n == name) {
+            Some(f) => f.1 = on,
+            None => self.flags.push((name, on)),
+        }
         self
     }
     pub fn var(mut self, name: &'static str, value: impl ToString) -> Self {

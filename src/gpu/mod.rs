@@ -15,6 +15,7 @@
 
 mod context;
 mod kernel;
+pub mod plan;
 mod step;
 mod tensor;
 
@@ -24,8 +25,8 @@ pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {
     pub use super::kernel::{
-        ACT, ADAPTER, ATTENTION, ATTENTION_VEC4, ELEMENTWISE, EMBED, MATMUL, MATMUL_SUBGROUP, NORM, OPTIM, REDUCE,
-        ROPE, XENT,
+        ACT, ADAPTER, ATTENTION, ATTENTION_VEC4, ELEMENTWISE, EMBED, HEADS, MATMUL, MATMUL_SUBGROUP, NORM, OPTIM,
+        REDUCE, ROPE, SOFTMAX, XENT,
     };
 }
 pub use step::Step;

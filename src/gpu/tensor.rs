@@ -177,6 +177,19 @@ impl Tensor {
         Ok(Tensor { offset, shape, ..self.clone() })
     }
 
+    /// A contiguous tensor of `shape` over the first bytes of this tensor's buffer: how the
+    /// memory planner ([`super::plan`]) lets tensors that are never live together share memory.
+    pub(super) fn view(&self, label: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = dtype.bytes(shape.iter().product()) as u64;
+        if self.offset != 0 || bytes > self.buffer.size() {
+            return Err(GpuError::Shape {
+                op: "view",
+                message: format!("{label:?} {shape:?} ({bytes} bytes) does not fit buffer {:?}", self.label),
+            });
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype, label: label.into(), row_stride: None, ..self.clone() })
+    }
+
     /// The same memory seen with another shape of the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let n: usize = shape.iter().product();

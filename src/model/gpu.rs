@@ -14,9 +14,12 @@ use std::fmt;
 use super::config::{Arch, ModelConfig};
 use super::weights::{HostTensor, RawTensor, Weights};
 use crate::adapter::{Adapter, AdapterError, Input, Proj, SiteWeights};
+use crate::gpu::plan::{Lifetime, Planner};
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
 use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
-use crate::ops::attention::{attention_backward, attention_forward};
+use crate::ops::attention::{
+    attention_backward, attention_backward_mm, attention_forward, attention_forward_mm, AttentionScratch,
+};
 use crate::ops::elementwise::{add_forward, bias_forward};
 use crate::ops::embed::{embed_forward, embed_forward_part};
 use crate::ops::matmul::{can_fuse_side, matmul, matmul_side, Matmul, Side};
@@ -170,28 +173,66 @@ pub struct ParameterTensors {
     pub lm_head: Option<SplitTable>, // (V, C); None when tied to `embed`
 }
 
-/// One layer's activations for a batch of N = B·T tokens.
-/// One layer's activations. Fields marked LLaMA or GPT-2 exist for that architecture only.
-pub struct LayerActivations {
-    pub h1: Tensor,            // (N, C)    norm(x)
-    pub mean1: Option<Tensor>, // (N,)      GPT-2: LayerNorm mean
-    pub rstd1: Tensor,         // (N,)
-    pub q: Tensor,             // (N, H·hd)  (LLaMA: before rotary)
-    pub k: Tensor,             // (N, KV·hd)
-    pub v: Tensor,             // (N, KV·hd)
-    pub q_rot: Option<Tensor>, // (N, H·hd)  LLaMA
-    pub k_rot: Option<Tensor>, // (N, KV·hd) LLaMA
-    pub att: Tensor,           // (N, H·hd)  attention output before the output projection
-    pub lse: Tensor,           // (B, H, T)  softmax log-sum-exp per query row
-    pub o: Tensor,             // (N, C)    output projection
-    pub x_mid: Tensor,         // (N, C)    x + o
-    pub h2: Tensor,            // (N, C)    norm(x_mid)
-    pub mean2: Option<Tensor>, // (N,)      GPT-2
-    pub rstd2: Tensor,         // (N,)
-    pub gate: Tensor,          // (N, F)    LLaMA: gate_proj output; GPT-2: c_fc output before GELU
-    pub up: Option<Tensor>,    // (N, F)    LLaMA
-    pub act: Tensor,           // (N, F)    LLaMA: silu(gate)·up; GPT-2: gelu(c_fc)
-    pub down: Tensor,          // (N, C)
+/// One layer's activations for a batch of N = B·T tokens. Fields marked LLaMA or GPT-2 exist
+/// for that architecture only. (Generic only so that the planner can build the same structure
+/// of request ids first; everywhere else `T` is [`Tensor`].)
+pub struct LayerActivations<T = Tensor> {
+    pub h1: T,            // (N, C)    norm(x)
+    pub mean1: Option<T>, // (N,)      GPT-2: LayerNorm mean
+    pub rstd1: T,         // (N,)
+    pub q: T,             // (N, H·hd)  (LLaMA: before rotary)
+    pub k: T,             // (N, KV·hd)
+    pub v: T,             // (N, KV·hd)
+    pub q_rot: Option<T>, // (N, H·hd)  LLaMA
+    pub k_rot: Option<T>, // (N, KV·hd) LLaMA
+    pub att: T,           // (N, H·hd)  attention output before the output projection
+    pub lse: T,           // (B, H, T)  softmax log-sum-exp per query row
+    pub o: T,             // (N, C)    output projection
+    pub x_mid: T,         // (N, C)    x + o
+    pub h2: T,            // (N, C)    norm(x_mid)
+    pub mean2: Option<T>, // (N,)      GPT-2
+    pub rstd2: T,         // (N,)
+    pub gate: T,          // (N, F)    LLaMA: gate_proj output; GPT-2: c_fc output before GELU
+    pub up: Option<T>,    // (N, F)    LLaMA
+    pub act: T,           // (N, F)    LLaMA: silu(gate)·up; GPT-2: gelu(c_fc)
+    pub down: T,          // (N, C)
+    /// With [`PlanOptions::recompute_mlp`]: where the backward pass recomputes the MLP's inputs.
+    pub recomputed: Option<Recomputed<T>>,
+}
+
+/// What the backward pass recomputes instead of keeping (activation checkpointing of the MLP):
+/// the second norm's output (unless an adapter keeps it) and the up-projections from it.
+pub struct Recomputed<T = Tensor> {
+    pub h2: T,         // (N, C)  norm(x_mid) again; the kept `h2` when an adapter keeps it
+    pub gate: T,       // (N, F)
+    pub up: Option<T>, // (N, F)  LLaMA
+}
+
+impl<T> LayerActivations<T> {
+    fn map<U>(self, mut f: impl FnMut(T) -> U) -> LayerActivations<U> {
+        LayerActivations {
+            h1: f(self.h1),
+            mean1: self.mean1.map(&mut f),
+            rstd1: f(self.rstd1),
+            q: f(self.q),
+            k: f(self.k),
+            v: f(self.v),
+            q_rot: self.q_rot.map(&mut f),
+            k_rot: self.k_rot.map(&mut f),
+            att: f(self.att),
+            lse: f(self.lse),
+            o: f(self.o),
+            x_mid: f(self.x_mid),
+            h2: f(self.h2),
+            mean2: self.mean2.map(&mut f),
+            rstd2: f(self.rstd2),
+            gate: f(self.gate),
+            up: self.up.map(&mut f),
+            act: f(self.act),
+            down: f(self.down),
+            recomputed: self.recomputed.map(|r| Recomputed { h2: f(r.h2), gate: f(r.gate), up: r.up.map(&mut f) }),
+        }
+    }
 }
 
 /// Every activation of one forward pass, sized from the config and (batch, seq).
@@ -218,54 +259,57 @@ pub struct Activations {
     /// (1,) 1 / the batch's predicted positions: the backward pass's loss scale (the loss is the
     /// mean over predicted positions, as transformers computes it with ignored labels).
     pub loss_scale: Tensor,
+    /// Attention's scratch when it runs as batched matrix products (see ops::attention); `None`
+    /// where the fused kernels run instead.
+    pub attn: Option<AttentionScratch>,
     /// Bytes of activations the backward pass reads (per-layer tensors and the residual streams).
     pub kept_bytes: u64,
-}
-
-impl Activations {
-    /// Bytes allocated for activations.
-    pub fn bytes(&self) -> u64 {
-        let mut all: Vec<&Tensor> = vec![
-            &self.ids,
-            &self.targets,
-            &self.hf,
-            &self.rstdf,
-            &self.logits,
-            &self.loss_rows,
-            &self.lse_rows,
-            &self.loss_sum,
-        ];
-        all.extend(self.pos_ids.iter().chain(&self.emb).chain(&self.pos).chain(&self.meanf));
-        all.extend(&self.x);
-        for l in &self.layers {
-            all.extend([
-                &l.h1, &l.rstd1, &l.q, &l.k, &l.v, &l.att, &l.lse, &l.o, &l.x_mid, &l.h2, &l.rstd2, &l.gate, &l.act,
-                &l.down,
-            ]);
-            all.extend(l.mean1.iter().chain(&l.q_rot).chain(&l.k_rot).chain(&l.mean2).chain(&l.up));
-        }
-        all.iter().map(|t| t.byte_len()).sum()
-    }
+    /// Bytes of the buffers the planner allocated for activations and gradients, and what one
+    /// buffer per tensor would have taken.
+    pub planned_bytes: u64,
+    pub unshared_bytes: u64,
 }
 
 /// Gradients of the loss with respect to activations (the base weights get none: they are
-/// frozen). Scratch tensors are shared by every layer, since the backward pass visits the layers
-/// one at a time; `dx` keeps the gradient entering each layer.
-pub struct Gradients {
-    pub dx: Vec<Tensor>, // L+1 × (N, C): d loss / d residual stream entering layer l (dx[L]: the final norm)
-    pub dhf: Tensor,     // (N, C)
-    pub d_xmid: Tensor,  // (N, C)
-    pub d_h: Tensor,     // (N, C)
-    pub d_act: Tensor,   // (N, F)
-    pub d_gate: Tensor,  // (N, F)
-    pub d_up: Tensor,    // (N, F)
-    pub d_att: Tensor,   // (N, H·hd)
-    pub d_qrot: Tensor,  // (N, H·hd)
-    pub d_q: Tensor,     // (N, H·hd)
-    pub d_krot: Tensor,  // (N, KV·hd)
-    pub d_k: Tensor,     // (N, KV·hd)
-    pub d_v: Tensor,     // (N, KV·hd)
-    pub dsum: Tensor,    // (B, H, T) attention backward scratch
+/// frozen). Scratch tensors serve every layer, since the backward pass visits the layers one at a
+/// time; `dx[l]` carries the gradient from layer l to layer l − 1 (the planner lets the `dx` of
+/// layers two apart share memory unless [`PlanOptions::keep_layer_grads`] keeps them all).
+pub struct Gradients<T = Tensor> {
+    pub dx: Vec<T>, // L+1 × (N, C): d loss / d residual stream entering layer l (dx[L]: the final norm)
+    pub dhf: T,     // (N, C)
+    pub d_xmid: T,  // (N, C)
+    pub d_h: T,     // (N, C)
+    pub d_act: T,   // (N, F)
+    pub d_gate: T,  // (N, F)
+    pub d_up: T,    // (N, F)
+    pub d_att: T,   // (N, H·hd)
+    pub d_qrot: T,  // (N, H·hd)
+    pub d_q: T,     // (N, H·hd)
+    pub d_krot: T,  // (N, KV·hd)
+    pub d_k: T,     // (N, KV·hd)
+    pub d_v: T,     // (N, KV·hd)
+    pub dsum: T,    // (B, H, T) attention backward scratch
+}
+
+impl<T> Gradients<T> {
+    fn map<U>(self, mut f: impl FnMut(T) -> U) -> Gradients<U> {
+        Gradients {
+            dx: self.dx.into_iter().map(&mut f).collect(),
+            dhf: f(self.dhf),
+            d_xmid: f(self.d_xmid),
+            d_h: f(self.d_h),
+            d_act: f(self.d_act),
+            d_gate: f(self.d_gate),
+            d_up: f(self.d_up),
+            d_att: f(self.d_att),
+            d_qrot: f(self.d_qrot),
+            d_q: f(self.d_q),
+            d_krot: f(self.d_krot),
+            d_k: f(self.d_k),
+            d_v: f(self.d_v),
+            dsum: f(self.dsum),
+        }
+    }
 }
 
 /// How the frozen base's matrices (projections, token embeddings, LM head) are stored on the
@@ -365,10 +409,10 @@ fn upload_matrix(
 }
 
 /// How the plan splits what could exceed one storage binding (`None` picks the largest that
-/// fits), and which projection inputs it keeps per layer.
+/// fits), whether it plans for training, and what it keeps per layer.
 #[derive(Clone, Debug, Default)]
 pub struct PlanOptions {
-    /// Rows of logits computed at a time (a positive multiple of 64).
+    /// Rows of logits computed at a time (a positive multiple of 64; default: what fits 32 MiB).
     pub logit_chunk_rows: Option<usize>,
     /// Rows per part of the token-embedding / LM-head tables.
     pub table_part_rows: Option<usize>,
@@ -377,6 +421,16 @@ pub struct PlanOptions {
     pub keep_inputs: Vec<Input>,
     /// How the frozen matrices are stored (default here: f32; `Auto` keeps a GGUF's types).
     pub base_dtype: Option<BaseDType>,
+    /// Plan (and record) the training step too. Without it the plan is for the forward pass
+    /// alone, and a layer's activations share memory with the next layer's.
+    pub backward: bool,
+    /// Recompute the MLP's up-projections (and the norm before them) in the backward pass
+    /// instead of keeping them: activation checkpointing of the largest per-layer activations,
+    /// for two more projections per layer (LLaMA: gate and up, (N, F) each; GPT-2: c_fc).
+    pub recompute_mlp: bool,
+    /// Keep every layer's input gradient `dx[l]` after the step (tests inspect them); by default
+    /// they share memory two layers apart.
+    pub keep_layer_grads: bool,
 }
 
 /// A model on the GPU with its forward pass (and, for training, forward + backward) recorded
@@ -391,7 +445,8 @@ pub struct GpuModel {
     adapter: Option<Box<dyn Adapter>>,
     /// The adapter's ΔW has been added into the base weights (its branch is then skipped).
     merged: bool,
-    keep_inputs: Vec<Input>,
+    /// The options the memory plan was made with.
+    opts: PlanOptions,
 }
 
 impl fmt::Debug for GpuModel {
@@ -507,6 +562,11 @@ impl ParameterTensors {
     }
 }
 
+/// The logits buffer's budget (see [`GpuModel::plan`]).
+const LOGIT_CHUNK_BYTES: u64 = 32 << 20;
+/// The budget of attention's score matrices on the matmul path (see [`GpuModel::plan`]).
+const ATTENTION_SCORES_BYTES: u64 = 32 << 20;
+
 /// An activation that exists for one architecture only (planned in [`GpuModel::plan`]).
 fn need(t: &Option<Tensor>) -> Result<&Tensor> {
     t.as_ref().ok_or_else(|| GpuModelError::Unsupported("an activation of another architecture was asked for".into()))
@@ -518,7 +578,8 @@ impl GpuModel {
         Self::with_options(ctx, w, batch, seq, PlanOptions::default())
     }
 
-    /// As [`GpuModel::new`], with the memory plan's chunking forced (see [`PlanOptions`]).
+    /// As [`GpuModel::new`], with the memory plan's options (see [`PlanOptions`]); with
+    /// `opts.backward` the training step is planned and recorded too.
     pub fn with_options(ctx: &Context, w: &Weights, batch: usize, seq: usize, opts: PlanOptions) -> Result<Self> {
         let c = w.config.clone();
         if seq > c.max_positions {
@@ -526,129 +587,120 @@ impl GpuModel {
         }
         let params =
             ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
-        let acts = Self::plan(ctx, &c, batch, seq, &opts)?;
+        let (acts, grads) = Self::plan(ctx, &c, batch, seq, &opts)?;
         let mut model = GpuModel {
             config: c,
             params,
             acts,
-            grads: None,
+            grads,
             forward: Step::new(),
             train: None,
             adapter: None,
             merged: false,
-            keep_inputs: opts.keep_inputs,
+            opts,
         };
         model.forward = model.record_forward(ctx, false)?;
+        if model.grads.is_some() {
+            model.train = Some(model.record_forward(ctx, true)?);
+        }
         Ok(model)
     }
 
-    /// Plans the gradient tensors and records forward + loss + backward as one step.
+    /// Makes the model trainable: records forward + loss + backward as one step. A model
+    /// planned for the forward pass alone (whose layers share activation memory) is planned
+    /// again for training first.
     pub fn enable_backward(&mut self, ctx: &Context) -> Result<()> {
         if let Some(a) = self.adapter.as_deref() {
             self.check_kept_inputs(a)?;
         }
-        let c = &self.config;
-        let (b, t) = (self.acts.batch, self.acts.seq);
-        let n = b * t;
-        let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-        let _kind = ctx.alloc_kind("activations");
-        let z = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
-        self.grads = Some(Gradients {
-            dx: (0..=c.num_layers).map(|_| z("dx", &[n, h])).collect::<std::result::Result<_, _>>()?,
-            dhf: z("dhf", &[n, h])?,
-            d_xmid: z("d_xmid", &[n, h])?,
-            d_h: z("d_h", &[n, h])?,
-            d_act: z("d_act", &[n, f])?,
-            d_gate: z("d_gate", &[n, f])?,
-            d_up: z("d_up", &[n, f])?,
-            d_att: z("d_att", &[n, q])?,
-            d_qrot: z("d_qrot", &[n, q])?,
-            d_q: z("d_q", &[n, q])?,
-            d_krot: z("d_krot", &[n, kv])?,
-            d_k: z("d_k", &[n, kv])?,
-            d_v: z("d_v", &[n, kv])?,
-            dsum: z("dsum", &[b, c.num_heads, t])?,
-        });
+        if self.train.is_some() {
+            return Ok(());
+        }
+        if self.grads.is_none() {
+            self.opts.backward = true;
+            let (acts, grads) = Self::plan(ctx, &self.config, self.acts.batch, self.acts.seq, &self.opts)?;
+            (self.acts, self.grads) = (acts, grads);
+            self.forward = self.record_forward(ctx, false)?;
+        }
         self.train = Some(self.record_forward(ctx, true)?);
         Ok(())
     }
 
-    fn plan(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize, opts: &PlanOptions) -> Result<Activations> {
+    /// Plans every activation (and, for training, every gradient) of a step of `batch` rows of
+    /// `seq` tokens through the lifetime planner ([`crate::gpu::plan`]).
+    ///
+    /// Phases, in step order: layer l's forward is phase l (the embedding belongs to phase 0);
+    /// the head (final norm, LM head, loss and, in training, their backward) is phase L; layer
+    /// l's backward is phase 2L − l. What a layer's backward reads lives from its forward phase
+    /// to its backward phase; the rest lives one phase, so that the layers' q-before-rotary (say)
+    /// share one buffer, the residual-stream gradients alternate between two, and the backward
+    /// scratch reuses the logits' memory.
+    fn plan(
+        ctx: &Context,
+        c: &ModelConfig,
+        batch: usize,
+        seq: usize,
+        opts: &PlanOptions,
+    ) -> Result<(Activations, Option<Gradients>)> {
         let _kind = ctx.alloc_kind("activations");
-        let chunk = opts.logit_chunk_rows;
         let n = batch * seq;
+        let nl = c.num_layers;
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-        let t = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
         let llama = c.arch == Arch::Llama;
-        let opt = |on: bool, label: &str, shape: &[usize]| -> Result<Option<Tensor>> {
-            Ok(if on { Some(t(label, shape)?) } else { None })
+        let train = opts.backward;
+        let (head, end) = (nl, if train { 2 * nl } else { nl });
+        // The phase in which layer l's backward reads what its forward kept (the head reads the
+        // last residual stream; without a backward pass, a layer reads only its own).
+        let back = |l: usize| if train { 2 * nl - l } else { l };
+        let keep = |i: Input| train && opts.keep_inputs.contains(&i);
+        let recompute = train && opts.recompute_mlp;
+        let mut p = Planner::new();
+        let mut add = |label: &str, shape: &[usize], first: usize, last: usize| {
+            p.add(label, shape, DType::F32, Lifetime::new(first, last))
         };
-        // Activations no backward pass reads are one tensor shared by every layer: the
-        // projections' outputs consumed by a residual add (o, down), LLaMA's q and k before
-        // rotary (rotary's backward is linear), and the projections' inputs unless an adapter's
-        // backward reads them (`keep_inputs`).
-        let keep = |i: Input| opts.keep_inputs.contains(&i);
-        let shared_h1 = t("h1", &[n, h])?;
-        let shared_h2 = t("h2", &[n, h])?;
-        let shared_act = t("act", &[n, f])?;
-        let shared_o = t("o", &[n, h])?;
-        let shared_down = t("down", &[n, h])?;
-        let shared_q = t("q", &[n, q])?;
-        let shared_k = t("k", &[n, kv])?;
-        let per_layer = |shared: &Tensor, on: bool| -> Result<Tensor> {
-            Ok(if on { t(shared.label(), shared.shape())? } else { shared.clone() })
-        };
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
+        let x: Vec<usize> = (0..=nl).map(|l| add("x", &[n, h], l.saturating_sub(1), back(l))).collect();
+        let gpt2 = (!llama).then(|| (add("emb", &[n, h], 0, 0), add("pos", &[n, h], 0, 0)));
+        let mut layers = Vec::with_capacity(nl);
+        for l in 0..nl {
+            let kept = back(l);
+            let input = |i: Input| if keep(i) { kept } else { l };
+            let qk = if llama { l } else { kept };
+            let mlp = if recompute { l } else { kept };
+            let h2 = add("h2", &[n, h], l, input(Input::H2));
             layers.push(LayerActivations {
-                h1: per_layer(&shared_h1, keep(Input::H1))?,
-                mean1: opt(!llama, "mean1", &[n])?,
-                rstd1: t("rstd1", &[n])?,
-                q: per_layer(&shared_q, !llama)?,
-                k: per_layer(&shared_k, !llama)?,
-                v: t("v", &[n, kv])?,
-                q_rot: opt(llama, "q_rot", &[n, q])?,
-                k_rot: opt(llama, "k_rot", &[n, kv])?,
-                att: t("att", &[n, q])?,
-                lse: t("lse", &[batch, c.num_heads, seq])?,
-                o: shared_o.clone(),
-                x_mid: t("x_mid", &[n, h])?,
-                h2: per_layer(&shared_h2, keep(Input::H2))?,
-                mean2: opt(!llama, "mean2", &[n])?,
-                rstd2: t("rstd2", &[n])?,
-                gate: t("gate", &[n, f])?,
-                up: opt(llama, "up", &[n, f])?,
-                act: per_layer(&shared_act, keep(Input::Act))?,
-                down: shared_down.clone(),
+                h1: add("h1", &[n, h], l, input(Input::H1)),
+                mean1: (!llama).then(|| add("mean1", &[n], l, kept)),
+                rstd1: add("rstd1", &[n], l, kept),
+                q: add("q", &[n, q], l, qk),
+                k: add("k", &[n, kv], l, qk),
+                v: add("v", &[n, kv], l, kept),
+                q_rot: llama.then(|| add("q_rot", &[n, q], l, kept)),
+                k_rot: llama.then(|| add("k_rot", &[n, kv], l, kept)),
+                att: add("att", &[n, q], l, kept),
+                lse: add("lse", &[batch, c.num_heads, seq], l, kept),
+                o: add("o", &[n, h], l, l),
+                x_mid: add("x_mid", &[n, h], l, kept),
+                h2,
+                mean2: (!llama).then(|| add("mean2", &[n], l, kept)),
+                rstd2: add("rstd2", &[n], l, kept),
+                gate: add("gate", &[n, f], l, mlp),
+                up: llama.then(|| add("up", &[n, f], l, mlp)),
+                act: add("act", &[n, f], l, input(Input::Act)),
+                down: add("down", &[n, h], l, l),
+                recomputed: recompute.then(|| Recomputed {
+                    h2: if keep(Input::H2) { h2 } else { add("h2 (recomputed)", &[n, h], kept, kept) },
+                    gate: add("gate (recomputed)", &[n, f], kept, kept),
+                    up: llama.then(|| add("up (recomputed)", &[n, f], kept, kept)),
+                }),
             });
         }
-        // What the backward pass reads, per layer and for the stack of residual streams.
-        let mut kept_bytes = 0u64;
-        for la in &layers {
-            let mut ts: Vec<&Tensor> = vec![&la.rstd1, &la.v, &la.att, &la.lse, &la.x_mid, &la.rstd2, &la.gate];
-            ts.extend([&la.mean1, &la.q_rot, &la.k_rot, &la.mean2, &la.up].into_iter().flatten());
-            if !llama {
-                ts.extend([&la.q, &la.k]);
-            }
-            for (input, tensor) in [(Input::H1, &la.h1), (Input::H2, &la.h2), (Input::Act, &la.act)] {
-                if keep(input) {
-                    ts.push(tensor);
-                }
-            }
-            kept_bytes += ts.iter().map(|t| t.byte_len()).sum::<u64>();
-        }
-        kept_bytes += ((c.num_layers + 1) * n * h * 4) as u64;
-        let pos_ids = if llama {
-            None
-        } else {
-            let ids: Vec<u32> = (0..n).map(|i| (i % seq) as u32).collect();
-            Some(ctx.upload_u32("pos_ids", &[n], &ids)?)
-        };
-        // Logit chunks: as many rows as fit one storage binding, a multiple of 64 rows so that
-        // every chunk's offset into the (N, C) activations is 256-byte aligned.
+        // Logit chunks: as many rows as fit 32 MiB (and one storage binding), a multiple of 64
+        // rows so that every chunk's offset into the (N, C) activations is 256-byte aligned.
+        // Larger chunks gain nothing measurable (SmolLM2, 512 rows: 11.16 s of GPU time per step
+        // in one chunk, 11.18 s in chunks of 128) and would hold 96 MiB instead of 24.
         let row_bytes = (c.vocab_size * 4) as u64;
-        let fit = (ctx.limits().max_storage_binding / row_bytes).max(1) as usize;
-        let chunk_rows = match chunk {
+        let fit = (ctx.limits().max_storage_binding.min(LOGIT_CHUNK_BYTES) / row_bytes).max(1) as usize;
+        let chunk_rows = match opts.logit_chunk_rows {
             Some(r) if r > 0 && r % 64 == 0 => r.min(n),
             Some(r) => {
                 return Err(GpuModelError::Unsupported(format!(
@@ -658,27 +710,114 @@ impl GpuModel {
             None if fit >= n => n,
             None => (fit / 64 * 64).max(64).min(n),
         };
-        Ok(Activations {
+        // Attention as batched matrix products where its score matrices fit 32 MiB (the fused
+        // kernels otherwise; PORTALORA_ATTENTION=fused forces them, for comparisons).
+        let shape = c.attention_shape(batch, seq, 0);
+        let fused = std::env::var("PORTALORA_ATTENTION").is_ok_and(|v| v == "fused");
+        let attn = (!fused && shape.fits_matmul_path(ctx, ATTENTION_SCORES_BYTES)).then(|| {
+            let (hm, ss) = (shape.head_major_shape(), shape.scores_shape());
+            (
+                [
+                    add("attention q (head-major)", &hm, 0, end),
+                    add("attention k (head-major)", &hm, 0, end),
+                    add("attention v (head-major)", &hm, 0, end),
+                    add("attention out (head-major)", &hm, 0, end),
+                    add("attention scores", &ss, 0, end),
+                ],
+                train.then(|| add("attention dscores", &ss, head + 1, end)),
+            )
+        });
+        let hf = add("hf", &[n, h], head, head);
+        let rstdf = add("rstdf", &[n], head, head);
+        let meanf = (!llama).then(|| add("meanf", &[n], head, head));
+        let logits = add("logits", &[chunk_rows, c.vocab_size], head, head);
+        let grads = train.then(|| {
+            // dx[l] is written by layer l's backward (dx[L] by the head) and read by layer l − 1's.
+            let dx_last = |l: usize| if opts.keep_layer_grads || l == 0 { end } else { back(l) + 1 };
+            let dx = (0..=nl).map(|l| add("dx", &[n, h], back(l), dx_last(l))).collect();
+            let dhf = add("dhf", &[n, h], head, head);
+            // Scratch for every layer's backward pass.
+            let mut scratch = |label: &str, shape: &[usize]| add(label, shape, head + 1, end);
+            Gradients {
+                dx,
+                dhf,
+                d_xmid: scratch("d_xmid", &[n, h]),
+                d_h: scratch("d_h", &[n, h]),
+                d_act: scratch("d_act", &[n, f]),
+                d_gate: scratch("d_gate", &[n, f]),
+                d_up: scratch("d_up", &[n, f]),
+                d_att: scratch("d_att", &[n, q]),
+                d_qrot: scratch("d_qrot", &[n, q]),
+                d_q: scratch("d_q", &[n, q]),
+                d_krot: scratch("d_krot", &[n, kv]),
+                d_k: scratch("d_k", &[n, kv]),
+                d_v: scratch("d_v", &[n, kv]),
+                dsum: scratch("dsum", &[batch, c.num_heads, seq]),
+            }
+        });
+        let planned = p.allocate(ctx)?;
+        let g = |id: usize| planned.get(id);
+        let layers: Vec<LayerActivations> = layers.into_iter().map(|la| la.map(g)).collect();
+        // What the backward pass reads, per layer and for the stack of residual streams.
+        let mut kept_bytes = 0u64;
+        if train {
+            for la in &layers {
+                let mut ts: Vec<&Tensor> = vec![&la.rstd1, &la.v, &la.att, &la.lse, &la.x_mid, &la.rstd2];
+                ts.extend([&la.mean1, &la.q_rot, &la.k_rot, &la.mean2].into_iter().flatten());
+                if !recompute {
+                    ts.push(&la.gate);
+                    ts.extend(&la.up);
+                }
+                if !llama {
+                    ts.extend([&la.q, &la.k]);
+                }
+                for (input, tensor) in [(Input::H1, &la.h1), (Input::H2, &la.h2), (Input::Act, &la.act)] {
+                    if keep(input) {
+                        ts.push(tensor);
+                    }
+                }
+                kept_bytes += ts.iter().map(|t| t.byte_len()).sum::<u64>();
+            }
+            kept_bytes += ((nl + 1) * n * h * 4) as u64;
+        }
+        let pos_ids = if llama {
+            None
+        } else {
+            let ids: Vec<u32> = (0..n).map(|i| (i % seq) as u32).collect();
+            Some(ctx.upload_u32("pos_ids", &[n], &ids)?)
+        };
+        let acts = Activations {
             batch,
             seq,
             ids: ctx.tensor("ids", &[n], DType::U32)?,
             targets: ctx.tensor("targets", &[n], DType::U32)?,
             pos_ids,
-            emb: opt(!llama, "emb", &[n, h])?,
-            pos: opt(!llama, "pos", &[n, h])?,
-            meanf: opt(!llama, "meanf", &[n])?,
-            x: (0..=c.num_layers).map(|_| t("x", &[n, h])).collect::<std::result::Result<_, _>>()?,
+            emb: gpt2.map(|e| g(e.0)),
+            pos: gpt2.map(|e| g(e.1)),
+            meanf: meanf.map(g),
+            x: x.into_iter().map(g).collect(),
             layers,
-            hf: t("hf", &[n, h])?,
-            rstdf: t("rstdf", &[n])?,
-            logits: t("logits", &[chunk_rows, c.vocab_size])?,
+            hf: g(hf),
+            rstdf: g(rstdf),
+            logits: g(logits),
             chunk_rows,
-            loss_rows: t("loss_rows", &[n])?,
-            lse_rows: t("lse_rows", &[n])?,
-            loss_sum: t("loss_sum", &[1])?,
-            loss_scale: t("loss_scale", &[1])?,
+            loss_rows: ctx.tensor("loss_rows", &[n], DType::F32)?,
+            lse_rows: ctx.tensor("lse_rows", &[n], DType::F32)?,
+            loss_sum: ctx.tensor("loss_sum", &[1], DType::F32)?,
+            loss_scale: ctx.tensor("loss_scale", &[1], DType::F32)?,
+            attn: attn.map(|([q, k, v, o, scores], dscores)| AttentionScratch {
+                q: g(q),
+                k: g(k),
+                v: g(v),
+                o: g(o),
+                scores: g(scores),
+                dscores: dscores.map(g),
+            }),
             kept_bytes,
-        })
+            planned_bytes: planned.bytes,
+            unshared_bytes: planned.unshared_bytes,
+        };
+        Ok((acts, grads.map(|gr| gr.map(g))))
     }
 
     /// Records the forward pass and the loss; with `backward`, also the gradient of the mean loss
@@ -717,7 +856,12 @@ impl GpuModel {
                     self.adapt_forward(ctx, &mut s, backward, l, Proj::V, &la.h1, &[&la.v], f)?;
                     rope_forward(ctx, &mut s, rope_q, &la.q, q_rot)?;
                     rope_forward(ctx, &mut s, rope_k, &la.k, k_rot)?;
-                    attention_forward(ctx, &mut s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse)?;
+                    match &a.attn {
+                        Some(sc) => {
+                            attention_forward_mm(ctx, &mut s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse, sc)?
+                        }
+                        None => attention_forward(ctx, &mut s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse)?,
+                    }
                     let f =
                         self.frozen_matmul(ctx, &mut s, backward, l, Proj::O, &la.att, &lp.wo, &la.o, Matmul::nt())?;
                     self.adapt_forward(ctx, &mut s, backward, l, Proj::O, &la.att, &[&la.o], f)?;
@@ -772,7 +916,12 @@ impl GpuModel {
                         bias_forward(ctx, &mut s, bias, out)?;
                     }
                     self.adapt_forward(ctx, &mut s, backward, l, Proj::CAttn, &la.h1, &[&la.q, &la.k, &la.v], f)?;
-                    attention_forward(ctx, &mut s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse)?;
+                    match &a.attn {
+                        Some(sc) => {
+                            attention_forward_mm(ctx, &mut s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse, sc)?
+                        }
+                        None => attention_forward(ctx, &mut s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse)?,
+                    }
                     let f = self.frozen_matmul(
                         ctx,
                         &mut s,
@@ -870,6 +1019,7 @@ impl GpuModel {
         let (b, t) = (a.batch, a.seq);
         let shape = c.attention_shape(b, t, 0);
         let (rope_q, rope_k) = c.rope_shapes(t, 0);
+        let eps = c.norm_eps as f32;
         let last = c.num_layers;
         match &a.meanf {
             None => rmsnorm_backward(ctx, s, &a.x[last], &p.norm, &a.rstdf, &g.dhf, None, &g.dx[last])?,
@@ -882,22 +1032,43 @@ impl GpuModel {
                 LayerParams::Llama(lp) => {
                     let acc = Matmul::nn().accumulate(true);
                     // MLP: down_proj, swiglu, gate_proj + up_proj, post-attention norm (+ residual).
+                    let (h2, gate, up) = match &la.recomputed {
+                        None => (&la.h2, &la.gate, need(&la.up)?),
+                        Some(rc) => {
+                            // Activation checkpointing: the same kernels as the forward pass, on
+                            // the same inputs, give the same values bit for bit.
+                            if !self.opts.keep_inputs.contains(&Input::H2) {
+                                rmsnorm_forward(ctx, s, &la.x_mid, &lp.ln2, eps, &rc.h2, &la.rstd2)?;
+                            }
+                            let up = need(&rc.up)?;
+                            for (proj, w, y) in [(Proj::Gate, &lp.w_gate, &rc.gate), (Proj::Up, &lp.w_up, up)] {
+                                let fused = self.frozen_matmul(ctx, s, true, l, proj, &rc.h2, w, y, Matmul::nt())?;
+                                self.adapt_forward(ctx, s, true, l, proj, &rc.h2, &[y], fused)?;
+                            }
+                            (&rc.h2, &rc.gate, up)
+                        }
+                    };
                     matmul(ctx, s, dxo, &lp.w_down, &g.d_act, Matmul::nn())?;
                     self.adapt_backward(ctx, s, l, Proj::Down, &la.act, &[dxo], &g.d_act)?;
-                    swiglu_backward(ctx, s, &la.gate, need(&la.up)?, &g.d_act, &g.d_gate, &g.d_up)?;
+                    swiglu_backward(ctx, s, gate, up, &g.d_act, &g.d_gate, &g.d_up)?;
                     matmul(ctx, s, &g.d_gate, &lp.w_gate, &g.d_h, Matmul::nn())?;
                     matmul(ctx, s, &g.d_up, &lp.w_up, &g.d_h, acc)?;
-                    self.adapt_backward(ctx, s, l, Proj::Gate, &la.h2, &[&g.d_gate], &g.d_h)?;
-                    self.adapt_backward(ctx, s, l, Proj::Up, &la.h2, &[&g.d_up], &g.d_h)?;
+                    self.adapt_backward(ctx, s, l, Proj::Gate, h2, &[&g.d_gate], &g.d_h)?;
+                    self.adapt_backward(ctx, s, l, Proj::Up, h2, &[&g.d_up], &g.d_h)?;
                     rmsnorm_backward(ctx, s, &la.x_mid, &lp.ln2, &la.rstd2, &g.d_h, Some(dxo), &g.d_xmid)?;
                     // Attention: o_proj, attention, rotary, q/k/v projections, input norm (+ residual).
                     matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nn())?;
                     self.adapt_backward(ctx, s, l, Proj::O, &la.att, &[&g.d_xmid], &g.d_att)?;
                     let (q_rot, k_rot) = (need(&la.q_rot)?, need(&la.k_rot)?);
-                    attention_backward(
-                        ctx, s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot, &g.d_v,
-                        &g.dsum,
-                    )?;
+                    match &a.attn {
+                        Some(sc) => attention_backward_mm(
+                            ctx, s, shape, q_rot, k_rot, &la.v, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot, &g.d_v, sc,
+                        )?,
+                        None => attention_backward(
+                            ctx, s, shape, q_rot, k_rot, &la.v, &la.att, &la.lse, &g.d_att, &g.d_qrot, &g.d_krot,
+                            &g.d_v, &g.dsum,
+                        )?,
+                    }
                     rope_backward(ctx, s, rope_q, &g.d_qrot, &g.d_q)?;
                     rope_backward(ctx, s, rope_k, &g.d_krot, &g.d_k)?;
                     matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nn())?;
@@ -911,11 +1082,34 @@ impl GpuModel {
                 LayerParams::Gpt2(lp) => {
                     // Conv1D: y = x·W + b, so dx = dy·Wᵀ.
                     let acc = Matmul::nt().accumulate(true);
+                    let (h2, fc) = match &la.recomputed {
+                        None => (&la.h2, &la.gate),
+                        Some(rc) => {
+                            if !self.opts.keep_inputs.contains(&Input::H2) {
+                                let (w, b, mean) = (&lp.ln2_w, &lp.ln2_b, need(&la.mean2)?);
+                                layernorm_forward(ctx, s, &la.x_mid, w, b, eps, &rc.h2, mean, &la.rstd2)?;
+                            }
+                            let fused = self.frozen_matmul(
+                                ctx,
+                                s,
+                                true,
+                                l,
+                                Proj::Fc,
+                                &rc.h2,
+                                &lp.w_fc,
+                                &rc.gate,
+                                Matmul::nn(),
+                            )?;
+                            bias_forward(ctx, s, &lp.b_fc, &rc.gate)?;
+                            self.adapt_forward(ctx, s, true, l, Proj::Fc, &rc.h2, &[&rc.gate], fused)?;
+                            (&rc.h2, &rc.gate)
+                        }
+                    };
                     matmul(ctx, s, dxo, &lp.w_proj, &g.d_act, Matmul::nt())?;
                     self.adapt_backward(ctx, s, l, Proj::MlpProj, &la.act, &[dxo], &g.d_act)?;
-                    gelu_backward(ctx, s, &la.gate, &g.d_act, &g.d_gate)?;
+                    gelu_backward(ctx, s, fc, &g.d_act, &g.d_gate)?;
                     matmul(ctx, s, &g.d_gate, &lp.w_fc, &g.d_h, Matmul::nt())?;
-                    self.adapt_backward(ctx, s, l, Proj::Fc, &la.h2, &[&g.d_gate], &g.d_h)?;
+                    self.adapt_backward(ctx, s, l, Proj::Fc, h2, &[&g.d_gate], &g.d_h)?;
                     layernorm_backward(
                         ctx,
                         s,
@@ -929,9 +1123,15 @@ impl GpuModel {
                     )?;
                     matmul(ctx, s, &g.d_xmid, &lp.wo, &g.d_att, Matmul::nt())?;
                     self.adapt_backward(ctx, s, l, Proj::AttnProj, &la.att, &[&g.d_xmid], &g.d_att)?;
-                    attention_backward(
-                        ctx, s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse, &g.d_att, &g.d_q, &g.d_k, &g.d_v, &g.dsum,
-                    )?;
+                    match &a.attn {
+                        Some(sc) => attention_backward_mm(
+                            ctx, s, shape, &la.q, &la.k, &la.v, &la.lse, &g.d_att, &g.d_q, &g.d_k, &g.d_v, sc,
+                        )?,
+                        None => attention_backward(
+                            ctx, s, shape, &la.q, &la.k, &la.v, &la.att, &la.lse, &g.d_att, &g.d_q, &g.d_k, &g.d_v,
+                            &g.dsum,
+                        )?,
+                    }
                     matmul(ctx, s, &g.d_q, &lp.wq, &g.d_h, Matmul::nt())?;
                     matmul(ctx, s, &g.d_k, &lp.wk, &g.d_h, acc)?;
                     matmul(ctx, s, &g.d_v, &lp.wv, &g.d_h, acc)?;
@@ -1045,7 +1245,7 @@ impl GpuModel {
         if !adapter.needs_input() {
             return Ok(());
         }
-        match adapter.sites().iter().find(|s| !self.keep_inputs.contains(&s.proj.input())) {
+        match adapter.sites().iter().find(|s| !self.opts.keep_inputs.contains(&s.proj.input())) {
             None => Ok(()),
             Some(site) => Err(GpuModelError::Unsupported(format!(
                 "the {} adapter on {} reads its input in backward, but the model was planned without \

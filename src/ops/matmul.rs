@@ -35,11 +35,21 @@ pub struct Matmul {
     /// `C += alpha·op(A)·op(B)` instead of `C = ...`.
     pub accumulate: bool,
     pub path: MatmulPath,
+    /// Read an f16 B with shader-f16's native loads where the adapter has the feature (else,
+    /// and when false, f16 pairs are unpacked from u32 words; the values are the same).
+    pub native_f16: bool,
 }
 
 impl Default for Matmul {
     fn default() -> Self {
-        Matmul { trans_a: false, trans_b: false, alpha: 1.0, accumulate: false, path: MatmulPath::Auto }
+        Matmul {
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            accumulate: false,
+            path: MatmulPath::Auto,
+            native_f16: true,
+        }
     }
 }
 
@@ -65,6 +75,14 @@ impl Matmul {
     pub fn path(self, path: MatmulPath) -> Self {
         Matmul { path, ..self }
     }
+    pub fn native_f16(self, native_f16: bool) -> Self {
+        Matmul { native_f16, ..self }
+    }
+}
+
+/// Whether this product reads its f16 B natively (see [`Matmul::native_f16`]).
+fn f16_native(ctx: &Context, b: &Tensor, opts: Matmul) -> bool {
+    opts.native_f16 && b.dtype() == DType::F16 && ctx.features().shader_f16
 }
 
 #[derive(encase::ShaderType)]
@@ -200,7 +218,8 @@ pub fn matmul_side(
     params.side_n = side.a2.shape()[0] as u32;
     params.side_ld = side.a2.row_stride() as u32;
     let tile = tuned_tile(ctx, s);
-    let (spec, groups) = subgroup_spec(s, tile, &params, false, opts.trans_b, b.dtype(), true)?;
+    let f16 = f16_native(ctx, b, opts);
+    let (spec, groups) = subgroup_spec(s, tile, &params, false, opts.trans_b, b.dtype(), f16, true)?;
     let args = [
         Arg::Uniform(uniform(OP, &params)?),
         Arg::Read(a),
@@ -328,7 +347,8 @@ fn record_subgroup(
     s: u32,
 ) -> Result<()> {
     let tile = tuned_tile(ctx, s);
-    let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype(), false)?;
+    let f16 = f16_native(ctx, b, opts);
+    let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype(), f16, false)?;
     let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
     ctx.record(step, &spec, &args, groups)
 }
@@ -389,7 +409,7 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
     let params = check_shapes(ctx, &a, &b, &c, Matmul::nt()).ok()?;
     let mut times_of: Vec<(f64, Tile)> = Vec::new();
     for tile in candidates(s) {
-        let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32, false).ok()?;
+        let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32, false, false).ok()?;
         let args = [Arg::Uniform(uniform(OP, &params).ok()?), Arg::Read(&a), Arg::Read(&b), Arg::Write(&c)];
         let mut step = Step::new();
         ctx.record(&mut step, &spec, &args, groups).ok()?;
@@ -412,6 +432,7 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
     Some(if best.0 < 0.95 * default_t { best.1 } else { default_tile })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn subgroup_spec(
     s: u32,
     tile: Tile,
@@ -419,6 +440,7 @@ fn subgroup_spec(
     trans_a: bool,
     trans_b: bool,
     b: DType,
+    f16: bool,
     side: bool,
 ) -> Result<(KernelSpec, [u32; 3])> {
     let vec = p.lda.is_multiple_of(4)
@@ -438,7 +460,7 @@ fn subgroup_spec(
             format!("a packed B needs K = {}, N = {} and the row strides to be multiples of 4", p.k, p.n),
         ));
     }
-    let spec = subgroup_kernel_full(s, tile.tm, tnv, trans_a, trans_b, vec, b, side);
+    let spec = subgroup_kernel_full(s, tile.tm, tnv, trans_a, trans_b, vec, b, side).flag("F16", f16);
     let groups = [p.n.div_ceil(4 * s * tnv), p.m.div_ceil(tile.tm), p.batch];
     Ok((spec, groups))
 }
@@ -451,7 +473,8 @@ pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, 
 
 /// [`subgroup_kernel`] reading B stored as `b` (F32, or packed F16 / Q8_0 / Q4_0 / Q4_1 with
 /// `vec`), optionally with the fused side product (see [`Side`]; needs `vec` and A not
-/// transposed).
+/// transposed). Its `F16` flag is off: `.flag("F16", true)` reads an f16 B with native loads
+/// (needs shader-f16).
 #[allow(clippy::too_many_arguments)]
 pub fn subgroup_kernel_full(
     s: u32,
@@ -468,6 +491,7 @@ pub fn subgroup_kernel_full(
         .flag("VEC", vec)
         .flag("QB", packed)
         .flag("SIDE", side)
+        .flag("F16", false)
         .var("QLOAD", if packed { crate::ops::quant::load4_wgsl(b, "qload4", "b", "p.qoff") } else { String::new() })
         .var("S", s)
         .var("TM", tm)

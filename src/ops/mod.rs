@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod attention;
 pub mod elementwise;
 pub mod embed;
+pub mod heads;
 pub mod lora;
 pub mod matmul;
 pub mod norm;
@@ -18,6 +19,7 @@ pub mod optim;
 pub mod quant;
 pub mod reduce;
 pub mod rope;
+pub mod softmax;
 pub mod xent;
 
 use crate::gpu::{GpuError, Result, Tensor};

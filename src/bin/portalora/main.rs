@@ -156,6 +156,9 @@ struct BenchStepArgs {
     /// the file: a GGUF's quantized tensors stay quantized).
     #[arg(long, default_value = "auto")]
     base_dtype: String,
+    /// Recompute the MLP's gate/up projections in backward instead of keeping them.
+    #[arg(long)]
+    recompute_mlp: bool,
     /// Timed steps after the warm-up.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -276,6 +279,10 @@ pub(crate) struct TrainArgs {
     /// those steps arrive together. Evaluations and checkpoints read it too.
     #[arg(long, default_value = "1", value_parser = parse_count)]
     loss_every: usize,
+    /// Recompute the MLP's gate/up projections in the backward pass instead of keeping them
+    /// (activation checkpointing): less GPU memory for two more projections per layer.
+    #[arg(long)]
+    recompute_mlp: bool,
     /// Tokens per row with --data.
     #[arg(long, default_value = "128", value_parser = parse_count)]
     seq: usize,
@@ -488,17 +495,18 @@ fn bench_step(ctx: &Context, a: BenchStepArgs) -> Result<(), Box<dyn std::error:
     cfg.rank = a.rank;
     cfg.alpha = 2.0 * a.rank as f64;
     cfg.targets = if a.targets.is_empty() { portalora::adapter::all_targets(weights.config.arch) } else { a.targets };
-    let train = portalora::train::TrainConfig { base_dtype, ..Default::default() };
+    let train = portalora::train::TrainConfig { base_dtype, recompute_mlp: a.recompute_mlp, ..Default::default() };
     let opts = StepOptions { batch: a.batch, seq: a.seq, steps: a.steps, warmup: a.warmup, kernels: !a.no_kernels };
     let i = ctx.info();
     let model_name = a.model.display().to_string();
     eprintln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
     eprintln!(
-        "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}",
+        "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}{}",
         cfg.rank,
         cfg.targets.join(","),
         a.batch,
-        a.seq
+        a.seq,
+        if a.recompute_mlp { "; MLP recomputed in backward" } else { "" }
     );
     let total = a.warmup + a.steps;
     let r = portalora::bench::bench_step(ctx, &weights, &cfg, &train, &opts, |k, s| {
@@ -516,6 +524,11 @@ fn bench_step(ctx: &Context, a: BenchStepArgs) -> Result<(), Box<dyn std::error:
     }
     println!("  {:<12} {:>10.2} MiB", "total", mib(kinds.iter().map(|k| b(k)).sum()));
     println!("  kept for backward (part of activations): {:.2} MiB", mib(r.kept_bytes));
+    println!(
+        "  model activations + gradients, buffers shared by lifetime: {:.2} MiB (one buffer per tensor: {:.2} MiB)",
+        mib(r.planned_bytes),
+        mib(r.unshared_bytes)
+    );
     if !r.kernels.is_empty() {
         let how = if r.timestamps { "GPU timestamps" } else { "wall clock per dispatch" };
         println!("one step's kernels ({how}; {:.3} s in all):", r.kernel_seconds);
@@ -536,6 +549,8 @@ fn bench_step(ctx: &Context, a: BenchStepArgs) -> Result<(), Box<dyn std::error:
             "steps": r.step_seconds,
             "gpu_bytes": serde_json::Value::Object(kinds.iter().map(|k| (k.to_string(), b(k).into())).collect()),
             "kept_bytes": r.kept_bytes,
+            "planned_bytes": r.planned_bytes,
+            "unshared_bytes": r.unshared_bytes,
             "trainable": r.trainable,
             "model": model_name,
             "method": method.name(),
@@ -543,6 +558,7 @@ fn bench_step(ctx: &Context, a: BenchStepArgs) -> Result<(), Box<dyn std::error:
             "batch": a.batch,
             "seq": a.seq,
             "base_dtype": base_dtype.to_string(),
+            "recompute_mlp": a.recompute_mlp,
             "adapter": i.name,
             "kernel_seconds": r.kernel_seconds,
             "kernels": kernels,

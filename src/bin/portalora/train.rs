@@ -106,6 +106,7 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
         grad_accum: a.grad_accum,
         base_dtype: a.base_dtype.parse()?,
         loss_every: a.loss_every,
+        recompute_mlp: a.recompute_mlp,
     })
 }
 

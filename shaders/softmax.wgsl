@@ -1,0 +1,62 @@
+// softmax: the causal softmax of attention scores, in place (ops::attention's matmul path).
+//
+// Scores are stored transposed, key-major: st (B·H, T, T) with st[z, s, t] the (scaled) score
+// of query t against key s. One invocation per query column then walks down its column, and at
+// every step the lanes of a subgroup read consecutive addresses (a vector load, not a gather;
+// no barriers either: each invocation owns its column). Query t may look at keys 0..=t.
+//
+// softmax_forward: lse[z, t] = log(sum_{s<=t} exp(st[z, s, t])); st[z, s, t] <- exp(st − lse)
+//   for s <= t and 0 below the diagonal (so that the products with P need no mask).
+// softmax_backward: from the scores (recomputed by the backward pass), lse and dpt = dL/dPᵀ:
+//   P = exp(st − lse) masked as above, D_t = sum_s P·dP, st <- P (for dV = Pᵀ·dO) and
+//   dpt <- P · (dP − D_t) (dL/dscores, for dQ and dK).
+
+struct Params {
+    heads: u32, // B·H
+    seq: u32,   // T
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> st: array<f32>;   // (B·H, T, T) key-major
+@group(0) @binding(2) var<storage, read_write> lse: array<f32>;  // (B·H, T)
+
+// Grid: x = blocks of 64 query columns, y = B·H.
+@compute @workgroup_size(64, 1, 1)
+fn softmax_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let t = wg.x * 64u + li;
+    if (t >= p.seq) { return; }
+    let base = wg.y * p.seq * p.seq + t;
+    var m = -3.0e38;
+    for (var s = 0u; s <= t; s++) { m = max(m, st[base + s * p.seq]); }
+    var sum = 0.0;
+    for (var s = 0u; s <= t; s++) { sum += exp(st[base + s * p.seq] - m); }
+    let l = m + log(sum);
+    for (var s = 0u; s < p.seq; s++) {
+        let i = base + s * p.seq;
+        st[i] = select(0.0, exp(st[i] - l), s <= t);
+    }
+    lse[wg.y * p.seq + t] = l;
+}
+
+@group(0) @binding(1) var<storage, read_write> bst: array<f32>;  // (B·H, T, T): scores in, P out
+@group(0) @binding(2) var<storage, read> blse: array<f32>;       // (B·H, T)
+@group(0) @binding(3) var<storage, read_write> dpt: array<f32>;  // (B·H, T, T): dL/dP in, dL/dscores out
+
+@compute @workgroup_size(64, 1, 1)
+fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let t = wg.x * 64u + li;
+    if (t >= p.seq) { return; }
+    let base = wg.y * p.seq * p.seq + t;
+    let l = blse[wg.y * p.seq + t];
+    var d = 0.0;
+    for (var s = 0u; s <= t; s++) {
+        let i = base + s * p.seq;
+        d += exp(bst[i] - l) * dpt[i];
+    }
+    for (var s = 0u; s < p.seq; s++) {
+        let i = base + s * p.seq;
+        let pr = select(0.0, exp(bst[i] - l), s <= t);
+        bst[i] = pr;
+        dpt[i] = pr * (dpt[i] - d);
+    }
+}
