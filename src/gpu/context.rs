@@ -301,7 +301,8 @@ impl Context {
 
     /// A value memoised per adapter (autotune results), computed by `f` on first use. Kept for
     /// the process, keyed by the adapter's name and driver, so that every context opened on the
-    /// same adapter reuses it.
+    /// same adapter reuses it, and natively on disk (see `gpu/tuned.rs`), so that later processes
+    /// do too. `key` should name a version of what is tuned.
     pub fn tuned(&self, key: &str, f: impl FnOnce() -> u32) -> u32 {
         static ACROSS_CONTEXTS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
         let full = format!("{}|{}|{}|{key}", self.info.name, self.info.driver, self.info.driver_info);
@@ -310,8 +311,21 @@ impl Context {
         if let Some(v) = cached {
             return v;
         }
+        #[cfg(not(target_arch = "wasm32"))]
+        let file = super::tuned::path();
+        #[cfg(not(target_arch = "wasm32"))]
+        let on_disk = file.as_deref().and_then(|p| super::tuned::load(p, &full));
+        #[cfg(target_arch = "wasm32")]
+        let on_disk = None;
         // Computed outside the lock: `f` may run kernels that ask for other tuned values.
-        let v = f();
+        let v = on_disk.unwrap_or_else(|| {
+            let v = f();
+            #[cfg(not(target_arch = "wasm32"))]
+            if let Some(p) = &file {
+                super::tuned::store(p, &full, v);
+            }
+            v
+        });
         ACROSS_CONTEXTS.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(HashMap::new).insert(full, v);
         v
     }

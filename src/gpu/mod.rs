@@ -18,6 +18,8 @@ mod kernel;
 pub mod plan;
 mod step;
 mod tensor;
+#[cfg(not(target_arch = "wasm32"))]
+mod tuned;
 
 pub use context::{AllocKind, Context, ContextOptions, DeviceInfo, Features, Limits};
 pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};

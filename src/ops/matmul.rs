@@ -372,18 +372,51 @@ fn candidates(s: u32) -> Vec<Tile> {
     }
 }
 
-/// The tile this device runs fastest, measured once per adapter and process on a
-/// 512×576×576 product, a projection of a small model at 512 tokens: each candidate is compiled
-/// and timed for a few repeats, the median kept. Every tile sums each output in the same order,
-/// so the choice changes speed only, never results. `PORTALORA_MATMUL_TILE=TMxTNV` forces a
-/// tile; `PORTALORA_AUTOTUNE=0` (and the browser, which cannot wait for the GPU) keeps the
-/// default.
+/// The tile this device runs fastest, measured once per adapter on a 512×576×576 product, a
+/// projection of a small model at 512 tokens: each candidate is compiled and timed for a few
+/// repeats, the median kept. The result is kept for the process and on disk
+/// ([`Context::tuned`]), so later runs on the same adapter and driver skip the timing and use
+/// the same tile. Every tile sums each output in the same order, so the choice changes speed
+/// only, never results. `PORTALORA_MATMUL_TILE=TMxTNV` forces a tile; `PORTALORA_AUTOTUNE=0`
+/// (and the browser, which cannot wait for the GPU) keeps the default.
 pub fn tuned_tile(ctx: &Context, s: u32) -> Tile {
-    let code = ctx.tuned(&format!("matmul_tile_s{s}"), || {
+    if let Some(t) = untuned_tile(s) {
+        return t;
+    }
+    // The key names what was timed (the kernel's source and the candidates), so that results
+    // cached on disk by another version are not reused.
+    let version = fnv1a(&format!("{}{:?}", kernel_sources::MATMUL_SUBGROUP.wgsl, candidates(s)));
+    let code = ctx.tuned(&format!("matmul_tile_s{s}_{version:016x}"), || {
         let t = autotune(ctx, s).unwrap_or(candidates(s)[0]);
         t.tm * 1000 + t.tnv
     });
     Tile { tm: code / 1000, tnv: code % 1000 }
+}
+
+/// 64-bit FNV-1a: a stable hash (std's hasher may change between Rust releases).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The tile when nothing is timed: browsers (which cannot wait for the GPU), a tile forced by
+/// `PORTALORA_MATMUL_TILE`, or `PORTALORA_AUTOTUNE=0`. Neither setting is cached.
+#[cfg(target_arch = "wasm32")]
+fn untuned_tile(s: u32) -> Option<Tile> {
+    Some(candidates(s)[0])
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn untuned_tile(s: u32) -> Option<Tile> {
+    if let Ok(v) = std::env::var("PORTALORA_MATMUL_TILE") {
+        let parsed = v
+            .split_once('x')
+            .and_then(|(tm, tnv)| Some(Tile { tm: tm.trim().parse().ok()?, tnv: tnv.trim().parse().ok()? }));
+        return Some(match parsed {
+            Some(t) if t.tm.is_multiple_of(4) && t.tm > 0 && (1..=4).contains(&t.tnv) => t,
+            _ => candidates(s)[0],
+        });
+    }
+    std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0").then(|| candidates(s)[0])
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -393,14 +426,6 @@ fn autotune(_ctx: &Context, _s: u32) -> Option<Tile> {
 
 #[cfg(not(target_arch = "wasm32"))]
 fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
-    if let Ok(v) = std::env::var("PORTALORA_MATMUL_TILE") {
-        let (tm, tnv) = v.split_once('x')?;
-        let t = Tile { tm: tm.trim().parse().ok()?, tnv: tnv.trim().parse().ok()? };
-        return (t.tm.is_multiple_of(4) && t.tm > 0 && (1..=4).contains(&t.tnv)).then_some(t);
-    }
-    if std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0") {
-        return None;
-    }
     let (m, k, n) = (512usize, 576usize, 576usize);
     let _kind = ctx.alloc_kind("other");
     let a = ctx.tensor("autotune A", &[m, k], DType::F32).ok()?;
