@@ -69,6 +69,9 @@ struct StartConfig {
     delta_lambda: f64,
     #[serde(default)]
     delta_warmup: u64,
+    /// Recompute the MLP's up-projections in backward instead of keeping them (less GPU memory).
+    #[serde(default)]
+    recompute_mlp: bool,
     text: String,
 }
 fn d_lambda() -> f64 {
@@ -265,6 +268,7 @@ impl Engine {
             total_steps: c.steps.max(1),
             // The page samples from the merged model (merge needs an f32 base).
             base_dtype: crate::model::BaseDType::F32,
+            recompute_mlp: c.recompute_mlp,
             ..TrainConfig::default()
         };
         let ctx = g.ctx.clone();

@@ -94,6 +94,8 @@ async fn lora_training_matches_peft_in_the_browser() {
         eps: e["eps"].as_f64().unwrap(),
         max_grad_norm: 0.0,
         total_steps: 4,
+        // The browser's memory-saving path (the page's plain path is driven by tests/web/e2e.mjs).
+        recompute_mlp: true,
         ..TrainConfig::default()
     };
     let ids = ids_of(&e["input_ids"]);
