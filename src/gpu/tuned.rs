@@ -34,7 +34,10 @@ pub(super) fn store(path: &Path, key: &str, value: u32) {
     let mut all = read(path);
     all.insert(key.to_string(), value);
     let Some(dir) = path.parent() else { return };
-    let tmp = dir.join(format!(".autotune.json.{}.tmp", std::process::id()));
+    // Unique per process and call: threads of one process may store at the same time.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".autotune.json.{}.{n}.tmp", std::process::id()));
     let ok = std::fs::create_dir_all(dir).is_ok()
         && serde_json::to_vec_pretty(&all).is_ok_and(|bytes| std::fs::write(&tmp, bytes).is_ok())
         && std::fs::rename(&tmp, path).is_ok();
