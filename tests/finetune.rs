@@ -404,7 +404,7 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     cfg.val_fraction = 0.0;
     cfg.shuffle = false;
     cfg.save_every = 2;
-    let err = run(&ctx, &cfg, false, &mut |_| {}).err().expect("a NaN loss must stop the run").to_string();
+    let err = run(&ctx, &cfg, false, &mut |_| {}).expect_err("a NaN loss must stop the run").to_string();
     assert!(err.contains("the loss (NaN)") && err.contains("is intact"), "{err}");
     let step: u64 = err.split("step ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
     // The last checkpoint is from before the failing step and is whole: it resumes.
@@ -541,8 +541,7 @@ fn a_lost_device_ends_the_run_with_its_checkpoint_intact() {
             ctx.destroy();
         }
     })
-    .err()
-    .expect("a lost device must end the run")
+    .expect_err("a lost device must end the run")
     .to_string();
     assert!(err.contains("device was lost"), "{err}");
     let state: serde_json::Value =

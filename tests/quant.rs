@@ -298,9 +298,9 @@ fn what_a_packed_base_cannot_do_is_refused_clearly() {
     // Merging into a packed base.
     cfg.method = Method::Lora;
     let mut t = Trainer::new(&ctx, &w, 1, 8, &cfg, &tc, None).unwrap();
-    let e = t.model.merge(&ctx).err().expect("merge into q4_0 must fail").to_string();
+    let e = t.model.merge(&ctx).expect_err("merge into q4_0 must fail").to_string();
     assert!(e.contains("quantized") && e.contains("--base-dtype f32"), "{e}");
-    let e = "q3_k".parse::<BaseDType>().err().expect("unknown dtype").to_string();
+    let e = "q3_k".parse::<BaseDType>().expect_err("unknown dtype").to_string();
     assert!(e.contains("q3_k") && e.contains("q4_1"), "{e}");
 }
 

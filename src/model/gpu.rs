@@ -6,8 +6,9 @@
 //! N = batch · seq and row n = b · seq + t. LLaMA's linear weights keep `nn.Linear`'s `(out, in)`,
 //! so a projection is `y = x·Wᵀ` ([`Matmul::nt`]) and its input gradient `dx = dy·W`; GPT-2's keep
 //! `Conv1D`'s `(in, out)`, so `y = x·W + b` ([`Matmul::nn`]) and `dx = dy·Wᵀ`. Every activation
-//! the backward pass needs is kept (one tensor per layer and role): [`Activations`] plans them
-//! up front.
+//! the backward pass needs is kept (one tensor per layer and role, except what
+//! [`PlanOptions::recompute_mlp`] recomputes); the plan lays them and the gradients out up
+//! front by lifetime, so a tensor holds its value only between the phases that write and read it.
 
 use std::fmt;
 
