@@ -14,9 +14,9 @@
 //! through two different tensors.
 //!
 //! Assignment is greedy by size (largest first; each request takes the smallest existing buffer
-//! whose tensors are all dead during its lifetime, or a new buffer), which is optimal for the
-//! interval graphs a layered step produces when sizes repeat, and never worse than one buffer per
-//! tensor.
+//! whose tensors are all dead during its lifetime, or a new buffer): simple, deterministic, never
+//! worse than one buffer per tensor, and on a layered step it finds the sharing that matters (a
+//! role's per-layer tensors in one buffer, gradients alternating between two).
 
 use super::{Context, DType, GpuError, Tensor};
 
