@@ -13,7 +13,6 @@
 // needs a division by a runtime value (slow on CPU drivers).
 
 struct Params {
-    batch: u32,
     seq: u32,
     heads: u32,   // H (the head-major side)
     rep: u32,

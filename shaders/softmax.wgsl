@@ -12,8 +12,7 @@
 //   dpt <- P · (dP − D_t) (dL/dscores, for dQ and dK).
 
 struct Params {
-    heads: u32, // B·H
-    seq: u32,   // T
+    seq: u32,   // T (the grid's y is B·H)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

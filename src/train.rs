@@ -296,8 +296,9 @@ impl Trainer {
         if let Some(f) = init {
             f.load_into(ctx, adapter.as_mut())?;
         }
-        model.enable_backward(ctx)?;
+        // Attached first, so that the training step is recorded once, with the adapter.
         model.attach(ctx, adapter)?;
+        model.enable_backward(ctx)?;
         Self::with_model(ctx, model, adapter_config, config)
     }
 

@@ -580,7 +580,8 @@ impl GpuModel {
     }
 
     /// As [`GpuModel::new`], with the memory plan's options (see [`PlanOptions`]); with
-    /// `opts.backward` the training step is planned and recorded too.
+    /// `opts.backward` the training step's memory is planned too ([`GpuModel::enable_backward`]
+    /// records it, once the adapter is attached).
     pub fn with_options(ctx: &Context, w: &Weights, batch: usize, seq: usize, opts: PlanOptions) -> Result<Self> {
         let c = w.config.clone();
         if seq > c.max_positions {
@@ -601,9 +602,6 @@ impl GpuModel {
             opts,
         };
         model.forward = model.record_forward(ctx, false)?;
-        if model.grads.is_some() {
-            model.train = Some(model.record_forward(ctx, true)?);
-        }
         Ok(model)
     }
 

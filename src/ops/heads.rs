@@ -10,7 +10,6 @@ use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor}
 
 #[derive(encase::ShaderType)]
 struct Params {
-    batch: u32,
     seq: u32,
     heads: u32,
     rep: u32,
@@ -51,7 +50,7 @@ impl HeadsShape {
         if gx > limit || grid_heads > limit || batch > limit {
             return Err(shape_err(op, format!("{self:?} exceeds the device's grid limit of {limit}")));
         }
-        let params = Params { batch: batch as u32, seq: seq as u32, heads: heads as u32, rep: rep as u32 };
+        let params = Params { seq: seq as u32, heads: heads as u32, rep: rep as u32 };
         let spec = KernelSpec::new(&kernel_sources::HEADS, op).constant("D4", (head_dim / 4) as f64);
         Ok((params, spec, [gx as u32, grid_heads as u32, batch as u32]))
     }

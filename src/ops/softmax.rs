@@ -7,7 +7,6 @@ use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor}
 
 #[derive(encase::ShaderType)]
 struct Params {
-    heads: u32,
     seq: u32,
 }
 
@@ -24,7 +23,7 @@ fn params(ctx: &Context, op: &'static str, scores: &Tensor, lse: &Tensor) -> Res
     if z > ctx.limits().max_workgroups_per_dimension as usize {
         return Err(shape_err(op, format!("{z} (batch, head) pairs exceed the device's grid limit")));
     }
-    Ok((Params { heads: z as u32, seq: t as u32 }, [t.div_ceil(64) as u32, z as u32, 1]))
+    Ok((Params { seq: t as u32 }, [t.div_ceil(64) as u32, z as u32, 1]))
 }
 
 /// Key-major scores `st` `(B·H, T, T)` (scaled) become causal softmax probabilities in place:
