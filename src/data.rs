@@ -28,6 +28,8 @@ pub enum DataError {
     Jsonl { path: PathBuf, line: usize, message: String },
     #[error("{path}: {message}")]
     Empty { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
     #[error("{path}: tokenizing: {message}")]
     Tokenize { path: PathBuf, message: String },
 }
@@ -123,11 +125,15 @@ fn read_text(path: &Path) -> Result<String> {
         .map_err(|e| DataError::NotUtf8 { path: path.to_path_buf(), offset: e.utf8_error().valid_up_to() })
 }
 
-/// The documents of one file: JSONL (by extension `.jsonl`) or plain text.
+/// The documents of one file: JSONL (by extension `.jsonl`) or plain text. A `.json` file is
+/// refused with a hint rather than trained on as text (its brackets and quotes would be learnt).
 pub fn documents(path: &Path) -> Result<Vec<Document>> {
     let text = read_text(path)?;
-    let is_jsonl = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
-    if !is_jsonl {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ext == "json" {
+        return Err(json_hint(path, &text));
+    }
+    if ext != "jsonl" {
         return Ok(if text.trim().is_empty() { Vec::new() } else { vec![vec![(text, true)]] });
     }
     let mut docs = Vec::new();
@@ -145,6 +151,21 @@ pub fn documents(path: &Path) -> Result<Vec<Document>> {
         }
     }
     Ok(docs)
+}
+
+/// Why a `.json` file is not read as data, and what to do instead.
+fn json_hint(path: &Path, text: &str) -> DataError {
+    let message = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Array(_)) => format!(
+            "holds a JSON array; --data reads JSON Lines, one object per line in a .jsonl file: convert it \
+             with jq -c '.[]' {} > data.jsonl",
+            path.display()
+        ),
+        Ok(v) if v.get("input_ids").is_some() => "holds token ids; pass it with --ids instead of --data".into(),
+        _ => "a .json file is not read as training data; use text (.txt), a folder of texts, or JSON Lines (.jsonl)"
+            .into(),
+    };
+    DataError::Format { path: path.to_path_buf(), message }
 }
 
 /// Tokenizes `path` (see the module docs), packs it into rows of `seq` tokens and splits off

@@ -69,6 +69,8 @@ pub mod gpu;
 pub mod io;
 pub mod model;
 pub mod ops;
+#[cfg(all(feature = "native", not(target_arch = "wasm32")))]
+pub mod outdir;
 pub mod plot;
 pub mod reference;
 pub mod train;

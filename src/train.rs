@@ -264,7 +264,7 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         adapter_config.validate()?;
-        let sites = adapter::sites(&weights.config, &adapter_config.targets)?;
+        let sites = adapter_config.sites(&weights.config)?;
         let needs_x = matches!(adapter_config.method, Method::Lora | Method::LoraPlus | Method::DeltaLora);
         let keep_inputs: Vec<Input> = if needs_x {
             let mut k: Vec<Input> = sites.iter().map(|s| s.proj.input()).collect();
@@ -667,7 +667,8 @@ impl Trainer {
 
     /// Writes the adapter in PEFT's format to `dir`.
     #[cfg(not(target_arch = "wasm32"))]
-    pub fn save_adapter(&self, ctx: &Context, base_model: &str, dir: &std::path::Path) -> Result<()> {
+    /// `base_model` is recorded as `base_model_name_or_path` (see [`peft::config_json`]).
+    pub fn save_adapter(&self, ctx: &Context, base_model: Option<&str>, dir: &std::path::Path) -> Result<()> {
         peft::save(ctx, self.adapter(), self.model.config.arch == crate::model::Arch::Gpt2, base_model, dir)?;
         Ok(())
     }
@@ -686,7 +687,7 @@ pub fn model_with_adapter(
     let file = peft::PeftFile::read(dir)?;
     let method = if file.peft_type == "VERA" { Method::Vera } else { Method::Lora };
     let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;
-    let sites = adapter::sites(&weights.config, &cfg.targets)?;
+    let sites = cfg.sites(&weights.config)?;
     let mut model = GpuModel::new(ctx, weights, batch, seq)?;
     let mut a = adapter::build(ctx, &cfg, sites, batch * seq)?;
     file.load_into(ctx, a.as_mut())?;

@@ -339,7 +339,7 @@ impl Engine {
                 return Err(err("the prompt is empty").into());
             }
             let ctx = g.ctx.clone();
-            let max_len = (ids.len() + max_tokens).min(w.config.max_positions);
+            let max_len = (ids.len() + max_tokens).min(w.config.usable_positions());
             let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
             let new = match g.trainer.as_mut() {
                 Some(t) => {
@@ -356,7 +356,7 @@ impl Engine {
                     gen.generate_async(&ctx, &ids, max_tokens, sampling, tok.eos_id, |_| {}).await.map_err(err)?
                 }
             };
-            Ok(JsValue::from_str(&tok.decode(&new).map_err(err)?))
+            Ok(JsValue::from_str(&tok.decode_text(&new).map_err(err)?))
         })
     }
 
@@ -372,7 +372,7 @@ impl Engine {
             let tensors = export(&g.ctx, t.adapter()).await.map_err(err)?;
             let bytes = safetensors_bytes(&tensors).map_err(err)?;
             let gpt2 = t.model.config.arch == Arch::Gpt2;
-            let cfg = serde_json::to_string_pretty(&config_json(t.adapter().config(), gpt2, &g.name)).map_err(err)?;
+            let cfg = serde_json::to_string_pretty(&config_json(t.adapter().config(), gpt2, None)).map_err(err)?;
             let out = js_sys::Array::new();
             out.push(&JsValue::from_str(&cfg));
             out.push(&js_sys::Uint8Array::from(bytes.as_slice()));

@@ -233,7 +233,7 @@ fn saved_adapters_read_back_identically() {
         let mut model = model_with(&ctx, &w, &cfg, 1, 4);
         file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap();
         let out = std::env::temp_dir().join(format!("portalora-roundtrip-{arch}-{}", std::process::id()));
-        peft::save(&ctx, model.adapter().unwrap(), arch == "gpt2", "tiny", &out).unwrap();
+        peft::save(&ctx, model.adapter().unwrap(), arch == "gpt2", Some("tiny"), &out).unwrap();
         let back = PeftFile::read(&out).unwrap();
         assert_eq!(back.tensors, file.tensors, "{arch}: tensors changed in a save/read round trip");
         assert_eq!(back.rank, file.rank);
@@ -301,7 +301,8 @@ fn bad_targets_and_ranks_are_named() {
     );
     let sites = adapter::sites(&w.config, &["c_proj".into()]).unwrap();
     assert_eq!(sites.len(), 2 * w.config.num_layers, "c_proj selects attn.c_proj and mlp.c_proj");
-    let err = adapter::check_rank(25, &sites).unwrap_err().to_string();
+    let cfg = AdapterConfig { rank: 25, ..AdapterConfig::new(Method::Lora) };
+    let err = adapter::check_rank(&cfg, &sites).unwrap_err().to_string();
     assert!(err.contains("rank 25") && err.contains("c_proj") && err.contains("1 ≤ r ≤ 24"), "{err}");
     assert!(adapter::sites(&w.config, &[]).unwrap_err().to_string().contains("c_fc"));
 }

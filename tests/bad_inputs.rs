@@ -6,15 +6,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::fixture;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_portalora"));
-    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()));
-    c
-}
+use common::{bin, fixture};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -118,16 +111,84 @@ fn setup(dir: &Path) {
     let h = serde_json::to_string(&renamed).unwrap();
     std::fs::write(adir.join("adapter_model.safetensors"), safetensors(&h, &st[8 + n..], None)).unwrap();
     std::fs::write(adir.join("adapter_config.json"), cfg).unwrap();
+    setup_semantics(dir);
+}
+
+/// A copy of the tiny LLaMA folder with `edit` applied to its config.json.
+fn llama_with_config(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let to = dir.join(name);
+    copy_dir(&fixture("tiny_llama"), &to);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(to.join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(to.join("config.json"), cfg.to_string()).unwrap();
+}
+
+/// A copy of a PEFT adapter folder with `edit` applied to its adapter_config.json.
+fn adapter_with_config(dir: &Path, from: &str, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let to = dir.join(name);
+    copy_dir(&fixture(from), &to);
+    let path = to.join("adapter_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(path, cfg.to_string()).unwrap();
+}
+
+/// Inputs that would once have been read silently wrong, and a finished run to resume.
+fn setup_semantics(dir: &Path) {
+    // Qwen2-style q/k/v biases in a LLaMA checkpoint: one more tensor appended to the file.
+    copy_dir(&fixture("tiny_llama"), &dir.join("biased"));
+    let st = std::fs::read(dir.join("biased/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    let end = st.len() - 8 - n;
+    header.insert(
+        "model.layers.0.self_attn.q_proj.bias".into(),
+        serde_json::json!({"dtype": "F32", "shape": [30], "data_offsets": [end, end + 120]}),
+    );
+    let mut data = st[8 + n..].to_vec();
+    data.extend(0.5f32.to_le_bytes().repeat(30));
+    let h = serde_json::to_string(&header).unwrap();
+    std::fs::write(dir.join("biased/model.safetensors"), safetensors(&h, &data, None)).unwrap();
+    llama_with_config(dir, "llama3_rope", |c| {
+        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+    });
+    llama_with_config(dir, "mistral_window", |c| {
+        c["model_type"] = "mistral".into();
+        c["sliding_window"] = 6.into();
+    });
+    llama_with_config(dir, "gelu_llama", |c| c["hidden_act"] = "gelu".into());
+    llama_with_config(dir, "tied_but_not", |c| c["tie_word_embeddings"] = true.into());
+    // A GGUF with Llama 3's rotary frequency factors (a renamed tensor of the same length).
+    let mut g = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf/tiny_model.gguf")).unwrap();
+    let at = find(&g, b"token_embd.weight");
+    g[at..at + 17].copy_from_slice(b"rope_freqs.weight");
+    std::fs::write(dir.join("rope_freqs.gguf"), g).unwrap();
+    // PEFT options portalora does not implement, and one it does not know.
+    let lora = "adapters/llama_lora/init";
+    adapter_with_config(dir, lora, "dora", |c| c["use_dora"] = true.into());
+    adapter_with_config(dir, lora, "modules_to_save", |c| c["modules_to_save"] = serde_json::json!(["lm_head"]));
+    adapter_with_config(dir, lora, "unknown_option", |c| c["wavelet_config"] = serde_json::json!({"levels": 2}));
+    // Data in a .json file, and prompt/completion JSONL for eval.
+    std::fs::write(dir.join("array.json"), r#"[{"text": "To be"}, {"text": "or not"}]"#).unwrap();
+    // A finished run (2 steps, a checkpoint at the last) to resume.
+    let st = bin()
+        .args(["train", "--model", &fixture("tiny_gpt2").to_string_lossy(), "--targets", "c_attn", "--steps", "2"])
+        .args(["--batch", "2", "--seq", "8", "--data", &dir.join("text.txt").to_string_lossy(), "--out"])
+        .arg(dir.join("done"))
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
 }
 
 fn cases() -> Vec<Case> {
     let llama = fixture("tiny_llama").to_str().unwrap().to_string();
     let t = |model: &str, rest: &[&str]| -> Vec<String> {
         let mut v: Vec<String> =
-            ["train", "--model", model, "--out", "OUT", "--steps", "1", "--batch", "2", "--seq", "8"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            ["train", "--model", model, "--out", "OUT", "--steps", "1"].iter().map(|s| s.to_string()).collect();
+        if !rest.contains(&"--ids") {
+            v.extend(["--batch", "2", "--seq", "8"].iter().map(|s| s.to_string()));
+        }
         if !rest.contains(&"--data") && !rest.contains(&"--ids") {
             v.extend(["--data".to_string(), "DIR/text.txt".to_string()]);
         }
@@ -197,6 +258,106 @@ fn cases() -> Vec<Case> {
         ),
         c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "q3_k"]), &["q3_k", "q4_1"]),
         c("missing model", t("DIR/nothing-here", &[]), &["nothing-here"]),
+    ]
+    .into_iter()
+    .chain(semantic_cases(&t, &llama, &tiny_gpt2))
+    .collect()
+}
+
+/// Inputs that were once run silently wrong or that clobbered work.
+fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &str) -> Vec<Case> {
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let words = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<String>>();
+    let eval_ids =
+        |model: &str, adapter: &str| words(&format!("eval --model {model} --ids DIR/ids_ok.json --adapter {adapter}"));
+    let resume = |rest: &str| words(&format!("train --resume DIR/done {rest}"));
+    vec![
+        c(
+            "a tensor the model does not use (Qwen2's q/k/v bias)",
+            t("DIR/biased", &[]),
+            &["model.layers.0.self_attn.q_proj.bias", "not part of"],
+        ),
+        c(
+            "GGUF tensor the model does not use (Llama 3's rope_freqs)",
+            t("DIR/rope_freqs.gguf", &[]),
+            &["rope_freqs.weight", "rope scaling"],
+        ),
+        c("rope scaling in config.json", t("DIR/llama3_rope", &[]), &["rope_scaling", "llama3"]),
+        c(
+            "sequence beyond a sliding window",
+            t("DIR/mistral_window", &[]),
+            &["sliding attention window of 6", "--seq 6"],
+        ),
+        c("an activation the architecture does not have", t("DIR/gelu_llama", &[]), &["hidden_act", "gelu"]),
+        c(
+            "tied head that differs from the embedding",
+            t("DIR/tied_but_not", &[]),
+            &["tie_word_embeddings", "lm_head.weight"],
+        ),
+        c("--steps with --epochs", t(gpt2, &["--epochs", "1"]), &["--steps", "--epochs", "not both"]),
+        c("--batch 0", t(gpt2, &["--batch", "0"]), &["--batch 0"]),
+        c("warm-up beyond the run", t(gpt2, &["--warmup-steps", "5"]), &["--warmup-steps 5", "beyond the run"]),
+        c(
+            "Delta-LoRA warm-up beyond the run",
+            t(gpt2, &["--method", "delta-lora"]),
+            &["--delta-warmup 500", "never move"],
+        ),
+        c(
+            "Delta-LoRA with dropout",
+            t(gpt2, &["--method", "delta-lora", "--delta-warmup", "0", "--dropout", "0.3"]),
+            &["dropout 0.3", "Delta-LoRA has no dropout"],
+        ),
+        c(
+            "flags the method or optimizer does not use",
+            t(gpt2, &["--method", "vera", "--alpha", "16", "--momentum", "0.5"]),
+            &["--alpha: VeRA has no alpha", "--momentum: only SGD"],
+        ),
+        c("--batch with --ids", t(llama, &["--ids", "DIR/ids_ok.json", "--batch", "4"]), &["--batch: with --ids"]),
+        c(
+            "missing options, all at once",
+            words(&format!("train --model {gpt2}")),
+            &["--data FILE", "--steps N", "--targets LIST", "offers c_attn, c_proj, c_fc", "--out DIR"],
+        ),
+        c("data in a .json array", t(gpt2, &["--data", "DIR/array.json"]), &["array.json", "JSON array", "jq -c"]),
+        c(
+            "--out that holds an earlier run",
+            words(&format!("train --model {gpt2} --data DIR/text.txt --targets c_attn --steps 1 --out DIR/done")),
+            &["done is not empty", "--resume", "--overwrite"],
+        ),
+        c(
+            "--out that is an input",
+            words(&format!(
+                "train --model {gpt2} --data DIR/text.txt --targets c_attn --steps 1 --out DIR --overwrite"
+            )),
+            &["would overwrite the input"],
+        ),
+        c(
+            "merge into the base model's folder (`merge`)",
+            words("merge --model DIR/truncated --adapter DIR/done --out DIR/truncated"),
+            &["would overwrite the input"],
+        ),
+        c(
+            "--resume with a setting it cannot change",
+            resume("--batch 8 --rank 4"),
+            &["--batch, --rank cannot change when resuming", "--init-adapter"],
+        ),
+        c(
+            "--resume with a target behind the checkpoint",
+            resume("--steps 1"),
+            &["--steps 1 is behind the checkpoint of step 2"],
+        ),
+        c(
+            "`eval --ids` with --seq",
+            words(&format!("eval --model {gpt2} --ids DIR/ids_ok.json --seq 8")),
+            &["--seq is not used with --ids"],
+        ),
+        c("PEFT adapter with DoRA", eval_ids(llama, "DIR/dora"), &["use_dora = true", "DoRA"]),
+        c("PEFT adapter with modules_to_save", eval_ids(llama, "DIR/modules_to_save"), &["modules_to_save", "lm_head"]),
+        c(
+            "PEFT adapter with an option portalora does not know",
+            eval_ids(llama, "DIR/unknown_option"),
+            &["wavelet_config", "does not know"],
+        ),
     ]
 }
 

@@ -5,15 +5,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{fixture, json};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_portalora"));
-    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()));
-    c
-}
+use common::{bin, fixture, json};
 
 /// Runs the binary; skips (None) when there is no GPU and PORTALORA_REQUIRE_GPU is unset.
 fn run(args: &[&str]) -> Option<(bool, String, String)> {
@@ -187,7 +180,7 @@ fn train_lora_with_ids_matches_peft_and_the_adapter_evaluates() {
 fn train_vera_writes_the_shared_pair() {
     let r = Run::new("llama_vera");
     // With the MLP recomputed in backward (activation checkpointing): PEFT's losses all the same.
-    let flags = ["--alpha", "123", "--lr", "0.01", "--recompute-mlp"];
+    let flags = ["--lr", "0.01", "--recompute-mlp"];
     let Some((ok, stdout, stderr)) = r.train("tiny_llama", "vera", &flags) else { return };
     assert!(ok, "{stdout}\n{stderr}");
     check_losses("llama vera", &r.log, &r.e);

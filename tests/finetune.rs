@@ -5,24 +5,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use common::{context, fixture};
+use common::{bin, context, fixture, tmp};
 use portalora::adapter::{AdapterConfig, Method};
 use portalora::data::{self, Order};
 use portalora::finetune::{run, RunConfig};
 use portalora::io::tokenizer::Tokenizer;
 use portalora::train::{Batch, TrainConfig, Trainer};
-
-fn tmp(name: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let p = std::env::temp_dir().join(format!("portalora-ft-{name}-{}-{k}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 /// The tiny GPT-2's character-level tokenizer (tests/fixtures/gen_tiny_tokenizer.py).
 fn tiny_tokenizer() -> Tokenizer {
@@ -233,12 +223,6 @@ fn gradient_accumulation_equals_one_larger_batch() {
             portalora::reference::max_rel_error(&tb[k].data, &a.data.iter().map(|&x| x as f64).collect::<Vec<_>>());
         assert!(err < 1e-5, "{k}: {err:e}");
     }
-}
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_portalora"));
-    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()));
-    c
 }
 
 fn step_losses(log: &Path) -> Vec<(u64, f64)> {

@@ -106,6 +106,8 @@ fn smollm2_tokenizer_matches_transformers() {
     // Special tokens are matched whole.
     let ids = tok.encode("<|im_start|>user").unwrap();
     assert_eq!(tok.decode(&ids[..1]).unwrap(), "<|im_start|>");
+    // What a reader sees (generate without --special, samples) leaves them out.
+    assert_eq!(tok.decode_text(&ids).unwrap(), "user");
     assert!(tok.decode(&[49152]).unwrap_err().to_string().contains("49152"));
 }
 

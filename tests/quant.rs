@@ -179,6 +179,7 @@ fn random_model(arch: Arch) -> Weights {
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         tie_embeddings: arch == Arch::Gpt2,
+        sliding_window: None,
     };
     let mut rng = Rng::new(5);
     let mut tensors = BTreeMap::new();

@@ -20,9 +20,8 @@ pub struct DeltaLora {
 
 impl DeltaLora {
     pub fn new(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize) -> Result<Self> {
-        let mut cfg = cfg.clone();
-        cfg.dropout = 0.0; // the paper removes dropout from the branch
-        let lora = Lora::new(ctx, &cfg, sites, n, true)?;
+        // The paper removes dropout from the branch: AdapterConfig::validate refuses it.
+        let lora = Lora::new(ctx, cfg, sites, n, true)?;
         let mut old_a = Vec::new();
         let mut old_b = Vec::new();
         for l in &lora.layers {
@@ -76,8 +75,9 @@ impl Adapter for DeltaLora {
     }
 
     fn after_update(&self, ctx: &Context, s: &mut Step, weights: &[SiteWeights]) -> Result<bool> {
-        let k = (self.lora.cfg.delta_lambda * self.lora.scale as f64) as f32;
-        for ((l, w), (oa, ob)) in self.lora.layers.iter().zip(weights).zip(self.old_a.iter().zip(&self.old_b)) {
+        let layers = self.lora.layers.iter().zip(&self.lora.scales);
+        for (((l, sc), w), (oa, ob)) in layers.zip(weights).zip(self.old_a.iter().zip(&self.old_b)) {
+            let k = (self.lora.cfg.delta_lambda * *sc as f64) as f32;
             for ((b, o), part) in l.b.iter().zip(ob).zip(&w.parts) {
                 add_product(ctx, s, b, &l.a, part, w.conv1d, k)?;
                 add_product(ctx, s, o, oa, part, w.conv1d, -k)?;

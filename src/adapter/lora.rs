@@ -1,4 +1,5 @@
-//! LoRA (Hu et al. 2021): `y = x W0ᵀ + s · dropout(x) Aᵀ Bᵀ`, A `(r, in)`, B `(out, r)`.
+//! LoRA (Hu et al. 2021): `y = x W0ᵀ + s · dropout(x) Aᵀ Bᵀ`, A `(r, in)`, B `(out, r)`; r and s
+//! may differ per site (PEFT's `rank_pattern` / `alpha_pattern`).
 //!
 //! Forward keeps `z = dropout(x) Aᵀ` `(N, r)` per site. Backward, with `g = dL/dy`:
 //! `dB = s · gᵀ z`, `dz = s · g B`, `dA = dzᵀ dropout(x)`, `dx += mask ⊙ (dz A)`. The dropout
@@ -7,8 +8,8 @@
 //! after-step hook, Delta-LoRA.
 
 use super::{
-    activation, add_product, normal_init, uniform_init, zeros, Adapter, AdapterConfig, AdapterError, Dropout, Init,
-    Param, ParamKind, Result, Site, SiteWeights, Slot,
+    activation, add_product, normal_init, scratch_view, uniform_init, zeros, Adapter, AdapterConfig, AdapterError,
+    Dropout, Init, Param, ParamKind, Result, Site, SiteWeights, Slot,
 };
 use std::collections::BTreeMap;
 
@@ -32,10 +33,10 @@ pub struct Lora {
     pub sites: Vec<Site>,
     pub layers: Vec<LoraLayer>,
     pub train_a: bool,
-    /// s = alpha / r (or alpha / sqrt(r)).
-    pub scale: f32,
+    /// Per site: s = alpha / r (or alpha / sqrt(r)).
+    pub scales: Vec<f32>,
     pub n: usize,
-    dz: Tensor, // (N, r) scratch
+    dz: Tensor, // (N · max r,) scratch, viewed as (N, r) per site
     dropout: Option<Dropout>,
     /// LoRA-FA projected: `(A Aᵀ + 1e-8 I)⁻¹` `(r, r)` per site (A is frozen, so computed once).
     pub proj: Vec<Tensor>,
@@ -44,13 +45,17 @@ pub struct Lora {
 impl Lora {
     /// A LoRA adapter with PEFT's init: A kaiming-uniform (or gaussian), B = 0.
     pub fn new(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize, train_a: bool) -> Result<Self> {
-        let r = cfg.rank;
         let mut rng = crate::reference::Rng::new(cfg.seed ^ 0x4c6f_5241);
         let projected = !train_a && cfg.lorafa_projected;
         let mut layers = Vec::with_capacity(sites.len());
         let mut host_a = Vec::with_capacity(sites.len());
+        let mut scales = Vec::with_capacity(sites.len());
+        let mut max_r = 1;
         for site in &sites {
             let k = site.in_features;
+            let r = cfg.rank_for(&site.module)?;
+            max_r = max_r.max(r);
+            scales.push(cfg.scale_for(&site.module)? as f32);
             host_a.push(match cfg.init {
                 Init::Kaiming => uniform_init(&mut rng, r * k, 1.0 / (k as f64).sqrt()),
                 Init::Gaussian => normal_init(&mut rng, r * k, 1.0 / r as f64),
@@ -73,8 +78,8 @@ impl Lora {
         let dropout = Dropout::new(ctx, cfg.dropout, n, &sites)?;
         let mut lora = Lora {
             cfg: cfg.clone(),
-            scale: cfg.scale() as f32,
-            dz: activation(ctx, "lora_dz", &[n, r])?,
+            scales,
+            dz: activation(ctx, "lora_dz", &[n * max_r])?,
             dropout,
             n,
             train_a,
@@ -91,9 +96,8 @@ impl Lora {
     /// Computes LoRA-FA's `(A Aᵀ + 1e-8 I)⁻¹` per site from A's values `a[i]` (f64 on the host,
     /// r × r), writing existing tensors in place (recorded steps hold them).
     fn set_projection(&mut self, ctx: &Context, a: &[&[f32]]) -> Result<()> {
-        let r = self.cfg.rank;
         for (i, (site, a)) in self.sites.iter().zip(a).enumerate() {
-            let k = site.in_features;
+            let (r, k) = (self.layers[i].a.shape()[0], site.in_features);
             let mut m = vec![0f64; r * r];
             for p in 0..r {
                 for q in 0..r {
@@ -175,15 +179,15 @@ impl Adapter for Lora {
         // y_j += scale · z · B_jᵀ, accumulated straight into the projection's output.
         let l = &self.layers[i];
         for (b, y) in l.b.iter().zip(ys) {
-            matmul(ctx, s, &l.z, b, y, Matmul::nt().alpha(self.scale).accumulate(true))?;
+            matmul(ctx, s, &l.z, b, y, Matmul::nt().alpha(self.scales[i]).accumulate(true))?;
         }
         Ok(())
     }
 
     fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()> {
         let l = &self.layers[i];
-        let sc = self.scale;
-        let dz = &self.dz;
+        let sc = self.scales[i];
+        let dz = &scratch_view(&self.dz, self.n, l.a.shape()[0])?;
         for (j, (b, dy)) in l.b.iter().zip(dys).enumerate() {
             let db = if l.db_raw.is_empty() { &l.db[j] } else { &l.db_raw[j] };
             matmul(ctx, s, dy, &l.z, db, Matmul::tn().alpha(sc))?;
@@ -230,7 +234,7 @@ impl Adapter for Lora {
     fn slots(&self) -> Vec<Slot<'_>> {
         let mut out = Vec::new();
         for (site, l) in self.sites.iter().zip(&self.layers) {
-            let r = self.cfg.rank;
+            let r = l.a.shape()[0];
             let key = |t: &str| format!("base_model.model.{}.{t}.weight", site.module);
             out.push(Slot { key: key("lora_A"), shape: vec![r, site.in_features], parts: vec![&l.a] });
             out.push(Slot { key: key("lora_B"), shape: vec![site.out_features(), r], parts: l.b.iter().collect() });
@@ -261,9 +265,9 @@ impl Adapter for Lora {
     }
 
     fn merge(&self, ctx: &Context, s: &mut Step, weights: &[SiteWeights], sign: f32) -> Result<()> {
-        for (l, w) in self.layers.iter().zip(weights) {
+        for ((l, w), sc) in self.layers.iter().zip(weights).zip(&self.scales) {
             for (b, part) in l.b.iter().zip(&w.parts) {
-                add_product(ctx, s, b, &l.a, part, w.conv1d, sign * self.scale)?;
+                add_product(ctx, s, b, &l.a, part, w.conv1d, sign * sc)?;
             }
         }
         Ok(())

@@ -23,14 +23,17 @@ pub mod lora;
 pub mod lora_fa;
 pub mod lora_plus;
 pub mod peft;
+mod sites;
 pub mod vera;
+
+pub use sites::{all_targets, check_rank, sites, valid_targets, Input, Proj, Site};
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
-use crate::model::config::{Arch, ModelConfig};
+use crate::model::config::Arch;
 use crate::model::weights::HostTensor;
 use crate::ops::matmul::{matmul, Matmul};
 
@@ -150,6 +153,21 @@ pub struct AdapterConfig {
     pub delta_warmup: u64,
     /// LoRA-FA: PEFT's projected optimizer (`create_lorafa_optimizer`).
     pub lorafa_projected: bool,
+    /// PEFT's `rank_pattern`: (pattern, rank) in the file's order; the first pattern that matches
+    /// a module's name as PEFT matches it (`(.*\.)?(pattern)$`, a regular expression) sets that
+    /// module's rank. LoRA family only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_pattern: Vec<(String, usize)>,
+    /// PEFT's `alpha_pattern`, matched the same way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// PEFT's `layers_to_transform`: only these decoder layers are adapted (None: every layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<usize>>,
+    /// PEFT's `target_modules` written as one regular expression (a string rather than a list):
+    /// a module is adapted when its whole name matches. Used instead of `targets` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_regex: Option<String>,
 }
 
 impl AdapterConfig {
@@ -169,6 +187,10 @@ impl AdapterConfig {
             delta_lambda: 2.0,
             delta_warmup: 500,
             lorafa_projected: false,
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            layers: None,
+            target_regex: None,
         }
     }
 
@@ -199,184 +221,29 @@ impl AdapterConfig {
         if !self.delta_lambda.is_finite() {
             return bad(format!("Delta-LoRA lambda {} is not a number", self.delta_lambda));
         }
+        if self.method == Method::DeltaLora && self.dropout > 0.0 {
+            return bad(format!(
+                "dropout {}: Delta-LoRA has no dropout on its branch (its update of W0 assumes none); use 0",
+                self.dropout
+            ));
+        }
+        if self.method == Method::Vera && !(self.rank_pattern.is_empty() && self.alpha_pattern.is_empty()) {
+            return bad("rank_pattern / alpha_pattern are LoRA options; VeRA has one shared rank".into());
+        }
+        for (p, r) in &self.rank_pattern {
+            sites::regex(p, "rank_pattern")?;
+            if *r == 0 {
+                return bad(format!("rank_pattern {p:?}: rank 0; use 1 or more"));
+            }
+        }
+        for (p, a) in &self.alpha_pattern {
+            sites::regex(p, "alpha_pattern")?;
+            if !a.is_finite() || *a <= 0.0 {
+                return bad(format!("alpha_pattern {p:?}: alpha {a} must be a positive number"));
+            }
+        }
         Ok(())
     }
-}
-
-/// A linear projection an adapter can attach to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-    /// GPT-2's fused q, k, v projection.
-    CAttn,
-    /// GPT-2's `attn.c_proj`.
-    AttnProj,
-    Fc,
-    /// GPT-2's `mlp.c_proj`.
-    MlpProj,
-}
-
-impl Proj {
-    /// The projections of an architecture, in forward order.
-    pub fn all(arch: Arch) -> &'static [Proj] {
-        match arch {
-            Arch::Llama => &[Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down],
-            Arch::Gpt2 => &[Proj::CAttn, Proj::AttnProj, Proj::Fc, Proj::MlpProj],
-        }
-    }
-    /// The module's path inside a decoder layer (transformers' names).
-    pub fn module(self) -> &'static str {
-        match self {
-            Proj::Q => "self_attn.q_proj",
-            Proj::K => "self_attn.k_proj",
-            Proj::V => "self_attn.v_proj",
-            Proj::O => "self_attn.o_proj",
-            Proj::Gate => "mlp.gate_proj",
-            Proj::Up => "mlp.up_proj",
-            Proj::Down => "mlp.down_proj",
-            Proj::CAttn => "attn.c_attn",
-            Proj::AttnProj => "attn.c_proj",
-            Proj::Fc => "mlp.c_fc",
-            Proj::MlpProj => "mlp.c_proj",
-        }
-    }
-    /// The activation this projection reads.
-    pub fn input(self) -> Input {
-        match self {
-            Proj::Q | Proj::K | Proj::V | Proj::CAttn => Input::H1,
-            Proj::O | Proj::AttnProj => Input::Att,
-            Proj::Gate | Proj::Up | Proj::Fc => Input::H2,
-            Proj::Down | Proj::MlpProj => Input::Act,
-        }
-    }
-}
-
-/// The activations that feed projections; the memory plan keeps one per layer only when an
-/// adapter's backward pass reads it (the frozen base never does).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Input {
-    /// The first norm's output (q, k, v).
-    H1,
-    /// The attention output (o_proj; attention's own backward needs it anyway).
-    Att,
-    /// The second norm's output (gate, up, c_fc).
-    H2,
-    /// The MLP activation (down_proj, mlp.c_proj).
-    Act,
-}
-
-/// One adapted projection.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Site {
-    pub layer: usize,
-    pub proj: Proj,
-    /// Module path as transformers names it (`model.layers.3.self_attn.q_proj`).
-    pub module: String,
-    pub in_features: usize,
-    /// Output widths of the GPU projections this module is split into (one, or q/k/v for c_attn).
-    pub outs: Vec<usize>,
-    /// The base weight is GPT-2's `Conv1D` `(in, out)` rather than `nn.Linear`'s `(out, in)`.
-    pub conv1d: bool,
-}
-
-impl Site {
-    pub fn out_features(&self) -> usize {
-        self.outs.iter().sum()
-    }
-}
-
-/// Every projection of an architecture by its short name (LLaMA: q_proj … down_proj; GPT-2:
-/// c_attn, c_proj, c_fc).
-pub fn all_targets(arch: Arch) -> Vec<String> {
-    let mut names: Vec<String> = Vec::new();
-    for p in Proj::all(arch) {
-        let m = p.module();
-        let short = m.rsplit('.').next().unwrap_or(m).to_string();
-        if !names.contains(&short) {
-            names.push(short);
-        }
-    }
-    names
-}
-
-/// The target names valid for an architecture, for messages.
-pub fn valid_targets(arch: Arch) -> String {
-    let mut names: Vec<String> = Vec::new();
-    for p in Proj::all(arch) {
-        let m = p.module();
-        names.push(m.rsplit('.').next().unwrap_or(m).to_string());
-        names.push(m.to_string());
-    }
-    names.dedup();
-    names.join(", ")
-}
-
-/// The projections `targets` select, matched as PEFT matches `target_modules`: a module is
-/// adapted when its full path equals a target or ends with `.` + target (so GPT-2's `c_proj`
-/// selects both `attn.c_proj` and `mlp.c_proj`). A target that selects nothing is an error.
-pub fn sites(config: &ModelConfig, targets: &[String]) -> Result<Vec<Site>> {
-    let arch = config.arch;
-    if targets.is_empty() {
-        return Err(AdapterError::NoTargets { arch, valid: valid_targets(arch) });
-    }
-    let prefix = match arch {
-        Arch::Llama => "model.layers",
-        Arch::Gpt2 => "transformer.h",
-    };
-    let matches = |module: &str, t: &str| module == t || module.ends_with(&format!(".{t}"));
-    for t in targets {
-        let t = t.trim();
-        if !Proj::all(arch).iter().any(|p| matches(&format!("{prefix}.0.{}", p.module()), t)) {
-            return Err(AdapterError::UnknownTarget { name: t.to_string(), arch, valid: valid_targets(arch) });
-        }
-    }
-    let (c, f) = (config.hidden_size, config.intermediate_size);
-    let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
-    let mut out = Vec::new();
-    for layer in 0..config.num_layers {
-        for &proj in Proj::all(arch) {
-            let module = format!("{prefix}.{layer}.{}", proj.module());
-            if !targets.iter().any(|t| matches(&module, t.trim())) {
-                continue;
-            }
-            let (in_features, outs) = match proj {
-                Proj::Q => (c, vec![q]),
-                Proj::K | Proj::V => (c, vec![kv]),
-                Proj::O => (q, vec![c]),
-                Proj::Gate | Proj::Up => (c, vec![f]),
-                Proj::Down => (f, vec![c]),
-                Proj::CAttn => (c, vec![c, c, c]),
-                Proj::AttnProj => (c, vec![c]),
-                Proj::Fc => (c, vec![f]),
-                Proj::MlpProj => (f, vec![c]),
-            };
-            out.push(Site { layer, proj, module, in_features, outs, conv1d: arch == Arch::Gpt2 });
-        }
-    }
-    Ok(out)
-}
-
-/// Checks that the rank fits every adapted projection (r ≤ min(in, out), as a low-rank update must).
-pub fn check_rank(rank: usize, sites: &[Site]) -> Result<()> {
-    for s in sites {
-        let max = s.in_features.min(s.out_features());
-        if rank == 0 || rank > max {
-            return Err(AdapterError::Rank {
-                rank,
-                module: s.module.clone(),
-                in_features: s.in_features,
-                out_features: s.out_features(),
-                max,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// A site's frozen base weights on the GPU, one per output part, in the base layout.
@@ -466,7 +333,7 @@ pub fn build(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize) -> 
     let _kind = ctx.alloc_kind("adapters");
     if cfg.method.is_lora() {
         // VeRA's rank is the shared pair's and may exceed a layer's dimensions (PEFT: r = 256).
-        check_rank(cfg.rank, &sites)?;
+        check_rank(cfg, &sites)?;
     }
     Ok(match cfg.method {
         Method::Lora | Method::LoraPlus => Box::new(lora::Lora::new(ctx, cfg, sites, n, true)?),

@@ -29,6 +29,12 @@ pub struct PeftFile {
     pub alpha: Option<f64>,
     pub rslora: bool,
     pub targets: Vec<String>,
+    /// `target_modules` given as a regular expression (a string) rather than a list.
+    pub target_regex: Option<String>,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    /// `layers_to_transform`.
+    pub layers: Option<Vec<usize>>,
     pub dropout: f32,
     pub tensors: BTreeMap<String, HostTensor>,
 }
@@ -67,16 +73,53 @@ impl PeftFile {
                 format!("peft_type {:?} is not supported; portalora reads LORA and VERA adapters", config["peft_type"]),
             ));
         }
+        refuse_unsupported(&config).map_err(|m| file_err(&cfg_path, m))?;
         let rank = config["r"]
             .as_f64()
             .filter(|r| *r >= 1.0 && r.fract() == 0.0)
             .ok_or_else(|| file_err(&cfg_path, format!("\"r\" = {} is not a positive integer", config["r"])))?
             as usize;
         let alpha = if peft_type == "LORA" { Some(config["lora_alpha"].as_f64().unwrap_or(8.0)) } else { None };
-        let targets = match &config["target_modules"] {
-            Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(),
-            Value::String(s) => vec![s.clone()],
-            _ => Vec::new(),
+        let (targets, target_regex) = match &config["target_modules"] {
+            Value::Array(a) => (a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect(), None),
+            // PEFT matches a string against whole module names, as a regular expression.
+            Value::String(s) if s.eq_ignore_ascii_case("all-linear") => (vec![ALL_LINEAR.to_string()], None),
+            Value::String(s) => (Vec::new(), Some(s.clone())),
+            _ => (Vec::new(), None),
+        };
+        let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
+            match &config[key] {
+                Value::Null => Ok(Vec::new()),
+                Value::Object(m) => m
+                    .iter()
+                    .map(|(p, v)| {
+                        let v = v
+                            .as_f64()
+                            .ok_or_else(|| file_err(&cfg_path, format!("{key} {p:?}: {v} is not a number")))?;
+                        Ok((p.clone(), v))
+                    })
+                    .collect(),
+                v => Err(file_err(&cfg_path, format!("{key} {v} is not an object of pattern: value"))),
+            }
+        };
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(p, r)| match r >= 1.0 && r.fract() == 0.0 {
+                true => Ok((p, r as usize)),
+                false => Err(file_err(&cfg_path, format!("rank_pattern {p:?}: rank {r} is not a positive integer"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let alpha_pattern = pattern("alpha_pattern")?;
+        let layers = match &config["layers_to_transform"] {
+            Value::Null => None,
+            Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|v| v.as_u64().map(|l| l as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| file_err(&cfg_path, "layers_to_transform must hold layer numbers"))?,
+            ),
+            v => return Err(file_err(&cfg_path, format!("layers_to_transform {v} is not a layer number or a list"))),
         };
         let dropout_key = if peft_type == "LORA" { "lora_dropout" } else { "vera_dropout" };
         let mut raw = BTreeMap::new();
@@ -90,6 +133,10 @@ impl PeftFile {
             alpha,
             rslora: config["use_rslora"].as_bool().unwrap_or(false),
             targets,
+            target_regex,
+            rank_pattern,
+            alpha_pattern,
+            layers,
             dropout: config[dropout_key].as_f64().unwrap_or(0.0) as f32,
             peft_type,
             config,
@@ -115,6 +162,10 @@ impl PeftFile {
         }
         cfg.rslora = self.rslora;
         cfg.targets = self.targets.clone();
+        cfg.target_regex = self.target_regex.clone();
+        cfg.rank_pattern = self.rank_pattern.clone();
+        cfg.alpha_pattern = self.alpha_pattern.clone();
+        cfg.layers = self.layers.clone();
         cfg.dropout = self.dropout;
         if let Some(d) = self.config["d_initial"].as_f64() {
             cfg.vera_d_initial = d;
@@ -168,14 +219,21 @@ impl PeftFile {
     }
 }
 
-/// The JSON config PEFT reads back for this adapter.
-pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: &str) -> Value {
-    if cfg.method == Method::Vera {
+/// The JSON config PEFT reads back for this adapter. `base_model` is what PEFT's
+/// `AutoPeftModelForCausalLM` loads the base from (a Hugging Face folder or repository), or None
+/// when there is none it could load (a GGUF file): then `null`, and the base is given by hand.
+pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: Option<&str>) -> Value {
+    let targets = match &cfg.target_regex {
+        Some(re) => json!(re),
+        None if cfg.targets.len() == 1 && cfg.targets[0] == ALL_LINEAR => json!(ALL_LINEAR),
+        None => json!(cfg.targets),
+    };
+    let mut v = if cfg.method == Method::Vera {
         json!({
             "peft_type": "VERA",
             "task_type": "CAUSAL_LM",
             "r": cfg.rank,
-            "target_modules": cfg.targets,
+            "target_modules": targets,
             "projection_prng_key": cfg.vera_seed,
             "save_projection": true,
             "vera_dropout": cfg.dropout,
@@ -194,7 +252,7 @@ pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: &str) -> Value {
             "r": cfg.rank,
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
-            "target_modules": cfg.targets,
+            "target_modules": targets,
             "fan_in_fan_out": gpt2,
             "use_rslora": cfg.rslora,
             "bias": "none",
@@ -202,8 +260,121 @@ pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: &str) -> Value {
             "init_lora_weights": true,
             "inference_mode": true,
             "base_model_name_or_path": base_model,
+            "rank_pattern": cfg.rank_pattern.iter().map(|(p, r)| (p.clone(), json!(r))).collect::<serde_json::Map<_, _>>(),
+            "alpha_pattern": cfg.alpha_pattern.iter().map(|(p, a)| (p.clone(), json!(a))).collect::<serde_json::Map<_, _>>(),
         })
+    };
+    v["layers_to_transform"] = json!(cfg.layers);
+    v
+}
+
+/// PEFT's `target_modules = "all-linear"`: every projection of the decoder layers.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// Keys of `adapter_config.json` that portalora reads.
+const USED_KEYS: [&str; 14] = [
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "vera_dropout",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "use_rslora",
+    "projection_prng_key",
+    "d_initial",
+    "save_projection",
+];
+
+/// Keys that do not change what a saved adapter computes: metadata, how PEFT initialised it, or
+/// settings that only matter together with an option refused below.
+const NO_EFFECT_KEYS: [&str; 16] = [
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+    "init_weights",
+    "peft_version",
+    "auto_mapping",
+    "fan_in_fan_out",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "ensure_weight_tying",
+];
+
+/// PEFT options that change what an adapter computes and that portalora does not implement.
+const REFUSED_KEYS: [(&str, &str); 17] = [
+    ("use_dora", "DoRA adapters are not supported yet"),
+    ("bias", "trained biases are not supported (portalora's adapters leave every bias frozen)"),
+    ("modules_to_save", "fully trained extra modules (an LM head, embeddings) are not supported; portalora trains and loads adapters only"),
+    ("lora_bias", "adapter biases are not supported"),
+    ("layer_replication", "replicated layers are not supported"),
+    ("exclude_modules", "excluded modules are not supported; list the target_modules instead"),
+    ("target_parameters", "adapters on parameters (MoE experts) are not supported"),
+    ("trainable_token_indices", "trainable tokens are not supported"),
+    ("use_qalora", "QALoRA is not supported"),
+    ("alora_invocation_tokens", "activated LoRA is not supported"),
+    ("megatron_config", "Megatron layers are not supported"),
+    ("arrow_config", "Arrow routing is not supported"),
+    ("use_bdlora", "block-diagonal LoRA is not supported"),
+    ("kasa_config", "KaSA is not supported"),
+    ("monteclora_config", "MonteCLoRA is not supported"),
+    ("velora_config", "VeLoRA is not supported"),
+    ("runtime_config", "runtime options are not supported"),
+];
+
+/// Refuses a config that sets an option portalora does not implement, or one it does not know:
+/// loading the tensors without it would be silently wrong. An option left at its "off" value
+/// (null, false, empty, "none") is fine.
+fn refuse_unsupported(config: &Value) -> std::result::Result<(), String> {
+    let set = |v: &Value| match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::String(s) => !s.is_empty() && s != "none",
+        _ => true,
+    };
+    let Some(keys) = config.as_object() else {
+        return Err("not a JSON object".into());
+    };
+    for (key, v) in keys {
+        if USED_KEYS.contains(&key.as_str()) || NO_EFFECT_KEYS.contains(&key.as_str()) || !set(v) {
+            continue;
+        }
+        let why = match REFUSED_KEYS.iter().find(|(k, _)| k == key) {
+            Some((_, why)) => why.to_string(),
+            None => "portalora does not know this PEFT option, so it cannot tell whether the adapter computes \
+                     something else with it; if it has no effect, remove it from the file"
+                .into(),
+        };
+        return Err(format!("{key} = {v}: {why}"));
     }
+    if config["save_projection"] == Value::Bool(false) {
+        return Err("save_projection = false: the file lacks VeRA's shared pair (vera_A, vera_B), which portalora \
+                    cannot re-derive from PEFT's random stream; save it with save_projection = true"
+            .into());
+    }
+    let pattern = &config["layers_pattern"];
+    let ok = |v: &Value| matches!(v.as_str(), Some("layers" | "h"));
+    let fits = match pattern {
+        Value::Null => true,
+        Value::Array(a) => a.iter().all(ok),
+        v => ok(v),
+    };
+    if !fits {
+        return Err(format!(
+            "layers_pattern = {pattern}: portalora's models keep their layers in \"layers\" (LLaMA) or \"h\" (GPT-2)"
+        ));
+    }
+    Ok(())
 }
 
 /// Reads every slot of `adapter` back from the GPU, joining row parts, keyed as PEFT keys them.
@@ -258,7 +429,7 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u
 
 /// Writes `adapter` as a PEFT folder `dir` (created if missing).
 #[cfg(not(target_arch = "wasm32"))]
-pub fn save(ctx: &Context, adapter: &dyn Adapter, gpt2: bool, base_model: &str, dir: &Path) -> Result<()> {
+pub fn save(ctx: &Context, adapter: &dyn Adapter, gpt2: bool, base_model: Option<&str>, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.display().to_string(), source })?;
     let tensors = crate::gpu::block_on(export(ctx, adapter))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors)?)?;

@@ -189,10 +189,19 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.decode_with(ids, false)
+    }
+
+    /// Text of `ids` without special tokens (`<|im_end|>`, `</s>`): what a reader should see.
+    pub fn decode_text(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.decode_with(ids, true)
+    }
+
+    fn decode_with(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         let vocab = self.vocab_size();
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(TokenizerError::BadId { id, vocab });
         }
-        self.inner.decode(ids, false).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 }

@@ -36,6 +36,10 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// The LM head reuses the token embedding.
     pub tie_embeddings: bool,
+    /// Mistral's / Qwen2's sliding attention window, when the config turns one on. Attention is
+    /// not limited to a window yet, so sequences longer than this are refused (shorter ones are
+    /// exactly what the model computes).
+    pub sliding_window: Option<usize>,
 }
 
 /// The fields of a Hugging Face `config.json` we read (LLaMA and GPT-2 naming).
@@ -61,6 +65,15 @@ struct HfConfig {
     /// transformers ≥ 5 moves rope_theta here.
     rope_parameters: Option<RopeParameters>,
     tie_word_embeddings: Option<bool>,
+    /// Fields that change what the model computes; each is refused unless it has the value
+    /// portalora implements (never silently ignored).
+    rope_scaling: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+    activation_function: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    scale_attn_by_inverse_layer_idx: Option<bool>,
+    scale_attn_weights: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -69,7 +82,62 @@ struct RopeParameters {
     rope_type: Option<String>,
 }
 
+/// Refuses `config.json` fields whose value changes what the model computes in a way portalora
+/// does not implement: running the model anyway would give wrong numbers without a word.
+fn check_semantics(c: &HfConfig, arch: Arch) -> Result<(), String> {
+    let scaling = c.rope_scaling.as_ref().filter(|v| !v.is_null());
+    if let Some(v) = scaling {
+        let ty = v.get("rope_type").or_else(|| v.get("type")).and_then(|t| t.as_str()).unwrap_or("?");
+        if ty != "default" {
+            return Err(format!(
+                "rope_scaling {{\"rope_type\": {ty:?}}} is not supported yet (only default rotary embeddings); \
+                 ignoring it would make every result wrong"
+            ));
+        }
+    }
+    let act = match arch {
+        Arch::Llama => c.hidden_act.as_deref().filter(|a| *a != "silu").map(|a| ("hidden_act", a, "silu")),
+        Arch::Gpt2 => c
+            .activation_function
+            .as_deref()
+            .filter(|a| !matches!(*a, "gelu_new" | "gelu_pytorch_tanh"))
+            .map(|a| ("activation_function", a, "gelu_new")),
+    };
+    if let Some((field, a, want)) = act {
+        return Err(format!("{field} {a:?} is not supported for this architecture; portalora runs {want:?}"));
+    }
+    if c.scale_attn_by_inverse_layer_idx == Some(true) || c.scale_attn_weights == Some(false) {
+        return Err("GPT-2 attention scaling other than 1/sqrt(head_dim) (scale_attn_by_inverse_layer_idx, \
+                    scale_attn_weights) is not supported"
+            .into());
+    }
+    Ok(())
+}
+
 impl ModelConfig {
+    /// Refuses a sequence of `seq` positions that the model cannot run as it was trained: past
+    /// its context, or past a sliding attention window (not implemented yet).
+    pub fn check_seq(&self, seq: usize) -> Result<(), String> {
+        if seq > self.max_positions {
+            return Err(format!(
+                "sequence length {seq} exceeds the model's context of {} positions",
+                self.max_positions
+            ));
+        }
+        match self.sliding_window {
+            Some(w) if seq > w => Err(format!(
+                "sequence length {seq} exceeds the model's sliding attention window of {w} positions, which \
+                 portalora does not implement yet"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The longest sequence [`ModelConfig::check_seq`] accepts.
+    pub fn usable_positions(&self) -> usize {
+        self.sliding_window.map_or(self.max_positions, |w| w.min(self.max_positions))
+    }
+
     /// Reads `config.json` of a Hugging Face folder.
     pub fn from_hf_json(path: &Path) -> Result<Self, ModelError> {
         let text =
@@ -95,6 +163,7 @@ impl ModelConfig {
         if let Some(t) = c.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()).filter(|t| *t != "default") {
             return Err(bad(format!("rope_type {t:?} is not supported yet; only \"default\" rotary embeddings")));
         }
+        check_semantics(&c, arch).map_err(bad)?;
         let hidden_size = need(c.hidden_size.or(c.n_embd), "hidden_size")?;
         let num_heads = need(c.num_attention_heads.or(c.n_head), "num_attention_heads")?;
         let cfg = ModelConfig {
@@ -116,6 +185,11 @@ impl ModelConfig {
             },
             rope_theta: c.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(c.rope_theta).unwrap_or(10000.0),
             tie_embeddings: c.tie_word_embeddings.unwrap_or(arch == Arch::Gpt2),
+            sliding_window: match c.model_type.as_deref() {
+                Some("mistral") => c.sliding_window,
+                Some("qwen2") if c.use_sliding_window == Some(true) => c.sliding_window,
+                _ => None,
+            },
         };
         cfg.validate().map_err(bad)?;
         Ok(cfg)
@@ -171,7 +245,15 @@ impl ModelConfig {
             },
             rope_theta: float("rope.freq_base").unwrap_or(10000.0),
             tie_embeddings: !has_output,
+            sliding_window: None,
         };
+        if let Some(t) = g.metadata.get(&key("rope.scaling.type")).and_then(Value::as_str).filter(|t| *t != "none") {
+            return Err(bad(format!(
+                "metadata {:?} = {t:?}: scaled rotary embeddings are not supported yet, and ignoring them \
+                 would make every result wrong",
+                key("rope.scaling.type")
+            )));
+        }
         cfg.validate().map_err(bad)?;
         Ok(cfg)
     }

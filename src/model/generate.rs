@@ -79,6 +79,7 @@ impl<'p> Generator<'p> {
         if max_len > config.max_positions {
             return Err(GpuModelError::TooLong { seq: max_len, max: config.max_positions });
         }
+        config.check_seq(max_len).map_err(GpuModelError::Unsupported)?; // a sliding window
 
         let c = config;
         let (h, q, kv, f, v) =

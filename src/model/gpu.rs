@@ -587,6 +587,7 @@ impl GpuModel {
         if seq > c.max_positions {
             return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
+        c.check_seq(seq).map_err(GpuModelError::Unsupported)?; // a sliding window
         let params =
             ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
         let (acts, grads) = Self::plan(ctx, &c, batch, seq, &opts)?;

@@ -32,6 +32,11 @@ pub enum ModelError {
     Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor {name:?} has dtype {dtype}; portalora reads F32, F16 and BF16 safetensors")]
     Dtype { path: PathBuf, name: String, dtype: String },
+    #[error(
+        "{path}: tensor {name:?} is not part of a {arch:?} model as portalora runs it{hint}; ignoring it would make \
+         every result wrong, so the model is not loaded"
+    )]
+    Unused { path: PathBuf, name: String, arch: Arch, hint: String },
     #[error("{path}: not a model: expected a .gguf file or a folder with config.json and model.safetensors")]
     NotAModel { path: PathBuf },
 }
@@ -154,7 +159,22 @@ fn is_gguf(path: &Path) -> bool {
     std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
-/// Checks that exactly the expected tensors are present with the expected shapes.
+/// Why a tensor portalora does not use may be there, for the message.
+fn unused_hint(name: &str) -> String {
+    if name.ends_with(".bias") {
+        " (a bias: Qwen2's q/k/v biases, LLaMA's attention_bias or mlp_bias are not supported yet)".into()
+    } else if name.contains("norm") {
+        " (an extra norm, as Gemma's or Qwen3's, is not supported yet)".into()
+    } else if name.contains("rope_freqs") {
+        " (rotary frequency factors: Llama 3's rope scaling is not supported yet)".into()
+    } else {
+        String::new()
+    }
+}
+
+/// Checks that exactly the expected tensors are present with the expected shapes: a missing
+/// tensor, a wrong shape, and a tensor the model would not use (a bias, an extra norm) are each
+/// an error naming it.
 fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostTensor>) -> Result<(), ModelError> {
     // Each layer has several tensors: a layer count beyond the tensor count is a corrupt or
     // mismatched config (and listing its expected tensors would exhaust memory).
@@ -181,6 +201,15 @@ fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostT
             }
             Some(_) => {}
         }
+    }
+    let expected: std::collections::HashSet<String> = expected_tensors(c).into_iter().map(|(n, _)| n).collect();
+    if let Some(name) = tensors.keys().find(|k| !expected.contains(*k)) {
+        return Err(ModelError::Unused {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            arch: c.arch,
+            hint: unused_hint(name),
+        });
     }
     Ok(())
 }
@@ -293,7 +322,12 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
     let mut raw = BTreeMap::new();
     for info in &g.tensors {
         let Some(name) = hf_name(config.arch, &info.name) else {
-            continue;
+            return Err(ModelError::Unused {
+                path: path.to_path_buf(),
+                name: info.name.clone(),
+                arch: config.arch,
+                hint: unused_hint(&info.name),
+            });
         };
         let mut data = g.tensor_f32(&info.name)?;
         let mut shape = info.shape.clone();
@@ -376,9 +410,20 @@ fn finish_hf(
             .map(|(k, v)| if k == "lm_head.weight" { (k, v) } else { (format!("transformer.{k}"), v) })
             .collect();
     }
-    // Tied heads are sometimes saved anyway; keep only what the config asks for.
+    // Tied heads are sometimes saved anyway: the copy must equal the embedding it stands for.
     if config.tie_embeddings {
-        tensors.remove("lm_head.weight");
+        if let Some(head) = tensors.remove("lm_head.weight") {
+            let emb = if config.arch == Arch::Gpt2 { "transformer.wte.weight" } else { "model.embed_tokens.weight" };
+            if tensors.get(emb).is_some_and(|e| *e != head) {
+                return Err(ModelError::Config {
+                    path: dir.join("config.json"),
+                    message: format!(
+                        "tie_word_embeddings is true but lm_head.weight differs from {emb}; set \
+                         tie_word_embeddings to false to use the separate head"
+                    ),
+                });
+            }
+        }
     }
     tensors.retain(|k, _| {
         !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias") && !k.contains("rotary_emb.inv_freq")

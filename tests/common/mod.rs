@@ -63,3 +63,20 @@ pub fn ids_of(v: &serde_json::Value) -> Vec<Vec<u32>> {
         .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
         .collect()
 }
+
+/// The portalora binary as a test runs it (the Vulkan loader wants a runtime folder).
+pub fn bin() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_portalora"));
+    c.env("XDG_RUNTIME_DIR", std::env::var("XDG_RUNTIME_DIR").unwrap_or_else(|_| "/tmp".into()));
+    c
+}
+
+/// A fresh, empty temporary folder named after the test binary's process and `name`.
+pub fn tmp(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let p = std::env::temp_dir().join(format!("portalora-{name}-{}-{k}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}

@@ -1,21 +1,184 @@
 //! `portalora train` and `portalora merge`.
 
-use std::io::{IsTerminal, Write};
-use std::path::Path;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use portalora::adapter::peft::PeftFile;
 use portalora::adapter::{AdapterConfig, Method};
-use portalora::finetune::{self, Event, RunConfig};
+use portalora::finetune::{self, RunConfig, RunOptions};
 use portalora::gpu::Context;
 use portalora::model::export::{read_back_site_weights, write_hf_folder};
+use portalora::outdir;
 use portalora::train::{model_with_adapter, OptimizerKind, TrainConfig};
 
-use super::TrainArgs;
+use super::progress::{clock, Progress};
+use super::{flag, parse_count, parse_number, Given};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn mib(b: u64) -> String {
-    format!("{:.2} MiB", b as f64 / (1024.0 * 1024.0))
+/// `portalora train`'s options. PEFT's and HF Trainer's spellings work as aliases (`--lora-r`,
+/// `--lora-alpha`, `--lora-dropout`, `--max-steps`).
+#[derive(clap::Args)]
+pub(crate) struct TrainArgs {
+    /// The base model: a .gguf file or a Hugging Face folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A JSON file {"input_ids": [[...], ...]}: every step trains on all its rows, in order.
+    #[arg(long, conflicts_with = "data")]
+    ids: Option<PathBuf>,
+    /// Training text: a text file, a folder of text files, or JSONL ({"text": ...} or
+    /// {"prompt": ..., "completion": ...}, the loss then masked to the completion). Tokenized with
+    /// the model's tokenizer, packed into rows of --seq tokens, split into training and validation
+    /// rows, shuffled each epoch with --seed.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// lora, lora-fa, vera, delta-lora or lora-plus.
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// Adapter rank r [default: 8; VeRA 256; or the --init-adapter's].
+    #[arg(long, visible_alias = "lora-r", value_parser = parse_count)]
+    rank: Option<usize>,
+    /// LoRA's alpha: the branch is scaled by alpha / r [default: 8, or the --init-adapter's]. Not for VeRA.
+    #[arg(long, visible_alias = "lora-alpha", value_parser = parse_number)]
+    alpha: Option<f64>,
+    /// rsLoRA: scale by alpha / sqrt(r).
+    #[arg(long)]
+    rslora: bool,
+    /// Dropout on the adapter branch's input (Delta-LoRA has none).
+    #[arg(long, visible_alias = "lora-dropout", default_value = "0", value_parser = parse_number)]
+    dropout: f64,
+    /// Target modules, comma-separated, matched as module-name suffixes as in PEFT
+    /// (GPT-2: c_attn, c_proj, c_fc; LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
+    /// [default: the --init-adapter's].
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// A's initialisation: kaiming (PEFT's default) or gaussian.
+    #[arg(long, default_value = "kaiming")]
+    init: String,
+    /// adamw or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// Learning rate.
+    #[arg(long, default_value = "2e-4", value_parser = parse_number)]
+    lr: f64,
+    /// AdamW's betas, as B1,B2.
+    #[arg(long, default_value = "0.9,0.999")]
+    betas: String,
+    /// AdamW's epsilon [default: 1e-8; 1e-6 with --lorafa-projected].
+    #[arg(long, value_parser = parse_number)]
+    eps: Option<f64>,
+    /// Decoupled weight decay (AdamW) or L2 penalty (SGD).
+    #[arg(long, default_value = "0", value_parser = parse_number)]
+    weight_decay: f64,
+    /// SGD's momentum.
+    #[arg(long, default_value = "0.9", value_parser = parse_number)]
+    momentum: f64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value = "1.0", value_parser = parse_number)]
+    max_grad_norm: f64,
+    /// Learning-rate schedule: constant, linear or cosine (after --warmup-steps of linear warm-up).
+    #[arg(long, default_value = "constant")]
+    schedule: String,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    warmup_steps: usize,
+    /// LoRA+: B (and 1-D parameters) train at lr × this ratio.
+    #[arg(long, default_value = "16", value_parser = parse_number)]
+    lr_ratio: f64,
+    /// Delta-LoRA's λ: W0 += λ·s·(B'A' − BA) after each step past the warm-up.
+    #[arg(long, default_value = "2", value_parser = parse_number)]
+    delta_lambda: f64,
+    /// Delta-LoRA's warm-up K: W0 is updated after steps K+1, K+2, ...
+    #[arg(long, default_value = "500", value_parser = parse_count)]
+    delta_warmup: usize,
+    /// VeRA's initial λ_d.
+    #[arg(long, default_value = "0.1", value_parser = parse_number)]
+    vera_d_initial: f64,
+    /// VeRA's shared-pair seed (PEFT's projection_prng_key).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    vera_seed: usize,
+    /// LoRA-FA: PEFT's projected optimizer (dB·(AAᵀ)⁻¹/s², transformers' AdamW) instead of plain AdamW on B.
+    #[arg(long)]
+    lorafa_projected: bool,
+    /// Optimizer steps (or give --epochs). With --resume: the new target (the run continues to it).
+    #[arg(long, visible_alias = "max-steps", value_parser = parse_count)]
+    steps: Option<usize>,
+    /// Passes over the training rows (instead of --steps).
+    #[arg(long, value_parser = parse_number)]
+    epochs: Option<f64>,
+    /// Rows per micro-batch with --data (with --ids, the file's rows / --grad-accum).
+    #[arg(long, default_value = "4", value_parser = parse_count)]
+    batch: usize,
+    /// Micro-batches whose gradients are summed into each optimizer step.
+    #[arg(long, default_value = "1", value_parser = parse_count)]
+    grad_accum: usize,
+    /// How the frozen base is stored on the GPU: auto (a GGUF's Q8_0/Q4_0/Q4_1/f16 tensors
+    /// stay as they are, dequantized inside the matmul), f32, f16, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "auto")]
+    base_dtype: String,
+    /// Read the loss back every N steps (the only CPU–GPU sync of training); log lines for
+    /// those steps arrive together. Evaluations and checkpoints read it too.
+    #[arg(long, default_value = "1", value_parser = parse_count)]
+    loss_every: usize,
+    /// Recompute the MLP's gate/up projections in the backward pass instead of keeping them
+    /// (activation checkpointing): less GPU memory for two more projections per layer.
+    #[arg(long)]
+    recompute_mlp: bool,
+    /// Tokens per row with --data.
+    #[arg(long, default_value = "128", value_parser = parse_count)]
+    seq: usize,
+    /// Fraction of the --data rows held out for validation.
+    #[arg(long, default_value = "0.1", value_parser = parse_number)]
+    val_fraction: f64,
+    /// Evaluate at most this many validation rows (0: all).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    val_rows: usize,
+    /// Evaluate on the validation rows every N steps (0: only before and after training).
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    eval_every: usize,
+    /// Write a checkpoint (adapter, optimizer state, step, data position) under --out every N steps
+    /// (0: only at the last step, which always writes one; so does a Ctrl-C).
+    #[arg(long, default_value = "100", value_parser = parse_count)]
+    save_every: usize,
+    /// Continue the run whose --out is DIR from its last checkpoint, with its settings. Only --steps
+    /// (a new target), --lr, --save-every, --eval-every and --loss-every may change.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Read options from a TOML file (keys as the flags without dashes, e.g. lr = 1e-3,
+    /// targets = ["q_proj", "v_proj"]); flags on the command line override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Keep the training rows in order instead of shuffling them each epoch.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// A prompt to continue (greedy) before and after training; repeat for more.
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value = "32", value_parser = parse_count)]
+    sample_tokens: usize,
+    /// Seed of the adapter's init, the data split and order, and the dropout masks.
+    #[arg(long, default_value = "0", value_parser = parse_count)]
+    seed: usize,
+    /// Start from the tensors of this PEFT adapter folder instead of a random init.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
+    /// Output folder: the adapter in PEFT's format (Delta-LoRA: a merged Hugging Face folder,
+    /// with the final adapter in OUT/adapter), run.json, checkpoint/, log.jsonl, loss.svg. It must
+    /// be new or empty unless --overwrite.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Replace --out whole if it already holds something (an earlier run, say).
+    #[arg(long)]
+    overwrite: bool,
+    /// The JSONL log [default: OUT/log.jsonl]: per step {"step": s, "loss": x, "lr": lr, "tokens": n,
+    /// "seconds": t} (x is the step's forward loss before its update), per evaluation
+    /// {"step": s, "val_loss": v}.
+    #[arg(long)]
+    log_json: Option<PathBuf>,
 }
 
 /// The adapter settings from the flags, checked against `--init-adapter`'s when given.
@@ -33,9 +196,6 @@ fn adapter_config(a: &TrainArgs, method: Method, init: Option<&PeftFile>) -> Res
     let Some(f) = init else {
         base.rank = a.rank.unwrap_or(base.rank);
         base.alpha = a.alpha.unwrap_or(base.alpha);
-        if a.targets.is_empty() {
-            return Err("give --targets (e.g. --targets q_proj,v_proj), or --init-adapter DIR".into());
-        }
         base.targets = a.targets.clone();
         return Ok(base);
     };
@@ -47,7 +207,7 @@ fn adapter_config(a: &TrainArgs, method: Method, init: Option<&PeftFile>) -> Res
         );
     }
     if let (Some(al), Some(fa)) = (a.alpha, f.alpha) {
-        if method != Method::Vera && (al - fa).abs() > 1e-12 * fa.abs().max(1.0) {
+        if (al - fa).abs() > 1e-12 * fa.abs().max(1.0) {
             return Err(
                 format!("--alpha {al} disagrees with {dir}'s lora_alpha = {fa}; drop --alpha or use {fa}").into()
             );
@@ -69,7 +229,9 @@ fn adapter_config(a: &TrainArgs, method: Method, init: Option<&PeftFile>) -> Res
             .into());
         }
     }
-    if method == Method::DeltaLora {
+    if method == Method::DeltaLora && cfg.dropout > 0.0 {
+        // The file's lora_dropout is PEFT's default for its own training; Delta-LoRA has none.
+        eprintln!("note: {dir} has lora_dropout = {}; Delta-LoRA trains without dropout", cfg.dropout);
         cfg.dropout = 0.0;
     } else if a.dropout > 0.0 {
         cfg.dropout = a.dropout as f32;
@@ -88,11 +250,7 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
     };
     let projected = method == Method::LoraFa && a.lorafa_projected;
     Ok(TrainConfig {
-        optimizer: match a.optimizer.as_str() {
-            "adamw" => OptimizerKind::AdamW,
-            "sgd" => OptimizerKind::Sgd,
-            o => return Err(format!("--optimizer {o:?}: use adamw or sgd").into()),
-        },
+        optimizer: optimizer(a)?,
         lr: a.lr,
         betas: (b1, b2),
         eps: a.eps.unwrap_or(if projected { 1e-6 } else { 1e-8 }),
@@ -110,32 +268,110 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
     })
 }
 
-/// The run's configuration from the flags.
-fn run_config(a: &TrainArgs) -> Res<RunConfig> {
-    let method: Method = a.method.parse()?;
-    let model = a.model.clone().ok_or("give --model MODEL (a .gguf file or a Hugging Face folder)")?;
-    let out = a.out.clone().ok_or("give --out DIR (where the adapter, log and checkpoints go)")?;
-    if a.ids.is_none() && a.data.is_none() {
-        return Err("give --ids FILE.json or --data FILE (text, a folder of texts, or JSONL)".into());
+fn optimizer(a: &TrainArgs) -> Res<OptimizerKind> {
+    match a.optimizer.as_str() {
+        "adamw" => Ok(OptimizerKind::AdamW),
+        "sgd" => Ok(OptimizerKind::Sgd),
+        o => Err(format!("--optimizer {o:?}: use adamw or sgd").into()),
     }
-    let init = a.init_adapter.as_deref().map(PeftFile::read).transpose()?;
-    let adapter = adapter_config(a, method, init.as_ref())?;
-    let steps = match (a.steps, a.epochs) {
-        (Some(0), _) => return Err("--steps must be at least 1".into()),
-        (Some(s), _) => Some(s as u64),
-        (None, Some(e)) if e > 0.0 => None,
-        (None, Some(e)) => return Err(format!("--epochs {e} must be positive").into()),
-        (None, None) => return Err("give --steps N or --epochs E".into()),
+}
+
+/// The projections a model offers, for the hint of a missing --targets (read from its config
+/// alone; None when that fails, the load then reports why).
+fn model_targets(model: &Path) -> Option<String> {
+    let config = if model.is_dir() {
+        portalora::model::ModelConfig::from_hf_json(&model.join("config.json")).ok()?
+    } else {
+        portalora::model::ModelConfig::from_gguf(&portalora::io::gguf::Gguf::open(model).ok()?).ok()?
     };
+    let mut t = portalora::adapter::all_targets(config.arch);
+    t.push(portalora::adapter::peft::ALL_LINEAR.into());
+    Some(format!("this {:?} model offers {}", config.arch, t.join(", ")))
+}
+
+/// Every required option that is missing, in one message.
+fn check_required(a: &TrainArgs) -> Res<()> {
+    let mut missing = Vec::new();
+    if a.model.is_none() {
+        missing.push("--model MODEL (a .gguf file or a Hugging Face folder)".to_string());
+    }
+    if a.ids.is_none() && a.data.is_none() {
+        missing.push("--data FILE (text, a folder of texts, or JSONL) or --ids FILE.json".into());
+    }
+    if a.steps.is_none() && a.epochs.is_none() {
+        missing.push("--steps N or --epochs E".into());
+    }
+    if a.targets.is_empty() && a.init_adapter.is_none() {
+        let hint = a.model.as_deref().and_then(model_targets);
+        missing.push(format!(
+            "--targets LIST (the projections to adapt, e.g. q_proj,v_proj{}) or --init-adapter DIR",
+            hint.map(|h| format!("; {h}")).unwrap_or_default()
+        ));
+    }
+    if a.out.is_none() {
+        missing.push("--out DIR (where the adapter, log and checkpoints go)".into());
+    }
+    match missing.len() {
+        0 => Ok(()),
+        1 => Err(format!("missing {}", missing[0]).into()),
+        _ => Err(format!("missing options:\n  {}", missing.join("\n  ")).into()),
+    }
+}
+
+/// Flags that this run would not use, each with who does use it: an error listing them all.
+fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
+    let sgd = a.optimizer == "sgd";
+    let ids = a.ids.is_some();
+    let rules: [(&[&str], bool, &str); 11] = [
+        (&["alpha", "rslora"], method == Method::Vera, "VeRA has no alpha (its scale is learnt in λ_b and λ_d)"),
+        (&["init"], method == Method::Vera, "VeRA's shared pair is always kaiming-uniform"),
+        (&["lr_ratio"], method != Method::LoraPlus, "only LoRA+ (--method lora-plus) uses it"),
+        (
+            &["delta_lambda", "delta_warmup"],
+            method != Method::DeltaLora,
+            "only Delta-LoRA (--method delta-lora) uses it",
+        ),
+        (&["vera_d_initial", "vera_seed"], method != Method::Vera, "only VeRA (--method vera) uses it"),
+        (&["lorafa_projected"], method != Method::LoraFa, "only LoRA-FA (--method lora-fa) uses it"),
+        (&["momentum"], !sgd, "only SGD (--optimizer sgd) uses it"),
+        (&["betas", "eps"], sgd, "only AdamW uses it"),
+        (&["batch", "seq", "no_shuffle"], ids, "with --ids every step trains on all the file's rows, in order"),
+        (&["val_fraction", "val_rows"], ids, "--ids has no validation rows"),
+        (&["sample_tokens"], a.prompt.is_empty(), "it sets the length of --prompt samples"),
+    ];
+    let unused: Vec<String> = rules
+        .iter()
+        .flat_map(|(ids, unused, why)| {
+            ids.iter().filter(move |id| *unused && given.contains(**id)).map(move |id| format!("{}: {why}", flag(id)))
+        })
+        .collect();
+    match unused.len() {
+        0 => Ok(()),
+        _ => Err(format!(
+            "this run would ignore {}; drop {}",
+            unused.join("; "),
+            if unused.len() == 1 { "it" } else { "them" }
+        )
+        .into()),
+    }
+}
+
+/// The run's configuration from the flags.
+fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
+    check_required(a)?;
+    let method: Method = a.method.parse()?;
+    check_unused(a, given, method)?;
+    let (model, out) = (a.model.clone().expect("checked"), a.out.clone().expect("checked"));
+    let init = a.init_adapter.as_deref().map(PeftFile::read).transpose()?;
     let mut cfg = RunConfig::new(model, out);
     cfg.ids = a.ids.clone();
     cfg.data = a.data.clone();
     // The schedule's length is fixed once the data is known (epochs): see finetune::run.
-    cfg.train = train_config(a, method, steps.unwrap_or(0))?;
-    cfg.adapter = adapter;
-    cfg.batch = a.batch.max(1);
+    cfg.train = train_config(a, method, a.steps.unwrap_or(0) as u64)?;
+    cfg.adapter = adapter_config(a, method, init.as_ref())?;
+    cfg.batch = a.batch;
     cfg.seq = a.seq;
-    cfg.steps = steps;
+    cfg.steps = a.steps.map(|s| s as u64);
     cfg.epochs = a.epochs;
     cfg.val_fraction = a.val_fraction;
     cfg.val_rows = a.val_rows;
@@ -149,136 +385,151 @@ fn run_config(a: &TrainArgs) -> Res<RunConfig> {
     Ok(cfg)
 }
 
-fn clock(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m", s / 3600, s / 60 % 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
+/// What `--resume DIR` may change: a new target and the learning rate, checkpoint, evaluation
+/// and read-back intervals. Anything else would be silently ignored (the run continues with its
+/// run.json), so it is refused.
+const RESUME_FLAGS: [&str; 7] = ["resume", "config", "steps", "lr", "save_every", "eval_every", "loss_every"];
+
+/// The saved configuration of the run in `dir` with the changes the flags ask for, and the
+/// changes in words.
+fn resume_config(a: &TrainArgs, given: &Given, dir: &Path) -> Res<(RunConfig, Vec<String>)> {
+    let refused: Vec<String> =
+        given.iter().filter(|id| !RESUME_FLAGS.contains(&id.as_str())).map(|id| flag(id)).collect();
+    if !refused.is_empty() {
+        return Err(format!(
+            "{} cannot change when resuming: the run continues with the settings in {}. With --resume only \
+             --steps, --lr, --save-every, --eval-every and --loss-every may be given; to train with other \
+             settings, start a new run from the checkpoint: --init-adapter {}",
+            refused.join(", "),
+            dir.join("run.json").display(),
+            dir.join("checkpoint").display()
+        )
+        .into());
     }
+    let mut cfg = RunConfig::load(dir)?;
+    cfg.out = dir.to_path_buf();
+    let mut changes = Vec::new();
+    if let Some(s) = a.steps.filter(|_| given.contains("steps")) {
+        let (was, s) =
+            (cfg.steps.map_or_else(|| format!("{} epochs", cfg.epochs.unwrap_or(0.0)), |w| w.to_string()), s as u64);
+        changes.push(format!("--steps {s} (was {was}; the schedule now ends at step {s})"));
+        (cfg.steps, cfg.epochs, cfg.train.total_steps) = (Some(s), None, s);
+    }
+    if given.contains("lr") {
+        changes.push(format!("--lr {} (was {})", a.lr, cfg.train.lr));
+        cfg.train.lr = a.lr;
+    }
+    if given.contains("save_every") {
+        changes.push(format!("--save-every {} (was {})", a.save_every, cfg.save_every));
+        cfg.save_every = a.save_every as u64;
+    }
+    if given.contains("eval_every") {
+        changes.push(format!("--eval-every {} (was {})", a.eval_every, cfg.eval_every));
+        cfg.eval_every = a.eval_every as u64;
+    }
+    if given.contains("loss_every") {
+        changes.push(format!("--loss-every {} (was {})", a.loss_every, cfg.train.loss_every));
+        cfg.train.loss_every = a.loss_every;
+    }
+    Ok((cfg, changes))
 }
 
-/// Progress on the terminal: a bar redrawn in place when stdout is a terminal; otherwise a line
-/// every 5% of the run (and for every evaluation and checkpoint).
-struct Progress {
-    tty: bool,
-    val: Option<f64>,
-    bar_open: bool,
-}
-
-impl Progress {
-    fn line(&mut self, text: &str) {
-        if self.bar_open {
-            println!();
-            self.bar_open = false;
+/// Ctrl-C: the first asks the run to stop after its current step (with a checkpoint and the
+/// adapter so far); a second ends the process at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let set = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nstopped at once (the last checkpoint on disk is intact)");
+            std::process::exit(130);
         }
-        println!("{text}");
+        eprintln!(
+            "\nCtrl-C: finishing this step, then writing a checkpoint and the adapter (Ctrl-C again stops at once)"
+        );
+    });
+    if let Err(e) = set {
+        eprintln!("note: Ctrl-C will stop the run at once ({e})");
     }
-
-    fn event(&mut self, e: &Event) {
-        match e {
-            Event::Data(s) => self.line(&format!("data: {s}")),
-            Event::Started { trainable, kept_bytes, model_kept_bytes, steps, first_step } => {
-                self.line(&format!(
-                    "trainable parameters {trainable}, kept for backward {} (model {} + adapter {}), steps {first_step}..={steps}",
-                    mib(*kept_bytes),
-                    mib(*model_kept_bytes),
-                    mib(kept_bytes - model_kept_bytes)
-                ));
-            }
-            Event::Samples { after, samples } => {
-                let when = if *after { "after training" } else { "before training (the base model)" };
-                self.line(&format!("samples {when}:"));
-                for (p, t) in samples.iter() {
-                    self.line(&format!("  {p}▌{}", t.replace('\n', "\n  ")));
-                }
-            }
-            Event::Step { stats, steps, eta_s, tokens_per_s, .. } => {
-                let val = self.val.map(|v| format!("  val {v:.4}")).unwrap_or_default();
-                let text = format!(
-                    "step {}/{steps}  loss {:.4}{val}  lr {:.2e}  {:.0} tok/s  ETA {}",
-                    stats.step,
-                    stats.loss,
-                    stats.lr,
-                    tokens_per_s,
-                    clock(*eta_s)
-                );
-                if self.tty {
-                    let width = 24;
-                    let done = (stats.step as usize * width / (*steps).max(1) as usize).min(width);
-                    print!("\r[{}{}] {text}\x1b[K", "#".repeat(done), "-".repeat(width - done));
-                    let _ = std::io::stdout().flush();
-                    self.bar_open = true;
-                } else if stats.step == *steps || stats.step % (steps / 20).max(1) == 0 {
-                    self.line(&text);
-                }
-            }
-            Event::Eval { step, val_loss } => {
-                self.val = Some(*val_loss);
-                if !self.tty || *step == 0 {
-                    self.line(&format!("step {step}: validation loss {val_loss:.4}"));
-                }
-            }
-            Event::Checkpoint { step, dir } => {
-                if !self.tty {
-                    self.line(&format!("step {step}: checkpoint in {}", dir.display()));
-                }
-            }
-        }
-    }
+    stop
 }
 
-pub fn train(ctx: &Context, a: TrainArgs) -> Res<()> {
+pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
     let (cfg, resume) = match &a.resume {
         Some(dir) => {
-            let mut cfg = RunConfig::load(dir)?;
-            cfg.out = dir.clone();
-            if let Some(s) = a.steps {
-                cfg.steps = Some(s as u64);
-                cfg.train.total_steps = s as u64;
+            let (cfg, changes) = resume_config(&a, given, dir)?;
+            if !changes.is_empty() {
+                println!("resuming with {}", changes.join(", "));
             }
             (cfg, true)
         }
-        None => (run_config(&a)?, false),
+        None => (run_config(&a, given)?, false),
     };
     let c = &cfg.adapter;
     println!(
-        "{} {} on {} ({}), r = {}{}{}",
+        "{} {} on {} ({}), r = {}{}{}{}",
         if resume { "resuming" } else { "training" },
         c.method,
         cfg.model.display(),
-        c.targets.join(","),
+        c.target_regex.clone().unwrap_or_else(|| c.targets.join(",")),
         c.rank,
         if c.method == Method::Vera {
             String::new()
         } else {
             format!(", alpha = {}, scale = {:.4}", c.alpha, c.scale())
         },
+        if c.rank_pattern.is_empty() && c.alpha_pattern.is_empty() { "" } else { " (other ranks/alphas by pattern)" },
         if resume { format!(" from {}", cfg.out.display()) } else { String::new() },
     );
+    let stop = stop_on_ctrl_c();
     let mut progress = Progress { tty: std::io::stdout().is_terminal(), val: None, bar_open: false };
-    let summary = finetune::run(ctx, &cfg, resume, &mut |e| progress.event(e))?;
-    progress.line(&format!("done: {} steps in {}", summary.steps, clock(summary.seconds)));
+    let opts = RunOptions { resume, overwrite: a.overwrite, stop: Some(&stop) };
+    let summary = finetune::run_with(ctx, &cfg, opts, &mut |e| progress.event(e))?;
+    let out = cfg.out.display();
+    if summary.trained_steps == 0 && !summary.interrupted {
+        progress.line(&format!(
+            "{out} is already at step {0} of {0}: nothing to do (give --steps N above {0} to train further)",
+            summary.steps
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let how = if summary.interrupted { "stopped" } else { "done" };
+    progress.line(&format!("{how}: {} steps in {}", summary.trained_steps, clock(summary.seconds)));
     if let (Some(b), Some(a)) = (summary.val_before, summary.val_after) {
         println!("validation loss: {b:.4} before → {a:.4} after");
     }
     if cfg.adapter.method == Method::DeltaLora {
-        println!("merged model:  {} (Hugging Face folder)", cfg.out.display());
+        println!("merged model:  {out} (Hugging Face folder)");
     }
     println!("adapter:       {} (PEFT format)", summary.adapter_dir.display());
     println!("log:           {}", summary.log.display());
     println!("loss curve:    {}", summary.plot.display());
-    Ok(())
+    if summary.interrupted {
+        let steps = cfg.steps.map_or_else(String::new, |s| format!(" of {s}"));
+        println!(
+            "stopped at step {}{steps}: the checkpoint is in {}, the adapter so far in {}. Continue with:\n  \
+             portalora train --resume {out}",
+            summary.steps,
+            cfg.out.join("checkpoint").display(),
+            summary.adapter_dir.display()
+        );
+        return Ok(ExitCode::from(130));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-pub fn merge(ctx: &Context, model: &Path, adapter: &Path, out: &Path) -> Res<()> {
+/// `portalora merge`: the base with the adapter's ΔW added, as a Hugging Face folder written
+/// beside `out` and renamed into place. `out` is never the model or the adapter.
+pub fn merge(ctx: &Context, model: &Path, adapter: &Path, out: &Path, overwrite: bool) -> Res<()> {
+    outdir::check(out, &[model, adapter], overwrite, "pick another --out, or replace it whole with --overwrite")?;
     let mut weights = portalora::model::load_model(model)?;
     let mut m = model_with_adapter(ctx, &weights, 1, 2, adapter)?;
     m.merge(ctx)?;
     read_back_site_weights(ctx, &m, &mut weights)?;
-    write_hf_folder(&weights, out)?;
+    outdir::write_dir_atomic(out, |tmp| -> Res<()> {
+        write_hf_folder(&weights, tmp)?;
+        Ok(())
+    })?;
     println!("merged {} into {} and wrote {}", adapter.display(), model.display(), out.display());
     Ok(())
 }

@@ -1,0 +1,154 @@
+//! `portalora eval` and `portalora generate`.
+
+use std::io::Write;
+use std::path::Path;
+
+use portalora::gpu::Context;
+use portalora::model::generate::{Generator, Sampling};
+use portalora::model::gpu::{GpuModel, ParameterTensors};
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+/// Rows and, where some tokens are not targets (prompt/completion data), their loss masks.
+type Rows = (Vec<Vec<u32>>, Option<Vec<Vec<bool>>>);
+
+/// Token rows from `--ids`, or from `--data` read exactly as `train --data` reads it (text,
+/// folders, JSONL; documents packed into rows of `seq`; no validation split).
+fn read_rows(
+    model: &Path,
+    ids: Option<&Path>,
+    data: Option<&Path>,
+    seq: usize,
+) -> Result<Rows, Box<dyn std::error::Error>> {
+    match (ids, data) {
+        (Some(p), _) => Ok((portalora::finetune::read_ids(p)?, None)),
+        (None, Some(p)) => {
+            let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
+            let ds = portalora::data::load(p, &tok, seq, 0.0, 0)?;
+            eprintln!("{}: {}", p.display(), ds.summary);
+            let masked = ds.summary.target_tokens < ds.summary.tokens;
+            let masks = masked.then(|| ds.train.iter().map(|r| r.predict.clone()).collect());
+            Ok((ds.train.into_iter().map(|r| r.ids).collect(), masks))
+        }
+        (None, None) => Err("give --ids FILE.json or --data FILE (text, a folder of texts, or JSONL)".into()),
+    }
+}
+
+/// Mean next-token cross-entropy over the target positions, printed (or as JSON).
+#[allow(clippy::too_many_arguments)] // one argument per command-line flag
+pub(crate) fn eval(
+    ctx: &Context,
+    model: &Path,
+    ids: Option<&Path>,
+    data: Option<&Path>,
+    seq: usize,
+    batch: usize,
+    adapter: Option<&Path>,
+    json: bool,
+) -> Res {
+    let (rows, masks) = read_rows(model, ids, data, seq)?;
+    let weights = portalora::model::load_model(model)?;
+    let seq = rows[0].len();
+    let batch = batch.clamp(1, rows.len());
+    let gpu = match adapter {
+        Some(dir) => portalora::train::model_with_adapter(ctx, &weights, batch, seq, dir)?,
+        None => GpuModel::new(ctx, &weights, batch, seq)?,
+    };
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for (i, chunk) in rows.chunks(batch).enumerate() {
+        let mask = masks.as_ref().map(|m| &m[i * batch..i * batch + chunk.len()]);
+        let (s, n) = gpu.loss_sum_masked(ctx, chunk, mask)?;
+        sum += s;
+        count += n;
+    }
+    let loss = sum / count.max(1) as f64;
+    if json {
+        println!("{{\"loss\": {loss}, \"tokens\": {count}}}");
+    } else {
+        println!("loss {loss:.6} over {count} predicted tokens (perplexity {:.3})", loss.exp());
+    }
+    Ok(())
+}
+
+/// Continues `prompt`, printing as it goes; says why it stopped when that was not the end of
+/// the text or `max_tokens`.
+pub(crate) fn generate(
+    ctx: &Context,
+    model: &Path,
+    prompt: &str,
+    max_tokens: usize,
+    sampling: Sampling,
+    adapter: Option<&Path>,
+    special: bool,
+) -> Res {
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        return Err(format!("--temperature {} must be 0 or positive", sampling.temperature).into());
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        return Err(format!("--top-p {} must be in (0, 1]", sampling.top_p).into());
+    }
+    let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
+    let weights = portalora::model::load_model(model)?;
+    let ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    let context = weights.config.usable_positions();
+    if ids.len() >= context {
+        return Err(format!(
+            "the prompt has {} tokens, but the model's context holds {context}; shorten the prompt",
+            ids.len()
+        )
+        .into());
+    }
+    // With an adapter, its ΔW is merged into the weights on the GPU: generation then runs the
+    // plain model, exactly as PEFT's merged inference.
+    let merged = match adapter {
+        Some(dir) => {
+            let mut m = portalora::train::model_with_adapter(ctx, &weights, 1, 2, dir)?;
+            m.merge(ctx)?;
+            Some(m)
+        }
+        None => None,
+    };
+    let uploaded;
+    let params = match &merged {
+        Some(m) => &m.params,
+        None => {
+            uploaded = ParameterTensors::upload(ctx, &weights)?;
+            &uploaded
+        }
+    };
+    let max_len = (ids.len() + max_tokens).min(context);
+    let mut gen = Generator::new(ctx, &weights.config, params, max_len)?;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{prompt}")?;
+    out.flush()?;
+    // Decode the whole continuation each time and print what is new, so that multi-byte
+    // characters split across tokens come out whole.
+    let mut new_ids = Vec::new();
+    let mut printed = 0;
+    let mut err = None;
+    let got = gen.generate(ctx, &ids, max_tokens, sampling, tok.eos_id, |t| {
+        new_ids.push(t);
+        let text = if special { tok.decode(&new_ids) } else { tok.decode_text(&new_ids) };
+        match text {
+            Ok(text) if !text.ends_with('\u{fffd}') => {
+                let _ = write!(out, "{}", &text[printed.min(text.len())..]);
+                let _ = out.flush();
+                printed = text.len();
+            }
+            Ok(_) => {}
+            Err(e) => err = Some(e),
+        }
+    })?;
+    writeln!(out)?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    let ended = got.last().is_some_and(|&t| Some(t) == tok.eos_id);
+    if !ended && got.len() < max_tokens {
+        eprintln!("(stopped after {} new tokens: the model's context of {context} positions is full)", got.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! `portalora info`, `inspect` and `bench`: what the machine, a model and the kernels are.
+
+use portalora::bench::{MatmulShape, MATMUL_SHAPES};
+use portalora::gpu::Context;
+use portalora::ops::matmul::MatmulPath;
+
+use super::{BenchStepArgs, PathArg};
+
+type Res = Result<(), Box<dyn std::error::Error>>;
+
+/// `bench matmul`: GFLOP/s per shape, as a table or one JSON object per line.
+pub(crate) fn bench_matmul(
+    ctx: &Context,
+    json: bool,
+    path: PathArg,
+    repeats: usize,
+    seconds: f64,
+    shapes: &[String],
+) -> Res {
+    let shapes = if shapes.is_empty() {
+        MATMUL_SHAPES.to_vec()
+    } else {
+        shapes.iter().map(|s| MatmulShape::parse(s)).collect::<Result<Vec<_>, _>>()?
+    };
+    let path = match path {
+        PathArg::Auto => MatmulPath::Auto,
+        PathArg::Portable => MatmulPath::Portable,
+        PathArg::Subgroup => MatmulPath::Subgroup,
+    };
+    if !json {
+        let i = ctx.info();
+        println!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+        if let Some(s) = ctx.subgroup_size() {
+            let t = portalora::ops::matmul::tuned_tile(ctx, s);
+            println!("subgroup kernel tile (autotuned): {} rows × {} vec4 columns per lane", t.tm, t.tnv);
+        }
+        println!(
+            "{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10} {:>10} {:>10}",
+            "M", "K", "N", "op", "path", "GFLOP/s", "min", "max"
+        );
+    }
+    for shape in shapes {
+        let r = portalora::bench::bench_matmul(ctx, shape, path, repeats, seconds)?;
+        let path = format!("{:?}", r.path).to_lowercase();
+        let (m, k, n, op) = (shape.m, shape.k, shape.n, shape.op());
+        if json {
+            println!(
+                "{{\"m\": {m}, \"k\": {k}, \"n\": {n}, \"op\": \"{op}\", \"path\": \"{path}\", \"gflops\": {:.3}, \"min\": {:.3}, \"max\": {:.3}}}",
+                r.median(), r.min(), r.max()
+            );
+        } else {
+            println!(
+                "{m:>6} {k:>6} {n:>6}  {op:<3} {path:<9} {:>10.2} {:>10.2} {:>10.2}",
+                r.median(),
+                r.min(),
+                r.max()
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
+    use portalora::adapter::{AdapterConfig, Method};
+    use portalora::bench::StepOptions;
+    let method: Method = a.method.parse()?;
+    let base_dtype: portalora::model::BaseDType = a.base_dtype.parse()?;
+    let weights = portalora::model::load_model(&a.model)?;
+    let mut cfg = AdapterConfig::new(method);
+    cfg.rank = a.rank;
+    cfg.alpha = 2.0 * a.rank as f64;
+    cfg.targets = if a.targets.is_empty() { portalora::adapter::all_targets(weights.config.arch) } else { a.targets };
+    let train = portalora::train::TrainConfig { base_dtype, recompute_mlp: a.recompute_mlp, ..Default::default() };
+    let opts = StepOptions { batch: a.batch, seq: a.seq, steps: a.steps, warmup: a.warmup, kernels: !a.no_kernels };
+    let i = ctx.info();
+    let model_name = a.model.display().to_string();
+    eprintln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+    eprintln!(
+        "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}{}",
+        cfg.rank,
+        cfg.targets.join(","),
+        a.batch,
+        a.seq,
+        if a.recompute_mlp { "; MLP recomputed in backward" } else { "" }
+    );
+    let total = a.warmup + a.steps;
+    let r = portalora::bench::bench_step(ctx, &weights, &cfg, &train, &opts, |k, s| {
+        let what = if k < a.warmup { " (warm-up)" } else { "" };
+        eprintln!("step {}/{total}: {s:.3} s{what}", k + 1);
+    })?;
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let kinds = ["weights", "adapters", "optimizer", "activations", "other"];
+    let b = |k: &str| r.gpu_bytes.get(k).copied().unwrap_or(0);
+    println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), a.steps);
+    println!("trainable parameters: {}", r.trainable);
+    println!("GPU memory allocated:");
+    for k in kinds {
+        println!("  {k:<12} {:>10.2} MiB", mib(b(k)));
+    }
+    println!("  {:<12} {:>10.2} MiB", "total", mib(kinds.iter().map(|k| b(k)).sum()));
+    println!("  kept for backward (part of activations): {:.2} MiB", mib(r.kept_bytes));
+    println!(
+        "  model activations + gradients, buffers shared by lifetime: {:.2} MiB (one buffer per tensor: {:.2} MiB)",
+        mib(r.planned_bytes),
+        mib(r.unshared_bytes)
+    );
+    if !r.kernels.is_empty() {
+        let how = if r.timestamps { "GPU timestamps" } else { "wall clock per dispatch" };
+        println!("one step's kernels ({how}; {:.3} s in all):", r.kernel_seconds);
+        println!("{:>9} {:>6} {:>6}  kernel [workgroups]", "seconds", "%", "count");
+        for k in r.kernels.iter().take(a.top) {
+            println!("{:>9.4} {:>5.1}% {:>6}  {}", k.seconds, 100.0 * k.seconds / r.kernel_seconds, k.count, k.label);
+        }
+    }
+    if a.json {
+        let kernels: Vec<serde_json::Value> = r
+            .kernels
+            .iter()
+            .map(|k| serde_json::json!({"kernel": k.label, "seconds": k.seconds, "count": k.count}))
+            .collect();
+        let j = serde_json::json!({
+            "tokens_per_s": r.tokens_per_s(),
+            "step_seconds": r.median_seconds(),
+            "steps": r.step_seconds,
+            "gpu_bytes": serde_json::Value::Object(kinds.iter().map(|k| (k.to_string(), b(k).into())).collect()),
+            "kept_bytes": r.kept_bytes,
+            "planned_bytes": r.planned_bytes,
+            "unshared_bytes": r.unshared_bytes,
+            "trainable": r.trainable,
+            "model": model_name,
+            "method": method.name(),
+            "rank": cfg.rank,
+            "batch": a.batch,
+            "seq": a.seq,
+            "base_dtype": base_dtype.to_string(),
+            "recompute_mlp": a.recompute_mlp,
+            "adapter": i.name,
+            "kernel_seconds": r.kernel_seconds,
+            "kernels": kernels,
+        });
+        println!("{j}");
+    }
+    Ok(())
+}
+
+pub(crate) fn info(ctx: &Context, json: bool) -> Res {
+    let i = ctx.info();
+    let f = ctx.features();
+    let l = ctx.limits();
+    if json {
+        println!(
+            "{{\"name\": {:?}, \"backend\": {:?}, \"device_type\": {:?}, \"driver\": {:?}, \"driver_info\": {:?}, \
+             \"subgroups\": {}, \"subgroup_min_size\": {}, \"subgroup_max_size\": {}, \"shader_f16\": {}, \"timestamps\": {}, \
+             \"max_storage_binding\": {}, \"max_buffer\": {}, \"max_workgroup_storage\": {}, \"max_invocations_per_workgroup\": {}, \
+             \"max_workgroups_per_dimension\": {}, \"max_storage_buffers_per_stage\": {}}}",
+            i.name, i.backend, i.device_type, i.driver, i.driver_info, f.subgroups, i.subgroup_min_size, i.subgroup_max_size,
+            f.shader_f16, f.timestamps, l.max_storage_binding, l.max_buffer, l.max_workgroup_storage,
+            l.max_invocations_per_workgroup, l.max_workgroups_per_dimension, l.max_storage_buffers_per_stage
+        );
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!("adapter:        {}", i.name);
+    println!("backend:        {}", i.backend);
+    println!("device type:    {}", i.device_type);
+    println!("driver:         {} {}", i.driver, i.driver_info);
+    println!("features:");
+    println!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
+    println!("  shader-f16:   {}", f.shader_f16);
+    println!("  timestamps:   {}", f.timestamps);
+    println!("limits:");
+    println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
+    println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
+    println!("  workgroup storage:      {} KiB", l.max_workgroup_storage / 1024);
+    println!("  invocations/workgroup:  {}", l.max_invocations_per_workgroup);
+    println!("  workgroups/dimension:   {}", l.max_workgroups_per_dimension);
+    println!("  storage buffers/stage:  {}", l.max_storage_buffers_per_stage);
+    Ok(())
+}
+
+pub(crate) fn inspect(path: &std::path::Path) -> Res {
+    let w = portalora::model::load_model(path)?;
+    let c = &w.config;
+    println!("model:          {}", path.display());
+    println!("architecture:   {:?}", c.arch);
+    println!("parameters:     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    println!("vocab:          {}", c.vocab_size);
+    println!("layers:         {}", c.num_layers);
+    println!("hidden:         {}", c.hidden_size);
+    println!("heads:          {} (kv {}, head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
+    println!("mlp:            {}", c.intermediate_size);
+    println!("context:        {}", c.max_positions);
+    println!("norm eps:       {:e}", c.norm_eps);
+    if c.arch == portalora::model::Arch::Llama {
+        println!("rope theta:     {}", c.rope_theta);
+    }
+    println!("tied head:      {}", c.tie_embeddings);
+    if let Some(w) = c.sliding_window {
+        println!("sliding window: {w} (sequences up to {w} tokens)");
+    }
+    println!("tensors:        {}", w.tensors.len());
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! What a run reads: token-id files, data through [`crate::data`], and the prompts it samples.
+
+use std::path::Path;
+
+use super::{file_err, FinetuneError, Result, RunConfig};
+use crate::data::{self, DataSummary, Row};
+use crate::gpu::Context;
+use crate::io::tokenizer::Tokenizer;
+use crate::model::generate::{Generator, Sampling};
+use crate::model::weights::Weights;
+
+/// Rows for training and validation, each with its loss mask.
+pub(super) struct Data {
+    pub train: Vec<Row>,
+    pub val: Vec<Row>,
+    /// Whether some tokens are not loss targets (prompt/completion data).
+    pub masked: bool,
+    pub summary: Option<DataSummary>,
+}
+
+/// Reads `{"input_ids": [[...], ...]}`: rows of equal length, at least 2 tokens each.
+pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(path, format!("not JSON: {e}")))?;
+    let rows = v["input_ids"].as_array().ok_or_else(|| file_err(path, "expected {\"input_ids\": [[...], ...]}"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (r, row) in rows.iter().enumerate() {
+        let row = row.as_array().ok_or_else(|| file_err(path, format!("input_ids[{r}] is not a list")))?;
+        let ids = row
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64()
+                    .filter(|&x| x <= u32::MAX as u64)
+                    .map(|x| x as u32)
+                    .ok_or_else(|| file_err(path, format!("input_ids[{r}][{i}] = {x} is not a token id")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        out.push(ids);
+    }
+    let len = out.first().map(Vec::len).unwrap_or(0);
+    if len < 2 {
+        return Err(file_err(path, "rows need at least 2 tokens to predict one"));
+    }
+    if let Some(r) = out.iter().position(|row| row.len() != len) {
+        return Err(file_err(
+            path,
+            format!(
+                "input_ids[{r}] has {} tokens but input_ids[0] has {len}; rows must be of equal length",
+                out[r].len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate::model::ModelConfig) -> Result<Data> {
+    match (&cfg.ids, &cfg.data) {
+        (Some(p), _) => {
+            let rows = read_ids(p)?;
+            for (r, row) in rows.iter().enumerate() {
+                if let Some((i, id)) = row.iter().enumerate().find(|(_, &id)| id as usize >= model.vocab_size) {
+                    return Err(file_err(
+                        p,
+                        format!(
+                            "input_ids[{r}][{i}] = {id} is outside the model's vocabulary of {} tokens",
+                            model.vocab_size
+                        ),
+                    ));
+                }
+            }
+            model.check_seq(rows[0].len()).map_err(|e| file_err(p, e))?;
+            let train = rows.into_iter().map(|ids| Row { predict: vec![true; ids.len()], ids }).collect();
+            Ok(Data { train, val: Vec::new(), masked: false, summary: None })
+        }
+        (None, Some(p)) => {
+            if let Err(e) = model.check_seq(cfg.seq) {
+                let max = model.usable_positions();
+                return Err(FinetuneError::Config(format!("--seq {}: {e}; use --seq {max} or less", cfg.seq)));
+            }
+            let tok = tok.ok_or_else(|| {
+                file_err(&cfg.model, "has no tokenizer (tokenizer.json or vocab.json + merges.txt); use --ids")
+            })?;
+            let ds = data::load(p, tok, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
+            let masked = ds.summary.target_tokens < ds.summary.tokens;
+            Ok(Data { train: ds.train, val: ds.val, masked, summary: Some(ds.summary) })
+        }
+        (None, None) => {
+            Err(FinetuneError::Config("give --ids FILE.json or --data FILE (text, folder or JSONL)".into()))
+        }
+    }
+}
+
+/// Greedy continuations of `prompts` by the model's current weights (`params`).
+pub(super) fn samples(
+    ctx: &Context,
+    w: &Weights,
+    params: &crate::model::gpu::ParameterTensors,
+    tok: &Tokenizer,
+    prompts: &[String],
+    n: usize,
+) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for p in prompts {
+        let ids = tok.encode(p).map_err(|e| FinetuneError::Config(format!("prompt {p:?}: {e}")))?;
+        if ids.is_empty() {
+            continue;
+        }
+        let max_len = (ids.len() + n).min(w.config.usable_positions());
+        let mut g = Generator::new(ctx, &w.config, params, max_len)?;
+        let mut new = Vec::new();
+        g.generate(ctx, &ids, n, Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }, tok.eos_id, |t| {
+            new.push(t)
+        })?;
+        let text = tok.decode_text(&new).map_err(|e| FinetuneError::Config(e.to_string()))?;
+        out.push((p.clone(), text));
+    }
+    Ok(out)
+}

@@ -1,0 +1,585 @@
+//! A whole fine-tuning run, as `portalora train` does it and as an app embeds it: read the data,
+//! train for some steps or epochs (with gradient accumulation), evaluate on the validation rows
+//! every N steps, write checkpoints every N steps, resume from one exactly, and at the end write
+//! the adapter, the JSONL log, a loss-curve image and samples before and after.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use portalora::adapter::{AdapterConfig, Method};
+//! use portalora::finetune::{run, Event, RunConfig};
+//! let ctx = pollster::block_on(portalora::gpu::Context::new())?;
+//! let mut cfg = RunConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf", "out");
+//! cfg.data = Some("hamlet.txt".into());
+//! cfg.adapter = AdapterConfig { rank: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()], ..AdapterConfig::new(Method::Lora) };
+//! cfg.steps = Some(100);
+//! let summary = run(&ctx, &cfg, false, &mut |e: &Event| {
+//!     if let Event::Step { stats, .. } = e {
+//!         println!("step {} loss {:.4}", stats.step, stats.loss);
+//!     }
+//! })?;
+//! println!("adapter in {}", summary.adapter_dir.display());
+//! # Ok(()) }
+//! ```
+//!
+//! Files under `out`: `run.json` (this run's configuration, with its current target; `--resume`
+//! reads it), `checkpoint/` (the last good checkpoint, see [`checkpoint`]), `log.jsonl` (one line
+//! per step and per evaluation), `loss.svg`, `summary.json`, and the adapter
+//! (`adapter_config.json` + `adapter_model.safetensors`; for Delta-LoRA a merged Hugging Face
+//! folder with the adapter in `out/adapter`).
+//!
+//! Work is never lost or clobbered: a folder that holds anything is refused unless
+//! [`RunOptions::overwrite`] (then it is replaced whole), an input is never the output, a lock
+//! keeps a second process out (see [`crate::outdir`]); checkpoints come every
+//! [`RunConfig::save_every`] steps and always at the last step; [`RunOptions::stop`] ends a run
+//! after its current step with a checkpoint and the adapter so far; a resumed run only moves
+//! forward (its target is recorded in `run.json`, and an adapter is never replaced by an older
+//! one).
+//!
+//! Reproducibility: the data order is a seeded shuffle per epoch, the dropout masks a hash of the
+//! seed and the step, and the GPU kernels are deterministic, so a resumed run reproduces the
+//! uninterrupted one's losses and adapter bit for bit on the same device.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::peft::{write_atomic, PeftFile};
+use crate::adapter::{AdapterConfig, AdapterError, Method};
+use crate::data::{DataError, DataSummary, Order, Row};
+use crate::gpu::Context;
+use crate::io::tokenizer::Tokenizer;
+use crate::model::export::{read_back_site_weights, write_hf_folder};
+use crate::model::weights::Weights;
+use crate::outdir::{self, OutDirError};
+use crate::train::{Batch, StepStats, TrainConfig, TrainError, Trainer};
+
+pub mod checkpoint;
+mod checks;
+mod inputs;
+
+pub use checkpoint::checkpoint_step;
+use checkpoint::{Loaded, Log, State};
+use checks::{check_config, check_length, check_resume, shape_of, Shape};
+pub use inputs::read_ids;
+use inputs::{load_data, samples, Data};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinetuneError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    GpuModel(#[from] crate::model::gpu::GpuModelError),
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error(transparent)]
+    OutDir(#[from] OutDirError),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "step {step}: {what} is not finite (NaN or Inf); the run stopped before saving anything from it{kept}. \
+         Lower the learning rate or clip gradients (--max-grad-norm), check the data, then --resume"
+    )]
+    NonFinite { step: u64, what: String, kept: String },
+}
+
+pub type Result<T> = std::result::Result<T, FinetuneError>;
+
+/// A micro-batch's rows: token ids and loss masks.
+type Micro = (Vec<Vec<u32>>, Vec<Vec<bool>>);
+
+/// Checkpoints every this many steps unless told otherwise (HF Trainer checkpoints every 500 of
+/// its usually faster steps; a checkpoint of SmolLM2's LoRA takes well under a second).
+pub const DEFAULT_SAVE_EVERY: u64 = 100;
+
+fn file_err(path: &Path, message: impl std::fmt::Display) -> FinetuneError {
+    FinetuneError::File { path: path.to_path_buf(), message: message.to_string() }
+}
+
+fn config_err(message: impl Into<String>) -> FinetuneError {
+    FinetuneError::Config(message.into())
+}
+
+/// Everything a run needs; saved as `out/run.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The base model: a .gguf file or a Hugging Face folder.
+    pub model: PathBuf,
+    /// `{"input_ids": [[...], ...]}`: every step trains on all these rows, in order.
+    pub ids: Option<PathBuf>,
+    /// A text file, a folder of text files, or JSONL.
+    pub data: Option<PathBuf>,
+    pub adapter: AdapterConfig,
+    pub train: TrainConfig,
+    /// Rows per micro-batch (with `ids`: the file's rows / grad_accum).
+    pub batch: usize,
+    /// Tokens per row (with `ids`: the file's row length).
+    pub seq: usize,
+    /// Optimizer steps; or `epochs` over the training rows.
+    pub steps: Option<u64>,
+    pub epochs: Option<f64>,
+    /// Fraction of the data's rows kept for validation.
+    pub val_fraction: f64,
+    /// At most this many validation rows are evaluated (0: all).
+    pub val_rows: usize,
+    /// Evaluate every N steps (0: only before and after).
+    pub eval_every: u64,
+    /// Write a checkpoint every N steps (0: only at the last step, which always writes one).
+    pub save_every: u64,
+    /// Shuffle the training rows each epoch.
+    pub shuffle: bool,
+    pub init_adapter: Option<PathBuf>,
+    pub out: PathBuf,
+    /// The JSONL log (default `out/log.jsonl`).
+    pub log_json: Option<PathBuf>,
+    /// Prompts sampled before and after training (greedy).
+    pub prompts: Vec<String>,
+    pub sample_tokens: usize,
+}
+
+impl RunConfig {
+    /// Defaults: LoRA (r = 8, alpha = 8) with AdamW at 2e-4, batch 4 × seq 128, 10% validation,
+    /// a checkpoint every [`DEFAULT_SAVE_EVERY`] steps.
+    pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        RunConfig {
+            model: model.into(),
+            ids: None,
+            data: None,
+            adapter: AdapterConfig::new(Method::Lora),
+            train: TrainConfig::default(),
+            batch: 4,
+            seq: 128,
+            steps: None,
+            epochs: None,
+            val_fraction: 0.1,
+            val_rows: 0,
+            eval_every: 0,
+            save_every: DEFAULT_SAVE_EVERY,
+            shuffle: true,
+            init_adapter: None,
+            out: out.into(),
+            log_json: None,
+            prompts: Vec::new(),
+            sample_tokens: 32,
+        }
+    }
+
+    /// The configuration of an earlier run from its `out` folder.
+    pub fn load(out: &Path) -> Result<Self> {
+        let path = out.join("run.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| file_err(&path, format!("{e}; is {} the --out of an earlier run?", out.display())))?;
+        serde_json::from_str(&text).map_err(|e| file_err(&path, format!("not a run configuration: {e}")))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.log_json.clone().unwrap_or_else(|| self.out.join("log.jsonl"))
+    }
+}
+
+/// What happened, as it happens (for progress displays).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The data was read.
+    Data(&'a DataSummary),
+    /// The model and adapter are ready.
+    Started {
+        trainable: usize,
+        kept_bytes: u64,
+        model_kept_bytes: u64,
+        steps: u64,
+        first_step: u64,
+    },
+    /// Greedy continuations of the prompts: before training (the base model) or after.
+    Samples {
+        after: bool,
+        samples: &'a [(String, String)],
+    },
+    Step {
+        stats: &'a StepStats,
+        steps: u64,
+        elapsed_s: f64,
+        eta_s: f64,
+        tokens_per_s: f64,
+    },
+    Eval {
+        step: u64,
+        val_loss: f64,
+    },
+    Checkpoint {
+        step: u64,
+        dir: &'a Path,
+    },
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub val_before: Option<f64>,
+    pub val_after: Option<f64>,
+    pub train_loss: Vec<(u64, f64)>,
+    pub val_loss: Vec<(u64, f64)>,
+    pub samples_before: Vec<(String, String)>,
+    pub samples_after: Vec<(String, String)>,
+    pub adapter_dir: PathBuf,
+    pub plot: PathBuf,
+    pub log: PathBuf,
+    pub seconds: f64,
+    pub data: Option<DataSummary>,
+    /// The run ended early at `steps` because it was asked to stop ([`RunOptions::stop`]).
+    #[serde(default)]
+    pub interrupted: bool,
+    /// Steps trained by this call (0 when a resumed run was already at its target).
+    #[serde(default)]
+    pub trained_steps: u64,
+}
+
+/// How a run starts and ends, beyond its configuration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions<'a> {
+    /// Continue from `cfg.out`'s last checkpoint (`cfg` is then the saved `run.json`, possibly with
+    /// a new target or learning rate).
+    pub resume: bool,
+    /// Replace a `cfg.out` that holds something, whole (a new run only).
+    pub overwrite: bool,
+    /// Set elsewhere (a Ctrl-C handler) to end the run after its current step, with a checkpoint
+    /// and the adapter so far written as usual.
+    pub stop: Option<&'a AtomicBool>,
+}
+
+/// What `base_model_name_or_path` records for `model`: a Hugging Face folder as an absolute path
+/// (PEFT loads it from there); nothing for a GGUF file, which PEFT cannot load by name.
+pub fn base_model_ref(model: &Path) -> Option<String> {
+    model.is_dir().then(|| outdir::absolute(model).display().to_string())
+}
+
+/// Runs (or, with `resume`, continues from `cfg.out`'s last checkpoint) a fine-tuning run.
+pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
+    run_with(ctx, cfg, RunOptions { resume, ..RunOptions::default() }, on)
+}
+
+/// Runs a fine-tuning run as `opts` say: fresh into `cfg.out`, or resumed from its checkpoint.
+pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
+    let start = Instant::now();
+    check_config(cfg)?;
+    let inputs: Vec<&Path> = [Some(&cfg.model), cfg.ids.as_ref(), cfg.data.as_ref(), cfg.init_adapter.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+    if opts.resume {
+        outdir::check_not_input(&cfg.out, &inputs)?;
+    } else {
+        let what = match checkpoint::find(&cfg.out) {
+            Some(_) => "continue its run with --resume, pick another --out, or replace it whole with --overwrite",
+            None => "pick another --out, or replace it whole with --overwrite",
+        };
+        outdir::check(&cfg.out, &inputs, opts.overwrite, what)?;
+    }
+    let checkpoint = opts.resume.then(|| checkpoint::load(&cfg.out)).transpose()?;
+    let weights = crate::model::load_model(&cfg.model)?;
+    let tok = Tokenizer::for_model(&cfg.model).ok();
+    if tok.is_none() && !cfg.prompts.is_empty() {
+        return Err(file_err(&cfg.model, "has no tokenizer, so --prompt cannot be sampled; drop --prompt"));
+    }
+    let data = load_data(cfg, tok.as_ref(), &weights.config)?;
+    if let Some(s) = &data.summary {
+        on(&Event::Data(s));
+    }
+    let shape = shape_of(cfg, &data)?;
+    check_length(cfg, shape.steps)?;
+    if let Some(done) = checkpoint.as_ref().map(|c| check_resume(cfg, c, shape.steps)).transpose()?.flatten() {
+        return Ok(done);
+    }
+    let mut s = Session::start(ctx, cfg, opts, weights, tok, data, shape, checkpoint)?;
+    s.train(on)?;
+    s.finish(start, on)
+}
+
+/// A run under way: everything the loop touches.
+struct Session<'a> {
+    ctx: &'a Context,
+    cfg: &'a RunConfig,
+    stop: Option<&'a AtomicBool>,
+    weights: Weights,
+    tok: Option<Tokenizer>,
+    data: Data,
+    shape: Shape,
+    trainer: Trainer,
+    summary: Summary,
+    rows_read: u64,
+    log: Log,
+    /// The step of the checkpoint on disk (named when a later step fails).
+    last_checkpoint: Option<u64>,
+    /// Validation rows and their loss masks.
+    val: (Vec<Vec<u32>>, Vec<Vec<bool>>),
+    _claim: outdir::Claim,
+}
+
+impl<'a> Session<'a> {
+    fn start(
+        ctx: &'a Context,
+        cfg: &'a RunConfig,
+        opts: RunOptions<'a>,
+        weights: Weights,
+        tok: Option<Tokenizer>,
+        data: Data,
+        shape: Shape,
+        checkpoint: Option<Loaded>,
+    ) -> Result<Self> {
+        let mut tc = cfg.train.clone();
+        if tc.total_steps == 0 {
+            tc.total_steps = shape.steps; // the schedule's length, once the data fixed it (--epochs)
+        }
+        let init_file = match (&checkpoint, &cfg.init_adapter) {
+            (None, Some(dir)) => Some(PeftFile::read(dir)?),
+            _ => None,
+        };
+        let init = checkpoint.as_ref().map(|c| &c.adapter).or(init_file.as_ref());
+        let mut trainer = Trainer::new(ctx, &weights, shape.batch, shape.seq, &cfg.adapter, &tc, init)?;
+        // The folder is taken only now: a run refused above leaves nothing behind.
+        let claim = match &checkpoint {
+            Some(_) => outdir::claim_existing(&cfg.out)?,
+            None => outdir::claim_new(&cfg.out, opts.overwrite)?,
+        };
+        let json = serde_json::to_string_pretty(cfg).map_err(|e| config_err(e.to_string()))?;
+        write_atomic(&cfg.out.join("run.json"), json.as_bytes())?;
+        let (summary, rows_read, lines) = match &checkpoint {
+            Some(c) => {
+                checkpoint::restore(ctx, &mut trainer, c)?;
+                let st = &c.state;
+                let lines =
+                    if st.log.is_empty() { checkpoint::lines_from_history(&st.summary) } else { st.log.clone() };
+                let summary = Summary { interrupted: false, trained_steps: 0, ..st.summary.clone() };
+                (summary, st.rows_read, lines)
+            }
+            None => (Summary { data: data.summary.clone(), ..Summary::default() }, 0, Vec::new()),
+        };
+        let log = Log::create(cfg.log_path(), lines)?;
+        let val: Vec<&Row> = data.val.iter().take(if cfg.val_rows == 0 { usize::MAX } else { cfg.val_rows }).collect();
+        let val = (val.iter().map(|r| r.ids.clone()).collect(), val.iter().map(|r| r.predict.clone()).collect());
+        let last_checkpoint = checkpoint.as_ref().map(|c| c.state.step);
+        Ok(Session {
+            ctx,
+            cfg,
+            stop: opts.stop,
+            weights,
+            tok,
+            data,
+            shape,
+            trainer,
+            summary,
+            rows_read,
+            log,
+            last_checkpoint,
+            val,
+            _claim: claim,
+        })
+    }
+
+    fn eval(&self) -> Result<Option<f64>> {
+        if self.val.0.is_empty() {
+            return Ok(None);
+        }
+        let mask = self.data.masked.then_some(&self.val.1[..]);
+        Ok(Some(self.trainer.eval_loss_masked(self.ctx, &self.val.0, mask)?))
+    }
+
+    fn record_eval(&mut self, step: u64, on: &mut dyn FnMut(&Event)) -> Result<()> {
+        if let Some(v) = self.eval()? {
+            if step == 0 {
+                self.summary.val_before = Some(v);
+            }
+            self.summary.val_loss.push((step, v));
+            self.log.line(serde_json::json!({"step": step, "val_loss": v}))?;
+            on(&Event::Eval { step, val_loss: v });
+        }
+        Ok(())
+    }
+
+    /// The micro-batches of the next step: with --ids the file's rows in order, else the next
+    /// rows of the seeded order.
+    fn next_micro(&mut self, order: &mut Order) -> Vec<Micro> {
+        let Shape { batch, k, .. } = self.shape;
+        (0..k)
+            .map(|m| {
+                let rows: Vec<&Row> = if self.cfg.ids.is_some() {
+                    self.data.train[m * batch..(m + 1) * batch].iter().collect()
+                } else {
+                    (0..batch)
+                        .map(|_| {
+                            let (i, _) = order.at(self.rows_read);
+                            self.rows_read += 1;
+                            &self.data.train[i]
+                        })
+                        .collect()
+                };
+                (rows.iter().map(|r| r.ids.clone()).collect(), rows.iter().map(|r| r.predict.clone()).collect())
+            })
+            .collect()
+    }
+
+    /// The training loop, from the step after the checkpoint (or 1) to the target, or to the
+    /// step during which a stop was asked for.
+    fn train(&mut self, on: &mut dyn FnMut(&Event)) -> Result<()> {
+        let (first, steps) = (self.trainer.step + 1, self.shape.steps);
+        on(&Event::Started {
+            trainable: self.trainer.trainable_parameters(),
+            kept_bytes: self.trainer.kept_bytes(),
+            model_kept_bytes: self.trainer.model.acts.kept_bytes,
+            steps,
+            first_step: first,
+        });
+        if self.last_checkpoint.is_none() {
+            if let (Some(t), false) = (&self.tok, self.cfg.prompts.is_empty()) {
+                let (c, w) = (self.cfg, &self.weights);
+                self.summary.samples_before =
+                    samples(self.ctx, w, &self.trainer.model.params, t, &c.prompts, c.sample_tokens)?;
+                on(&Event::Samples { after: false, samples: &self.summary.samples_before });
+            }
+            self.record_eval(0, on)?;
+        }
+        let mut order =
+            Order::new(self.data.train.len(), self.cfg.adapter.seed, self.cfg.shuffle && self.cfg.ids.is_none());
+        let mut clock = Clock { start: Instant::now(), last_read: Instant::now(), tokens: 0, first };
+        for t in first..=steps {
+            let micro = self.next_micro(&mut order);
+            let masked = self.data.masked;
+            let batches: Vec<Batch> =
+                micro.iter().map(|(ids, p)| Batch { ids, predict: if masked { Some(p) } else { None } }).collect();
+            self.trainer.submit_step(self.ctx, &batches)?;
+            let stopping = self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) && t < steps;
+            let every = |n: u64| n > 0 && t % n == 0;
+            let evaluates = every(self.cfg.eval_every) || t == steps;
+            let saves = every(self.cfg.save_every) || t == steps || stopping;
+            // Losses come back every `loss_every` steps (and before evaluations and checkpoints,
+            // which record the history): the only time the CPU waits for the GPU.
+            if self.trainer.losses_due() || evaluates || saves {
+                self.collect(&mut clock, steps, on)?;
+            }
+            if evaluates {
+                self.record_eval(t, on)?;
+            }
+            if saves {
+                self.log.sync()?;
+                let st = State {
+                    step: t,
+                    rows_read: self.rows_read,
+                    summary: self.summary.clone(),
+                    log: self.log.lines.clone(),
+                };
+                let dir = checkpoint::save(self.ctx, self.cfg, &self.trainer, &st)?;
+                self.last_checkpoint = Some(t);
+                on(&Event::Checkpoint { step: t, dir: &dir });
+            }
+            self.summary.steps = t;
+            self.summary.trained_steps += 1;
+            if stopping {
+                self.summary.interrupted = true;
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the losses of the steps submitted since the last read, logs them, and stops the run
+    /// at a non-finite loss or gradient.
+    fn collect(&mut self, clock: &mut Clock, steps: u64, on: &mut dyn FnMut(&Event)) -> Result<()> {
+        let collected = self.trainer.collect_losses(self.ctx)?;
+        let seconds = clock.last_read.elapsed().as_secs_f64() / collected.len().max(1) as f64;
+        clock.last_read = Instant::now();
+        for stats in collected {
+            let what = if !stats.loss.is_finite() {
+                Some(format!("the loss ({})", stats.loss))
+            } else {
+                stats.nonfinite_grad.map(|i| format!("the gradient of {}", self.trainer.params[i].name))
+            };
+            if let Some(what) = what {
+                let kept = match self.last_checkpoint {
+                    Some(s) => format!(
+                        "; the checkpoint of step {s} in {} is intact",
+                        self.cfg.out.join("checkpoint").display()
+                    ),
+                    None => String::new(),
+                };
+                return Err(FinetuneError::NonFinite { step: stats.step, what, kept });
+            }
+            let s = stats.step;
+            clock.tokens += stats.tokens;
+            self.summary.train_loss.push((s, stats.loss));
+            self.log.line(serde_json::json!({"step": s, "loss": stats.loss, "lr": stats.lr, "tokens": stats.tokens, "seconds": seconds, "grad_norm": stats.grad_norm}))?;
+            let elapsed = clock.start.elapsed().as_secs_f64();
+            let done = (s - clock.first + 1) as f64;
+            on(&Event::Step {
+                stats: &stats,
+                steps,
+                elapsed_s: elapsed,
+                eta_s: elapsed / done * (steps - s) as f64,
+                tokens_per_s: clock.tokens as f64 / elapsed.max(1e-9),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the adapter (Delta-LoRA: the merged model with the adapter beside it), samples
+    /// after training (not after a stop: that should be quick), the loss curve and the summary.
+    fn finish(self, start: Instant, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
+        let Session { ctx, cfg, weights, tok, mut trainer, mut summary, log, .. } = self;
+        let steps = summary.steps;
+        summary.val_after = summary.val_loss.last().filter(|(s, _)| *s == steps).map(|&(_, v)| v);
+        let base = base_model_ref(&cfg.model);
+        summary.adapter_dir = cfg.out.clone();
+        if cfg.adapter.method == Method::DeltaLora {
+            summary.adapter_dir = cfg.out.join("adapter");
+            trainer.save_adapter(ctx, base.as_deref(), &summary.adapter_dir)?;
+            trainer.model.merge(ctx)?;
+            let mut merged = crate::model::load_model(&cfg.model)?;
+            read_back_site_weights(ctx, &trainer.model, &mut merged)?;
+            write_hf_folder(&merged, &cfg.out)?;
+        } else {
+            trainer.save_adapter(ctx, base.as_deref(), &cfg.out)?;
+        }
+        if let (Some(t), false, false) = (&tok, cfg.prompts.is_empty(), summary.interrupted) {
+            summary.samples_after = if trainer.model.base_is_packed() {
+                // A quantized base cannot take ΔW: sample from an f32 copy with the saved adapter merged.
+                drop(trainer);
+                let mut m = crate::train::model_with_adapter(ctx, &weights, 1, 2, &summary.adapter_dir)?;
+                m.merge(ctx)?;
+                samples(ctx, &weights, &m.params, t, &cfg.prompts, cfg.sample_tokens)?
+            } else {
+                if cfg.adapter.method != Method::DeltaLora {
+                    trainer.model.merge(ctx)?;
+                }
+                samples(ctx, &weights, &trainer.model.params, t, &cfg.prompts, cfg.sample_tokens)?
+            };
+            on(&Event::Samples { after: true, samples: &summary.samples_after });
+        }
+        summary.plot = cfg.out.join("loss.svg");
+        let name = cfg.model.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+        let title = format!("{} on {name}", cfg.adapter.method);
+        write_atomic(&summary.plot, crate::plot::loss_svg(&summary.train_loss, &summary.val_loss, &title).as_bytes())?;
+        summary.log = log.path.clone();
+        summary.seconds = start.elapsed().as_secs_f64();
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| config_err(e.to_string()))?;
+        write_atomic(&cfg.out.join("summary.json"), json.as_bytes())?;
+        Ok(summary)
+    }
+}
+
+/// Timing of the loop, for the progress events.
+struct Clock {
+    start: Instant,
+    last_read: Instant,
+    tokens: usize,
+    first: u64,
+}
