@@ -14,7 +14,8 @@ MODEL = $(CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 # The main job: fine-tune SmolLM2-135M-Instruct with LoRA r = 8 on Hamlet, on the GPU (Mesa's
 # lavapipe on a machine without one: about ten minutes on 2 cores), printing samples and the
-# validation loss before and after, and where the adapter, log and loss curve are.
+# validation loss before and after, and where the adapter, log and loss curve are. The demo's
+# folder is its own: each run replaces it (--overwrite).
 DEMO_OUT ?= $(CACHE)/demo-run
 DEMO_STEPS ?= 70
 demo: setup
@@ -26,7 +27,7 @@ demo: setup
 	  --lr 1e-3 --schedule cosine --warmup-steps 4 --steps $(DEMO_STEPS) --batch 2 --seq 128 \
 	  --val-rows 8 --eval-every 10 --save-every 20 \
 	  --prompt "HAMLET." --prompt "To be, or not to be" --sample-tokens 32 \
-	  --out "$(DEMO_OUT)"
+	  --out "$(DEMO_OUT)" --overwrite
 
 # Every test: kernels on the GPU (lavapipe without one), WGSL validation, model loading and the
 # reference forward against transformers (tiny fixtures and the real SmolLM2 GGUF), the adapters

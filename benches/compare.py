@@ -37,6 +37,7 @@ def portalora_speed(a, ids_path, targets):
                "--base-dtype", a.base_dtype]
         if a.method == "vera":
             cmd[cmd.index("--rank") + 1] = str(max(a.rank, 256))
+            del cmd[cmd.index("--alpha"):cmd.index("--alpha") + 2]  # VeRA has no alpha (refused)
         if a.method == "delta-lora":
             cmd += ["--delta-warmup", "0"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -347,6 +347,16 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             &["--steps 1 is behind the checkpoint of step 2"],
         ),
         c(
+            "--init with --init-adapter",
+            t(llama, &["--ids", "DIR/ids_ok.json", "--init-adapter", "DIR/bad_adapter", "--init", "gaussian"]),
+            &["--init: the adapter starts from --init-adapter's tensors"],
+        ),
+        c(
+            "`generate` sampling flags without a temperature",
+            words(&format!("generate --model {gpt2} --prompt To --top-k 5 --seed 3")),
+            &["--top-k, --seed are not used with --temperature 0"],
+        ),
+        c(
             "`eval --ids` with --seq",
             words(&format!("eval --model {gpt2} --ids DIR/ids_ok.json --seq 8")),
             &["--seq is not used with --ids"],

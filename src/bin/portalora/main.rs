@@ -308,6 +308,16 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
     match cli.command {
         Command::Inspect { .. } => unreachable!("handled above"),
         Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, adapter, special } => {
+            let sampler: Vec<String> =
+                ["top_k", "top_p", "seed"].iter().filter(|id| given.contains(**id)).map(|id| flag(id)).collect();
+            if temperature == 0.0 && !sampler.is_empty() {
+                return Err(format!(
+                    "{} not used with --temperature 0, which picks the most likely token; give --temperature T > 0 \
+                     to sample",
+                    sampler.join(", ") + if sampler.len() == 1 { " is" } else { " are" }
+                )
+                .into());
+            }
             let sampling = portalora::model::generate::Sampling { temperature, top_k, top_p, seed };
             infer::generate(&ctx, &model, &prompt, max_tokens, sampling, adapter.as_deref(), special)?
         }

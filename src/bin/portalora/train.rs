@@ -322,7 +322,7 @@ fn check_required(a: &TrainArgs) -> Res<()> {
 fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
     let sgd = a.optimizer == "sgd";
     let ids = a.ids.is_some();
-    let rules: [(&[&str], bool, &str); 11] = [
+    let rules: [(&[&str], bool, &str); 12] = [
         (&["alpha", "rslora"], method == Method::Vera, "VeRA has no alpha (its scale is learnt in λ_b and λ_d)"),
         (&["init"], method == Method::Vera, "VeRA's shared pair is always kaiming-uniform"),
         (&["lr_ratio"], method != Method::LoraPlus, "only LoRA+ (--method lora-plus) uses it"),
@@ -338,11 +338,18 @@ fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
         (&["batch", "seq", "no_shuffle"], ids, "with --ids every step trains on all the file's rows, in order"),
         (&["val_fraction", "val_rows"], ids, "--ids has no validation rows"),
         (&["sample_tokens"], a.prompt.is_empty(), "it sets the length of --prompt samples"),
+        (
+            &["init", "vera_d_initial", "vera_seed"],
+            a.init_adapter.is_some(),
+            "the adapter starts from --init-adapter's tensors and settings",
+        ),
     ];
-    let unused: Vec<String> = rules
+    // Each given flag with the first rule that finds it unused.
+    let unused: Vec<String> = given
         .iter()
-        .flat_map(|(ids, unused, why)| {
-            ids.iter().filter(move |id| *unused && given.contains(**id)).map(move |id| format!("{}: {why}", flag(id)))
+        .filter_map(|id| {
+            let (_, _, why) = rules.iter().find(|(ids, unused, _)| *unused && ids.contains(&id.as_str()))?;
+            Some(format!("{}: {why}", flag(id)))
         })
         .collect();
     match unused.len() {
