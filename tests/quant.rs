@@ -180,6 +180,11 @@ fn random_model(arch: Arch) -> Weights {
         rope_theta: 10000.0,
         tie_embeddings: arch == Arch::Gpt2,
         sliding_window: None,
+        block: if arch == Arch::Llama {
+            portalora::model::arch::Block::LLAMA
+        } else {
+            portalora::model::arch::Block::GPT2
+        },
     };
     let mut rng = Rng::new(5);
     let mut tensors = BTreeMap::new();

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::arch::Block;
 use super::weights::ModelError;
 use crate::io::gguf::{Gguf, Value};
 
@@ -40,6 +41,8 @@ pub struct ModelConfig {
     /// not limited to a window yet, so sequences longer than this are refused (shorter ones are
     /// exactly what the model computes).
     pub sliding_window: Option<usize>,
+    /// What one decoder block computes (norms, biases, activation, positions, layouts).
+    pub block: Block,
 }
 
 /// The fields of a Hugging Face `config.json` we read (LLaMA and GPT-2 naming).
@@ -80,6 +83,14 @@ struct HfConfig {
 struct RopeParameters {
     rope_theta: Option<f64>,
     rope_type: Option<String>,
+}
+
+/// The block an architecture's checkpoints describe.
+fn block_of(arch: Arch) -> Block {
+    match arch {
+        Arch::Llama => Block::LLAMA,
+        Arch::Gpt2 => Block::GPT2,
+    }
 }
 
 /// Refuses `config.json` fields whose value changes what the model computes in a way portalora
@@ -190,6 +201,7 @@ impl ModelConfig {
                 Some("qwen2") if c.use_sliding_window == Some(true) => c.sliding_window,
                 _ => None,
             },
+            block: block_of(arch),
         };
         cfg.validate().map_err(bad)?;
         Ok(cfg)
@@ -246,6 +258,7 @@ impl ModelConfig {
             rope_theta: float("rope.freq_base").unwrap_or(10000.0),
             tie_embeddings: !has_output,
             sliding_window: None,
+            block: block_of(arch),
         };
         if let Some(t) = g.metadata.get(&key("rope.scaling.type")).and_then(Value::as_str).filter(|t| *t != "none") {
             return Err(bad(format!(

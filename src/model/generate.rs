@@ -1,17 +1,15 @@
-//! Text generation on the GPU with a KV cache (LLaMA family and GPT-2): the prompt is run once (prefill), then each new
-//! token runs one position through the layers, attending to the cached keys and values.
-//! Sampling (greedy, temperature, top-k, top-p) happens on the CPU over one row of logits.
+//! Text generation on the GPU with a KV cache, for every block the layer recorder knows: the
+//! prompt is run once (prefill), then each new token runs one position through the layers,
+//! attending to the cached keys and values. Sampling (greedy, temperature, top-k, top-p) happens
+//! on the CPU over one row of logits.
 
+use super::arch::NormKind;
 use super::config::ModelConfig;
-use super::gpu::{GpuModelError, LayerParams, ParameterTensors};
+use super::gpu::block::{Hooks, Keys, Recorder};
+use super::gpu::head::Positions;
+use super::gpu::{GpuModelError, LayerActivations, ParameterTensors};
+use crate::adapter::Adapter;
 use crate::gpu::{Context, DType, Readback, Step, Tensor};
-use crate::ops::act::{gelu_forward, swiglu_forward};
-use crate::ops::attention::attention_forward;
-use crate::ops::elementwise::{add_forward, bias_forward, copy_forward};
-use crate::ops::embed::embed_forward;
-use crate::ops::matmul::{matmul, Matmul};
-use crate::ops::norm::{layernorm_forward, rmsnorm_forward};
-use crate::ops::rope::rope_forward;
 use crate::reference::Rng;
 
 type Result<T> = std::result::Result<T, GpuModelError>;
@@ -33,39 +31,29 @@ impl Default for Sampling {
     }
 }
 
-/// Scratch activations for up to `rows` new tokens at a time (shared by every layer: generation
-/// keeps nothing for a backward pass) and the KV cache.
+/// Scratch for up to `rows` new tokens at a time: one layer's activations shared by every layer
+/// (generation keeps nothing for a backward pass), the residual stream, and the KV cache.
 struct Scratch {
-    ids: Tensor,          // (rows,) u32
-    x: [Tensor; 2],       // (rows, C) residual stream, ping-pong between layers
-    h: Tensor,            // (rows, C)
-    rstd: Tensor,         // (rows,)
-    mean: Tensor,         // (rows,)  LayerNorm mean (GPT-2)
-    pos_ids: Tensor,      // (rows,) u32 absolute positions (GPT-2)
-    emb: Tensor,          // (rows, C) token embeddings before positions (GPT-2)
-    pos_emb: Tensor,      // (rows, C) position embeddings (GPT-2)
-    q: Tensor,            // (rows, H·hd)
-    k: Tensor,            // (rows, KV·hd)
-    v: Tensor,            // (rows, KV·hd)
-    q_rot: Tensor,        // (rows, H·hd)
-    k_rot: Tensor,        // (rows, KV·hd)
-    att: Tensor,          // (rows, H·hd)
-    lse: Tensor,          // (H · rows,) used as (H, n) for n new rows
-    o: Tensor,            // (rows, C)
-    x_mid: Tensor,        // (rows, C)
-    gate: Tensor,         // (rows, F)
-    up: Tensor,           // (rows, F)
-    act: Tensor,          // (rows, F)
-    down: Tensor,         // (rows, C)
-    logits: Tensor,       // (rows, V)
-    k_cache: Vec<Tensor>, // L × (max_len, KV·hd)
-    v_cache: Vec<Tensor>, // L × (max_len, KV·hd)
+    ids: Tensor,             // (rows,) u32
+    x: [Tensor; 2],          // (rows, C) residual stream, ping-pong between layers
+    layer: LayerActivations, // rows of new tokens
+    pos_ids: Tensor,         // (rows,) u32 absolute positions (learned positions)
+    emb: Tensor,             // (rows, C) token embeddings before positions
+    pos_emb: Tensor,         // (rows, C) position embeddings
+    hf: Tensor,              // (rows, C) final norm
+    meanf: Tensor,           // (rows,)
+    rstdf: Tensor,           // (rows,)
+    logits: Tensor,          // (rows, V)
+    k_cache: Vec<Tensor>,    // L × (max_len, KV·hd)
+    v_cache: Vec<Tensor>,    // L × (max_len, KV·hd)
 }
 
-/// Generates from a model whose weights are on the GPU.
+/// Generates from a model whose weights are on the GPU, with an adapter's branch (unmerged)
+/// when one is given.
 pub struct Generator<'p> {
     config: ModelConfig,
     params: &'p ParameterTensors,
+    adapter: Option<&'p dyn Adapter>,
     max_len: usize,
     rows: usize,
     s: Scratch,
@@ -80,10 +68,8 @@ impl<'p> Generator<'p> {
             return Err(GpuModelError::TooLong { seq: max_len, max: config.max_positions });
         }
         config.check_seq(max_len).map_err(GpuModelError::Unsupported)?; // a sliding window
-
         let c = config;
-        let (h, q, kv, f, v) =
-            (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size, c.vocab_size);
+        let (h, kv, v) = (c.hidden_size, c.num_kv_heads * c.head_dim, c.vocab_size);
         // The prompt goes through in chunks small enough for one logits binding.
         let fit = (ctx.limits().max_storage_binding / (v as u64 * 4)).max(1) as usize;
         let rows = max_len.min(fit).min(512);
@@ -91,30 +77,18 @@ impl<'p> Generator<'p> {
         let s = Scratch {
             ids: ctx.tensor("ids", &[rows], DType::U32)?,
             x: [t("x0", &[rows, h])?, t("x1", &[rows, h])?],
-            h: t("h", &[rows, h])?,
-            rstd: t("rstd", &[rows])?,
-            mean: t("mean", &[rows])?,
+            layer: LayerActivations::scratch(ctx, c, rows)?,
             pos_ids: ctx.tensor("pos_ids", &[rows], DType::U32)?,
             emb: t("emb", &[rows, h])?,
             pos_emb: t("pos_emb", &[rows, h])?,
-            q: t("q", &[rows, q])?,
-            k: t("k", &[rows, kv])?,
-            v: t("v", &[rows, kv])?,
-            q_rot: t("q_rot", &[rows, q])?,
-            k_rot: t("k_rot", &[rows, kv])?,
-            att: t("att", &[rows, q])?,
-            lse: t("lse", &[c.num_heads * rows])?,
-            o: t("o", &[rows, h])?,
-            x_mid: t("x_mid", &[rows, h])?,
-            gate: t("gate", &[rows, f])?,
-            up: t("up", &[rows, f])?,
-            act: t("act", &[rows, f])?,
-            down: t("down", &[rows, h])?,
+            hf: t("hf", &[rows, h])?,
+            meanf: t("meanf", &[rows])?,
+            rstdf: t("rstdf", &[rows])?,
             logits: t("logits", &[rows, v])?,
             k_cache: (0..c.num_layers).map(|_| t("k_cache", &[max_len, kv])).collect::<std::result::Result<_, _>>()?,
             v_cache: (0..c.num_layers).map(|_| t("v_cache", &[max_len, kv])).collect::<std::result::Result<_, _>>()?,
         };
-        Ok(Generator { config: config.clone(), params, max_len, rows, s, pos: 0 })
+        Ok(Generator { config: config.clone(), params, adapter: None, max_len, rows, s, pos: 0 })
     }
 
     /// Forgets the cached positions (a new sequence starts).
@@ -156,81 +130,29 @@ impl<'p> Generator<'p> {
         let c = &self.config;
         let (n, pos) = (tokens.len(), self.pos);
         let (p, s) = (self.params, &self.s);
-        let (kvw, eps) = (c.num_kv_heads * c.head_dim, c.norm_eps as f32);
         // Views of the first n rows start at offset 0, so they need no alignment care.
         let r = |t: &Tensor| t.rows(0, n, 4);
         ctx.write_u32(&r(&s.ids)?, tokens)?;
+        let rec = Recorder { ctx, config: c, hooks: Hooks { adapter: self.adapter, train: false }, attn: None };
         let mut st = Step::new();
-        match &p.pos_embed {
-            None => p.embed.embed(ctx, &mut st, &r(&s.ids)?, &r(&s.x[0])?)?,
-            Some(wpe) => {
-                let positions: Vec<u32> = (pos..pos + n).map(|i| i as u32).collect();
-                ctx.write_u32(&r(&s.pos_ids)?, &positions)?;
-                p.embed.embed(ctx, &mut st, &r(&s.ids)?, &r(&s.emb)?)?;
-                embed_forward(ctx, &mut st, &r(&s.pos_ids)?, wpe, &r(&s.pos_emb)?)?;
-                add_forward(ctx, &mut st, &r(&s.emb)?, &r(&s.pos_emb)?, &r(&s.x[0])?)?;
-            }
+        let (pos_ids, emb, pos_emb) = (r(&s.pos_ids)?, r(&s.emb)?, r(&s.pos_emb)?);
+        let learned = (!c.block.rope).then_some(Positions { ids: &pos_ids, emb: &emb, pos: &pos_emb });
+        if learned.is_some() {
+            let positions: Vec<u32> = (pos..pos + n).map(|i| i as u32).collect();
+            ctx.write_u32(&pos_ids, &positions)?;
         }
-        let (rope_q, rope_k) = c.rope_shapes(n, pos);
-        let shape = c.attention_shape(1, n, pos);
-        let lse = s.lse.rows(0, c.num_heads * n, 4)?;
-        let (h, rstd, mean) = (r(&s.h)?, r(&s.rstd)?, r(&s.mean)?);
+        rec.embed_forward(&mut st, p, &r(&s.ids)?, &r(&s.x[0])?, learned)?;
+        let la = s.layer.first_rows(n, c.num_heads)?;
         for (l, lp) in p.layers.iter().enumerate() {
             let (x_in, x_out) = (r(&s.x[l % 2])?, r(&s.x[(l + 1) % 2])?);
-            let (q, k, v, att, o, x_mid) = (r(&s.q)?, r(&s.k)?, r(&s.v)?, r(&s.att)?, r(&s.o)?, r(&s.x_mid)?);
-            let (gate, act, down) = (r(&s.gate)?, r(&s.act)?, r(&s.down)?);
-            let kc = s.k_cache[l].rows(0, pos + n, 4)?;
-            let vc = s.v_cache[l].rows(0, pos + n, 4)?;
-            match lp {
-                LayerParams::Llama(lp) => {
-                    let (q_rot, k_rot) = (r(&s.q_rot)?, r(&s.k_rot)?);
-                    rmsnorm_forward(ctx, &mut st, &x_in, &lp.ln1, eps, &h, &rstd)?;
-                    matmul(ctx, &mut st, &h, &lp.wq, &q, Matmul::nt())?;
-                    matmul(ctx, &mut st, &h, &lp.wk, &k, Matmul::nt())?;
-                    matmul(ctx, &mut st, &h, &lp.wv, &v, Matmul::nt())?;
-                    rope_forward(ctx, &mut st, rope_q, &q, &q_rot)?;
-                    rope_forward(ctx, &mut st, rope_k, &k, &k_rot)?;
-                    copy_forward(ctx, &mut st, &k_rot, &s.k_cache[l], pos * kvw)?;
-                    copy_forward(ctx, &mut st, &v, &s.v_cache[l], pos * kvw)?;
-                    attention_forward(ctx, &mut st, shape, &q_rot, &kc, &vc, &att, &lse)?;
-                    matmul(ctx, &mut st, &att, &lp.wo, &o, Matmul::nt())?;
-                    add_forward(ctx, &mut st, &x_in, &o, &x_mid)?;
-                    rmsnorm_forward(ctx, &mut st, &x_mid, &lp.ln2, eps, &h, &rstd)?;
-                    let up = r(&s.up)?;
-                    matmul(ctx, &mut st, &h, &lp.w_gate, &gate, Matmul::nt())?;
-                    matmul(ctx, &mut st, &h, &lp.w_up, &up, Matmul::nt())?;
-                    swiglu_forward(ctx, &mut st, &gate, &up, &act)?;
-                    matmul(ctx, &mut st, &act, &lp.w_down, &down, Matmul::nt())?;
-                }
-                LayerParams::Gpt2(lp) => {
-                    layernorm_forward(ctx, &mut st, &x_in, &lp.ln1_w, &lp.ln1_b, eps, &h, &mean, &rstd)?;
-                    for (w, b, out) in [(&lp.wq, &lp.bq, &q), (&lp.wk, &lp.bk, &k), (&lp.wv, &lp.bv, &v)] {
-                        matmul(ctx, &mut st, &h, w, out, Matmul::nn())?;
-                        bias_forward(ctx, &mut st, b, out)?;
-                    }
-                    copy_forward(ctx, &mut st, &k, &s.k_cache[l], pos * kvw)?;
-                    copy_forward(ctx, &mut st, &v, &s.v_cache[l], pos * kvw)?;
-                    attention_forward(ctx, &mut st, shape, &q, &kc, &vc, &att, &lse)?;
-                    matmul(ctx, &mut st, &att, &lp.wo, &o, Matmul::nn())?;
-                    bias_forward(ctx, &mut st, &lp.bo, &o)?;
-                    add_forward(ctx, &mut st, &x_in, &o, &x_mid)?;
-                    layernorm_forward(ctx, &mut st, &x_mid, &lp.ln2_w, &lp.ln2_b, eps, &h, &mean, &rstd)?;
-                    matmul(ctx, &mut st, &h, &lp.w_fc, &gate, Matmul::nn())?;
-                    bias_forward(ctx, &mut st, &lp.b_fc, &gate)?;
-                    gelu_forward(ctx, &mut st, &gate, &act)?;
-                    matmul(ctx, &mut st, &act, &lp.w_proj, &down, Matmul::nn())?;
-                    bias_forward(ctx, &mut st, &lp.b_proj, &down)?;
-                }
-            }
-            add_forward(ctx, &mut st, &x_mid, &down, &x_out)?;
+            let keys = Keys::Cache { k: &s.k_cache[l], v: &s.v_cache[l], pos };
+            rec.layer_forward(&mut st, l, lp, &x_in, &la, keys, &x_out)?;
         }
-        let x_last = r(&s.x[c.num_layers % 2])?;
-        match &p.norm_bias {
-            None => rmsnorm_forward(ctx, &mut st, &x_last, &p.norm, eps, &h, &rstd)?,
-            Some(b) => layernorm_forward(ctx, &mut st, &x_last, &p.norm, b, eps, &h, &mean, &rstd)?,
-        }
+        let (hf, meanf) = (r(&s.hf)?, r(&s.meanf)?);
+        let mean = (c.block.norm == NormKind::Layer).then_some(&meanf);
+        rec.norm_forward(&mut st, &r(&s.x[c.num_layers % 2])?, &p.norm, &hf, mean, &r(&s.rstdf)?)?;
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
-        head.project(ctx, &mut st, &r(&s.h)?, &r(&s.logits)?)?;
+        head.project(ctx, &mut st, &hf, &r(&s.logits)?)?;
         ctx.run(&st)?;
         self.pos += n;
         Ok(())

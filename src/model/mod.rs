@@ -1,6 +1,7 @@
 //! Transformer models: configuration, weights in PyTorch layout, and loading from GGUF files and
 //! Hugging Face folders.
 
+pub mod arch;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod export;

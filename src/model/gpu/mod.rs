@@ -1,0 +1,417 @@
+//! Models on the GPU: parameters uploaded once ([`params`]), activations planned for a fixed
+//! batch and sequence length ([`plan`]), and the forward pass (and forward + loss + backward)
+//! recorded once as a [`Step`] and replayed. Every family's layers are recorded by the one layer
+//! recorder ([`block`]) from the block's description; the embedding, LM head and loss are in
+//! [`head`].
+//!
+//! Conventions: the residual stream and every activation are row-major `(N, ·)` with
+//! N = batch · seq and row n = b · seq + t. Every activation the backward pass needs is kept (one
+//! tensor per layer and role, except what [`PlanOptions::recompute_mlp`] recomputes); the plan
+//! lays them and the gradients out up front by lifetime, so a tensor holds its value only between
+//! the phases that write and read it.
+
+pub mod block;
+pub mod head;
+pub mod params;
+pub mod plan;
+
+use std::fmt;
+
+use super::config::ModelConfig;
+use super::weights::Weights;
+use crate::adapter::{Adapter, AdapterError, Input, Proj, SiteWeights};
+use crate::gpu::{Context, DType, GpuError, Step, Tensor};
+use crate::ops::xent::IGNORE;
+use block::{Hooks, Keys, Recorder};
+
+pub use params::{BaseDType, BlockParams, Norm, ParameterTensors, SplitTable};
+pub use plan::{Activations, Gradients, LayerActivations, Recomputed};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuModelError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("token id {id} at row {row}, position {pos} is outside the vocabulary of {vocab} tokens")]
+    BadId { id: u32, row: usize, pos: usize, vocab: usize },
+    #[error("input rows must all have {expected} tokens (the planned sequence length); row {row} has {found}")]
+    RowLength { row: usize, expected: usize, found: usize },
+    #[error("{found} input rows do not fit the planned batch of {batch}")]
+    BatchSize { batch: usize, found: usize },
+    #[error("sequence length {seq} exceeds the model's context of {max} positions")]
+    TooLong { seq: usize, max: usize },
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+pub(crate) type Result<T> = std::result::Result<T, GpuModelError>;
+
+/// How the plan splits what could exceed one storage binding (`None` picks the largest that
+/// fits), whether it plans for training, and what it keeps per layer.
+#[derive(Clone, Debug, Default)]
+pub struct PlanOptions {
+    /// Rows of logits computed at a time (a positive multiple of 64; default: what fits 32 MiB).
+    pub logit_chunk_rows: Option<usize>,
+    /// Rows per part of the token-embedding / LM-head tables.
+    pub table_part_rows: Option<usize>,
+    /// Projection inputs kept per layer for an adapter's backward pass. The frozen base's own
+    /// backward never reads them, so by default each is one tensor shared by all layers.
+    pub keep_inputs: Vec<Input>,
+    /// How the frozen matrices are stored (default here: f32; `Auto` keeps a GGUF's types).
+    pub base_dtype: Option<BaseDType>,
+    /// Plan (and record) the training step too. Without it the plan is for the forward pass
+    /// alone, and a layer's activations share memory with the next layer's.
+    pub backward: bool,
+    /// Recompute the MLP's up-projections (and the norm before them) in the backward pass
+    /// instead of keeping them: activation checkpointing of the largest per-layer activations,
+    /// for two more projections per layer (LLaMA: gate and up, (N, F) each; GPT-2: c_fc).
+    pub recompute_mlp: bool,
+    /// Keep every layer's input gradient `dx[l]` after the step (tests inspect them); by default
+    /// they share memory two layers apart.
+    pub keep_layer_grads: bool,
+}
+
+/// A model on the GPU with its forward pass (and, for training, forward + backward) recorded
+/// for one (batch, seq).
+pub struct GpuModel {
+    pub config: ModelConfig,
+    pub params: ParameterTensors,
+    pub acts: Activations,
+    pub grads: Option<Gradients>,
+    forward: Step,
+    train: Option<Step>,
+    adapter: Option<Box<dyn Adapter>>,
+    /// The adapter's ΔW has been added into the base weights (its branch is then skipped).
+    merged: bool,
+    /// The options the memory plan was made with.
+    opts: PlanOptions,
+}
+
+impl fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "GpuModel {{ {:?}, batch {}, seq {} }}", self.config.arch, self.acts.batch, self.acts.seq)
+    }
+}
+
+/// An activation that exists for some blocks only (planned in [`plan::plan`]).
+fn need(t: &Option<Tensor>) -> Result<&Tensor> {
+    t.as_ref().ok_or_else(|| GpuModelError::Unsupported("an activation this block does not have was asked for".into()))
+}
+
+impl GpuModel {
+    /// Uploads `w` and plans and records the forward pass for `batch` rows of `seq` tokens.
+    pub fn new(ctx: &Context, w: &Weights, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_options(ctx, w, batch, seq, PlanOptions::default())
+    }
+
+    /// As [`GpuModel::new`], with the memory plan's options (see [`PlanOptions`]); with
+    /// `opts.backward` the training step's memory is planned too ([`GpuModel::enable_backward`]
+    /// records it, once the adapter is attached).
+    pub fn with_options(ctx: &Context, w: &Weights, batch: usize, seq: usize, opts: PlanOptions) -> Result<Self> {
+        let c = w.config.clone();
+        if seq > c.max_positions {
+            return Err(GpuModelError::TooLong { seq, max: c.max_positions });
+        }
+        c.check_seq(seq).map_err(GpuModelError::Unsupported)?; // a sliding window
+        let params =
+            ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
+        let (acts, grads) = plan::plan(ctx, &c, batch, seq, &opts)?;
+        let mut model = GpuModel {
+            config: c,
+            params,
+            acts,
+            grads,
+            forward: Step::new(),
+            train: None,
+            adapter: None,
+            merged: false,
+            opts,
+        };
+        model.forward = model.record(ctx, false)?;
+        Ok(model)
+    }
+
+    /// Makes the model trainable: records forward + loss + backward as one step. A model
+    /// planned for the forward pass alone (whose layers share activation memory) is planned
+    /// again for training first.
+    pub fn enable_backward(&mut self, ctx: &Context) -> Result<()> {
+        if let Some(a) = self.adapter.as_deref() {
+            self.check_kept_inputs(a)?;
+        }
+        if self.train.is_some() {
+            return Ok(());
+        }
+        if self.grads.is_none() {
+            self.opts.backward = true;
+            let (acts, grads) = plan::plan(ctx, &self.config, self.acts.batch, self.acts.seq, &self.opts)?;
+            (self.acts, self.grads) = (acts, grads);
+            self.forward = self.record(ctx, false)?;
+        }
+        self.train = Some(self.record(ctx, true)?);
+        Ok(())
+    }
+
+    /// The layer recorder for this model, with the adapter's hooks unless it is merged.
+    fn recorder<'a>(&'a self, ctx: &'a Context, train: bool) -> Recorder<'a> {
+        let adapter = self.adapter.as_deref().filter(|_| !self.merged);
+        Recorder { ctx, config: &self.config, hooks: Hooks { adapter, train }, attn: self.acts.attn.as_ref() }
+    }
+
+    /// Records the forward pass and the loss; with `backward`, also the gradient of the mean loss
+    /// over every predicted position of a full batch back to the input of every layer, in exact
+    /// reverse order.
+    fn record(&self, ctx: &Context, backward: bool) -> Result<Step> {
+        let r = self.recorder(ctx, backward);
+        let (p, a) = (&self.params, &self.acts);
+        let mut s = Step::new();
+        r.embed_forward(&mut s, p, &a.ids, &a.x[0], r.positions(a)?)?;
+        let keys = Keys::Batch { batch: a.batch, seq: a.seq };
+        for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
+            r.layer_forward(&mut s, l, lp, &a.x[l], la, keys, &a.x[l + 1])?;
+        }
+        r.final_norm(&mut s, p, &a.x[self.config.num_layers], a)?;
+        let grads = if backward { self.grads.as_ref() } else { None };
+        r.head_forward(&mut s, p, a, grads)?;
+        if let Some(g) = grads {
+            r.final_norm_backward(&mut s, p, a, g)?;
+            let recompute_h2 = !self.opts.keep_inputs.contains(&Input::H2);
+            for l in (0..self.config.num_layers).rev() {
+                let (lp, la) = (&p.layers[l], &a.layers[l]);
+                r.layer_backward(&mut s, l, lp, &a.x[l], la, g, &g.dx[l + 1], &g.dx[l], recompute_h2)?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Attaches an adapter to the projections its sites name and re-records the steps. Fails when
+    /// the adapter's backward reads projection inputs this plan does not keep per layer.
+    pub fn attach(&mut self, ctx: &Context, adapter: Box<dyn Adapter>) -> Result<()> {
+        if self.grads.is_some() {
+            self.check_kept_inputs(adapter.as_ref())?;
+        }
+        if let Some(site) = adapter.sites().iter().find(|s| s.layer >= self.config.num_layers) {
+            return Err(GpuModelError::Unsupported(format!("{} is not a layer of this model", site.module)));
+        }
+        self.adapter = Some(adapter);
+        self.merged = false;
+        self.rerecord(ctx)
+    }
+
+    /// Training needs every projection input the adapter's backward reads kept per layer.
+    fn check_kept_inputs(&self, adapter: &dyn Adapter) -> Result<()> {
+        if !adapter.needs_input() {
+            return Ok(());
+        }
+        match adapter.sites().iter().find(|s| !self.opts.keep_inputs.contains(&s.proj.input())) {
+            None => Ok(()),
+            Some(site) => Err(GpuModelError::Unsupported(format!(
+                "the {} adapter on {} reads its input in backward, but the model was planned without \
+                 keeping {:?}; plan it with PlanOptions::keep_inputs",
+                adapter.config().method,
+                site.module,
+                site.proj.input()
+            ))),
+        }
+    }
+
+    /// Detaches the adapter (unmerged first if merged) and re-records the steps.
+    pub fn detach(&mut self, ctx: &Context) -> Result<Option<Box<dyn Adapter>>> {
+        if self.merged {
+            self.unmerge(ctx)?;
+        }
+        let a = self.adapter.take();
+        self.rerecord(ctx)?;
+        Ok(a)
+    }
+
+    fn rerecord(&mut self, ctx: &Context) -> Result<()> {
+        self.forward = self.record(ctx, false)?;
+        if self.train.is_some() {
+            self.train = Some(self.record(ctx, true)?);
+        }
+        Ok(())
+    }
+
+    pub fn adapter(&self) -> Option<&dyn Adapter> {
+        self.adapter.as_deref()
+    }
+
+    pub fn adapter_mut(&mut self) -> Option<&mut (dyn Adapter + 'static)> {
+        self.adapter.as_deref_mut()
+    }
+
+    /// The frozen weights of every site of the attached adapter, in site order.
+    pub fn site_weights(&self) -> Result<Vec<SiteWeights<'_>>> {
+        let Some(a) = self.adapter.as_deref() else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for site in a.sites() {
+            let lp = &self.params.layers[site.layer];
+            let parts = match site.proj {
+                Proj::Q => vec![&lp.wq],
+                Proj::K => vec![&lp.wk],
+                Proj::V => vec![&lp.wv],
+                Proj::CAttn => vec![&lp.wq, &lp.wk, &lp.wv],
+                Proj::O | Proj::AttnProj => vec![&lp.wo],
+                Proj::Gate => vec![need(&lp.w_gate)?],
+                Proj::Up | Proj::Fc => vec![&lp.w_up],
+                Proj::Down | Proj::MlpProj => vec![&lp.w_down],
+            };
+            out.push(SiteWeights { parts, conv1d: site.conv1d });
+        }
+        Ok(out)
+    }
+
+    /// Whether any frozen matrix is stored packed (f16 or quantized; see [`BaseDType`]).
+    pub fn base_is_packed(&self) -> bool {
+        self.params.layers.iter().any(|l| l.matrices().any(|t| t.dtype() != DType::F32))
+            || self.params.embed.parts.iter().any(|(_, t)| t.dtype() != DType::F32)
+    }
+
+    /// Adds the adapter's ΔW into the frozen weights on the GPU (`W0 += s·B·A`, PEFT's merge);
+    /// the branch is then skipped, so the forward pass gives the same results faster.
+    pub fn merge(&mut self, ctx: &Context) -> Result<()> {
+        self.merge_sign(ctx, 1.0)?;
+        self.merged = true;
+        self.rerecord(ctx)
+    }
+
+    /// Subtracts what [`GpuModel::merge`] added (the base comes back within f32 rounding).
+    pub fn unmerge(&mut self, ctx: &Context) -> Result<()> {
+        if !self.merged {
+            return Ok(());
+        }
+        self.merge_sign(ctx, -1.0)?;
+        self.merged = false;
+        self.rerecord(ctx)
+    }
+
+    fn merge_sign(&self, ctx: &Context, sign: f32) -> Result<()> {
+        let Some(a) = self.adapter.as_deref() else {
+            return Err(GpuModelError::Unsupported("no adapter is attached to merge".into()));
+        };
+        if self.base_is_packed() {
+            return Err(GpuModelError::Unsupported(
+                "the base weights are stored quantized on the GPU and cannot take the adapter's ΔW; \
+                 load the base as f32 (--base-dtype f32) to merge"
+                    .into(),
+            ));
+        }
+        let mut s = Step::new();
+        a.merge(ctx, &mut s, &self.site_weights()?, sign)?;
+        ctx.run(&s)?;
+        Ok(())
+    }
+
+    /// The recorded forward + loss + backward step (after [`GpuModel::enable_backward`]).
+    pub fn train_step(&self) -> Option<&Step> {
+        self.train.as_ref()
+    }
+
+    /// Checks that `ids` fit the plan and the vocabulary, with the row and position of any fault.
+    pub fn check_ids(&self, ids: &[Vec<u32>]) -> Result<()> {
+        if ids.len() > self.acts.batch || ids.is_empty() {
+            return Err(GpuModelError::BatchSize { batch: self.acts.batch, found: ids.len() });
+        }
+        for (row, r) in ids.iter().enumerate() {
+            if r.len() != self.acts.seq {
+                return Err(GpuModelError::RowLength { row, expected: self.acts.seq, found: r.len() });
+            }
+            if let Some((pos, &id)) = r.iter().enumerate().find(|&(_, &id)| id as usize >= self.config.vocab_size) {
+                return Err(GpuModelError::BadId { id, row, pos, vocab: self.config.vocab_size });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the forward pass on `ids` (up to `batch` rows of `seq` tokens; missing rows are
+    /// padding whose positions are ignored) and returns (sum of next-token losses, positions).
+    /// Only the loss sum is read back.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn loss_sum(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
+        self.loss_sum_masked(ctx, ids, None)
+    }
+
+    /// [`GpuModel::loss_sum`] over the positions `predict` marks (see [`GpuModel::write_batch`]).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn loss_sum_masked(
+        &self,
+        ctx: &Context,
+        ids: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+    ) -> Result<(f64, usize)> {
+        crate::gpu::block_on(self.loss_sum_async(ctx, ids, predict))
+    }
+
+    /// [`GpuModel::loss_sum_masked`] for callers that cannot block (browsers).
+    pub async fn loss_sum_async(
+        &self,
+        ctx: &Context,
+        ids: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+    ) -> Result<(f64, usize)> {
+        let count = self.write_batch(ctx, ids, predict)?;
+        ctx.run(&self.forward)?;
+        let sum = ctx.read(&self.acts.loss_sum)?.await?;
+        Ok((sum[0] as f64, count))
+    }
+
+    /// Uploads ids and next-token targets (padding rows ignored); returns the predicted positions.
+    pub fn write_inputs(&self, ctx: &Context, ids: &[Vec<u32>]) -> Result<usize> {
+        self.write_batch(ctx, ids, None)
+    }
+
+    /// Uploads ids and, per row, which positions count in the loss: `predict[r][t]` says whether
+    /// token t of row r is a target (predicted from the tokens before it). `None` predicts every
+    /// token after the first, as a language model's loss does. Writes the loss scale
+    /// 1 / (predicted positions); returns that count.
+    pub fn write_batch(&self, ctx: &Context, ids: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> Result<usize> {
+        self.check_ids(ids)?;
+        let (b, t) = (self.acts.batch, self.acts.seq);
+        let mut flat = vec![0u32; b * t];
+        let mut targets = vec![IGNORE; b * t];
+        let mut count = 0;
+        for (r, row) in ids.iter().enumerate() {
+            flat[r * t..(r + 1) * t].copy_from_slice(row);
+            let mask = predict.and_then(|p| p.get(r));
+            if let Some(m) = mask.filter(|m| m.len() != t) {
+                return Err(GpuModelError::RowLength { row: r, expected: t, found: m.len() });
+            }
+            for pos in 0..t - 1 {
+                if mask.is_none_or(|m| m[pos + 1]) {
+                    targets[r * t + pos] = row[pos + 1];
+                    count += 1;
+                }
+            }
+        }
+        ctx.write_u32(&self.acts.ids, &flat)?;
+        ctx.write_u32(&self.acts.targets, &targets)?;
+        ctx.write_f32(&self.acts.loss_scale, &[1.0 / count.max(1) as f32])?;
+        Ok(count)
+    }
+
+    /// Forward, loss and backward on a full batch of `ids` (B rows of T tokens). Returns (sum of
+    /// next-token losses, positions); the gradients of their mean are left in [`GpuModel::grads`].
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn forward_backward(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<(f64, usize)> {
+        if self.train.is_none() {
+            self.enable_backward(ctx)?;
+        }
+        if ids.len() != self.acts.batch {
+            return Err(GpuModelError::BatchSize { batch: self.acts.batch, found: ids.len() });
+        }
+        let count = self.write_inputs(ctx, ids)?;
+        ctx.run(self.train.as_ref().expect("recorded above"))?;
+        let sum = ctx.read_f32(&self.acts.loss_sum)?;
+        Ok((sum[0] as f64, count))
+    }
+
+    /// Logits `(rows, V)` of the last forward pass, when they fit one chunk (tests, generation).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn last_logits(&self, ctx: &Context) -> Result<Vec<f32>> {
+        if self.acts.chunk_rows < self.acts.batch * self.acts.seq {
+            return Err(GpuModelError::Unsupported("logits of this batch span several chunks".into()));
+        }
+        Ok(ctx.read_f32(&self.acts.logits)?)
+    }
+}

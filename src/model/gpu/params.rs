@@ -1,0 +1,365 @@
+//! The frozen base model's weights on the GPU: one [`BlockParams`] per layer whatever the
+//! family (what a family lacks is `None`), the vocabulary tables split to fit storage bindings,
+//! and the frozen matrices stored as [`BaseDType`] asks.
+
+use std::fmt;
+
+use super::{GpuModelError, Result};
+use crate::gpu::{Context, DType, Step, Tensor};
+use crate::model::arch::NormKind;
+use crate::model::config::Arch;
+use crate::model::weights::{HostTensor, RawTensor, Weights};
+use crate::ops::embed::embed_forward_part;
+use crate::ops::matmul::{matmul, Matmul};
+
+/// A norm's weight, and its bias for a LayerNorm.
+pub struct Norm {
+    pub w: Tensor,         // (C,)
+    pub b: Option<Tensor>, // (C,) LayerNorm
+}
+
+/// One decoder layer's frozen weights, in the block's layout (`nn.Linear` `(out, in)`, or GPT-2's
+/// `Conv1D` `(in, out)` with c_attn split into its q, k and v thirds at upload).
+pub struct BlockParams {
+    pub ln1: Norm,
+    pub wq: Tensor, // (H·hd, C)
+    pub wk: Tensor, // (KV·hd, C)
+    pub wv: Tensor, // (KV·hd, C)
+    pub wo: Tensor, // (C, H·hd)
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub bo: Option<Tensor>,
+    pub ln2: Norm,
+    /// The gate projection of a gated MLP (SwiGLU).
+    pub w_gate: Option<Tensor>, // (F, C)
+    pub w_up: Tensor,   // (F, C)  GPT-2: c_fc
+    pub w_down: Tensor, // (C, F)  GPT-2: mlp.c_proj
+    pub b_up: Option<Tensor>,
+    pub b_down: Option<Tensor>,
+}
+
+impl BlockParams {
+    /// The frozen matrices, for checks over all of them.
+    pub fn matrices(&self) -> impl Iterator<Item = &Tensor> {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.w_up, &self.w_down].into_iter().chain(&self.w_gate)
+    }
+}
+
+/// A `(rows, cols)` table (token embeddings, LM head) stored as parts of consecutive rows that
+/// each fit one storage binding: GPT-2's f32 token embeddings (147 MiB) exceed lavapipe's 128 MiB.
+/// Part boundaries are multiples of the storage alignment in columns of the logits, so that each
+/// part's logits are a column view of the one logits buffer.
+pub struct SplitTable {
+    pub parts: Vec<(usize, Tensor)>, // (first row, (part rows, cols))
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl SplitTable {
+    /// Uploads a host table, splitting it when it exceeds one binding (or `max_part_rows`).
+    pub fn upload(ctx: &Context, label: &str, t: &HostTensor, max_part_rows: Option<usize>) -> Result<Self> {
+        Self::upload_as(ctx, label, t, None, max_part_rows, BaseDType::F32)
+    }
+
+    /// As [`SplitTable::upload`], stored as `base` asks (see [`BaseDType`]); each part is packed
+    /// on its own.
+    pub fn upload_as(
+        ctx: &Context,
+        label: &str,
+        t: &HostTensor,
+        raw: Option<&RawTensor>,
+        max_part_rows: Option<usize>,
+        base: BaseDType,
+    ) -> Result<Self> {
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let align_rows = (ctx.limits().storage_offset_alignment as usize / 4).max(1);
+        // Sized for f32 rows even when packed: the logits of a part are a column view.
+        let fit = (ctx.limits().max_storage_binding / (cols as u64 * 4)).max(1) as usize;
+        let part = max_part_rows.unwrap_or(fit).min(fit);
+        let part = if part >= rows { rows } else { (part / align_rows * align_rows).max(align_rows) };
+        let mut parts = Vec::new();
+        for first in (0..rows).step_by(part) {
+            let n = part.min(rows - first);
+            let data = HostTensor { shape: vec![n, cols], data: t.data[first * cols..(first + n) * cols].to_vec() };
+            let part_raw = raw.map(|r| {
+                let row_bytes = r.bytes.len() / rows;
+                RawTensor { ty: r.ty, bytes: r.bytes[first * row_bytes..(first + n) * row_bytes].to_vec() }
+            });
+            parts.push((first, upload_matrix(ctx, label, &data, part_raw.as_ref(), base)?));
+        }
+        Ok(SplitTable { parts, rows, cols })
+    }
+
+    /// `out[t] = table[ids[t]]`.
+    pub fn embed(&self, ctx: &Context, s: &mut Step, ids: &Tensor, out: &Tensor) -> Result<()> {
+        for (first, part) in &self.parts {
+            embed_forward_part(ctx, s, ids, part, *first, out)?;
+        }
+        Ok(())
+    }
+
+    /// `logits = x · tableᵀ` for logits `(n, rows)`, part by part into column views.
+    pub fn project(&self, ctx: &Context, s: &mut Step, x: &Tensor, logits: &Tensor) -> Result<()> {
+        let align = ctx.limits().storage_offset_alignment;
+        for (first, part) in &self.parts {
+            let out =
+                if self.parts.len() == 1 { logits.clone() } else { logits.cols(*first, part.shape()[0], align)? };
+            matmul(ctx, s, x, part, &out, Matmul::nt())?;
+        }
+        Ok(())
+    }
+
+    /// The input gradient of [`SplitTable::project`]: `dx = dlogits · table`, summed over parts.
+    pub fn project_backward(&self, ctx: &Context, s: &mut Step, dlogits: &Tensor, dx: &Tensor) -> Result<()> {
+        let align = ctx.limits().storage_offset_alignment;
+        for (i, (first, part)) in self.parts.iter().enumerate() {
+            let dl =
+                if self.parts.len() == 1 { dlogits.clone() } else { dlogits.cols(*first, part.shape()[0], align)? };
+            matmul(ctx, s, &dl, part, dx, Matmul::nn().accumulate(i > 0))?;
+        }
+        Ok(())
+    }
+}
+
+/// The frozen base model's weights on the GPU.
+pub struct ParameterTensors {
+    pub embed: SplitTable,         // (V, C)
+    pub pos_embed: Option<Tensor>, // (P, C) GPT-2's learned positions
+    pub layers: Vec<BlockParams>,
+    pub norm: Norm,                  // the final norm
+    pub lm_head: Option<SplitTable>, // (V, C); None when tied to `embed`
+}
+
+/// How the frozen base's matrices (projections, token embeddings, LM head) are stored on the
+/// GPU. Packed types are dequantized inside the kernels that read them (QLoRA-style: no f32
+/// copy); norms, biases and position tables stay f32, as do the adapters and optimizer state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaseDType {
+    /// As the file stores them: a GGUF's Q8_0 / Q4_0 / Q4_1 / f16 tensors stay packed (LLaMA
+    /// family, on adapters with subgroup operations); everything else f32.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl BaseDType {
+    pub const ALL: [BaseDType; 6] =
+        [BaseDType::Auto, BaseDType::F32, BaseDType::F16, BaseDType::Q8_0, BaseDType::Q4_0, BaseDType::Q4_1];
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseDType::Auto => "auto",
+            BaseDType::F32 => "f32",
+            BaseDType::F16 => "f16",
+            BaseDType::Q8_0 => "q8_0",
+            BaseDType::Q4_0 => "q4_0",
+            BaseDType::Q4_1 => "q4_1",
+        }
+    }
+    fn dtype(self) -> Option<DType> {
+        match self {
+            BaseDType::Auto => None,
+            BaseDType::F32 => Some(DType::F32),
+            BaseDType::F16 => Some(DType::F16),
+            BaseDType::Q8_0 => Some(DType::Q8_0),
+            BaseDType::Q4_0 => Some(DType::Q4_0),
+            BaseDType::Q4_1 => Some(DType::Q4_1),
+        }
+    }
+}
+
+impl fmt::Display for BaseDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BaseDType {
+    type Err = GpuModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase().replace('-', "_");
+        BaseDType::ALL.into_iter().find(|d| d.name() == t).ok_or_else(|| {
+            GpuModelError::Unsupported(format!(
+                "unknown base dtype {s:?}; use one of {}",
+                BaseDType::ALL.map(|d| d.name()).join(", ")
+            ))
+        })
+    }
+}
+
+/// Uploads the 2-D frozen matrix `name` as `base` asks: the file's own bytes where they are
+/// already that type, else quantized from f32 on the host (ggml's reference quantizers), else
+/// f32 (shapes whose rows are not whole blocks; adapters without subgroup operations).
+fn upload_matrix(
+    ctx: &Context,
+    name: &str,
+    data: &HostTensor,
+    raw: Option<&RawTensor>,
+    base: BaseDType,
+) -> Result<Tensor> {
+    use crate::ops::quant;
+    let want = match base.dtype() {
+        Some(d) => d,
+        None => raw.and_then(|r| quant::dtype_of(r.ty)).unwrap_or(DType::F32),
+    };
+    if want == DType::F32 || data.shape.len() != 2 || !quant::fits(want, &data.shape) {
+        return Ok(ctx.upload_f32(name, &data.shape, &data.data)?);
+    }
+    if !ctx.features().subgroups {
+        if base == BaseDType::Auto {
+            return Ok(ctx.upload_f32(name, &data.shape, &data.data)?);
+        }
+        return Err(GpuModelError::Unsupported(format!(
+            "--base-dtype {base} needs subgroup operations, which adapter {:?} lacks; use --base-dtype f32",
+            ctx.info().name
+        )));
+    }
+    let ty = quant::ggml_of(want).expect("packed dtype");
+    let words = match raw {
+        Some(r) if r.ty == ty => quant::pack(ty, &r.bytes),
+        _ => quant::pack(ty, &quant::quantize(ty, &data.data)),
+    };
+    Ok(ctx.upload_packed(name, want, &data.shape, &words)?)
+}
+
+fn upload(ctx: &Context, w: &Weights, name: &str) -> Result<Tensor> {
+    let t = w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+    Ok(ctx.upload_f32(name, &t.shape, &t.data)?)
+}
+
+/// Columns `part · C .. (part + 1) · C` of a row-major `(rows, 3C)` matrix (GPT-2's fused c_attn).
+fn third(data: &[f32], rows: usize, part: usize) -> Vec<f32> {
+    let c3 = data.len() / rows;
+    let c = c3 / 3;
+    (0..rows).flat_map(|r| data[r * c3 + part * c..r * c3 + (part + 1) * c].iter().copied()).collect()
+}
+
+/// Hugging Face names of one layer's tensors, by role.
+struct Names {
+    prefix: String,
+    gpt2: bool,
+}
+
+impl Names {
+    fn of(&self, role: &str) -> String {
+        let n = match (self.gpt2, role) {
+            (false, "ln1") => "input_layernorm",
+            (false, "ln2") => "post_attention_layernorm",
+            (false, "q") => "self_attn.q_proj",
+            (false, "k") => "self_attn.k_proj",
+            (false, "v") => "self_attn.v_proj",
+            (false, "o") => "self_attn.o_proj",
+            (false, "gate") => "mlp.gate_proj",
+            (false, "up") => "mlp.up_proj",
+            (false, "down") => "mlp.down_proj",
+            (true, "ln1") => "ln_1",
+            (true, "ln2") => "ln_2",
+            (true, "qkv") => "attn.c_attn",
+            (true, "o") => "attn.c_proj",
+            (true, "up") => "mlp.c_fc",
+            (true, "down") => "mlp.c_proj",
+            _ => unreachable!("role {role}"),
+        };
+        format!("{}.{n}", self.prefix)
+    }
+}
+
+impl ParameterTensors {
+    pub fn upload(ctx: &Context, w: &Weights) -> Result<Self> {
+        Self::upload_with(ctx, w, None)
+    }
+
+    /// As [`ParameterTensors::upload`], splitting the vocabulary tables into parts of at most
+    /// `table_part_rows` rows (tests use it to exercise the split on small models).
+    pub fn upload_with(ctx: &Context, w: &Weights, table_part_rows: Option<usize>) -> Result<Self> {
+        Self::upload_as(ctx, w, table_part_rows, BaseDType::F32)
+    }
+
+    /// As [`ParameterTensors::upload_with`], with the frozen matrices stored as `base` asks.
+    pub fn upload_as(ctx: &Context, w: &Weights, table_part_rows: Option<usize>, base: BaseDType) -> Result<Self> {
+        let _kind = ctx.alloc_kind("weights");
+        let c = &w.config;
+        let get = |name: &str| w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()));
+        let table = |name: &str| -> Result<SplitTable> {
+            SplitTable::upload_as(ctx, name, get(name)?, w.raw.get(name), table_part_rows, base)
+        };
+        let gpt2 = c.arch == Arch::Gpt2;
+        let layers = (0..c.num_layers)
+            .map(|i| {
+                let prefix = if gpt2 { format!("transformer.h.{i}") } else { format!("model.layers.{i}") };
+                upload_block(ctx, w, &Names { prefix, gpt2 }, base)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if c.tie_embeddings { None } else { Some(table("lm_head.weight")?) };
+        let (emb, norm) =
+            if gpt2 { ("transformer.wte", "transformer.ln_f") } else { ("model.embed_tokens", "model.norm") };
+        Ok(ParameterTensors {
+            embed: table(&format!("{emb}.weight"))?,
+            pos_embed: if gpt2 { Some(upload(ctx, w, "transformer.wpe.weight")?) } else { None },
+            layers,
+            norm: upload_norm(ctx, w, norm, c.block.norm)?,
+            lm_head,
+        })
+    }
+}
+
+/// A norm's weight (and a LayerNorm's bias) by module name.
+fn upload_norm(ctx: &Context, w: &Weights, module: &str, kind: NormKind) -> Result<Norm> {
+    Ok(Norm {
+        w: upload(ctx, w, &format!("{module}.weight"))?,
+        b: if kind == NormKind::Layer { Some(upload(ctx, w, &format!("{module}.bias"))?) } else { None },
+    })
+}
+
+/// One layer's weights as its block describes them.
+fn upload_block(ctx: &Context, w: &Weights, n: &Names, base: BaseDType) -> Result<BlockParams> {
+    let c = &w.config;
+    let b = c.block;
+    let get = |name: &str| w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()));
+    let matrix = |role: &str| -> Result<Tensor> {
+        let name = format!("{}.weight", n.of(role));
+        upload_matrix(ctx, &name, get(&name)?, w.raw.get(&name), base)
+    };
+    let bias = |role: &str, on: bool| -> Result<Option<Tensor>> {
+        on.then(|| upload(ctx, w, &format!("{}.bias", n.of(role)))).transpose()
+    };
+    let (wq, wk, wv, bq, bk, bv) = if n.gpt2 {
+        // GPT-2's c_attn holds q, k and v side by side; each third becomes its own projection.
+        let (name, h) = (n.of("qkv"), c.hidden_size);
+        let (aw, ab) = (get(&format!("{name}.weight"))?, get(&format!("{name}.bias"))?);
+        let part = |k: usize| -> Result<(Tensor, Tensor)> {
+            let w3 = HostTensor { shape: vec![h, h], data: third(&aw.data, h, k) };
+            Ok((
+                upload_matrix(ctx, &format!("{name}.weight"), &w3, None, base)?,
+                ctx.upload_f32(&format!("{name}.bias"), &[h], &third(&ab.data, 1, k))?,
+            ))
+        };
+        let ((wq, bq), (wk, bk), (wv, bv)) = (part(0)?, part(1)?, part(2)?);
+        (wq, wk, wv, Some(bq), Some(bk), Some(bv))
+    } else {
+        let (q, k, v) = (matrix("q")?, matrix("k")?, matrix("v")?);
+        (q, k, v, bias("q", b.qkv_bias)?, bias("k", b.qkv_bias)?, bias("v", b.qkv_bias)?)
+    };
+    Ok(BlockParams {
+        ln1: upload_norm(ctx, w, &n.of("ln1"), b.norm)?,
+        wq,
+        wk,
+        wv,
+        wo: matrix("o")?,
+        bq,
+        bk,
+        bv,
+        bo: bias("o", b.o_bias)?,
+        ln2: upload_norm(ctx, w, &n.of("ln2"), b.norm)?,
+        w_gate: if b.act.gated() { Some(matrix("gate")?) } else { None },
+        w_up: matrix("up")?,
+        w_down: matrix("down")?,
+        b_up: bias("up", b.mlp_bias)?,
+        b_down: bias("down", b.mlp_bias)?,
+    })
+}
