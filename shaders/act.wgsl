@@ -3,6 +3,8 @@
 // swiglu_forward: out = silu(gate) · up, silu(x) = x / (1 + exp(−x))   (LLaMA's MLP)
 // swiglu_backward: dgate = dout · up · silu'(gate), dup = dout · silu(gate),
 //   silu'(x) = σ(x) · (1 + x · (1 − σ(x))).
+// geglu_forward: out = gelu(gate) · up, gelu as below   (Gemma's MLP)
+// geglu_backward: dgate = dout · up · gelu'(gate), dup = dout · gelu(gate).
 // gelu_forward: out = 0.5 · x · (1 + tanh(u)), u = √(2/π) · (x + 0.044715 x³)   (GPT-2's gelu_new)
 // gelu_backward: dx = dout · (0.5 (1 + tanh u) + 0.5 x (1 − tanh² u) · √(2/π) (1 + 3 · 0.044715 x²))
 // Grids may be 2-D: element = ((wg.y * gx + wg.x) * 256 + local index).
@@ -44,6 +46,33 @@ fn swiglu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
 
 const GELU_C: f32 = 0.7978845608028654;  // √(2/π)
 
+fn gelu(x: f32) -> f32 {
+    return 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * x * x * x)));
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let th = tanh(GELU_C * (x + 0.044715 * x * x * x));
+    let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn geglu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = (wg.y * p.gx + wg.x) * 256u + t;
+    if (i >= p.n) { return; }
+    out[i] = gelu(gate[i]) * up[i];
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn geglu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = (wg.y * p.gx + wg.x) * 256u + t;
+    if (i >= p.n) { return; }
+    let g = bgate[i];
+    let d = dout[i];
+    dup[i] = d * gelu(g);
+    dgate[i] = d * bup[i] * gelu_grad(g);
+}
+
 @group(0) @binding(1) var<storage, read> gx_in: array<f32>;       // (n,)
 @group(0) @binding(2) var<storage, read_write> gout: array<f32>;  // (n,)
 
@@ -51,8 +80,7 @@ const GELU_C: f32 = 0.7978845608028654;  // √(2/π)
 fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i = (wg.y * p.gx + wg.x) * 256u + t;
     if (i >= p.n) { return; }
-    let x = gx_in[i];
-    gout[i] = 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * x * x * x)));
+    gout[i] = gelu(gx_in[i]);
 }
 
 @group(0) @binding(2) var<storage, read> gdout: array<f32>;       // (n,)
@@ -62,8 +90,5 @@ fn gelu_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 fn gelu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i = (wg.y * p.gx + wg.x) * 256u + t;
     if (i >= p.n) { return; }
-    let x = gx_in[i];
-    let th = tanh(GELU_C * (x + 0.044715 * x * x * x));
-    let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
-    gdx[i] = gdout[i] * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du);
+    gdx[i] = gdout[i] * gelu_grad(gx_in[i]);
 }

@@ -1,4 +1,5 @@
-// attention: causal softmax attention with grouped-query heads, f32.
+// attention: causal softmax attention with grouped-query heads, f32, optionally within a sliding
+// window (a query at position i attends to keys i − window < s ≤ i).
 //
 // attention_forward: for each (batch b, head h, query row t at absolute position q_offset + t):
 //   out[b, t, h, :] = sum_{s ≤ q_offset + t} softmax_s(q[b, t, h, :] · k[b, s, g, :] · scale) · v[b, s, g, :]
@@ -25,6 +26,19 @@ struct Params {
     scale: f32,
     kv_seq: u32,
     q_offset: u32,
+    window: u32,  // sliding window: query at position i sees keys i − window < s ≤ i (0: all)
+}
+
+// The first key a query at absolute position `pos` sees.
+fn first_key(pos: u32) -> u32 {
+    if (p.window == 0u || pos < p.window) { return 0u; }
+    return pos + 1u - p.window;
+}
+
+// The last query (exclusive bound) that sees key `s`, among `seq` queries at positions 0..seq.
+fn end_query(s: u32, seq: u32) -> u32 {
+    if (p.window == 0u) { return seq; }
+    return min(seq, s + p.window);
 }
 
 const MAX_HEAD_DIM: u32 = 256u;
@@ -52,7 +66,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     for (var i = 0u; i < d; i++) { acc[i] = 0.0; }
     var m = -3.0e38;
     var l = 0.0;
-    for (var s = 0u; s <= p.q_offset + t; s++) {
+    for (var s = first_key(p.q_offset + t); s <= p.q_offset + t; s++) {
         let kv_base = ((b * p.kv_seq + s) * p.kv_heads + g) * d;
         var dot = 0.0;
         for (var i = 0u; i < d; i++) { dot += q[q_base + i] * k[kv_base + i]; }
@@ -103,7 +117,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     var acc: array<f32, MAX_HEAD_DIM>;
     for (var i = 0u; i < d; i++) { acc[i] = 0.0; }
     let l = blse[gid];
-    for (var s = 0u; s <= t; s++) {
+    for (var s = first_key(t); s <= t; s++) {
         let kv_base = ((b * p.seq + s) * p.kv_heads + g) * d;
         var qk = 0.0;
         var dv_dot = 0.0;
@@ -136,7 +150,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     for (var i = 0u; i < d; i++) { acc_k[i] = 0.0; acc_v[i] = 0.0; }
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
-        for (var t = s; t < p.seq; t++) {
+        for (var t = s; t < end_query(s, p.seq); t++) {
             let q_base = ((b * p.seq + t) * p.heads + h) * d;
             let row = (b * p.heads + h) * p.seq + t;
             var qk = 0.0;

@@ -20,6 +20,18 @@ struct Params {
     scale: f32,
     kv_seq: u32,
     q_offset: u32,
+    window: u32,  // sliding window (0: none); see attention.wgsl
+}
+
+// Whether the query at absolute position `pos` sees key `s` (causal, within the window).
+fn sees(pos: u32, s: u32) -> bool {
+    return s <= pos && (p.window == 0u || s + p.window > pos);
+}
+
+// The first key the query at absolute position `pos` sees.
+fn first_key(pos: u32) -> u32 {
+    if (p.window == 0u || pos < p.window) { return 0u; }
+    return pos + 1u - p.window;
 }
 
 const D4: u32 = {{D4}}u;
@@ -49,11 +61,11 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     var l = 0.0;
     let mine = p.q_offset + tt;
     let last = p.q_offset + min(wg.x * 64u + 63u, p.seq - 1u);
-    for (var s = 0u; s <= last; s++) {
+    for (var s = first_key(p.q_offset + wg.x * 64u); s <= last; s++) {
         let kb = ((b * p.kv_seq + s) * p.kv_heads + g) * D4;
         var dot = vec4<f32>(0.0);
 {{FWD_DOT}}
-        if (s <= mine) {
+        if (sees(mine, s)) {
             let score = hsum(dot);
             let m_new = max(m, score);
             let c = exp(m - m_new);
@@ -100,12 +112,12 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let dsum_t = hsum(dsum4);
     let l = blse[row];
     let last = min(wg.x * 64u + 63u, p.seq - 1u);
-    for (var s = 0u; s <= last; s++) {
+    for (var s = first_key(wg.x * 64u); s <= last; s++) {
         let kb = ((b * p.seq + s) * p.kv_heads + g) * D4;
         var qk = vec4<f32>(0.0);
         var dvd = vec4<f32>(0.0);
 {{DQ_DOT}}
-        if (s <= tt) {
+        if (sees(tt, s)) {
             let pr = exp(hsum(qk) * p.scale - l);
             let ds = pr * (hsum(dvd) - dsum_t) * p.scale;
 {{DQ_ACC}}
@@ -128,15 +140,18 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     let kb = ((b * p.seq + ss) * p.kv_heads + g) * D4;
 {{DKV_DECL}}
     let first = wg.x * 64u;
+    // Queries past the block's last key plus the window see none of its keys.
+    var end = p.seq;
+    if (p.window != 0u) { end = min(p.seq, min(wg.x * 64u + 63u, p.seq - 1u) + p.window); }
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
-        for (var t = first; t < p.seq; t++) {
+        for (var t = first; t < end; t++) {
             let qb = ((b * p.seq + t) * p.heads + h) * D4;
             let row = (b * p.heads + h) * p.seq + t;
             var qk = vec4<f32>(0.0);
             var dvd = vec4<f32>(0.0);
 {{DKV_DOT}}
-            if (t >= ss) {
+            if (sees(t, ss)) {
                 let pr = exp(hsum(qk) * p.scale - klse[row]);
                 let ds = pr * (hsum(dvd) - bdsum[row]) * p.scale;
 {{DKV_ACC}}

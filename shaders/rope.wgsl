@@ -1,5 +1,6 @@
 // rope: rotary position embeddings as transformers applies them (rotate_half): within each head,
-// dimension i pairs with i + head_dim/2, rotated by the angle pos · theta^(−2i/head_dim).
+// dimension i pairs with i + head_dim/2, rotated by the angle pos · inv_freq[i]. The inverse
+// frequencies (theta^(−2i/head_dim), rescaled as the model's rope scaling says) come from the host.
 //
 // rope_forward rotates by +angle; rope_backward by −angle (the transpose of a rotation), which
 // maps the gradient of the output to the gradient of the input. One invocation per pair.
@@ -11,7 +12,6 @@ struct Params {
     seq: u32,
     heads: u32,
     head_dim: u32,
-    log_theta: f32,  // ln(theta)
     gx: u32,         // workgroups along x
     pos_offset: u32,
 }
@@ -19,6 +19,7 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;          // (rows, heads, head_dim)
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;  // (rows, heads, head_dim)
+@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;   // (head_dim / 2,)
 
 fn rotate(gid: u32, sign: f32) {
     let half = p.head_dim / 2u;
@@ -29,9 +30,8 @@ fn rotate(gid: u32, sign: f32) {
     let h = rem / half;
     let i = rem % half;
     let pos = f32(p.pos_offset + row % p.seq);
-    // Same f32 steps as transformers: inv_freq = theta^(−2i/d), then pos · inv_freq.
-    let inv_freq = exp(-p.log_theta * f32(2u * i) / f32(p.head_dim));
-    let angle = pos * inv_freq;
+    // Same f32 steps as transformers: pos · inv_freq.
+    let angle = pos * inv_freq[i];
     let c = cos(angle);
     let s = sign * sin(angle);
     let base = (row * p.heads + h) * p.head_dim;

@@ -3,7 +3,8 @@
 // Scores are stored transposed, key-major: st (B·H, T, T) with st[z, s, t] the (scaled) score
 // of query t against key s. One invocation per query column then walks down its column, and at
 // every step the lanes of a subgroup read consecutive addresses (a vector load, not a gather;
-// no barriers either: each invocation owns its column). Query t may look at keys 0..=t.
+// no barriers either: each invocation owns its column). Query t may look at keys 0..=t, or only
+// the last `window` of them.
 //
 // softmax_forward: lse[z, t] = log(sum_{s<=t} exp(st[z, s, t])); st[z, s, t] <- exp(st − lse)
 //   for s <= t and 0 below the diagonal (so that the products with P need no mask).
@@ -12,7 +13,14 @@
 //   dpt <- P · (dP − D_t) (dL/dscores, for dQ and dK).
 
 struct Params {
-    seq: u32,   // T (the grid's y is B·H)
+    seq: u32,     // T (the grid's y is B·H)
+    window: u32,  // sliding window: query t sees keys t − window < s ≤ t (0: all keys up to t)
+}
+
+// The first key query t sees.
+fn first_key(t: u32) -> u32 {
+    if (p.window == 0u || t < p.window) { return 0u; }
+    return t + 1u - p.window;
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,14 +33,15 @@ fn softmax_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     let t = wg.x * 64u + li;
     if (t >= p.seq) { return; }
     let base = wg.y * p.seq * p.seq + t;
+    let lo = first_key(t);
     var m = -3.0e38;
-    for (var s = 0u; s <= t; s++) { m = max(m, st[base + s * p.seq]); }
+    for (var s = lo; s <= t; s++) { m = max(m, st[base + s * p.seq]); }
     var sum = 0.0;
-    for (var s = 0u; s <= t; s++) { sum += exp(st[base + s * p.seq] - m); }
+    for (var s = lo; s <= t; s++) { sum += exp(st[base + s * p.seq] - m); }
     let l = m + log(sum);
     for (var s = 0u; s < p.seq; s++) {
         let i = base + s * p.seq;
-        st[i] = select(0.0, exp(st[i] - l), s <= t);
+        st[i] = select(0.0, exp(st[i] - l), s <= t && s >= lo);
     }
     lse[wg.y * p.seq + t] = l;
 }
@@ -47,14 +56,15 @@ fn softmax_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
     if (t >= p.seq) { return; }
     let base = wg.y * p.seq * p.seq + t;
     let l = blse[wg.y * p.seq + t];
+    let lo = first_key(t);
     var d = 0.0;
-    for (var s = 0u; s <= t; s++) {
+    for (var s = lo; s <= t; s++) {
         let i = base + s * p.seq;
         d += exp(bst[i] - l) * dpt[i];
     }
     for (var s = 0u; s < p.seq; s++) {
         let i = base + s * p.seq;
-        let pr = select(0.0, exp(bst[i] - l), s <= t);
+        let pr = select(0.0, exp(bst[i] - l), s <= t && s >= lo);
         bst[i] = pr;
         dpt[i] = pr * (dpt[i] - d);
     }

@@ -136,7 +136,7 @@ fn adapter_with_config(dir: &Path, from: &str, name: &str, edit: impl FnOnce(&mu
 
 /// Inputs that would once have been read silently wrong, and a finished run to resume.
 fn setup_semantics(dir: &Path) {
-    // Qwen2-style q/k/v biases in a LLaMA checkpoint: one more tensor appended to the file.
+    // A q bias in a LLaMA checkpoint whose config has no attention_bias: one more tensor.
     copy_dir(&fixture("tiny_llama"), &dir.join("biased"));
     let st = std::fs::read(dir.join("biased/model.safetensors")).unwrap();
     let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
@@ -150,20 +150,17 @@ fn setup_semantics(dir: &Path) {
     data.extend(0.5f32.to_le_bytes().repeat(30));
     let h = serde_json::to_string(&header).unwrap();
     std::fs::write(dir.join("biased/model.safetensors"), safetensors(&h, &data, None)).unwrap();
-    llama_with_config(dir, "llama3_rope", |c| {
-        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+    llama_with_config(dir, "yarn_rope", |c| {
+                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 8.0});
     });
-    llama_with_config(dir, "mistral_window", |c| {
-        c["model_type"] = "mistral".into();
-        c["sliding_window"] = 6.into();
-    });
+    
     llama_with_config(dir, "gelu_llama", |c| c["hidden_act"] = "gelu".into());
     llama_with_config(dir, "tied_but_not", |c| c["tie_word_embeddings"] = true.into());
-    // A GGUF with Llama 3's rotary frequency factors (a renamed tensor of the same length).
+        // A GGUF with a tensor portalora does not know (a renamed tensor of the same length).
     let mut g = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf/tiny_model.gguf")).unwrap();
     let at = find(&g, b"token_embd.weight");
-    g[at..at + 17].copy_from_slice(b"rope_freqs.weight");
-    std::fs::write(dir.join("rope_freqs.gguf"), g).unwrap();
+    g[at..at + 17].copy_from_slice(b"altup_proj.weight");
+    std::fs::write(dir.join("unknown_tensor.gguf"), g).unwrap();
     // PEFT options portalora does not implement, and one it does not know.
     let lora = "adapters/llama_lora/init";
     adapter_with_config(dir, lora, "dora", |c| c["use_dora"] = true.into());
@@ -254,7 +251,7 @@ fn cases() -> Vec<Case> {
                 "--seq".into(),
                 "32".into(),
             ],
-            &["\"gate\"", "49152000000 bytes", "smaller batch"],
+            &["\"up\"", "49152000000 bytes", "smaller batch"],
         ),
         c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "q3_k"]), &["q3_k", "q4_1"]),
         c("missing model", t("DIR/nothing-here", &[]), &["nothing-here"]),
@@ -273,21 +270,16 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
     let resume = |rest: &str| words(&format!("train --resume DIR/done {rest}"));
     vec![
         c(
-            "a tensor the model does not use (Qwen2's q/k/v bias)",
+            "a tensor the model does not use (a q bias without attention_bias)",
             t("DIR/biased", &[]),
             &["model.layers.0.self_attn.q_proj.bias", "not part of"],
         ),
         c(
-            "GGUF tensor the model does not use (Llama 3's rope_freqs)",
-            t("DIR/rope_freqs.gguf", &[]),
-            &["rope_freqs.weight", "rope scaling"],
+            "GGUF tensor the model does not use",
+            t("DIR/unknown_tensor.gguf", &[]),
+            &["altup_proj.weight", "not part of"],
         ),
-        c("rope scaling in config.json", t("DIR/llama3_rope", &[]), &["rope_scaling", "llama3"]),
-        c(
-            "sequence beyond a sliding window",
-            t("DIR/mistral_window", &[]),
-            &["sliding attention window of 6", "--seq 6"],
-        ),
+        c("rope scaling portalora does not implement", t("DIR/yarn_rope", &[]), &["\"yarn\"", "not supported"]),
         c("an activation the architecture does not have", t("DIR/gelu_llama", &[]), &["hidden_act", "gelu"]),
         c(
             "tied head that differs from the embedding",

@@ -52,25 +52,36 @@ fn rmsnorm_matches_reference() {
 fn rope_matches_reference_and_backward_inverts_it() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(2);
-    for (batch, seq, heads, hd, theta) in
-        [(1, 1, 1, 2, 10000.0), (2, 7, 3, 6, 10000.0), (3, 33, 5, 64, 100000.0), (1, 129, 1, 8, 500.0)]
+    use portalora::model::arch::{Rope, RopeScaling};
+    let llama3 =
+        RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_positions: 16.0 };
+    let ropes = [
+        Rope::plain(10000.0),
+        Rope::plain(10000.0),
+        Rope { theta: 100000.0, scaling: Some(RopeScaling::Linear { factor: 3.5 }) },
+        Rope { theta: 500.0, scaling: Some(llama3) },
+    ];
+    for ((batch, seq, heads, hd), rope) in
+        [(1, 1, 1, 2), (2, 7, 3, 6), (3, 33, 5, 64), (1, 129, 1, 8)].into_iter().zip(ropes)
     {
         let n = batch * seq * heads * hd;
         let x = rng.vec(n);
+        let inv_freq = rope.inv_freq(hd);
+        let ft = ctx.upload_f32("inv_freq", &[hd / 2], &inv_freq).unwrap();
         let xt = ctx.upload_f32("x", &[batch * seq, heads, hd], &x).unwrap();
         let out = poisoned(&ctx, "out", &[batch * seq, heads, hd]);
         let back = poisoned(&ctx, "back", &[batch * seq, heads, hd]);
         let mut step = Step::new();
-        let shape = RopeShape { seq, heads, head_dim: hd, theta, pos_offset: 0 };
-        rope_forward(&ctx, &mut step, shape, &xt, &out).unwrap();
-        rope_backward(&ctx, &mut step, shape, &out, &back).unwrap();
+        let shape = RopeShape { seq, heads, head_dim: hd, pos_offset: 0 };
+        rope_forward(&ctx, &mut step, shape, &ft, &xt, &out).unwrap();
+        rope_backward(&ctx, &mut step, shape, &ft, &out, &back).unwrap();
         run(&ctx, step);
         // Angles up to 129 rad in f32 lose ~1e-5 of absolute precision, as in transformers.
         assert_close(
             &ctx,
             &format!("rope {batch}x{seq}x{heads}x{hd}"),
             &out,
-            &reference::rope_forward(&x, seq, heads, hd, theta),
+            &reference::rope_forward(&x, seq, heads, hd, &inv_freq),
             2e-5,
         );
         // A rotation's transpose is its inverse: backward(forward(x)) = x.
@@ -83,14 +94,23 @@ fn rope_matches_reference_and_backward_inverts_it() {
 fn attention_matches_reference() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(3);
-    for (batch, seq, heads, kv_heads, d) in
-        [(1, 1, 1, 1, 1), (2, 7, 5, 1, 6), (1, 33, 9, 3, 64), (3, 9, 4, 2, 7), (1, 129, 2, 2, 16)]
-    {
+    // (batch, seq, heads, kv heads, head dim, window, scale): head dims with and without the vec4
+    // kernels; windows shorter than the sequence, across the 64-row blocks, and of 1.
+    for (batch, seq, heads, kv_heads, d, window, scale) in [
+        (1, 1, 1, 1, 1, 0, None),
+        (2, 7, 5, 1, 6, 3, None),
+        (1, 33, 9, 3, 64, 0, Some(0.3)),
+        (3, 9, 4, 2, 7, 1, None),
+        (1, 129, 2, 2, 16, 0, None),
+        (1, 129, 2, 1, 16, 70, Some(0.21)),
+        (2, 40, 3, 3, 5, 17, None),
+    ] {
         let q = rng.vec(batch * seq * heads * d);
         let k = rng.vec(batch * seq * kv_heads * d);
         let v = rng.vec(batch * seq * kv_heads * d);
-        let (want, want_lse) = reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
-        let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
+        let s = shape(batch, seq, heads, kv_heads, d, window, scale);
+        let (want, want_lse) =
+            reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d, window, s.scale as f64);
         let qt = ctx.upload_f32("q", &[batch, seq, heads, d], &q).unwrap();
         let kt = ctx.upload_f32("k", &[batch, seq, kv_heads, d], &k).unwrap();
         let vt = ctx.upload_f32("v", &[batch, seq, kv_heads, d], &v).unwrap();
@@ -102,6 +122,20 @@ fn attention_matches_reference() {
         assert_close(&ctx, &format!("attention {s:?}"), &out, &want, TOL);
         assert_close(&ctx, &format!("attention lse {s:?}"), &lse, &want_lse, TOL);
     }
+}
+
+/// An attention call's shape with a window (0: none) and a scale (None: 1/√d).
+fn shape(
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    window: usize,
+    scale: Option<f32>,
+) -> AttentionShape {
+    let s = AttentionShape::new(batch, seq, heads, kv_heads, d);
+    AttentionShape { window, scale: scale.unwrap_or(s.scale), ..s }
 }
 
 /// The matmul path's scratch, poisoned.
@@ -124,15 +158,20 @@ fn attention_as_matmuls_matches_reference() {
     use portalora::ops::attention::attention_forward_mm;
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(5);
-    for (batch, seq, heads, kv_heads, d) in
-        [(1, 1, 1, 1, 4), (2, 7, 6, 2, 8), (1, 33, 9, 3, 64), (3, 9, 4, 2, 12), (1, 129, 2, 2, 16)]
-    {
-        let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
+    for (batch, seq, heads, kv_heads, d, window, scale) in [
+        (1, 1, 1, 1, 4, 0, None),
+        (2, 7, 6, 2, 8, 2, None),
+        (1, 33, 9, 3, 64, 0, Some(0.3)),
+        (3, 9, 4, 2, 12, 1, None),
+        (1, 129, 2, 2, 16, 70, None),
+    ] {
+        let s = shape(batch, seq, heads, kv_heads, d, window, scale);
         assert!(s.fits_matmul_path(&ctx, 1 << 30), "{s:?}");
         let q = rng.vec(batch * seq * heads * d);
         let k = rng.vec(batch * seq * kv_heads * d);
         let v = rng.vec(batch * seq * kv_heads * d);
-        let (want, want_lse) = reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
+        let (want, want_lse) =
+            reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d, window, s.scale as f64);
         let qt = ctx.upload_f32("q", &[batch, seq, heads, d], &q).unwrap();
         let kt = ctx.upload_f32("k", &[batch, seq, kv_heads, d], &k).unwrap();
         let vt = ctx.upload_f32("v", &[batch, seq, kv_heads, d], &v).unwrap();
@@ -152,16 +191,25 @@ fn attention_as_matmuls_matches_reference() {
 fn attention_after_a_kv_cache_matches_reference() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(31);
-    for (q_offset, seq, heads, kv_heads, d) in [(0, 1, 1, 1, 4), (6, 1, 5, 1, 6), (5, 3, 9, 3, 64), (32, 1, 4, 2, 8)] {
+    for (q_offset, seq, heads, kv_heads, d, window) in [
+        (0, 1, 1, 1, 4, 0),
+        (6, 1, 5, 1, 6, 0),
+        (5, 3, 9, 3, 64, 0),
+        (32, 1, 4, 2, 8, 0),
+        (32, 1, 4, 2, 8, 5),
+        (9, 4, 3, 1, 6, 6),
+    ] {
         let kv_seq = q_offset + seq;
         let q_full = rng.vec(kv_seq * heads * d);
         let k = rng.vec(kv_seq * kv_heads * d);
         let v = rng.vec(kv_seq * kv_heads * d);
-        let (full, full_lse) = reference::attention_forward(&q_full, &k, &v, 1, kv_seq, heads, kv_heads, d);
+        let scale = 1.0 / (d as f64).sqrt();
+        let (full, full_lse) =
+            reference::attention_forward(&q_full, &k, &v, 1, kv_seq, heads, kv_heads, d, window, scale);
         let want = &full[q_offset * heads * d..];
         let want_lse: Vec<f64> =
             (0..heads).flat_map(|h| full_lse[h * kv_seq + q_offset..(h + 1) * kv_seq].to_vec()).collect();
-        let s = AttentionShape { batch: 1, seq, heads, kv_heads, head_dim: d, q_offset };
+        let s = AttentionShape { q_offset, ..shape(1, seq, heads, kv_heads, d, window, None) };
         let qt = ctx.upload_f32("q", &[1, seq, heads, d], &q_full[q_offset * heads * d..]).unwrap();
         let kt = ctx.upload_f32("k", &[1, kv_seq, kv_heads, d], &k).unwrap();
         let vt = ctx.upload_f32("v", &[1, kv_seq, kv_heads, d], &v).unwrap();
@@ -319,26 +367,42 @@ fn swiglu_backward_matches_finite_differences() {
 
 #[test]
 fn attention_backward_matches_finite_differences() {
-    let shapes =
-        [(1, 1, 1, 1, 2), (2, 7, 5, 1, 6), (1, 9, 4, 2, 8), (1, 33, 3, 3, 5), (2, 70, 4, 2, 4), (1, 65, 3, 1, 12)];
+    let shapes = [
+        (1, 1, 1, 1, 2, 0),
+        (2, 7, 5, 1, 6, 0),
+        (1, 9, 4, 2, 8, 3),
+        (1, 33, 3, 3, 5, 0),
+        (2, 70, 4, 2, 4, 0),
+        (2, 70, 4, 2, 4, 9),
+        (1, 65, 3, 1, 12, 64),
+        (1, 20, 2, 1, 7, 1),
+    ];
     check_attention_backward(false, 43, &shapes);
 }
 
 #[test]
 fn attention_backward_as_matmuls_matches_finite_differences() {
-    let shapes =
-        [(1, 1, 1, 1, 4), (2, 7, 6, 2, 8), (1, 9, 4, 2, 8), (1, 33, 3, 3, 12), (2, 70, 4, 2, 4), (1, 129, 3, 1, 16)];
+    let shapes = [
+        (1, 1, 1, 1, 4, 0),
+        (2, 7, 6, 2, 8, 0),
+        (1, 9, 4, 2, 8, 2),
+        (1, 33, 3, 3, 12, 0),
+        (2, 70, 4, 2, 4, 0),
+        (2, 70, 4, 2, 4, 9),
+        (1, 129, 3, 1, 16, 65),
+    ];
     check_attention_backward(true, 47, &shapes);
 }
 
 /// Forward then backward (fused kernels, or batched matmuls with `matmuls`) against finite
-/// differences of the f64 reference, for (batch, seq, heads, kv_heads, head_dim) shapes.
-fn check_attention_backward(matmuls: bool, seed: u64, shapes: &[(usize, usize, usize, usize, usize)]) {
+/// differences of the f64 reference, for (batch, seq, heads, kv_heads, head_dim, window) shapes;
+/// every other shape with a scale other than 1/√d.
+fn check_attention_backward(matmuls: bool, seed: u64, shapes: &[(usize, usize, usize, usize, usize, usize)]) {
     use portalora::ops::attention::{attention_backward, attention_backward_mm, attention_forward_mm};
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(seed);
-    for &(batch, seq, heads, kv_heads, d) in shapes {
-        let s = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
+    for (i, &(batch, seq, heads, kv_heads, d, window)) in shapes.iter().enumerate() {
+        let s = shape(batch, seq, heads, kv_heads, d, window, (i % 2 == 1).then_some(0.37));
         let (nq, nk, nl) = (batch * seq * heads * d, batch * seq * kv_heads * d, batch * heads * seq);
         let (q, k, v, c) = (rng.vec(nq), rng.vec(nk), rng.vec(nk), rng.vec(nq));
         let up = |l: &str, data: &[f32], n: usize| ctx.upload_f32(l, &[n], data).unwrap();
@@ -357,7 +421,7 @@ fn check_attention_backward(matmuls: bool, seed: u64, shapes: &[(usize, usize, u
         }
         run(&ctx, step);
         let f = |q: &[f32], k: &[f32], v: &[f32]| {
-            dot(&reference::attention_forward(q, k, v, batch, seq, heads, kv_heads, d).0, &c)
+            dot(&reference::attention_forward(q, k, v, batch, seq, heads, kv_heads, d, window, s.scale as f64).0, &c)
         };
         let e_q = fd_error(&q, &ctx.read_f32(&dq).unwrap(), &|x| f(x, &k, &v), &mut rng, 25);
         let e_k = fd_error(&k, &ctx.read_f32(&dk).unwrap(), &|x| f(&q, x, &v), &mut rng, 25);

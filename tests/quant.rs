@@ -167,24 +167,17 @@ fn packed_embedding_lookup_matches_the_dequantized_rows() {
 /// A random model whose matrices have rows of whole blocks.
 fn random_model(arch: Arch) -> Weights {
     let config = ModelConfig {
-        arch,
-        vocab_size: 96,
-        hidden_size: 64,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: if arch == Arch::Llama { 2 } else { 4 },
-        head_dim: 16,
-        intermediate_size: if arch == Arch::Llama { 96 } else { 128 },
-        max_positions: 64,
         norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_embeddings: arch == Arch::Gpt2,
-        sliding_window: None,
-        block: if arch == Arch::Llama {
-            portalora::model::arch::Block::LLAMA
-        } else {
-            portalora::model::arch::Block::GPT2
-        },
+        ..ModelConfig::simple(
+            arch,
+            96,
+            64,
+            2,
+            4,
+            if arch == Arch::Llama { 2 } else { 4 },
+            if arch == Arch::Llama { 96 } else { 128 },
+            64,
+        )
     };
     let mut rng = Rng::new(5);
     let mut tensors = BTreeMap::new();

@@ -58,11 +58,12 @@ async fn matmul_and_attention_match_the_references() {
         let q = rng.vec(batch * seq * heads * d);
         let k = rng.vec(batch * seq * kv_heads * d);
         let v = rng.vec(batch * seq * kv_heads * d);
-        let (want, _) = reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d);
+        let (want, _) =
+            reference::attention_forward(&q, &k, &v, batch, seq, heads, kv_heads, d, 0, 1.0 / (d as f64).sqrt());
         let up = |name: &str, x: &[f32]| ctx.upload_f32(name, &[x.len()], x).unwrap();
         let out = up("out", &vec![f32::NAN; q.len()]);
         let lse = up("lse", &vec![f32::NAN; batch * heads * seq]);
-        let shape = AttentionShape { batch, seq, heads, kv_heads, head_dim: d, q_offset: 0 };
+        let shape = AttentionShape::new(batch, seq, heads, kv_heads, d);
         let mut s = Step::new();
         attention_forward(&ctx, &mut s, shape, &up("q", &q), &up("k", &k), &up("v", &v), &out, &lse).unwrap();
         ctx.run(&s).unwrap();

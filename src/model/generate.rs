@@ -136,12 +136,12 @@ impl<'p> Generator<'p> {
         let rec = Recorder { ctx, config: c, hooks: Hooks { adapter: self.adapter, train: false }, attn: None };
         let mut st = Step::new();
         let (pos_ids, emb, pos_emb) = (r(&s.pos_ids)?, r(&s.emb)?, r(&s.pos_emb)?);
-        let learned = (!c.block.rope).then_some(Positions { ids: &pos_ids, emb: &emb, pos: &pos_emb });
+        let learned = (!c.block.rope).then_some(Positions { ids: &pos_ids, pos: &pos_emb });
         if learned.is_some() {
             let positions: Vec<u32> = (pos..pos + n).map(|i| i as u32).collect();
             ctx.write_u32(&pos_ids, &positions)?;
         }
-        rec.embed_forward(&mut st, p, &r(&s.ids)?, &r(&s.x[0])?, learned)?;
+        rec.embed_forward(&mut st, p, &r(&s.ids)?, &r(&s.x[0])?, Some(&emb), learned)?;
         let la = s.layer.first_rows(n, c.num_heads)?;
         for (l, lp) in p.layers.iter().enumerate() {
             let (x_in, x_out) = (r(&s.x[l % 2])?, r(&s.x[(l + 1) % 2])?);

@@ -7,6 +7,8 @@ pub mod config;
 pub mod export;
 pub mod generate;
 pub mod gpu;
+mod gguf_model;
+mod hf_config;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

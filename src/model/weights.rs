@@ -83,21 +83,44 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let (v, h, f) = (c.vocab_size, c.hidden_size, c.intermediate_size);
     let q = c.num_heads * c.head_dim;
     let kv = c.num_kv_heads * c.head_dim;
+    let b = c.block;
     let mut out = Vec::new();
     match c.arch {
         Arch::Llama => {
             out.push(("model.embed_tokens.weight".into(), vec![v, h]));
             for i in 0..c.num_layers {
                 let p = format!("model.layers.{i}");
-                out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-                out.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-                out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-                out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-                out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-                out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-                out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
-                out.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
-                out.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
+                let mut add = |n: &str, shape: Vec<usize>| out.push((format!("{p}.{n}"), shape));
+                add("input_layernorm.weight", vec![h]);
+                for (proj, rows, cols, bias) in
+                    [("q", q, h, b.qkv_bias), ("k", kv, h, b.qkv_bias), ("v", kv, h, b.qkv_bias), ("o", h, q, b.o_bias)]
+                {
+                    add(&format!("self_attn.{proj}_proj.weight"), vec![rows, cols]);
+                    if bias {
+                        add(&format!("self_attn.{proj}_proj.bias"), vec![rows]);
+                    }
+                }
+                if b.qk_norm {
+                    add("self_attn.q_norm.weight", vec![c.head_dim]);
+                    add("self_attn.k_norm.weight", vec![c.head_dim]);
+                }
+                if b.post_norms {
+                    add("post_attention_layernorm.weight", vec![h]);
+                    add("pre_feedforward_layernorm.weight", vec![h]);
+                    add("post_feedforward_layernorm.weight", vec![h]);
+                } else {
+                    add("post_attention_layernorm.weight", vec![h]);
+                }
+                let mut mlp = vec![("up", f, h), ("down", h, f)];
+                if b.act.gated() {
+                    mlp.insert(0, ("gate", f, h));
+                }
+                for (proj, rows, cols) in mlp {
+                    add(&format!("mlp.{proj}_proj.weight"), vec![rows, cols]);
+                    if b.mlp_bias {
+                        add(&format!("mlp.{proj}_proj.bias"), vec![rows]);
+                    }
+                }
             }
             out.push(("model.norm.weight".into(), vec![h]));
             if !c.tie_embeddings {
@@ -214,57 +237,6 @@ fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostT
     Ok(())
 }
 
-/// GGUF tensor name → Hugging Face name, for the architectures we run.
-fn hf_name(arch: Arch, gguf_name: &str) -> Option<String> {
-    let (prefix, rest) = match gguf_name.strip_prefix("blk.") {
-        Some(r) => {
-            let (i, rest) = r.split_once('.')?;
-            (Some(i.parse::<usize>().ok()?), rest)
-        }
-        None => (None, gguf_name),
-    };
-    let name = match (arch, prefix, rest) {
-        (Arch::Llama, None, "token_embd.weight") => "model.embed_tokens.weight".to_string(),
-        (Arch::Llama, None, "output_norm.weight") => "model.norm.weight".to_string(),
-        (_, None, "output.weight") => "lm_head.weight".to_string(),
-        (Arch::Llama, Some(i), r) => {
-            let m = match r {
-                "attn_norm.weight" => "input_layernorm.weight",
-                "attn_q.weight" => "self_attn.q_proj.weight",
-                "attn_k.weight" => "self_attn.k_proj.weight",
-                "attn_v.weight" => "self_attn.v_proj.weight",
-                "attn_output.weight" => "self_attn.o_proj.weight",
-                "ffn_norm.weight" => "post_attention_layernorm.weight",
-                "ffn_gate.weight" => "mlp.gate_proj.weight",
-                "ffn_up.weight" => "mlp.up_proj.weight",
-                "ffn_down.weight" => "mlp.down_proj.weight",
-                _ => return None,
-            };
-            format!("model.layers.{i}.{m}")
-        }
-        (Arch::Gpt2, None, "token_embd.weight") => "transformer.wte.weight".to_string(),
-        (Arch::Gpt2, None, "position_embd.weight") => "transformer.wpe.weight".to_string(),
-        (Arch::Gpt2, None, r @ ("output_norm.weight" | "output_norm.bias")) => {
-            format!("transformer.ln_f.{}", &r[12..])
-        }
-        (Arch::Gpt2, Some(i), r) => {
-            let (module, param) = r.rsplit_once('.')?;
-            let m = match module {
-                "attn_norm" => "ln_1",
-                "attn_qkv" => "attn.c_attn",
-                "attn_output" => "attn.c_proj",
-                "ffn_norm" => "ln_2",
-                "ffn_up" => "mlp.c_fc",
-                "ffn_down" => "mlp.c_proj",
-                _ => return None,
-            };
-            format!("transformer.h.{i}.{m}.{param}")
-        }
-        _ => return None,
-    };
-    Some(name)
-}
-
 /// Undoes llama.cpp's rotary permutation of q_proj / k_proj rows: within each head, GGUF row
 /// `2j + t` is Hugging Face row `t · head_dim/2 + j`.
 pub fn unpermute_rotary<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
@@ -316,28 +288,36 @@ pub fn load_safetensors_bytes(name: &str, config_json: &str, files: &[&[u8]]) ->
 
 /// A model from a parsed GGUF file.
 pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
+    use super::gguf_model::{hf_name, permuted, plus_one, Mapped};
     let path = g.path.as_path();
     let config = ModelConfig::from_gguf(g)?;
+    let family = config.family;
     let mut tensors = BTreeMap::new();
     let mut raw = BTreeMap::new();
     for info in &g.tensors {
-        let Some(name) = hf_name(config.arch, &info.name) else {
-            return Err(ModelError::Unused {
-                path: path.to_path_buf(),
-                name: info.name.clone(),
-                arch: config.arch,
-                hint: unused_hint(&info.name),
-            });
+        let name = match hf_name(family, &info.name) {
+            Some(Mapped::Tensor(name)) => name,
+            Some(Mapped::Config) => continue, // read into the config's rotary embeddings
+            None => {
+                return Err(ModelError::Unused {
+                    path: path.to_path_buf(),
+                    name: info.name.clone(),
+                    arch: config.arch,
+                    hint: unused_hint(&info.name),
+                })
+            }
         };
         let mut data = g.tensor_f32(&info.name)?;
         let mut shape = info.shape.clone();
+        if plus_one(family, &name) {
+            // llama.cpp stores Gemma's norms as 1 + w; transformers' checkpoints hold w.
+            data.iter_mut().for_each(|v| *v -= 1.0);
+        }
         if config.arch == Arch::Llama && shape.len() == 2 {
-            let heads = if name.ends_with("q_proj.weight") {
-                Some(config.num_heads)
-            } else if name.ends_with("k_proj.weight") {
-                Some(config.num_kv_heads)
-            } else {
-                None
+            let heads = match (permuted(family), name.ends_with("q_proj.weight"), name.ends_with("k_proj.weight")) {
+                (true, true, _) => Some(config.num_heads),
+                (true, _, true) => Some(config.num_kv_heads),
+                _ => None,
             };
             if let Some(h) = heads {
                 data = unpermute_rotary(&data, shape[0], shape[1], h);

@@ -28,6 +28,7 @@ struct Params {
     scale: f32,
     kv_seq: u32,
     q_offset: u32,
+    window: u32,
 }
 
 /// Shapes of one attention call.
@@ -42,9 +43,20 @@ pub struct AttentionShape {
     /// Positions before the first query (a KV cache's length during generation; 0 in training).
     /// Keys and values then have `q_offset + seq` rows per batch entry.
     pub q_offset: usize,
+    /// A sliding window: the query at position i attends to keys i − window < s ≤ i (0: every
+    /// key up to i).
+    pub window: usize,
+    /// The scores' scale (1/√head_dim unless the model says otherwise, as Gemma 3 does).
+    pub scale: f32,
 }
 
 impl AttentionShape {
+    /// Causal attention over the whole prefix, scaled by 1/√head_dim, without a KV cache.
+    pub fn new(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        AttentionShape { batch, seq, heads, kv_heads, head_dim, q_offset: 0, window: 0, scale }
+    }
+
     /// Checks the head layout, naming the op.
     fn check(&self, op: &'static str) -> Result<()> {
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) || self.head_dim == 0 || self.head_dim > 256
@@ -106,9 +118,10 @@ impl AttentionShape {
             kv_heads: self.kv_heads as u32,
             head_dim: self.head_dim as u32,
             gx,
-            scale: 1.0 / (self.head_dim as f32).sqrt(),
+            scale: self.scale,
             kv_seq: (self.q_offset + self.seq) as u32,
             q_offset: self.q_offset as u32,
+            window: self.window as u32,
         }
     }
 }
@@ -306,13 +319,13 @@ pub fn attention_forward_mm(
     scratch.check(OP, &s, false)?;
     let hs = |rep| HeadsShape { batch: b, seq: t, heads: h, rep, head_dim: d };
     let bh = |x: &Tensor| x.reshape(&[b * h, t, d]);
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = s.scale;
     heads_forward(ctx, step, hs(1), q, &scratch.q)?;
     heads_forward(ctx, step, hs(h / kv), k, &scratch.k)?;
     heads_forward(ctx, step, hs(h / kv), v, &scratch.v)?;
-    // Key-major scores Sᵀ = k·qᵀ/√d (see ops::softmax), so O = P·v reads them transposed.
+    // Key-major scores Sᵀ = k·qᵀ·scale (see ops::softmax), so O = P·v reads them transposed.
     matmul(ctx, step, &bh(&scratch.k)?, &bh(&scratch.q)?, &scratch.scores, Matmul::nt().alpha(scale))?;
-    softmax_forward(ctx, step, &scratch.scores, &lse.reshape(&[b * h * t])?)?;
+    softmax_forward(ctx, step, &scratch.scores, &lse.reshape(&[b * h * t])?, s.window)?;
     matmul(ctx, step, &scratch.scores, &bh(&scratch.v)?, &bh(&scratch.o)?, Matmul::tn())?;
     heads_backward(ctx, step, hs(1), &scratch.o, out)
 }
@@ -348,7 +361,7 @@ pub fn attention_backward_mm(
     let ds = scratch.dscores.as_ref().expect("checked");
     let hs = |rep| HeadsShape { batch: b, seq: t, heads: h, rep, head_dim: d };
     let bh = |x: &Tensor| x.reshape(&[b * h, t, d]);
-    let scale = 1.0 / (d as f32).sqrt();
+    let scale = s.scale;
     let (sq, sk, sv, so) = (bh(&scratch.q)?, bh(&scratch.k)?, bh(&scratch.v)?, bh(&scratch.o)?);
     heads_forward(ctx, step, hs(1), q, &scratch.q)?;
     heads_forward(ctx, step, hs(h / kv), k, &scratch.k)?;
@@ -357,7 +370,7 @@ pub fn attention_backward_mm(
     // Sᵀ again, dPᵀ = v·dOᵀ, then Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Σ P·dP) in place (all key-major).
     matmul(ctx, step, &sk, &sq, &scratch.scores, Matmul::nt().alpha(scale))?;
     matmul(ctx, step, &sv, &so, ds, Matmul::nt())?;
-    softmax_backward(ctx, step, &scratch.scores, &lse.reshape(&[b * h * t])?, ds)?;
+    softmax_backward(ctx, step, &scratch.scores, &lse.reshape(&[b * h * t])?, ds, s.window)?;
     // dq = dS·k/√d into v's copy (v is done), dk = dSᵀ·q/√d into k's (k is done once dq is),
     // dv = Pᵀ·dO into q's (q is done once dk is).
     matmul(ctx, step, ds, &sk, &sv, Matmul::tn().alpha(scale))?;

@@ -9,7 +9,6 @@ struct Params {
     seq: u32,
     heads: u32,
     head_dim: u32,
-    log_theta: f32,
     gx: u32,
     pos_offset: u32,
 }
@@ -21,14 +20,23 @@ pub struct RopeShape {
     pub seq: usize,
     pub heads: usize,
     pub head_dim: usize,
-    pub theta: f64,
     /// Positions already in a KV cache before these rows (0 in training).
     pub pos_offset: usize,
 }
 
-fn record(ctx: &Context, step: &mut Step, entry: &'static str, s: RopeShape, x: &Tensor, out: &Tensor) -> Result<()> {
+fn record(
+    ctx: &Context,
+    step: &mut Step,
+    entry: &'static str,
+    s: RopeShape,
+    inv_freq: &Tensor,
+    x: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
     check_f32(entry, x)?;
     check_f32(entry, out)?;
+    check_f32(entry, inv_freq)?;
+    check_numel(entry, inv_freq, s.head_dim / 2, "(head_dim / 2,)")?;
     if !s.head_dim.is_multiple_of(2) || s.seq == 0 || s.heads == 0 {
         return Err(shape_err(entry, format!("{s:?}: head_dim must be even, seq and heads positive")));
     }
@@ -50,20 +58,34 @@ fn record(ctx: &Context, step: &mut Step, entry: &'static str, s: RopeShape, x: 
         seq: s.seq as u32,
         heads: s.heads as u32,
         head_dim: s.head_dim as u32,
-        log_theta: s.theta.ln() as f32,
         gx: groups[0],
         pos_offset: s.pos_offset as u32,
     };
     let spec = KernelSpec::new(&kernel_sources::ROPE, entry);
-    ctx.record(step, &spec, &[Arg::Uniform(uniform(entry, &params)?), Arg::Read(x), Arg::Write(out)], groups)
+    let args = [Arg::Uniform(uniform(entry, &params)?), Arg::Read(x), Arg::Write(out), Arg::Read(inv_freq)];
+    ctx.record(step, &spec, &args, groups)
 }
 
-/// Rotates `x` by each row's position angles into `out`.
-pub fn rope_forward(ctx: &Context, step: &mut Step, s: RopeShape, x: &Tensor, out: &Tensor) -> Result<()> {
-    record(ctx, step, "rope_forward", s, x, out)
+/// Rotates `x` by each row's position angles (position · `inv_freq[i]` for pair i) into `out`.
+pub fn rope_forward(
+    ctx: &Context,
+    step: &mut Step,
+    s: RopeShape,
+    inv_freq: &Tensor,
+    x: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    record(ctx, step, "rope_forward", s, inv_freq, x, out)
 }
 
 /// The gradient through [`rope_forward`]: rotates `dout` back by the same angles into `dx`.
-pub fn rope_backward(ctx: &Context, step: &mut Step, s: RopeShape, dout: &Tensor, dx: &Tensor) -> Result<()> {
-    record(ctx, step, "rope_backward", s, dout, dx)
+pub fn rope_backward(
+    ctx: &Context,
+    step: &mut Step,
+    s: RopeShape,
+    inv_freq: &Tensor,
+    dout: &Tensor,
+    dx: &Tensor,
+) -> Result<()> {
+    record(ctx, step, "rope_backward", s, inv_freq, dout, dx)
 }

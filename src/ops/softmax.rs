@@ -8,9 +8,10 @@ use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor}
 #[derive(encase::ShaderType)]
 struct Params {
     seq: u32,
+    window: u32,
 }
 
-fn params(ctx: &Context, op: &'static str, scores: &Tensor, lse: &Tensor) -> Result<(Params, [u32; 3])> {
+fn params(ctx: &Context, op: &'static str, scores: &Tensor, lse: &Tensor, window: usize) -> Result<(Params, [u32; 3])> {
     check_f32(op, scores)?;
     check_f32(op, lse)?;
     let [z, t, t2] = *scores.shape() else {
@@ -23,15 +24,15 @@ fn params(ctx: &Context, op: &'static str, scores: &Tensor, lse: &Tensor) -> Res
     if z > ctx.limits().max_workgroups_per_dimension as usize {
         return Err(shape_err(op, format!("{z} (batch, head) pairs exceed the device's grid limit")));
     }
-    Ok((Params { seq: t as u32 }, [t.div_ceil(64) as u32, z as u32, 1]))
+    Ok((Params { seq: t as u32, window: window as u32 }, [t.div_ceil(64) as u32, z as u32, 1]))
 }
 
 /// Key-major scores `st` `(B·H, T, T)` (scaled) become causal softmax probabilities in place:
-/// query t's column keeps keys `0..=t` and is 0 below the diagonal; `lse` `(B·H·T,)` gets each
-/// query's log-sum-exp.
-pub fn softmax_forward(ctx: &Context, step: &mut Step, scores: &Tensor, lse: &Tensor) -> Result<()> {
+/// query t's column keeps keys `0..=t` (with a `window`, only `t − window < s ≤ t`) and is 0
+/// elsewhere; `lse` `(B·H·T,)` gets each query's log-sum-exp.
+pub fn softmax_forward(ctx: &Context, step: &mut Step, scores: &Tensor, lse: &Tensor, window: usize) -> Result<()> {
     const OP: &str = "softmax_forward";
-    let (p, groups) = params(ctx, OP, scores, lse)?;
+    let (p, groups) = params(ctx, OP, scores, lse, window)?;
     let args = [Arg::Uniform(uniform(OP, &p)?), Arg::Write(scores), Arg::Write(lse)];
     ctx.record(step, &KernelSpec::new(&kernel_sources::SOFTMAX, OP), &args, groups)
 }
@@ -39,9 +40,16 @@ pub fn softmax_forward(ctx: &Context, step: &mut Step, scores: &Tensor, lse: &Te
 /// The gradient through [`softmax_forward`]: from the scores (recomputed), their `lse` and
 /// `dp = dL/dP` (all key-major), writes the probabilities P over `scores` and
 /// `dL/dscores = P ∘ (dp − Σ_keys P·dp)` over `dp`.
-pub fn softmax_backward(ctx: &Context, step: &mut Step, scores: &Tensor, lse: &Tensor, dp: &Tensor) -> Result<()> {
+pub fn softmax_backward(
+    ctx: &Context,
+    step: &mut Step,
+    scores: &Tensor,
+    lse: &Tensor,
+    dp: &Tensor,
+    window: usize,
+) -> Result<()> {
     const OP: &str = "softmax_backward";
-    let (p, groups) = params(ctx, OP, scores, lse)?;
+    let (p, groups) = params(ctx, OP, scores, lse, window)?;
     check_f32(OP, dp)?;
     if dp.shape() != scores.shape() {
         return Err(shape_err(OP, format!("dp {:?} must have the scores' shape {:?}", dp.shape(), scores.shape())));

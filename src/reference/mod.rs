@@ -64,12 +64,13 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>) {
     (out, rstd)
 }
 
-/// Rotary embedding of `x` `(rows, heads, head_dim)` with position `row % seq`.
-pub fn rope_forward(x: &[f32], seq: usize, heads: usize, head_dim: usize, theta: f64) -> Vec<f64> {
+/// Rotary embedding of `x` `(rows, heads, head_dim)` with position `row % seq`, pair i rotated
+/// by `position · inv_freq[i]`.
+pub fn rope_forward(x: &[f32], seq: usize, heads: usize, head_dim: usize, inv_freq: &[f32]) -> Vec<f64> {
     let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
     for (row, chunk) in out.chunks_mut(heads * head_dim).enumerate() {
         for h in chunk.chunks_mut(head_dim) {
-            model::rope(h, row % seq, theta);
+            model::rope(h, row % seq, inv_freq);
         }
     }
     out
@@ -91,6 +92,8 @@ pub fn gelu_forward(x: &[f32]) -> Vec<f64> {
 }
 
 /// Causal GQA attention; q `(B, T, H, d)`, k/v `(B, T, KV, d)` → (out `(B, T, H, d)`, lse `(B, H, T)`).
+/// With a `window`, query t sees keys t − window < s ≤ t; scores are scaled by `scale`.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -100,6 +103,8 @@ pub fn attention_forward(
     heads: usize,
     kv_heads: usize,
     d: usize,
+    window: usize,
+    scale: f64,
 ) -> (Vec<f64>, Vec<f64>) {
     let rows = |x: &[f32], w: usize, b: usize| -> Vec<Vec<f64>> {
         (0..seq).map(|t| x[(b * seq + t) * w..(b * seq + t + 1) * w].iter().map(|&v| v as f64).collect()).collect()
@@ -108,15 +113,16 @@ pub fn attention_forward(
     let mut lse = vec![0.0; batch * heads * seq];
     for b in 0..batch {
         let (qb, kb, vb) = (rows(q, heads * d, b), rows(k, kv_heads * d, b), rows(v, kv_heads * d, b));
-        for o in model::attention(&qb, &kb, &vb, heads, kv_heads, d) {
+        for o in model::attention(&qb, &kb, &vb, heads, kv_heads, d, window, scale) {
             out.extend(o);
         }
-        let scale = 1.0 / (d as f64).sqrt();
         for h in 0..heads {
             let g = h / (heads / kv_heads);
             for t in 0..seq {
-                let s: Vec<f64> =
-                    (0..=t).map(|s| (0..d).map(|i| qb[t][h * d + i] * kb[s][g * d + i]).sum::<f64>() * scale).collect();
+                let first = if window > 0 { (t + 1).saturating_sub(window) } else { 0 };
+                let s: Vec<f64> = (first..=t)
+                    .map(|s| (0..d).map(|i| qb[t][h * d + i] * kb[s][g * d + i]).sum::<f64>() * scale)
+                    .collect();
                 let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 lse[(b * heads + h) * seq + t] = m + s.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
             }

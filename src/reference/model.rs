@@ -74,20 +74,22 @@ pub(crate) fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
-/// Rotary embedding as transformers applies it: dimension i pairs with i + head_dim/2.
-pub(crate) fn rope(v: &mut [f64], pos: usize, theta: f64) {
+/// Rotary embedding as transformers applies it: dimension i pairs with i + head_dim/2, rotated by
+/// `pos · inv_freq[i]`.
+pub(crate) fn rope(v: &mut [f64], pos: usize, inv_freq: &[f32]) {
     let hd = v.len();
     let half = hd / 2;
     for i in 0..half {
-        let freq = 1.0 / theta.powf(2.0 * i as f64 / hd as f64);
-        let (s, c) = (pos as f64 * freq).sin_cos();
+        let (s, c) = (pos as f64 * inv_freq[i] as f64).sin_cos();
         let (a, b) = (v[i], v[i + half]);
         v[i] = a * c - b * s;
         v[i + half] = b * c + a * s;
     }
 }
 
-/// Causal softmax attention for one sequence. q: (T, H, hd), k/v: (T, KV, hd) as flat rows.
+/// Causal softmax attention for one sequence. q: (T, H, hd), k/v: (T, KV, hd) as flat rows;
+/// with a `window`, query t sees keys t − window < s ≤ t. Scores are scaled by `scale`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     q: &[Vec<f64>],
     k: &[Vec<f64>],
@@ -95,22 +97,24 @@ pub(crate) fn attention(
     heads: usize,
     kv_heads: usize,
     hd: usize,
+    window: usize,
+    scale: f64,
 ) -> Vec<Vec<f64>> {
     let t_len = q.len();
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f64).sqrt();
     let mut out = vec![vec![0.0; heads * hd]; t_len];
     for (t, out_t) in out.iter_mut().enumerate() {
         for h in 0..heads {
             let kh = h / group;
             let qh = &q[t][h * hd..(h + 1) * hd];
-            let scores: Vec<f64> = (0..=t)
+            let first = if window > 0 { (t + 1).saturating_sub(window) } else { 0 };
+            let scores: Vec<f64> = (first..=t)
                 .map(|s| qh.iter().zip(&k[s][kh * hd..(kh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() * scale)
                 .collect();
             let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
             let z: f64 = e.iter().sum();
-            for (s, p) in e.iter().enumerate() {
+            for (s, p) in (first..).zip(&e) {
                 for d in 0..hd {
                     out_t[h * hd + d] += p / z * v[s][kh * hd + d];
                 }
@@ -153,6 +157,7 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
         match c.arch {
             Arch::Llama => {
                 let p = format!("model.layers.{l}");
+                let inv_freq = c.layers[l].rope.inv_freq(hd);
                 let ln1 = g(&format!("{p}.input_layernorm.weight"))?;
                 let (wq, wk, wv, wo) = (
                     M { t: g(&format!("{p}.self_attn.q_proj.weight"))? },
@@ -166,16 +171,16 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
                     let mut qt = wq.linear(&h);
                     let mut kt = wk.linear(&h);
                     for hh in 0..heads {
-                        rope(&mut qt[hh * hd..(hh + 1) * hd], pos, c.rope_theta);
+                        rope(&mut qt[hh * hd..(hh + 1) * hd], pos, &inv_freq);
                     }
                     for hh in 0..kvh {
-                        rope(&mut kt[hh * hd..(hh + 1) * hd], pos, c.rope_theta);
+                        rope(&mut kt[hh * hd..(hh + 1) * hd], pos, &inv_freq);
                     }
                     q.push(qt);
                     k.push(kt);
                     v.push(wv.linear(&h));
                 }
-                let att = attention(&q, &k, &v, heads, kvh, hd);
+                let att = attention(&q, &k, &v, heads, kvh, hd, c.layers[l].window, 1.0 / (hd as f64).sqrt());
                 let ln2 = g(&format!("{p}.post_attention_layernorm.weight"))?;
                 let (wg, wu, wd) = (
                     M { t: g(&format!("{p}.mlp.gate_proj.weight"))? },
@@ -205,7 +210,7 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
                     k.push(qkv[width..2 * width].to_vec());
                     v.push(qkv[2 * width..].to_vec());
                 }
-                let att = attention(&q, &k, &v, heads, heads, hd);
+                let att = attention(&q, &k, &v, heads, heads, hd, 0, 1.0 / (hd as f64).sqrt());
                 for (xt, at) in x.iter_mut().zip(&att) {
                     for (a, b) in
                         xt.iter_mut().zip(M { t: t("attn.c_proj.weight")? }.conv1d(at, t("attn.c_proj.bias")?))

@@ -179,25 +179,71 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
 }
 
 pub(crate) fn inspect(path: &std::path::Path) -> Res {
+    use portalora::model::arch::{NormKind, RopeScaling};
     let w = portalora::model::load_model(path)?;
     let c = &w.config;
+    let b = c.block;
     println!("model:          {}", path.display());
-    println!("architecture:   {:?}", c.arch);
+    println!("family:         {:?}", c.family);
     println!("parameters:     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
     println!("vocab:          {}", c.vocab_size);
     println!("layers:         {}", c.num_layers);
     println!("hidden:         {}", c.hidden_size);
     println!("heads:          {} (kv {}, head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
-    println!("mlp:            {}", c.intermediate_size);
+    println!("mlp:            {} ({:?})", c.intermediate_size, b.act);
     println!("context:        {}", c.max_positions);
-    println!("norm eps:       {:e}", c.norm_eps);
-    if c.arch == portalora::model::Arch::Llama {
-        println!("rope theta:     {}", c.rope_theta);
+    let norm = match (b.norm, b.norm_plus_one) {
+        (NormKind::Layer, _) => "LayerNorm",
+        (NormKind::Rms, true) => "RMSNorm × (1 + w)",
+        (NormKind::Rms, false) => "RMSNorm",
+    };
+    println!(
+        "norm:           {norm}, eps {:e}{}",
+        c.norm_eps,
+        if b.post_norms { "; also after attention and after the MLP" } else { "" }
+    );
+    let biases: Vec<&str> = [(b.qkv_bias, "q/k/v"), (b.o_bias, "o"), (b.mlp_bias, "mlp")]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, n)| *n)
+        .collect();
+    println!("biases:         {}", if biases.is_empty() { "none".to_string() } else { biases.join(", ") });
+    println!("q/k norm:       {}", b.qk_norm);
+    if b.rope {
+        let mut kinds: Vec<String> = Vec::new();
+        for l in &c.layers {
+            let scaling = match &l.rope.scaling {
+                None => String::new(),
+                Some(RopeScaling::Linear { factor }) => format!(", linear × {factor}"),
+                Some(RopeScaling::Llama3 { factor, .. }) => format!(", llama3 × {factor}"),
+                Some(RopeScaling::Factors(_)) => ", per-frequency factors".to_string(),
+            };
+            let k = format!("theta {}{scaling}", l.rope.theta);
+            if !kinds.contains(&k) {
+                kinds.push(k);
+            }
+        }
+        println!("rope:           {}", kinds.join("; "));
+    } else {
+        println!("positions:      learned");
+    }
+    let windows: Vec<String> =
+        c.layers.iter().map(|l| if l.window == 0 { "full".into() } else { l.window.to_string() }).collect();
+    if c.layers.iter().any(|l| l.window > 0) {
+        println!("attention:      per layer: {}", windows.join(" "));
+    } else {
+        println!("attention:      full causal in every layer");
+    }
+    if let Some(s) = b.attn_scale {
+        println!("attn scale:     {s:.6}");
+    }
+    if b.embed_scale {
+        println!("embed scale:    √{} = {:.4}", c.hidden_size, (c.hidden_size as f64).sqrt());
+    }
+    if let Some(cap) = b.final_softcap {
+        println!("logit softcap:  {cap}");
     }
     println!("tied head:      {}", c.tie_embeddings);
-    if let Some(w) = c.sliding_window {
-        println!("sliding window: {w} (sequences up to {w} tokens)");
-    }
     println!("tensors:        {}", w.tensors.len());
     Ok(())
 }

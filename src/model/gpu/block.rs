@@ -9,12 +9,12 @@
 
 use super::params::{BlockParams, Norm};
 use super::plan::{Gradients, LayerActivations};
-use super::Result;
+use super::{need, GpuModelError, Result};
 use crate::adapter::{Adapter, Proj};
 use crate::gpu::{Context, Step, Tensor};
 use crate::model::arch::{Act, NormKind};
 use crate::model::config::ModelConfig;
-use crate::ops::act::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
+use crate::ops::act::{geglu_backward, geglu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{
     attention_backward, attention_backward_mm, attention_forward, attention_forward_mm, AttentionScratch,
 };
@@ -188,7 +188,35 @@ impl Recorder<'_> {
         }
     }
 
-    /// One layer's forward pass: `x_mid = x + attn(norm1(x))`, `x_out = x_mid + mlp(norm2(x_mid))`.
+    /// The RMSNorm of every head of `x` `(N, heads·hd)` with the weight `w` `(hd,)` (q/k norms).
+    fn head_norm_forward(&self, s: &mut Step, x: &Tensor, w: &Tensor, y: &Tensor, rstd: Option<&Tensor>) -> Result<()> {
+        let hd = w.numel();
+        let rows = x.numel() / hd;
+        let (xv, yv) = (x.reshape(&[rows, hd])?, y.reshape(&[rows, hd])?);
+        let rstd = rstd.ok_or_else(|| GpuModelError::Unsupported("q/k norms without their statistics".into()))?;
+        rmsnorm_forward(self.ctx, s, &xv, w, self.config.norm_eps as f32, &yv, rstd)?;
+        Ok(())
+    }
+
+    /// The gradient through [`Recorder::head_norm_forward`].
+    fn head_norm_backward(
+        &self,
+        s: &mut Step,
+        x: &Tensor,
+        w: &Tensor,
+        rstd: &Tensor,
+        dy: &Tensor,
+        dx: &Tensor,
+    ) -> Result<()> {
+        let hd = w.numel();
+        let rows = x.numel() / hd;
+        let v = |t: &Tensor| t.reshape(&[rows, hd]);
+        rmsnorm_backward(self.ctx, s, &v(x)?, w, rstd, &v(dy)?, None, &v(dx)?)?;
+        Ok(())
+    }
+
+    /// One layer's forward pass: `x_mid = x + attn(norm1(x))`, `x_out = x_mid + mlp(norm2(x_mid))`
+    /// (with post-norms: `x + post1(attn(…))` and `x_mid + post2(mlp(…))`).
     #[allow(clippy::too_many_arguments)]
     pub fn layer_forward(
         &self,
@@ -204,7 +232,7 @@ impl Recorder<'_> {
         self.norm_forward(s, &la.x_mid, &p.ln2, &la.h2, la.mean2.as_ref(), &la.rstd2)?;
         self.mlp_up_forward(s, l, p, &la.h2, la.gate.as_ref(), &la.up)?;
         self.mlp_down_forward(s, l, p, la)?;
-        add_forward(self.ctx, s, &la.x_mid, &la.down, x_out)?;
+        add_forward(self.ctx, s, &la.x_mid, la.down_normed.as_ref().unwrap_or(&la.down), x_out)?;
         Ok(())
     }
 
@@ -231,13 +259,18 @@ impl Recorder<'_> {
         }
         let n = la.h1.shape()[0];
         let (pos, shape) = match keys {
-            Keys::Batch { batch, seq, .. } => (0, c.attention_shape(batch, seq, 0)),
-            Keys::Cache { pos, .. } => (pos, c.attention_shape(1, n, pos)),
+            Keys::Batch { batch, seq } => (0, c.attention_shape(l, batch, seq, 0)),
+            Keys::Cache { pos, .. } => (pos, c.attention_shape(l, 1, n, pos)),
         };
-        if let (Some(q_rot), Some(k_rot)) = (&la.q_rot, &la.k_rot) {
+        if let (Some(wq), Some(wk), Some(qn), Some(kn)) = (&p.q_norm, &p.k_norm, &la.q_normed, &la.k_normed) {
+            self.head_norm_forward(s, &la.q, wq, qn, la.rstd_q.as_ref())?;
+            self.head_norm_forward(s, &la.k, wk, kn, la.rstd_k.as_ref())?;
+        }
+        if let (Some(q_rot), Some(k_rot), Some(inv_freq)) = (&la.q_rot, &la.k_rot, &p.rope) {
             let (rope_q, rope_k) = c.rope_shapes(shape.seq, pos);
-            rope_forward(ctx, s, rope_q, &la.q, q_rot)?;
-            rope_forward(ctx, s, rope_k, &la.k, k_rot)?;
+            let (q_in, k_in) = (la.q_normed.as_ref().unwrap_or(&la.q), la.k_normed.as_ref().unwrap_or(&la.k));
+            rope_forward(ctx, s, rope_q, inv_freq, q_in, q_rot)?;
+            rope_forward(ctx, s, rope_k, inv_freq, k_in, k_rot)?;
         }
         let (qa, ka) = la.qk_for_attention();
         match (keys, self.attn) {
@@ -252,7 +285,10 @@ impl Recorder<'_> {
             }
         }
         self.proj_forward(s, l, o, &la.att, &[(&p.wo, p.bo.as_ref(), &la.o)])?;
-        add_forward(ctx, s, x, &la.o, &la.x_mid)?;
+        if let (Some(n), Some(on)) = (&p.post_attn, &la.o_normed) {
+            self.norm_forward(s, &la.o, n, on, None, need(&la.rstd_o)?)?;
+        }
+        add_forward(ctx, s, x, la.o_normed.as_ref().unwrap_or(&la.o), &la.x_mid)?;
         Ok(())
     }
 
@@ -270,7 +306,7 @@ impl Recorder<'_> {
     ) -> Result<()> {
         let [_, _, up_proj, _] = self.projs();
         if let (Some(wg), Some(gate)) = (&p.w_gate, gate) {
-            self.proj_forward(s, l, Proj::Gate, h2, &[(wg, None, gate)])?;
+            self.proj_forward(s, l, Proj::Gate, h2, &[(wg, p.b_gate.as_ref(), gate)])?;
         }
         self.proj_forward(s, l, up_proj, h2, &[(&p.w_up, p.b_up.as_ref(), up)])
     }
@@ -280,9 +316,14 @@ impl Recorder<'_> {
         let [_, _, _, down] = self.projs();
         match (self.config.block.act, &la.gate) {
             (Act::SwiGlu, Some(gate)) => swiglu_forward(self.ctx, s, gate, &la.up, &la.act)?,
+            (Act::GeGluTanh, Some(gate)) => geglu_forward(self.ctx, s, gate, &la.up, &la.act)?,
             _ => gelu_forward(self.ctx, s, &la.up, &la.act)?,
         }
-        self.proj_forward(s, l, down, &la.act, &[(&p.w_down, p.b_down.as_ref(), &la.down)])
+        self.proj_forward(s, l, down, &la.act, &[(&p.w_down, p.b_down.as_ref(), &la.down)])?;
+        if let (Some(n), Some(dn)) = (&p.post_mlp, &la.down_normed) {
+            self.norm_forward(s, &la.down, n, dn, None, need(&la.rstd_down)?)?;
+        }
+        Ok(())
     }
 
     /// One layer's backward pass, from `dx_out` (the gradient of the residual stream leaving the
@@ -329,10 +370,21 @@ impl Recorder<'_> {
                 (&rc.h2, rc.gate.as_ref(), &rc.up)
             }
         };
-        self.projs_backward(s, l, &la.act, &[(down, &[(&p.w_down, dxo)])], &g.d_act)?;
+        // Through the post-MLP norm (where the block has one) to the down projection's output.
+        let d_down = match (&p.post_mlp, &g.d_down) {
+            (Some(n), Some(d_down)) => {
+                self.norm_backward(s, &la.down, n, None, need(&la.rstd_down)?, dxo, None, d_down)?;
+                d_down
+            }
+            _ => dxo,
+        };
+        self.projs_backward(s, l, &la.act, &[(down, &[(&p.w_down, d_down)])], &g.d_act)?;
         match (self.config.block.act, gate, &g.d_gate) {
             (Act::SwiGlu, Some(gate), Some(d_gate)) => {
                 swiglu_backward(self.ctx, s, gate, up, &g.d_act, d_gate, &g.d_up)?
+            }
+            (Act::GeGluTanh, Some(gate), Some(d_gate)) => {
+                geglu_backward(self.ctx, s, gate, up, &g.d_act, d_gate, &g.d_up)?
             }
             _ => gelu_backward(self.ctx, s, up, &g.d_act, &g.d_up)?,
         }
@@ -359,9 +411,17 @@ impl Recorder<'_> {
     ) -> Result<()> {
         let (ctx, c) = (self.ctx, self.config);
         let [qkv, o, ..] = self.projs();
-        self.projs_backward(s, l, &la.att, &[(o, &[(&p.wo, &g.d_xmid)])], &g.d_att)?;
+        // Through the post-attention norm (where the block has one) to o's output.
+        let d_o = match (&p.post_attn, &g.d_o) {
+            (Some(n), Some(d_o)) => {
+                self.norm_backward(s, &la.o, n, None, need(&la.rstd_o)?, &g.d_xmid, None, d_o)?;
+                d_o
+            }
+            _ => &g.d_xmid,
+        };
+        self.projs_backward(s, l, &la.att, &[(o, &[(&p.wo, d_o)])], &g.d_att)?;
         let (b, t) = (la.lse.shape()[0], la.lse.shape()[2]);
-        let shape = c.attention_shape(b, t, 0);
+        let shape = c.attention_shape(l, b, t, 0);
         let (qa, ka) = la.qk_for_attention();
         let (dqa, dka) = g.dqk_of_attention();
         match self.attn {
@@ -370,10 +430,19 @@ impl Recorder<'_> {
                 attention_backward(ctx, s, shape, qa, ka, &la.v, &la.att, &la.lse, &g.d_att, dqa, dka, &g.d_v, &g.dsum)?
             }
         }
-        if la.q_rot.is_some() {
+        // Rotary, then the q/k norms, back to the projections' outputs.
+        let (dq_in, dk_in) = match (&g.d_qn, &g.d_kn) {
+            (Some(dqn), Some(dkn)) => (dqn, dkn),
+            _ => (&g.d_q, &g.d_k),
+        };
+        if let Some(inv_freq) = &p.rope {
             let (rope_q, rope_k) = c.rope_shapes(t, 0);
-            rope_backward(ctx, s, rope_q, dqa, &g.d_q)?;
-            rope_backward(ctx, s, rope_k, dka, &g.d_k)?;
+            rope_backward(ctx, s, rope_q, inv_freq, dqa, dq_in)?;
+            rope_backward(ctx, s, rope_k, inv_freq, dka, dk_in)?;
+        }
+        if let (Some(wq), Some(wk), Some(dqn), Some(dkn)) = (&p.q_norm, &p.k_norm, &g.d_qn, &g.d_kn) {
+            self.head_norm_backward(s, &la.q, wq, need(&la.rstd_q)?, dqn, &g.d_q)?;
+            self.head_norm_backward(s, &la.k, wk, need(&la.rstd_k)?, dkn, &g.d_k)?;
         }
         let (q, k, v) = ([(&p.wq, &g.d_q)], [(&p.wk, &g.d_k)], [(&p.wv, &g.d_v)]);
         if c.block.conv1d {

@@ -5,38 +5,47 @@
 use super::block::Recorder;
 use super::params::ParameterTensors;
 use super::plan::{Activations, Gradients};
-use super::{need, Result};
+use super::{need, GpuModelError, Result};
 use crate::gpu::{Step, Tensor};
-use crate::ops::elementwise::add_forward;
+use crate::ops::elementwise::{add_forward, scale_forward};
 use crate::ops::embed::embed_forward;
 use crate::ops::reduce::reduce_forward;
 use crate::ops::xent::{xent_backward, xent_forward};
 
-/// Learned positions: the ids of each row's positions, and where the token and position
-/// embeddings go before they are added.
+/// Learned positions: the ids of each row's positions, and where their embeddings go.
 pub struct Positions<'t> {
     pub ids: &'t Tensor,
-    pub emb: &'t Tensor,
     pub pos: &'t Tensor,
 }
 
 impl Recorder<'_> {
-    /// `x0 = embed(ids)`, plus the position embeddings where the block learns them.
+    /// `x0 = embed(ids)`, plus the position embeddings where the block learns them, or times
+    /// √hidden where the block scales them (Gemma); `emb` holds the token embeddings before
+    /// either.
     pub fn embed_forward(
         &self,
         s: &mut Step,
         p: &ParameterTensors,
         ids: &Tensor,
         x0: &Tensor,
+        emb: Option<&Tensor>,
         learned: Option<Positions>,
     ) -> Result<()> {
-        match (&p.pos_embed, learned) {
-            (Some(wpe), Some(l)) => {
-                p.embed.embed(self.ctx, s, ids, l.emb)?;
-                embed_forward(self.ctx, s, l.ids, wpe, l.pos)?;
-                add_forward(self.ctx, s, l.emb, l.pos, x0)?;
+        let ctx = self.ctx;
+        match (&p.pos_embed, learned, emb) {
+            (Some(wpe), Some(l), Some(emb)) => {
+                p.embed.embed(ctx, s, ids, emb)?;
+                embed_forward(ctx, s, l.ids, wpe, l.pos)?;
+                add_forward(ctx, s, emb, l.pos, x0)?;
             }
-            _ => p.embed.embed(self.ctx, s, ids, x0)?,
+            (None, None, Some(emb)) if self.config.block.embed_scale => {
+                // transformers scales by √hidden rounded to the weights' dtype (f32 here).
+                let scale = (self.config.hidden_size as f64).sqrt() as f32;
+                p.embed.embed(ctx, s, ids, emb)?;
+                scale_forward(ctx, s, emb, scale, x0)?;
+            }
+            (None, None, _) if !self.config.block.embed_scale => p.embed.embed(ctx, s, ids, x0)?,
+            _ => return Err(GpuModelError::Unsupported("the embedding's scratch tensors are missing".into())),
         }
         Ok(())
     }
@@ -95,6 +104,6 @@ impl Recorder<'_> {
         if self.config.block.rope {
             return Ok(None);
         }
-        Ok(Some(Positions { ids: need(&a.pos_ids)?, emb: need(&a.emb)?, pos: need(&a.pos)? }))
+        Ok(Some(Positions { ids: need(&a.pos_ids)?, pos: need(&a.pos)? }))
     }
 }

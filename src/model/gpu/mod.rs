@@ -165,7 +165,7 @@ impl GpuModel {
         let r = self.recorder(ctx, backward);
         let (p, a) = (&self.params, &self.acts);
         let mut s = Step::new();
-        r.embed_forward(&mut s, p, &a.ids, &a.x[0], r.positions(a)?)?;
+        r.embed_forward(&mut s, p, &a.ids, &a.x[0], a.emb.as_ref(), r.positions(a)?)?;
         let keys = Keys::Batch { batch: a.batch, seq: a.seq };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             r.layer_forward(&mut s, l, lp, &a.x[l], la, keys, &a.x[l + 1])?;

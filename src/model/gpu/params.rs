@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::{GpuModelError, Result};
 use crate::gpu::{Context, DType, Step, Tensor};
-use crate::model::arch::NormKind;
+use crate::model::arch::{Block, NormKind};
 use crate::model::config::Arch;
 use crate::model::weights::{HostTensor, RawTensor, Weights};
 use crate::ops::embed::embed_forward_part;
@@ -19,7 +19,8 @@ pub struct Norm {
 }
 
 /// One decoder layer's frozen weights, in the block's layout (`nn.Linear` `(out, in)`, or GPT-2's
-/// `Conv1D` `(in, out)` with c_attn split into its q, k and v thirds at upload).
+/// `Conv1D` `(in, out)` with c_attn split into its q, k and v thirds at upload). What the block
+/// lacks is `None`.
 pub struct BlockParams {
     pub ln1: Norm,
     pub wq: Tensor, // (H·hd, C)
@@ -30,13 +31,23 @@ pub struct BlockParams {
     pub bk: Option<Tensor>,
     pub bv: Option<Tensor>,
     pub bo: Option<Tensor>,
+    /// Per-head RMSNorm weights of q and k, before rotary.
+    pub q_norm: Option<Tensor>, // (hd,)
+    pub k_norm: Option<Tensor>, // (hd,)
+    /// The rotary inverse frequencies of this layer (rotary blocks).
+    pub rope: Option<Tensor>, // (hd / 2,)
+    /// The norm after attention, before the residual add (Gemma).
+    pub post_attn: Option<Norm>,
     pub ln2: Norm,
-    /// The gate projection of a gated MLP (SwiGLU).
+    /// The gate projection of a gated MLP (SwiGLU, GeGLU).
     pub w_gate: Option<Tensor>, // (F, C)
     pub w_up: Tensor,   // (F, C)  GPT-2: c_fc
     pub w_down: Tensor, // (C, F)  GPT-2: mlp.c_proj
+    pub b_gate: Option<Tensor>,
     pub b_up: Option<Tensor>,
     pub b_down: Option<Tensor>,
+    /// The norm after the MLP, before the residual add (Gemma).
+    pub post_mlp: Option<Norm>,
 }
 
 impl BlockParams {
@@ -243,17 +254,25 @@ fn third(data: &[f32], rows: usize, part: usize) -> Vec<f32> {
 struct Names {
     prefix: String,
     gpt2: bool,
+    /// Gemma's names: its post_attention_layernorm is the norm after attention, and the MLP's
+    /// norm is pre_feedforward_layernorm.
+    post_norms: bool,
 }
 
 impl Names {
     fn of(&self, role: &str) -> String {
         let n = match (self.gpt2, role) {
             (false, "ln1") => "input_layernorm",
+            (false, "ln2") if self.post_norms => "pre_feedforward_layernorm",
             (false, "ln2") => "post_attention_layernorm",
+            (false, "post_attn") => "post_attention_layernorm",
+            (false, "post_mlp") => "post_feedforward_layernorm",
             (false, "q") => "self_attn.q_proj",
             (false, "k") => "self_attn.k_proj",
             (false, "v") => "self_attn.v_proj",
             (false, "o") => "self_attn.o_proj",
+            (false, "q_norm") => "self_attn.q_norm",
+            (false, "k_norm") => "self_attn.k_norm",
             (false, "gate") => "mlp.gate_proj",
             (false, "up") => "mlp.up_proj",
             (false, "down") => "mlp.down_proj",
@@ -292,7 +311,7 @@ impl ParameterTensors {
         let layers = (0..c.num_layers)
             .map(|i| {
                 let prefix = if gpt2 { format!("transformer.h.{i}") } else { format!("model.layers.{i}") };
-                upload_block(ctx, w, &Names { prefix, gpt2 }, base)
+                upload_block(ctx, w, i, &Names { prefix, gpt2, post_norms: c.block.post_norms }, base)
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if c.tie_embeddings { None } else { Some(table("lm_head.weight")?) };
@@ -302,22 +321,25 @@ impl ParameterTensors {
             embed: table(&format!("{emb}.weight"))?,
             pos_embed: if gpt2 { Some(upload(ctx, w, "transformer.wpe.weight")?) } else { None },
             layers,
-            norm: upload_norm(ctx, w, norm, c.block.norm)?,
+            norm: upload_norm(ctx, w, norm, c.block)?,
             lm_head,
         })
     }
 }
 
-/// A norm's weight (and a LayerNorm's bias) by module name.
-fn upload_norm(ctx: &Context, w: &Weights, module: &str, kind: NormKind) -> Result<Norm> {
+/// A norm's weight (and a LayerNorm's bias) by module name; Gemma's `1 + w` is stored as such.
+fn upload_norm(ctx: &Context, w: &Weights, module: &str, b: Block) -> Result<Norm> {
+    let name = format!("{module}.weight");
+    let t = w.get(&name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+    let data: Vec<f32> = if b.norm_plus_one { t.data.iter().map(|v| 1.0 + v).collect() } else { t.data.clone() };
     Ok(Norm {
-        w: upload(ctx, w, &format!("{module}.weight"))?,
-        b: if kind == NormKind::Layer { Some(upload(ctx, w, &format!("{module}.bias"))?) } else { None },
+        w: ctx.upload_f32(&name, &t.shape, &data)?,
+        b: if b.norm == NormKind::Layer { Some(upload(ctx, w, &format!("{module}.bias"))?) } else { None },
     })
 }
 
-/// One layer's weights as its block describes them.
-fn upload_block(ctx: &Context, w: &Weights, n: &Names, base: BaseDType) -> Result<BlockParams> {
+/// Layer `i`'s weights as its block describes them.
+fn upload_block(ctx: &Context, w: &Weights, i: usize, n: &Names, base: BaseDType) -> Result<BlockParams> {
     let c = &w.config;
     let b = c.block;
     let get = |name: &str| w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()));
@@ -328,6 +350,8 @@ fn upload_block(ctx: &Context, w: &Weights, n: &Names, base: BaseDType) -> Resul
     let bias = |role: &str, on: bool| -> Result<Option<Tensor>> {
         on.then(|| upload(ctx, w, &format!("{}.bias", n.of(role)))).transpose()
     };
+    let norm =
+        |role: &str, on: bool| -> Result<Option<Norm>> { on.then(|| upload_norm(ctx, w, &n.of(role), b)).transpose() };
     let (wq, wk, wv, bq, bk, bv) = if n.gpt2 {
         // GPT-2's c_attn holds q, k and v side by side; each third becomes its own projection.
         let (name, h) = (n.of("qkv"), c.hidden_size);
@@ -345,8 +369,10 @@ fn upload_block(ctx: &Context, w: &Weights, n: &Names, base: BaseDType) -> Resul
         let (q, k, v) = (matrix("q")?, matrix("k")?, matrix("v")?);
         (q, k, v, bias("q", b.qkv_bias)?, bias("k", b.qkv_bias)?, bias("v", b.qkv_bias)?)
     };
+    let gated = b.act.gated();
+    let inv_freq = c.layers[i].rope.inv_freq(c.head_dim);
     Ok(BlockParams {
-        ln1: upload_norm(ctx, w, &n.of("ln1"), b.norm)?,
+        ln1: upload_norm(ctx, w, &n.of("ln1"), b)?,
         wq,
         wk,
         wv,
@@ -355,11 +381,17 @@ fn upload_block(ctx: &Context, w: &Weights, n: &Names, base: BaseDType) -> Resul
         bk,
         bv,
         bo: bias("o", b.o_bias)?,
-        ln2: upload_norm(ctx, w, &n.of("ln2"), b.norm)?,
-        w_gate: if b.act.gated() { Some(matrix("gate")?) } else { None },
+        q_norm: norm("q_norm", b.qk_norm)?.map(|n| n.w),
+        k_norm: norm("k_norm", b.qk_norm)?.map(|n| n.w),
+        rope: if b.rope { Some(ctx.upload_f32("rope inv_freq", &[inv_freq.len()], &inv_freq)?) } else { None },
+        post_attn: norm("post_attn", b.post_norms)?,
+        ln2: upload_norm(ctx, w, &n.of("ln2"), b)?,
+        w_gate: if gated { Some(matrix("gate")?) } else { None },
         w_up: matrix("up")?,
         w_down: matrix("down")?,
+        b_gate: bias("gate", gated && b.mlp_bias)?,
         b_up: bias("up", b.mlp_bias)?,
         b_down: bias("down", b.mlp_bias)?,
+        post_mlp: norm("post_mlp", b.post_norms)?,
     })
 }

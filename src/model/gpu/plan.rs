@@ -19,25 +19,33 @@ const ATTENTION_SCORES_BYTES: u64 = 32 << 20;
 /// has that part. (Generic only so that the planner can build the same structure of request ids
 /// first; everywhere else `T` is [`Tensor`].)
 pub struct LayerActivations<T = Tensor> {
-    pub h1: T,            // (N, C)    norm1(x)
-    pub mean1: Option<T>, // (N,)      LayerNorm mean
-    pub rstd1: T,         // (N,)
-    pub q: T,             // (N, H·hd)  (before rotary)
-    pub k: T,             // (N, KV·hd)
-    pub v: T,             // (N, KV·hd)
-    pub q_rot: Option<T>, // (N, H·hd)  rotary blocks
-    pub k_rot: Option<T>, // (N, KV·hd) rotary blocks
-    pub att: T,           // (N, H·hd)  attention output before the output projection
-    pub lse: T,           // (B, H, T)  softmax log-sum-exp per query row
-    pub o: T,             // (N, C)    output projection
-    pub x_mid: T,         // (N, C)    x + o
-    pub h2: T,            // (N, C)    norm2(x_mid)
-    pub mean2: Option<T>, // (N,)      LayerNorm mean
-    pub rstd2: T,         // (N,)
-    pub gate: Option<T>,  // (N, F)    gated MLPs: the gate projection's output
-    pub up: T,            // (N, F)    the up projection's output (GPT-2: c_fc, before GELU)
-    pub act: T,           // (N, F)    the activation (SwiGLU: silu(gate)·up; GELU: gelu(up))
-    pub down: T,          // (N, C)
+    pub h1: T,                  // (N, C)    norm1(x)
+    pub mean1: Option<T>,       // (N,)      LayerNorm mean
+    pub rstd1: T,               // (N,)
+    pub q: T,                   // (N, H·hd)  (before the q/k norms and rotary)
+    pub k: T,                   // (N, KV·hd)
+    pub v: T,                   // (N, KV·hd)
+    pub q_normed: Option<T>,    // (N, H·hd)  q/k-norm blocks: each head of q normalised
+    pub k_normed: Option<T>,    // (N, KV·hd)
+    pub rstd_q: Option<T>,      // (N·H,)
+    pub rstd_k: Option<T>,      // (N·KV,)
+    pub q_rot: Option<T>,       // (N, H·hd)  rotary blocks
+    pub k_rot: Option<T>,       // (N, KV·hd) rotary blocks
+    pub att: T,                 // (N, H·hd)  attention output before the output projection
+    pub lse: T,                 // (B, H, T)  softmax log-sum-exp per query row
+    pub o: T,                   // (N, C)    output projection
+    pub o_normed: Option<T>,    // (N, C)  post-norm blocks: norm(o)
+    pub rstd_o: Option<T>,      // (N,)
+    pub x_mid: T,               // (N, C)    x + o (or + norm(o))
+    pub h2: T,                  // (N, C)    norm2(x_mid)
+    pub mean2: Option<T>,       // (N,)      LayerNorm mean
+    pub rstd2: T,               // (N,)
+    pub gate: Option<T>,        // (N, F)    gated MLPs: the gate projection's output
+    pub up: T,                  // (N, F)    the up projection's output (GPT-2: c_fc, before GELU)
+    pub act: T,                 // (N, F)    the activation (SwiGLU: silu(gate)·up; GELU: gelu(up))
+    pub down: T,                // (N, C)
+    pub down_normed: Option<T>, // (N, C)  post-norm blocks: norm(down)
+    pub rstd_down: Option<T>,   // (N,)
     /// With [`PlanOptions::recompute_mlp`]: where the backward pass recomputes the MLP's inputs.
     pub recomputed: Option<Recomputed<T>>,
 }
@@ -59,11 +67,17 @@ impl<T> LayerActivations<T> {
             q: f(self.q),
             k: f(self.k),
             v: f(self.v),
+            q_normed: self.q_normed.map(&mut f),
+            k_normed: self.k_normed.map(&mut f),
+            rstd_q: self.rstd_q.map(&mut f),
+            rstd_k: self.rstd_k.map(&mut f),
             q_rot: self.q_rot.map(&mut f),
             k_rot: self.k_rot.map(&mut f),
             att: f(self.att),
             lse: f(self.lse),
             o: f(self.o),
+            o_normed: self.o_normed.map(&mut f),
+            rstd_o: self.rstd_o.map(&mut f),
             x_mid: f(self.x_mid),
             h2: f(self.h2),
             mean2: self.mean2.map(&mut f),
@@ -72,6 +86,8 @@ impl<T> LayerActivations<T> {
             up: f(self.up),
             act: f(self.act),
             down: f(self.down),
+            down_normed: self.down_normed.map(&mut f),
+            rstd_down: self.rstd_down.map(&mut f),
             recomputed: self.recomputed.map(|r| Recomputed { h2: f(r.h2), gate: r.gate.map(&mut f), up: f(r.up) }),
         }
     }
@@ -84,7 +100,9 @@ impl LayerActivations {
     pub fn scratch(ctx: &Context, c: &ModelConfig, rows: usize) -> Result<LayerActivations> {
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let b = c.block;
-        let (layer_norm, rope, gated) = (b.norm == NormKind::Layer, b.rope, b.act.gated());
+        let (layer_norm, rope, gated, qkn, post) =
+            (b.norm == NormKind::Layer, b.rope, b.act.gated(), b.qk_norm, b.post_norms);
+        let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
         let t = |label: &str, shape: &[usize]| ctx.tensor(label, shape, DType::F32);
         let opt = |on: bool, label: &str, shape: &[usize]| on.then(|| t(label, shape)).transpose();
         Ok(LayerActivations {
@@ -94,11 +112,17 @@ impl LayerActivations {
             q: t("q", &[rows, q])?,
             k: t("k", &[rows, kv])?,
             v: t("v", &[rows, kv])?,
+            q_normed: opt(qkn, "q_normed", &[rows, q])?,
+            k_normed: opt(qkn, "k_normed", &[rows, kv])?,
+            rstd_q: opt(qkn, "rstd_q", &[rows * heads])?,
+            rstd_k: opt(qkn, "rstd_k", &[rows * kv_heads])?,
             q_rot: opt(rope, "q_rot", &[rows, q])?,
             k_rot: opt(rope, "k_rot", &[rows, kv])?,
             att: t("att", &[rows, q])?,
             lse: t("lse", &[c.num_heads * rows])?,
             o: t("o", &[rows, h])?,
+            o_normed: opt(post, "o_normed", &[rows, h])?,
+            rstd_o: opt(post, "rstd_o", &[rows])?,
             x_mid: t("x_mid", &[rows, h])?,
             h2: t("h2", &[rows, h])?,
             mean2: opt(layer_norm, "mean2", &[rows])?,
@@ -107,6 +131,8 @@ impl LayerActivations {
             up: t("up", &[rows, f])?,
             act: t("act", &[rows, f])?,
             down: t("down", &[rows, h])?,
+            down_normed: opt(post, "down_normed", &[rows, h])?,
+            rstd_down: opt(post, "rstd_down", &[rows])?,
             recomputed: None,
         })
     }
@@ -116,6 +142,9 @@ impl LayerActivations {
         // Views of the first rows start at offset 0, so they need no alignment care.
         let r = |t: &Tensor| t.rows(0, n, 4).map_err(GpuModelError::from);
         let o = |t: &Option<Tensor>| t.as_ref().map(r).transpose();
+        // Per-head statistics: n rows of `heads` entries each.
+        let per_head = |t: &Option<Tensor>, heads: usize| t.as_ref().map(|t| t.rows(0, n * heads, 4)).transpose();
+        let kv_heads = heads * self.k.shape()[1] / self.q.shape()[1];
         Ok(LayerActivations {
             h1: r(&self.h1)?,
             mean1: o(&self.mean1)?,
@@ -123,11 +152,17 @@ impl LayerActivations {
             q: r(&self.q)?,
             k: r(&self.k)?,
             v: r(&self.v)?,
+            q_normed: o(&self.q_normed)?,
+            k_normed: o(&self.k_normed)?,
+            rstd_q: per_head(&self.rstd_q, heads)?,
+            rstd_k: per_head(&self.rstd_k, kv_heads)?,
             q_rot: o(&self.q_rot)?,
             k_rot: o(&self.k_rot)?,
             att: r(&self.att)?,
             lse: self.lse.rows(0, heads * n, 4)?.reshape(&[1, heads, n])?,
             o: r(&self.o)?,
+            o_normed: o(&self.o_normed)?,
+            rstd_o: o(&self.rstd_o)?,
             x_mid: r(&self.x_mid)?,
             h2: r(&self.h2)?,
             mean2: o(&self.mean2)?,
@@ -136,6 +171,8 @@ impl LayerActivations {
             up: r(&self.up)?,
             act: r(&self.act)?,
             down: r(&self.down)?,
+            down_normed: o(&self.down_normed)?,
+            rstd_down: o(&self.rstd_down)?,
             recomputed: None,
         })
     }
@@ -197,6 +234,10 @@ pub struct Gradients<T = Tensor> {
     pub d_gate: Option<T>, // (N, F) gated MLPs
     pub d_up: T,           // (N, F)
     pub d_att: T,          // (N, H·hd)
+    pub d_o: Option<T>,    // (N, C) post-norm blocks: the gradient of o (before its norm)
+    pub d_down: Option<T>, // (N, C) post-norm blocks
+    pub d_qn: Option<T>,   // (N, H·hd) q/k-norm blocks: the gradient of the normed q
+    pub d_kn: Option<T>,   // (N, KV·hd)
     pub d_qrot: Option<T>, // (N, H·hd) rotary blocks
     pub d_q: T,            // (N, H·hd)
     pub d_krot: Option<T>, // (N, KV·hd) rotary blocks
@@ -216,6 +257,10 @@ impl<T> Gradients<T> {
             d_gate: self.d_gate.map(&mut f),
             d_up: f(self.d_up),
             d_att: f(self.d_att),
+            d_o: self.d_o.map(&mut f),
+            d_down: self.d_down.map(&mut f),
+            d_qn: self.d_qn.map(&mut f),
+            d_kn: self.d_kn.map(&mut f),
             d_qrot: self.d_qrot.map(&mut f),
             d_q: f(self.d_q),
             d_krot: self.d_krot.map(&mut f),
@@ -274,7 +319,9 @@ pub(super) fn plan(
     let nl = c.num_layers;
     let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
     let b = c.block;
-    let (layer_norm, rope, gated) = (b.norm == NormKind::Layer, b.rope, b.act.gated());
+    let (layer_norm, rope, gated, qkn, post) =
+        (b.norm == NormKind::Layer, b.rope, b.act.gated(), b.qk_norm, b.post_norms);
+    let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
     let train = opts.backward;
     let (head, end) = (nl, if train { 2 * nl } else { nl });
     // The phase in which layer l's backward reads what its forward kept (the head reads the
@@ -287,13 +334,18 @@ pub(super) fn plan(
         p.add(label, shape, DType::F32, Lifetime::new(first, last))
     };
     let x: Vec<usize> = (0..=nl).map(|l| add("x", &[n, h], l.saturating_sub(1), back(l))).collect();
-    let learned = (!rope).then(|| (add("emb", &[n, h], 0, 0), add("pos", &[n, h], 0, 0)));
+    let learned = (!rope).then(|| add("pos", &[n, h], 0, 0));
+    // Token embeddings before positions are added or the embedding scale is applied.
+    let emb = (!rope || b.embed_scale).then(|| add("emb", &[n, h], 0, 0));
     let mut layers = Vec::with_capacity(nl);
     for l in 0..nl {
         let kept = back(l);
         let input = |i: Input| if keep(i) { kept } else { l };
-        // Without rotary, attention's backward reads q and k themselves.
-        let qk = if rope { l } else { kept };
+        // Without rotary, attention's backward reads q and k themselves; with q/k norms, their
+        // backward does.
+        let qk = if rope && !qkn { l } else { kept };
+        // With post-norms, their backward reads the projections' outputs.
+        let proj_out = if post { kept } else { l };
         let mlp = if recompute { l } else { kept };
         let h2 = add("h2", &[n, h], l, input(Input::H2));
         layers.push(LayerActivations {
@@ -303,11 +355,17 @@ pub(super) fn plan(
             q: add("q", &[n, q], l, qk),
             k: add("k", &[n, kv], l, qk),
             v: add("v", &[n, kv], l, kept),
+            q_normed: qkn.then(|| add("q_normed", &[n, q], l, l)),
+            k_normed: qkn.then(|| add("k_normed", &[n, kv], l, l)),
+            rstd_q: qkn.then(|| add("rstd_q", &[n * heads], l, kept)),
+            rstd_k: qkn.then(|| add("rstd_k", &[n * kv_heads], l, kept)),
             q_rot: rope.then(|| add("q_rot", &[n, q], l, kept)),
             k_rot: rope.then(|| add("k_rot", &[n, kv], l, kept)),
             att: add("att", &[n, q], l, kept),
             lse: add("lse", &[batch, c.num_heads, seq], l, kept),
-            o: add("o", &[n, h], l, l),
+            o: add("o", &[n, h], l, proj_out),
+            o_normed: post.then(|| add("o_normed", &[n, h], l, l)),
+            rstd_o: post.then(|| add("rstd_o", &[n], l, kept)),
             x_mid: add("x_mid", &[n, h], l, kept),
             h2,
             mean2: layer_norm.then(|| add("mean2", &[n], l, kept)),
@@ -315,7 +373,9 @@ pub(super) fn plan(
             gate: gated.then(|| add("gate", &[n, f], l, mlp)),
             up: add("up", &[n, f], l, mlp),
             act: add("act", &[n, f], l, input(Input::Act)),
-            down: add("down", &[n, h], l, l),
+            down: add("down", &[n, h], l, proj_out),
+            down_normed: post.then(|| add("down_normed", &[n, h], l, l)),
+            rstd_down: post.then(|| add("rstd_down", &[n], l, kept)),
             recomputed: recompute.then(|| Recomputed {
                 h2: if keep(Input::H2) { h2 } else { add("h2 (recomputed)", &[n, h], kept, kept) },
                 gate: gated.then(|| add("gate (recomputed)", &[n, f], kept, kept)),
@@ -326,7 +386,7 @@ pub(super) fn plan(
     let chunk_rows = chunk_rows(ctx, c, n, opts.logit_chunk_rows)?;
     // Attention as batched matrix products where its score matrices fit 32 MiB (the fused
     // kernels otherwise; PORTALORA_ATTENTION=fused forces them, for comparisons).
-    let shape = c.attention_shape(batch, seq, 0);
+    let shape = c.attention_shape(0, batch, seq, 0);
     let fused = std::env::var("PORTALORA_ATTENTION").is_ok_and(|v| v == "fused");
     let attn = (!fused && shape.fits_matmul_path(ctx, ATTENTION_SCORES_BYTES)).then(|| {
         let (hm, ss) = (shape.head_major_shape(), shape.scores_shape());
@@ -361,6 +421,10 @@ pub(super) fn plan(
             d_gate: gated.then(|| scratch("d_gate", &[n, f])),
             d_up: scratch("d_up", &[n, f]),
             d_att: scratch("d_att", &[n, q]),
+            d_o: post.then(|| scratch("d_o", &[n, h])),
+            d_down: post.then(|| scratch("d_down", &[n, h])),
+            d_qn: qkn.then(|| scratch("d_qn", &[n, q])),
+            d_kn: qkn.then(|| scratch("d_kn", &[n, kv])),
             d_qrot: rope.then(|| scratch("d_qrot", &[n, q])),
             d_q: scratch("d_q", &[n, q]),
             d_krot: rope.then(|| scratch("d_krot", &[n, kv])),
@@ -372,7 +436,8 @@ pub(super) fn plan(
     let planned = p.allocate(ctx)?;
     let g = |id: usize| planned.get(id);
     let layers: Vec<LayerActivations> = layers.into_iter().map(|la| la.map(g)).collect();
-    let kept_bytes = if train { kept_bytes(&layers, opts, rope, recompute) + ((nl + 1) * n * h * 4) as u64 } else { 0 };
+    let kept_bytes =
+        if train { kept_bytes(&layers, opts, rope && !qkn, recompute) + ((nl + 1) * n * h * 4) as u64 } else { 0 };
     let pos_ids = if rope {
         None
     } else {
@@ -385,8 +450,8 @@ pub(super) fn plan(
         ids: ctx.tensor("ids", &[n], DType::U32)?,
         targets: ctx.tensor("targets", &[n], DType::U32)?,
         pos_ids,
-        emb: learned.map(|e| g(e.0)),
-        pos: learned.map(|e| g(e.1)),
+        emb: emb.map(g),
+        pos: learned.map(g),
         meanf: meanf.map(g),
         x: x.into_iter().map(g).collect(),
         layers,
@@ -414,17 +479,22 @@ pub(super) fn plan(
 }
 
 /// What the backward pass reads of each layer's activations (the residual streams aside).
-fn kept_bytes(layers: &[LayerActivations], opts: &PlanOptions, rope: bool, recompute: bool) -> u64 {
+/// `qk_transient` says whether q and k (before norms and rotary) live one phase only.
+fn kept_bytes(layers: &[LayerActivations], opts: &PlanOptions, qk_transient: bool, recompute: bool) -> u64 {
     let keep = |i: Input| opts.keep_inputs.contains(&i);
     let mut bytes = 0u64;
     for la in layers {
         let mut ts: Vec<&Tensor> = vec![&la.rstd1, &la.v, &la.att, &la.lse, &la.x_mid, &la.rstd2];
-        ts.extend([&la.mean1, &la.q_rot, &la.k_rot, &la.mean2].into_iter().flatten());
+        ts.extend([&la.mean1, &la.q_rot, &la.k_rot, &la.mean2, &la.rstd_q, &la.rstd_k].into_iter().flatten());
+        ts.extend([&la.rstd_o, &la.rstd_down].into_iter().flatten());
+        if la.o_normed.is_some() {
+            ts.extend([&la.o, &la.down]);
+        }
         if !recompute {
             ts.push(&la.up);
             ts.extend(&la.gate);
         }
-        if !rope {
+        if !qk_transient {
             ts.extend([&la.q, &la.k]);
         }
         for (input, tensor) in [(Input::H1, &la.h1), (Input::H2, &la.h2), (Input::Act, &la.act)] {
