@@ -5,6 +5,8 @@
 // axpy_forward:  out = out + alpha * x      (y is bound but unused)
 // copy_forward:  out[offset + i] = x[i]     (y is bound but unused; appends rows to a cache)
 // bias_forward:  out[i] = out[i] + x[i % offset]  (adds a bias of `offset` values to every row)
+// softcap_forward: v[i] = alpha · tanh(v[i] / alpha), in place (logit soft-capping; its gradient
+//   is folded into xent_backward)
 // The backward of each is itself elementwise (add: both inputs get the gradient; scale: alpha
 // times it), so the same entry points serve both directions.
 // Grids may be 2-D: workgroup (x, y) handles elements from (y * gx + x) * 256; this keeps every
@@ -54,4 +56,12 @@ fn copy_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 fn bias_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i = index(wg, t);
     if (i < p.n) { out[i] = out[i] + x[i % p.offset]; }
+}
+
+@group(0) @binding(1) var<storage, read_write> inplace: array<f32>;  // (n,) softcap_forward
+
+@compute @workgroup_size(256, 1, 1)
+fn softcap_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let i = index(wg, t);
+    if (i < p.n) { inplace[i] = p.alpha * tanh(inplace[i] / p.alpha); }
 }

@@ -9,12 +9,15 @@
 //   dlogits[r, j] = scale · (exp(logits[r, j] − lse[r]) − [j = targets[r]]), 0 for ignored rows.
 //   scale is read from a one-element tensor (1 / the batch's predicted positions, which the host
 //   writes with the batch), so a recorded step serves batches with any number of masked targets.
+//   With a final soft-cap (Gemma 2's logits = cap · tanh(raw / cap), applied in place before
+//   xent_forward by elementwise's softcap_forward), the gradient is carried through it to the raw
+//   logits: times 1 − (logits / cap)².
 
 struct Params {
     rows: u32,
     vocab: u32,
     gx: u32,
-    scale: f32,
+    softcap: f32,  // xent_backward: the logits' soft-cap (0: none)
 }
 
 const IGNORE: u32 = 0xffffffffu;
@@ -80,11 +83,13 @@ fn xent_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let l = blse[row];
     let scale = bscale[0];
     for (var j = t; j < p.vocab; j += 256u) {
-        var g = 0.0;
+                var g = 0.0;
+        let x = dlogits[base + j];
         if (tg != IGNORE) {
-            g = exp(dlogits[base + j] - l);
+            g = exp(x - l);
             if (j == tg) { g -= 1.0; }
             g *= scale;
+            if (p.softcap > 0.0) { g *= 1.0 - (x / p.softcap) * (x / p.softcap); }
         }
         dlogits[base + j] = g;
     }

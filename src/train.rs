@@ -264,7 +264,10 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         adapter_config.validate()?;
-        let sites = adapter_config.sites(&weights.config)?;
+        let sites = match init {
+            Some(f) => f.fits(&weights.source, adapter_config.sites(&weights.config))?,
+            None => adapter_config.sites(&weights.config)?,
+        };
         let needs_x = matches!(adapter_config.method, Method::Lora | Method::LoraPlus | Method::DeltaLora);
         let keep_inputs: Vec<Input> = if needs_x {
             let mut k: Vec<Input> = sites.iter().map(|s| s.proj.input()).collect();
@@ -294,7 +297,7 @@ impl Trainer {
         let mut model = GpuModel::with_options(ctx, weights, batch, seq, plan)?;
         let mut adapter = adapter::build(ctx, adapter_config, sites, batch * seq)?;
         if let Some(f) = init {
-            f.load_into(ctx, adapter.as_mut())?;
+            f.fits(&weights.source, f.load_into(ctx, adapter.as_mut()))?;
         }
         // Attached first, so that the training step is recorded once, with the adapter.
         model.attach(ctx, adapter)?;
@@ -687,10 +690,10 @@ pub fn model_with_adapter(
     let file = peft::PeftFile::read(dir)?;
     let method = if file.peft_type == "VERA" { Method::Vera } else { Method::Lora };
     let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;
-    let sites = cfg.sites(&weights.config)?;
+    let sites = file.fits(&weights.source, cfg.sites(&weights.config))?;
     let mut model = GpuModel::new(ctx, weights, batch, seq)?;
-    let mut a = adapter::build(ctx, &cfg, sites, batch * seq)?;
-    file.load_into(ctx, a.as_mut())?;
+    let mut a = file.fits(&weights.source, adapter::build(ctx, &cfg, sites, batch * seq))?;
+    file.fits(&weights.source, file.load_into(ctx, a.as_mut()))?;
     model.attach(ctx, a)?;
     Ok(model)
 }

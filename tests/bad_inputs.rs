@@ -151,12 +151,12 @@ fn setup_semantics(dir: &Path) {
     let h = serde_json::to_string(&header).unwrap();
     std::fs::write(dir.join("biased/model.safetensors"), safetensors(&h, &data, None)).unwrap();
     llama_with_config(dir, "yarn_rope", |c| {
-                c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 8.0});
+        c["rope_scaling"] = serde_json::json!({"rope_type": "yarn", "factor": 8.0});
     });
-    
+
     llama_with_config(dir, "gelu_llama", |c| c["hidden_act"] = "gelu".into());
     llama_with_config(dir, "tied_but_not", |c| c["tie_word_embeddings"] = true.into());
-        // A GGUF with a tensor portalora does not know (a renamed tensor of the same length).
+    // A GGUF with a tensor portalora does not know (a renamed tensor of the same length).
     let mut g = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf/tiny_model.gguf")).unwrap();
     let at = find(&g, b"token_embd.weight");
     g[at..at + 17].copy_from_slice(b"altup_proj.weight");
@@ -216,12 +216,12 @@ fn cases() -> Vec<Case> {
         c(
             "adapter whose tensors do not fit the model",
             t(&llama, &["--init-adapter", "DIR/bad_adapter", "--ids", "DIR/ids_ok.json"]),
-            &["bad_adapter", "layers.7"],
+            &["bad_adapter does not fit the base model", "tiny_llama", "layers.7"],
         ),
         c(
             "adapter for another architecture",
             t(&tiny_gpt2, &["--init-adapter", &fixture("adapters/llama_lora/init").to_string_lossy()]),
-            &["k_proj", "Gpt2"],
+            &["adapters/llama_lora/init does not fit the base model", "tiny_gpt2", "unknown target module", "Gpt2"],
         ),
         c("unknown target module", t(&tiny_gpt2, &["--targets", "qkv_proj"]), &["qkv_proj", "valid targets: c_attn"]),
         c("empty data file", t(&tiny_gpt2, &["--data", "DIR/empty.txt"]), &["empty.txt"]),

@@ -342,6 +342,32 @@ fn rmsnorm_backward_matches_finite_differences() {
     }
 }
 
+/// Gemma's GeGLU: forward against the f64 reference, backward against finite differences.
+#[test]
+fn geglu_matches_reference_and_finite_differences() {
+    use portalora::ops::act::{geglu_backward, geglu_forward};
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(45);
+    for n in [1, 7, 129, 1000, 70_001] {
+        let (g, u, c) = (rng.vec(n).iter().map(|v| v * 4.0).collect::<Vec<f32>>(), rng.vec(n), rng.vec(n));
+        let up = |l: &str, d: &[f32]| ctx.upload_f32(l, &[n], d).unwrap();
+        let (gt, ut, ct) = (up("g", &g), up("u", &u), up("c", &c));
+        let (out, dg, du) = (poisoned(&ctx, "out", &[n]), poisoned(&ctx, "dg", &[n]), poisoned(&ctx, "du", &[n]));
+        let mut step = Step::new();
+        geglu_forward(&ctx, &mut step, &gt, &ut, &out).unwrap();
+        geglu_backward(&ctx, &mut step, &gt, &ut, &ct, &dg, &du).unwrap();
+        run(&ctx, step);
+        assert_close(&ctx, &format!("geglu n={n}"), &out, &reference::geglu_forward(&g, &u), TOL);
+        if n > 1000 {
+            continue; // finite differences on the smaller sizes
+        }
+        let (dgv, duv) = (ctx.read_f32(&dg).unwrap(), ctx.read_f32(&du).unwrap());
+        let err_g = fd_error(&g, &dgv, &|g| dot(&reference::geglu_forward(g, &u), &c), &mut rng, 30);
+        let err_u = fd_error(&u, &duv, &|u| dot(&reference::geglu_forward(&g, u), &c), &mut rng, 30);
+        assert!(err_g <= FD_TOL && err_u <= FD_TOL, "geglu_backward n={n}: {err_g:e} {err_u:e}");
+    }
+}
+
 #[test]
 fn swiglu_backward_matches_finite_differences() {
     use portalora::ops::act::swiglu_backward;
@@ -433,12 +459,17 @@ fn check_attention_backward(matmuls: bool, seed: u64, shapes: &[(usize, usize, u
     }
 }
 
+/// Cross-entropy's backward, plain and through a final logit soft-cap (Gemma 2's
+/// `cap · tanh(x / cap)`, in place before the loss), against finite differences of the f64 loss.
 #[test]
 fn xent_backward_matches_finite_differences() {
+    use portalora::ops::elementwise::softcap_forward;
     use portalora::ops::xent::xent_backward;
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(44);
-    for (rows, vocab) in [(1, 2), (7, 33), (5, 1000)] {
+    for (rows, vocab, cap) in
+        [(1, 2, None), (7, 33, None), (5, 1000, None), (7, 33, Some(3.0f32)), (5, 1000, Some(7.5))]
+    {
         let logits: Vec<f32> = rng.vec(rows * vocab).iter().map(|v| v * 5.0).collect();
         let targets: Vec<u32> =
             (0..rows).map(|r| if r == 2 { IGNORE } else { (rng.next_u64() % vocab as u64) as u32 }).collect();
@@ -447,14 +478,30 @@ fn xent_backward_matches_finite_differences() {
         let tt = ctx.upload_u32("targets", &[rows], &targets).unwrap();
         let (loss, lse) = (poisoned(&ctx, "loss", &[rows]), poisoned(&ctx, "lse", &[rows]));
         let mut step = Step::new();
+        if let Some(c) = cap {
+            softcap_forward(&ctx, &mut step, c, &lt).unwrap();
+        }
         xent_forward(&ctx, &mut step, &lt, &tt, &loss, &lse).unwrap();
         let st = ctx.upload_f32("scale", &[1], &[scale]).unwrap();
-        xent_backward(&ctx, &mut step, &lt, &tt, &lse, &st).unwrap();
+        xent_backward(&ctx, &mut step, &lt, &tt, &lse, &st, cap.unwrap_or(0.0)).unwrap();
         run(&ctx, step);
         let grad = ctx.read_f32(&lt).unwrap();
-        let f = |x: &[f32]| reference::xent_forward(x, &targets).0.iter().sum::<f64>() * scale as f64;
+        let capped = |x: &[f32]| -> Vec<f32> {
+            match cap {
+                Some(c) => x.iter().map(|&v| ((c as f64) * (v as f64 / c as f64).tanh()) as f32).collect(),
+                None => x.to_vec(),
+            }
+        };
+        assert_close(
+            &ctx,
+            &format!("xent loss {rows}x{vocab} cap {cap:?}"),
+            &loss,
+            &reference::xent_forward(&capped(&logits), &targets).0,
+            TOL,
+        );
+        let f = |x: &[f32]| reference::xent_forward(&capped(x), &targets).0.iter().sum::<f64>() * scale as f64;
         let err = fd_error(&logits, &grad, &f, &mut rng, 40);
-        assert!(err <= FD_TOL, "xent_backward {rows}x{vocab}: {err:e}");
+        assert!(err <= FD_TOL, "xent_backward {rows}x{vocab} cap {cap:?}: {err:e}");
     }
 }
 

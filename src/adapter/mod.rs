@@ -51,6 +51,13 @@ pub enum AdapterError {
     Option(String),
     #[error("{path}: {message}")]
     File { path: String, message: String },
+    #[error("the adapter in {adapter} does not fit the base model {model} (made for another model?)")]
+    Mismatch {
+        adapter: String,
+        model: String,
+        #[source]
+        source: Box<AdapterError>,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,

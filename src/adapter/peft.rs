@@ -176,6 +176,15 @@ impl PeftFile {
         Ok(cfg)
     }
 
+    /// `r`, or its error as "this adapter does not fit the base model `model`" (the cause kept).
+    pub fn fits<T>(&self, model: &Path, r: Result<T>) -> Result<T> {
+        r.map_err(|e| AdapterError::Mismatch {
+            adapter: self.dir.display().to_string(),
+            model: model.display().to_string(),
+            source: Box::new(e),
+        })
+    }
+
     /// Writes these tensors into `adapter`, checking every name and shape first.
     pub fn load_into(&self, ctx: &Context, adapter: &mut dyn Adapter) -> Result<()> {
         let st_path = self.dir.join(WEIGHTS_FILE);

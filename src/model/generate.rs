@@ -10,6 +10,7 @@ use super::gpu::head::Positions;
 use super::gpu::{GpuModelError, LayerActivations, ParameterTensors};
 use crate::adapter::Adapter;
 use crate::gpu::{Context, DType, Readback, Step, Tensor};
+use crate::ops::elementwise::softcap_forward;
 use crate::reference::Rng;
 
 type Result<T> = std::result::Result<T, GpuModelError>;
@@ -153,6 +154,9 @@ impl<'p> Generator<'p> {
         rec.norm_forward(&mut st, &r(&s.x[c.num_layers % 2])?, &p.norm, &hf, mean, &r(&s.rstdf)?)?;
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
         head.project(ctx, &mut st, &hf, &r(&s.logits)?)?;
+        if let Some(cap) = c.block.final_softcap {
+            softcap_forward(ctx, &mut st, cap as f32, &r(&s.logits)?)?;
+        }
         ctx.run(&st)?;
         self.pos += n;
         Ok(())

@@ -50,7 +50,8 @@ pub(super) fn config(g: &Gguf) -> Result<ModelConfig, ModelError> {
             _ => return Err(e),
         },
     };
-    let head_dim = int("attention.key_length").or_else(|_| int("rope.dimension_count")).unwrap_or(hidden_size / num_heads.max(1));
+    let head_dim =
+        int("attention.key_length").or_else(|_| int("rope.dimension_count")).unwrap_or(hidden_size / num_heads.max(1));
     let gpt2 = family == Family::Gpt2;
     let mut block = match family {
         Family::Gpt2 => Block::GPT2,
@@ -58,7 +59,9 @@ pub(super) fn config(g: &Gguf) -> Result<ModelConfig, ModelError> {
         Family::Qwen3 => Block::QWEN3,
         // llama.cpp scales Gemma 3's queries by 1/√head_dim (1/√(hidden/heads) for the 62-layer 27B).
         Family::Gemma3 => Block {
-            attn_scale: Some(if num_layers == 62 { (hidden_size / num_heads) as f64 } else { head_dim as f64 }.powf(-0.5)),
+            attn_scale: Some(
+                if num_layers == 62 { (hidden_size / num_heads) as f64 } else { head_dim as f64 }.powf(-0.5),
+            ),
             final_softcap: float("final_logit_softcapping").filter(|c| *c > 0.0),
             ..Block::GEMMA3
         },
@@ -119,7 +122,11 @@ fn layers(g: &Gguf, family: Family, n: usize, head_dim: usize) -> Result<Vec<Lay
         Some(info) => {
             let f = g.tensor_f32(&info.name).map_err(|e| e.to_string())?;
             if f.len() != head_dim / 2 {
-                return Err(format!("rope_freqs.weight has {} values; head_dim {head_dim} needs {}", f.len(), head_dim / 2));
+                return Err(format!(
+                    "rope_freqs.weight has {} values; head_dim {head_dim} needs {}",
+                    f.len(),
+                    head_dim / 2
+                ));
             }
             Some(RopeScaling::Factors(f))
         }

@@ -217,7 +217,7 @@ fn layers_of(c: &Hf, family: Family, n: usize, head_dim: usize) -> Result<Vec<La
     }
     // transformers 5 keeps rope settings in rope_parameters (per layer type for Gemma 3);
     // transformers 4 in rope_theta + rope_scaling (+ rope_local_base_freq).
-        let params = c.rope_parameters.as_ref().filter(|v| !v.is_null());
+    let params = c.rope_parameters.as_ref().filter(|v| !v.is_null());
     let per_type = params.is_some_and(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
     // A legacy rope_scaling beside rope_parameters still applies, as transformers merges it in.
     let scaling = c.rope_scaling.as_ref().filter(|v| !v.is_null());

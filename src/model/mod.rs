@@ -6,8 +6,8 @@ pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod export;
 pub mod generate;
-pub mod gpu;
 mod gguf_model;
+pub mod gpu;
 mod hf_config;
 pub mod weights;
 

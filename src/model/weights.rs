@@ -313,15 +313,17 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
             // llama.cpp stores Gemma's norms as 1 + w; transformers' checkpoints hold w.
             data.iter_mut().for_each(|v| *v -= 1.0);
         }
+        // llama.cpp permuted q/k rows (weights and biases) of `llama` checkpoints.
+        let heads = match (permuted(family), name.contains("q_proj."), name.contains("k_proj.")) {
+            (true, true, _) => Some(config.num_heads),
+            (true, _, true) => Some(config.num_kv_heads),
+            _ => None,
+        };
+        if let Some(h) = heads {
+            let cols = shape.get(1).copied().unwrap_or(1);
+            data = unpermute_rotary(&data, shape[0], cols, h);
+        }
         if config.arch == Arch::Llama && shape.len() == 2 {
-            let heads = match (permuted(family), name.ends_with("q_proj.weight"), name.ends_with("k_proj.weight")) {
-                (true, true, _) => Some(config.num_heads),
-                (true, _, true) => Some(config.num_kv_heads),
-                _ => None,
-            };
-            if let Some(h) = heads {
-                data = unpermute_rotary(&data, shape[0], shape[1], h);
-            }
             // Blocks run along rows, so whole rows of the file's bytes move like rows of data.
             if crate::ops::quant::dtype_of(info.ty).is_some() && shape[1] % 32 == 0 {
                 let mut bytes = g.raw(info)?;

@@ -108,3 +108,17 @@ pub fn bias_forward(ctx: &Context, step: &mut Step, bias: &Tensor, out: &Tensor)
     let spec = KernelSpec::new(&kernel_sources::ELEMENTWISE, OP);
     ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(bias), Arg::Read(bias), Arg::Write(out)], groups)
 }
+
+/// `v = cap · tanh(v / cap)`, in place (final logit soft-capping).
+pub fn softcap_forward(ctx: &Context, step: &mut Step, cap: f32, v: &Tensor) -> Result<()> {
+    const OP: &str = "softcap_forward";
+    check_f32(OP, v)?;
+    if !(cap > 0.0 && cap.is_finite()) {
+        return Err(shape_err(OP, format!("soft-cap {cap} must be a positive number")));
+    }
+    let n = v.numel();
+    let groups = grid_2d(n.div_ceil(256) as u64, ctx.limits().max_workgroups_per_dimension);
+    let params = uniform(OP, &Params { n: n as u32, gx: groups[0], alpha: cap, offset: 0 })?;
+    let spec = KernelSpec::new(&kernel_sources::ELEMENTWISE, OP);
+    ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Write(v)], groups)
+}

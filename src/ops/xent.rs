@@ -11,7 +11,7 @@ struct Params {
     rows: u32,
     vocab: u32,
     gx: u32,
-    scale: f32,
+    softcap: f32,
 }
 
 /// Per-row `loss = logsumexp(logits) − logits[target]` for logits `(rows, vocab)` and u32
@@ -37,7 +37,7 @@ pub fn xent_forward(
     check_numel(OP, loss, rows, "(rows,)")?;
     check_numel(OP, lse, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], scale: 1.0 })?;
+    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], softcap: 0.0 })?;
     let spec = KernelSpec::new(&kernel_sources::XENT, OP);
     ctx.record(
         step,
@@ -49,7 +49,9 @@ pub fn xent_forward(
 
 /// The gradient of `scale[0] · sum(loss)` with respect to the logits, written over `logits` in
 /// place: `scale · (softmax(logits) − onehot(target))` per row, 0 for ignored rows. `scale` is a
-/// one-element tensor, so the host can change it between replays.
+/// one-element tensor, so the host can change it between replays. With `softcap` > 0 the logits
+/// were soft-capped ([`crate::ops::elementwise::softcap_forward`]) and the gradient is that of the
+/// raw logits.
 pub fn xent_backward(
     ctx: &Context,
     step: &mut Step,
@@ -57,6 +59,7 @@ pub fn xent_backward(
     targets: &Tensor,
     lse: &Tensor,
     scale: &Tensor,
+    softcap: f32,
 ) -> Result<()> {
     const OP: &str = "xent_backward";
     check_f32(OP, logits)?;
@@ -71,7 +74,7 @@ pub fn xent_backward(
     check_numel(OP, logits, rows * vocab, "(rows, vocab)")?;
     check_numel(OP, lse, rows, "(rows,)")?;
     let groups = grid_2d(rows as u64, ctx.limits().max_workgroups_per_dimension);
-    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], scale: 0.0 })?;
+    let params = uniform(OP, &Params { rows: rows as u32, vocab: vocab as u32, gx: groups[0], softcap })?;
     let spec = KernelSpec::new(&kernel_sources::XENT, OP);
     let args = [Arg::Uniform(params), Arg::Write(logits), Arg::Read(targets), Arg::Read(lse), Arg::Read(scale)];
     ctx.record(step, &spec, &args, groups)

@@ -131,6 +131,11 @@ pub fn attention_forward(
     (out, lse)
 }
 
+/// `gelu_tanh(gate) · up` (Gemma's GeGLU).
+pub fn geglu_forward(gate: &[f32], up: &[f32]) -> Vec<f64> {
+    gate.iter().zip(up).map(|(&g, &u)| model::gelu_tanh(g as f64) * u as f64).collect()
+}
+
 /// `silu(gate) · up`.
 pub fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f64> {
     gate.iter().zip(up).map(|(&g, &u)| model::silu(g as f64) * u as f64).collect()

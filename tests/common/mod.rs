@@ -1,6 +1,8 @@
 //! Shared test helpers.
 #![allow(dead_code)]
 
+pub mod peft;
+
 use portalora::gpu::Context;
 
 /// Opens the GPU context. Without an adapter the test is skipped with a loud message, unless

@@ -7,7 +7,7 @@ use super::params::ParameterTensors;
 use super::plan::{Activations, Gradients};
 use super::{need, GpuModelError, Result};
 use crate::gpu::{Step, Tensor};
-use crate::ops::elementwise::{add_forward, scale_forward};
+use crate::ops::elementwise::{add_forward, scale_forward, softcap_forward};
 use crate::ops::embed::embed_forward;
 use crate::ops::reduce::reduce_forward;
 use crate::ops::xent::{xent_backward, xent_forward};
@@ -67,6 +67,7 @@ impl Recorder<'_> {
     ) -> Result<()> {
         let ctx = self.ctx;
         let head = p.lm_head.as_ref().unwrap_or(&p.embed);
+        let cap = self.config.block.final_softcap.map(|c| c as f32);
         let n = a.batch * a.seq;
         let align = ctx.limits().storage_offset_alignment;
         let mut start = 0;
@@ -76,9 +77,12 @@ impl Recorder<'_> {
             let targets = a.targets.rows(start, rows, align)?;
             let lse = a.lse_rows.rows(start, rows, align)?;
             head.project(ctx, s, &a.hf.rows(start, rows, align)?, &logits)?;
+            if let Some(cap) = cap {
+                softcap_forward(ctx, s, cap, &logits)?;
+            }
             xent_forward(ctx, s, &logits, &targets, &a.loss_rows.rows(start, rows, align)?, &lse)?;
             if let Some(g) = grads {
-                xent_backward(ctx, s, &logits, &targets, &lse, &a.loss_scale)?;
+                xent_backward(ctx, s, &logits, &targets, &lse, &a.loss_scale, cap.unwrap_or(0.0))?;
                 head.project_backward(ctx, s, &logits, &g.dhf.rows(start, rows, align)?)?;
             }
             start += rows;
