@@ -678,7 +678,7 @@ impl Trainer {
 }
 
 /// A forward-only model for `batch` rows of `seq` tokens with the PEFT adapter folder `dir`
-/// (LoRA or VeRA files, ours or PEFT's) attached: for evaluation, generation and merging.
+/// (LoRA or VeRA files, ours or PEFT's) attached: for evaluation and merging.
 #[cfg(not(target_arch = "wasm32"))]
 pub fn model_with_adapter(
     ctx: &Context,
@@ -687,13 +687,20 @@ pub fn model_with_adapter(
     seq: usize,
     dir: &std::path::Path,
 ) -> Result<GpuModel> {
+    let mut model = GpuModel::new(ctx, weights, batch, seq)?;
+    model.attach(ctx, adapter_from(ctx, weights, dir, batch * seq)?)?;
+    Ok(model)
+}
+
+/// The PEFT adapter folder `dir` (LoRA or VeRA files, ours or PEFT's) built for `weights` with
+/// activations for `rows` tokens at a time (for a [`crate::model::generate::Generator`], say).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn adapter_from(ctx: &Context, weights: &Weights, dir: &std::path::Path, rows: usize) -> Result<Box<dyn Adapter>> {
     let file = peft::PeftFile::read(dir)?;
     let method = if file.peft_type == "VERA" { Method::Vera } else { Method::Lora };
     let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;
     let sites = file.fits(&weights.source, cfg.sites(&weights.config))?;
-    let mut model = GpuModel::new(ctx, weights, batch, seq)?;
-    let mut a = file.fits(&weights.source, adapter::build(ctx, &cfg, sites, batch * seq))?;
+    let mut a = file.fits(&weights.source, adapter::build(ctx, &cfg, sites, rows))?;
     file.fits(&weights.source, file.load_into(ctx, a.as_mut()))?;
-    model.attach(ctx, a)?;
-    Ok(model)
+    Ok(a)
 }

@@ -324,8 +324,8 @@ impl Engine {
         })
     }
 
-    /// Greedy continuation of `prompt` by `max_tokens` tokens, with the adapter (merged for the
-    /// generation, then unmerged) when a run exists. Resolves to the new text.
+    /// Greedy continuation of `prompt` by `max_tokens` tokens, with the adapter's branch when a
+    /// run exists. Resolves to the new text.
     pub fn generate(&self, prompt: String, max_tokens: usize) -> js_sys::Promise {
         let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
@@ -341,14 +341,14 @@ impl Engine {
             let ctx = g.ctx.clone();
             let max_len = (ids.len() + max_tokens).min(w.config.usable_positions());
             let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
-            let new = match g.trainer.as_mut() {
+            let new = match g.trainer.as_ref() {
                 Some(t) => {
-                    t.model.merge(&ctx).map_err(err)?;
+                    // The adapter's branch beside the frozen weights, unmerged.
                     let mut gen = Generator::new(&ctx, &w.config, &t.model.params, max_len).map_err(err)?;
-                    let r = gen.generate_async(&ctx, &ids, max_tokens, sampling, tok.eos_id, |_| {}).await;
-                    drop(gen);
-                    t.model.unmerge(&ctx).map_err(err)?;
-                    r.map_err(err)?
+                    if let Some(a) = t.model.adapter() {
+                        gen = gen.with_adapter(a).map_err(err)?;
+                    }
+                    gen.generate_async(&ctx, &ids, max_tokens, sampling, tok.eos_id, |_| {}).await.map_err(err)?
                 }
                 None => {
                     let params = crate::model::gpu::ParameterTensors::upload(&ctx, w).map_err(err)?;

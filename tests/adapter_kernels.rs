@@ -355,3 +355,31 @@ fn fresh_adapters_start_at_the_base() {
         }
     }
 }
+
+/// Generation with an adapter's branch beside the frozen weights (unmerged, in chunks no larger
+/// than the adapter's rows) gives the logits of the merged model at every position: LoRA (GPT-2's
+/// fused c_attn included) and VeRA, from PEFT-written adapters whose B is non-zero.
+#[test]
+fn generation_with_an_unmerged_adapter_equals_the_merged_model() {
+    use portalora::model::generate::Generator;
+    let Some(ctx) = context() else { return };
+    for (arch, method) in [("llama", "lora"), ("gpt2", "lora"), ("llama", "vera"), ("qwen3", "lora-plus")] {
+        let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
+        let dir = fixture(&format!("adapters/{arch}_{method}/init"));
+        let ids = rows(w.config.vocab_size, 1, 11, 8).remove(0);
+        let mut merged = portalora::train::model_with_adapter(&ctx, &w, 1, 2, &dir).unwrap();
+        merged.merge(&ctx).unwrap();
+        let mut want = Generator::new(&ctx, &w.config, &merged.params, 11).unwrap();
+        // The adapter planned for 3 rows: the 5-token prompt goes through in two chunks.
+        let params = portalora::model::gpu::ParameterTensors::upload(&ctx, &w).unwrap();
+        let adapter = portalora::train::adapter_from(&ctx, &w, &dir, 3).unwrap();
+        let mut got = Generator::new(&ctx, &w.config, &params, 11).unwrap().with_adapter(adapter.as_ref()).unwrap();
+        let (a, b) = (got.feed(&ctx, &ids[..5]).unwrap(), want.feed(&ctx, &ids[..5]).unwrap());
+        assert!(max_rel_error(&a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>()) < 1e-4, "{arch} {method}: prefill");
+        for (t, &id) in ids.iter().enumerate().skip(5) {
+            let (a, b) = (got.feed(&ctx, &[id]).unwrap(), want.feed(&ctx, &[id]).unwrap());
+            let err = max_rel_error(&a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>());
+            assert!(err < 1e-4, "{arch} {method}: position {t}: relative error {err:e}");
+        }
+    }
+}

@@ -63,6 +63,9 @@ impl Adapter for DeltaLora {
     fn kept_bytes(&self) -> u64 {
         self.lora.kept_bytes()
     }
+    fn rows(&self) -> usize {
+        self.lora.rows()
+    }
 
     fn before_update(&self, ctx: &Context, s: &mut Step) -> Result<()> {
         for (l, (oa, ob)) in self.lora.layers.iter().zip(self.old_a.iter().zip(&self.old_b)) {

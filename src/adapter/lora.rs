@@ -8,8 +8,8 @@
 //! after-step hook, Delta-LoRA.
 
 use super::{
-    activation, add_product, normal_init, scratch_view, uniform_init, zeros, Adapter, AdapterConfig, AdapterError,
-    Dropout, Init, Param, ParamKind, Result, Site, SiteWeights, Slot,
+    activation, add_product, first_rows, normal_init, scratch_view, uniform_init, zeros, Adapter, AdapterConfig,
+    AdapterError, Dropout, Init, Param, ParamKind, Result, Site, SiteWeights, Slot,
 };
 use std::collections::BTreeMap;
 
@@ -121,6 +121,16 @@ impl Lora {
     }
 }
 
+impl Lora {
+    /// `y_j += scale · z · B_jᵀ` for site `i`, accumulated straight into the projection's output.
+    fn branch_out(&self, ctx: &Context, s: &mut Step, i: usize, z: &Tensor, ys: &[&Tensor]) -> Result<()> {
+        for (b, y) in self.layers[i].b.iter().zip(ys) {
+            matmul(ctx, s, z, b, y, Matmul::nt().alpha(self.scales[i]).accumulate(true))?;
+        }
+        Ok(())
+    }
+}
+
 /// Gauss–Jordan inverse with partial pivoting of an `(n, n)` f64 matrix.
 fn invert(m: &[f64], n: usize) -> Option<Vec<f64>> {
     let mut a = m.to_vec();
@@ -165,8 +175,10 @@ impl Adapter for Lora {
     fn forward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, ys: &[&Tensor], train: bool) -> Result<()> {
         let l = &self.layers[i];
         let xd = Dropout::input(&self.dropout, ctx, s, i, x, train)?;
-        matmul(ctx, s, &xd, &l.a, &l.z, Matmul::nt())?;
-        self.forward_fused(ctx, s, i, ys)
+        // Generation runs fewer rows than training: z's first rows.
+        let z = first_rows(&l.z, x.shape()[0])?;
+        matmul(ctx, s, &xd, &l.a, &z, Matmul::nt())?;
+        self.branch_out(ctx, s, i, &z, ys)
     }
 
     fn fusable_input_product(&self, i: usize, train: bool) -> Option<(&Tensor, &Tensor)> {
@@ -176,12 +188,7 @@ impl Adapter for Lora {
     }
 
     fn forward_fused(&self, ctx: &Context, s: &mut Step, i: usize, ys: &[&Tensor]) -> Result<()> {
-        // y_j += scale · z · B_jᵀ, accumulated straight into the projection's output.
-        let l = &self.layers[i];
-        for (b, y) in l.b.iter().zip(ys) {
-            matmul(ctx, s, &l.z, b, y, Matmul::nt().alpha(self.scales[i]).accumulate(true))?;
-        }
-        Ok(())
+        self.branch_out(ctx, s, i, &self.layers[i].z, ys)
     }
 
     fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()> {
@@ -244,6 +251,10 @@ impl Adapter for Lora {
 
     fn kept_bytes(&self) -> u64 {
         self.layers.iter().map(|l| l.z.byte_len()).sum()
+    }
+
+    fn rows(&self) -> usize {
+        self.n
     }
 
     fn dropout_seed(&self) -> Option<&Tensor> {

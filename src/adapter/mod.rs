@@ -312,6 +312,9 @@ pub trait Adapter {
     fn slots(&self) -> Vec<Slot<'_>>;
     /// Bytes of adapter-owned activations kept from forward to backward (z per site).
     fn kept_bytes(&self) -> u64;
+    /// The rows (tokens) its activations were planned for: [`Adapter::forward`] takes up to this
+    /// many (generation runs fewer at a time than training).
+    fn rows(&self) -> usize;
     /// The one-element u32 tensor of the dropout seed, rewritten before each step (None without dropout).
     fn dropout_seed(&self) -> Option<&Tensor> {
         None
@@ -366,6 +369,12 @@ pub(crate) fn add_product(
         matmul(ctx, s, b, a, w, Matmul::nn().alpha(alpha).accumulate(true))?;
     }
     Ok(())
+}
+
+/// The first `n` rows of an activation planned for more (a view; the whole tensor when `n` is its
+/// row count), for a forward pass over fewer tokens than the plan's (generation).
+pub(crate) fn first_rows(t: &Tensor, n: usize) -> Result<Tensor> {
+    Ok(if t.shape()[0] == n { t.clone() } else { t.rows(0, n, 4)? })
 }
 
 /// A scratch tensor of `len` elements viewed as `(rows, cols)` (rows · cols ≤ len): one buffer

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    activation, scratch_view, uniform_init, Adapter, AdapterConfig, Dropout, Param, ParamKind, Result, Site,
-    SiteWeights, Slot,
+    activation, first_rows, scratch_view, uniform_init, Adapter, AdapterConfig, Dropout, Param, ParamKind, Result,
+    Site, SiteWeights, Slot,
 };
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::weights::HostTensor;
@@ -150,13 +150,15 @@ impl Adapter for Vera {
 
     fn forward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, ys: &[&Tensor], train: bool) -> Result<()> {
         let l = &self.layers[i];
-        let n = self.n;
+        // Generation runs fewer rows than training: the first rows of each activation.
+        let n = x.shape()[0];
+        let (z, u) = (first_rows(&l.z, n)?, first_rows(&self.u, n)?);
         let xd = Dropout::input(&self.dropout, ctx, s, i, x, train)?;
-        matmul(ctx, s, &xd, &self.a_part(ctx, self.sites[i].in_features)?, &l.z, Matmul::nt())?;
-        scale_forward(ctx, s, &l.z, &l.lambda_d, None, &self.u, false)?;
+        matmul(ctx, s, &xd, &self.a_part(ctx, self.sites[i].in_features)?, &z, Matmul::nt())?;
+        scale_forward(ctx, s, &z, &l.lambda_d, None, &u, false)?;
         for ((bp, lb), y) in self.parts(i)?.iter().zip(&l.lambda_b).zip(ys) {
             let t = scratch_view(&self.t, n, bp.shape()[0])?;
-            matmul(ctx, s, &self.u, bp, &t, Matmul::nt())?;
+            matmul(ctx, s, &u, bp, &t, Matmul::nt())?;
             scale_forward(ctx, s, &t, lb, None, y, true)?;
         }
         Ok(())
@@ -183,6 +185,10 @@ impl Adapter for Vera {
 
     fn needs_input(&self) -> bool {
         false
+    }
+
+    fn rows(&self) -> usize {
+        self.n
     }
 
     fn params(&self) -> Vec<Param<'_>> {

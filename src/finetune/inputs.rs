@@ -91,11 +91,13 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
     }
 }
 
-/// Greedy continuations of `prompts` by the model's current weights (`params`).
+/// Greedy continuations of `prompts` by the frozen weights `params` with `adapter`'s branch
+/// (unmerged) when given.
 pub(super) fn samples(
     ctx: &Context,
     w: &Weights,
     params: &crate::model::gpu::ParameterTensors,
+    adapter: Option<&dyn crate::adapter::Adapter>,
     tok: &Tokenizer,
     prompts: &[String],
     n: usize,
@@ -108,6 +110,9 @@ pub(super) fn samples(
         }
         let max_len = (ids.len() + n).min(w.config.usable_positions());
         let mut g = Generator::new(ctx, &w.config, params, max_len)?;
+        if let Some(a) = adapter {
+            g = g.with_adapter(a)?;
+        }
         let mut new = Vec::new();
         g.generate(ctx, &ids, n, Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }, tok.eos_id, |t| {
             new.push(t)

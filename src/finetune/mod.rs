@@ -444,7 +444,7 @@ impl<'a> Session<'a> {
             if let (Some(t), false) = (&self.tok, self.cfg.prompts.is_empty()) {
                 let (c, w) = (self.cfg, &self.weights);
                 self.summary.samples_before =
-                    samples(self.ctx, w, &self.trainer.model.params, t, &c.prompts, c.sample_tokens)?;
+                    samples(self.ctx, w, &self.trainer.model.params, None, t, &c.prompts, c.sample_tokens)?;
                 on(&Event::Samples { after: false, samples: &self.summary.samples_before });
             }
             self.record_eval(0, on)?;
@@ -531,38 +531,29 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Writes the adapter (Delta-LoRA: the merged model with the adapter beside it), samples
-    /// after training (not after a stop: that should be quick), the loss curve and the summary.
+    /// Writes the adapter, samples after training (not after a stop: that should be quick),
+    /// Delta-LoRA's merged model (the adapter beside it), the loss curve and the summary.
     fn finish(self, start: Instant, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
         let Session { ctx, cfg, weights, tok, mut trainer, mut summary, log, .. } = self;
         let steps = summary.steps;
         summary.val_after = summary.val_loss.last().filter(|(s, _)| *s == steps).map(|&(_, v)| v);
         let base = base_model_ref(&cfg.model);
-        summary.adapter_dir = cfg.out.clone();
-        if cfg.adapter.method == Method::DeltaLora {
-            summary.adapter_dir = cfg.out.join("adapter");
-            trainer.save_adapter(ctx, base.as_deref(), &summary.adapter_dir)?;
+        let delta = cfg.adapter.method == Method::DeltaLora;
+        summary.adapter_dir = if delta { cfg.out.join("adapter") } else { cfg.out.clone() };
+        trainer.save_adapter(ctx, base.as_deref(), &summary.adapter_dir)?;
+        // Samples from the frozen weights (as stored, quantized or not) with the adapter's
+        // branch beside them: no merge, no f32 copy.
+        if let (Some(t), false, false) = (&tok, cfg.prompts.is_empty(), summary.interrupted) {
+            let (params, adapter) = (&trainer.model.params, trainer.model.adapter());
+            summary.samples_after = samples(ctx, &weights, params, adapter, t, &cfg.prompts, cfg.sample_tokens)?;
+            on(&Event::Samples { after: true, samples: &summary.samples_after });
+        }
+        if delta {
+            // Delta-LoRA moved W0: the model is a merged folder, the adapter beside it.
             trainer.model.merge(ctx)?;
             let mut merged = crate::model::load_model(&cfg.model)?;
             read_back_site_weights(ctx, &trainer.model, &mut merged)?;
             write_hf_folder(&merged, &cfg.out)?;
-        } else {
-            trainer.save_adapter(ctx, base.as_deref(), &cfg.out)?;
-        }
-        if let (Some(t), false, false) = (&tok, cfg.prompts.is_empty(), summary.interrupted) {
-            summary.samples_after = if trainer.model.base_is_packed() {
-                // A quantized base cannot take ΔW: sample from an f32 copy with the saved adapter merged.
-                drop(trainer);
-                let mut m = crate::train::model_with_adapter(ctx, &weights, 1, 2, &summary.adapter_dir)?;
-                m.merge(ctx)?;
-                samples(ctx, &weights, &m.params, t, &cfg.prompts, cfg.sample_tokens)?
-            } else {
-                if cfg.adapter.method != Method::DeltaLora {
-                    trainer.model.merge(ctx)?;
-                }
-                samples(ctx, &weights, &trainer.model.params, t, &cfg.prompts, cfg.sample_tokens)?
-            };
-            on(&Event::Samples { after: true, samples: &summary.samples_after });
         }
         summary.plot = cfg.out.join("loss.svg");
         let name = cfg.model.file_name().and_then(|n| n.to_str()).unwrap_or("model");

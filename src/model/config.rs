@@ -175,22 +175,8 @@ impl ModelConfig {
         (q, RopeShape { heads: self.num_kv_heads, ..q })
     }
 
-    /// Parameter count of the base model (tied head counted once).
+    /// Parameter count of the base model (a tied head counted once): every tensor it has.
     pub fn num_parameters(&self) -> usize {
-        let c = self.hidden_size;
-        let q = self.num_heads * self.head_dim;
-        let kv = self.num_kv_heads * self.head_dim;
-        let f = self.intermediate_size;
-        let emb = self.vocab_size * c;
-        let head = if self.tie_embeddings { 0 } else { emb };
-        match self.arch {
-            Arch::Llama => emb + head + c + self.num_layers * (2 * c + c * q + 2 * c * kv + q * c + 3 * c * f),
-            Arch::Gpt2 => {
-                emb + head
-                    + self.max_positions * c
-                    + 2 * c
-                    + self.num_layers * (4 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c))
-            }
-        }
+        super::weights::expected_tensors(self).iter().map(|(_, shape)| shape.iter().product::<usize>()).sum()
     }
 }

@@ -92,6 +92,18 @@ impl<'p> Generator<'p> {
         Ok(Generator { config: config.clone(), params, adapter: None, max_len, rows, s, pos: 0 })
     }
 
+    /// Runs an adapter's branch beside the frozen weights (unmerged, as PEFT's unmerged
+    /// inference), so that a base stored quantized generates with its adapter without an f32
+    /// copy. Prompts then go through in chunks of at most the adapter's planned rows.
+    pub fn with_adapter(mut self, adapter: &'p dyn Adapter) -> Result<Self> {
+        if let Some(site) = adapter.sites().iter().find(|s| s.layer >= self.config.num_layers) {
+            return Err(GpuModelError::Unsupported(format!("{} is not a layer of this model", site.module)));
+        }
+        self.rows = self.rows.min(adapter.rows());
+        self.adapter = Some(adapter);
+        Ok(self)
+    }
+
     /// Forgets the cached positions (a new sequence starts).
     pub fn reset(&mut self) {
         self.pos = 0;

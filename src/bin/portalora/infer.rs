@@ -5,7 +5,7 @@ use std::path::Path;
 
 use portalora::gpu::Context;
 use portalora::model::generate::{Generator, Sampling};
-use portalora::model::gpu::{GpuModel, ParameterTensors};
+use portalora::model::gpu::{BaseDType, GpuModel, ParameterTensors};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
@@ -101,26 +101,16 @@ pub(crate) fn generate(
         )
         .into());
     }
-    // With an adapter, its ΔW is merged into the weights on the GPU: generation then runs the
-    // plain model, exactly as PEFT's merged inference.
-    let merged = match adapter {
-        Some(dir) => {
-            let mut m = portalora::train::model_with_adapter(ctx, &weights, 1, 2, dir)?;
-            m.merge(ctx)?;
-            Some(m)
-        }
-        None => None,
-    };
-    let uploaded;
-    let params = match &merged {
-        Some(m) => &m.params,
-        None => {
-            uploaded = ParameterTensors::upload(ctx, &weights)?;
-            &uploaded
-        }
-    };
+    // The frozen weights as the file stores them (a GGUF's quantized tensors stay quantized) and
+    // the adapter's branch beside them, unmerged.
+    let params = ParameterTensors::upload_as(ctx, &weights, None, BaseDType::Auto)?;
     let max_len = (ids.len() + max_tokens).min(context);
-    let mut gen = Generator::new(ctx, &weights.config, params, max_len)?;
+    let adapter =
+        adapter.map(|dir| portalora::train::adapter_from(ctx, &weights, dir, max_len.min(512))).transpose()?;
+    let mut gen = Generator::new(ctx, &weights.config, &params, max_len)?;
+    if let Some(a) = &adapter {
+        gen = gen.with_adapter(a.as_ref())?;
+    }
     let mut out = std::io::stdout().lock();
     write!(out, "{prompt}")?;
     out.flush()?;
