@@ -159,3 +159,26 @@ macro_rules! family_methods {
 family_methods!(qwen2_methods_match_peft: "qwen2", qwen3_methods_match_peft: "qwen3",
     llama3_methods_match_peft: "llama3", gemma3_methods_match_peft: "gemma3",
     mistral_methods_match_peft: "mistral");
+
+/// A GGUF base's merged folder gets a config.json written from its metadata: transformers'
+/// reading of it (here: ours, which follows transformers' fields) must be the model that ran.
+#[test]
+fn every_family_config_written_for_a_gguf_base_reads_back_as_the_same_model() {
+    use portalora::model::export::hf_config_json;
+    use portalora::model::ModelConfig;
+    for f in ["qwen2", "qwen3", "llama3", "gemma3"] {
+        let w = load_model(fixture(&format!("tiny_{f}.gguf"))).unwrap();
+        let c = &w.config;
+        let v = hf_config_json(c).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let back = ModelConfig::from_hf_str(std::path::Path::new("config.json"), &v.to_string()).unwrap();
+        assert_eq!(back.block, c.block, "{f}: block");
+        assert_eq!((back.family, back.head_dim, back.num_kv_heads), (c.family, c.head_dim, c.num_kv_heads), "{f}");
+        assert_eq!((back.tie_embeddings, back.norm_eps), (c.tie_embeddings, c.norm_eps), "{f}");
+        for (l, (b, g)) in back.layers.iter().zip(&c.layers).enumerate() {
+            assert_eq!(b.window, g.window, "{f}: layer {l}'s window");
+            let want: Vec<f64> = g.rope.inv_freq(c.head_dim).iter().map(|&x| x as f64).collect();
+            let err = max_rel_error(&b.rope.inv_freq(c.head_dim), &want);
+            assert!(err < 1e-5, "{f}: layer {l}'s rotary frequencies ({err:e})");
+        }
+    }
+}

@@ -71,10 +71,11 @@ impl Value {
             _ => None,
         }
     }
-    /// Any number as f64.
+    /// Any number as f64; an f32 as the shortest decimal that reads back as it (the value the
+    /// converter wrote: 1e-6, not 9.99999997e-7, in an exported config.json).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Value::F32(v) => Some(v as f64),
+            Value::F32(v) => Some(v.to_string().parse().unwrap_or(v as f64)),
             Value::F64(v) => Some(v),
             Value::I8(v) => Some(v as f64),
             Value::I16(v) => Some(v as f64),

@@ -143,6 +143,51 @@ impl Rope {
         Rope { theta, scaling: None }
     }
 
+    /// Llama 3's scaling parameters that reproduce per-frequency divisors (a GGUF's
+    /// `rope_freqs.weight`), so that a config.json can describe them: `low_freq_factor` 1, as in
+    /// every Llama 3 release, and the rest solved from the blended frequencies. `None` when no
+    /// parameters reproduce the divisors.
+    pub fn as_llama3(&self, head_dim: usize) -> Option<RopeScaling> {
+        let Some(RopeScaling::Factors(div)) = &self.scaling else { return None };
+        let wavelens: Vec<f64> =
+            Rope::plain(self.theta).inv_freq(head_dim).iter().map(|f| std::f64::consts::TAU / *f as f64).collect();
+        let factor = div.iter().fold(1.0f32, |a, b| a.max(*b)) as f64;
+        let near = |d: f32, x: f64| (d as f64 - x).abs() <= 1e-4 * x;
+        let of = |keep: &dyn Fn(f32) -> bool| -> Vec<(f64, f32)> {
+            wavelens.iter().zip(div).filter(|(_, d)| keep(**d)).map(|(w, d)| (*w, *d)).collect()
+        };
+        let ones = of(&|d| near(d, 1.0));
+        let full = of(&|d| near(d, factor));
+        // Between the two bands 1/div = (1 − s)/factor + s, with s = (old/wavelen − low)/(high − low).
+        let s = |d: f32| (1.0 / d as f64 - 1.0 / factor) / (1.0 - 1.0 / factor);
+        let medium: Vec<(f64, f64)> =
+            of(&|d| !near(d, 1.0) && !near(d, factor)).iter().map(|(w, d)| (1.0 / w, s(*d))).collect();
+        let (high, old) = match medium.as_slice() {
+            [(x0, s0), .., (x1, s1)] => {
+                let a = (s1 - s0) / (x1 - x0);
+                let high = 1.0 - 1.0 / (s0 - a * x0);
+                (high, a * (high - 1.0))
+            }
+            [(x, s)] => (4.0, (1.0 + 3.0 * s) / x),
+            [] => {
+                // Any context between the bands: above 4× the longest kept wavelength, below the
+                // shortest divided one.
+                let lo = ones.iter().map(|(w, _)| 4.0 * w).fold(0.0, f64::max);
+                let hi = full.iter().map(|(w, _)| *w).fold(f64::INFINITY, f64::min);
+                (4.0, if hi.is_finite() { (lo.max(hi / 8.0) * hi).sqrt() } else { 2.0 * lo })
+            }
+        };
+        let fit = RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: (high * 1e4).round() / 1e4,
+            original_max_positions: old.round(),
+        };
+        let got = Rope { theta: self.theta, scaling: Some(fit.clone()) }.inv_freq(head_dim);
+        let close = got.iter().zip(self.inv_freq(head_dim)).all(|(p, q)| (p - q).abs() <= 1e-5 * q.abs());
+        (factor > 1.0 && close).then_some(fit)
+    }
+
     /// The inverse frequencies of the `head_dim / 2` rotated pairs, in f32 steps as transformers
     /// computes them (`1 / theta^(2i/d)`, then the scaling).
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
