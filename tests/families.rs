@@ -182,3 +182,46 @@ fn every_family_config_written_for_a_gguf_base_reads_back_as_the_same_model() {
         }
     }
 }
+
+/// Gemma 3's multimodal checkpoints (4B and up): the language model loads from under its prefix
+/// (both transformers layouts), the vision tower is left out and said so, and a merged copy is a
+/// text-only gemma3_text folder.
+#[test]
+fn a_multimodal_gemma3_checkpoint_loads_its_language_model() {
+    use portalora::adapter::peft::safetensors_bytes;
+    use portalora::model::export::write_hf_folder;
+    let text = load_model(fixture("tiny_gemma3")).unwrap();
+    let check = |w: &Weights, what: &str| {
+        let left = w.left_out.as_ref().unwrap_or_else(|| panic!("{what}: nothing said left out"));
+        assert_eq!(left.tensors, 34, "{what}: the vision tensors");
+        assert_eq!(w.tensors, text.tensors, "{what}: the language model's tensors");
+        // The generator drops the soft-cap (transformers' multimodal class does not apply it).
+        let mut want = text.config.clone();
+        want.block.final_softcap = None;
+        assert_eq!(w.config, want, "{what}: the text config");
+    };
+    let mm = load_model(fixture("tiny_gemma3_mm")).unwrap();
+    check(&mm, "language_model.model.*");
+    // transformers 5's in-memory layout: model.language_model.*, model.vision_tower.*.
+    let dir = common::tmp("gemma3_mm_v5");
+    let mut renamed = std::collections::BTreeMap::new();
+    portalora::model::weights::read_safetensors(&fixture("tiny_gemma3_mm/model.safetensors"), &mut renamed).unwrap();
+    let renamed = renamed
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("language_model.model.") {
+            Some(rest) => (format!("model.language_model.{rest}"), v),
+            None => (format!("model.{k}"), v),
+        })
+        .collect();
+    std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&renamed).unwrap()).unwrap();
+    std::fs::copy(fixture("tiny_gemma3_mm/config.json"), dir.join("config.json")).unwrap();
+    check(&load_model(&dir).unwrap(), "model.language_model.*");
+    let out = dir.join("merged");
+    write_hf_folder(&mm, &out).unwrap();
+    let merged = load_model(&out).unwrap();
+    assert!(merged.left_out.is_none());
+    assert_eq!(merged.config.family, portalora::model::arch::Family::Gemma3);
+    assert_eq!((merged.tensors == text.tensors, merged.config.layers == text.config.layers), (true, true));
+    let cfg = json(&out.join("config.json"));
+    assert_eq!(cfg["model_type"], "gemma3_text");
+}

@@ -190,7 +190,7 @@ fn random_model(arch: Arch) -> Weights {
         };
         tensors.insert(name, HostTensor { shape, data });
     }
-    Weights { config, tensors, raw: BTreeMap::new(), source: "random".into() }
+    Weights { config, tensors, raw: BTreeMap::new(), source: "random".into(), left_out: None }
 }
 
 /// The same model with every matrix that the packed upload packs replaced by its dequantized
@@ -205,7 +205,7 @@ fn dequantized(w: &Weights, ty: GgmlType) -> Weights {
             (k.clone(), HostTensor { shape: t.shape.clone(), data })
         })
         .collect();
-    Weights { config: w.config.clone(), tensors, raw: BTreeMap::new(), source: w.source.clone() }
+    Weights { config: w.config.clone(), tensors, raw: BTreeMap::new(), source: w.source.clone(), left_out: None }
 }
 
 fn batch(vocab: usize, b: usize, t: usize, seed: u64) -> Vec<Vec<u32>> {

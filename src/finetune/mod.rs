@@ -189,6 +189,8 @@ impl RunConfig {
 /// What happened, as it happens (for progress displays).
 #[derive(Debug)]
 pub enum Event<'a> {
+    /// The base model was loaded without part of its checkpoint (said, never silent).
+    LeftOut(&'a crate::model::LeftOut),
     /// The data was read.
     Data(&'a DataSummary),
     /// The model and adapter are ready.
@@ -288,6 +290,9 @@ pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn F
     }
     let checkpoint = opts.resume.then(|| checkpoint::load(&cfg.out)).transpose()?;
     let weights = crate::model::load_model(&cfg.model)?;
+    if let Some(l) = &weights.left_out {
+        on(&Event::LeftOut(l));
+    }
     let tok = Tokenizer::for_model(&cfg.model).ok();
     if tok.is_none() && !cfg.prompts.is_empty() {
         return Err(file_err(&cfg.model, "has no tokenizer, so --prompt cannot be sampled; drop --prompt"));

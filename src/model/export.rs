@@ -189,7 +189,8 @@ const SIDE_FILES: &[&str] = &[
 ];
 
 /// Writes `w` as a Hugging Face folder `dir`: `model.safetensors` (f32, the same keys as the
-/// base; a tied head stays tied) and `config.json` (the base's own when it was a folder), plus
+/// base; a tied head stays tied) and `config.json` (the base's own when it was a folder of the
+/// same model, else written from the config), plus
 /// the base folder's tokenizer files, or `tokenizer.json` built from a GGUF's vocabulary.
 /// Every file goes through a temporary name and a rename.
 pub fn write_hf_folder(w: &Weights, dir: &Path) -> Result<(), AdapterError> {
@@ -198,16 +199,18 @@ pub fn write_hf_folder(w: &Weights, dir: &Path) -> Result<(), AdapterError> {
         move |source| AdapterError::Io { path: p.clone(), source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let copy = |src: &Path, to: &Path| -> Result<(), AdapterError> {
+        match src.exists() {
+            true => write_atomic(to, &std::fs::read(src).map_err(io(src))?),
+            false => Ok(()),
+        }
+    };
     let tensors: BTreeMap<String, HostTensor> = w.tensors.clone();
     write_atomic(&dir.join("model.safetensors"), &safetensors_bytes(&tensors)?)?;
-    if w.source.is_dir() {
-        for name in std::iter::once("config.json").chain(SIDE_FILES.iter().copied()) {
-            let src = w.source.join(name);
-            if src.exists() {
-                let bytes = std::fs::read(&src).map_err(io(&src))?;
-                write_atomic(&dir.join(name), &bytes)?;
-            }
-        }
+    // The base's own config.json, unless the base was a GGUF file or the text model of a
+    // multimodal checkpoint (whose config describes a vision tower the copy does not have).
+    if w.source.is_dir() && w.left_out.is_none() {
+        copy(&w.source.join("config.json"), &dir.join("config.json"))?;
     } else {
         let cfg = hf_config_json(&w.config).map_err(|e| {
             AdapterError::Option(format!(
@@ -218,10 +221,14 @@ pub fn write_hf_folder(w: &Weights, dir: &Path) -> Result<(), AdapterError> {
         })?;
         let cfg = serde_json::to_string_pretty(&cfg).map_err(|e| AdapterError::Option(e.to_string()))?;
         write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
-        if let Ok(tok) = crate::io::tokenizer::Tokenizer::for_model(&w.source) {
-            if let Ok(text) = tok.to_json() {
-                write_atomic(&dir.join("tokenizer.json"), text.as_bytes())?;
-            }
+    }
+    if w.source.is_dir() {
+        for name in SIDE_FILES {
+            copy(&w.source.join(name), &dir.join(name))?;
+        }
+    } else if let Ok(tok) = crate::io::tokenizer::Tokenizer::for_model(&w.source) {
+        if let Ok(text) = tok.to_json() {
+            write_atomic(&dir.join("tokenizer.json"), text.as_bytes())?;
         }
     }
     Ok(())

@@ -64,7 +64,10 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<ModelConfig, ModelError> 
     if c.model_type.as_deref() == Some("gemma3") {
         // The multimodal checkpoint: its language model is a gemma3_text one.
         let t = c.text_config.take().ok_or_else(|| bad("model_type \"gemma3\" without a text_config".into()))?;
+        let tie = c.tie_word_embeddings;
         c = serde_json::from_value(t).map_err(|e| bad(format!("text_config: {e}")))?;
+        // The tying is the whole model's setting.
+        c.tie_word_embeddings = c.tie_word_embeddings.or(tie);
         c.model_type = Some("gemma3_text".into());
         gemma3_defaults(&mut c);
     }

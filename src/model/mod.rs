@@ -13,4 +13,4 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use gpu::BaseDType;
-pub use weights::{load_model, HostTensor, ModelError, RawTensor, Weights};
+pub use weights::{load_model, HostTensor, LeftOut, ModelError, RawTensor, Weights};

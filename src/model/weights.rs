@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::arch::Family;
 use super::config::{Arch, ModelConfig};
 use crate::io::gguf::{Gguf, GgufError};
 
@@ -27,7 +28,7 @@ pub enum ModelError {
     #[error("{path}: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("{path}: tensor {name:?} is missing; a {arch:?} model with this config needs it")]
-    Missing { path: PathBuf, name: String, arch: Arch },
+    Missing { path: PathBuf, name: String, arch: Family },
     #[error("{path}: tensor {name:?} has shape {found:?} but the config implies {expected:?}; the config and the weights disagree")]
     Shape { path: PathBuf, name: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor {name:?} has dtype {dtype}; portalora reads F32, F16 and BF16 safetensors")]
@@ -36,7 +37,7 @@ pub enum ModelError {
         "{path}: tensor {name:?} is not part of a {arch:?} model as portalora runs it{hint}; ignoring it would make \
          every result wrong, so the model is not loaded"
     )]
-    Unused { path: PathBuf, name: String, arch: Arch, hint: String },
+    Unused { path: PathBuf, name: String, arch: Family, hint: String },
     #[error("{path}: not a model: expected a .gguf file or a folder with config.json and model.safetensors")]
     NotAModel { path: PathBuf },
 }
@@ -66,6 +67,24 @@ pub struct Weights {
     pub raw: BTreeMap<String, RawTensor>,
     /// Where they came from, for messages.
     pub source: PathBuf,
+    /// What the checkpoint holds beyond the model portalora runs (Gemma 3's vision tower), for
+    /// programs to state: loading it is not silent.
+    pub left_out: Option<LeftOut>,
+}
+
+/// The part of a checkpoint a load did not take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LeftOut {
+    /// How many tensors.
+    pub tensors: usize,
+    /// What they are and what follows from leaving them out.
+    pub what: String,
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} tensors not loaded, {}", self.tensors, self.what)
+    }
 }
 
 impl Weights {
@@ -73,7 +92,7 @@ impl Weights {
         self.tensors.get(name).ok_or_else(|| ModelError::Missing {
             path: self.source.clone(),
             name: name.to_string(),
-            arch: self.config.arch,
+            arch: self.config.family,
         })
     }
 }
@@ -185,11 +204,11 @@ fn is_gguf(path: &Path) -> bool {
 /// Why a tensor portalora does not use may be there, for the message.
 fn unused_hint(name: &str) -> String {
     if name.ends_with(".bias") {
-        " (a bias: Qwen2's q/k/v biases, LLaMA's attention_bias or mlp_bias are not supported yet)".into()
+        " (a bias the config does not declare: check attention_bias / mlp_bias and model_type)".into()
     } else if name.contains("norm") {
-        " (an extra norm, as Gemma's or Qwen3's, is not supported yet)".into()
+        " (a norm this family does not have: check model_type)".into()
     } else if name.contains("rope_freqs") {
-        " (rotary frequency factors: Llama 3's rope scaling is not supported yet)".into()
+        " (rotary frequency factors in a model without rotary embeddings)".into()
     } else {
         String::new()
     }
@@ -213,7 +232,7 @@ fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostT
     }
     for (name, shape) in expected_tensors(c) {
         match tensors.get(&name) {
-            None => return Err(ModelError::Missing { path: path.to_path_buf(), name, arch: c.arch }),
+            None => return Err(ModelError::Missing { path: path.to_path_buf(), name, arch: c.family }),
             Some(t) if t.shape != shape => {
                 return Err(ModelError::Shape {
                     path: path.to_path_buf(),
@@ -230,7 +249,7 @@ fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostT
         return Err(ModelError::Unused {
             path: path.to_path_buf(),
             name: name.clone(),
-            arch: c.arch,
+            arch: c.family,
             hint: unused_hint(name),
         });
     }
@@ -302,7 +321,7 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
                 return Err(ModelError::Unused {
                     path: path.to_path_buf(),
                     name: info.name.clone(),
-                    arch: config.arch,
+                    arch: config.family,
                     hint: unused_hint(&info.name),
                 })
             }
@@ -341,7 +360,7 @@ pub fn weights_from_gguf(g: &Gguf) -> Result<Weights, ModelError> {
         tensors.insert(name, HostTensor { shape, data });
     }
     check_complete(path, &config, &tensors)?;
-    Ok(Weights { config, tensors, raw, source: path.to_path_buf() })
+    Ok(Weights { config, tensors, raw, source: path.to_path_buf(), left_out: None })
 }
 
 fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
@@ -392,6 +411,7 @@ fn finish_hf(
             .map(|(k, v)| if k == "lm_head.weight" { (k, v) } else { (format!("transformer.{k}"), v) })
             .collect();
     }
+    let left_out = text_of_multimodal(&mut tensors);
     // Tied heads are sometimes saved anyway: the copy must equal the embedding it stands for.
     if config.tie_embeddings {
         if let Some(head) = tensors.remove("lm_head.weight") {
@@ -411,7 +431,44 @@ fn finish_hf(
         !k.ends_with(".attn.bias") && !k.ends_with(".attn.masked_bias") && !k.contains("rotary_emb.inv_freq")
     });
     check_complete(dir, &config, &tensors)?;
-    Ok(Weights { config, tensors, raw: BTreeMap::new(), source: dir.to_path_buf() })
+    Ok(Weights { config, tensors, raw: BTreeMap::new(), source: dir.to_path_buf(), left_out })
+}
+
+/// Gemma 3's multimodal checkpoints keep the language model under `language_model.model.`
+/// (transformers 4 and Google's files) or `model.language_model.` (transformers 5's own layout)
+/// beside a vision tower and its projector: the language model's tensors get the text model's
+/// names, the vision tensors are left out and said so.
+fn text_of_multimodal(tensors: &mut BTreeMap<String, HostTensor>) -> Option<LeftOut> {
+    let prefixed = |k: &str| k.starts_with("language_model.") || k.starts_with("model.language_model.");
+    if !tensors.keys().any(|k| prefixed(k)) {
+        return None;
+    }
+    let vision = |k: &str| {
+        let k = k.strip_prefix("model.").unwrap_or(k);
+        k.starts_with("vision_tower.") || k.starts_with("multi_modal_projector.")
+    };
+    let mut dropped = 0;
+    *tensors = std::mem::take(tensors)
+        .into_iter()
+        .filter_map(|(k, v)| {
+            if vision(&k) {
+                dropped += 1;
+                return None;
+            }
+            let name = match (k.strip_prefix("language_model."), k.strip_prefix("model.language_model.")) {
+                (Some(rest), _) => rest.to_string(),
+                (_, Some(rest)) => format!("model.{rest}"),
+                _ => k,
+            };
+            Some((name, v))
+        })
+        .collect();
+    Some(LeftOut {
+        tensors: dropped,
+        what: "the vision tower and its projector: portalora fine-tunes the language model, and a merged copy \
+               is a text-only gemma3_text model"
+            .into(),
+    })
 }
 
 /// Reads every tensor of one safetensors file as f32.

@@ -47,7 +47,7 @@ pub(crate) fn eval(
     json: bool,
 ) -> Res {
     let (rows, masks) = read_rows(model, ids, data, seq)?;
-    let weights = portalora::model::load_model(model)?;
+    let weights = crate::load_model(model)?;
     let seq = rows[0].len();
     let batch = batch.clamp(1, rows.len());
     let gpu = match adapter {
@@ -88,7 +88,7 @@ pub(crate) fn generate(
         return Err(format!("--top-p {} must be in (0, 1]", sampling.top_p).into());
     }
     let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
-    let weights = portalora::model::load_model(model)?;
+    let weights = crate::load_model(model)?;
     let ids = tok.encode(prompt)?;
     if ids.is_empty() {
         return Err("the prompt is empty".into());

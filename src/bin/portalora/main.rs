@@ -197,6 +197,15 @@ pub(crate) struct BenchStepArgs {
 }
 
 /// A number in any usual form: 1e-08, 16.0, 0.5.
+/// Loads a base model and says what of its checkpoint was not loaded.
+pub(crate) fn load_model(path: &std::path::Path) -> Result<portalora::model::Weights, portalora::model::ModelError> {
+    let w = portalora::model::load_model(path)?;
+    if let Some(l) = &w.left_out {
+        eprintln!("note: {}: {l}", path.display());
+    }
+    Ok(w)
+}
+
 pub(crate) fn parse_number(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !v.is_finite() {

@@ -65,7 +65,7 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     use portalora::bench::StepOptions;
     let method: Method = a.method.parse()?;
     let base_dtype: portalora::model::BaseDType = a.base_dtype.parse()?;
-    let weights = portalora::model::load_model(&a.model)?;
+    let weights = crate::load_model(&a.model)?;
     let mut cfg = AdapterConfig::new(method);
     cfg.rank = a.rank;
     cfg.alpha = 2.0 * a.rank as f64;
@@ -180,7 +180,7 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
 
 pub(crate) fn inspect(path: &std::path::Path) -> Res {
     use portalora::model::arch::{NormKind, RopeScaling};
-    let w = portalora::model::load_model(path)?;
+    let w = crate::load_model(path)?;
     let c = &w.config;
     let b = c.block;
     println!("model:          {}", path.display());

@@ -529,7 +529,7 @@ pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
 /// beside `out` and renamed into place. `out` is never the model or the adapter.
 pub fn merge(ctx: &Context, model: &Path, adapter: &Path, out: &Path, overwrite: bool) -> Res<()> {
     outdir::check(out, &[model, adapter], overwrite, "pick another --out, or replace it whole with --overwrite")?;
-    let mut weights = portalora::model::load_model(model)?;
+    let mut weights = crate::load_model(model)?;
     let mut m = model_with_adapter(ctx, &weights, 1, 2, adapter)?;
     m.merge(ctx)?;
     read_back_site_weights(ctx, &m, &mut weights)?;
