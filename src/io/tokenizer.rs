@@ -1,16 +1,19 @@
-//! Byte-level BPE tokenizers (GPT-2, SmolLM2 and other LLaMA-family models), built with the
-//! `tokenizers` crate from a `tokenizer.json`, from GPT-2's `vocab.json` + `merges.txt`, or from
-//! the `tokenizer.ggml.*` metadata of a GGUF file. Ids equal transformers' on the same text.
+//! Byte-level BPE tokenizers (GPT-2, SmolLM2, Llama 3, Qwen2.5 / Qwen3 and other byte-level BPE
+//! models), built with the `tokenizers` crate from a `tokenizer.json`, from GPT-2's `vocab.json` +
+//! `merges.txt`, or from the `tokenizer.ggml.*` metadata of a GGUF file with the pre-tokenizer its
+//! `tokenizer.ggml.pre` names. Ids equal transformers' on the same text.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use super::gguf::{Gguf, Value};
 
@@ -22,10 +25,75 @@ pub enum TokenizerError {
     Metadata { path: PathBuf, key: &'static str },
     #[error("{path}: tokenizer model {model:?} is not supported; portalora reads byte-level BPE (\"gpt2\")")]
     Model { path: PathBuf, model: String },
+    #[error(
+        "{path}: tokenizer.ggml.pre {pre:?} is not supported; portalora splits text as llama.cpp's gpt-2, smollm, \
+         llama-bpe, qwen2 and default pre-tokenizers do (splitting another way would give other token ids than \
+         the model was trained on); use the model's Hugging Face folder with its tokenizer.json instead"
+    )]
+    Pre { path: PathBuf, pre: String },
     #[error("tokenizing: {0}")]
     Encode(String),
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     BadId { id: u32, vocab: usize },
+}
+
+/// How text is split into words before BPE, named as llama.cpp names it in `tokenizer.ggml.pre`
+/// and built as the model's own `tokenizer.json` builds it (the ids transformers gives are the
+/// ids the model was trained on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pre {
+    /// GPT-2's regex inside byte-level (`gpt-2`).
+    Gpt2,
+    /// Every digit alone, then GPT-2's regex (`smollm`; llama.cpp gives `starcoder` and `refact`
+    /// the same rules).
+    DigitsGpt2,
+    /// Llama 3's regex (numbers in runs of up to three), and whole words in the vocabulary taken
+    /// before merging (`ignore_merges`).
+    Llama3,
+    /// Qwen2's regex (single digits) after NFC normalisation (Qwen2.5 and Qwen3).
+    Qwen2,
+    /// llama.cpp's rules for a file that names no known pre-tokenizer: four regexes in turn.
+    Default,
+}
+
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const DEFAULT_REGEXES: [&str; 4] = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"];
+
+impl Pre {
+    fn named(name: &str) -> Option<Pre> {
+        Some(match name {
+            "gpt-2" => Pre::Gpt2,
+            "smollm" | "starcoder" | "refact" => Pre::DigitsGpt2,
+            "llama-bpe" | "llama3" | "llama-v3" => Pre::Llama3,
+            "qwen2" => Pre::Qwen2,
+            "default" => Pre::Default,
+            _ => return None,
+        })
+    }
+
+    /// The pre-tokenizer (regex splits, then bytes to BPE symbols).
+    fn build(self) -> Result<PreTokenizerWrapper, String> {
+        let split = |r: &str| -> Result<PreTokenizerWrapper, String> {
+            let pattern = SplitPattern::Regex(r.to_string());
+            Ok(Split::new(pattern, SplitDelimiterBehavior::Isolated, false).map_err(|e| e.to_string())?.into())
+        };
+        // ByteLevel's own regex is GPT-2's; after explicit splits it only maps bytes.
+        let bytes = |regex: bool| -> PreTokenizerWrapper { ByteLevel::new(false, true, regex).into() };
+        Ok(match self {
+            Pre::Gpt2 => bytes(true),
+            Pre::DigitsGpt2 => Sequence::new(vec![Digits::new(true).into(), bytes(true)]).into(),
+            Pre::Llama3 => Sequence::new(vec![split(LLAMA3_REGEX)?, bytes(false)]).into(),
+            Pre::Qwen2 => Sequence::new(vec![split(QWEN2_REGEX)?, bytes(false)]).into(),
+            Pre::Default => {
+                let mut parts = DEFAULT_REGEXES.iter().map(|r| split(r)).collect::<Result<Vec<_>, _>>()?;
+                parts.push(bytes(false));
+                Sequence::new(parts).into()
+            }
+        })
+    }
 }
 
 /// A tokenizer and the facts about it the trainer needs.
@@ -75,7 +143,7 @@ impl Tokenizer {
             .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
         let eos = v.get("<|endoftext|>").copied();
-        let mut t = Self::byte_level(vocab, v, m, false)?;
+        let mut t = Self::byte_level(vocab, v, m, Pre::Gpt2)?;
         t.bos_id = eos;
         t.eos_id = eos;
         if eos.is_some() {
@@ -109,10 +177,10 @@ impl Tokenizer {
             .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
             .collect();
         let vocab: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        // Which pre-tokenizer: llama.cpp's name for the model's split rules.
+        // Which pre-tokenizer: llama.cpp's name for the model's split rules (none: its default).
         let pre = g.metadata.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
-        let individual_digits = matches!(pre, "smollm" | "starcoder" | "refact");
-        let mut t = Self::byte_level(path, vocab, merges, individual_digits)?;
+        let pre = Pre::named(pre).ok_or_else(|| TokenizerError::Pre { path: path.clone(), pre: pre.to_string() })?;
+        let mut t = Self::byte_level(path, vocab, merges, pre)?;
         // Control and user-defined tokens (types 3 and 4) are matched whole, never split.
         if let Some(Value::Array(types)) = g.metadata.get("tokenizer.ggml.token_type") {
             let special: Vec<AddedToken> = types
@@ -133,19 +201,21 @@ impl Tokenizer {
         path: &Path,
         vocab: HashMap<String, u32>,
         merges: Vec<(String, String)>,
-        individual_digits: bool,
+        pre: Pre,
     ) -> Result<Self, TokenizerError> {
+        let load = |message: String| TokenizerError::Load { path: path.to_path_buf(), message };
         let bpe = BPE::builder()
             .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
+            .ignore_merges(pre == Pre::Llama3)
             .build()
-            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| load(e.to_string()))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        let byte_level: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
-        if individual_digits {
-            inner.with_pre_tokenizer(Some(Sequence::new(vec![Digits::new(true).into(), byte_level])));
-        } else {
-            inner.with_pre_tokenizer(Some(byte_level));
+        if pre == Pre::Qwen2 {
+            // transformers normalises Qwen's text to NFC (llama.cpp does not: ids differ only on
+            // decomposed characters, and transformers' are the ones the model learned).
+            inner.with_normalizer(Some(NFC));
         }
+        inner.with_pre_tokenizer(Some(pre.build().map_err(load)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         Ok(Tokenizer { inner, bos_id: None, eos_id: None })
     }
