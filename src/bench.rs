@@ -247,12 +247,12 @@ pub fn bench_step(
         }
         progress(i, s);
     }
-    // Bytes allocated by this trainer, by kind (the adapter's z = x·Aᵀ and scratch count as
+    // Bytes this trainer holds, by kind (the adapter's z = x·Aᵀ and scratch count as
     // activations: see adapter::activation).
     let mut gpu_bytes = ctx.allocated_bytes();
     for (k, v) in before {
         if let Some(x) = gpu_bytes.get_mut(k) {
-            *x -= v;
+            *x = x.saturating_sub(v);
         }
     }
     for k in ["weights", "adapters", "optimizer", "activations", "other"] {

@@ -6,7 +6,7 @@
 //! small tensors the host rewrites before each submission; nothing in the step waits for the CPU.
 //! Only the loss is read back.
 
-use crate::adapter::{self, lora_plus, peft, Adapter, AdapterConfig, AdapterError, Input, Method};
+use crate::adapter::{self, lora_plus, peft, Adapter, AdapterConfig, AdapterError, Method};
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::gpu::{BaseDType, GpuModel, GpuModelError, PlanOptions};
 #[cfg(not(target_arch = "wasm32"))]
@@ -268,14 +268,6 @@ impl Trainer {
             Some(f) => f.fits(&weights.source, adapter_config.sites(&weights.config))?,
             None => adapter_config.sites(&weights.config)?,
         };
-        let needs_x = matches!(adapter_config.method, Method::Lora | Method::LoraPlus | Method::DeltaLora);
-        let keep_inputs: Vec<Input> = if needs_x {
-            let mut k: Vec<Input> = sites.iter().map(|s| s.proj.input()).collect();
-            k.dedup();
-            k
-        } else {
-            Vec::new()
-        };
         // Delta-LoRA adds ΔW into W0 after every step: the base must be f32.
         let base_dtype = match (adapter_config.method, config.base_dtype) {
             (Method::DeltaLora, BaseDType::Auto | BaseDType::F32) => BaseDType::F32,
@@ -288,7 +280,6 @@ impl Trainer {
             (_, d) => d,
         };
         let plan = PlanOptions {
-            keep_inputs,
             base_dtype: Some(base_dtype),
             backward: true,
             recompute_mlp: config.recompute_mlp,

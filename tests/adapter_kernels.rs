@@ -6,7 +6,7 @@ mod common;
 
 use common::{context, fixture};
 use portalora::adapter::peft::{self, PeftFile};
-use portalora::adapter::{self, AdapterConfig, AdapterError, Input, Method};
+use portalora::adapter::{self, AdapterConfig, AdapterError, Method};
 use portalora::gpu::{Context, Step};
 use portalora::model::gpu::{GpuModel, PlanOptions};
 use portalora::model::{load_model, Weights};
@@ -88,10 +88,7 @@ fn scale_kernels_match_f64() {
 /// A model planned for `cfg`'s adapter with backward enabled.
 fn model_with(ctx: &Context, w: &Weights, cfg: &AdapterConfig, batch: usize, seq: usize) -> GpuModel {
     let sites = adapter::sites(&w.config, &cfg.targets).unwrap();
-    let keep: Vec<Input> = sites.iter().map(|s| s.proj.input()).collect();
-    let mut model =
-        GpuModel::with_options(ctx, w, batch, seq, PlanOptions { keep_inputs: keep, ..PlanOptions::default() })
-            .unwrap();
+    let mut model = GpuModel::with_options(ctx, w, batch, seq, PlanOptions::default()).unwrap();
     let a = adapter::build(ctx, cfg, sites, batch * seq).unwrap();
     model.enable_backward(ctx).unwrap();
     model.attach(ctx, a).unwrap();

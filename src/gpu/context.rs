@@ -108,8 +108,9 @@ pub struct Context {
     limits: Limits,
     errors: ErrorSink,
     pub(super) pipelines: Mutex<PipelineCache>,
-    /// Bytes of tensors allocated so far, by the kind that was current (see [`Context::alloc_kind`]).
-    alloc: Mutex<AllocStats>,
+    /// Bytes of the tensors alive, by the kind that was current when each was allocated (see
+    /// [`Context::alloc_kind`]); each buffer takes its bytes off again when dropped.
+    alloc: Arc<Mutex<AllocStats>>,
     /// Set by wgpu's device-lost callback (driver reset, GPU removed, `destroy`).
     lost: Arc<Mutex<Option<String>>>,
 }
@@ -118,6 +119,22 @@ pub struct Context {
 struct AllocStats {
     kind: &'static str,
     bytes: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A buffer's bytes in its context's count, taken off when the buffer is dropped.
+pub(super) struct AllocTicket {
+    stats: Arc<Mutex<AllocStats>>,
+    kind: &'static str,
+    bytes: u64,
+}
+
+impl Drop for AllocTicket {
+    fn drop(&mut self) {
+        let mut a = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = a.bytes.get_mut(self.kind) {
+            *b = b.saturating_sub(self.bytes);
+        }
+    }
 }
 
 /// Restores the previous allocation kind when dropped (see [`Context::alloc_kind`]).
@@ -222,7 +239,7 @@ impl Context {
             limits,
             errors,
             pipelines: Mutex::new(HashMap::new()),
-            alloc: Mutex::new(AllocStats { kind: "other", bytes: Default::default() }),
+            alloc: Arc::new(Mutex::new(AllocStats { kind: "other", bytes: Default::default() })),
             lost,
         })
     }
@@ -287,14 +304,15 @@ impl Context {
         AllocKind { ctx: self, previous }
     }
 
-    pub(super) fn count_alloc(&self, bytes: u64) {
+    pub(super) fn count_alloc(&self, bytes: u64) -> AllocTicket {
         let mut a = self.alloc.lock().unwrap_or_else(|p| p.into_inner());
         let kind = a.kind;
         *a.bytes.entry(kind).or_default() += bytes;
+        AllocTicket { stats: self.alloc.clone(), kind, bytes }
     }
 
-    /// Bytes of every tensor allocated on this device so far, by kind (tensors dropped since
-    /// still count: plans allocate once and keep what they allocate).
+    /// Bytes of the tensors alive on this device, by kind (a plan made again frees the memory of
+    /// the one it replaces).
     pub fn allocated_bytes(&self) -> std::collections::BTreeMap<&'static str, u64> {
         self.alloc.lock().unwrap_or_else(|p| p.into_inner()).bytes.clone()
     }

@@ -304,7 +304,7 @@ impl Context {
                         });
                     }
                     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer: t.buffer(),
+                        buffer: t.buffer()?,
                         offset: t.byte_offset(),
                         size: NonZeroU64::new(bytes.max(4)),
                     })

@@ -66,7 +66,10 @@ pub enum GpuError {
     TooLarge { label: String, bytes: u64, limit: u64, what: &'static str },
     #[error("{op}: {message}")]
     Shape { op: &'static str, message: String },
-    #[error("dispatch {label}: {groups:?} workgroups exceeds the device limit of {limit} per dimension")]
+    #[error(
+        "dispatch {label}: {groups:?} workgroups exceeds the device limit of {limit} per dimension; use a smaller \
+         batch or sequence length"
+    )]
     DispatchTooLarge { label: String, groups: [u32; 3], limit: u32 },
     #[error("reading back tensor {label:?} failed: {message}")]
     Readback { label: String, message: String },

@@ -13,9 +13,25 @@ use super::{GpuError, Result};
 
 struct Dispatch {
     label: String,
-    pipeline: Arc<CachedPipeline>,
-    bind_group: wgpu::BindGroup,
+    /// What it binds: the source of memory plans' lifetimes and of their checker.
+    accesses: Vec<Access>,
+    /// The compiled pipeline and bound buffers (`None` in a trace).
+    gpu: Option<(Arc<CachedPipeline>, wgpu::BindGroup)>,
     groups: [u32; 3],
+}
+
+/// One tensor a dispatch binds.
+#[derive(Clone, Debug)]
+pub(super) struct Access {
+    /// The buffer ([`Tensor::memory_key`]) and the bytes `start..end` of it.
+    pub memory: u64,
+    pub start: u64,
+    pub end: u64,
+    /// The tensor, as the planner knows it ([`Tensor::tenant`]), and its label.
+    pub tenant: u64,
+    pub label: Arc<str>,
+    /// Bound writable (the kernel writes and may read it).
+    pub write: bool,
 }
 
 /// An ordered list of recorded dispatches. Dispatches run in order; writes of one are visible
@@ -23,11 +39,36 @@ struct Dispatch {
 #[derive(Default)]
 pub struct Step {
     dispatches: Vec<Dispatch>,
+    /// A trace records which tensors each dispatch binds and nothing for the GPU: memory plans
+    /// derive lifetimes from it before any memory exists ([`super::plan`]).
+    trace: bool,
+    /// Named positions in the dispatch list (e.g. where the backward pass begins).
+    marks: Vec<(&'static str, usize)>,
 }
 
 impl Step {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// A step that only records what each dispatch binds; it accepts tensors without memory
+    /// and cannot run.
+    pub fn trace() -> Self {
+        Step { trace: true, ..Self::default() }
+    }
+    pub fn is_trace(&self) -> bool {
+        self.trace
+    }
+    /// Names the position after the dispatches recorded so far.
+    pub fn mark(&mut self, name: &'static str) {
+        self.marks.push((name, self.dispatches.len()));
+    }
+    /// The position [`Step::mark`] named.
+    pub fn marked(&self, name: &str) -> Option<usize> {
+        self.marks.iter().find(|(n, _)| *n == name).map(|&(_, i)| i)
+    }
+    /// Each dispatch's label and bindings, in order.
+    pub(super) fn accesses(&self) -> impl Iterator<Item = (&str, &[Access])> {
+        self.dispatches.iter().map(|d| (d.label.as_str(), d.accesses.as_slice()))
     }
     pub fn len(&self) -> usize {
         self.dispatches.len()
@@ -48,9 +89,30 @@ impl Context {
         if groups.iter().any(|&g| g > limit) {
             return Err(GpuError::DispatchTooLarge { label: spec.label(), groups, limit });
         }
-        let pipeline = self.pipeline(spec, args)?;
-        let bind_group = self.bind_group(spec, &pipeline.layout, args)?;
-        step.dispatches.push(Dispatch { label: spec.label(), pipeline, bind_group, groups });
+        let accesses = args
+            .iter()
+            .filter_map(|a| match a {
+                Arg::Read(t) => Some((t, false)),
+                Arg::Write(t) => Some((t, true)),
+                Arg::Uniform(_) => None,
+            })
+            .map(|(t, write)| Access {
+                memory: t.memory_key(),
+                start: t.byte_offset(),
+                end: t.byte_offset() + t.byte_len(),
+                tenant: t.tenant(),
+                label: t.label().into(),
+                write,
+            })
+            .collect();
+        let gpu = if step.trace {
+            None
+        } else {
+            let pipeline = self.pipeline(spec, args)?;
+            let bind_group = self.bind_group(spec, &pipeline.layout, args)?;
+            Some((pipeline, bind_group))
+        };
+        step.dispatches.push(Dispatch { label: spec.label(), accesses, gpu, groups });
         Ok(())
     }
 
@@ -73,23 +135,32 @@ impl Context {
     }
 
     fn encode_and_submit(&self, steps: &[&Step]) -> Result<()> {
+        refuse_traces(steps)?;
         let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
         {
             let mut pass =
                 enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
             for step in steps {
                 for d in &step.dispatches {
-                    if d.groups.contains(&0) {
+                    let Some((pipeline, bind_group)) = d.gpu.as_ref().filter(|_| !d.groups.contains(&0)) else {
                         continue;
-                    }
-                    pass.set_pipeline(&d.pipeline.pipeline);
-                    pass.set_bind_group(0, &d.bind_group, &[]);
+                    };
+                    pass.set_pipeline(&pipeline.pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                 }
             }
         }
         self.scoped("submitting a step", || self.queue.submit([enc.finish()]))?;
         Ok(())
+    }
+}
+
+/// A trace has nothing to run.
+fn refuse_traces(steps: &[&Step]) -> Result<()> {
+    match steps.iter().any(|s| s.trace) {
+        true => Err(GpuError::Shape { op: "run", message: "a trace step records bindings only and cannot run".into() }),
+        false => Ok(()),
     }
 }
 
@@ -105,8 +176,13 @@ impl Context {
     /// [`Context::profile`]'s wall-clock timing where the adapter has no timestamps.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn time_dispatches(&self, steps: &[&Step]) -> Result<Vec<(String, f64)>> {
-        let all: Vec<&Dispatch> =
-            steps.iter().flat_map(|s| s.dispatches.iter()).filter(|d| !d.groups.contains(&0)).collect();
+        refuse_traces(steps)?;
+        let all: Vec<(&Dispatch, &(Arc<CachedPipeline>, wgpu::BindGroup))> = steps
+            .iter()
+            .flat_map(|s| s.dispatches.iter())
+            .filter(|d| !d.groups.contains(&0))
+            .filter_map(|d| Some((d, d.gpu.as_ref()?)))
+            .collect();
         if !self.features().timestamps {
             let mut out = Vec::new();
             for s in steps {
@@ -138,7 +214,7 @@ impl Context {
                 mapped_at_creation: false,
             });
             let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed") });
-            for (i, d) in chunk.iter().enumerate() {
+            for (i, (d, (pipeline, bind_group))) in chunk.iter().enumerate() {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("timed"),
                     timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
@@ -147,8 +223,8 @@ impl Context {
                         end_of_pass_write_index: Some(2 * i as u32 + 1),
                     }),
                 });
-                pass.set_pipeline(&d.pipeline.pipeline);
-                pass.set_bind_group(0, &d.bind_group, &[]);
+                pass.set_pipeline(&pipeline.pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
                 pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
             }
             enc.resolve_query_set(&set, 0..n, &resolve, 0);
@@ -164,7 +240,7 @@ impl Context {
                 bytemuck::pod_collect_to_vec::<u8, u64>(&view)
             };
             staging.unmap();
-            for (i, d) in chunk.iter().enumerate() {
+            for (i, (d, _)) in chunk.iter().enumerate() {
                 let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns * 1e-9;
                 out.push((format!("{} {:?}", d.label, d.groups), dt));
             }
@@ -177,6 +253,7 @@ impl Context {
     /// per dispatch, labelled `file:entry`. Slow (a sync per dispatch); for finding hot kernels.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn profile(&self, step: &Step) -> Result<Vec<(String, f64)>> {
+        refuse_traces(&[step])?;
         let mut out = Vec::with_capacity(step.dispatches.len());
         self.wait_idle()?;
         for d in &step.dispatches {
@@ -188,9 +265,9 @@ impl Context {
                     label: Some("profile"),
                     timestamp_writes: None,
                 });
-                if !d.groups.contains(&0) {
-                    pass.set_pipeline(&d.pipeline.pipeline);
-                    pass.set_bind_group(0, &d.bind_group, &[]);
+                if let Some((pipeline, bind_group)) = d.gpu.as_ref().filter(|_| !d.groups.contains(&0)) {
+                    pass.set_pipeline(&pipeline.pipeline);
+                    pass.set_bind_group(0, bind_group, &[]);
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                 }
             }

@@ -60,10 +60,40 @@ impl DType {
     }
 }
 
+/// A GPU buffer, counted in its context's live bytes while it exists.
+struct GpuMemory {
+    buffer: wgpu::Buffer,
+    _ticket: super::context::AllocTicket,
+}
+
+impl std::fmt::Debug for GpuMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.buffer)
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Clone, Debug)]
+enum Backing {
+    Gpu(Arc<GpuMemory>),
+    /// Nowhere yet: a stand-in that a memory plan's trace records (see [`super::plan`]); only a
+    /// [`super::Step::trace`] accepts it.
+    StandIn(u64),
+}
+
+/// Ids of buffers and tenants, unique in the process.
+fn fresh_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A dense row-major tensor living in (a region of) a GPU buffer. Cloning shares the buffer.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    buffer: Arc<wgpu::Buffer>,
+    backing: Backing,
+    /// Which tensor this is, as the memory planner sees it: views of it (rows, columns,
+    /// reshapes) keep it; the planner's tensors sharing one buffer each have their own.
+    tenant: u64,
     /// Byte offset of element 0 in `buffer`; a multiple of the storage offset alignment.
     offset: u64,
     shape: Vec<usize>,
@@ -138,15 +168,41 @@ impl Tensor {
         };
         self.dtype.bytes(elems) as u64
     }
-    pub(super) fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
+    pub(super) fn buffer(&self) -> Result<&wgpu::Buffer> {
+        match &self.backing {
+            Backing::Gpu(m) => Ok(&m.buffer),
+            Backing::StandIn(_) => Err(GpuError::Shape {
+                op: "bind",
+                message: format!("tensor {:?} stands in for a memory plan's trace and has no memory", self.label),
+            }),
+        }
+    }
+    /// The buffer's identity (stand-ins have their own, with the top bit set).
+    pub(super) fn memory_key(&self) -> u64 {
+        match &self.backing {
+            Backing::Gpu(b) => Arc::as_ptr(b) as usize as u64,
+            Backing::StandIn(id) => id | 1 << 63,
+        }
+    }
+    /// The planner's identity of this tensor (shared by its views).
+    pub fn tenant(&self) -> u64 {
+        self.tenant
+    }
+    /// A whole contiguous tensor over `backing`, a tenant of its own.
+    fn whole(backing: Backing, label: &str, shape: &[usize], dtype: DType) -> Tensor {
+        let (shape, label) = (shape.to_vec(), label.into());
+        Tensor { backing, tenant: fresh_id(), offset: 0, shape, dtype, label, row_stride: None }
+    }
+    /// A tensor with no memory for a memory plan's trace.
+    pub(super) fn stand_in(label: &str, shape: &[usize], dtype: DType) -> Tensor {
+        Tensor::whole(Backing::StandIn(fresh_id()), label, shape, dtype)
     }
     pub(super) fn byte_offset(&self) -> u64 {
         self.offset
     }
     /// Whether two tensors share any byte of GPU memory (the same buffer, overlapping ranges).
     pub fn overlaps(&self, other: &Tensor) -> bool {
-        Arc::ptr_eq(&self.buffer, &other.buffer)
+        self.memory_key() == other.memory_key()
             && self.offset < other.offset + other.byte_len()
             && other.offset < self.offset + self.byte_len()
     }
@@ -181,13 +237,20 @@ impl Tensor {
     /// memory planner ([`super::plan`]) lets tensors that are never live together share memory.
     pub(super) fn view(&self, label: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = dtype.bytes(shape.iter().product()) as u64;
-        if self.offset != 0 || bytes > self.buffer.size() {
+        if self.offset != 0 || bytes > self.buffer()?.size() {
             return Err(GpuError::Shape {
                 op: "view",
                 message: format!("{label:?} {shape:?} ({bytes} bytes) does not fit buffer {:?}", self.label),
             });
         }
-        Ok(Tensor { shape: shape.to_vec(), dtype, label: label.into(), row_stride: None, ..self.clone() })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            label: label.into(),
+            row_stride: None,
+            tenant: fresh_id(),
+            ..self.clone()
+        })
     }
 
     /// The same memory seen with another shape of the same element count.
@@ -226,17 +289,11 @@ impl Context {
                 mapped_at_creation: false,
             })
         })?;
-        self.count_alloc(size);
-        Ok(Tensor {
-            // (On wasm, wgpu's handles are neither Send nor Sync; the Arc only shares them.)
-            #[allow(clippy::arc_with_non_send_sync)]
-            buffer: Arc::new(buffer),
-            offset: 0,
-            shape: shape.to_vec(),
-            dtype,
-            label: label.into(),
-            row_stride: None,
-        })
+        let memory = GpuMemory { buffer, _ticket: self.count_alloc(size) };
+        // (On wasm, wgpu's handles are neither Send nor Sync; the Arc only shares them.)
+        #[allow(clippy::arc_with_non_send_sync)]
+        let backing = Backing::Gpu(Arc::new(memory));
+        Ok(Tensor::whole(backing, label, shape, dtype))
     }
 
     /// Allocates a tensor of `dtype` (F16 or block-quantized) over the packed 32-bit `words`
@@ -244,13 +301,13 @@ impl Context {
     pub fn upload_packed(&self, label: &str, dtype: DType, shape: &[usize], words: &[u32]) -> Result<Tensor> {
         let t = self.tensor(label, shape, dtype)?;
         let bytes: &[u8] = bytemuck::cast_slice(words);
-        if bytes.len() as u64 > t.buffer.size() {
+        if bytes.len() as u64 > t.buffer()?.size() {
             return Err(GpuError::Shape {
                 op: "upload_packed",
                 message: format!("{} bytes for tensor {label:?} {dtype:?} {shape:?}", bytes.len()),
             });
         }
-        self.queue.write_buffer(&t.buffer, 0, bytes);
+        self.queue.write_buffer(t.buffer()?, 0, bytes);
         self.check(&format!("uploading tensor {label:?}"))?;
         Ok(t)
     }
@@ -278,7 +335,7 @@ impl Context {
             });
         }
         if !data.is_empty() {
-            self.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+            self.queue.write_buffer(t.buffer()?, t.offset, bytemuck::cast_slice(data));
         }
         self.check(&format!("writing tensor {:?}", t.label))
     }
@@ -305,7 +362,7 @@ impl Context {
             });
         }
         if !data.is_empty() {
-            self.queue.write_buffer(&t.buffer, t.offset, bytemuck::cast_slice(data));
+            self.queue.write_buffer(t.buffer()?, t.offset, bytemuck::cast_slice(data));
         }
         self.check(&format!("writing tensor {:?}", t.label))
     }
@@ -332,7 +389,7 @@ impl Context {
             mapped_at_creation: false,
         });
         let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
-        enc.copy_buffer_to_buffer(&t.buffer, t.offset, &staging, 0, bytes);
+        enc.copy_buffer_to_buffer(t.buffer()?, t.offset, &staging, 0, bytes);
         let submission = self.queue.submit([enc.finish()]);
         let state: Arc<Mutex<MapState>> = Arc::default();
         let cb_state = state.clone();

@@ -53,25 +53,15 @@ pub(super) fn config(g: &Gguf) -> Result<ModelConfig, ModelError> {
     let head_dim =
         int("attention.key_length").or_else(|_| int("rope.dimension_count")).unwrap_or(hidden_size / num_heads.max(1));
     let gpt2 = family == Family::Gpt2;
-    let mut block = match family {
-        Family::Gpt2 => Block::GPT2,
-        Family::Qwen2 => Block::QWEN2,
-        Family::Qwen3 => Block::QWEN3,
-        // llama.cpp scales Gemma 3's queries by 1/√head_dim (1/√(hidden/heads) for the 62-layer 27B).
-        Family::Gemma3 => Block {
-            attn_scale: Some(
-                if num_layers == 62 { (hidden_size / num_heads) as f64 } else { head_dim as f64 }.powf(-0.5),
-            ),
-            final_softcap: float("final_logit_softcapping").filter(|c| *c > 0.0),
-            ..Block::GEMMA3
-        },
-        _ => Block::LLAMA,
-    };
-    if !gpt2 {
-        // Biases where the file has them (LLaMA's attention_bias / mlp_bias).
-        block.qkv_bias |= has("blk.0.attn_q.bias");
-        block.o_bias |= has("blk.0.attn_output.bias");
-        block.mlp_bias |= has("blk.0.ffn_up.bias");
+    let block = block_of(g, family, num_layers, hidden_size / num_heads.max(1), head_dim, float);
+    // Each block has several tensors: a count beyond the tensors is corrupt metadata (and its
+    // per-layer settings would exhaust memory).
+    if num_layers > g.tensors.len() {
+        return Err(bad(format!(
+            "metadata {}.block_count = {num_layers}, but the file holds only {} tensors",
+            arch_name,
+            g.tensors.len()
+        )));
     }
     let layers = layers(g, family, num_layers, head_dim).map_err(bad)?;
     let cfg = ModelConfig {
@@ -97,6 +87,36 @@ pub(super) fn config(g: &Gguf) -> Result<ModelConfig, ModelError> {
     };
     cfg.validate().map_err(bad)?;
     Ok(cfg)
+}
+
+/// The block the file describes: the family's, with the biases the tensors have and Gemma's
+/// attention scale and soft-cap.
+fn block_of(
+    g: &Gguf,
+    family: Family,
+    num_layers: usize,
+    hidden_per_head: usize,
+    head_dim: usize,
+    float: impl Fn(&str) -> Option<f64>,
+) -> Block {
+    let has = |name: &str| g.tensors.iter().any(|t| t.name == name);
+    let mut block = match family {
+        Family::Gpt2 => return Block::GPT2,
+        Family::Qwen2 => Block::QWEN2,
+        Family::Qwen3 => Block::QWEN3,
+        // llama.cpp scales Gemma 3's queries by 1/√head_dim (1/√(hidden/heads) for the 62-layer 27B).
+        Family::Gemma3 => Block {
+            attn_scale: Some(if num_layers == 62 { hidden_per_head } else { head_dim } as f64).map(|d| d.powf(-0.5)),
+            final_softcap: float("final_logit_softcapping").filter(|c| *c > 0.0),
+            ..Block::GEMMA3
+        },
+        _ => Block::LLAMA,
+    };
+    // Biases where the file has them (LLaMA's attention_bias / mlp_bias).
+    block.qkv_bias |= has("blk.0.attn_q.bias");
+    block.o_bias |= has("blk.0.attn_output.bias");
+    block.mlp_bias |= has("blk.0.ffn_up.bias");
+    block
 }
 
 /// Each layer's window and rotary embedding.

@@ -13,6 +13,9 @@ use super::arch::{Act, Block, Family, LayerSpec, Rope, RopeScaling};
 use super::config::{Arch, ModelConfig};
 use super::weights::ModelError;
 
+/// More layers than any model has.
+const MAX_LAYERS: usize = 10_000;
+
 /// The fields we read (LLaMA-style and GPT-2 naming).
 #[derive(Deserialize, Default)]
 struct Hf {
@@ -89,6 +92,11 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<ModelConfig, ModelError> 
     let hidden_size = need(c.hidden_size.or(c.n_embd), "hidden_size")?;
     let num_heads = need(c.num_attention_heads.or(c.n_head), "num_attention_heads")?;
     let num_layers = need(c.num_hidden_layers.or(c.n_layer), "num_hidden_layers")?;
+    // The largest models have a few hundred layers; a count far beyond is a corrupt file (and its
+    // per-layer settings would exhaust memory).
+    if num_layers > MAX_LAYERS {
+        return Err(bad(format!("num_hidden_layers {num_layers} is beyond any model's ({MAX_LAYERS} at most)")));
+    }
     let head_dim = c.head_dim.unwrap_or(hidden_size / num_heads.max(1));
     let block = block_of(&c, family).map_err(bad)?;
     let layers = layers_of(&c, family, num_layers, head_dim).map_err(bad)?;

@@ -5,12 +5,11 @@ pub mod arch;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod export;
-pub mod generate;
 mod gguf_model;
 pub mod gpu;
 mod hf_config;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
-pub use gpu::BaseDType;
+pub use gpu::{generate, BaseDType};
 pub use weights::{load_model, HostTensor, LeftOut, ModelError, RawTensor, Weights};

@@ -2,15 +2,16 @@
 //! batch and sequence length ([`plan`]), and the forward pass (and forward + loss + backward)
 //! recorded once as a [`Step`] and replayed. Every family's layers are recorded by the one layer
 //! recorder ([`block`]) from the block's description; the embedding, LM head and loss are in
-//! [`head`].
+//! [`head`]; generation with a KV cache in [`generate`].
 //!
 //! Conventions: the residual stream and every activation are row-major `(N, ·)` with
 //! N = batch · seq and row n = b · seq + t. Every activation the backward pass needs is kept (one
-//! tensor per layer and role, except what [`PlanOptions::recompute_mlp`] recomputes); the plan
-//! lays them and the gradients out up front by lifetime, so a tensor holds its value only between
-//! the phases that write and read it.
+//! tensor per layer and role, except what [`PlanOptions::recompute_mlp`] recomputes); their
+//! memory is planned from traces of the recorded steps themselves ([`plan`], `GpuModel::replan`),
+//! so a tensor holds its value only between the dispatches that write and read it.
 
 pub mod block;
+pub mod generate;
 pub mod head;
 pub mod params;
 pub mod plan;
@@ -55,9 +56,6 @@ pub struct PlanOptions {
     pub logit_chunk_rows: Option<usize>,
     /// Rows per part of the token-embedding / LM-head tables.
     pub table_part_rows: Option<usize>,
-    /// Projection inputs kept per layer for an adapter's backward pass. The frozen base's own
-    /// backward never reads them, so by default each is one tensor shared by all layers.
-    pub keep_inputs: Vec<Input>,
     /// How the frozen matrices are stored (default here: f32; `Auto` keeps a GGUF's types).
     pub base_dtype: Option<BaseDType>,
     /// Plan (and record) the training step too. Without it the plan is for the forward pass
@@ -68,7 +66,7 @@ pub struct PlanOptions {
     /// for two more projections per layer (LLaMA: gate and up, (N, F) each; GPT-2: c_fc).
     pub recompute_mlp: bool,
     /// Keep every layer's input gradient `dx[l]` after the step (tests inspect them); by default
-    /// they share memory two layers apart.
+    /// each lives until the layer below has read it.
     pub keep_layer_grads: bool,
 }
 
@@ -79,6 +77,8 @@ pub struct GpuModel {
     pub params: ParameterTensors,
     pub acts: Activations,
     pub grads: Option<Gradients>,
+    /// The inputs and loss, which outlive every plan.
+    fixed: plan::Fixed,
     forward: Step,
     train: Option<Step>,
     adapter: Option<Box<dyn Adapter>>,
@@ -94,7 +94,7 @@ impl fmt::Debug for GpuModel {
     }
 }
 
-/// An activation that exists for some blocks only (planned in [`plan::plan`]).
+/// An activation that exists for some blocks only (laid out in [`plan::layout`]).
 fn need(t: &Option<Tensor>) -> Result<&Tensor> {
     t.as_ref().ok_or_else(|| GpuModelError::Unsupported("an activation this block does not have was asked for".into()))
 }
@@ -116,40 +116,69 @@ impl GpuModel {
         c.check_seq(seq).map_err(GpuModelError::Unsupported)?; // a sliding window
         let params =
             ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
-        let (acts, grads) = plan::plan(ctx, &c, batch, seq, &opts)?;
+        let fixed = plan::Fixed::new(ctx, &c, batch, seq)?;
+        let mut layout = plan::layout(ctx, &c, batch, seq, &opts, false)?;
+        let (acts, grads) = layout.stand_ins(ctx, &fixed)?;
         let mut model = GpuModel {
             config: c,
             params,
             acts,
             grads,
+            fixed,
             forward: Step::new(),
             train: None,
             adapter: None,
             merged: false,
             opts,
         };
-        model.forward = model.record(ctx, false)?;
+        model.replan(ctx, false)?;
         Ok(model)
+    }
+
+    /// Plans the memory of the steps from traces of them, then records them: the layout's
+    /// stand-ins first replace the current tensors (so that their memory is freed first), the
+    /// forward step (and, with `opts.backward`, the training step) is traced over them, the
+    /// planner gives each tensor the spans the traces show, and the steps are recorded over
+    /// the tensors allocated (the training step only when `train`).
+    fn replan(&mut self, ctx: &Context, train: bool) -> Result<()> {
+        let keep_h2 = self.adapter_reads(Input::H2);
+        let mut layout = plan::layout(ctx, &self.config, self.acts.batch, self.acts.seq, &self.opts, keep_h2)?;
+        (self.forward, self.train) = (Step::new(), None);
+        (self.acts, self.grads) = layout.stand_ins(ctx, &self.fixed)?;
+        let forward = self.record_into(ctx, Step::trace(), false)?;
+        let backward = self.grads.is_some().then(|| self.record_into(ctx, Step::trace(), true)).transpose()?;
+        let traces: Vec<&Step> = std::iter::once(&forward).chain(backward.as_ref()).collect();
+        // Read after their step: the logits of a forward pass, and kept layer gradients.
+        let mut outputs = vec![(0, layout.logits)];
+        if let (Some(g), true) = (&layout.grads, self.opts.keep_layer_grads) {
+            outputs.extend(g.dx.iter().map(|&d| (1, d)));
+        }
+        let (mut acts, grads, planned) = layout.allocate(ctx, &self.fixed, &traces, &outputs)?;
+        // What the training step keeps from the layers' forward pass for their backward pass.
+        acts.kept_bytes = backward.and_then(|b| b.marked("head")).map_or(0, |at| planned.bytes_live_across(1, at));
+        (self.acts, self.grads) = (acts, grads);
+        self.forward = self.record(ctx, false)?;
+        if train {
+            self.train = Some(self.record(ctx, true)?);
+        }
+        Ok(())
+    }
+
+    /// Whether the attached (unmerged) adapter reads `input` in its backward pass.
+    fn adapter_reads(&self, input: Input) -> bool {
+        let Some(a) = self.adapter.as_deref().filter(|a| !self.merged && a.needs_input()) else { return false };
+        a.sites().iter().any(|s| s.proj.input() == input)
     }
 
     /// Makes the model trainable: records forward + loss + backward as one step. A model
     /// planned for the forward pass alone (whose layers share activation memory) is planned
     /// again for training first.
     pub fn enable_backward(&mut self, ctx: &Context) -> Result<()> {
-        if let Some(a) = self.adapter.as_deref() {
-            self.check_kept_inputs(a)?;
-        }
         if self.train.is_some() {
             return Ok(());
         }
-        if self.grads.is_none() {
-            self.opts.backward = true;
-            let (acts, grads) = plan::plan(ctx, &self.config, self.acts.batch, self.acts.seq, &self.opts)?;
-            (self.acts, self.grads) = (acts, grads);
-            self.forward = self.record(ctx, false)?;
-        }
-        self.train = Some(self.record(ctx, true)?);
-        Ok(())
+        self.opts.backward = true;
+        self.replan(ctx, true)
     }
 
     /// The layer recorder for this model, with the adapter's hooks unless it is merged.
@@ -162,20 +191,25 @@ impl GpuModel {
     /// over every predicted position of a full batch back to the input of every layer, in exact
     /// reverse order.
     fn record(&self, ctx: &Context, backward: bool) -> Result<Step> {
+        self.record_into(ctx, Step::new(), backward)
+    }
+
+    /// [`GpuModel::record`] into `s` (a trace, for planning).
+    fn record_into(&self, ctx: &Context, mut s: Step, backward: bool) -> Result<Step> {
         let r = self.recorder(ctx, backward);
         let (p, a) = (&self.params, &self.acts);
-        let mut s = Step::new();
         r.embed_forward(&mut s, p, &a.ids, &a.x[0], a.emb.as_ref(), r.positions(a)?)?;
         let keys = Keys::Batch { batch: a.batch, seq: a.seq };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             r.layer_forward(&mut s, l, lp, &a.x[l], la, keys, &a.x[l + 1])?;
         }
+        s.mark("head");
         r.final_norm(&mut s, p, &a.x[self.config.num_layers], a)?;
         let grads = if backward { self.grads.as_ref() } else { None };
         r.head_forward(&mut s, p, a, grads)?;
         if let Some(g) = grads {
             r.final_norm_backward(&mut s, p, a, g)?;
-            let recompute_h2 = !self.opts.keep_inputs.contains(&Input::H2);
+            let recompute_h2 = !self.adapter_reads(Input::H2);
             for l in (0..self.config.num_layers).rev() {
                 let (lp, la) = (&p.layers[l], &a.layers[l]);
                 r.layer_backward(&mut s, l, lp, &a.x[l], la, g, &g.dx[l + 1], &g.dx[l], recompute_h2)?;
@@ -184,35 +218,15 @@ impl GpuModel {
         Ok(s)
     }
 
-    /// Attaches an adapter to the projections its sites name and re-records the steps. Fails when
-    /// the adapter's backward reads projection inputs this plan does not keep per layer.
+    /// Attaches an adapter to the projections its sites name and plans and records the steps
+    /// again (its backward may keep projection inputs alive).
     pub fn attach(&mut self, ctx: &Context, adapter: Box<dyn Adapter>) -> Result<()> {
-        if self.grads.is_some() {
-            self.check_kept_inputs(adapter.as_ref())?;
-        }
         if let Some(site) = adapter.sites().iter().find(|s| s.layer >= self.config.num_layers) {
             return Err(GpuModelError::Unsupported(format!("{} is not a layer of this model", site.module)));
         }
         self.adapter = Some(adapter);
         self.merged = false;
         self.rerecord(ctx)
-    }
-
-    /// Training needs every projection input the adapter's backward reads kept per layer.
-    fn check_kept_inputs(&self, adapter: &dyn Adapter) -> Result<()> {
-        if !adapter.needs_input() {
-            return Ok(());
-        }
-        match adapter.sites().iter().find(|s| !self.opts.keep_inputs.contains(&s.proj.input())) {
-            None => Ok(()),
-            Some(site) => Err(GpuModelError::Unsupported(format!(
-                "the {} adapter on {} reads its input in backward, but the model was planned without \
-                 keeping {:?}; plan it with PlanOptions::keep_inputs",
-                adapter.config().method,
-                site.module,
-                site.proj.input()
-            ))),
-        }
     }
 
     /// Detaches the adapter (unmerged first if merged) and re-records the steps.
@@ -226,11 +240,8 @@ impl GpuModel {
     }
 
     fn rerecord(&mut self, ctx: &Context) -> Result<()> {
-        self.forward = self.record(ctx, false)?;
-        if self.train.is_some() {
-            self.train = Some(self.record(ctx, true)?);
-        }
-        Ok(())
+        let train = self.train.is_some();
+        self.replan(ctx, train)
     }
 
     pub fn adapter(&self) -> Option<&dyn Adapter> {
@@ -301,6 +312,11 @@ impl GpuModel {
         a.merge(ctx, &mut s, &self.site_weights()?, sign)?;
         ctx.run(&s)?;
         Ok(())
+    }
+
+    /// The recorded forward pass and loss (evaluation).
+    pub fn forward_step(&self) -> &Step {
+        &self.forward
     }
 
     /// The recorded forward + loss + backward step (after [`GpuModel::enable_backward`]).

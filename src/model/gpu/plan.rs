@@ -1,10 +1,11 @@
-//! The memory of a step, planned up front from the config and (batch, seq): every activation and,
-//! for training, every activation gradient, laid out by lifetime through [`crate::gpu::plan`], so
-//! a tensor holds its value only between the phases that write and read it.
+//! The memory of a step, laid out from the config and (batch, seq): every activation and, for
+//! training, every activation gradient, as requests to [`crate::gpu::plan`]. When each is live
+//! is not written here: the model records its steps over stand-ins ([`Layout::stand_ins`]), and
+//! the planner reads each tensor's span of dispatches from those traces, so a tensor holds its
+//! value only from the dispatch that first binds it to the last.
 
 use super::{GpuModelError, PlanOptions, Result};
-use crate::adapter::Input;
-use crate::gpu::plan::{Lifetime, Planner};
+use crate::gpu::plan::{Planned, Planner};
 use crate::gpu::{Context, DType, Tensor};
 use crate::model::arch::NormKind;
 use crate::model::config::ModelConfig;
@@ -18,6 +19,7 @@ const ATTENTION_SCORES_BYTES: u64 = 32 << 20;
 /// One layer's activations for a batch of N = B·T tokens. Optional fields exist where the block
 /// has that part. (Generic only so that the planner can build the same structure of request ids
 /// first; everywhere else `T` is [`Tensor`].)
+#[derive(Clone)]
 pub struct LayerActivations<T = Tensor> {
     pub h1: T,                  // (N, C)    norm1(x)
     pub mean1: Option<T>,       // (N,)      LayerNorm mean
@@ -52,6 +54,7 @@ pub struct LayerActivations<T = Tensor> {
 
 /// What the backward pass recomputes instead of keeping (activation checkpointing of the MLP):
 /// the second norm's output (unless an adapter keeps it) and the up-projections from it.
+#[derive(Clone)]
 pub struct Recomputed<T = Tensor> {
     pub h2: T,           // (N, C)  norm2(x_mid) again; the kept `h2` when an adapter keeps it
     pub gate: Option<T>, // (N, F)
@@ -225,6 +228,7 @@ pub struct Activations {
 /// frozen). Scratch tensors serve every layer, since the backward pass visits the layers one at a
 /// time; `dx[l]` carries the gradient from layer l to layer l − 1 (the planner lets the `dx` of
 /// layers two apart share memory unless [`PlanOptions::keep_layer_grads`] keeps them all).
+#[derive(Clone)]
 pub struct Gradients<T = Tensor> {
     pub dx: Vec<T>,        // L+1 × (N, C): d loss / d residual stream entering layer l (dx[L]: the final norm)
     pub dhf: T,            // (N, C)
@@ -298,91 +302,80 @@ fn chunk_rows(ctx: &Context, c: &ModelConfig, n: usize, asked: Option<usize>) ->
     })
 }
 
-/// Plans every activation (and, for training, every gradient) of a step of `batch` rows of
-/// `seq` tokens through the lifetime planner ([`crate::gpu::plan`]).
-///
-/// Phases, in step order: layer l's forward is phase l (the embedding belongs to phase 0);
-/// the head (final norm, LM head, loss and, in training, their backward) is phase L; layer
-/// l's backward is phase 2L − l. What a layer's backward reads lives from its forward phase
-/// to its backward phase; the rest lives one phase, so that the layers' q-before-rotary (say)
-/// share one buffer, the residual-stream gradients alternate between two, and the backward
-/// scratch reuses the logits' memory.
-pub(super) fn plan(
+/// Tensors of one (batch, seq) that outlive every plan of a model: the inputs written before
+/// each run and the loss read after it.
+pub struct Fixed {
+    ids: Tensor,
+    targets: Tensor,
+    pos_ids: Option<Tensor>,
+    loss_rows: Tensor,
+    lse_rows: Tensor,
+    loss_sum: Tensor,
+    loss_scale: Tensor,
+}
+
+impl Fixed {
+    pub(super) fn new(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize) -> Result<Fixed> {
+        let _kind = ctx.alloc_kind("activations");
+        let n = batch * seq;
+        let pos_ids = match c.block.rope {
+            true => None,
+            false => Some(ctx.upload_u32("pos_ids", &[n], &(0..n).map(|i| (i % seq) as u32).collect::<Vec<_>>())?),
+        };
+        Ok(Fixed {
+            ids: ctx.tensor("ids", &[n], DType::U32)?,
+            targets: ctx.tensor("targets", &[n], DType::U32)?,
+            pos_ids,
+            loss_rows: ctx.tensor("loss_rows", &[n], DType::F32)?,
+            lse_rows: ctx.tensor("lse_rows", &[n], DType::F32)?,
+            loss_sum: ctx.tensor("loss_sum", &[1], DType::F32)?,
+            loss_scale: ctx.tensor("loss_scale", &[1], DType::F32)?,
+        })
+    }
+}
+
+/// What a step's memory holds, before the traces say when: the planner's requests and where
+/// each goes in [`Activations`] and [`Gradients`].
+pub(super) struct Layout {
+    planner: Planner,
+    batch: usize,
+    seq: usize,
+    chunk_rows: usize,
+    x: Vec<usize>,
+    emb: Option<usize>,
+    pos: Option<usize>,
+    layers: Vec<LayerActivations<usize>>,
+    hf: usize,
+    meanf: Option<usize>,
+    rstdf: usize,
+    pub(super) logits: usize,
+    attn: Option<([usize; 5], Option<usize>)>,
+    pub(super) grads: Option<Gradients<usize>>,
+}
+
+/// Lays out every activation (and, with `opts.backward`, every gradient) of a step of `batch`
+/// rows of `seq` tokens as requests to the planner ([`crate::gpu::plan`]); their lifetimes come
+/// later, from traces of the steps. `keep_h2` says that the adapter's backward reads the MLP's
+/// input, so a recomputing backward reuses the kept one.
+pub(super) fn layout(
     ctx: &Context,
     c: &ModelConfig,
     batch: usize,
     seq: usize,
     opts: &PlanOptions,
-) -> Result<(Activations, Option<Gradients>)> {
-    let _kind = ctx.alloc_kind("activations");
+    keep_h2: bool,
+) -> Result<Layout> {
     let n = batch * seq;
-    let nl = c.num_layers;
-    let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let h = c.hidden_size;
     let b = c.block;
-    let (layer_norm, rope, gated, qkn, post) =
-        (b.norm == NormKind::Layer, b.rope, b.act.gated(), b.qk_norm, b.post_norms);
-    let (heads, kv_heads) = (c.num_heads, c.num_kv_heads);
-    let train = opts.backward;
-    let (head, end) = (nl, if train { 2 * nl } else { nl });
-    // The phase in which layer l's backward reads what its forward kept (the head reads the
-    // last residual stream; without a backward pass, a layer reads only its own).
-    let back = |l: usize| if train { 2 * nl - l } else { l };
-    let keep = |i: Input| train && opts.keep_inputs.contains(&i);
-    let recompute = train && opts.recompute_mlp;
     let mut p = Planner::new();
-    let mut add = |label: &str, shape: &[usize], first: usize, last: usize| {
-        p.add(label, shape, DType::F32, Lifetime::new(first, last))
-    };
-    let x: Vec<usize> = (0..=nl).map(|l| add("x", &[n, h], l.saturating_sub(1), back(l))).collect();
-    let learned = (!rope).then(|| add("pos", &[n, h], 0, 0));
+    let mut r = Req(&mut p);
+    let x: Vec<usize> = (0..=c.num_layers).map(|_| r.one("x", &[n, h])).collect();
+    let pos = (!b.rope).then(|| r.one("pos", &[n, h]));
     // Token embeddings before positions are added or the embedding scale is applied.
-    let emb = (!rope || b.embed_scale).then(|| add("emb", &[n, h], 0, 0));
-    let mut layers = Vec::with_capacity(nl);
-    for l in 0..nl {
-        let kept = back(l);
-        let input = |i: Input| if keep(i) { kept } else { l };
-        // Without rotary, attention's backward reads q and k themselves; with q/k norms, their
-        // backward does.
-        let qk = if rope && !qkn { l } else { kept };
-        // With post-norms, their backward reads the projections' outputs.
-        let proj_out = if post { kept } else { l };
-        let mlp = if recompute { l } else { kept };
-        let h2 = add("h2", &[n, h], l, input(Input::H2));
-        layers.push(LayerActivations {
-            h1: add("h1", &[n, h], l, input(Input::H1)),
-            mean1: layer_norm.then(|| add("mean1", &[n], l, kept)),
-            rstd1: add("rstd1", &[n], l, kept),
-            q: add("q", &[n, q], l, qk),
-            k: add("k", &[n, kv], l, qk),
-            v: add("v", &[n, kv], l, kept),
-            q_normed: qkn.then(|| add("q_normed", &[n, q], l, l)),
-            k_normed: qkn.then(|| add("k_normed", &[n, kv], l, l)),
-            rstd_q: qkn.then(|| add("rstd_q", &[n * heads], l, kept)),
-            rstd_k: qkn.then(|| add("rstd_k", &[n * kv_heads], l, kept)),
-            q_rot: rope.then(|| add("q_rot", &[n, q], l, kept)),
-            k_rot: rope.then(|| add("k_rot", &[n, kv], l, kept)),
-            att: add("att", &[n, q], l, kept),
-            lse: add("lse", &[batch, c.num_heads, seq], l, kept),
-            o: add("o", &[n, h], l, proj_out),
-            o_normed: post.then(|| add("o_normed", &[n, h], l, l)),
-            rstd_o: post.then(|| add("rstd_o", &[n], l, kept)),
-            x_mid: add("x_mid", &[n, h], l, kept),
-            h2,
-            mean2: layer_norm.then(|| add("mean2", &[n], l, kept)),
-            rstd2: add("rstd2", &[n], l, kept),
-            gate: gated.then(|| add("gate", &[n, f], l, mlp)),
-            up: add("up", &[n, f], l, mlp),
-            act: add("act", &[n, f], l, input(Input::Act)),
-            down: add("down", &[n, h], l, proj_out),
-            down_normed: post.then(|| add("down_normed", &[n, h], l, l)),
-            rstd_down: post.then(|| add("rstd_down", &[n], l, kept)),
-            recomputed: recompute.then(|| Recomputed {
-                h2: if keep(Input::H2) { h2 } else { add("h2 (recomputed)", &[n, h], kept, kept) },
-                gate: gated.then(|| add("gate (recomputed)", &[n, f], kept, kept)),
-                up: add("up (recomputed)", &[n, f], kept, kept),
-            }),
-        });
-    }
+    let emb = (!b.rope || b.embed_scale).then(|| r.one("emb", &[n, h]));
+    let recompute = opts.backward && opts.recompute_mlp;
+    let layers = (0..c.num_layers).map(|_| layer_requests(&mut r, c, n, batch, seq, recompute, keep_h2)).collect();
     let chunk_rows = chunk_rows(ctx, c, n, opts.logit_chunk_rows)?;
     // Attention as batched matrix products where its score matrices fit 32 MiB (the fused
     // kernels otherwise; PORTALORA_ATTENTION=fused forces them, for comparisons).
@@ -390,119 +383,168 @@ pub(super) fn plan(
     let fused = std::env::var("PORTALORA_ATTENTION").is_ok_and(|v| v == "fused");
     let attn = (!fused && shape.fits_matmul_path(ctx, ATTENTION_SCORES_BYTES)).then(|| {
         let (hm, ss) = (shape.head_major_shape(), shape.scores_shape());
-        (
-            [
-                add("attention q (head-major)", &hm, 0, end),
-                add("attention k (head-major)", &hm, 0, end),
-                add("attention v (head-major)", &hm, 0, end),
-                add("attention out (head-major)", &hm, 0, end),
-                add("attention scores", &ss, 0, end),
-            ],
-            train.then(|| add("attention dscores", &ss, head + 1, end)),
-        )
+        let names = ["attention q (head-major)", "attention k (head-major)", "attention v (head-major)"];
+        let [q, k, v] = names.map(|l| r.one(l, &hm));
+        let o = r.one("attention out (head-major)", &hm);
+        ([q, k, v, o, r.one("attention scores", &ss)], opts.backward.then(|| r.one("attention dscores", &ss)))
     });
-    let hf = add("hf", &[n, h], head, head);
-    let rstdf = add("rstdf", &[n], head, head);
-    let meanf = layer_norm.then(|| add("meanf", &[n], head, head));
-    let logits = add("logits", &[chunk_rows, c.vocab_size], head, head);
-    let grads = train.then(|| {
-        // dx[l] is written by layer l's backward (dx[L] by the head) and read by layer l − 1's.
-        let dx_last = |l: usize| if opts.keep_layer_grads || l == 0 { end } else { back(l) + 1 };
-        let dx = (0..=nl).map(|l| add("dx", &[n, h], back(l), dx_last(l))).collect();
-        let dhf = add("dhf", &[n, h], head, head);
-        // Scratch for every layer's backward pass.
-        let mut scratch = |label: &str, shape: &[usize]| add(label, shape, head + 1, end);
-        Gradients {
-            dx,
-            dhf,
-            d_xmid: scratch("d_xmid", &[n, h]),
-            d_h: scratch("d_h", &[n, h]),
-            d_act: scratch("d_act", &[n, f]),
-            d_gate: gated.then(|| scratch("d_gate", &[n, f])),
-            d_up: scratch("d_up", &[n, f]),
-            d_att: scratch("d_att", &[n, q]),
-            d_o: post.then(|| scratch("d_o", &[n, h])),
-            d_down: post.then(|| scratch("d_down", &[n, h])),
-            d_qn: qkn.then(|| scratch("d_qn", &[n, q])),
-            d_kn: qkn.then(|| scratch("d_kn", &[n, kv])),
-            d_qrot: rope.then(|| scratch("d_qrot", &[n, q])),
-            d_q: scratch("d_q", &[n, q]),
-            d_krot: rope.then(|| scratch("d_krot", &[n, kv])),
-            d_k: scratch("d_k", &[n, kv]),
-            d_v: scratch("d_v", &[n, kv]),
-            dsum: scratch("dsum", &[batch, c.num_heads, seq]),
-        }
-    });
-    let planned = p.allocate(ctx)?;
-    let g = |id: usize| planned.get(id);
-    let layers: Vec<LayerActivations> = layers.into_iter().map(|la| la.map(g)).collect();
-    let kept_bytes =
-        if train { kept_bytes(&layers, opts, rope && !qkn, recompute) + ((nl + 1) * n * h * 4) as u64 } else { 0 };
-    let pos_ids = if rope {
-        None
-    } else {
-        let ids: Vec<u32> = (0..n).map(|i| (i % seq) as u32).collect();
-        Some(ctx.upload_u32("pos_ids", &[n], &ids)?)
-    };
-    let acts = Activations {
-        batch,
-        seq,
-        ids: ctx.tensor("ids", &[n], DType::U32)?,
-        targets: ctx.tensor("targets", &[n], DType::U32)?,
-        pos_ids,
-        emb: emb.map(g),
-        pos: learned.map(g),
-        meanf: meanf.map(g),
-        x: x.into_iter().map(g).collect(),
-        layers,
-        hf: g(hf),
-        rstdf: g(rstdf),
-        logits: g(logits),
-        chunk_rows,
-        loss_rows: ctx.tensor("loss_rows", &[n], DType::F32)?,
-        lse_rows: ctx.tensor("lse_rows", &[n], DType::F32)?,
-        loss_sum: ctx.tensor("loss_sum", &[1], DType::F32)?,
-        loss_scale: ctx.tensor("loss_scale", &[1], DType::F32)?,
-        attn: attn.map(|([q, k, v, o, scores], dscores)| AttentionScratch {
-            q: g(q),
-            k: g(k),
-            v: g(v),
-            o: g(o),
-            scores: g(scores),
-            dscores: dscores.map(g),
-        }),
-        kept_bytes,
-        planned_bytes: planned.bytes,
-        unshared_bytes: planned.unshared_bytes,
-    };
-    Ok((acts, grads.map(|gr| gr.map(g))))
+    let hf = r.one("hf", &[n, h]);
+    let rstdf = r.one("rstdf", &[n]);
+    let meanf = (b.norm == NormKind::Layer).then(|| r.one("meanf", &[n]));
+    let logits = r.one("logits", &[chunk_rows, c.vocab_size]);
+    let grads = opts.backward.then(|| gradient_requests(&mut r, c, batch, seq));
+    Ok(Layout { planner: p, batch, seq, chunk_rows, x, emb, pos, layers, hf, meanf, rstdf, logits, attn, grads })
 }
 
-/// What the backward pass reads of each layer's activations (the residual streams aside).
-/// `qk_transient` says whether q and k (before norms and rotary) live one phase only.
-fn kept_bytes(layers: &[LayerActivations], opts: &PlanOptions, qk_transient: bool, recompute: bool) -> u64 {
-    let keep = |i: Input| opts.keep_inputs.contains(&i);
-    let mut bytes = 0u64;
-    for la in layers {
-        let mut ts: Vec<&Tensor> = vec![&la.rstd1, &la.v, &la.att, &la.lse, &la.x_mid, &la.rstd2];
-        ts.extend([&la.mean1, &la.q_rot, &la.k_rot, &la.mean2, &la.rstd_q, &la.rstd_k].into_iter().flatten());
-        ts.extend([&la.rstd_o, &la.rstd_down].into_iter().flatten());
-        if la.o_normed.is_some() {
-            ts.extend([&la.o, &la.down]);
-        }
-        if !recompute {
-            ts.push(&la.up);
-            ts.extend(&la.gate);
-        }
-        if !qk_transient {
-            ts.extend([&la.q, &la.k]);
-        }
-        for (input, tensor) in [(Input::H1, &la.h1), (Input::H2, &la.h2), (Input::Act, &la.act)] {
-            if keep(input) {
-                ts.push(tensor);
-            }
-        }
-        bytes += ts.iter().map(|t| t.byte_len()).sum::<u64>();
+/// One layer's activation requests.
+fn layer_requests(
+    r: &mut Req,
+    c: &ModelConfig,
+    n: usize,
+    batch: usize,
+    seq: usize,
+    recompute: bool,
+    keep_h2: bool,
+) -> LayerActivations<usize> {
+    let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let b = c.block;
+    let (layer_norm, rope, gated, qkn, post) =
+        (b.norm == NormKind::Layer, b.rope, b.act.gated(), b.qk_norm, b.post_norms);
+    let h2 = r.one("h2", &[n, h]);
+    LayerActivations {
+        h1: r.one("h1", &[n, h]),
+        mean1: r.opt(layer_norm, "mean1", &[n]),
+        rstd1: r.one("rstd1", &[n]),
+        q: r.one("q", &[n, q]),
+        k: r.one("k", &[n, kv]),
+        v: r.one("v", &[n, kv]),
+        q_normed: r.opt(qkn, "q_normed", &[n, q]),
+        k_normed: r.opt(qkn, "k_normed", &[n, kv]),
+        rstd_q: r.opt(qkn, "rstd_q", &[n * c.num_heads]),
+        rstd_k: r.opt(qkn, "rstd_k", &[n * c.num_kv_heads]),
+        q_rot: r.opt(rope, "q_rot", &[n, q]),
+        k_rot: r.opt(rope, "k_rot", &[n, kv]),
+        att: r.one("att", &[n, q]),
+        lse: r.one("lse", &[batch, c.num_heads, seq]),
+        o: r.one("o", &[n, h]),
+        o_normed: r.opt(post, "o_normed", &[n, h]),
+        rstd_o: r.opt(post, "rstd_o", &[n]),
+        x_mid: r.one("x_mid", &[n, h]),
+        h2,
+        mean2: r.opt(layer_norm, "mean2", &[n]),
+        rstd2: r.one("rstd2", &[n]),
+        gate: r.opt(gated, "gate", &[n, f]),
+        up: r.one("up", &[n, f]),
+        act: r.one("act", &[n, f]),
+        down: r.one("down", &[n, h]),
+        down_normed: r.opt(post, "down_normed", &[n, h]),
+        rstd_down: r.opt(post, "rstd_down", &[n]),
+        recomputed: recompute.then(|| Recomputed {
+            h2: if keep_h2 { h2 } else { r.one("h2 (recomputed)", &[n, h]) },
+            gate: gated.then(|| r.one("gate (recomputed)", &[n, f])),
+            up: r.one("up (recomputed)", &[n, f]),
+        }),
     }
-    bytes
+}
+
+/// The backward pass's requests: the residual-stream gradients and one scratch per role.
+fn gradient_requests(r: &mut Req, c: &ModelConfig, batch: usize, seq: usize) -> Gradients<usize> {
+    let n = batch * seq;
+    let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let b = c.block;
+    let (rope, gated, qkn, post) = (b.rope, b.act.gated(), b.qk_norm, b.post_norms);
+    Gradients {
+        dx: (0..=c.num_layers).map(|_| r.one("dx", &[n, h])).collect(),
+        dhf: r.one("dhf", &[n, h]),
+        d_xmid: r.one("d_xmid", &[n, h]),
+        d_h: r.one("d_h", &[n, h]),
+        d_act: r.one("d_act", &[n, f]),
+        d_gate: r.opt(gated, "d_gate", &[n, f]),
+        d_up: r.one("d_up", &[n, f]),
+        d_att: r.one("d_att", &[n, q]),
+        d_o: r.opt(post, "d_o", &[n, h]),
+        d_down: r.opt(post, "d_down", &[n, h]),
+        d_qn: r.opt(qkn, "d_qn", &[n, q]),
+        d_kn: r.opt(qkn, "d_kn", &[n, kv]),
+        d_qrot: r.opt(rope, "d_qrot", &[n, q]),
+        d_q: r.one("d_q", &[n, q]),
+        d_krot: r.opt(rope, "d_krot", &[n, kv]),
+        d_k: r.one("d_k", &[n, kv]),
+        d_v: r.one("d_v", &[n, kv]),
+        dsum: r.one("dsum", &[batch, c.num_heads, seq]),
+    }
+}
+
+/// Requests to a planner, all f32.
+struct Req<'a>(&'a mut Planner);
+
+impl Req<'_> {
+    fn one(&mut self, label: &str, shape: &[usize]) -> usize {
+        self.0.add(label, shape, DType::F32)
+    }
+    fn opt(&mut self, on: bool, label: &str, shape: &[usize]) -> Option<usize> {
+        on.then(|| self.one(label, shape))
+    }
+}
+
+impl Layout {
+    /// The activations and gradients over `tensor(request)`.
+    fn build(&self, fixed: &Fixed, tensor: &dyn Fn(usize) -> Tensor) -> (Activations, Option<Gradients>) {
+        let g = |id: &usize| tensor(*id);
+        let by_id = |id: usize| tensor(id);
+        let acts = Activations {
+            batch: self.batch,
+            seq: self.seq,
+            ids: fixed.ids.clone(),
+            targets: fixed.targets.clone(),
+            pos_ids: fixed.pos_ids.clone(),
+            emb: self.emb.as_ref().map(g),
+            pos: self.pos.as_ref().map(g),
+            x: self.x.iter().map(g).collect(),
+            layers: self.layers.iter().map(|la| la.clone().map(by_id)).collect(),
+            hf: g(&self.hf),
+            meanf: self.meanf.as_ref().map(g),
+            rstdf: g(&self.rstdf),
+            logits: g(&self.logits),
+            chunk_rows: self.chunk_rows,
+            loss_rows: fixed.loss_rows.clone(),
+            lse_rows: fixed.lse_rows.clone(),
+            loss_sum: fixed.loss_sum.clone(),
+            loss_scale: fixed.loss_scale.clone(),
+            attn: self.attn.as_ref().map(|([q, k, v, o, scores], dscores)| AttentionScratch {
+                q: g(q),
+                k: g(k),
+                v: g(v),
+                o: g(o),
+                scores: g(scores),
+                dscores: dscores.as_ref().map(g),
+            }),
+            kept_bytes: 0,
+            planned_bytes: 0,
+            unshared_bytes: 0,
+        };
+        (acts, self.grads.clone().map(|gr| gr.map(by_id)))
+    }
+
+    /// The activations and gradients as stand-ins without memory, for recording traces.
+    pub(super) fn stand_ins(&mut self, ctx: &Context, fixed: &Fixed) -> Result<(Activations, Option<Gradients>)> {
+        let t = self.planner.stand_ins(ctx)?;
+        Ok(self.build(fixed, &|id| t[id].clone()))
+    }
+
+    /// Allocates for the lifetimes the traces show (see [`Planner::allocate`]).
+    pub(super) fn allocate(
+        self,
+        ctx: &Context,
+        fixed: &Fixed,
+        traces: &[&crate::gpu::Step],
+        outputs: &[(usize, usize)],
+    ) -> Result<(Activations, Option<Gradients>, Planned)> {
+        let _kind = ctx.alloc_kind("activations");
+        let layout = Layout { planner: Planner::new(), ..self };
+        let planned = self.planner.allocate(ctx, traces, outputs)?;
+        let (mut acts, grads) = layout.build(fixed, &|id| planned.get(id));
+        (acts.planned_bytes, acts.unshared_bytes) = (planned.bytes, planned.unshared_bytes);
+        Ok((acts, grads, planned))
+    }
 }

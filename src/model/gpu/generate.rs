@@ -3,13 +3,13 @@
 //! attending to the cached keys and values. Sampling (greedy, temperature, top-k, top-p) happens
 //! on the CPU over one row of logits.
 
-use super::arch::NormKind;
-use super::config::ModelConfig;
-use super::gpu::block::{Hooks, Keys, Recorder};
-use super::gpu::head::Positions;
-use super::gpu::{GpuModelError, LayerActivations, ParameterTensors};
+use super::block::{Hooks, Keys, Recorder};
+use super::head::Positions;
+use super::{GpuModelError, LayerActivations, ParameterTensors};
 use crate::adapter::Adapter;
 use crate::gpu::{Context, DType, Readback, Step, Tensor};
+use crate::model::arch::NormKind;
+use crate::model::config::ModelConfig;
 use crate::ops::elementwise::softcap_forward;
 use crate::reference::Rng;
 
