@@ -190,6 +190,11 @@ pub fn load(path: &Path, tok: &Tokenizer, seq: usize, val_fraction: f64, seed: u
     for file in &files {
         for doc in documents(file)? {
             summary.documents += 1;
+            // A model that expects BOS before a text gets it before every document (never a target).
+            if let Some(bos) = tok.bos_id.filter(|_| tok.add_bos) {
+                ids.push(bos);
+                predict.push(false);
+            }
             for (text, target) in doc {
                 let t = tok
                     .encode(&text)

@@ -231,7 +231,7 @@ impl Engine {
         g.trainer = None; // free the previous run's buffers first
         let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
         let tok = g.tok.as_ref().ok_or_else(|| err("this model has no tokenizer; load one with the model"))?;
-        let ids = tok.encode(&c.text).map_err(err)?;
+        let ids = tok.encode_text(&c.text).map_err(err)?;
         let predict = vec![true; ids.len()];
         let (rows, summary) = data::pack(
             ids,
@@ -334,7 +334,7 @@ impl Engine {
             let g = &mut *g;
             let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
             let tok = g.tok.as_ref().ok_or_else(|| err("this model has no tokenizer"))?;
-            let ids = tok.encode(&prompt).map_err(err)?;
+            let ids = tok.encode_text(&prompt).map_err(err)?;
             if ids.is_empty() {
                 return Err(err("the prompt is empty").into());
             }

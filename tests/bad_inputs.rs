@@ -253,7 +253,7 @@ fn cases() -> Vec<Case> {
             ],
             &["\"up\"", "49152000000 bytes", "smaller batch"],
         ),
-        c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "q3_k"]), &["q3_k", "q4_1"]),
+        c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "iq4_xs"]), &["iq4_xs", "q4_k"]),
         c("missing model", t("DIR/nothing-here", &[]), &["nothing-here"]),
     ]
     .into_iter()

@@ -98,9 +98,9 @@ fn corrupt_files_get_clear_errors() {
     let name_pos = good.windows(first.name.len()).position(|w| w == first.name.as_bytes()).unwrap();
     let ty_pos = name_pos + first.name.len() + 4 + 8 * first.shape.len();
     let mut v = good.clone();
-    v[ty_pos..ty_pos + 4].copy_from_slice(&12u32.to_le_bytes());
-    let e = Gguf::open(write_temp("type.gguf", &v)).unwrap_err();
-    assert!(e.to_string().contains("Q4_K") && e.to_string().contains(&first.name), "{e}");
+    v[ty_pos..ty_pos + 4].copy_from_slice(&20u32.to_le_bytes());
+    let e = Gguf::open(write_temp("type.gguf", &v)).unwrap_err().to_string();
+    assert!(e.contains("an IQ type") && e.contains(&first.name) && e.contains("Q4_K_M"), "{e}");
 
     let e = g.tensor_f32("no.such.tensor").unwrap_err();
     assert!(e.to_string().contains("no.such.tensor"), "{e}");

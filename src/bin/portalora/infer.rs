@@ -89,7 +89,7 @@ pub(crate) fn generate(
     }
     let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
     let weights = crate::load_model(model)?;
-    let ids = tok.encode(prompt)?;
+    let ids = tok.encode_text(prompt)?;
     if ids.is_empty() {
         return Err("the prompt is empty".into());
     }

@@ -172,8 +172,9 @@ pub(crate) struct BenchStepArgs {
     /// Projections to adapt; default: every projection of the model.
     #[arg(long, value_delimiter = ',')]
     pub(crate) targets: Vec<String>,
-    /// How the frozen base is stored on the GPU: f32, f16, q8_0, q4_0, q4_1, or auto (as in
-    /// the file: a GGUF's quantized tensors stay quantized).
+    /// How the frozen base is stored on the GPU: f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k,
+    /// q3_k, q4_k, q5_k, q6_k, or auto (as in the file: a GGUF's quantized tensors stay
+    /// quantized).
     #[arg(long, default_value = "auto")]
     pub(crate) base_dtype: String,
     /// Recompute the MLP's gate/up projections in backward instead of keeping them.

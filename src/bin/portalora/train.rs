@@ -115,8 +115,9 @@ pub(crate) struct TrainArgs {
     /// Micro-batches whose gradients are summed into each optimizer step.
     #[arg(long, default_value = "1", value_parser = parse_count)]
     grad_accum: usize,
-    /// How the frozen base is stored on the GPU: auto (a GGUF's Q8_0/Q4_0/Q4_1/f16 tensors
-    /// stay as they are, dequantized inside the matmul), f32, f16, q8_0, q4_0 or q4_1.
+    /// How the frozen base is stored on the GPU: auto (a GGUF's quantized and f16 tensors stay
+    /// as they are, dequantized inside the matmul), f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1,
+    /// q2_k, q3_k, q4_k, q5_k or q6_k.
     #[arg(long, default_value = "auto")]
     base_dtype: String,
     /// Read the loss back every N steps (the only CPU–GPU sync of training); log lines for

@@ -148,8 +148,8 @@ pub struct ParameterTensors {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BaseDType {
-    /// As the file stores them: a GGUF's Q8_0 / Q4_0 / Q4_1 / f16 tensors stay packed (LLaMA
-    /// family, on adapters with subgroup operations); everything else f32.
+    /// As the file stores them: a GGUF's quantized and f16 tensors stay packed (on adapters with
+    /// subgroup operations); everything else f32.
     #[default]
     Auto,
     F32,
@@ -157,11 +157,36 @@ pub enum BaseDType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    #[serde(rename = "q2_k")]
+    Q2K,
+    #[serde(rename = "q3_k")]
+    Q3K,
+    #[serde(rename = "q4_k")]
+    Q4K,
+    #[serde(rename = "q5_k")]
+    Q5K,
+    #[serde(rename = "q6_k")]
+    Q6K,
 }
 
 impl BaseDType {
-    pub const ALL: [BaseDType; 6] =
-        [BaseDType::Auto, BaseDType::F32, BaseDType::F16, BaseDType::Q8_0, BaseDType::Q4_0, BaseDType::Q4_1];
+    pub const ALL: [BaseDType; 13] = [
+        BaseDType::Auto,
+        BaseDType::F32,
+        BaseDType::F16,
+        BaseDType::Q8_0,
+        BaseDType::Q4_0,
+        BaseDType::Q4_1,
+        BaseDType::Q5_0,
+        BaseDType::Q5_1,
+        BaseDType::Q2K,
+        BaseDType::Q3K,
+        BaseDType::Q4K,
+        BaseDType::Q5K,
+        BaseDType::Q6K,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             BaseDType::Auto => "auto",
@@ -170,17 +195,31 @@ impl BaseDType {
             BaseDType::Q8_0 => "q8_0",
             BaseDType::Q4_0 => "q4_0",
             BaseDType::Q4_1 => "q4_1",
+            BaseDType::Q5_0 => "q5_0",
+            BaseDType::Q5_1 => "q5_1",
+            BaseDType::Q2K => "q2_k",
+            BaseDType::Q3K => "q3_k",
+            BaseDType::Q4K => "q4_k",
+            BaseDType::Q5K => "q5_k",
+            BaseDType::Q6K => "q6_k",
         }
     }
     fn dtype(self) -> Option<DType> {
-        match self {
-            BaseDType::Auto => None,
-            BaseDType::F32 => Some(DType::F32),
-            BaseDType::F16 => Some(DType::F16),
-            BaseDType::Q8_0 => Some(DType::Q8_0),
-            BaseDType::Q4_0 => Some(DType::Q4_0),
-            BaseDType::Q4_1 => Some(DType::Q4_1),
-        }
+        Some(match self {
+            BaseDType::Auto => return None,
+            BaseDType::F32 => DType::F32,
+            BaseDType::F16 => DType::F16,
+            BaseDType::Q8_0 => DType::Q8_0,
+            BaseDType::Q4_0 => DType::Q4_0,
+            BaseDType::Q4_1 => DType::Q4_1,
+            BaseDType::Q5_0 => DType::Q5_0,
+            BaseDType::Q5_1 => DType::Q5_1,
+            BaseDType::Q2K => DType::Q2_K,
+            BaseDType::Q3K => DType::Q3_K,
+            BaseDType::Q4K => DType::Q4_K,
+            BaseDType::Q5K => DType::Q5_K,
+            BaseDType::Q6K => DType::Q6_K,
+        })
     }
 }
 

@@ -1,0 +1,114 @@
+//! SentencePiece vocabularies from GGUF (`tokenizer.ggml.model = "llama"`: Gemma's, Llama 2's),
+//! built the way transformers builds them from the same file, so that ids equal its ids: a BPE
+//! over the pieces with byte fallback, whose merges are recovered from the vocabulary (a GGUF
+//! stores none) and ranked by the pieces' scores — for Gemma by the pieces' order in the file,
+//! which its scores do not follow — with Gemma's or Llama's normaliser, pre-tokenizer and decoder.
+//! Control and unknown pieces are matched whole as special tokens, user-defined ones as added
+//! tokens.
+
+use std::collections::HashMap;
+
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, DecoderWrapper, SplitDelimiterBehavior};
+
+/// The pieces of a GGUF's SentencePiece vocabulary.
+pub struct Pieces {
+    pub tokens: Vec<String>,
+    pub scores: Vec<f32>,
+    /// llama.cpp's token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    pub types: Vec<u32>,
+    /// Gemma's rules (the architecture is gemma, gemma2 or gemma3) instead of Llama's.
+    pub gemma: bool,
+}
+
+/// transformers' `generate_merges`: every split of every piece into two pieces of the vocabulary,
+/// ordered best piece first (by `score`, higher first; then the longer left part, then the longer
+/// right part), each piece's splits in the order of their parts' ids, and otherwise in the order
+/// the pieces come (a stable sort, as Python's).
+fn generate_merges(tokens: &[String], score: &dyn Fn(usize) -> f32) -> Vec<(String, String)> {
+    // A dict built in file order: a repeated piece keeps its first place and its last id.
+    let mut vocab: HashMap<&str, usize> = HashMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if vocab.insert(t.as_str(), i).is_none() {
+            order.push(t);
+        }
+    }
+    let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
+    for piece in order {
+        let s = score(vocab[piece]);
+        let mut local: Vec<(&str, &str)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| piece.split_at(at))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (vocab[l], vocab[r]));
+        merges.extend(local.into_iter().map(|(l, r)| (s, l.chars().count(), r.chars().count(), l, r)));
+    }
+    // Descending and stable, as `sorted(…, reverse=True)`.
+    merges.sort_by(|a, b| (b.0, b.1, b.2).partial_cmp(&(a.0, a.1, a.2)).unwrap_or(std::cmp::Ordering::Equal));
+    merges.into_iter().map(|(_, _, _, l, r)| (l.to_string(), r.to_string())).collect()
+}
+
+/// The tokenizer transformers builds from these pieces (`GemmaTokenizer` or `LlamaTokenizer`).
+pub fn build(p: &Pieces) -> Result<tokenizers::Tokenizer, String> {
+    // Gemma files spell pieces of two or more spaces with real spaces; its tokenizer looks them
+    // up as "▁▁".
+    let tokens: Vec<String> = match p.gemma {
+        true => {
+            p.tokens
+                .iter()
+                .map(|t| {
+                    if t.contains(' ') && t.trim().is_empty() {
+                        "\u{2581}".repeat(t.chars().count())
+                    } else {
+                        t.clone()
+                    }
+                })
+                .collect()
+        }
+        false => p.tokens.clone(),
+    };
+    let merges = match p.gemma {
+        true => generate_merges(&tokens, &|i| -(i as f32)),
+        false => generate_merges(&tokens, &|i| p.scores.get(i).copied().unwrap_or(0.0)),
+    };
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    if p.gemma {
+        bpe = bpe.unk_token("<unk>".into());
+    }
+    let mut t = tokenizers::Tokenizer::new(bpe.build().map_err(|e| e.to_string())?);
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        Replace::new("\u{2581}", " ").map_err(|e| e.to_string())?.into(),
+        ByteFallback::default().into(),
+        Fuse::default().into(),
+    ];
+    if p.gemma {
+        t.with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(|e| e.to_string())?));
+        let split = Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false);
+        t.with_pre_tokenizer(Some(split.map_err(|e| e.to_string())?));
+    } else {
+        t.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', PrependScheme::First, false)));
+        decoders.push(Strip::new(' ', 1, 0).into());
+    }
+    t.with_decoder(Some(DecoderSequence::new(decoders)));
+    // Unknown and control pieces are special; user-defined ones are matched whole but are text.
+    let of_type = |want: &[u32]| -> Vec<&String> {
+        tokens.iter().zip(&p.types).filter(|(_, ty)| want.contains(ty)).map(|(t, _)| t).collect()
+    };
+    let special: Vec<AddedToken> = of_type(&[2, 3]).into_iter().map(|s| AddedToken::from(s.clone(), true)).collect();
+    t.add_special_tokens(&special);
+    let user: Vec<AddedToken> =
+        of_type(&[4]).into_iter().map(|s| AddedToken::from(s.clone(), false).normalized(false)).collect();
+    t.add_tokens(&user);
+    Ok(t)
+}
