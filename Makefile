@@ -10,15 +10,21 @@ setup:
 	@scripts/setup
 
 CACHE ?= $(or $(PORTALORA_CACHE),$(HOME)/.cache/portalora)
-MODEL = $(CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
+# The demo's model: smollm2 (SmolLM2-135M-Instruct, Q4_1) or gemma3-270m (Gemma-3-270M base,
+# Q4_K_M; Gemma's terms of use apply, see the file beside it in the cache).
+DEMO_MODEL ?= smollm2
+MODEL_smollm2 = $(CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_gemma3-270m = $(CACHE)/models/gemma-3-270m-q4_k_m.gguf
+MODEL = $(MODEL_$(DEMO_MODEL))
 
 # The main job: fine-tune SmolLM2-135M-Instruct with LoRA r = 8 on Hamlet, on the GPU (Mesa's
 # lavapipe on a machine without one: about ten minutes on 2 cores), printing samples and the
 # validation loss before and after, and where the adapter, log and loss curve are. The demo's
 # folder is its own: each run replaces it (--overwrite).
-DEMO_OUT ?= $(CACHE)/demo-run
+DEMO_OUT ?= $(CACHE)/demo-run$(if $(filter-out smollm2,$(DEMO_MODEL)),-$(DEMO_MODEL))
 DEMO_STEPS ?= 70
 demo: setup
+	@[ -n "$(MODEL)" ] || { echo "DEMO_MODEL=$(DEMO_MODEL): use smollm2 or gemma3-270m"; exit 2; }
 	@scripts/fetch-assets "$(CACHE)"
 	$(CARGO) build --release
 	./target/release/portalora info

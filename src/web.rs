@@ -177,9 +177,8 @@ impl Engine {
         let _busy = Busy::take(&self.busy)?;
         let g = crate::io::gguf::Gguf::from_bytes(name, bytes).map_err(err)?;
         let tok = Tokenizer::from_gguf(&g).ok();
-        let mut w = crate::model::weights::weights_from_gguf(&g).map_err(err)?;
-        // The page trains on an f32 base (it samples by merging): the file's packed bytes are not needed.
-        w.raw.clear();
+        // The file's packed bytes stay: the base is kept as stored on the GPU where subgroups exist.
+        let w = crate::model::weights::weights_from_gguf(&g).map_err(err)?;
         drop(g);
         self.set_model(name, w, tok)
     }
@@ -266,8 +265,8 @@ impl Engine {
             lr_ratio: c.lr_ratio,
             schedule: if c.steps > 0 { Schedule::Cosine } else { Schedule::Constant },
             total_steps: c.steps.max(1),
-            // The page samples from the merged model (merge needs an f32 base).
-            base_dtype: crate::model::BaseDType::F32,
+            // As stored (the page samples with the adapter unmerged); Delta-LoRA gets f32.
+            base_dtype: crate::model::BaseDType::Auto,
             recompute_mlp: c.recompute_mlp,
             ..TrainConfig::default()
         };

@@ -84,7 +84,7 @@ fn setup(dir: &Path) {
     past[ty_at + 4..ty_at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes());
     std::fs::write(dir.join("past_end.gguf"), past).unwrap();
     let mut unknown = g.clone();
-    unknown[ty_at..ty_at + 4].copy_from_slice(&14u32.to_le_bytes()); // Q6_K
+    unknown[ty_at..ty_at + 4].copy_from_slice(&20u32.to_le_bytes()); // IQ4_NL
     std::fs::write(dir.join("unknown_type.gguf"), unknown).unwrap();
     let mut absurd = g.clone();
     absurd[at + 4..at + 12].copy_from_slice(&(1u64 << 62).to_le_bytes());
@@ -211,7 +211,11 @@ fn cases() -> Vec<Case> {
         c("truncated GGUF", t("DIR/truncated.gguf", &[]), &["truncated.gguf"]),
         c("GGUF tensor count that lies", t("DIR/lying.gguf", &[]), &["lying.gguf"]),
         c("GGUF tensor past the end", t("DIR/past_end.gguf", &[]), &["past_end.gguf", "f32.weight"]),
-        c("GGUF unknown tensor type", t("DIR/unknown_type.gguf", &[]), &["unknown_type.gguf", "Q6_K"]),
+        c(
+            "GGUF tensor type portalora does not read",
+            t("DIR/unknown_type.gguf", &[]),
+            &["unknown_type.gguf", "an IQ type", "Q4_K_M"],
+        ),
         c("GGUF absurd shape", t("DIR/absurd.gguf", &[]), &["absurd.gguf", "f32.weight"]),
         c(
             "adapter whose tensors do not fit the model",

@@ -104,6 +104,8 @@ fn attention_matches_reference() {
         (1, 129, 2, 2, 16, 0, None),
         (1, 129, 2, 1, 16, 70, Some(0.21)),
         (2, 40, 3, 3, 5, 17, None),
+        // Gemma 3's heads: head_dim 256, one KV head, a window.
+        (1, 21, 4, 1, 256, 9, Some(0.0625)),
     ] {
         let q = rng.vec(batch * seq * heads * d);
         let k = rng.vec(batch * seq * kv_heads * d);
@@ -164,6 +166,7 @@ fn attention_as_matmuls_matches_reference() {
         (1, 33, 9, 3, 64, 0, Some(0.3)),
         (3, 9, 4, 2, 12, 1, None),
         (1, 129, 2, 2, 16, 70, None),
+        (1, 21, 4, 1, 256, 9, Some(0.0625)),
     ] {
         let s = shape(batch, seq, heads, kv_heads, d, window, scale);
         assert!(s.fits_matmul_path(&ctx, 1 << 30), "{s:?}");
@@ -402,6 +405,7 @@ fn attention_backward_matches_finite_differences() {
         (2, 70, 4, 2, 4, 9),
         (1, 65, 3, 1, 12, 64),
         (1, 20, 2, 1, 7, 1),
+        (1, 11, 2, 1, 256, 4),
     ];
     check_attention_backward(false, 43, &shapes);
 }
@@ -416,6 +420,7 @@ fn attention_backward_as_matmuls_matches_finite_differences() {
         (2, 70, 4, 2, 4, 0),
         (2, 70, 4, 2, 4, 9),
         (1, 129, 3, 1, 16, 65),
+        (1, 11, 2, 1, 256, 4),
     ];
     check_attention_backward(true, 47, &shapes);
 }

@@ -105,6 +105,21 @@ assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
 const resumed = await page.evaluate(() => window.demoState.val[0][1]);
 assert.ok(resumed < results["lora-plus"].val_before, `starting from the downloaded adapter: validation loss ${resumed}`);
 console.log(`from the downloaded adapter: validation loss starts at ${resumed.toFixed(4)}`);
+// A GGUF picked from disk: a tiny llama with a SentencePiece vocabulary (as Gemma's GGUFs carry).
+await page.setInputFiles("#model-file", [path.join(root, "tests", "fixtures", "tokenizers", "spm.gguf")]);
+await page.waitForFunction(() => document.body.dataset.model === "spm.gguf" || document.body.dataset.error, null,
+  { timeout: 60000 });
+assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
+assert.equal(await page.inputValue("#targets"), "q_proj,v_proj", "the llama model's own targets");
+await page.fill("#steps", "4");
+await page.click("#train");
+await page.waitForFunction((n) => Number(document.body.dataset.done || 0) >= n || document.body.dataset.error,
+  methods.length + 2, { timeout: 300000 });
+assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
+const spm = await page.evaluate(() => window.demoState.train);
+assert.equal(spm.length, 4, "four steps on the picked GGUF");
+assert.ok(spm.every(([, l]) => Number.isFinite(l)), `finite losses on the picked GGUF: ${JSON.stringify(spm)}`);
+console.log(`a GGUF picked from disk (SentencePiece vocabulary): losses ${spm.map(([, l]) => l.toFixed(3)).join(", ")}`);
 const shot = path.join(root, "target", "web-e2e.png");
 await page.screenshot({ path: shot, fullPage: true });
 console.log(`screenshot: ${shot}`);
