@@ -46,12 +46,19 @@ fn swiglu_backward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
 
 const GELU_C: f32 = 0.7978845608028654;  // √(2/π)
 
+// tanh with its argument clamped: some drivers compute tanh from exp and return NaN past
+// |u| ≈ 44 (SwiftShader, under browsers' WebGPU; Gemma's gate activations reach it); tanh(±10)
+// is ±1 in f32, so the clamp changes no result.
+fn tanh_clamped(u: f32) -> f32 {
+    return tanh(clamp(u, -10.0, 10.0));
+}
+
 fn gelu(x: f32) -> f32 {
-    return 0.5 * x * (1.0 + tanh(GELU_C * (x + 0.044715 * x * x * x)));
+    return 0.5 * x * (1.0 + tanh_clamped(GELU_C * (x + 0.044715 * x * x * x)));
 }
 
 fn gelu_grad(x: f32) -> f32 {
-    let th = tanh(GELU_C * (x + 0.044715 * x * x * x));
+    let th = tanh_clamped(GELU_C * (x + 0.044715 * x * x * x));
     let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
     return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
 }

@@ -63,5 +63,6 @@ fn bias_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 @compute @workgroup_size(256, 1, 1)
 fn softcap_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let i = index(wg, t);
-    if (i < p.n) { inplace[i] = p.alpha * tanh(inplace[i] / p.alpha); }
+    // Clamped as act.wgsl's tanh_clamped (drivers whose tanh overflows past |u| ≈ 44).
+    if (i < p.n) { inplace[i] = p.alpha * tanh(clamp(inplace[i] / p.alpha, -10.0, 10.0)); }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use portalora::adapter::peft::PeftFile;
 use portalora::adapter::{AdapterConfig, Method};
-use portalora::gpu::{Context, Step};
+use portalora::gpu::{Context, DType, Step};
 use portalora::model::weights::load_safetensors_bytes;
 use portalora::ops::attention::{attention_forward, AttentionShape};
 use portalora::ops::matmul::{matmul, Matmul};
@@ -109,4 +109,180 @@ async fn lora_training_matches_peft_in_the_browser() {
     let eval = trainer.eval_loss_async(&ctx, &ids_of(&e["eval_ids"]), None).await.unwrap();
     let want = e["eval_loss"].as_f64().unwrap();
     assert!((eval - want).abs() / want < 1e-4, "eval loss {eval} vs PEFT {want}");
+}
+
+/// The GGUF types the packed loads read, with a matrix shape of whole blocks.
+const PACKED: [(portalora::io::gguf::GgmlType, portalora::gpu::DType); 11] = {
+    use portalora::gpu::DType as D;
+    use portalora::io::gguf::GgmlType as G;
+    [
+        (G::F16, D::F16),
+        (G::Q8_0, D::Q8_0),
+        (G::Q4_0, D::Q4_0),
+        (G::Q4_1, D::Q4_1),
+        (G::Q5_0, D::Q5_0),
+        (G::Q5_1, D::Q5_1),
+        (G::Q2_K, D::Q2_K),
+        (G::Q3_K, D::Q3_K),
+        (G::Q4_K, D::Q4_K),
+        (G::Q5_K, D::Q5_K),
+        (G::Q6_K, D::Q6_K),
+    ]
+};
+
+fn close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (*g as f64 - w).abs();
+        assert!(err <= tol * (1.0 + w.abs()), "{what}: [{i}] {g} vs {w} (err {err:e})");
+    }
+}
+
+/// Every packed type through the browser's matmul (both orientations) and embedding lookup,
+/// against f64 products over the values GGUF's dequantizer gives (as tests/quant.rs natively).
+#[wasm_bindgen_test]
+async fn packed_types_match_the_dequantized_values_in_the_browser() {
+    use portalora::io::gguf::dequantize;
+    use portalora::ops::embed::embed_forward;
+    use portalora::ops::quant::{pack, quantize};
+    let ctx = context().await;
+    let mut rng = Rng::new(21);
+    if !ctx.features().subgroups {
+        // wgpu's WebGPU backend offers no subgroups today: packed bases are read by the subgroup
+        // matmul only, so the page loads them as f32 (`BaseDType::Auto`), and asking is refused.
+        let (ggml, dtype) = PACKED[1];
+        let b = ctx.upload_packed("W", dtype, &[4, 32], &pack(ggml, &quantize(ggml, &rng.vec(128)))).unwrap();
+        let (a, c) = (ctx.upload_f32("x", &[2, 32], &rng.vec(64)).unwrap(), ctx.tensor("y", &[2, 4], DType::F32).unwrap());
+        let e = matmul(&ctx, &mut Step::new(), &a, &b, &c, Matmul::nt()).unwrap_err();
+        assert!(e.to_string().contains("subgroup"), "{e}");
+        return;
+    }
+    for (ggml, dtype) in PACKED {
+        let cols = if dtype.block() == 256 { 512 } else { 96 };
+        for (m, rows, trans_b) in [(7usize, 36usize, true), (33, 12, false)] {
+            let w = rng.vec(rows * cols);
+            let raw = quantize(ggml, &w);
+            let deq = dequantize(ggml, &raw);
+            let b = ctx.upload_packed("W", dtype, &[rows, cols], &pack(ggml, &raw)).unwrap();
+            let (k, n) = if trans_b { (cols, rows) } else { (rows, cols) };
+            let x = rng.vec(m * k);
+            let a = ctx.upload_f32("x", &[m, k], &x).unwrap();
+            let c = ctx.upload_f32("y", &[m, n], &vec![f32::NAN; m * n]).unwrap();
+            let mut s = Step::new();
+            matmul(&ctx, &mut s, &a, &b, &c, Matmul { trans_b, ..Matmul::default() }).unwrap();
+            ctx.run(&s).unwrap();
+            let got = ctx.read(&c).unwrap().await.unwrap();
+            let want = reference::matmul(&x, &deq, m, k, n, false, trans_b);
+            close(&got, &want, 2e-5, &format!("matmul {dtype:?} m={m} W ({rows}, {cols}) tb={trans_b}"));
+        }
+        let vocab = 37;
+        let table = rng.vec(vocab * cols);
+        let raw = quantize(ggml, &table);
+        let deq = dequantize(ggml, &raw);
+        let t = ctx.upload_packed("table", dtype, &[vocab, cols], &pack(ggml, &raw)).unwrap();
+        let ids: Vec<u32> = (0..19).map(|i| ((i * 7 + 3) % vocab) as u32).collect();
+        let id_t = ctx.upload_u32("ids", &[ids.len()], &ids).unwrap();
+        let out = ctx.upload_f32("out", &[ids.len(), cols], &vec![f32::NAN; ids.len() * cols]).unwrap();
+        let mut s = Step::new();
+        embed_forward(&ctx, &mut s, &id_t, &t, &out).unwrap();
+        ctx.run(&s).unwrap();
+        let got = ctx.read(&out).unwrap().await.unwrap();
+        let want: Vec<f64> =
+            ids.iter().flat_map(|&i| deq[i as usize * cols..(i as usize + 1) * cols].iter().map(|&v| v as f64)).collect();
+        close(&got, &want, 0.0, &format!("embed {dtype:?}"));
+    }
+}
+
+/// The families of tests/families.rs in the browser: the base's loss on the fixture's ids
+/// (through the trainer, whose fresh LoRA adds nothing) against transformers'.
+#[wasm_bindgen_test]
+async fn every_family_forward_matches_transformers_in_the_browser() {
+    macro_rules! family {
+        ($f:literal) => {
+            (
+                $f,
+                include_str!(concat!("fixtures/tiny_", $f, "/config.json")),
+                &include_bytes!(concat!("fixtures/tiny_", $f, "/model.safetensors"))[..],
+                include_str!(concat!("fixtures/tiny_", $f, "/expected.json")),
+            )
+        };
+    }
+    let ctx = context().await;
+    let families = [family!("qwen2"), family!("qwen3"), family!("llama3"), family!("gemma3"), family!("mistral")];
+    for (name, config, weights, expected) in families {
+        let w = load_safetensors_bytes(name, config, &[weights]).unwrap();
+        let e: serde_json::Value = serde_json::from_str(expected).unwrap();
+        let ids = ids_of(&e["input_ids"]);
+        let cfg = AdapterConfig { targets: vec!["q_proj".into()], ..AdapterConfig::new(Method::Lora) };
+        let trainer = Trainer::new(&ctx, &w, ids.len(), ids[0].len(), &cfg, &TrainConfig::default(), None).unwrap();
+        let got = trainer.eval_loss_async(&ctx, &ids, None).await.unwrap();
+        let want = e["loss"].as_f64().unwrap();
+        assert!((got - want).abs() / want < 1e-5, "{name}: loss {got} vs transformers {want}");
+    }
+}
+
+/// GELU (GPT-2, Gemma's GeGLU) and the logit soft-cap past where tanh computed from exp
+/// overflows (|u| ≈ 44): SwiftShader's tanh returned NaN there, which made Gemma-3-270M's
+/// first layer NaN in the browser while lavapipe's was fine.
+#[wasm_bindgen_test]
+async fn activations_stay_exact_where_tanh_saturates_in_the_browser() {
+    use portalora::ops::act::{gelu_forward, geglu_backward};
+    use portalora::ops::elementwise::softcap_forward;
+    let ctx = context().await;
+    let mut rng = Rng::new(22);
+    let x: Vec<f32> = rng.vec(300).iter().enumerate().map(|(i, v)| v * [1.0, 30.0, 300.0, 3000.0][i % 4]).collect();
+    let up = rng.vec(x.len());
+    let dout = rng.vec(x.len());
+    let t = |name: &str, v: &[f32]| ctx.upload_f32(name, &[v.len()], v).unwrap();
+    let nan = || vec![f32::NAN; x.len()];
+    let (xt, upt, doutt) = (t("x", &x), t("up", &up), t("dout", &dout));
+    let (out, dgate, dup, capped) = (t("out", &nan()), t("dgate", &nan()), t("dup", &nan()), t("capped", &x));
+    let mut s = Step::new();
+    gelu_forward(&ctx, &mut s, &xt, &out).unwrap();
+    geglu_backward(&ctx, &mut s, &xt, &upt, &doutt, &dgate, &dup).unwrap();
+    softcap_forward(&ctx, &mut s, 30.0, &capped).unwrap();
+    ctx.run(&s).unwrap();
+    let gelu = |x: f64| 0.5 * x * (1.0 + (0.7978845608028654 * (x + 0.044715 * x * x * x)).tanh());
+    let gelu_grad = |x: f64| {
+        let th = (0.7978845608028654 * (x + 0.044715 * x * x * x)).tanh();
+        0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    };
+    let xs: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    close(&ctx.read(&out).unwrap().await.unwrap(), &xs.iter().map(|&v| gelu(v)).collect::<Vec<_>>(), 1e-5, "gelu");
+    let want: Vec<f64> = (0..x.len()).map(|i| dout[i] as f64 * up[i] as f64 * gelu_grad(xs[i])).collect();
+    close(&ctx.read(&dgate).unwrap().await.unwrap(), &want, 1e-5, "geglu dgate");
+    let want: Vec<f64> = (0..x.len()).map(|i| dout[i] as f64 * gelu(xs[i])).collect();
+    close(&ctx.read(&dup).unwrap().await.unwrap(), &want, 1e-5, "geglu dup");
+    let want: Vec<f64> = xs.iter().map(|&v| 30.0 * (v / 30.0).tanh()).collect();
+    close(&ctx.read(&capped).unwrap().await.unwrap(), &want, 1e-5, "softcap");
+}
+
+/// Gemma-3-270M's f32 token table (262,144 × 640, 640 MiB) fits one of the browser's 1 GiB
+/// bindings, so there it stays one part (lavapipe splits it): the lookup and the tied LM head's
+/// product over the whole table, checked at rows across it.
+#[wasm_bindgen_test]
+async fn a_gemma_sized_table_in_one_binding_in_the_browser() {
+    let ctx = context().await;
+    let (rows, cols, m) = (262144usize, 640usize, 8usize);
+    let mut rng = Rng::new(23);
+    let table = rng.vec(rows * cols);
+    let t = ctx.upload_f32("table", &[rows, cols], &table).unwrap();
+    let ids: Vec<u32> = vec![0, 1, 262143, 131072, 70000, 200000, 5, 99999];
+    let id_t = ctx.upload_u32("ids", &[m], &ids).unwrap();
+    let out = ctx.upload_f32("out", &[m, cols], &vec![f32::NAN; m * cols]).unwrap();
+    let logits = ctx.upload_f32("logits", &[m, rows], &vec![f32::NAN; m * rows]).unwrap();
+    let mut s = Step::new();
+    portalora::ops::embed::embed_forward(&ctx, &mut s, &id_t, &t, &out).unwrap();
+    matmul(&ctx, &mut s, &out, &t, &logits, Matmul::nt()).unwrap();
+    ctx.run(&s).unwrap();
+    let e = ctx.read(&out).unwrap().await.unwrap();
+    close(&e, &reference::embed_forward(&ids, &table, cols), 0.0, "embedding rows");
+    let l = ctx.read(&logits).unwrap().await.unwrap();
+    assert!(l.iter().all(|v| v.is_finite()), "logits left unwritten");
+    for i in 0..m {
+        for c in [0usize, 1, 65535, 65536, 131071, 200000, 262143] {
+            let want: f64 = (0..cols).map(|j| e[i * cols + j] as f64 * table[c * cols + j] as f64).sum();
+            close(&l[i * rows + c..i * rows + c + 1], &[want], 1e-5, &format!("logit ({i}, {c})"));
+        }
+    }
 }
