@@ -42,6 +42,7 @@ struct Case {
 }
 
 fn setup(dir: &Path) {
+    setup_chat(dir);
     let llama = fixture("tiny_llama");
     let st = std::fs::read(llama.join("model.safetensors")).unwrap();
     // Truncated safetensors: half the file.
@@ -178,6 +179,64 @@ fn setup_semantics(dir: &Path) {
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
 }
 
+/// Chat data and templates that are refused (issue 17).
+fn setup_chat(dir: &Path) {
+    let user = r#"{"role": "user", "content": "hi"}"#;
+    let files = [
+        ("chat.jsonl", format!(r#"{{"messages": [{user}]}}"#)),
+        ("chat_role.jsonl", r#"{"messages": [{"role": "tool", "content": "42"}]}"#.to_string()),
+        (
+            "chat_content.jsonl",
+            r#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}"#.into(),
+        ),
+        ("chat_mixed.jsonl", format!("{{\"messages\": [{user}]}}\n{{\"text\": \"hi\"}}")),
+        ("raises.jinja", "{{ raise_exception('System role not supported') }}".into()),
+        ("broken.jinja", "{% for m in messages %}\n{{ m['content'] }\n{% endfor %}".into()),
+        ("chatml.jinja", "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}".into()),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+fn chat_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, gpt2: &str) -> Vec<Case> {
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let tmpl = ["--chat-template", "DIR/chatml.jinja"];
+    vec![
+        c(
+            "chat data, model without a chat template",
+            t(gpt2, &["--data", "DIR/chat.jsonl"]),
+            &["no chat template", "--chat-template"],
+        ),
+        c(
+            "chat message with an unknown role",
+            t(gpt2, &["--data", "DIR/chat_role.jsonl", tmpl[0], tmpl[1]]),
+            &["chat_role.jsonl:1", "\"tool\""],
+        ),
+        c(
+            "chat content that is not a string",
+            t(gpt2, &["--data", "DIR/chat_content.jsonl", tmpl[0], tmpl[1]]),
+            &["chat_content.jsonl:1", "a list"],
+        ),
+        c(
+            "JSONL lines of different formats",
+            t(gpt2, &["--data", "DIR/chat_mixed.jsonl", tmpl[0], tmpl[1]]),
+            &["chat_mixed.jsonl:2", "line 1 is messages"],
+        ),
+        c(
+            "chat template that raises",
+            t(gpt2, &["--data", "DIR/chat.jsonl", "--chat-template", "DIR/raises.jinja"]),
+            &["chat.jsonl:1", "System role not supported"],
+        ),
+        c(
+            "chat template that does not parse",
+            t(gpt2, &["--data", "DIR/chat.jsonl", "--chat-template", "DIR/broken.jinja"]),
+            &["broken.jinja", "line 2", "column"],
+        ),
+        c("--train-on without conversations", t(gpt2, &["--train-on", "all"]), &["--train-on would be ignored"]),
+    ]
+}
+
 fn cases() -> Vec<Case> {
     let llama = fixture("tiny_llama").to_str().unwrap().to_string();
     let t = |model: &str, rest: &[&str]| -> Vec<String> {
@@ -262,6 +321,7 @@ fn cases() -> Vec<Case> {
     ]
     .into_iter()
     .chain(semantic_cases(&t, &llama, &tiny_gpt2))
+    .chain(chat_cases(&t, &tiny_gpt2))
     .collect()
 }
 

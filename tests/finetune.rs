@@ -47,10 +47,12 @@ fn text_is_packed_into_rows_with_the_tail_dropped() {
 fn jsonl_prompts_are_masked_out_of_the_loss() {
     let tok = tiny_tokenizer();
     let dir = tmp("jsonl");
-    let file = dir.join("d.jsonl");
-    std::fs::write(&file, "{\"prompt\": \"Q: who?\\nA:\", \"completion\": \" Hamlet.\"}\n\n{\"text\": \"abc\"}\n")
-        .unwrap();
-    let ds = data::load(&file, &tok, 2, 0.0, 0).unwrap();
+    // One format per file: prompt/completion pairs in one, a text in the next (read in order).
+    let (folder, file) = (dir.join("both"), dir.join("d.jsonl"));
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("a.jsonl"), "{\"prompt\": \"Q: who?\\nA:\", \"completion\": \" Hamlet.\"}\n\n").unwrap();
+    std::fs::write(folder.join("b.jsonl"), "{\"text\": \"abc\"}\n").unwrap();
+    let ds = data::load(&folder, &tok, 2, 0.0, 0).unwrap();
     let predict: Vec<bool> = ds.train.iter().flat_map(|r| r.predict.clone()).collect();
     let (p, c) = ("Q: who?\nA:".len(), " Hamlet.".len());
     let mut want = vec![false; p];
@@ -58,7 +60,10 @@ fn jsonl_prompts_are_masked_out_of_the_loss() {
     want.extend(vec![true; 4]); // "abc" + end-of-text
     assert_eq!(predict, want[..predict.len()]);
     assert_eq!(ds.summary.target_tokens, c + 1 + 4);
-    // Missing fields and bad lines name the file and line.
+    // Formats mixed in one file, missing fields and bad lines name the file and line.
+    std::fs::write(&file, "{\"prompt\": \"Q\", \"completion\": \"A\"}\n{\"text\": \"abc\"}\n").unwrap();
+    let err = data::load(&file, &tok, 2, 0.0, 0).unwrap_err().to_string();
+    assert!(err.contains("d.jsonl:2") && err.contains("a file holds one format"), "{err}");
     std::fs::write(&file, "{\"text\": \"ok\"}\n{\"prompt\": \"no completion\"}\n").unwrap();
     let err = data::load(&file, &tok, 2, 0.0, 0).unwrap_err().to_string();
     assert!(err.contains("d.jsonl:2") && err.contains("completion"), "{err}");

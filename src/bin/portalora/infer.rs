@@ -12,19 +12,35 @@ type Res = Result<(), Box<dyn std::error::Error>>;
 /// Rows and, where some tokens are not targets (prompt/completion data), their loss masks.
 type Rows = (Vec<Vec<u32>>, Option<Vec<Vec<bool>>>);
 
+/// The chat flags of `eval`.
+#[derive(Clone, Copy)]
+pub(crate) struct Chat<'a> {
+    pub template: Option<&'a Path>,
+    pub train_on: Option<portalora::data::TrainOn>,
+}
+
 /// Token rows from `--ids`, or from `--data` read exactly as `train --data` reads it (text,
 /// folders, JSONL; documents packed into rows of `seq`; no validation split).
 fn read_rows(
     model: &Path,
     ids: Option<&Path>,
     data: Option<&Path>,
+    chat: Chat,
     seq: usize,
 ) -> Result<Rows, Box<dyn std::error::Error>> {
     match (ids, data) {
         (Some(p), _) => Ok((portalora::finetune::read_ids(p)?, None)),
         (None, Some(p)) => {
             let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
-            let ds = portalora::data::load(p, &tok, seq, 0.0, 0)?;
+            let name = model.display().to_string();
+            let given = portalora::data::chat_flags(chat.template, chat.train_on);
+            let opts = portalora::data::ChatOptions {
+                template_file: chat.template,
+                train_on: chat.train_on.unwrap_or_default(),
+                model: &name,
+                given: &given,
+            };
+            let ds = portalora::data::load_with(p, &tok, &opts, seq, 0.0, 0)?;
             eprintln!("{}: {}", p.display(), ds.summary);
             let masked = ds.summary.target_tokens < ds.summary.tokens;
             let masks = masked.then(|| ds.train.iter().map(|r| r.predict.clone()).collect());
@@ -41,12 +57,13 @@ pub(crate) fn eval(
     model: &Path,
     ids: Option<&Path>,
     data: Option<&Path>,
+    chat: Chat,
     seq: usize,
     batch: usize,
     adapter: Option<&Path>,
     json: bool,
 ) -> Res {
-    let (rows, masks) = read_rows(model, ids, data, seq)?;
+    let (rows, masks) = read_rows(model, ids, data, chat, seq)?;
     let weights = crate::load_model(model)?;
     let seq = rows[0].len();
     let batch = batch.clamp(1, rows.len());

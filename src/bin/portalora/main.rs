@@ -11,6 +11,7 @@ use portalora::gpu::Context;
 mod infer;
 mod progress;
 mod show;
+mod tokenize;
 mod train;
 
 /// The flags given on the command line (or in a --config file), by argument id (`warmup_steps`):
@@ -57,9 +58,16 @@ enum Command {
         #[arg(long, conflicts_with = "data", required_unless_present = "data")]
         ids: Option<PathBuf>,
         /// Text, a folder of texts, or JSONL, read as `train --data` reads it (documents packed into
-        /// rows of --seq tokens; prompt/completion data scores the completions only).
+        /// rows of --seq tokens; prompt/completion data scores the completions only, conversations
+        /// the assistant's turns unless --train-on all).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// A chat template (Jinja) for conversations in --data, replacing the model's.
+        #[arg(long)]
+        chat_template: Option<PathBuf>,
+        /// Which tokens of a conversation are scored: assistant or all [default: assistant].
+        #[arg(long, value_parser = |s: &str| s.parse::<portalora::data::TrainOn>())]
+        train_on: Option<portalora::data::TrainOn>,
         /// Tokens per row with --data (the tail shorter than a row is dropped).
         #[arg(long, default_value_t = 128)]
         seq: usize,
@@ -73,6 +81,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what training sees: each document of --data as token ids with the loss targets
+    /// marked, before packing. With --json one line per document: {"ids": [...], "targets":
+    /// [...]}, targets[i] = 1 where ids[i] is a loss target (predicted from the tokens before it).
+    Tokenize(tokenize::TokenizeArgs),
     /// Continue a prompt with the model, on the GPU with a KV cache.
     Generate {
         /// A .gguf file or a Hugging Face folder.
@@ -250,10 +262,15 @@ fn main() -> ExitCode {
     match run(cli, &given) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
+            let message = e.to_string();
+            eprintln!("error: {message}");
             let mut src = std::error::Error::source(&*e);
             while let Some(s) = src {
-                eprintln!("  caused by: {s}");
+                // Errors that quote their source in their own message are not repeated.
+                let cause = s.to_string();
+                if !message.contains(&cause) {
+                    eprintln!("  caused by: {cause}");
+                }
                 src = s.source();
             }
             ExitCode::FAILURE
@@ -314,9 +331,13 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         show::inspect(model)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Tokenize(args) = &cli.command {
+        tokenize::tokenize(args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
-        Command::Inspect { .. } => unreachable!("handled above"),
+        Command::Inspect { .. } | Command::Tokenize(_) => unreachable!("handled above"),
         Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, adapter, special } => {
             let sampler: Vec<String> =
                 ["top_k", "top_p", "seed"].iter().filter(|id| given.contains(**id)).map(|id| flag(id)).collect();
@@ -331,11 +352,16 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
             let sampling = portalora::model::generate::Sampling { temperature, top_k, top_p, seed };
             infer::generate(&ctx, &model, &prompt, max_tokens, sampling, adapter.as_deref(), special)?
         }
-        Command::Eval { model, ids, data, seq, batch, adapter, json } => {
-            if ids.is_some() && given.contains("seq") {
-                return Err("--seq is not used with --ids (the file's rows set the length); drop it".into());
+        Command::Eval { model, ids, data, chat_template, train_on, seq, batch, adapter, json } => {
+            for id in ["seq", "chat_template", "train_on"] {
+                if ids.is_some() && given.contains(id) {
+                    return Err(
+                        format!("{} is not used with --ids (the file holds token rows); drop it", flag(id)).into()
+                    );
+                }
             }
-            infer::eval(&ctx, &model, ids.as_deref(), data.as_deref(), seq, batch, adapter.as_deref(), json)?
+            let chat = infer::Chat { template: chat_template.as_deref(), train_on };
+            infer::eval(&ctx, &model, ids.as_deref(), data.as_deref(), chat, seq, batch, adapter.as_deref(), json)?
         }
         Command::Train(args) => return train::train(&ctx, *args, given),
         Command::Merge { model, adapter, out, overwrite } => train::merge(&ctx, &model, &adapter, &out, overwrite)?,

@@ -29,12 +29,22 @@ pub(crate) struct TrainArgs {
     /// A JSON file {"input_ids": [[...], ...]}: every step trains on all its rows, in order.
     #[arg(long, conflicts_with = "data")]
     ids: Option<PathBuf>,
-    /// Training text: a text file, a folder of text files, or JSONL ({"text": ...} or
-    /// {"prompt": ..., "completion": ...}, the loss then masked to the completion). Tokenized with
-    /// the model's tokenizer, packed into rows of --seq tokens, split into training and validation
+    /// Training text: a text file, a folder of text files, or JSONL: {"text"}, {"prompt",
+    /// "completion"} (the loss then masked to the completion), {"messages": [{"role", "content"}]},
+    /// {"conversations": [{"from", "value"}]} (ShareGPT) or {"instruction", "input", "output"}
+    /// (Alpaca); conversations are rendered with the model's chat template. Tokenized with the
+    /// model's tokenizer, packed into rows of --seq tokens, split into training and validation
     /// rows, shuffled each epoch with --seed.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// A chat template (Jinja, as in a model's chat_template.jinja) for conversations in --data,
+    /// replacing the model's own.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Which tokens of a conversation the loss is on: assistant (each assistant message and the
+    /// end-of-turn text closing it) or all [default: assistant].
+    #[arg(long, value_parser = parse_train_on)]
+    train_on: Option<portalora::data::TrainOn>,
     /// lora, lora-fa, vera, delta-lora or lora-plus.
     #[arg(long, default_value = "lora")]
     method: String,
@@ -323,7 +333,7 @@ fn check_required(a: &TrainArgs) -> Res<()> {
 fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
     let sgd = a.optimizer == "sgd";
     let ids = a.ids.is_some();
-    let rules: [(&[&str], bool, &str); 12] = [
+    let rules: [(&[&str], bool, &str); 13] = [
         (&["alpha", "rslora"], method == Method::Vera, "VeRA has no alpha (its scale is learnt in λ_b and λ_d)"),
         (&["init"], method == Method::Vera, "VeRA's shared pair is always kaiming-uniform"),
         (&["lr_ratio"], method != Method::LoraPlus, "only LoRA+ (--method lora-plus) uses it"),
@@ -338,6 +348,7 @@ fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
         (&["betas", "eps"], sgd, "only AdamW uses it"),
         (&["batch", "seq", "no_shuffle"], ids, "with --ids every step trains on all the file's rows, in order"),
         (&["val_fraction", "val_rows"], ids, "--ids has no validation rows"),
+        (&["chat_template", "train_on"], ids, "--ids holds token ids, not conversations"),
         (&["sample_tokens"], a.prompt.is_empty(), "it sets the length of --prompt samples"),
         (
             &["init", "vera_d_initial", "vera_seed"],
@@ -374,6 +385,8 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     let mut cfg = RunConfig::new(model, out);
     cfg.ids = a.ids.clone();
     cfg.data = a.data.clone();
+    cfg.chat_template = a.chat_template.clone();
+    cfg.train_on = a.train_on;
     // The schedule's length is fixed once the data is known (epochs): see finetune::run.
     cfg.train = train_config(a, method, a.steps.unwrap_or(0) as u64)?;
     cfg.adapter = adapter_config(a, method, init.as_ref())?;
@@ -540,4 +553,8 @@ pub fn merge(ctx: &Context, model: &Path, adapter: &Path, out: &Path, overwrite:
     })?;
     println!("merged {} into {} and wrote {}", adapter.display(), model.display(), out.display());
     Ok(())
+}
+
+fn parse_train_on(s: &str) -> Result<portalora::data::TrainOn, String> {
+    s.parse()
 }

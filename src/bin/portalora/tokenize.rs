@@ -1,0 +1,71 @@
+//! `portalora tokenize`: each document of --data as training sees it, before packing.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
+use portalora::data::{self, ChatOptions, TrainOn};
+use portalora::io::tokenizer::Tokenizer;
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct TokenizeArgs {
+    /// A .gguf file or a Hugging Face folder (its tokenizer and chat template are used).
+    #[arg(long)]
+    model: PathBuf,
+    /// Text, a folder of texts, or JSONL, read as `train --data` reads it.
+    #[arg(long)]
+    data: PathBuf,
+    /// A chat template (Jinja) for conversations in --data, replacing the model's.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Which tokens of a conversation are loss targets: assistant or all [default: assistant].
+    #[arg(long, value_parser = |s: &str| s.parse::<TrainOn>())]
+    train_on: Option<TrainOn>,
+    /// One JSON object per document: {"ids": [...], "targets": [...]}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn tokenize(a: &TokenizeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let tok = Tokenizer::for_model(&a.model)?;
+    let name = a.model.display().to_string();
+    let given = data::chat_flags(a.chat_template.as_deref(), a.train_on);
+    let opts = ChatOptions {
+        template_file: a.chat_template.as_deref(),
+        train_on: a.train_on.unwrap_or_default(),
+        model: &name,
+        given: &given,
+    };
+    let (docs, _) = data::tokenized_documents(&a.data, &tok, &opts)?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        for d in &docs {
+            let targets: Vec<u8> = d.predict.iter().map(|&p| u8::from(p)).collect();
+            writeln!(out, "{}", serde_json::json!({"ids": d.ids, "targets": targets}))?;
+        }
+        return Ok(());
+    }
+    // Targets in bold green on a terminal, between [[ and ]] elsewhere.
+    let (on, off) = if std::io::stdout().is_terminal() { ("\x1b[1;32m", "\x1b[0m") } else { ("[[", "]]") };
+    writeln!(out, "{} documents; loss targets shown {on}like this{off}", docs.len())?;
+    for (i, d) in docs.iter().enumerate() {
+        let targets = d.predict.iter().filter(|&&p| p).count();
+        let note = if d.no_assistant { ", no assistant turn" } else { "" };
+        writeln!(out, "\n--- document {} ({} tokens, {targets} targets{note})", i + 1, d.ids.len())?;
+        // Runs of tokens with the same flag, decoded together so that characters split across
+        // tokens come out whole.
+        let mut start = 0;
+        while start < d.ids.len() {
+            let flag = d.predict[start];
+            let end = (start..d.ids.len()).find(|&j| d.predict[j] != flag).unwrap_or(d.ids.len());
+            let text = tok.decode(&d.ids[start..end])?;
+            if flag {
+                write!(out, "{on}{text}{off}")?;
+            } else {
+                write!(out, "{text}")?;
+            }
+            start = end;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}

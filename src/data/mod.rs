@@ -1,0 +1,473 @@
+//! Training data: a text file, a folder of text files, or JSONL in one of the formats of
+//! [`formats`] (text, prompt/completion, OpenAI messages, ShareGPT, Alpaca), tokenized with the
+//! model's tokenizer (conversations rendered with its chat template) and packed into rows of
+//! `seq` tokens, split into training and validation rows, and walked in a seeded order.
+//!
+//! Packing: documents are tokenized one by one and concatenated into one stream that is cut into
+//! rows of exactly `seq` tokens (the last partial row is dropped and counted in the summary). A
+//! text gets BOS first where the model asks for it and the end-of-sequence token after it; a
+//! conversation is its template's text as rendered (the template writes its own BOS and
+//! end-of-turn tokens). Each token carries a flag saying whether it is a target of the loss:
+//! every token of a text; the completion's tokens (and its end-of-sequence token) of a
+//! prompt/completion pair; of a conversation, with `--train-on assistant` (the default), the
+//! tokens of each assistant message and the end-of-turn text that closes it, with `--train-on
+//! all` every token.
+
+pub mod formats;
+
+use std::path::{Path, PathBuf};
+
+use crate::io::chat::ChatTemplate;
+use crate::io::tokenizer::Tokenizer;
+use crate::reference::Rng;
+use formats::{Document, Format};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not UTF-8 text (the first bad byte is at offset {offset}); convert it to UTF-8")]
+    NotUtf8 { path: PathBuf, offset: usize },
+    #[error("{path}:{line}: {message}")]
+    Jsonl { path: PathBuf, line: usize, message: String },
+    #[error("{path}: {message}")]
+    Empty { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: tokenizing: {message}")]
+    Tokenize { path: PathBuf, message: String },
+    #[error(
+        "{path}: holds conversations, and the model {model} has no chat template to render them with; pass one \
+         with --chat-template FILE (a Jinja file such as the chat_template.jinja of the model's instruct version)"
+    )]
+    NoTemplate { path: PathBuf, model: String },
+    #[error("{path}: {source}")]
+    Template {
+        path: PathBuf,
+        #[source]
+        source: crate::io::tokenizer::TokenizerError,
+    },
+    #[error("{path}:{line}: {source}")]
+    Chat {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: crate::io::chat::ChatError,
+    },
+}
+
+/// Which tokens of a conversation are loss targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOn {
+    /// Each assistant message and the end-of-turn text that closes it (TRL's
+    /// `assistant_only_loss`).
+    #[default]
+    Assistant,
+    /// Every token.
+    All,
+}
+
+impl std::str::FromStr for TrainOn {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "assistant" => Ok(TrainOn::Assistant),
+            "all" => Ok(TrainOn::All),
+            _ => Err(format!("--train-on {s:?}: use assistant or all")),
+        }
+    }
+}
+
+/// How conversations become tokens.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ChatOptions<'a> {
+    /// A template file (`--chat-template`) that replaces the model's.
+    pub template_file: Option<&'a Path>,
+    pub train_on: TrainOn,
+    /// The model's name, for the message when conversations come without a template.
+    pub model: &'a str,
+    /// The chat flags the user gave (`--chat-template`, `--train-on`): refused when the data
+    /// holds no conversation, which would ignore them.
+    pub given: &'a [&'a str],
+}
+
+/// The chat flags given, as a user wrote them, for [`ChatOptions::given`].
+pub fn chat_flags(template_file: Option<&Path>, train_on: Option<TrainOn>) -> Vec<&'static str> {
+    let given = [(template_file.is_some(), "--chat-template"), (train_on.is_some(), "--train-on")];
+    given.into_iter().filter_map(|(g, f)| g.then_some(f)).collect()
+}
+
+/// One document's tokens before packing, and which are loss targets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tokenized {
+    pub ids: Vec<u32>,
+    pub predict: Vec<bool>,
+    /// A conversation without an assistant turn (it has no targets with `--train-on assistant`).
+    pub no_assistant: bool,
+}
+
+type Result<T> = std::result::Result<T, DataError>;
+
+/// One packed row: `seq` token ids and which of them are loss targets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub ids: Vec<u32>,
+    pub predict: Vec<bool>,
+}
+
+/// What was read, for the user.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DataSummary {
+    pub files: usize,
+    pub documents: usize,
+    pub tokens: usize,
+    /// Tokens that are loss targets (fewer than `tokens` with prompt/completion data).
+    pub target_tokens: usize,
+    /// Tokens of the last partial row, not used.
+    pub dropped_tokens: usize,
+    pub train_rows: usize,
+    pub val_rows: usize,
+    pub seq: usize,
+    /// Conversations without an assistant turn (no targets with `--train-on assistant`).
+    #[serde(default)]
+    pub no_assistant: usize,
+}
+
+impl std::fmt::Display for DataSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} file{}, {} document{}, {} tokens ({} loss targets, {} dropped) → {} training + {} validation rows of {}",
+            self.files,
+            if self.files == 1 { "" } else { "s" },
+            self.documents,
+            if self.documents == 1 { "" } else { "s" },
+            self.tokens,
+            self.target_tokens,
+            self.dropped_tokens,
+            self.train_rows,
+            self.val_rows,
+            self.seq
+        )?;
+        if self.no_assistant > 0 {
+            write!(f, "; {} conversation(s) without an assistant turn (no targets)", self.no_assistant)?;
+        }
+        Ok(())
+    }
+}
+
+/// Packed training and validation rows.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub train: Vec<Row>,
+    pub val: Vec<Row>,
+    pub summary: DataSummary,
+}
+
+/// The files under `path` (a file, or every file of a folder and its subfolders, sorted).
+fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| DataError::Io { path: path.to_path_buf(), source };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Io { path: dir.clone(), source })?;
+        for e in entries {
+            let p = e.map_err(|source| DataError::Io { path: dir.clone(), source })?.path();
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        return Err(DataError::Empty { path: path.to_path_buf(), message: "the folder holds no files".into() });
+    }
+    Ok(out)
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    String::from_utf8(bytes)
+        .map_err(|e| DataError::NotUtf8 { path: path.to_path_buf(), offset: e.utf8_error().valid_up_to() })
+}
+
+/// The documents of one file: JSONL (by extension `.jsonl`, in one format of [`formats`]) or
+/// plain text. A `.json` file is refused with a hint rather than trained on as text (its brackets
+/// and quotes would be learnt). Each comes with its line (0 for plain text).
+pub fn documents(path: &Path) -> Result<Vec<(usize, Document)>> {
+    let text = read_text(path)?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if ext == "json" {
+        return Err(json_hint(path, &text));
+    }
+    if ext != "jsonl" {
+        return Ok(if text.trim().is_empty() { Vec::new() } else { vec![(0, Document::Pieces(vec![(text, true)]))] });
+    }
+    let mut docs = Vec::new();
+    let mut first: Option<(usize, Format)> = None;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let err = |message: String| DataError::Jsonl { path: path.to_path_buf(), line: i + 1, message };
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("not JSON: {e}")))?;
+        let format = Format::of(&v).ok_or_else(|| err(formats::EXPECTED.into()))?;
+        match first {
+            None => first = Some((i + 1, format)),
+            Some((l, f)) if f != format => {
+                return Err(err(format!(
+                    "this line is {} but line {l} is {}; a file holds one format (split it, or convert one)",
+                    format.describe(),
+                    f.describe()
+                )))
+            }
+            _ => {}
+        }
+        docs.push((i + 1, formats::document(&v, format).map_err(err)?));
+    }
+    Ok(docs)
+}
+
+/// Why a `.json` file is not read as data, and what to do instead.
+fn json_hint(path: &Path, text: &str) -> DataError {
+    let message = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Array(_)) => format!(
+            "holds a JSON array; --data reads JSON Lines, one object per line in a .jsonl file: convert it \
+             with jq -c '.[]' {} > data.jsonl",
+            path.display()
+        ),
+        Ok(v) if v.get("input_ids").is_some() => "holds token ids; pass it with --ids instead of --data".into(),
+        _ => "a .json file is not read as training data; use text (.txt), a folder of texts, or JSON Lines (.jsonl)"
+            .into(),
+    };
+    DataError::Format { path: path.to_path_buf(), message }
+}
+
+/// Tokenizes `path` (see the module docs), packs it into rows of `seq` tokens and splits off
+/// `val_fraction` of the rows (at least one when there are two or more) for validation, chosen
+/// by a shuffle seeded with `seed`. Conversations are refused (no template); see [`load_with`].
+pub fn load(path: &Path, tok: &Tokenizer, seq: usize, val_fraction: f64, seed: u64) -> Result<Dataset> {
+    load_with(path, tok, &ChatOptions::default(), seq, val_fraction, seed)
+}
+
+/// [`load`] with conversations rendered as `chat` says.
+pub fn load_with(
+    path: &Path,
+    tok: &Tokenizer,
+    chat: &ChatOptions,
+    seq: usize,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<Dataset> {
+    if seq < 2 {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            message: format!("--seq {seq}: rows need 2 tokens or more"),
+        });
+    }
+    if !(0.0..1.0).contains(&val_fraction) {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            message: format!("validation fraction {val_fraction} must be in [0, 1)"),
+        });
+    }
+    let (docs, files) = tokenized_documents(path, tok, chat)?;
+    let mut summary = DataSummary { files, seq, ..DataSummary::default() };
+    let (mut ids, mut predict) = (Vec::new(), Vec::new());
+    for d in docs {
+        summary.documents += 1;
+        summary.no_assistant += usize::from(d.no_assistant);
+        ids.extend(d.ids);
+        predict.extend(d.predict);
+    }
+    let (rows, summary) = pack(ids, predict, seq, summary);
+    let mut ds = split(rows, val_fraction, seed, summary);
+    if ds.train.is_empty() {
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+            message: format!(
+                "{} tokens make {} rows of --seq {seq}; that leaves nothing to train on: use a smaller --seq or more text",
+                ds.summary.tokens,
+                ds.train.len() + ds.val.len()
+            ),
+        });
+    }
+    ds.summary.train_rows = ds.train.len();
+    ds.summary.val_rows = ds.val.len();
+    Ok(ds)
+}
+
+/// Every document under `path` tokenized (what `portalora tokenize` prints), and the number of
+/// files read. The chat template is compiled at the first conversation.
+pub fn tokenized_documents(path: &Path, tok: &Tokenizer, chat: &ChatOptions) -> Result<(Vec<Tokenized>, usize)> {
+    let files = files_of(path)?;
+    let mut out = Vec::new();
+    let mut template: Option<Option<ChatTemplate>> = None;
+    for file in &files {
+        for (line, doc) in documents(file)? {
+            if matches!(doc, Document::Chat(_)) && template.is_none() {
+                let t = tok.chat_template(chat.template_file);
+                template = Some(t.map_err(|source| DataError::Template { path: file.clone(), source })?);
+            }
+            out.push(tokenize(file, line, doc, tok, template.as_ref().and_then(Option::as_ref), chat)?);
+        }
+    }
+    if template.is_none() && !chat.given.is_empty() {
+        return Err(DataError::Format {
+            path: path.to_path_buf(),
+            message: format!(
+                "holds no conversations, so {} would be ignored; drop it, or give messages / ShareGPT / Alpaca JSONL",
+                chat.given.join(" and ")
+            ),
+        });
+    }
+    Ok((out, files.len()))
+}
+
+/// One document's tokens and targets (see the module docs).
+pub fn tokenize(
+    path: &Path,
+    line: usize,
+    doc: Document,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    chat: &ChatOptions,
+) -> Result<Tokenized> {
+    let tokenize_err = |e: crate::io::tokenizer::TokenizerError| DataError::Tokenize {
+        path: path.to_path_buf(),
+        message: if line > 0 { format!("line {line}: {e}") } else { e.to_string() },
+    };
+    let (mut ids, mut predict) = (Vec::new(), Vec::new());
+    let messages = match doc {
+        Document::Pieces(pieces) => {
+            // A model that expects BOS before a text gets it before every document (never a target).
+            if let Some(bos) = tok.bos_id.filter(|_| tok.add_bos) {
+                ids.push(bos);
+                predict.push(false);
+            }
+            for (text, target) in pieces {
+                let t = tok.encode(&text).map_err(tokenize_err)?;
+                predict.extend(std::iter::repeat_n(target, t.len()));
+                ids.extend(t);
+            }
+            if let Some(eos) = tok.eos_id {
+                ids.push(eos);
+                predict.push(true);
+            }
+            return Ok(Tokenized { ids, predict, no_assistant: false });
+        }
+        Document::Chat(m) => m,
+    };
+    let template =
+        template.ok_or_else(|| DataError::NoTemplate { path: path.to_path_buf(), model: chat.model.to_string() })?;
+    let chat_err = |source| DataError::Chat { path: path.to_path_buf(), line, source };
+    let no_assistant = !messages.iter().any(|m| m.role == "assistant");
+    let (text, ranges) = match chat.train_on {
+        TrainOn::Assistant => template.render_with_targets(&messages).map_err(chat_err)?,
+        TrainOn::All => {
+            (template.render(&messages, false).map_err(chat_err)?, std::iter::once(0..usize::MAX).collect())
+        }
+    };
+    let (ids, offsets) = tok.encode_with_offsets(&text).map_err(tokenize_err)?;
+    // A token is a target when its text overlaps an assistant range (as transformers'
+    // char_to_token marks the tokens of its generation spans).
+    let predict = offsets.iter().map(|&(s, e)| ranges.iter().any(|r| s < r.end && e.max(s + 1) > r.start)).collect();
+    Ok(Tokenized { ids, predict, no_assistant })
+}
+
+/// Cuts the token stream into rows of `seq`.
+pub fn pack(ids: Vec<u32>, predict: Vec<bool>, seq: usize, mut summary: DataSummary) -> (Vec<Row>, DataSummary) {
+    summary.tokens = ids.len();
+    summary.target_tokens = predict.iter().filter(|&&p| p).count();
+    let rows: Vec<Row> = ids
+        .chunks_exact(seq)
+        .zip(predict.chunks_exact(seq))
+        .map(|(i, p)| Row { ids: i.to_vec(), predict: p.to_vec() })
+        .collect();
+    summary.dropped_tokens = ids.len() % seq;
+    (rows, summary)
+}
+
+/// Splits rows into training and validation by a seeded shuffle.
+pub fn split(rows: Vec<Row>, val_fraction: f64, seed: u64, summary: DataSummary) -> Dataset {
+    let n = rows.len();
+    let n_val =
+        if n >= 2 && val_fraction > 0.0 { ((n as f64 * val_fraction).round() as usize).clamp(1, n - 1) } else { 0 };
+    let order = permutation(n, seed ^ 0x5eed_da7a);
+    let mut is_val = vec![false; n];
+    for &i in &order[..n_val] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, r) in rows.into_iter().enumerate() {
+        if is_val[i] {
+            val.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    Dataset { summary: DataSummary { train_rows: train.len(), val_rows: val.len(), ..summary }, train, val }
+}
+
+/// A seeded Fisher–Yates permutation of 0..n.
+pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::new(seed);
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// The order rows are read in: epoch after epoch, each a fresh seeded shuffle of the training
+/// rows. Its whole state is the number of rows read, so a checkpoint stores just that.
+#[derive(Clone, Debug)]
+pub struct Order {
+    n: usize,
+    seed: u64,
+    shuffle: bool,
+    epoch: u64,
+    perm: Vec<usize>,
+}
+
+impl Order {
+    pub fn new(n: usize, seed: u64, shuffle: bool) -> Order {
+        let mut o = Order { n, seed, shuffle, epoch: u64::MAX, perm: Vec::new() };
+        o.set_epoch(0);
+        o
+    }
+
+    fn set_epoch(&mut self, e: u64) {
+        if self.epoch != e {
+            self.epoch = e;
+            self.perm = if self.shuffle {
+                permutation(self.n, self.seed ^ e.wrapping_mul(0x9E37_79B9))
+            } else {
+                (0..self.n).collect()
+            };
+        }
+    }
+
+    /// The index of the `k`-th row read (from 0), and its epoch.
+    pub fn at(&mut self, k: u64) -> (usize, u64) {
+        let e = k / self.n as u64;
+        self.set_epoch(e);
+        (self.perm[(k % self.n as u64) as usize], e)
+    }
+}

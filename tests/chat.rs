@@ -1,0 +1,125 @@
+//! Chat data (issue 17): conversations in the OpenAI messages, ShareGPT and Alpaca formats,
+//! rendered with a chat template and tokenized, against transformers' `apply_chat_template`
+//! (tests/fixtures/gen_chat.py: ChatML from SmolLM2's GGUF, Llama 3's and Gemma 3's templates),
+//! the assistant-only targets against a reference that renders prefixes, and the refusals.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, json};
+use portalora::data::{self, ChatOptions, TrainOn};
+use portalora::io::tokenizer::Tokenizer;
+
+fn model_path(name: &str) -> Option<std::path::PathBuf> {
+    match name {
+        "smollm2" => common::smollm2_path(),
+        "gemma3-270m" => common::gemma3_path(),
+        other => panic!("unknown model {other}"),
+    }
+}
+
+#[test]
+fn rendered_ids_and_targets_equal_transformers() {
+    let e = json(&fixture("chat/expected.json"));
+    for case in e["cases"].as_array().unwrap() {
+        let Some(model) = model_path(case["model"].as_str().unwrap()) else { return };
+        let tok = Tokenizer::for_model(&model).unwrap();
+        let template = case["template"].as_str().map(|t| fixture(&format!("chat/{t}")));
+        let data = fixture(&format!("chat/{}", case["data"].as_str().unwrap()));
+        let what = format!("{} / {:?} / {}", case["model"], case["template"], case["data"]);
+        for train_on in [TrainOn::Assistant, TrainOn::All] {
+            let opts = ChatOptions { template_file: template.as_deref(), train_on, model: "m", given: &[] };
+            let (docs, _) = data::tokenized_documents(&data, &tok, &opts).unwrap();
+            let want = case["docs"].as_array().unwrap();
+            assert_eq!(docs.len(), want.len(), "{what}");
+            for (i, (got, want)) in docs.iter().zip(want).enumerate() {
+                let ids: Vec<u32> =
+                    want["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                assert_eq!(got.ids, ids, "{what}: document {i} ids (text {:?})", want["text"]);
+                let targets: Vec<bool> = match train_on {
+                    TrainOn::Assistant => want["targets"].as_array().unwrap().iter().map(|v| v == 1).collect(),
+                    TrainOn::All => vec![true; ids.len()],
+                };
+                assert_eq!(got.predict, targets, "{what}: document {i} targets with {train_on:?}");
+            }
+        }
+    }
+}
+
+/// A small byte-level tokenizer (no chat template of its own) and a data file written here.
+fn setup(name: &str, lines: &[&str]) -> (Tokenizer, std::path::PathBuf) {
+    let tok = Tokenizer::for_model(&fixture("tokenizers/qwen2.gguf")).unwrap();
+    let dir = common::tmp(name);
+    let file = dir.join("data.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    (tok, file)
+}
+
+fn load_err(tok: &Tokenizer, file: &Path, template: Option<&Path>) -> String {
+    let opts = ChatOptions { template_file: template, train_on: TrainOn::Assistant, model: "tiny.gguf", given: &[] };
+    data::tokenized_documents(file, tok, &opts).unwrap_err().to_string()
+}
+
+#[test]
+fn bad_chat_data_is_refused_in_words() {
+    let chatml = fixture("chat/llama3.jinja");
+    let (tok, file) = setup(
+        "chat_mixed",
+        &[
+            r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+            r#"{"conversations": [{"from": "human", "value": "hi"}]}"#,
+        ],
+    );
+    let e = load_err(&tok, &file, Some(&chatml));
+    assert!(e.contains("data.jsonl:2") && e.contains("ShareGPT") && e.contains("line 1 is messages"), "{e}");
+    let (tok, file) = setup("chat_role", &[r#"{"messages": [{"role": "tool", "content": "x"}]}"#]);
+    let e = load_err(&tok, &file, Some(&chatml));
+    assert!(e.contains("data.jsonl:1") && e.contains("messages[0].role is \"tool\""), "{e}");
+    let (tok, file) = setup("chat_content", &[r#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#]);
+    let e = load_err(&tok, &file, Some(&chatml));
+    assert!(e.contains("messages[0].content is a list"), "{e}");
+    let (tok, file) = setup("chat_no_template", &[r#"{"messages": [{"role": "user", "content": "hi"}]}"#]);
+    let e = load_err(&tok, &file, None);
+    assert!(e.contains("tiny.gguf has no chat template") && e.contains("--chat-template"), "{e}");
+    let dir = common::tmp("chat_templates");
+    let raises = dir.join("raises.jinja");
+    std::fs::write(
+        &raises,
+        "{% if messages[0]['role'] == 'user' %}{{ raise_exception('user turns first? never') }}{% endif %}",
+    )
+    .unwrap();
+    let e = load_err(&tok, &file, Some(&raises));
+    assert!(e.contains("raised: user turns first? never") && e.contains("data.jsonl:1"), "{e}");
+    let broken = dir.join("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}\n{{ m.content }\n{% endfor %}").unwrap();
+    let e = load_err(&tok, &file, Some(&broken));
+    assert!(e.contains("broken.jinja") && e.contains("does not parse") && e.contains("line 2"), "{e}");
+}
+
+#[test]
+fn a_conversation_without_an_assistant_turn_is_counted() {
+    let (tok, file) = setup(
+        "chat_counted",
+        &[
+            r#"{"messages": [{"role": "user", "content": "a question"}]}"#,
+            r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "an answer"}]}"#,
+        ],
+    );
+    let t = fixture("chat/llama3.jinja");
+    let opts = ChatOptions { template_file: Some(&t), train_on: TrainOn::Assistant, model: "m", given: &[] };
+    let ds = data::load_with(&file, &tok, &opts, 4, 0.0, 0).unwrap();
+    assert_eq!(ds.summary.no_assistant, 1);
+    assert!(ds.summary.to_string().contains("1 conversation(s) without an assistant turn"), "{}", ds.summary);
+    let (docs, _) = data::tokenized_documents(&file, &tok, &opts).unwrap();
+    assert!(docs[0].no_assistant && !docs[0].predict.iter().any(|&p| p));
+    assert!(docs[1].predict.iter().any(|&p| p));
+}
+
+#[test]
+fn chat_flags_without_conversations_are_refused() {
+    let (tok, file) = setup("chat_unused", &[r#"{"text": "plain text"}"#]);
+    let opts = ChatOptions { template_file: None, train_on: TrainOn::All, model: "m", given: &["--train-on"] };
+    let e = data::tokenized_documents(&file, &tok, &opts).unwrap_err().to_string();
+    assert!(e.contains("holds no conversations, so --train-on would be ignored"), "{e}");
+}
