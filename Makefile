@@ -17,22 +17,30 @@ MODEL_smollm2 = $(CACHE)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 MODEL_gemma3-270m = $(CACHE)/models/gemma-3-270m-q4_k_m.gguf
 MODEL = $(MODEL_$(DEMO_MODEL))
 
-# The main job: fine-tune SmolLM2-135M-Instruct with LoRA r = 8 on Hamlet, on the GPU (Mesa's
-# lavapipe on a machine without one: about ten minutes on 2 cores), printing samples and the
-# validation loss before and after, and where the adapter, log and loss curve are. The demo's
-# folder is its own: each run replaces it (--overwrite).
+# The main job: an instruct fine-tune of SmolLM2-135M-Instruct, LoRA r = 8 on every projection,
+# on conversations built from Hamlet (scripts/chat-demo-data: the user gives two speeches of a
+# scene, the assistant answers with the next), rendered with the model's chat template, the loss
+# on the assistant's turns only; on the GPU (Mesa's lavapipe on a machine without one: about ten
+# minutes on 2 cores), printing a chat sample and the validation loss before and after, and where
+# the adapter, log and loss curve are. DEMO_MODEL=gemma3-270m (a base model, without a chat
+# template) trains on the play's text instead. The demo's folder is its own: each run replaces it
+# (--overwrite).
 DEMO_OUT ?= $(CACHE)/demo-run$(if $(filter-out smollm2,$(DEMO_MODEL)),-$(DEMO_MODEL))
 DEMO_STEPS ?= 70
+CHAT_DATA = $(CACHE)/texts/hamlet_chat.jsonl
+CHAT_PROMPT = $$(printf 'Continue this scene from Hamlet:\n\nMar.\nWhat, has this thing appear'"'"'d again to-night?\n\nBer.\nI have seen nothing.')
+DATA_smollm2 = --data "$(CHAT_DATA)" --prompt "$(CHAT_PROMPT)"
+DATA_gemma3-270m = --data "$(CACHE)/texts/hamlet_gut.txt" --prompt "HAMLET." --prompt "To be, or not to be"
 demo: setup
 	@[ -n "$(MODEL)" ] || { echo "DEMO_MODEL=$(DEMO_MODEL): use smollm2 or gemma3-270m"; exit 2; }
 	@scripts/fetch-assets "$(CACHE)"
+	scripts/chat-demo-data "$(CACHE)/texts/hamlet_gut.txt" "$(CHAT_DATA)"
 	$(CARGO) build --release
 	./target/release/portalora info
-	./target/release/portalora train --model "$(MODEL)" --data "$(CACHE)/texts/hamlet_gut.txt" \
+	./target/release/portalora train --model "$(MODEL)" $(DATA_$(DEMO_MODEL)) \
 	  --method lora --rank 8 --alpha 16 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj \
 	  --lr 1e-3 --schedule cosine --warmup-steps 4 --steps $(DEMO_STEPS) --batch 2 --seq 128 \
-	  --val-rows 8 --eval-every 10 --save-every 20 \
-	  --prompt "HAMLET." --prompt "To be, or not to be" --sample-tokens 32 \
+	  --val-rows 8 --eval-every 10 --save-every 20 --sample-tokens 32 \
 	  --out "$(DEMO_OUT)" --overwrite
 
 # Every test: kernels on the GPU (lavapipe without one), WGSL validation, model loading and the

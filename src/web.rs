@@ -107,6 +107,10 @@ struct Inner {
     rows_read: usize,
     /// An adapter to start from instead of a random init (`loadAdapter`).
     init: Option<PeftFile>,
+    /// Whether some tokens of the rows are not loss targets (prompt/completion or chat data).
+    masked: bool,
+    /// The chat template, when the data holds conversations (prompts are sampled in it).
+    chat: Option<crate::io::chat::ChatTemplate>,
 }
 
 /// The engine a page talks to.
@@ -154,6 +158,8 @@ impl Engine {
                 val: Vec::new(),
                 rows_read: 0,
                 init: None,
+                masked: false,
+                chat: None,
             })),
             busy: Rc::new(Cell::new(false)),
         })
@@ -230,14 +236,20 @@ impl Engine {
         g.trainer = None; // free the previous run's buffers first
         let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
         let tok = g.tok.as_ref().ok_or_else(|| err("this model has no tokenizer; load one with the model"))?;
-        let ids = tok.encode_text(&c.text).map_err(err)?;
-        let predict = vec![true; ids.len()];
-        let (rows, summary) = data::pack(
-            ids,
-            predict,
-            c.seq,
-            data::DataSummary { files: 1, documents: 1, seq: c.seq, ..Default::default() },
-        );
+        // Text, or JSONL in any of the command line's formats (conversations in the model's chat
+        // template, the loss on the assistant's turns), packed as `train --data` packs it.
+        let opts = data::ChatOptions { model: &g.name, ..Default::default() };
+        let docs = data::tokenized_text("the text", c.text.clone(), tok, &opts).map_err(err)?;
+        let example = match docs.first() {
+            Some(d) => data::target_runs(tok, d).map_err(err)?,
+            None => Vec::new(),
+        };
+        let chat = match docs.iter().any(|d| d.chat) {
+            true => tok.chat_template(None).map_err(err)?,
+            false => None,
+        };
+        let summary = data::DataSummary { files: 1, seq: c.seq, ..Default::default() };
+        let (rows, summary) = data::rows_of(docs, data::Packing::Packed, c.seq, tok.eos_id.unwrap_or(0), summary);
         let ds = data::split(rows, 0.1, c.seed, summary);
         if ds.train.len() < c.batch.max(1) {
             return Err(err(format!(
@@ -274,9 +286,13 @@ impl Engine {
         let trainer = Trainer::new(&ctx, w, c.batch, c.seq, &acfg, &tc, g.init.as_ref()).map_err(err)?;
         let out = serde_json::json!({
             "train_rows": ds.train.len(), "val_rows": ds.val.len(), "tokens": ds.summary.tokens,
+            "targets": ds.summary.target_tokens, "conversations": ds.summary.conversations,
             "trainable": trainer.trainable_parameters(), "kept_bytes": trainer.kept_bytes(),
+            "example": example,
         })
         .to_string();
+        g.masked = ds.summary.masked();
+        g.chat = chat;
         g.trainer = Some(trainer);
         g.train = ds.train;
         g.val = ds.val;
@@ -296,9 +312,12 @@ impl Engine {
             let trainer = g.trainer.as_mut().ok_or_else(|| err("start a run first"))?;
             let b = trainer.model.acts.batch;
             let n = g.train.len();
-            let rows: Vec<Vec<u32>> = (0..b).map(|i| g.train[(g.rows_read + i) % n].ids.clone()).collect();
+            let picked: Vec<&Row> = (0..b).map(|i| &g.train[(g.rows_read + i) % n]).collect();
+            let rows: Vec<Vec<u32>> = picked.iter().map(|r| r.ids.clone()).collect();
+            let masks: Vec<Vec<bool>> = picked.iter().map(|r| r.predict.clone()).collect();
             g.rows_read += b;
-            let st = trainer.train_step_async(&g.ctx, &[Batch { ids: &rows, predict: None }]).await.map_err(err)?;
+            let predict = g.masked.then_some(&masks[..]);
+            let st = trainer.train_step_async(&g.ctx, &[Batch { ids: &rows, predict }]).await.map_err(err)?;
             let seconds = (js_sys::Date::now() - t0) / 1000.0;
             Ok(JsValue::from_str(
                 &serde_json::json!({"step": st.step, "loss": st.loss, "lr": st.lr, "tokens": st.tokens, "seconds": seconds})
@@ -318,7 +337,8 @@ impl Engine {
             if rows.is_empty() {
                 return Err(err("no validation rows: paste more text").into());
             }
-            let v = trainer.eval_loss_async(&g.ctx, &rows, None).await.map_err(err)?;
+            let masks: Vec<Vec<bool>> = g.val.iter().map(|r| r.predict.clone()).collect();
+            let v = trainer.eval_loss_async(&g.ctx, &rows, g.masked.then_some(&masks[..])).await.map_err(err)?;
             Ok(JsValue::from_f64(v))
         })
     }
@@ -333,7 +353,17 @@ impl Engine {
             let g = &mut *g;
             let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
             let tok = g.tok.as_ref().ok_or_else(|| err("this model has no tokenizer"))?;
-            let ids = tok.encode_text(&prompt).map_err(err)?;
+            // With chat data, the prompt is a user message in the template, and the reply ends at
+            // the template's end of turn.
+            let mut stop: Vec<u32> = tok.eos_id.into_iter().collect();
+            let ids = match &g.chat {
+                Some(t) => {
+                    let text = t.render(&[crate::io::chat::Message::new("user", &prompt)], true).map_err(err)?;
+                    stop.extend(tok.encode(&t.end_of_turn().map_err(err)?).map_err(err)?.first());
+                    tok.encode_with_offsets(&text).map_err(err)?.0
+                }
+                None => tok.encode_text(&prompt).map_err(err)?,
+            };
             if ids.is_empty() {
                 return Err(err("the prompt is empty").into());
             }
@@ -347,12 +377,12 @@ impl Engine {
                     if let Some(a) = t.model.adapter() {
                         gen = gen.with_adapter(a).map_err(err)?;
                     }
-                    gen.generate_async(&ctx, &ids, max_tokens, sampling, tok.eos_id, |_| {}).await.map_err(err)?
+                    gen.generate_async(&ctx, &ids, max_tokens, sampling, &stop, |_| {}).await.map_err(err)?
                 }
                 None => {
                     let params = crate::model::gpu::ParameterTensors::upload(&ctx, w).map_err(err)?;
                     let mut gen = Generator::new(&ctx, &w.config, &params, max_len).map_err(err)?;
-                    gen.generate_async(&ctx, &ids, max_tokens, sampling, tok.eos_id, |_| {}).await.map_err(err)?
+                    gen.generate_async(&ctx, &ids, max_tokens, sampling, &stop, |_| {}).await.map_err(err)?
                 }
             };
             Ok(JsValue::from_str(&tok.decode_text(&new).map_err(err)?))

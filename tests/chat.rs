@@ -108,7 +108,7 @@ fn a_conversation_without_an_assistant_turn_is_counted() {
     );
     let t = fixture("chat/llama3.jinja");
     let opts = ChatOptions { template_file: Some(&t), train_on: TrainOn::Assistant, model: "m", given: &[] };
-    let ds = data::load_with(&file, &tok, &opts, 4, 0.0, 0).unwrap();
+    let ds = data::load_with(&file, &tok, &opts, data::Packing::Packed, 4, 0.0, 0).unwrap();
     assert_eq!(ds.summary.no_assistant, 1);
     assert!(ds.summary.to_string().contains("1 conversation(s) without an assistant turn"), "{}", ds.summary);
     let (docs, _) = data::tokenized_documents(&file, &tok, &opts).unwrap();
@@ -122,4 +122,26 @@ fn chat_flags_without_conversations_are_refused() {
     let opts = ChatOptions { template_file: None, train_on: TrainOn::All, model: "m", given: &["--train-on"] };
     let e = data::tokenized_documents(&file, &tok, &opts).unwrap_err().to_string();
     assert!(e.contains("holds no conversations, so --train-on would be ignored"), "{e}");
+}
+
+/// `portalora generate --chat --system` on SmolLM2 renders the template with the assistant's turn
+/// opened and stops at its end of turn: transformers' greedy reply (gen_chat.py).
+#[test]
+fn generate_chat_replies_as_transformers() {
+    let Some(model) = common::smollm2_path() else { return };
+    if common::context().is_none() {
+        return;
+    }
+    let e = &json(&fixture("chat/expected.json"))["generate"];
+    let msgs = e["messages"].as_array().unwrap();
+    let o = common::bin()
+        .args(["generate", "--model", model.to_str().unwrap(), "--max-tokens", "24"])
+        .args(["--system", msgs[0]["content"].as_str().unwrap(), "--chat", msgs[1]["content"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(got.trim_end(), e["text"].as_str().unwrap(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    // The greedy reply ended at <|im_end|> before --max-tokens: no "stopped" note.
+    assert!(e["greedy"].as_array().unwrap().len() < 24 && !String::from_utf8_lossy(&o.stderr).contains("stopped"));
 }

@@ -125,7 +125,7 @@ fn every_family_generates_with_a_kv_cache_as_the_full_forward_and_transformers()
         let want: Vec<u32> = e["greedy"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         let params = ParameterTensors::upload(&ctx, &w).unwrap();
         let mut gen = Generator::new(&ctx, &w.config, &params, prompt.len() + want.len()).unwrap();
-        let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), None, |_| {}).unwrap();
+        let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), &[], |_| {}).unwrap();
         assert_eq!(got, want, "{name}: greedy tokens vs transformers");
         // Every position of the cached decode against the full forward of the whole sequence.
         let all: Vec<u32> = prompt.iter().chain(&want).copied().collect();

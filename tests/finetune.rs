@@ -564,3 +564,41 @@ fn the_same_seed_on_the_same_device_gives_bit_identical_runs() {
     assert!(runs[0].1 == runs[1].1, "adapters differ between two runs with the same seed");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--no-packing`: one document per row, cut into pieces of at most --seq tokens, padded with
+/// tokens that are never targets; on the GPU a padded row's loss equals its document's alone.
+#[test]
+fn one_document_per_row_pads_and_scores_only_the_document() {
+    let tok = tiny_tokenizer();
+    let dir = tmp("no_packing");
+    let file = dir.join("d.jsonl");
+    std::fs::write(&file, "{\"text\": \"To be, or not\"}\n{\"text\": \"that is the question: whether 'tis nobler\"}\n")
+        .unwrap();
+    let opts = data::ChatOptions::default();
+    let seq = 24;
+    let ds = data::load_with(&file, &tok, &opts, data::Packing::PerDocument, seq, 0.0, 0).unwrap();
+    let (docs, _) = data::tokenized_documents(&file, &tok, &opts).unwrap();
+    let (short, long) = (&docs[0], &docs[1]);
+    assert!(short.ids.len() < seq && long.ids.len() > seq, "{} {}", short.ids.len(), long.ids.len());
+    // The short document, then the long one in two pieces.
+    assert_eq!(ds.train.len(), 3);
+    assert_eq!(&ds.train[0].ids[..short.ids.len()], &short.ids[..]);
+    assert!(ds.train[0].predict[short.ids.len()..].iter().all(|&p| !p), "padding is never a target");
+    assert_eq!(&ds.train[1].ids[..], &long.ids[..seq]);
+    assert_eq!(&ds.train[2].ids[..long.ids.len() - seq], &long.ids[seq..]);
+    let pad = (seq - short.ids.len()) + (2 * seq - long.ids.len());
+    assert_eq!(ds.summary.padding_tokens, pad);
+    assert!(ds.summary.masked() && ds.summary.to_string().contains(&format!("{pad} padding tokens")));
+    let Some(ctx) = context() else { return };
+    let w = portalora::model::load_model(fixture("tiny_gpt2")).unwrap();
+    let n = short.ids.len();
+    let alone = portalora::model::gpu::GpuModel::new(&ctx, &w, 1, n).unwrap();
+    let (want, want_n) = alone.loss_sum_masked(&ctx, std::slice::from_ref(&short.ids), None).unwrap();
+    let padded = portalora::model::gpu::GpuModel::new(&ctx, &w, 1, seq).unwrap();
+    let row = &ds.train[0];
+    let (got, got_n) =
+        padded.loss_sum_masked(&ctx, std::slice::from_ref(&row.ids), Some(std::slice::from_ref(&row.predict))).unwrap();
+    assert_eq!(got_n, want_n);
+    assert!((got - want).abs() <= 1e-5 * want.abs(), "padded row {got} vs the document alone {want}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -70,7 +70,7 @@ fn gemma3_270m_generates_transformers_greedy_tokens_from_its_quantized_base() {
     // As stored: Q8_0, Q5_0, Q4_K and Q6_K matrices read by the kernels (where subgroups exist).
     let params = ParameterTensors::upload_as(&ctx, &w, None, BaseDType::Auto).unwrap();
     let mut gen = Generator::new(&ctx, &w.config, &params, prompt.len() + want.len()).unwrap();
-    let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), None, |_| {}).unwrap();
+    let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), &[], |_| {}).unwrap();
     assert_eq!(got, want, "transformers continues with {:?}", e["greedy_continuation"]);
 }
 

@@ -154,7 +154,7 @@ fn smollm2_greedy_generation_matches_transformers() {
         e["greedy_continuation_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let params = ParameterTensors::upload(&ctx, &w).unwrap();
     let mut gen = Generator::new(&ctx, &w.config, &params, prompt.len() + want.len()).unwrap();
-    let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), None, |_| {}).unwrap();
+    let got = gen.generate(&ctx, &prompt, want.len(), Sampling::default(), &[], |_| {}).unwrap();
     assert_eq!(got, want, "transformers continues with {:?}", e["greedy_continuation"]);
 }
 

@@ -289,3 +289,29 @@ async fn a_gemma_sized_table_in_one_binding_in_the_browser() {
         }
     }
 }
+
+/// Chat data in the browser: a conversation rendered with a chat template (minijinja in wasm)
+/// and tokenized, the assistant's turn and its end of turn the only targets (as natively).
+#[wasm_bindgen_test]
+async fn chat_data_renders_and_marks_the_assistant_in_the_browser() {
+    use portalora::data::{self, ChatOptions};
+    use portalora::io::gguf::Gguf;
+    use portalora::io::tokenizer::{TemplateText, Tokenizer};
+    let g = Gguf::from_bytes("spm.gguf", include_bytes!("fixtures/tokenizers/spm.gguf").to_vec()).unwrap();
+    let mut tok = Tokenizer::from_gguf(&g).unwrap();
+    tok.chat_template = Some(TemplateText {
+        origin: "chatml".into(),
+        text: "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}\
+               {% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+            .into(),
+    });
+    let jsonl =
+        r#"{"messages": [{"role": "user", "content": "Hi there "}, {"role": "assistant", "content": "Hello!"}]}"#;
+    let docs = data::tokenized_text("chat.jsonl", jsonl.into(), &tok, &ChatOptions::default()).unwrap();
+    let runs = data::target_runs(&tok, &docs[0]).unwrap();
+    let text: String = runs.iter().map(|(t, _)| t.as_str()).collect();
+    let marked: String = runs.iter().filter(|(_, m)| *m).map(|(t, _)| t.as_str()).collect();
+    assert!(text.contains("user\nHi there<|im_end|>") && text.contains("assistant\n"), "{text:?}");
+    assert!(marked.contains("Hello!") && !marked.contains("Hi there"), "targets {marked:?} of {text:?}");
+    assert!(docs[0].chat && !docs[0].no_assistant);
+}

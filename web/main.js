@@ -82,6 +82,7 @@ worker.onmessage = (e) => {
       break;
     case "started":
       status(`training: ${m.summary.train_rows} rows (${m.summary.val_rows} for validation), ${m.summary.trainable} trainable parameters`);
+      showExample(m.summary.example);
       break;
     case "step":
       state.train.push([m.step, m.loss]);
@@ -178,6 +179,18 @@ $("adapter-file").onchange = async (ev) => {
   const bytes = await st.arrayBuffer();
   worker.postMessage({ cmd: "adapter-in", config: await cfg.text(), bytes }, [bytes]);
 };
+// The first document as tokenized, its loss targets in <mark> (text set as text, never as HTML).
+function showExample(runs) {
+  const pre = $("example");
+  pre.replaceChildren(...(runs || []).map(([text, target]) => {
+    const el = document.createElement(target ? "mark" : "span");
+    el.textContent = text;
+    return el;
+  }));
+  $("example-box").hidden = !(runs && runs.length);
+  document.body.dataset.exampleTargets = String((runs || []).filter(([, t]) => t).length);
+}
+
 $("text-file").onchange = async (ev) => {
   if (ev.target.files[0]) $("text").value = await ev.target.files[0].text();
 };

@@ -109,6 +109,8 @@ pub struct Tokenized {
     pub predict: Vec<bool>,
     /// A conversation without an assistant turn (it has no targets with `--train-on assistant`).
     pub no_assistant: bool,
+    /// A conversation (rendered with the chat template).
+    pub chat: bool,
 }
 
 type Result<T> = std::result::Result<T, DataError>;
@@ -136,17 +138,31 @@ pub struct DataSummary {
     /// Conversations without an assistant turn (no targets with `--train-on assistant`).
     #[serde(default)]
     pub no_assistant: usize,
+    /// Conversations among the documents (rendered with the chat template).
+    #[serde(default)]
+    pub conversations: usize,
+    /// Padding tokens added to make one document per row (`--no-packing`).
+    #[serde(default)]
+    pub padding_tokens: usize,
+}
+
+impl DataSummary {
+    /// Whether some positions of the rows are not loss targets (so masks must go with them).
+    pub fn masked(&self) -> bool {
+        self.target_tokens < self.tokens || self.padding_tokens > 0
+    }
 }
 
 impl std::fmt::Display for DataSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} file{}, {} document{}, {} tokens ({} loss targets, {} dropped) → {} training + {} validation rows of {}",
+            "{} file{}, {} document{}{}, {} tokens ({} loss targets, {} dropped) → {} training + {} validation rows of {}",
             self.files,
             if self.files == 1 { "" } else { "s" },
             self.documents,
             if self.documents == 1 { "" } else { "s" },
+            if self.conversations > 0 { format!(" ({} conversations)", self.conversations) } else { String::new() },
             self.tokens,
             self.target_tokens,
             self.dropped_tokens,
@@ -154,6 +170,9 @@ impl std::fmt::Display for DataSummary {
             self.val_rows,
             self.seq
         )?;
+        if self.padding_tokens > 0 {
+            write!(f, ", one document per row ({} padding tokens, never targets)", self.padding_tokens)?;
+        }
         if self.no_assistant > 0 {
             write!(f, "; {} conversation(s) without an assistant turn (no targets)", self.no_assistant)?;
         }
@@ -215,7 +234,13 @@ pub fn documents(path: &Path) -> Result<Vec<(usize, Document)>> {
     if ext == "json" {
         return Err(json_hint(path, &text));
     }
-    if ext != "jsonl" {
+    documents_of_text(path, text, ext == "jsonl")
+}
+
+/// The documents of a text as [`documents`] reads a file (`path` names it in messages): JSONL
+/// when `jsonl`, else one plain-text document.
+pub fn documents_of_text(path: &Path, text: String, jsonl: bool) -> Result<Vec<(usize, Document)>> {
+    if !jsonl {
         return Ok(if text.trim().is_empty() { Vec::new() } else { vec![(0, Document::Pieces(vec![(text, true)]))] });
     }
     let mut docs = Vec::new();
@@ -262,14 +287,26 @@ fn json_hint(path: &Path, text: &str) -> DataError {
 /// `val_fraction` of the rows (at least one when there are two or more) for validation, chosen
 /// by a shuffle seeded with `seed`. Conversations are refused (no template); see [`load_with`].
 pub fn load(path: &Path, tok: &Tokenizer, seq: usize, val_fraction: f64, seed: u64) -> Result<Dataset> {
-    load_with(path, tok, &ChatOptions::default(), seq, val_fraction, seed)
+    load_with(path, tok, &ChatOptions::default(), Packing::Packed, seq, val_fraction, seed)
 }
 
-/// [`load`] with conversations rendered as `chat` says.
+/// How documents become rows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Packing {
+    /// One stream of documents cut into rows of exactly `seq` tokens.
+    #[default]
+    Packed,
+    /// One document per row (a longer one cut into pieces of `seq`), padded to `seq` with tokens
+    /// that are never targets; causal attention never looks ahead, so nothing attends to them.
+    PerDocument,
+}
+
+/// [`load`] with conversations rendered as `chat` says and rows made as `packing` says.
 pub fn load_with(
     path: &Path,
     tok: &Tokenizer,
     chat: &ChatOptions,
+    packing: Packing,
     seq: usize,
     val_fraction: f64,
     seed: u64,
@@ -287,15 +324,8 @@ pub fn load_with(
         });
     }
     let (docs, files) = tokenized_documents(path, tok, chat)?;
-    let mut summary = DataSummary { files, seq, ..DataSummary::default() };
-    let (mut ids, mut predict) = (Vec::new(), Vec::new());
-    for d in docs {
-        summary.documents += 1;
-        summary.no_assistant += usize::from(d.no_assistant);
-        ids.extend(d.ids);
-        predict.extend(d.predict);
-    }
-    let (rows, summary) = pack(ids, predict, seq, summary);
+    let summary = DataSummary { files, seq, ..DataSummary::default() };
+    let (rows, summary) = rows_of(docs, packing, seq, tok.eos_id.unwrap_or(0), summary);
     let mut ds = split(rows, val_fraction, seed, summary);
     if ds.train.is_empty() {
         return Err(DataError::Empty {
@@ -317,16 +347,47 @@ pub fn load_with(
 pub fn tokenized_documents(path: &Path, tok: &Tokenizer, chat: &ChatOptions) -> Result<(Vec<Tokenized>, usize)> {
     let files = files_of(path)?;
     let mut out = Vec::new();
-    let mut template: Option<Option<ChatTemplate>> = None;
+    let mut template = None;
     for file in &files {
-        for (line, doc) in documents(file)? {
-            if matches!(doc, Document::Chat(_)) && template.is_none() {
-                let t = tok.chat_template(chat.template_file);
-                template = Some(t.map_err(|source| DataError::Template { path: file.clone(), source })?);
-            }
-            out.push(tokenize(file, line, doc, tok, template.as_ref().and_then(Option::as_ref), chat)?);
-        }
+        out.extend(tokenize_all(file, documents(file)?, tok, chat, &mut template)?);
     }
+    check_chat_flags(path, chat, &template)?;
+    Ok((out, files.len()))
+}
+
+/// A text pasted or picked in the browser, read as a file named `name` would be: JSONL when its
+/// first non-empty line is a JSON object, else one text.
+pub fn tokenized_text(name: &str, text: String, tok: &Tokenizer, chat: &ChatOptions) -> Result<Vec<Tokenized>> {
+    let path = Path::new(name);
+    let jsonl = text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
+    let mut template = None;
+    let out = tokenize_all(path, documents_of_text(path, text, jsonl)?, tok, chat, &mut template)?;
+    check_chat_flags(path, chat, &template)?;
+    Ok(out)
+}
+
+/// Tokenizes `docs` of `path`, compiling the chat template into `template` at the first
+/// conversation (`Some(None)`: the model has none).
+fn tokenize_all(
+    path: &Path,
+    docs: Vec<(usize, Document)>,
+    tok: &Tokenizer,
+    chat: &ChatOptions,
+    template: &mut Option<Option<ChatTemplate>>,
+) -> Result<Vec<Tokenized>> {
+    let mut out = Vec::with_capacity(docs.len());
+    for (line, doc) in docs {
+        if matches!(doc, Document::Chat(_)) && template.is_none() {
+            let t = tok.chat_template(chat.template_file);
+            *template = Some(t.map_err(|source| DataError::Template { path: path.to_path_buf(), source })?);
+        }
+        out.push(tokenize(path, line, doc, tok, template.as_ref().and_then(Option::as_ref), chat)?);
+    }
+    Ok(out)
+}
+
+/// Chat flags given for data without conversations would be ignored: refused.
+fn check_chat_flags(path: &Path, chat: &ChatOptions, template: &Option<Option<ChatTemplate>>) -> Result<()> {
     if template.is_none() && !chat.given.is_empty() {
         return Err(DataError::Format {
             path: path.to_path_buf(),
@@ -336,7 +397,45 @@ pub fn tokenized_documents(path: &Path, tok: &Tokenizer, chat: &ChatOptions) -> 
             ),
         });
     }
-    Ok((out, files.len()))
+    Ok(())
+}
+
+/// A document's text in runs of tokens that are all targets or all not, decoded together so
+/// that characters split across tokens come out whole (for showing what is trained on).
+pub fn target_runs(tok: &Tokenizer, d: &Tokenized) -> Result<Vec<(String, bool)>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    while start < d.ids.len() {
+        let flag = d.predict[start];
+        let end = (start..d.ids.len()).find(|&j| d.predict[j] != flag).unwrap_or(d.ids.len());
+        let text = tok
+            .decode(&d.ids[start..end])
+            .map_err(|e| DataError::Tokenize { path: PathBuf::from("(decoding)"), message: e.to_string() })?;
+        runs.push((text, flag));
+        start = end;
+    }
+    Ok(runs)
+}
+
+/// Packs tokenized documents into rows as `packing` says, with the summary's counts.
+pub fn rows_of(
+    docs: Vec<Tokenized>,
+    packing: Packing,
+    seq: usize,
+    pad: u32,
+    mut summary: DataSummary,
+) -> (Vec<Row>, DataSummary) {
+    summary.documents += docs.len();
+    summary.no_assistant += docs.iter().filter(|d| d.no_assistant).count();
+    summary.conversations += docs.iter().filter(|d| d.chat).count();
+    match packing {
+        Packing::Packed => {
+            let (ids, predict): (Vec<u32>, Vec<bool>) =
+                docs.into_iter().flat_map(|d| d.ids.into_iter().zip(d.predict)).unzip();
+            pack(ids, predict, seq, summary)
+        }
+        Packing::PerDocument => pad_rows(docs, seq, pad, summary),
+    }
 }
 
 /// One document's tokens and targets (see the module docs).
@@ -369,7 +468,7 @@ pub fn tokenize(
                 ids.push(eos);
                 predict.push(true);
             }
-            return Ok(Tokenized { ids, predict, no_assistant: false });
+            return Ok(Tokenized { ids, predict, no_assistant: false, chat: false });
         }
         Document::Chat(m) => m,
     };
@@ -387,7 +486,7 @@ pub fn tokenize(
     // A token is a target when its text overlaps an assistant range (as transformers'
     // char_to_token marks the tokens of its generation spans).
     let predict = offsets.iter().map(|&(s, e)| ranges.iter().any(|r| s < r.end && e.max(s + 1) > r.start)).collect();
-    Ok(Tokenized { ids, predict, no_assistant })
+    Ok(Tokenized { ids, predict, no_assistant, chat: true })
 }
 
 /// Cuts the token stream into rows of `seq`.
@@ -400,6 +499,23 @@ pub fn pack(ids: Vec<u32>, predict: Vec<bool>, seq: usize, mut summary: DataSumm
         .map(|(i, p)| Row { ids: i.to_vec(), predict: p.to_vec() })
         .collect();
     summary.dropped_tokens = ids.len() % seq;
+    (rows, summary)
+}
+
+/// One row per document piece of at most `seq` tokens, padded with `pad` (never a target).
+pub fn pad_rows(docs: Vec<Tokenized>, seq: usize, pad: u32, mut summary: DataSummary) -> (Vec<Row>, DataSummary) {
+    let mut rows = Vec::new();
+    for d in docs {
+        summary.tokens += d.ids.len();
+        summary.target_tokens += d.predict.iter().filter(|&&p| p).count();
+        for (ids, predict) in d.ids.chunks(seq).zip(d.predict.chunks(seq)) {
+            let n = seq - ids.len();
+            summary.padding_tokens += n;
+            let ids = ids.iter().copied().chain(std::iter::repeat_n(pad, n)).collect();
+            let predict = predict.iter().copied().chain(std::iter::repeat_n(false, n)).collect();
+            rows.push(Row { ids, predict });
+        }
+    }
     (rows, summary)
 }
 

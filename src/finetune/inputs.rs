@@ -5,6 +5,7 @@ use std::path::Path;
 use super::{file_err, FinetuneError, Result, RunConfig};
 use crate::data::{self, DataSummary, Row};
 use crate::gpu::Context;
+use crate::io::chat::{ChatTemplate, Message};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::generate::{Generator, Sampling};
 use crate::model::weights::Weights;
@@ -15,6 +16,9 @@ pub(super) struct Data {
     pub val: Vec<Row>,
     /// Whether some tokens are not loss targets (prompt/completion data).
     pub masked: bool,
+    /// The chat template, when the data holds conversations: prompts are then sampled as user
+    /// messages in it.
+    pub chat: Option<ChatTemplate>,
     pub summary: Option<DataSummary>,
 }
 
@@ -71,7 +75,7 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
             }
             model.check_seq(rows[0].len()).map_err(|e| file_err(p, e))?;
             let train = rows.into_iter().map(|ids| Row { predict: vec![true; ids.len()], ids }).collect();
-            Ok(Data { train, val: Vec::new(), masked: false, summary: None })
+            Ok(Data { train, val: Vec::new(), masked: false, chat: None, summary: None })
         }
         (None, Some(p)) => {
             if let Err(e) = model.check_seq(cfg.seq) {
@@ -88,9 +92,14 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
                 model: &model_name,
                 given: &data::chat_flags(cfg.chat_template.as_deref(), cfg.train_on),
             };
-            let ds = data::load_with(p, tok, &chat, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
-            let masked = ds.summary.target_tokens < ds.summary.tokens;
-            Ok(Data { train: ds.train, val: ds.val, masked, summary: Some(ds.summary) })
+            let packing = if cfg.no_packing { data::Packing::PerDocument } else { data::Packing::Packed };
+            let ds = data::load_with(p, tok, &chat, packing, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
+            let masked = ds.summary.masked();
+            let chat = match ds.summary.conversations {
+                0 => None,
+                _ => tok.chat_template(cfg.chat_template.as_deref()).map_err(|e| file_err(p, e))?,
+            };
+            Ok(Data { train: ds.train, val: ds.val, masked, chat, summary: Some(ds.summary) })
         }
         (None, None) => {
             Err(FinetuneError::Config("give --ids FILE.json or --data FILE (text, folder or JSONL)".into()))
@@ -107,11 +116,25 @@ pub(super) fn samples(
     adapter: Option<&dyn crate::adapter::Adapter>,
     tok: &Tokenizer,
     prompts: &[String],
+    chat: Option<&ChatTemplate>,
     n: usize,
 ) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
+    let mut stop: Vec<u32> = tok.eos_id.into_iter().collect();
+    if let Some(t) = chat {
+        let end = t.end_of_turn().map_err(|e| FinetuneError::Config(e.to_string()))?;
+        stop.extend(tok.encode(&end).map_err(|e| FinetuneError::Config(e.to_string()))?.first());
+    }
     for p in prompts {
-        let ids = tok.encode_text(p).map_err(|e| FinetuneError::Config(format!("prompt {p:?}: {e}")))?;
+        let err = |e: String| FinetuneError::Config(format!("prompt {p:?}: {e}"));
+        let ids = match chat {
+            // A user message with the assistant's turn opened; the template writes BOS itself.
+            Some(t) => {
+                let text = t.render(&[Message::new("user", p)], true).map_err(|e| err(e.to_string()))?;
+                tok.encode_with_offsets(&text).map_err(|e| err(e.to_string()))?.0
+            }
+            None => tok.encode_text(p).map_err(|e| err(e.to_string()))?,
+        };
         if ids.is_empty() {
             continue;
         }
@@ -121,9 +144,7 @@ pub(super) fn samples(
             g = g.with_adapter(a)?;
         }
         let mut new = Vec::new();
-        g.generate(ctx, &ids, n, Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }, tok.eos_id, |t| {
-            new.push(t)
-        })?;
+        g.generate(ctx, &ids, n, Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }, &stop, |t| new.push(t))?;
         let text = tok.decode_text(&new).map_err(|e| FinetuneError::Config(e.to_string()))?;
         out.push((p.clone(), text));
     }

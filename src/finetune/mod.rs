@@ -124,6 +124,9 @@ pub struct RunConfig {
     /// Which tokens of a conversation are targets (`None`: the default, the assistant's).
     #[serde(default)]
     pub train_on: Option<crate::data::TrainOn>,
+    /// One document per row, padded, instead of packing documents into rows.
+    #[serde(default)]
+    pub no_packing: bool,
     pub adapter: AdapterConfig,
     pub train: TrainConfig,
     /// Rows per micro-batch (with `ids`: the file's rows / grad_accum).
@@ -162,6 +165,7 @@ impl RunConfig {
             data: None,
             chat_template: None,
             train_on: None,
+            no_packing: false,
             adapter: AdapterConfig::new(Method::Lora),
             train: TrainConfig::default(),
             batch: 4,
@@ -456,8 +460,16 @@ impl<'a> Session<'a> {
         if self.last_checkpoint.is_none() {
             if let (Some(t), false) = (&self.tok, self.cfg.prompts.is_empty()) {
                 let (c, w) = (self.cfg, &self.weights);
-                self.summary.samples_before =
-                    samples(self.ctx, w, &self.trainer.model.params, None, t, &c.prompts, c.sample_tokens)?;
+                self.summary.samples_before = samples(
+                    self.ctx,
+                    w,
+                    &self.trainer.model.params,
+                    None,
+                    t,
+                    &c.prompts,
+                    self.data.chat.as_ref(),
+                    c.sample_tokens,
+                )?;
                 on(&Event::Samples { after: false, samples: &self.summary.samples_before });
             }
             self.record_eval(0, on)?;
@@ -547,7 +559,7 @@ impl<'a> Session<'a> {
     /// Writes the adapter, samples after training (not after a stop: that should be quick),
     /// Delta-LoRA's merged model (the adapter beside it), the loss curve and the summary.
     fn finish(self, start: Instant, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
-        let Session { ctx, cfg, weights, tok, mut trainer, mut summary, log, .. } = self;
+        let Session { ctx, cfg, weights, tok, mut trainer, mut summary, log, data, .. } = self;
         let steps = summary.steps;
         summary.val_after = summary.val_loss.last().filter(|(s, _)| *s == steps).map(|&(_, v)| v);
         let base = base_model_ref(&cfg.model);
@@ -558,7 +570,8 @@ impl<'a> Session<'a> {
         // branch beside them: no merge, no f32 copy.
         if let (Some(t), false, false) = (&tok, cfg.prompts.is_empty(), summary.interrupted) {
             let (params, adapter) = (&trainer.model.params, trainer.model.adapter());
-            summary.samples_after = samples(ctx, &weights, params, adapter, t, &cfg.prompts, cfg.sample_tokens)?;
+            let chat = data.chat.as_ref();
+            summary.samples_after = samples(ctx, &weights, params, adapter, t, &cfg.prompts, chat, cfg.sample_tokens)?;
             on(&Event::Samples { after: true, samples: &summary.samples_after });
         }
         if delta {

@@ -137,6 +137,16 @@ impl ChatTemplate {
         Ok((full, ranges))
     }
 
+    /// The text the template writes after an assistant message to close its turn (ChatML's
+    /// `<|im_end|>\n`, Llama 3's `<|eot_id|>`, Gemma's `<end_of_turn>\n`): generation stops at
+    /// its first token.
+    pub fn end_of_turn(&self) -> Result<String> {
+        const MARK: &str = "\u{1}portalora-end-of-turn\u{1}";
+        let msgs = [Message::new("user", "Hi"), Message::new("assistant", MARK)];
+        let text = self.render(&msgs, false)?;
+        Ok(text.rsplit_once(MARK).map(|(_, after)| after.to_string()).unwrap_or_default())
+    }
+
     fn render_error(&self, e: JinjaError) -> ChatError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(s) = source {
@@ -361,6 +371,7 @@ mod tests {
         assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n");
         assert_eq!(ranges.len(), 1);
         assert_eq!(&text[ranges[0].clone()], "Hello!<|im_end|>\n");
+        assert_eq!(t.end_of_turn().unwrap(), "<|im_end|>\n");
     }
 
     #[test]

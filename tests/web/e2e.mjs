@@ -120,6 +120,25 @@ const spm = await page.evaluate(() => window.demoState.train);
 assert.equal(spm.length, 4, "four steps on the picked GGUF");
 assert.ok(spm.every(([, l]) => Number.isFinite(l)), `finite losses on the picked GGUF: ${JSON.stringify(spm)}`);
 console.log(`a GGUF picked from disk (SentencePiece vocabulary): losses ${spm.map(([, l]) => l.toFixed(3)).join(", ")}`);
+// JSONL pasted as the command line reads it: prompt/completion pairs, the loss on completions,
+// and the first example shown with its targets highlighted.
+const pairs = Array.from({ length: 40 }, (_, i) =>
+  JSON.stringify({ prompt: `Question ${i}: what is ${i} plus ${i}?`, completion: ` The answer is ${2 * i}.` }));
+await page.fill("#text", pairs.join("\n"));
+await page.fill("#steps", "2");
+await page.click("#train");
+await page.waitForFunction((n) => Number(document.body.dataset.done || 0) >= n || document.body.dataset.error,
+  methods.length + 3, { timeout: 300000 });
+assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
+const example = await page.evaluate(() => ({
+  targets: Number(document.body.dataset.exampleTargets), marked: [...document.querySelectorAll("#example mark")].map((m) => m.textContent).join(""),
+  text: document.getElementById("example").textContent, losses: window.demoState.train,
+}));
+assert.ok(example.text.includes("Question 0: what is 0 plus 0?"), `the first example: ${example.text}`);
+assert.ok(example.targets > 0 && example.marked.includes("answer is 0") && !example.marked.includes("Question"),
+  `only the completion is marked: ${JSON.stringify(example)}`);
+assert.ok(example.losses.length === 2 && example.losses.every(([, l]) => Number.isFinite(l)), JSON.stringify(example.losses));
+console.log(`prompt/completion JSONL in the page: targets marked ${JSON.stringify(example.marked)}`);
 const shot = path.join(root, "target", "web-e2e.png");
 await page.screenshot({ path: shot, fullPage: true });
 console.log(`screenshot: ${shot}`);

@@ -4,6 +4,8 @@ use std::io::Write;
 use std::path::Path;
 
 use portalora::gpu::Context;
+use portalora::io::chat::Message;
+use portalora::io::tokenizer::Tokenizer;
 use portalora::model::generate::{Generator, Sampling};
 use portalora::model::gpu::{BaseDType, GpuModel, ParameterTensors};
 
@@ -17,6 +19,7 @@ type Rows = (Vec<Vec<u32>>, Option<Vec<Vec<bool>>>);
 pub(crate) struct Chat<'a> {
     pub template: Option<&'a Path>,
     pub train_on: Option<portalora::data::TrainOn>,
+    pub no_packing: bool,
 }
 
 /// Token rows from `--ids`, or from `--data` read exactly as `train --data` reads it (text,
@@ -31,7 +34,7 @@ fn read_rows(
     match (ids, data) {
         (Some(p), _) => Ok((portalora::finetune::read_ids(p)?, None)),
         (None, Some(p)) => {
-            let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
+            let tok = Tokenizer::for_model(model)?;
             let name = model.display().to_string();
             let given = portalora::data::chat_flags(chat.template, chat.train_on);
             let opts = portalora::data::ChatOptions {
@@ -40,9 +43,11 @@ fn read_rows(
                 model: &name,
                 given: &given,
             };
-            let ds = portalora::data::load_with(p, &tok, &opts, seq, 0.0, 0)?;
+            let packing =
+                if chat.no_packing { portalora::data::Packing::PerDocument } else { portalora::data::Packing::Packed };
+            let ds = portalora::data::load_with(p, &tok, &opts, packing, seq, 0.0, 0)?;
             eprintln!("{}: {}", p.display(), ds.summary);
-            let masked = ds.summary.target_tokens < ds.summary.tokens;
+            let masked = ds.summary.masked();
             let masks = masked.then(|| ds.train.iter().map(|r| r.predict.clone()).collect());
             Ok((ds.train.into_iter().map(|r| r.ids).collect(), masks))
         }
@@ -87,12 +92,45 @@ pub(crate) fn eval(
     Ok(())
 }
 
-/// Continues `prompt`, printing as it goes; says why it stopped when that was not the end of
+/// What `generate` continues: text as it stands, or a user message in the chat template.
+pub(crate) enum Input {
+    Text(String),
+    Chat { user: String, system: Option<String>, template: Option<std::path::PathBuf> },
+}
+
+/// A prompt's ids, the text to echo and the stop tokens (see [`prompt_ids`]).
+type Prompt = (Vec<u32>, String, Vec<u32>);
+
+/// The prompt's ids, the text to echo, and the tokens that end generation (end of text; for a
+/// chat, also the first token of the template's end-of-turn text).
+fn prompt_ids(tok: &Tokenizer, model: &Path, input: Input) -> Result<Prompt, Box<dyn std::error::Error>> {
+    let mut stop: Vec<u32> = tok.eos_id.into_iter().collect();
+    match input {
+        Input::Text(p) => Ok((tok.encode_text(&p)?, p, stop)),
+        Input::Chat { user, system, template } => {
+            let t = tok.chat_template(template.as_deref())?.ok_or_else(|| {
+                format!("{} has no chat template; pass one with --chat-template FILE, or use --prompt", model.display())
+            })?;
+            let mut msgs: Vec<Message> = system.iter().map(|s| Message::new("system", s)).collect();
+            msgs.push(Message::new("user", &user));
+            let text = t.render(&msgs, true)?;
+            // The template writes its own BOS and turn markers: nothing is added.
+            let (ids, _) = tok.encode_with_offsets(&text)?;
+            let (end, _) = tok.encode_with_offsets(&t.end_of_turn()?)?;
+            stop.extend(end.first());
+            // The reply alone is printed (`portalora tokenize` shows what the template renders).
+            let _ = text;
+            Ok((ids, String::new(), stop))
+        }
+    }
+}
+
+/// Continues the input, printing as it goes; says why it stopped when that was not the end of
 /// the text or `max_tokens`.
 pub(crate) fn generate(
     ctx: &Context,
     model: &Path,
-    prompt: &str,
+    input: Input,
     max_tokens: usize,
     sampling: Sampling,
     adapter: Option<&Path>,
@@ -104,9 +142,9 @@ pub(crate) fn generate(
     if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
         return Err(format!("--top-p {} must be in (0, 1]", sampling.top_p).into());
     }
-    let tok = portalora::io::tokenizer::Tokenizer::for_model(model)?;
+    let tok = Tokenizer::for_model(model)?;
     let weights = crate::load_model(model)?;
-    let ids = tok.encode_text(prompt)?;
+    let (ids, prompt, stop) = prompt_ids(&tok, model, input)?;
     if ids.is_empty() {
         return Err("the prompt is empty".into());
     }
@@ -136,7 +174,7 @@ pub(crate) fn generate(
     let mut new_ids = Vec::new();
     let mut printed = 0;
     let mut err = None;
-    let got = gen.generate(ctx, &ids, max_tokens, sampling, tok.eos_id, |t| {
+    let got = gen.generate(ctx, &ids, max_tokens, sampling, &stop, |t| {
         new_ids.push(t);
         let text = if special { tok.decode(&new_ids) } else { tok.decode_text(&new_ids) };
         match text {
@@ -153,7 +191,7 @@ pub(crate) fn generate(
     if let Some(e) = err {
         return Err(e.into());
     }
-    let ended = got.last().is_some_and(|&t| Some(t) == tok.eos_id);
+    let ended = got.last().is_some_and(|t| stop.contains(t));
     if !ended && got.len() < max_tokens {
         eprintln!("(stopped after {} new tokens: the model's context of {context} positions is full)", got.len());
     }

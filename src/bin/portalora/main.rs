@@ -68,6 +68,9 @@ enum Command {
         /// Which tokens of a conversation are scored: assistant or all [default: assistant].
         #[arg(long, value_parser = |s: &str| s.parse::<portalora::data::TrainOn>())]
         train_on: Option<portalora::data::TrainOn>,
+        /// One document per row, padded (padding is never scored), instead of packing.
+        #[arg(long)]
+        no_packing: bool,
         /// Tokens per row with --data (the tail shorter than a row is dropped).
         #[arg(long, default_value_t = 128)]
         seq: usize,
@@ -90,8 +93,19 @@ enum Command {
         /// A .gguf file or a Hugging Face folder.
         #[arg(long)]
         model: PathBuf,
+        /// Text to continue, as it stands.
+        #[arg(long, required_unless_present = "chat", conflicts_with = "chat")]
+        prompt: Option<String>,
+        /// A user message: rendered with the model's chat template (or --chat-template) with the
+        /// assistant's turn opened; generation stops at the template's end of turn.
         #[arg(long)]
-        prompt: String,
+        chat: Option<String>,
+        /// A system message before --chat.
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        /// A chat template (Jinja) for --chat, replacing the model's.
+        #[arg(long, requires = "chat")]
+        chat_template: Option<PathBuf>,
         /// New tokens at most (generation also stops at the end-of-sequence token).
         #[arg(long, default_value_t = 32)]
         max_tokens: usize,
@@ -338,7 +352,20 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
         Command::Inspect { .. } | Command::Tokenize(_) => unreachable!("handled above"),
-        Command::Generate { model, prompt, max_tokens, temperature, top_k, top_p, seed, adapter, special } => {
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            chat_template,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            adapter,
+            special,
+        } => {
             let sampler: Vec<String> =
                 ["top_k", "top_p", "seed"].iter().filter(|id| given.contains(**id)).map(|id| flag(id)).collect();
             if temperature == 0.0 && !sampler.is_empty() {
@@ -350,17 +377,22 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
                 .into());
             }
             let sampling = portalora::model::generate::Sampling { temperature, top_k, top_p, seed };
-            infer::generate(&ctx, &model, &prompt, max_tokens, sampling, adapter.as_deref(), special)?
+            let input = match (prompt, chat) {
+                (Some(p), _) => infer::Input::Text(p),
+                (None, Some(user)) => infer::Input::Chat { user, system, template: chat_template },
+                (None, None) => unreachable!("clap requires one"),
+            };
+            infer::generate(&ctx, &model, input, max_tokens, sampling, adapter.as_deref(), special)?
         }
-        Command::Eval { model, ids, data, chat_template, train_on, seq, batch, adapter, json } => {
-            for id in ["seq", "chat_template", "train_on"] {
+        Command::Eval { model, ids, data, chat_template, train_on, no_packing, seq, batch, adapter, json } => {
+            for id in ["seq", "chat_template", "train_on", "no_packing"] {
                 if ids.is_some() && given.contains(id) {
                     return Err(
                         format!("{} is not used with --ids (the file holds token rows); drop it", flag(id)).into()
                     );
                 }
             }
-            let chat = infer::Chat { template: chat_template.as_deref(), train_on };
+            let chat = infer::Chat { template: chat_template.as_deref(), train_on, no_packing };
             infer::eval(&ctx, &model, ids.as_deref(), data.as_deref(), chat, seq, batch, adapter.as_deref(), json)?
         }
         Command::Train(args) => return train::train(&ctx, *args, given),

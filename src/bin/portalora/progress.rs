@@ -52,7 +52,7 @@ impl Progress {
                 let when = if *after { "after training" } else { "before training (the base model)" };
                 self.line(&format!("samples {when}:"));
                 for (p, t) in samples.iter() {
-                    self.line(&format!("  {p}▌{}", t.replace('\n', "\n  ")));
+                    self.line(&format!("  {}▌{}", p.replace('\n', "\n  "), t.replace('\n', "\n  ")));
                 }
             }
             Event::Step { stats, steps, eta_s, tokens_per_s, .. } => {

@@ -51,19 +51,12 @@ pub(crate) fn tokenize(a: &TokenizeArgs) -> Result<(), Box<dyn std::error::Error
         let targets = d.predict.iter().filter(|&&p| p).count();
         let note = if d.no_assistant { ", no assistant turn" } else { "" };
         writeln!(out, "\n--- document {} ({} tokens, {targets} targets{note})", i + 1, d.ids.len())?;
-        // Runs of tokens with the same flag, decoded together so that characters split across
-        // tokens come out whole.
-        let mut start = 0;
-        while start < d.ids.len() {
-            let flag = d.predict[start];
-            let end = (start..d.ids.len()).find(|&j| d.predict[j] != flag).unwrap_or(d.ids.len());
-            let text = tok.decode(&d.ids[start..end])?;
-            if flag {
+        for (text, target) in data::target_runs(&tok, d)? {
+            if target {
                 write!(out, "{on}{text}{off}")?;
             } else {
                 write!(out, "{text}")?;
             }
-            start = end;
         }
         writeln!(out)?;
     }

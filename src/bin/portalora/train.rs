@@ -45,6 +45,10 @@ pub(crate) struct TrainArgs {
     /// end-of-turn text closing it) or all [default: assistant].
     #[arg(long, value_parser = parse_train_on)]
     train_on: Option<portalora::data::TrainOn>,
+    /// One document per row (a longer one cut into pieces of --seq), padded with tokens that are
+    /// never targets, instead of packing documents into rows.
+    #[arg(long)]
+    no_packing: bool,
     /// lora, lora-fa, vera, delta-lora or lora-plus.
     #[arg(long, default_value = "lora")]
     method: String,
@@ -348,7 +352,7 @@ fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
         (&["betas", "eps"], sgd, "only AdamW uses it"),
         (&["batch", "seq", "no_shuffle"], ids, "with --ids every step trains on all the file's rows, in order"),
         (&["val_fraction", "val_rows"], ids, "--ids has no validation rows"),
-        (&["chat_template", "train_on"], ids, "--ids holds token ids, not conversations"),
+        (&["chat_template", "train_on", "no_packing"], ids, "--ids holds token rows, not documents"),
         (&["sample_tokens"], a.prompt.is_empty(), "it sets the length of --prompt samples"),
         (
             &["init", "vera_d_initial", "vera_seed"],
@@ -387,6 +391,7 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     cfg.data = a.data.clone();
     cfg.chat_template = a.chat_template.clone();
     cfg.train_on = a.train_on;
+    cfg.no_packing = a.no_packing;
     // The schedule's length is fixed once the data is known (epochs): see finetune::run.
     cfg.train = train_config(a, method, a.steps.unwrap_or(0) as u64)?;
     cfg.adapter = adapter_config(a, method, init.as_ref())?;

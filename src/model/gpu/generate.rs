@@ -174,7 +174,7 @@ impl<'p> Generator<'p> {
         Ok(())
     }
 
-    /// Feeds the prompt, then samples up to `max_new` tokens (stopping after `stop`), calling
+    /// Feeds the prompt, then samples up to `max_new` tokens (stopping after any token of `stop`), calling
     /// `on_token` with each new token as it is chosen. Returns the new tokens.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn generate(
@@ -183,7 +183,7 @@ impl<'p> Generator<'p> {
         prompt: &[u32],
         max_new: usize,
         sampling: Sampling,
-        stop: Option<u32>,
+        stop: &[u32],
         on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
         crate::gpu::block_on(self.generate_async(ctx, prompt, max_new, sampling, stop, on_token))
@@ -196,7 +196,7 @@ impl<'p> Generator<'p> {
         prompt: &[u32],
         max_new: usize,
         sampling: Sampling,
-        stop: Option<u32>,
+        stop: &[u32],
         mut on_token: impl FnMut(u32),
     ) -> Result<Vec<u32>> {
         self.reset();
@@ -207,7 +207,7 @@ impl<'p> Generator<'p> {
             let next = sample(&logits, sampling, &mut rng);
             out.push(next);
             on_token(next);
-            if Some(next) == stop || i + 1 == max_new || self.pos >= self.max_len {
+            if stop.contains(&next) || i + 1 == max_new || self.pos >= self.max_len {
                 break;
             }
             logits = self.submit(ctx, &[next])?.await?;
