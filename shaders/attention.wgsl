@@ -27,6 +27,16 @@ struct Params {
     kv_seq: u32,
     q_offset: u32,
     window: u32,  // sliding window: query at position i sees keys i − window < s ≤ i (0: all)
+    docs: u32,    // 1: documents packed in a row see only themselves (see below)
+}
+
+// Packed documents (docs = 1; training and evaluation, q_offset = 0): query t sees no key before
+// its document's first token, start(t) = t − positions[b, t]. The forward reads the positions
+// and writes each token's start as the bits of an f32 after lse's (B, H, T) values (lse is then
+// (B·H·T + B·T,)), where the backward kernels, already at WebGPU's guaranteed 8 storage buffers,
+// read it.
+fn start_slot(b: u32, t: u32) -> u32 {
+    return p.batch * p.heads * p.seq + b * p.seq + t;
 }
 
 // The first key a query at absolute position `pos` sees.
@@ -49,6 +59,7 @@ const MAX_HEAD_DIM: u32 = 256u;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<storage, read> fpos: array<u32>;  // (B, T) positions in documents (docs = 1)
 
 @compute @workgroup_size(64, 1, 1)
 fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -66,7 +77,13 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     for (var i = 0u; i < d; i++) { acc[i] = 0.0; }
     var m = -3.0e38;
     var l = 0.0;
-    for (var s = first_key(p.q_offset + t); s <= p.q_offset + t; s++) {
+    var lo = first_key(p.q_offset + t);
+    if (p.docs == 1u) {
+        let start = t - fpos[b * p.seq + t];
+        lo = max(lo, start);
+        if (h == 0u) { lse[start_slot(b, t)] = bitcast<f32>(start); }
+    }
+    for (var s = lo; s <= p.q_offset + t; s++) {
         let kv_base = ((b * p.kv_seq + s) * p.kv_heads + g) * d;
         var dot = 0.0;
         for (var i = 0u; i < d; i++) { dot += q[q_base + i] * k[kv_base + i]; }
@@ -117,7 +134,9 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     var acc: array<f32, MAX_HEAD_DIM>;
     for (var i = 0u; i < d; i++) { acc[i] = 0.0; }
     let l = blse[gid];
-    for (var s = first_key(t); s <= t; s++) {
+    var lo = first_key(t);
+    if (p.docs == 1u) { lo = max(lo, bitcast<u32>(blse[start_slot(b, t)])); }
+    for (var s = lo; s <= t; s++) {
         let kv_base = ((b * p.seq + s) * p.kv_heads + g) * d;
         var qk = 0.0;
         var dv_dot = 0.0;
@@ -151,6 +170,9 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
     for (var hh = 0u; hh < group; hh++) {
         let h = g * group + hh;
         for (var t = s; t < end_query(s, p.seq); t++) {
+            // Starts never decrease along a row: past the first query of a later document, none
+            // sees key s.
+            if (p.docs == 1u && bitcast<u32>(klse[start_slot(b, t)]) > s) { break; }
             let q_base = ((b * p.seq + t) * p.heads + h) * d;
             let row = (b * p.heads + h) * p.seq + t;
             var qk = 0.0;

@@ -21,6 +21,12 @@ struct Params {
     kv_seq: u32,
     q_offset: u32,
     window: u32,  // sliding window (0: none); see attention.wgsl
+    docs: u32,    // 1: packed documents see only themselves; see attention.wgsl
+}
+
+// Where a token's document start is kept after lse's values (see attention.wgsl).
+fn start_slot(b: u32, t: u32) -> u32 {
+    return p.batch * p.heads * p.seq + b * p.seq + t;
 }
 
 // Whether the query at absolute position `pos` sees key `s` (causal, within the window).
@@ -41,7 +47,8 @@ const D4: u32 = {{D4}}u;
 @group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;         // (B, kv_seq, KV, d)
 @group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;         // (B, kv_seq, KV, d)
 @group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>; // (B, T, H, d)
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;       // (B, H, T)
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;       // (B, H, T) (+ (B, T) starts)
+@group(0) @binding(6) var<storage, read> fpos: array<u32>;            // (B, T) positions (docs = 1)
 
 fn hsum(x: vec4<f32>) -> f32 {
     return (x.x + x.y) + (x.z + x.w);
@@ -60,12 +67,14 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     var m = -3.0e38;
     var l = 0.0;
     let mine = p.q_offset + tt;
+    var start = 0u;
+    if (p.docs == 1u) { start = tt - fpos[b * p.seq + tt]; }
     let last = p.q_offset + min(wg.x * 64u + 63u, p.seq - 1u);
     for (var s = first_key(p.q_offset + wg.x * 64u); s <= last; s++) {
         let kb = ((b * p.kv_seq + s) * p.kv_heads + g) * D4;
         var dot = vec4<f32>(0.0);
 {{FWD_DOT}}
-        if (sees(mine, s)) {
+        if (sees(mine, s) && s >= start) {
             let score = hsum(dot);
             let m_new = max(m, score);
             let c = exp(m - m_new);
@@ -79,6 +88,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         let inv = 1.0 / l;
 {{FWD_STORE}}
         lse[(b * p.heads + h) * p.seq + t] = m + log(l);
+        if (p.docs == 1u && h == 0u) { lse[start_slot(b, t)] = bitcast<f32>(start); }
     }
 }
 
@@ -111,13 +121,15 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
 {{DQ_DECL}}
     let dsum_t = hsum(dsum4);
     let l = blse[row];
+    var start = 0u;
+    if (p.docs == 1u) { start = bitcast<u32>(blse[start_slot(b, tt)]); }
     let last = min(wg.x * 64u + 63u, p.seq - 1u);
     for (var s = first_key(wg.x * 64u); s <= last; s++) {
         let kb = ((b * p.seq + s) * p.kv_heads + g) * D4;
         var qk = vec4<f32>(0.0);
         var dvd = vec4<f32>(0.0);
 {{DQ_DOT}}
-        if (sees(tt, s)) {
+        if (sees(tt, s) && s >= start) {
             let pr = exp(hsum(qk) * p.scale - l);
             let ds = pr * (hsum(dvd) - dsum_t) * p.scale;
 {{DQ_ACC}}
@@ -151,7 +163,9 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             var qk = vec4<f32>(0.0);
             var dvd = vec4<f32>(0.0);
 {{DKV_DOT}}
-            if (sees(t, ss)) {
+            var start = 0u;
+            if (p.docs == 1u) { start = bitcast<u32>(klse[start_slot(b, t)]); }
+            if (sees(t, ss) && ss >= start) {
                 let pr = exp(hsum(qk) * p.scale - klse[row]);
                 let ds = pr * (hsum(dvd) - bdsum[row]) * p.scale;
 {{DKV_ACC}}

@@ -5,7 +5,8 @@
 // rope_forward rotates by +angle; rope_backward by −angle (the transpose of a rotation), which
 // maps the gradient of the output to the gradient of the input. One invocation per pair.
 // x and out are (rows = batch · seq, heads, head_dim); pos = pos_offset + row % seq (the offset
-// places new tokens after a KV cache during generation).
+// places new tokens after a KV cache during generation), or with `docs` set positions[row]: the
+// token's position within its document when documents are packed into rows.
 
 struct Params {
     rows: u32,
@@ -14,12 +15,14 @@ struct Params {
     head_dim: u32,
     gx: u32,         // workgroups along x
     pos_offset: u32,
+    docs: u32,       // 1: positions[row] gives each row's position
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;          // (rows, heads, head_dim)
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;  // (rows, heads, head_dim)
 @group(0) @binding(3) var<storage, read> inv_freq: array<f32>;   // (head_dim / 2,)
+@group(0) @binding(4) var<storage, read> positions: array<u32>;  // (rows,), read when docs = 1
 
 fn rotate(gid: u32, sign: f32) {
     let half = p.head_dim / 2u;
@@ -29,7 +32,8 @@ fn rotate(gid: u32, sign: f32) {
     let rem = gid % per_row;
     let h = rem / half;
     let i = rem % half;
-    let pos = f32(p.pos_offset + row % p.seq);
+    var pos = f32(p.pos_offset + row % p.seq);
+    if (p.docs == 1u) { pos = f32(positions[row]); }
     // Same f32 steps as transformers: pos · inv_freq.
     let angle = pos * inv_freq[i];
     let c = cos(angle);

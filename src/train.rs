@@ -216,6 +216,9 @@ pub struct Trainer {
 pub struct Batch<'a> {
     pub ids: &'a [Vec<u32>],
     pub predict: Option<&'a [Vec<bool>]>,
+    /// Each token's position in its document, when documents are packed into the rows (see
+    /// [`crate::model::gpu::GpuModel::write_batch_docs`]); `None`: one document per row.
+    pub positions: Option<&'a [Vec<u32>]>,
 }
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -438,7 +441,7 @@ impl Trainer {
     /// first predicted.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn train_step(&mut self, ctx: &Context, ids: &[Vec<u32>]) -> Result<StepStats> {
-        self.train_step_batches(ctx, &[Batch { ids, predict: None }])
+        self.train_step_batches(ctx, &[Batch { ids, predict: None, positions: None }])
     }
 
     /// One optimizer step over `micro` batches (one per gradient-accumulation micro-batch, each
@@ -494,7 +497,7 @@ impl Trainer {
         let total = micro.iter().map(|m| predicted_positions(m.ids, m.predict)).sum::<usize>().max(1);
         let mut tokens = 0;
         for (i, m) in micro.iter().enumerate() {
-            self.model.write_batch(ctx, m.ids, m.predict)?;
+            self.model.write_batch_docs(ctx, m.ids, m.predict, m.positions)?;
             ctx.write_f32(&self.model.acts.loss_scale, &[1.0 / total as f32])?;
             if let Some(seed) = self.adapter().dropout_seed() {
                 let s = self.adapter_config.seed ^ (t * k as u64 + i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -642,11 +645,24 @@ impl Trainer {
         rows: &[Vec<u32>],
         predict: Option<&[Vec<bool>]>,
     ) -> Result<f64> {
+        self.eval_rows_async(ctx, &Batch { ids: rows, predict, positions: None }).await
+    }
+
+    /// Mean loss over the targets of `rows` (any number of rows, with their masks and document
+    /// positions), in batches of the model's.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn eval_rows(&self, ctx: &Context, rows: &Batch) -> Result<f64> {
+        crate::gpu::block_on(self.eval_rows_async(ctx, rows))
+    }
+
+    /// [`Trainer::eval_rows`] for callers that cannot block (browsers).
+    pub async fn eval_rows_async(&self, ctx: &Context, rows: &Batch<'_>) -> Result<f64> {
         let (mut sum, mut count) = (0.0, 0usize);
         let b = self.model.acts.batch;
-        for (i, chunk) in rows.chunks(b).enumerate() {
-            let mask = predict.map(|p| &p[i * b..i * b + chunk.len()]);
-            let (s, c) = self.model.loss_sum_async(ctx, chunk, mask).await?;
+        for (i, chunk) in rows.ids.chunks(b).enumerate() {
+            let mask = rows.predict.map(|p| &p[i * b..i * b + chunk.len()]);
+            let positions = rows.positions.map(|p| &p[i * b..i * b + chunk.len()]);
+            let (s, c) = self.model.loss_sum_docs_async(ctx, chunk, mask, positions).await?;
             sum += s;
             count += c;
         }

@@ -291,7 +291,7 @@ impl Engine {
             "example": example,
         })
         .to_string();
-        g.masked = ds.summary.masked();
+        g.masked = true; // a document's first token is never a target
         g.chat = chat;
         g.trainer = Some(trainer);
         g.train = ds.train;
@@ -315,9 +315,10 @@ impl Engine {
             let picked: Vec<&Row> = (0..b).map(|i| &g.train[(g.rows_read + i) % n]).collect();
             let rows: Vec<Vec<u32>> = picked.iter().map(|r| r.ids.clone()).collect();
             let masks: Vec<Vec<bool>> = picked.iter().map(|r| r.predict.clone()).collect();
+            let pos: Vec<Vec<u32>> = picked.iter().map(|r| r.pos.clone()).collect();
             g.rows_read += b;
-            let predict = g.masked.then_some(&masks[..]);
-            let st = trainer.train_step_async(&g.ctx, &[Batch { ids: &rows, predict }]).await.map_err(err)?;
+            let batch = Batch { ids: &rows, predict: g.masked.then_some(&masks[..]), positions: Some(&pos) };
+            let st = trainer.train_step_async(&g.ctx, &[batch]).await.map_err(err)?;
             let seconds = (js_sys::Date::now() - t0) / 1000.0;
             Ok(JsValue::from_str(
                 &serde_json::json!({"step": st.step, "loss": st.loss, "lr": st.lr, "tokens": st.tokens, "seconds": seconds})
@@ -338,7 +339,9 @@ impl Engine {
                 return Err(err("no validation rows: paste more text").into());
             }
             let masks: Vec<Vec<bool>> = g.val.iter().map(|r| r.predict.clone()).collect();
-            let v = trainer.eval_loss_async(&g.ctx, &rows, g.masked.then_some(&masks[..])).await.map_err(err)?;
+            let pos: Vec<Vec<u32>> = g.val.iter().map(|r| r.pos.clone()).collect();
+            let batch = Batch { ids: &rows, predict: g.masked.then_some(&masks[..]), positions: Some(&pos) };
+            let v = trainer.eval_rows_async(&g.ctx, &batch).await.map_err(err)?;
             Ok(JsValue::from_f64(v))
         })
     }

@@ -264,9 +264,11 @@ fn lora_fa_keeps_only_z_for_backward() {
     };
     let kept = |method: Method| trainer(method, false).kept_bytes();
     let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
-    // What the frozen LLaMA layer's backward reads: rstd1, v, att, lse, x_mid, rstd2, gate,
-    // q_rot, k_rot, up; plus the residual streams; plus z = x·Aᵀ (N, r) per adapted projection.
-    let base = c.num_layers * (n + n * kv + n * q + b * c.num_heads * t + n * h + n + n * f + n * q + n * kv + n * f)
+    // What the frozen LLaMA layer's backward reads: rstd1, v, att, lse (with each token's
+    // document start after it), x_mid, rstd2, gate, q_rot, k_rot, up; plus the residual streams;
+    // plus z = x·Aᵀ (N, r) per adapted projection.
+    let base = c.num_layers
+        * (n + n * kv + n * q + b * c.num_heads * t + n + n * h + n + n * f + n * q + n * kv + n * f)
         + (c.num_layers + 1) * n * h;
     let z = c.num_layers * 7 * n * 4;
     assert_eq!(kept(Method::LoraFa), ((base + z) * 4) as u64);

@@ -30,8 +30,11 @@ fn text_is_packed_into_rows_with_the_tail_dropped() {
     let ds = data::load(&file, &tok, 8, 0.0, 1).unwrap();
     let n = VERSE.chars().count() + 1; // + end-of-text
     assert_eq!(ds.summary.tokens, n);
-    assert_eq!(ds.summary.target_tokens, n);
+    // A row's first token has nothing before it in the row: never a target.
+    assert_eq!(ds.summary.target_tokens, n - n / 8);
     assert_eq!(ds.train.len(), n / 8);
+    // One document over several rows: each row is a piece of it, positions from 0.
+    assert!(ds.train.iter().all(|r| r.pos == (0..8).collect::<Vec<u32>>() && !r.predict[0]));
     assert_eq!(ds.summary.dropped_tokens, n % 8);
     let flat: Vec<u32> = ds.train.iter().flat_map(|r| r.ids.clone()).collect();
     assert_eq!(&flat[..], &tok.encode(VERSE).unwrap()[..flat.len()], "rows are the token stream in order");
@@ -40,6 +43,15 @@ fn text_is_packed_into_rows_with_the_tail_dropped() {
     let ds = data::load(&dir, &tok, 4, 0.0, 1).unwrap();
     assert_eq!((ds.summary.files, ds.summary.documents), (2, 2));
     assert_eq!(ds.summary.tokens, n + "Hello there.".len() + 1);
+    // The second document starts at position 0, is not a target there, and sees nothing before.
+    let stream: Vec<(u32, bool)> = ds.train.iter().flat_map(|r| r.pos.iter().copied().zip(r.predict.clone())).collect();
+    let b_start = n; // a.txt's tokens and its end-of-text come first
+    if b_start < stream.len() {
+        assert_eq!(stream[b_start], (0, false), "b.txt's first token");
+    }
+    for r in &ds.train {
+        assert!(r.pos.windows(2).all(|w| w[1] == 0 || w[1] == w[0] + 1) && r.pos[0] == 0, "{:?}", r.pos);
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -57,9 +69,15 @@ fn jsonl_prompts_are_masked_out_of_the_loss() {
     let (p, c) = ("Q: who?\nA:".len(), " Hamlet.".len());
     let mut want = vec![false; p];
     want.extend(vec![true; c + 1]); // the completion and its end-of-text
-    want.extend(vec![true; 4]); // "abc" + end-of-text
+    want.push(false); // "a": a document's first token has nothing before it in its document
+    want.extend(vec![true; 3]); // "bc" + end-of-text
+                                // The dropped tail counts as the stream has it; in rows, nor is a row's first token (rows of 2).
+    let tail: usize = want[predict.len()..].iter().filter(|&&w| w).count();
+    for (i, w) in want.iter_mut().enumerate() {
+        *w &= i % 2 != 0;
+    }
     assert_eq!(predict, want[..predict.len()]);
-    assert_eq!(ds.summary.target_tokens, c + 1 + 4);
+    assert_eq!(ds.summary.target_tokens, predict.iter().filter(|&&w| w).count() + tail);
     // Formats mixed in one file, missing fields and bad lines name the file and line.
     std::fs::write(&file, "{\"prompt\": \"Q\", \"completion\": \"A\"}\n{\"text\": \"abc\"}\n").unwrap();
     let err = data::load(&file, &tok, 2, 0.0, 0).unwrap_err().to_string();
@@ -81,7 +99,8 @@ fn jsonl_prompts_are_masked_out_of_the_loss() {
 
 #[test]
 fn split_sizes_and_seeded_orders() {
-    let rows: Vec<data::Row> = (0..40).map(|i| data::Row { ids: vec![i, i], predict: vec![true; 2] }).collect();
+    let rows: Vec<data::Row> =
+        (0..40).map(|i| data::Row { ids: vec![i, i], predict: vec![true; 2], pos: vec![0, 1] }).collect();
     for (frac, val) in [(0.0, 0), (0.1, 4), (0.25, 10), (0.01, 1), (0.99, 39)] {
         let ds = data::split(rows.clone(), frac, 3, data::DataSummary::default());
         assert_eq!((ds.train.len(), ds.val.len()), (40 - val, val), "fraction {frac}");
@@ -209,13 +228,13 @@ fn gradient_accumulation_equals_one_larger_batch() {
     let mut one = Trainer::new(&ctx, &w, 2, 9, &cfg, &tc, None).unwrap();
     let mut two = Trainer::new(&ctx, &w, 1, 9, &cfg, &TrainConfig { grad_accum: 2, ..tc.clone() }, None).unwrap();
     for _ in 0..3 {
-        let a = one.train_step_batches(&ctx, &[Batch { ids: &rows, predict: Some(&mask) }]).unwrap();
+        let a = one.train_step_batches(&ctx, &[Batch { ids: &rows, predict: Some(&mask), positions: None }]).unwrap();
         let b = two
             .train_step_batches(
                 &ctx,
                 &[
-                    Batch { ids: &rows[..1], predict: Some(&mask[..1]) },
-                    Batch { ids: &rows[1..], predict: Some(&mask[1..]) },
+                    Batch { ids: &rows[..1], predict: Some(&mask[..1]), positions: None },
+                    Batch { ids: &rows[1..], predict: Some(&mask[1..]), positions: None },
                 ],
             )
             .unwrap();
@@ -588,7 +607,7 @@ fn one_document_per_row_pads_and_scores_only_the_document() {
     assert_eq!(&ds.train[2].ids[..long.ids.len() - seq], &long.ids[seq..]);
     let pad = (seq - short.ids.len()) + (2 * seq - long.ids.len());
     assert_eq!(ds.summary.padding_tokens, pad);
-    assert!(ds.summary.masked() && ds.summary.to_string().contains(&format!("{pad} padding tokens")));
+    assert!(ds.summary.to_string().contains(&format!("{pad} padding tokens")));
     let Some(ctx) = context() else { return };
     let w = portalora::model::load_model(fixture("tiny_gpt2")).unwrap();
     let n = short.ids.len();

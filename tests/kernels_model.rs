@@ -150,6 +150,7 @@ fn attention_scratch(ctx: &Context, s: &AttentionShape, backward: bool) -> porta
         o: poisoned(ctx, "oh", &hm),
         scores: poisoned(ctx, "scores", &s.scores_shape()),
         dscores: backward.then(|| poisoned(ctx, "dscores", &s.scores_shape())),
+        positions: None,
     }
 }
 

@@ -72,15 +72,20 @@ async fn matmul_and_attention_match_the_references() {
     }
 }
 
-#[wasm_bindgen_test]
-async fn lora_training_matches_peft_in_the_browser() {
-    let ctx = context().await;
-    let w = load_safetensors_bytes(
+/// The tiny GPT-2 of tests/fixtures (the native tests' model).
+fn tiny_gpt2() -> portalora::model::Weights {
+    load_safetensors_bytes(
         "tiny_gpt2",
         include_str!("fixtures/tiny_gpt2/config.json"),
         &[include_bytes!("fixtures/tiny_gpt2/model.safetensors")],
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn lora_training_matches_peft_in_the_browser() {
+    let ctx = context().await;
+    let w = tiny_gpt2();
     let e: serde_json::Value = serde_json::from_str(include_str!("fixtures/adapters/gpt2_lora/expected.json")).unwrap();
     let peft = PeftFile::from_bytes(
         Path::new("gpt2_lora/init"),
@@ -103,7 +108,8 @@ async fn lora_training_matches_peft_in_the_browser() {
     let mut trainer = Trainer::new(&ctx, &w, ids.len(), ids[0].len(), &cfg, &tc, Some(&peft)).unwrap();
     for (i, want) in e["losses"].as_array().unwrap().iter().enumerate() {
         let want = want.as_f64().unwrap();
-        let got = trainer.train_step_async(&ctx, &[Batch { ids: &ids, predict: None }]).await.unwrap().loss;
+        let got =
+            trainer.train_step_async(&ctx, &[Batch { ids: &ids, predict: None, positions: None }]).await.unwrap().loss;
         assert!((got - want).abs() / want < 1e-4, "step {}: loss {got} vs PEFT {want}", i + 1);
     }
     let eval = trainer.eval_loss_async(&ctx, &ids_of(&e["eval_ids"]), None).await.unwrap();
@@ -314,4 +320,35 @@ async fn chat_data_renders_and_marks_the_assistant_in_the_browser() {
     assert!(text.contains("user\nHi there<|im_end|>") && text.contains("assistant\n"), "{text:?}");
     assert!(marked.contains("Hello!") && !marked.contains("Hi there"), "targets {marked:?} of {text:?}");
     assert!(docs[0].chat && !docs[0].no_assistant);
+}
+
+/// The loss of one row summed over every token but each document's first (`pos` 0), with the
+/// document positions given to the model when `packed`.
+async fn loss_sum(ctx: &Context, t: &Trainer, ids: Vec<u32>, pos: Vec<u32>, packed: bool) -> f64 {
+    let predict: Vec<Vec<bool>> = vec![pos.iter().map(|&p| p > 0).collect()];
+    let n = predict[0].iter().filter(|&&p| p).count() as f64;
+    let (rows, positions) = (vec![ids], vec![pos]);
+    let b = Batch { ids: &rows, predict: Some(&predict), positions: packed.then_some(&positions[..]) };
+    t.eval_rows_async(ctx, &b).await.unwrap() * n
+}
+
+/// Documents packed into one row see only themselves in the browser too (the fused kernels,
+/// without subgroups): the row's loss sum equals its documents' alone.
+#[wasm_bindgen_test]
+async fn a_packed_row_equals_its_documents_alone_in_the_browser() {
+    let ctx = context().await;
+    let w = tiny_gpt2();
+    let mut rng = Rng::new(41);
+    let lengths = [5usize, 9, 3, 7];
+    let docs: Vec<Vec<u32>> = lengths.iter().map(|&l| (0..l).map(|_| (rng.next_u64() % 67) as u32).collect()).collect();
+    let cfg = AdapterConfig { targets: vec!["c_attn".into()], rank: 4, ..AdapterConfig::new(Method::Lora) };
+    let packed = Trainer::new(&ctx, &w, 1, 24, &cfg, &TrainConfig::default(), None).unwrap();
+    let pos: Vec<u32> = lengths.iter().flat_map(|&l| 0..l as u32).collect();
+    let got = loss_sum(&ctx, &packed, docs.concat(), pos, true).await;
+    let mut want = 0.0;
+    for d in &docs {
+        let alone = Trainer::new(&ctx, &w, 1, d.len(), &cfg, &TrainConfig::default(), None).unwrap();
+        want += loss_sum(&ctx, &alone, d.clone(), (0..d.len() as u32).collect(), false).await;
+    }
+    assert!((got - want).abs() <= 1e-5 * want, "packed {got} vs documents alone {want}");
 }

@@ -4,7 +4,9 @@
 //! `seq` tokens, split into training and validation rows, and walked in a seeded order.
 //!
 //! Packing: documents are tokenized one by one and concatenated into one stream that is cut into
-//! rows of exactly `seq` tokens (the last partial row is dropped and counted in the summary). A
+//! rows of exactly `seq` tokens (the last partial row is dropped and counted in the summary); each
+//! token keeps its position in its document, so that the model attends within documents only,
+//! and a document's first token is never a target ([`pack`]). A
 //! text gets BOS first where the model asks for it and the end-of-sequence token after it; a
 //! conversation is its template's text as rendered (the template writes its own BOS and
 //! end-of-turn tokens). Each token carries a flag saying whether it is a target of the loss:
@@ -115,11 +117,13 @@ pub struct Tokenized {
 
 type Result<T> = std::result::Result<T, DataError>;
 
-/// One packed row: `seq` token ids and which of them are loss targets.
+/// One packed row: `seq` token ids, which of them are loss targets, and each token's position
+/// in its document (0 where one starts).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Row {
     pub ids: Vec<u32>,
     pub predict: Vec<bool>,
+    pub pos: Vec<u32>,
 }
 
 /// What was read, for the user.
@@ -144,13 +148,6 @@ pub struct DataSummary {
     /// Padding tokens added to make one document per row (`--no-packing`).
     #[serde(default)]
     pub padding_tokens: usize,
-}
-
-impl DataSummary {
-    /// Whether some positions of the rows are not loss targets (so masks must go with them).
-    pub fn masked(&self) -> bool {
-        self.target_tokens < self.tokens || self.padding_tokens > 0
-    }
 }
 
 impl std::fmt::Display for DataSummary {
@@ -429,11 +426,7 @@ pub fn rows_of(
     summary.no_assistant += docs.iter().filter(|d| d.no_assistant).count();
     summary.conversations += docs.iter().filter(|d| d.chat).count();
     match packing {
-        Packing::Packed => {
-            let (ids, predict): (Vec<u32>, Vec<bool>) =
-                docs.into_iter().flat_map(|d| d.ids.into_iter().zip(d.predict)).unzip();
-            pack(ids, predict, seq, summary)
-        }
+        Packing::Packed => pack(docs, seq, summary),
         Packing::PerDocument => pad_rows(docs, seq, pad, summary),
     }
 }
@@ -489,16 +482,39 @@ pub fn tokenize(
     Ok(Tokenized { ids, predict, no_assistant, chat: true })
 }
 
-/// Cuts the token stream into rows of `seq`.
-pub fn pack(ids: Vec<u32>, predict: Vec<bool>, seq: usize, mut summary: DataSummary) -> (Vec<Row>, DataSummary) {
+/// Concatenates the documents into one stream and cuts it into rows of `seq` (the shorter tail
+/// dropped). Each token keeps its position in its document, counted afresh where a document
+/// continues into the next row (a piece of at most `seq` tokens): the model attends within each
+/// document only. A document's first token is never a target: nothing before it in its document
+/// predicts it.
+pub fn pack(docs: Vec<Tokenized>, seq: usize, mut summary: DataSummary) -> (Vec<Row>, DataSummary) {
+    let (mut ids, mut predict, mut pos) = (Vec::new(), Vec::new(), Vec::new());
+    for d in docs {
+        for (i, (id, p)) in d.ids.into_iter().zip(d.predict).enumerate() {
+            ids.push(id);
+            predict.push(p && i > 0);
+            pos.push(i as u32);
+        }
+    }
     summary.tokens = ids.len();
-    summary.target_tokens = predict.iter().filter(|&&p| p).count();
-    let rows: Vec<Row> = ids
-        .chunks_exact(seq)
-        .zip(predict.chunks_exact(seq))
-        .map(|(i, p)| Row { ids: i.to_vec(), predict: p.to_vec() })
-        .collect();
-    summary.dropped_tokens = ids.len() % seq;
+    let mut rows = Vec::with_capacity(ids.len() / seq);
+    for start in (0..ids.len() / seq).map(|r| r * seq) {
+        let (mut p, mut row_pos) = (predict[start..start + seq].to_vec(), pos[start..start + seq].to_vec());
+        // The rest of a document begun in an earlier row: a piece of its own here.
+        let carried = row_pos[0];
+        if carried > 0 {
+            // Its positions run on from `carried` until the next document starts at 0.
+            for q in row_pos.iter_mut().take_while(|q| **q >= carried) {
+                *q -= carried;
+            }
+        }
+        p[0] = false;
+        rows.push(Row { ids: ids[start..start + seq].to_vec(), predict: p, pos: row_pos });
+    }
+    let tail = rows.len() * seq;
+    summary.dropped_tokens = ids.len() - tail;
+    summary.target_tokens = rows.iter().map(|r| r.predict.iter().filter(|&&p| p).count()).sum::<usize>()
+        + predict[tail..].iter().filter(|&&p| p).count();
     (rows, summary)
 }
 
@@ -513,7 +529,9 @@ pub fn pad_rows(docs: Vec<Tokenized>, seq: usize, pad: u32, mut summary: DataSum
             summary.padding_tokens += n;
             let ids = ids.iter().copied().chain(std::iter::repeat_n(pad, n)).collect();
             let predict = predict.iter().copied().chain(std::iter::repeat_n(false, n)).collect();
-            rows.push(Row { ids, predict });
+            // The padding is a document of its own after the piece (never attended by it).
+            let pos = (0..seq - n).chain(0..n).map(|p| p as u32).collect();
+            rows.push(Row { ids, predict, pos });
         }
     }
     (rows, summary)

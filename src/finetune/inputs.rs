@@ -74,7 +74,10 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
                 }
             }
             model.check_seq(rows[0].len()).map_err(|e| file_err(p, e))?;
-            let train = rows.into_iter().map(|ids| Row { predict: vec![true; ids.len()], ids }).collect();
+            let train = rows
+                .into_iter()
+                .map(|ids| Row { predict: vec![true; ids.len()], pos: (0..ids.len() as u32).collect(), ids })
+                .collect();
             Ok(Data { train, val: Vec::new(), masked: false, chat: None, summary: None })
         }
         (None, Some(p)) => {
@@ -94,7 +97,8 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
             };
             let packing = if cfg.no_packing { data::Packing::PerDocument } else { data::Packing::Packed };
             let ds = data::load_with(p, tok, &chat, packing, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
-            let masked = ds.summary.masked();
+            // Rows from documents always carry their masks: a document's first token is never a target.
+            let masked = true;
             let chat = match ds.summary.conversations {
                 0 => None,
                 _ => tok.chat_template(cfg.chat_template.as_deref()).map_err(|e| file_err(p, e))?,

@@ -95,7 +95,8 @@ pub enum FinetuneError {
 pub type Result<T> = std::result::Result<T, FinetuneError>;
 
 /// A micro-batch's rows: token ids and loss masks.
-type Micro = (Vec<Vec<u32>>, Vec<Vec<bool>>);
+/// A micro-batch's rows: ids, loss masks, positions in documents.
+type Micro = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<u32>>);
 
 /// Checkpoints every this many steps unless told otherwise (HF Trainer checkpoints every 500 of
 /// its usually faster steps; a checkpoint of SmolLM2's LoRA takes well under a second).
@@ -339,7 +340,7 @@ struct Session<'a> {
     /// The step of the checkpoint on disk (named when a later step fails).
     last_checkpoint: Option<u64>,
     /// Validation rows and their loss masks.
-    val: (Vec<Vec<u32>>, Vec<Vec<bool>>),
+    val: Micro,
     _claim: outdir::Claim,
 }
 
@@ -384,7 +385,11 @@ impl<'a> Session<'a> {
         };
         let log = Log::create(cfg.log_path(), lines)?;
         let val: Vec<&Row> = data.val.iter().take(if cfg.val_rows == 0 { usize::MAX } else { cfg.val_rows }).collect();
-        let val = (val.iter().map(|r| r.ids.clone()).collect(), val.iter().map(|r| r.predict.clone()).collect());
+        let val = (
+            val.iter().map(|r| r.ids.clone()).collect(),
+            val.iter().map(|r| r.predict.clone()).collect(),
+            val.iter().map(|r| r.pos.clone()).collect(),
+        );
         let last_checkpoint = checkpoint.as_ref().map(|c| c.state.step);
         Ok(Session {
             ctx,
@@ -408,8 +413,9 @@ impl<'a> Session<'a> {
         if self.val.0.is_empty() {
             return Ok(None);
         }
-        let mask = self.data.masked.then_some(&self.val.1[..]);
-        Ok(Some(self.trainer.eval_loss_masked(self.ctx, &self.val.0, mask)?))
+        let predict = self.data.masked.then_some(&self.val.1[..]);
+        let rows = Batch { ids: &self.val.0, predict, positions: Some(&self.val.2) };
+        Ok(Some(self.trainer.eval_rows(self.ctx, &rows)?))
     }
 
     fn record_eval(&mut self, step: u64, on: &mut dyn FnMut(&Event)) -> Result<()> {
@@ -441,7 +447,8 @@ impl<'a> Session<'a> {
                         })
                         .collect()
                 };
-                (rows.iter().map(|r| r.ids.clone()).collect(), rows.iter().map(|r| r.predict.clone()).collect())
+                let ids = rows.iter().map(|r| r.ids.clone()).collect();
+                (ids, rows.iter().map(|r| r.predict.clone()).collect(), rows.iter().map(|r| r.pos.clone()).collect())
             })
             .collect()
     }
@@ -480,8 +487,10 @@ impl<'a> Session<'a> {
         for t in first..=steps {
             let micro = self.next_micro(&mut order);
             let masked = self.data.masked;
-            let batches: Vec<Batch> =
-                micro.iter().map(|(ids, p)| Batch { ids, predict: if masked { Some(p) } else { None } }).collect();
+            let batches: Vec<Batch> = micro
+                .iter()
+                .map(|(ids, p, pos)| Batch { ids, predict: masked.then_some(&p[..]), positions: Some(pos) })
+                .collect();
             self.trainer.submit_step(self.ctx, &batches)?;
             let stopping = self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) && t < steps;
             let every = |n: u64| n > 0 && t % n == 0;

@@ -13,7 +13,7 @@
 
 use super::heads::{heads_backward, heads_forward, HeadsShape};
 use super::matmul::{matmul, Matmul};
-use super::softmax::{softmax_backward, softmax_forward};
+use super::softmax::{softmax_backward, softmax_forward, Docs};
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
@@ -29,6 +29,7 @@ struct Params {
     kv_seq: u32,
     q_offset: u32,
     window: u32,
+    docs: u32,
 }
 
 /// Shapes of one attention call.
@@ -48,13 +49,18 @@ pub struct AttentionShape {
     pub window: usize,
     /// The scores' scale (1/√head_dim unless the model says otherwise, as Gemma 3 does).
     pub scale: f32,
+    /// Documents packed into the rows see only themselves: query t sees no key before its
+    /// document's first token (each token's position in its document is given; training shapes).
+    /// `lse` then holds (B·H·T + B·T) values: the fused kernels keep each token's document start
+    /// after the log-sum-exps.
+    pub docs: bool,
 }
 
 impl AttentionShape {
     /// Causal attention over the whole prefix, scaled by 1/√head_dim, without a KV cache.
     pub fn new(batch: usize, seq: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Self {
         let scale = 1.0 / (head_dim as f32).sqrt();
-        AttentionShape { batch, seq, heads, kv_heads, head_dim, q_offset: 0, window: 0, scale }
+        AttentionShape { batch, seq, heads, kv_heads, head_dim, q_offset: 0, window: 0, scale, docs: false }
     }
 
     /// Checks the head layout, naming the op.
@@ -122,7 +128,21 @@ impl AttentionShape {
             kv_seq: (self.q_offset + self.seq) as u32,
             q_offset: self.q_offset as u32,
             window: self.window as u32,
+            docs: u32::from(self.docs),
         }
+    }
+
+    /// Checks `lse`'s length ((B·H·T,), plus (B·T,) document starts with `docs`; the matmul path
+    /// takes either) and returns its log-sum-exp part as (B·H·T,).
+    fn lse_part(&self, op: &'static str, lse: &Tensor, starts_needed: bool) -> Result<Tensor> {
+        let n = self.batch * self.heads * self.seq;
+        let with_starts = n + self.batch * self.seq;
+        let ok = lse.numel() == with_starts || (lse.numel() == n && !(self.docs && starts_needed));
+        if !ok {
+            let want = if self.docs && starts_needed { "(B·H·T + B·T,)" } else { "(B, H, T)" };
+            return Err(shape_err(op, format!("lse {:?} {:?} must be {want} for {self:?}", lse.label(), lse.shape())));
+        }
+        lse.reshape(&[lse.numel(), 1])?.rows(0, n, 4)?.reshape(&[n])
     }
 }
 
@@ -176,7 +196,30 @@ pub fn attention_forward(
     out: &Tensor,
     lse: &Tensor,
 ) -> Result<()> {
+    attention_forward_in_docs(ctx, step, s, q, k, v, out, lse, None)
+}
+
+/// [`attention_forward`] where `s.docs`: `positions` `(B·T,)` u32 gives each token's position
+/// in its document, and `lse` is (B·H·T + B·T,) (the document starts follow the log-sum-exps).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_in_docs(
+    ctx: &Context,
+    step: &mut Step,
+    s: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    positions: Option<&Tensor>,
+) -> Result<()> {
     const OP: &str = "attention_forward";
+    if s.docs != positions.is_some() || (s.docs && s.q_offset != 0) {
+        return Err(shape_err(OP, format!("{s:?}: packed documents need positions and training shapes")));
+    }
+    if let Some(p) = positions {
+        check_numel(OP, p, s.batch * s.seq, "(B·T,) positions")?;
+    }
     for t in [q, k, v, out, lse] {
         check_f32(OP, t)?;
     }
@@ -187,7 +230,7 @@ pub fn attention_forward(
     let kv_seq = s.q_offset + t;
     check_numel(OP, k, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
     check_numel(OP, v, b * kv_seq * kv * d, "(B, q_offset + T, KV, d)")?;
-    check_numel(OP, lse, b * h * t, "(B, H, T)")?;
+    s.lse_part(OP, lse, true)?;
     let (spec, groups) = s.spec(ctx, OP, h);
     let params = s.params(groups[0]);
     let args = [
@@ -197,6 +240,8 @@ pub fn attention_forward(
         Arg::Read(v),
         Arg::Write(out),
         Arg::Write(lse),
+        // Without documents the kernel reads no positions; q stands in for the binding.
+        Arg::Read(positions.unwrap_or(q)),
     ];
     ctx.record(step, &spec, &args, groups)
 }
@@ -234,7 +279,7 @@ pub fn attention_backward(
     for x in [k, v, dk, dv] {
         check_numel(OP, x, b * t * kv * d, "(B, T, KV, d)")?;
     }
-    check_numel(OP, lse, b * h * t, "(B, H, T)")?;
+    s.lse_part(OP, lse, true)?;
     check_numel(OP, dsum, b * h * t, "(B, H, T)")?;
     let (spec, groups_q) = s.spec(ctx, "attention_backward_dq", h);
     let params = |gx| s.params(gx);
@@ -274,9 +319,20 @@ pub struct AttentionScratch {
     pub o: Tensor,               // (B, H, T, d)  head-major output; backward: dL/dout
     pub scores: Tensor,          // (B·H, T, T)   key-major scaled scores Sᵀ, then probabilities Pᵀ
     pub dscores: Option<Tensor>, // (B·H, T, T)   backward: dL/dPᵀ, then dL/dSᵀ
+    /// Each token's position in its document `(B·T,)` u32, for a shape with `docs`.
+    pub positions: Option<Tensor>,
 }
 
 impl AttentionScratch {
+    /// The softmax's document positions, when the shape packs documents.
+    fn docs(&self, op: &'static str, s: &AttentionShape) -> Result<Option<Docs<'_>>> {
+        match (s.docs, &self.positions) {
+            (false, _) => Ok(None),
+            (true, Some(p)) => Ok(Some(Docs { positions: p, heads: s.heads })),
+            (true, None) => Err(shape_err(op, format!("{s:?}: packed documents need the scratch's positions"))),
+        }
+    }
+
     fn check(&self, op: &'static str, s: &AttentionShape, backward: bool) -> Result<()> {
         let (b, t, h, d) = (s.batch, s.seq, s.heads, s.head_dim);
         for x in [&self.q, &self.k, &self.v, &self.o] {
@@ -315,8 +371,9 @@ pub fn attention_forward_mm(
         return Err(shape_err(OP, format!("{s:?}: the matmul path takes training shapes (q_offset 0)")));
     }
     let (b, t, h, kv, d) = (s.batch, s.seq, s.heads, s.kv_heads, s.head_dim);
-    check_numel(OP, lse, b * h * t, "(B, H, T)")?;
+    let lse = s.lse_part(OP, lse, false)?;
     scratch.check(OP, &s, false)?;
+    let docs = scratch.docs(OP, &s)?;
     let hs = |rep| HeadsShape { batch: b, seq: t, heads: h, rep, head_dim: d };
     let bh = |x: &Tensor| x.reshape(&[b * h, t, d]);
     let scale = s.scale;
@@ -325,7 +382,7 @@ pub fn attention_forward_mm(
     heads_forward(ctx, step, hs(h / kv), v, &scratch.v)?;
     // Key-major scores Sᵀ = k·qᵀ·scale (see ops::softmax), so O = P·v reads them transposed.
     matmul(ctx, step, &bh(&scratch.k)?, &bh(&scratch.q)?, &scratch.scores, Matmul::nt().alpha(scale))?;
-    softmax_forward(ctx, step, &scratch.scores, &lse.reshape(&[b * h * t])?, s.window)?;
+    softmax_forward(ctx, step, &scratch.scores, &lse, s.window, docs, &scratch.q)?;
     matmul(ctx, step, &scratch.scores, &bh(&scratch.v)?, &bh(&scratch.o)?, Matmul::tn())?;
     heads_backward(ctx, step, hs(1), &scratch.o, out)
 }
@@ -356,8 +413,9 @@ pub fn attention_backward_mm(
     for x in [dq, dk, dv, dout] {
         check_f32(OP, x)?;
     }
-    check_numel(OP, lse, b * h * t, "(B, H, T)")?;
+    let lse = s.lse_part(OP, lse, false)?;
     scratch.check(OP, &s, true)?;
+    let docs = scratch.docs(OP, &s)?;
     let ds = scratch.dscores.as_ref().expect("checked");
     let hs = |rep| HeadsShape { batch: b, seq: t, heads: h, rep, head_dim: d };
     let bh = |x: &Tensor| x.reshape(&[b * h, t, d]);
@@ -370,7 +428,7 @@ pub fn attention_backward_mm(
     // Sᵀ again, dPᵀ = v·dOᵀ, then Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − Σ P·dP) in place (all key-major).
     matmul(ctx, step, &sk, &sq, &scratch.scores, Matmul::nt().alpha(scale))?;
     matmul(ctx, step, &sv, &so, ds, Matmul::nt())?;
-    softmax_backward(ctx, step, &scratch.scores, &lse.reshape(&[b * h * t])?, ds, s.window)?;
+    softmax_backward(ctx, step, &scratch.scores, &lse, ds, s.window, docs, &scratch.v)?;
     // dq = dS·k/√d into v's copy (v is done), dk = dSᵀ·q/√d into k's (k is done once dq is),
     // dv = Pᵀ·dO into q's (q is done once dk is).
     matmul(ctx, step, ds, &sk, &sv, Matmul::tn().alpha(scale))?;

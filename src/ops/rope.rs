@@ -11,6 +11,7 @@ struct Params {
     head_dim: u32,
     gx: u32,
     pos_offset: u32,
+    docs: u32,
 }
 
 /// Where the rows of a rotary call sit: `x` is `(batch · seq, heads, head_dim)` and row `r` is at
@@ -24,12 +25,14 @@ pub struct RopeShape {
     pub pos_offset: usize,
 }
 
+#[allow(clippy::too_many_arguments)] // the op's tensors, one argument each
 fn record(
     ctx: &Context,
     step: &mut Step,
     entry: &'static str,
     s: RopeShape,
     inv_freq: &Tensor,
+    positions: Option<&Tensor>,
     x: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
@@ -52,6 +55,9 @@ fn record(
     if x.overlaps(out) {
         return Err(shape_err(entry, format!("input {:?} overlaps output {:?}", x.label(), out.label())));
     }
+    if let Some(p) = positions {
+        check_numel(entry, p, rows, "(rows,) positions")?;
+    }
     let groups = grid_for(ctx, rows * s.heads * s.head_dim / 2, 64);
     let params = Params {
         rows: rows as u32,
@@ -60,9 +66,13 @@ fn record(
         head_dim: s.head_dim as u32,
         gx: groups[0],
         pos_offset: s.pos_offset as u32,
+        docs: u32::from(positions.is_some()),
     };
     let spec = KernelSpec::new(&kernel_sources::ROPE, entry);
-    let args = [Arg::Uniform(uniform(entry, &params)?), Arg::Read(x), Arg::Write(out), Arg::Read(inv_freq)];
+    // Without positions the kernel reads none; inv_freq stands in for the binding.
+    let pos = positions.unwrap_or(inv_freq);
+    let args =
+        [Arg::Uniform(uniform(entry, &params)?), Arg::Read(x), Arg::Write(out), Arg::Read(inv_freq), Arg::Read(pos)];
     ctx.record(step, &spec, &args, groups)
 }
 
@@ -75,7 +85,34 @@ pub fn rope_forward(
     x: &Tensor,
     out: &Tensor,
 ) -> Result<()> {
-    record(ctx, step, "rope_forward", s, inv_freq, x, out)
+    record(ctx, step, "rope_forward", s, inv_freq, None, x, out)
+}
+
+/// [`rope_forward`] with each row's position read from `positions` `(rows,)` (its position in
+/// its document, when documents are packed into rows).
+pub fn rope_forward_in_docs(
+    ctx: &Context,
+    step: &mut Step,
+    s: RopeShape,
+    inv_freq: &Tensor,
+    positions: &Tensor,
+    x: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    record(ctx, step, "rope_forward", s, inv_freq, Some(positions), x, out)
+}
+
+/// The gradient through [`rope_forward_in_docs`].
+pub fn rope_backward_in_docs(
+    ctx: &Context,
+    step: &mut Step,
+    s: RopeShape,
+    inv_freq: &Tensor,
+    positions: &Tensor,
+    dout: &Tensor,
+    dx: &Tensor,
+) -> Result<()> {
+    record(ctx, step, "rope_backward", s, inv_freq, Some(positions), dout, dx)
 }
 
 /// The gradient through [`rope_forward`]: rotates `dout` back by the same angles into `dx`.
@@ -87,5 +124,5 @@ pub fn rope_backward(
     dout: &Tensor,
     dx: &Tensor,
 ) -> Result<()> {
-    record(ctx, step, "rope_backward", s, inv_freq, dout, dx)
+    record(ctx, step, "rope_backward", s, inv_freq, None, dout, dx)
 }

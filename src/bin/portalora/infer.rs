@@ -11,8 +11,9 @@ use portalora::model::gpu::{BaseDType, GpuModel, ParameterTensors};
 
 type Res = Result<(), Box<dyn std::error::Error>>;
 
-/// Rows and, where some tokens are not targets (prompt/completion data), their loss masks.
-type Rows = (Vec<Vec<u32>>, Option<Vec<Vec<bool>>>);
+/// Rows, where some tokens are not targets (prompt/completion or chat data) their loss masks,
+/// and for packed documents each token's position in its document.
+type Rows = (Vec<Vec<u32>>, Option<Vec<Vec<bool>>>, Option<Vec<Vec<u32>>>);
 
 /// The chat flags of `eval`.
 #[derive(Clone, Copy)]
@@ -32,7 +33,7 @@ fn read_rows(
     seq: usize,
 ) -> Result<Rows, Box<dyn std::error::Error>> {
     match (ids, data) {
-        (Some(p), _) => Ok((portalora::finetune::read_ids(p)?, None)),
+        (Some(p), _) => Ok((portalora::finetune::read_ids(p)?, None, None)),
         (None, Some(p)) => {
             let tok = Tokenizer::for_model(model)?;
             let name = model.display().to_string();
@@ -47,9 +48,10 @@ fn read_rows(
                 if chat.no_packing { portalora::data::Packing::PerDocument } else { portalora::data::Packing::Packed };
             let ds = portalora::data::load_with(p, &tok, &opts, packing, seq, 0.0, 0)?;
             eprintln!("{}: {}", p.display(), ds.summary);
-            let masked = ds.summary.masked();
-            let masks = masked.then(|| ds.train.iter().map(|r| r.predict.clone()).collect());
-            Ok((ds.train.into_iter().map(|r| r.ids).collect(), masks))
+            // Rows of documents carry their masks: a document's first token is never a target.
+            let masks = Some(ds.train.iter().map(|r| r.predict.clone()).collect());
+            let positions = Some(ds.train.iter().map(|r| r.pos.clone()).collect());
+            Ok((ds.train.into_iter().map(|r| r.ids).collect(), masks, positions))
         }
         (None, None) => Err("give --ids FILE.json or --data FILE (text, a folder of texts, or JSONL)".into()),
     }
@@ -68,7 +70,7 @@ pub(crate) fn eval(
     adapter: Option<&Path>,
     json: bool,
 ) -> Res {
-    let (rows, masks) = read_rows(model, ids, data, chat, seq)?;
+    let (rows, masks, positions) = read_rows(model, ids, data, chat, seq)?;
     let weights = crate::load_model(model)?;
     let seq = rows[0].len();
     let batch = batch.clamp(1, rows.len());
@@ -79,7 +81,8 @@ pub(crate) fn eval(
     let (mut sum, mut count) = (0.0f64, 0usize);
     for (i, chunk) in rows.chunks(batch).enumerate() {
         let mask = masks.as_ref().map(|m| &m[i * batch..i * batch + chunk.len()]);
-        let (s, n) = gpu.loss_sum_masked(ctx, chunk, mask)?;
+        let pos = positions.as_ref().map(|p| &p[i * batch..i * batch + chunk.len()]);
+        let (s, n) = portalora::gpu::block_on(gpu.loss_sum_docs_async(ctx, chunk, mask, pos))?;
         sum += s;
         count += n;
     }

@@ -16,12 +16,13 @@ use crate::model::arch::{Act, NormKind};
 use crate::model::config::ModelConfig;
 use crate::ops::act::{geglu_backward, geglu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::ops::attention::{
-    attention_backward, attention_backward_mm, attention_forward, attention_forward_mm, AttentionScratch,
+    attention_backward, attention_backward_mm, attention_forward, attention_forward_in_docs, attention_forward_mm,
+    AttentionScratch, AttentionShape,
 };
 use crate::ops::elementwise::{add_forward, bias_forward, copy_forward};
 use crate::ops::matmul::{can_fuse_side, matmul, matmul_side, Matmul, Side};
 use crate::ops::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
-use crate::ops::rope::{rope_backward, rope_forward};
+use crate::ops::rope::{rope_backward_in_docs, rope_forward, rope_forward_in_docs};
 
 /// Where attention finds its keys and values.
 #[derive(Clone, Copy)]
@@ -29,7 +30,9 @@ pub enum Keys<'a> {
     /// In the batch itself (training, evaluation): `batch` rows of `seq` tokens, through the
     /// batched-matmul path when the recorder has its scratch ([`Recorder::attn`]), else the
     /// fused kernels.
-    Batch { batch: usize, seq: usize },
+    /// Each token's position in its document `(batch · seq,)`: packed documents see only
+    /// themselves (one document per row when the positions are 0..seq in every row).
+    Batch { batch: usize, seq: usize, positions: &'a Tensor },
     /// In this layer's KV cache (generation): the new keys and values are written at row `pos`,
     /// and the queries attend to every cached row up to their own.
     Cache { k: &'a Tensor, v: &'a Tensor, pos: usize },
@@ -60,6 +63,9 @@ pub struct Recorder<'a> {
     pub hooks: Hooks<'a>,
     /// Attention's scratch for the batched-matmul path, where planned.
     pub attn: Option<&'a AttentionScratch>,
+    /// A batch plan's (batch, seq) and each token's position in its document, for the backward
+    /// pass's attention and rotary calls.
+    pub docs: Option<(usize, usize, &'a Tensor)>,
 }
 
 impl Recorder<'_> {
@@ -258,9 +264,11 @@ impl Recorder<'_> {
             }
         }
         let n = la.h1.shape()[0];
-        let (pos, shape) = match keys {
-            Keys::Batch { batch, seq } => (0, c.attention_shape(l, batch, seq, 0)),
-            Keys::Cache { pos, .. } => (pos, c.attention_shape(l, 1, n, pos)),
+        let (pos, shape, positions) = match keys {
+            Keys::Batch { batch, seq, positions } => {
+                (0, AttentionShape { docs: true, ..c.attention_shape(l, batch, seq, 0) }, Some(positions))
+            }
+            Keys::Cache { pos, .. } => (pos, c.attention_shape(l, 1, n, pos), None),
         };
         if let (Some(wq), Some(wk), Some(qn), Some(kn)) = (&p.q_norm, &p.k_norm, &la.q_normed, &la.k_normed) {
             self.head_norm_forward(s, &la.q, wq, qn, la.rstd_q.as_ref())?;
@@ -269,13 +277,23 @@ impl Recorder<'_> {
         if let (Some(q_rot), Some(k_rot), Some(inv_freq)) = (&la.q_rot, &la.k_rot, &p.rope) {
             let (rope_q, rope_k) = c.rope_shapes(shape.seq, pos);
             let (q_in, k_in) = (la.q_normed.as_ref().unwrap_or(&la.q), la.k_normed.as_ref().unwrap_or(&la.k));
-            rope_forward(ctx, s, rope_q, inv_freq, q_in, q_rot)?;
-            rope_forward(ctx, s, rope_k, inv_freq, k_in, k_rot)?;
+            match positions {
+                Some(ps) => {
+                    rope_forward_in_docs(ctx, s, rope_q, inv_freq, ps, q_in, q_rot)?;
+                    rope_forward_in_docs(ctx, s, rope_k, inv_freq, ps, k_in, k_rot)?;
+                }
+                None => {
+                    rope_forward(ctx, s, rope_q, inv_freq, q_in, q_rot)?;
+                    rope_forward(ctx, s, rope_k, inv_freq, k_in, k_rot)?;
+                }
+            }
         }
         let (qa, ka) = la.qk_for_attention();
         match (keys, self.attn) {
             (Keys::Batch { .. }, Some(sc)) => attention_forward_mm(ctx, s, shape, qa, ka, &la.v, &la.att, &la.lse, sc)?,
-            (Keys::Batch { .. }, None) => attention_forward(ctx, s, shape, qa, ka, &la.v, &la.att, &la.lse)?,
+            (Keys::Batch { .. }, None) => {
+                attention_forward_in_docs(ctx, s, shape, qa, ka, &la.v, &la.att, &la.lse, positions)?
+            }
             (Keys::Cache { k, v, pos }, _) => {
                 let kv = c.num_kv_heads * c.head_dim;
                 copy_forward(ctx, s, ka, k, pos * kv)?;
@@ -420,8 +438,9 @@ impl Recorder<'_> {
             _ => &g.d_xmid,
         };
         self.projs_backward(s, l, &la.att, &[(o, &[(&p.wo, d_o)])], &g.d_att)?;
-        let (b, t) = (la.lse.shape()[0], la.lse.shape()[2]);
-        let shape = c.attention_shape(l, b, t, 0);
+        let (b, t, positions) =
+            self.docs.ok_or_else(|| GpuModelError::Unsupported("backward without a batch".into()))?;
+        let shape = AttentionShape { docs: true, ..c.attention_shape(l, b, t, 0) };
         let (qa, ka) = la.qk_for_attention();
         let (dqa, dka) = g.dqk_of_attention();
         match self.attn {
@@ -437,8 +456,8 @@ impl Recorder<'_> {
         };
         if let Some(inv_freq) = &p.rope {
             let (rope_q, rope_k) = c.rope_shapes(t, 0);
-            rope_backward(ctx, s, rope_q, inv_freq, dqa, dq_in)?;
-            rope_backward(ctx, s, rope_k, inv_freq, dka, dk_in)?;
+            rope_backward_in_docs(ctx, s, rope_q, inv_freq, positions, dqa, dq_in)?;
+            rope_backward_in_docs(ctx, s, rope_k, inv_freq, positions, dka, dk_in)?;
         }
         if let (Some(wq), Some(wk), Some(dqn), Some(dkn)) = (&p.q_norm, &p.k_norm, &g.d_qn, &g.d_kn) {
             self.head_norm_backward(s, &la.q, wq, need(&la.rstd_q)?, dqn, &g.d_q)?;

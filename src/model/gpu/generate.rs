@@ -146,7 +146,8 @@ impl<'p> Generator<'p> {
         // Views of the first n rows start at offset 0, so they need no alignment care.
         let r = |t: &Tensor| t.rows(0, n, 4);
         ctx.write_u32(&r(&s.ids)?, tokens)?;
-        let rec = Recorder { ctx, config: c, hooks: Hooks { adapter: self.adapter, train: false }, attn: None };
+        let rec =
+            Recorder { ctx, config: c, hooks: Hooks { adapter: self.adapter, train: false }, attn: None, docs: None };
         let mut st = Step::new();
         let (pos_ids, emb, pos_emb) = (r(&s.pos_ids)?, r(&s.emb)?, r(&s.pos_emb)?);
         let learned = (!c.block.rope).then_some(Positions { ids: &pos_ids, pos: &pos_emb });

@@ -116,7 +116,7 @@ impl GpuModel {
         c.check_seq(seq).map_err(GpuModelError::Unsupported)?; // a sliding window
         let params =
             ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
-        let fixed = plan::Fixed::new(ctx, &c, batch, seq)?;
+        let fixed = plan::Fixed::new(ctx, batch, seq)?;
         let mut layout = plan::layout(ctx, &c, batch, seq, &opts, false)?;
         let (acts, grads) = layout.stand_ins(ctx, &fixed)?;
         let mut model = GpuModel {
@@ -184,7 +184,9 @@ impl GpuModel {
     /// The layer recorder for this model, with the adapter's hooks unless it is merged.
     fn recorder<'a>(&'a self, ctx: &'a Context, train: bool) -> Recorder<'a> {
         let adapter = self.adapter.as_deref().filter(|_| !self.merged);
-        Recorder { ctx, config: &self.config, hooks: Hooks { adapter, train }, attn: self.acts.attn.as_ref() }
+        let a = &self.acts;
+        let docs = a.pos_ids.as_ref().map(|p| (a.batch, a.seq, p));
+        Recorder { ctx, config: &self.config, hooks: Hooks { adapter, train }, attn: a.attn.as_ref(), docs }
     }
 
     /// Records the forward pass and the loss; with `backward`, also the gradient of the mean loss
@@ -199,7 +201,8 @@ impl GpuModel {
         let r = self.recorder(ctx, backward);
         let (p, a) = (&self.params, &self.acts);
         r.embed_forward(&mut s, p, &a.ids, &a.x[0], a.emb.as_ref(), r.positions(a)?)?;
-        let keys = Keys::Batch { batch: a.batch, seq: a.seq };
+        let positions = need(&a.pos_ids)?;
+        let keys = Keys::Batch { batch: a.batch, seq: a.seq, positions };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             r.layer_forward(&mut s, l, lp, &a.x[l], la, keys, &a.x[l + 1])?;
         }
@@ -366,7 +369,19 @@ impl GpuModel {
         ids: &[Vec<u32>],
         predict: Option<&[Vec<bool>]>,
     ) -> Result<(f64, usize)> {
-        let count = self.write_batch(ctx, ids, predict)?;
+        self.loss_sum_docs_async(ctx, ids, predict, None).await
+    }
+
+    /// [`GpuModel::loss_sum_async`] with documents packed into the rows (see
+    /// [`GpuModel::write_batch_docs`]).
+    pub async fn loss_sum_docs_async(
+        &self,
+        ctx: &Context,
+        ids: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+        positions: Option<&[Vec<u32>]>,
+    ) -> Result<(f64, usize)> {
+        let count = self.write_batch_docs(ctx, ids, predict, positions)?;
         ctx.run(&self.forward)?;
         let sum = ctx.read(&self.acts.loss_sum)?.await?;
         Ok((sum[0] as f64, count))
@@ -382,7 +397,33 @@ impl GpuModel {
     /// token after the first, as a language model's loss does. Writes the loss scale
     /// 1 / (predicted positions); returns that count.
     pub fn write_batch(&self, ctx: &Context, ids: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> Result<usize> {
+        self.write_batch_docs(ctx, ids, predict, None)
+    }
+
+    /// [`GpuModel::write_batch`] with documents packed into the rows: `positions[r][t]` is token
+    /// t's position in its document (0 where a document starts; each other token one more than
+    /// the token before it). Attention then stays within each document and rotary or learned
+    /// positions count from its start. `None`: one document per row.
+    pub fn write_batch_docs(
+        &self,
+        ctx: &Context,
+        ids: &[Vec<u32>],
+        predict: Option<&[Vec<bool>]>,
+        positions: Option<&[Vec<u32>]>,
+    ) -> Result<usize> {
         self.check_ids(ids)?;
+        let (b, t) = (self.acts.batch, self.acts.seq);
+        let mut pos: Vec<u32> = (0..b * t).map(|i| (i % t) as u32).collect();
+        for (r, row) in positions.unwrap_or(&[]).iter().enumerate() {
+            let ok = row.len() == t && row.iter().enumerate().all(|(i, &p)| p == 0 || (i > 0 && p == row[i - 1] + 1));
+            if !ok || r >= b {
+                return Err(GpuModelError::Unsupported(format!(
+                    "positions of row {r}: need {t} values, each 0 (a document starts) or one more than the one before"
+                )));
+            }
+            pos[r * t..(r + 1) * t].copy_from_slice(row);
+        }
+        ctx.write_u32(need(&self.acts.pos_ids)?, &pos)?;
         let (b, t) = (self.acts.batch, self.acts.seq);
         let mut flat = vec![0u32; b * t];
         let mut targets = vec![IGNORE; b * t];

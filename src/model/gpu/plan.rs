@@ -195,7 +195,7 @@ pub struct Activations {
     pub seq: usize,
     pub ids: Tensor,             // (N,) u32
     pub targets: Tensor,         // (N,) u32, IGNORE where nothing is predicted
-    pub pos_ids: Option<Tensor>, // (N,) u32 positions, learned-position blocks
+    pub pos_ids: Option<Tensor>, // (N,) u32 each token's position in its document (always set)
     pub emb: Option<Tensor>,     // (N, C) token embeddings before positions are added
     pub pos: Option<Tensor>,     // (N, C) position embeddings
     pub x: Vec<Tensor>,          // L+1 × (N, C): the residual stream entering each layer, and the last
@@ -315,13 +315,12 @@ pub struct Fixed {
 }
 
 impl Fixed {
-    pub(super) fn new(ctx: &Context, c: &ModelConfig, batch: usize, seq: usize) -> Result<Fixed> {
+    pub(super) fn new(ctx: &Context, batch: usize, seq: usize) -> Result<Fixed> {
         let _kind = ctx.alloc_kind("activations");
         let n = batch * seq;
-        let pos_ids = match c.block.rope {
-            true => None,
-            false => Some(ctx.upload_u32("pos_ids", &[n], &(0..n).map(|i| (i % seq) as u32).collect::<Vec<_>>())?),
-        };
+        // Each token's position in its document (rotary angles, learned positions, the attention
+        // mask of packed documents), for every block; rewritten with every batch.
+        let pos_ids = Some(ctx.upload_u32("pos_ids", &[n], &(0..n).map(|i| (i % seq) as u32).collect::<Vec<_>>())?);
         Ok(Fixed {
             ids: ctx.tensor("ids", &[n], DType::U32)?,
             targets: ctx.tensor("targets", &[n], DType::U32)?,
@@ -425,7 +424,8 @@ fn layer_requests(
         q_rot: r.opt(rope, "q_rot", &[n, q]),
         k_rot: r.opt(rope, "k_rot", &[n, kv]),
         att: r.one("att", &[n, q]),
-        lse: r.one("lse", &[batch, c.num_heads, seq]),
+        // The log-sum-exps (B, H, T), then each token's document start (B, T) (ops::attention).
+        lse: r.one("lse", &[batch * c.num_heads * seq + batch * seq]),
         o: r.one("o", &[n, h]),
         o_normed: r.opt(post, "o_normed", &[n, h]),
         rstd_o: r.opt(post, "rstd_o", &[n]),
@@ -518,6 +518,7 @@ impl Layout {
                 o: g(o),
                 scores: g(scores),
                 dscores: dscores.as_ref().map(g),
+                positions: fixed.pos_ids.clone(),
             }),
             kept_bytes: 0,
             planned_bytes: 0,
