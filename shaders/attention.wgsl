@@ -32,9 +32,10 @@ struct Params {
 
 // Packed documents (docs = 1; training and evaluation, q_offset = 0): query t sees no key before
 // its document's first token, start(t) = t − positions[b, t]. The forward reads the positions
-// and writes each token's start as the bits of an f32 after lse's (B, H, T) values (lse is then
-// (B·H·T + B·T,)), where the backward kernels, already at WebGPU's guaranteed 8 storage buffers,
-// read it.
+// and writes each token's start after lse's (B, H, T) values (lse is then (B·H·T + B·T,)), where
+// the backward kernels, already at WebGPU's guaranteed 8 storage buffers, read it. It is stored
+// as an f32 value (exact below 2^24), not as the u32's bits: those would be a subnormal float,
+// which a driver may flush to 0.
 fn start_slot(b: u32, t: u32) -> u32 {
     return p.batch * p.heads * p.seq + b * p.seq + t;
 }
@@ -81,7 +82,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
     if (p.docs == 1u) {
         let start = t - fpos[b * p.seq + t];
         lo = max(lo, start);
-        if (h == 0u) { lse[start_slot(b, t)] = bitcast<f32>(start); }
+        if (h == 0u) { lse[start_slot(b, t)] = f32(start); }
     }
     for (var s = lo; s <= p.q_offset + t; s++) {
         let kv_base = ((b * p.kv_seq + s) * p.kv_heads + g) * d;
@@ -135,7 +136,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     for (var i = 0u; i < d; i++) { acc[i] = 0.0; }
     let l = blse[gid];
     var lo = first_key(t);
-    if (p.docs == 1u) { lo = max(lo, bitcast<u32>(blse[start_slot(b, t)])); }
+    if (p.docs == 1u) { lo = max(lo, u32(blse[start_slot(b, t)])); }
     for (var s = lo; s <= t; s++) {
         let kv_base = ((b * p.seq + s) * p.kv_heads + g) * d;
         var qk = 0.0;
@@ -172,7 +173,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
         for (var t = s; t < end_query(s, p.seq); t++) {
             // Starts never decrease along a row: past the first query of a later document, none
             // sees key s.
-            if (p.docs == 1u && bitcast<u32>(klse[start_slot(b, t)]) > s) { break; }
+            if (p.docs == 1u && u32(klse[start_slot(b, t)]) > s) { break; }
             let q_base = ((b * p.seq + t) * p.heads + h) * d;
             let row = (b * p.heads + h) * p.seq + t;
             var qk = 0.0;

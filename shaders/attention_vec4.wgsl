@@ -88,7 +88,7 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
         let inv = 1.0 / l;
 {{FWD_STORE}}
         lse[(b * p.heads + h) * p.seq + t] = m + log(l);
-        if (p.docs == 1u && h == 0u) { lse[start_slot(b, t)] = bitcast<f32>(start); }
+        if (p.docs == 1u && h == 0u) { lse[start_slot(b, t)] = f32(start); }
     }
 }
 
@@ -122,7 +122,7 @@ fn attention_backward_dq(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_in
     let dsum_t = hsum(dsum4);
     let l = blse[row];
     var start = 0u;
-    if (p.docs == 1u) { start = bitcast<u32>(blse[start_slot(b, tt)]); }
+    if (p.docs == 1u) { start = u32(blse[start_slot(b, tt)]); }
     let last = min(wg.x * 64u + 63u, p.seq - 1u);
     for (var s = first_key(wg.x * 64u); s <= last; s++) {
         let kb = ((b * p.seq + s) * p.kv_heads + g) * D4;
@@ -164,7 +164,7 @@ fn attention_backward_dkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_i
             var dvd = vec4<f32>(0.0);
 {{DKV_DOT}}
             var start = 0u;
-            if (p.docs == 1u) { start = bitcast<u32>(klse[start_slot(b, t)]); }
+            if (p.docs == 1u) { start = u32(klse[start_slot(b, t)]); }
             if (sees(t, ss) && ss >= start) {
                 let pr = exp(hsum(qk) * p.scale - klse[row]);
                 let ds = pr * (hsum(dvd) - bdsum[row]) * p.scale;
