@@ -424,7 +424,6 @@ impl GpuModel {
             pos[r * t..(r + 1) * t].copy_from_slice(row);
         }
         ctx.write_u32(need(&self.acts.pos_ids)?, &pos)?;
-        let (b, t) = (self.acts.batch, self.acts.seq);
         let mut flat = vec![0u32; b * t];
         let mut targets = vec![IGNORE; b * t];
         let mut count = 0;
