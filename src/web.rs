@@ -107,8 +107,6 @@ struct Inner {
     rows_read: usize,
     /// An adapter to start from instead of a random init (`loadAdapter`).
     init: Option<PeftFile>,
-    /// Whether some tokens of the rows are not loss targets (prompt/completion or chat data).
-    masked: bool,
     /// The chat template, when the data holds conversations (prompts are sampled in it).
     chat: Option<crate::io::chat::ChatTemplate>,
 }
@@ -158,7 +156,6 @@ impl Engine {
                 val: Vec::new(),
                 rows_read: 0,
                 init: None,
-                masked: false,
                 chat: None,
             })),
             busy: Rc::new(Cell::new(false)),
@@ -291,7 +288,6 @@ impl Engine {
             "example": example,
         })
         .to_string();
-        g.masked = true; // a document's first token is never a target
         g.chat = chat;
         g.trainer = Some(trainer);
         g.train = ds.train;
@@ -317,7 +313,7 @@ impl Engine {
             let masks: Vec<Vec<bool>> = picked.iter().map(|r| r.predict.clone()).collect();
             let pos: Vec<Vec<u32>> = picked.iter().map(|r| r.pos.clone()).collect();
             g.rows_read += b;
-            let batch = Batch { ids: &rows, predict: g.masked.then_some(&masks[..]), positions: Some(&pos) };
+            let batch = Batch { ids: &rows, predict: Some(&masks), positions: Some(&pos) };
             let st = trainer.train_step_async(&g.ctx, &[batch]).await.map_err(err)?;
             let seconds = (js_sys::Date::now() - t0) / 1000.0;
             Ok(JsValue::from_str(
@@ -340,7 +336,7 @@ impl Engine {
             }
             let masks: Vec<Vec<bool>> = g.val.iter().map(|r| r.predict.clone()).collect();
             let pos: Vec<Vec<u32>> = g.val.iter().map(|r| r.pos.clone()).collect();
-            let batch = Batch { ids: &rows, predict: g.masked.then_some(&masks[..]), positions: Some(&pos) };
+            let batch = Batch { ids: &rows, predict: Some(&masks), positions: Some(&pos) };
             let v = trainer.eval_rows_async(&g.ctx, &batch).await.map_err(err)?;
             Ok(JsValue::from_f64(v))
         })

@@ -635,3 +635,88 @@ fn lora_branch_forward_and_backward() {
         assert_close(&ctx, "lora-fa dB", &db2, &want_db, 0.0);
     }
 }
+
+/// Documents packed into rows: each query sees only its own document's keys (and the window).
+/// Reference: the f64 attention of each document alone, placed at its rows; both the fused
+/// kernels (scalar and vec4 head dims) and the matmul path, outputs and lse poisoned first.
+#[test]
+fn attention_within_packed_documents_matches_reference() {
+    use portalora::ops::attention::{attention_forward_in_docs, attention_forward_mm};
+    let Some(ctx) = common::context() else { return };
+    let mut rng = Rng::new(53);
+    for (batch, seq, heads, kv_heads, d, window) in
+        [(1, 1, 1, 1, 4, 0), (2, 17, 6, 2, 8, 3), (1, 33, 9, 3, 6, 0), (3, 23, 4, 1, 12, 0), (1, 40, 2, 2, 16, 7)]
+    {
+        let s = AttentionShape { docs: true, ..shape(batch, seq, heads, kv_heads, d, window, None) };
+        let (q, k, v) = (
+            rng.vec(batch * seq * heads * d),
+            rng.vec(batch * seq * kv_heads * d),
+            rng.vec(batch * seq * kv_heads * d),
+        );
+        // Random document boundaries in each row.
+        let mut pos = Vec::new();
+        for _ in 0..batch {
+            let mut p = 0u32;
+            for t in 0..seq {
+                p = if t == 0 || rng.next_u64().is_multiple_of(5) { 0 } else { p + 1 };
+                pos.push(p);
+            }
+        }
+        let (mut want, mut want_lse) = (vec![0.0; q.len()], vec![0.0; batch * heads * seq]);
+        for b in 0..batch {
+            let mut start = 0;
+            while start < seq {
+                let end = (start + 1..seq).find(|&t| pos[b * seq + t] == 0).unwrap_or(seq);
+                let n = end - start;
+                let rows = |x: &[f32], w: usize| x[(b * seq + start) * w..(b * seq + end) * w].to_vec();
+                let (o, l) = reference::attention_forward(
+                    &rows(&q, heads * d),
+                    &rows(&k, kv_heads * d),
+                    &rows(&v, kv_heads * d),
+                    1,
+                    n,
+                    heads,
+                    kv_heads,
+                    d,
+                    window,
+                    s.scale as f64,
+                );
+                want[(b * seq + start) * heads * d..(b * seq + end) * heads * d].copy_from_slice(&o);
+                for h in 0..heads {
+                    for t in 0..n {
+                        want_lse[(b * heads + h) * seq + start + t] = l[h * n + t];
+                    }
+                }
+                start = end;
+            }
+        }
+        let qt = ctx.upload_f32("q", &[batch, seq, heads, d], &q).unwrap();
+        let kt = ctx.upload_f32("k", &[batch, seq, kv_heads, d], &k).unwrap();
+        let vt = ctx.upload_f32("v", &[batch, seq, kv_heads, d], &v).unwrap();
+        let pt = ctx.upload_u32("positions", &[batch * seq], &pos).unwrap();
+        let n_lse = batch * heads * seq;
+        let check = |what: &str, out: &Tensor, lse: &Tensor| {
+            assert_close(&ctx, &format!("{what} {s:?}"), out, &want, TOL);
+            let got = ctx.read_f32(lse).unwrap();
+            let err = max_rel_error(&got[..n_lse], &want_lse);
+            assert!(err <= TOL, "{what} lse {s:?}: relative error {err:e}");
+        };
+        let (out, lse) =
+            (poisoned(&ctx, "out", &[batch, seq, heads, d]), poisoned(&ctx, "lse", &[n_lse + batch * seq]));
+        let mut step = Step::new();
+        attention_forward_in_docs(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, Some(&pt)).unwrap();
+        run(&ctx, step);
+        check("fused attention in documents", &out, &lse);
+        if s.fits_matmul_path(&ctx, 1 << 30) {
+            let (out, lse) = (poisoned(&ctx, "out", &[batch, seq, heads, d]), poisoned(&ctx, "lse", &[n_lse]));
+            let scratch = portalora::ops::attention::AttentionScratch {
+                positions: Some(pt.clone()),
+                ..attention_scratch(&ctx, &s, false)
+            };
+            let mut step = Step::new();
+            attention_forward_mm(&ctx, &mut step, s, &qt, &kt, &vt, &out, &lse, &scratch).unwrap();
+            run(&ctx, step);
+            check("attention (matmuls) in documents", &out, &lse);
+        }
+    }
+}

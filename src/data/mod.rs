@@ -343,17 +343,19 @@ pub fn pack(docs: Vec<Tokenized>, seq: usize, mut summary: DataSummary) -> (Vec<
     (rows, summary)
 }
 
-/// One row per document piece of at most `seq` tokens, padded with `pad` (never a target).
+/// One row per document piece of at most `seq` tokens, padded with `pad` (never a target). A
+/// piece's first token is not a target either: nothing before it in its row predicts it.
 pub fn pad_rows(docs: Vec<Tokenized>, seq: usize, pad: u32, mut summary: DataSummary) -> (Vec<Row>, DataSummary) {
     let mut rows = Vec::new();
     for d in docs {
         summary.tokens += d.ids.len();
-        summary.target_tokens += d.predict.iter().filter(|&&p| p).count();
         for (ids, predict) in d.ids.chunks(seq).zip(d.predict.chunks(seq)) {
             let n = seq - ids.len();
             summary.padding_tokens += n;
             let ids = ids.iter().copied().chain(std::iter::repeat_n(pad, n)).collect();
-            let predict = predict.iter().copied().chain(std::iter::repeat_n(false, n)).collect();
+            let mut predict: Vec<bool> = predict.iter().copied().chain(std::iter::repeat_n(false, n)).collect();
+            predict[0] = false;
+            summary.target_tokens += predict.iter().filter(|&&p| p).count();
             // The padding is a document of its own after the piece (never attended by it).
             let pos = (0..seq - n).chain(0..n).map(|p| p as u32).collect();
             rows.push(Row { ids, predict, pos });

@@ -174,7 +174,8 @@ pub fn tokenize(
     let template =
         template.ok_or_else(|| DataError::NoTemplate { path: path.to_path_buf(), model: chat.model.to_string() })?;
     let chat_err = |source| DataError::Chat { path: path.to_path_buf(), line, source };
-    let no_assistant = !messages.iter().any(|m| m.role == "assistant");
+    // Counted where it leaves the conversation without targets (with --train-on all it has some).
+    let no_assistant = chat.train_on == TrainOn::Assistant && !messages.iter().any(|m| m.role == "assistant");
     let (text, ranges) = match chat.train_on {
         TrainOn::Assistant => template.render_with_targets(&messages).map_err(chat_err)?,
         TrainOn::All => {

@@ -10,12 +10,11 @@ use crate::io::tokenizer::Tokenizer;
 use crate::model::generate::{Generator, Sampling};
 use crate::model::weights::Weights;
 
-/// Rows for training and validation, each with its loss mask.
+/// Rows for training and validation, each with its loss mask (every row carries one: a
+/// document's and a row's first tokens are never targets; `--ids` rows predict every token).
 pub(super) struct Data {
     pub train: Vec<Row>,
     pub val: Vec<Row>,
-    /// Whether some tokens are not loss targets (prompt/completion data).
-    pub masked: bool,
     /// The chat template, when the data holds conversations: prompts are then sampled as user
     /// messages in it.
     pub chat: Option<ChatTemplate>,
@@ -78,7 +77,7 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
                 .into_iter()
                 .map(|ids| Row { predict: vec![true; ids.len()], pos: (0..ids.len() as u32).collect(), ids })
                 .collect();
-            Ok(Data { train, val: Vec::new(), masked: false, chat: None, summary: None })
+            Ok(Data { train, val: Vec::new(), chat: None, summary: None })
         }
         (None, Some(p)) => {
             if let Err(e) = model.check_seq(cfg.seq) {
@@ -97,13 +96,11 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
             };
             let packing = if cfg.no_packing { data::Packing::PerDocument } else { data::Packing::Packed };
             let ds = data::load_with(p, tok, &chat, packing, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
-            // Rows from documents always carry their masks: a document's first token is never a target.
-            let masked = true;
             let chat = match ds.summary.conversations {
                 0 => None,
                 _ => tok.chat_template(cfg.chat_template.as_deref()).map_err(|e| file_err(p, e))?,
             };
-            Ok(Data { train: ds.train, val: ds.val, masked, chat, summary: Some(ds.summary) })
+            Ok(Data { train: ds.train, val: ds.val, chat, summary: Some(ds.summary) })
         }
         (None, None) => {
             Err(FinetuneError::Config("give --ids FILE.json or --data FILE (text, folder or JSONL)".into()))

@@ -413,8 +413,7 @@ impl<'a> Session<'a> {
         if self.val.0.is_empty() {
             return Ok(None);
         }
-        let predict = self.data.masked.then_some(&self.val.1[..]);
-        let rows = Batch { ids: &self.val.0, predict, positions: Some(&self.val.2) };
+        let rows = Batch { ids: &self.val.0, predict: Some(&self.val.1), positions: Some(&self.val.2) };
         Ok(Some(self.trainer.eval_rows(self.ctx, &rows)?))
     }
 
@@ -486,11 +485,8 @@ impl<'a> Session<'a> {
         let mut clock = Clock { start: Instant::now(), last_read: Instant::now(), tokens: 0, first };
         for t in first..=steps {
             let micro = self.next_micro(&mut order);
-            let masked = self.data.masked;
-            let batches: Vec<Batch> = micro
-                .iter()
-                .map(|(ids, p, pos)| Batch { ids, predict: masked.then_some(&p[..]), positions: Some(pos) })
-                .collect();
+            let batches: Vec<Batch> =
+                micro.iter().map(|(ids, p, pos)| Batch { ids, predict: Some(p), positions: Some(pos) }).collect();
             self.trainer.submit_step(self.ctx, &batches)?;
             let stopping = self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) && t < steps;
             let every = |n: u64| n > 0 && t % n == 0;

@@ -108,6 +108,6 @@ impl Recorder<'_> {
         if self.config.block.rope {
             return Ok(None);
         }
-        Ok(Some(Positions { ids: need(&a.pos_ids)?, pos: need(&a.pos)? }))
+        Ok(Some(Positions { ids: &a.pos_ids, pos: need(&a.pos)? }))
     }
 }

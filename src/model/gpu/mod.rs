@@ -185,7 +185,7 @@ impl GpuModel {
     fn recorder<'a>(&'a self, ctx: &'a Context, train: bool) -> Recorder<'a> {
         let adapter = self.adapter.as_deref().filter(|_| !self.merged);
         let a = &self.acts;
-        let docs = a.pos_ids.as_ref().map(|p| (a.batch, a.seq, p));
+        let docs = Some((a.batch, a.seq, &a.pos_ids));
         Recorder { ctx, config: &self.config, hooks: Hooks { adapter, train }, attn: a.attn.as_ref(), docs }
     }
 
@@ -201,8 +201,7 @@ impl GpuModel {
         let r = self.recorder(ctx, backward);
         let (p, a) = (&self.params, &self.acts);
         r.embed_forward(&mut s, p, &a.ids, &a.x[0], a.emb.as_ref(), r.positions(a)?)?;
-        let positions = need(&a.pos_ids)?;
-        let keys = Keys::Batch { batch: a.batch, seq: a.seq, positions };
+        let keys = Keys::Batch { batch: a.batch, seq: a.seq, positions: &a.pos_ids };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             r.layer_forward(&mut s, l, lp, &a.x[l], la, keys, &a.x[l + 1])?;
         }
@@ -423,7 +422,7 @@ impl GpuModel {
             }
             pos[r * t..(r + 1) * t].copy_from_slice(row);
         }
-        ctx.write_u32(need(&self.acts.pos_ids)?, &pos)?;
+        ctx.write_u32(&self.acts.pos_ids, &pos)?;
         let mut flat = vec![0u32; b * t];
         let mut targets = vec![IGNORE; b * t];
         let mut count = 0;

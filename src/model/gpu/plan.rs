@@ -193,12 +193,12 @@ impl LayerActivations {
 pub struct Activations {
     pub batch: usize,
     pub seq: usize,
-    pub ids: Tensor,             // (N,) u32
-    pub targets: Tensor,         // (N,) u32, IGNORE where nothing is predicted
-    pub pos_ids: Option<Tensor>, // (N,) u32 each token's position in its document (always set)
-    pub emb: Option<Tensor>,     // (N, C) token embeddings before positions are added
-    pub pos: Option<Tensor>,     // (N, C) position embeddings
-    pub x: Vec<Tensor>,          // L+1 × (N, C): the residual stream entering each layer, and the last
+    pub ids: Tensor,         // (N,) u32
+    pub targets: Tensor,     // (N,) u32, IGNORE where nothing is predicted
+    pub pos_ids: Tensor,     // (N,) u32 each token's position in its document
+    pub emb: Option<Tensor>, // (N, C) token embeddings before positions are added
+    pub pos: Option<Tensor>, // (N, C) position embeddings
+    pub x: Vec<Tensor>,      // L+1 × (N, C): the residual stream entering each layer, and the last
     pub layers: Vec<LayerActivations>,
     pub hf: Tensor,            // (N, C)  final norm
     pub meanf: Option<Tensor>, // (N,)    LayerNorm
@@ -307,7 +307,7 @@ fn chunk_rows(ctx: &Context, c: &ModelConfig, n: usize, asked: Option<usize>) ->
 pub struct Fixed {
     ids: Tensor,
     targets: Tensor,
-    pos_ids: Option<Tensor>,
+    pos_ids: Tensor,
     loss_rows: Tensor,
     lse_rows: Tensor,
     loss_sum: Tensor,
@@ -320,7 +320,7 @@ impl Fixed {
         let n = batch * seq;
         // Each token's position in its document (rotary angles, learned positions, the attention
         // mask of packed documents), for every block; rewritten with every batch.
-        let pos_ids = Some(ctx.upload_u32("pos_ids", &[n], &(0..n).map(|i| (i % seq) as u32).collect::<Vec<_>>())?);
+        let pos_ids = ctx.upload_u32("pos_ids", &[n], &(0..n).map(|i| (i % seq) as u32).collect::<Vec<_>>())?;
         Ok(Fixed {
             ids: ctx.tensor("ids", &[n], DType::U32)?,
             targets: ctx.tensor("targets", &[n], DType::U32)?,
@@ -518,7 +518,7 @@ impl Layout {
                 o: g(o),
                 scores: g(scores),
                 dscores: dscores.as_ref().map(g),
-                positions: fixed.pos_ids.clone(),
+                positions: Some(fixed.pos_ids.clone()),
             }),
             kept_bytes: 0,
             planned_bytes: 0,
