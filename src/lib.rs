@@ -12,8 +12,10 @@
 //!   (forward, loss, backward, generation) and Hugging Face export.
 //! - [`adapter`]: the five methods behind one trait, and PEFT's files.
 //! - [`train`]: the optimizer and the recorded training step; [`data`]: packing text into rows;
-//!   [`finetune`]: a whole run (data, loop, evaluation, checkpoints, resume, log, plot, samples)
-//!   — what `portalora train` and `examples/finetune.rs` use.
+//!   [`run`]: a run's state without files (rows, order, step, evaluations) and the one set of
+//!   defaults, shared by the command line and the browser; [`finetune`]: a whole run with its
+//!   files (data, loop, evaluation, checkpoints, resume, log, plot, samples) — what `portalora
+//!   train` and `examples/finetune.rs` use.
 //! - [`mod@reference`]: f64 CPU twins of every op, for tests.
 //!
 //! The whole of an embedding app's fine-tuning, natively:
@@ -73,6 +75,7 @@ pub mod ops;
 pub mod outdir;
 pub mod plot;
 pub mod reference;
+pub mod run;
 pub mod train;
 
 #[cfg(all(feature = "native", not(target_arch = "wasm32")))]

@@ -116,17 +116,17 @@ impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
             optimizer: OptimizerKind::AdamW,
-            lr: 2e-4,
+            lr: crate::run::DEFAULTS.lr,
             betas: (0.9, 0.999),
             eps: 1e-8,
             weight_decay: 0.0,
             momentum: 0.9,
-            max_grad_norm: 1.0,
-            schedule: Schedule::Constant,
-            warmup_steps: 0,
+            max_grad_norm: crate::run::DEFAULTS.max_grad_norm,
+            schedule: Schedule::Constant, // crate::run::DEFAULTS.schedule
+            warmup_steps: crate::run::DEFAULTS.warmup_steps,
             total_steps: 1,
-            lr_ratio: lora_plus::DEFAULT_RATIO,
-            grad_accum: 1,
+            lr_ratio: crate::run::DEFAULTS.lr_ratio,
+            grad_accum: crate::run::DEFAULTS.grad_accum,
             base_dtype: BaseDType::Auto,
             loss_every: 1,
             recompute_mlp: false,

@@ -28,72 +28,79 @@ use wasm_bindgen::prelude::*;
 
 use crate::adapter::peft::{config_json, export, safetensors_bytes, PeftFile};
 use crate::adapter::{AdapterConfig, Method};
-use crate::data::{self, Row};
+use crate::data;
 use crate::gpu::Context;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::generate::{Generator, Sampling};
 use crate::model::weights::{load_safetensors_bytes, Weights};
 use crate::model::Arch;
-use crate::train::{Batch, Schedule, TrainConfig, Trainer};
+use crate::run::{Plan, RunData, RunDefaults, RunState, DEFAULTS};
+use crate::train::{Batch, TrainConfig, Trainer};
 
 fn err(e: impl std::fmt::Display) -> JsError {
     JsError::new(&e.to_string())
 }
 
-/// What the page asks for (`Engine::start`'s JSON).
+/// What the page asks for (`Engine::start`'s JSON): the command line's settings, by the same
+/// names (its flags without dashes) and with the same defaults ([`crate::run::DEFAULTS`]). A
+/// setting is `None` when not given.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StartConfig {
-    method: String,
-    #[serde(default = "d_rank")]
-    rank: usize,
-    #[serde(default = "d_alpha")]
-    alpha: f64,
+    method: Option<String>,
+    rank: Option<usize>,
+    alpha: Option<f64>,
+    /// Required unless an adapter was loaded (whose targets a run keeps).
+    #[serde(default)]
     targets: Vec<String>,
-    #[serde(default = "d_lr")]
-    lr: f64,
-    #[serde(default = "d_batch")]
-    batch: usize,
-    #[serde(default = "d_seq")]
-    seq: usize,
+    lr: Option<f64>,
+    schedule: Option<String>,
+    warmup_steps: Option<u64>,
+    max_grad_norm: Option<f64>,
+    batch: Option<usize>,
+    grad_accum: Option<usize>,
+    seq: Option<usize>,
+    steps: Option<u64>,
+    epochs: Option<f64>,
+    val_fraction: Option<f64>,
+    val_rows: Option<usize>,
+    eval_every: Option<u64>,
+    dropout: Option<f32>,
+    lr_ratio: Option<f64>,
+    seed: Option<u64>,
+    delta_lambda: Option<f64>,
+    delta_warmup: Option<u64>,
+    /// Which tokens of a conversation are targets: "assistant" or "all".
+    train_on: Option<crate::data::TrainOn>,
+    /// One document per row, padded, instead of packing.
     #[serde(default)]
-    steps: u64,
+    no_packing: bool,
+    /// Keep the rows in order instead of a seeded shuffle each epoch.
     #[serde(default)]
-    dropout: f32,
-    #[serde(default = "d_ratio")]
-    lr_ratio: f64,
-    #[serde(default)]
-    seed: u64,
-    /// Delta-LoRA's λ and warm-up K (0 here: a browser run is short).
-    #[serde(default = "d_lambda")]
-    delta_lambda: f64,
-    #[serde(default)]
-    delta_warmup: u64,
+    no_shuffle: bool,
     /// Recompute the MLP's up-projections in backward instead of keeping them (less GPU memory).
     #[serde(default)]
     recompute_mlp: bool,
     text: String,
 }
-fn d_lambda() -> f64 {
-    2.0
+
+impl StartConfig {
+    /// The method-specific settings given (for [`crate::run::unused_by_method`]).
+    fn given(&self) -> Vec<&'static str> {
+        let given = [
+            (self.alpha.is_some(), "alpha"),
+            (self.lr_ratio.is_some(), "lr_ratio"),
+            (self.delta_lambda.is_some(), "delta_lambda"),
+            (self.delta_warmup.is_some(), "delta_warmup"),
+        ];
+        given.into_iter().filter_map(|(g, n)| g.then_some(n)).collect()
+    }
 }
-fn d_rank() -> usize {
-    8
-}
-fn d_alpha() -> f64 {
-    16.0
-}
-fn d_lr() -> f64 {
-    1e-3
-}
-fn d_batch() -> usize {
-    2
-}
-fn d_seq() -> usize {
-    64
-}
-fn d_ratio() -> f64 {
-    16.0
+
+/// A run in the page: the trainer and the state it shares with the command line's runs.
+struct Run {
+    trainer: Trainer,
+    state: RunState,
 }
 
 struct Inner {
@@ -101,14 +108,9 @@ struct Inner {
     weights: Option<Weights>,
     name: String,
     tok: Option<Tokenizer>,
-    trainer: Option<Trainer>,
-    train: Vec<Row>,
-    val: Vec<Row>,
-    rows_read: usize,
+    run: Option<Run>,
     /// An adapter to start from instead of a random init (`loadAdapter`).
     init: Option<PeftFile>,
-    /// The chat template, when the data holds conversations (prompts are sampled in it).
-    chat: Option<crate::io::chat::ChatTemplate>,
 }
 
 /// The engine a page talks to.
@@ -151,12 +153,8 @@ impl Engine {
                 weights: None,
                 name: String::new(),
                 tok: None,
-                trainer: None,
-                train: Vec::new(),
-                val: Vec::new(),
-                rows_read: 0,
+                run: None,
                 init: None,
-                chat: None,
             })),
             busy: Rc::new(Cell::new(false)),
         })
@@ -221,83 +219,80 @@ impl Engine {
         Ok(desc)
     }
 
-    /// Creates an adapter and its optimizer on the loaded model and packs `text` into rows for
-    /// training (90%) and validation (10%). `config` is JSON: `{"method", "rank", "alpha",
-    /// "targets", "lr", "batch", "seq", "steps" (for the schedule; 0: constant), "dropout",
-    /// "lr_ratio", "seed", "delta_lambda", "delta_warmup" (default 0), "text"}`. Returns a JSON summary (data, trainable parameters).
+    /// The defaults of a run on the loaded model (those of the command line, rows no longer
+    /// than the model's context; [`crate::run::RunDefaults`]), as JSON: the page shows them in
+    /// its fields.
+    pub fn defaults(&self) -> String {
+        let g = self.inner.borrow();
+        let d = match &g.weights {
+            Some(w) => RunDefaults::for_model(&w.config),
+            None => DEFAULTS,
+        };
+        serde_json::to_string(&d).unwrap_or_default()
+    }
+
+    /// Creates an adapter and its optimizer on the loaded model, and the run's rows from `text`
+    /// (plain text, or JSONL in any of the command line's formats), made as `portalora train
+    /// --data` makes them: packed, split into training and validation rows, read in a seeded
+    /// order. `config` is JSON with the command line's settings by the same names and defaults
+    /// (see `defaults`): `{"method", "rank", "alpha", "targets", "lr", "schedule",
+    /// "warmup_steps", "max_grad_norm", "batch", "grad_accum", "seq", "steps" or "epochs",
+    /// "val_fraction", "val_rows", "eval_every", "dropout", "lr_ratio", "seed", "delta_lambda",
+    /// "delta_warmup", "train_on", "no_packing", "no_shuffle", "recompute_mlp", "text"}`; only
+    /// "targets" (unless an adapter was loaded), "steps" (or "epochs") and "text" are required. A setting the method does not
+    /// use is refused. Returns a JSON summary: the data, the run's shape and settings, the
+    /// trainable parameters and the first example with its targets.
     pub fn start(&self, config: &str) -> Result<String, JsError> {
         let _busy = Busy::take(&self.busy)?;
         let c: StartConfig = serde_json::from_str(config).map_err(|e| err(format!("training settings: {e}")))?;
-        let method: Method = c.method.parse().map_err(err)?;
+        let method: Method = c.method.as_deref().unwrap_or(DEFAULTS.method).parse().map_err(err)?;
+        let unused = crate::run::unused_by_method(method, &c.given());
+        if !unused.is_empty() {
+            let list: Vec<String> = unused.iter().map(|(n, why)| format!("{n}: {why}")).collect();
+            return Err(err(format!("this run would ignore {}; drop it", list.join("; "))));
+        }
         let mut g = self.inner.borrow_mut();
-        g.trainer = None; // free the previous run's buffers first
+        g.run = None; // free the previous run's buffers first
         let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
         let tok = g.tok.as_ref().ok_or_else(|| err("this model has no tokenizer; load one with the model"))?;
-        // Text, or JSONL in any of the command line's formats (conversations in the model's chat
-        // template, the loss on the assistant's turns), packed as `train --data` packs it.
-        let opts = data::ChatOptions { model: &g.name, ..Default::default() };
-        let docs = data::tokenized_text("the text", c.text.clone(), tok, &opts).map_err(err)?;
-        let example = match docs.first() {
-            Some(d) => data::target_runs(tok, d).map_err(err)?,
-            None => Vec::new(),
+        let d = RunDefaults::for_model(&w.config);
+        let (data, example) = run_data(&c, tok, &g.name, &d)?;
+        let plan = Plan {
+            batch: c.batch.unwrap_or(d.batch),
+            grad_accum: c.grad_accum.unwrap_or(d.grad_accum),
+            steps: c.steps,
+            epochs: c.epochs,
+            eval_every: c.eval_every.unwrap_or(d.eval_every),
+            val_rows: c.val_rows.unwrap_or(d.val_rows),
+            seed: c.seed.unwrap_or(d.seed),
+            shuffle: !c.no_shuffle,
         };
-        let chat = match docs.iter().any(|d| d.chat) {
-            true => tok.chat_template(None).map_err(err)?,
-            false => None,
-        };
-        let summary = data::DataSummary { files: 1, seq: c.seq, ..Default::default() };
-        let (rows, summary) = data::rows_of(docs, data::Packing::Packed, c.seq, tok.eos_id.unwrap_or(0), summary);
-        let ds = data::split(rows, 0.1, c.seed, summary);
-        if ds.train.len() < c.batch.max(1) {
-            return Err(err(format!(
-                "the text makes {} training rows of {} tokens; a batch needs {}: paste more text or lower the sequence length",
-                ds.train.len(),
-                c.seq,
-                c.batch
-            )));
-        }
-        let mut acfg = AdapterConfig {
-            rank: c.rank,
-            alpha: c.alpha,
-            dropout: c.dropout,
-            targets: c.targets.clone(),
-            seed: c.seed,
-            delta_lambda: c.delta_lambda,
-            delta_warmup: c.delta_warmup,
-            ..AdapterConfig::new(method)
-        };
-        if let Some(f) = &g.init {
-            acfg = f.adapter_config(method, &acfg).map_err(err)?;
-        }
-        let tc = TrainConfig {
-            lr: c.lr,
-            lr_ratio: c.lr_ratio,
-            schedule: if c.steps > 0 { Schedule::Cosine } else { Schedule::Constant },
-            total_steps: c.steps.max(1),
-            // As stored (the page samples with the adapter unmerged); Delta-LoRA gets f32.
-            base_dtype: crate::model::BaseDType::Auto,
-            recompute_mlp: c.recompute_mlp,
-            ..TrainConfig::default()
-        };
+        let state = RunState::new(data, &plan).map_err(err)?;
+        let (acfg, tc) = run_configs(&c, method, &d, g.init.as_ref(), state.steps())?;
+        crate::run::check_length(&acfg, &tc, state.steps()).map_err(err)?;
         let ctx = g.ctx.clone();
-        let trainer = Trainer::new(&ctx, w, c.batch, c.seq, &acfg, &tc, g.init.as_ref()).map_err(err)?;
+        let trainer = Trainer::new(&ctx, w, state.batch(), state.seq(), &acfg, &tc, g.init.as_ref()).map_err(err)?;
+        let s = state.summary.clone().unwrap_or_default();
         let out = serde_json::json!({
-            "train_rows": ds.train.len(), "val_rows": ds.val.len(), "tokens": ds.summary.tokens,
-            "targets": ds.summary.target_tokens, "conversations": ds.summary.conversations,
+            "train_rows": s.train_rows, "val_rows": s.val_rows, "tokens": s.tokens,
+            "targets": s.target_tokens, "conversations": s.conversations, "no_assistant": s.no_assistant,
             "trainable": trainer.trainable_parameters(), "kept_bytes": trainer.kept_bytes(),
-            "example": example,
+            "example": example, "notes": state.notes(),
+            "settings": {
+                "method": method.name(), "rank": acfg.rank, "alpha": acfg.alpha, "lr": tc.lr,
+                "batch": state.batch(), "grad_accum": state.micro_batches(), "seq": state.seq(),
+                "steps": state.steps(), "eval_every": plan.eval_every, "seed": plan.seed,
+            },
         })
         .to_string();
-        g.chat = chat;
-        g.trainer = Some(trainer);
-        g.train = ds.train;
-        g.val = ds.val;
-        g.rows_read = 0;
+        g.run = Some(Run { trainer, state });
         Ok(out)
     }
 
-    /// One optimizer step on the next rows. Resolves to JSON `{"step", "loss", "lr", "tokens",
-    /// "seconds"}`; a page pauses or stops training simply by not calling it again.
+    /// One optimizer step on the run's next rows. Resolves to JSON `{"step", "loss", "lr",
+    /// "tokens", "seconds", "evaluate", "done"}`: `evaluate` when the run evaluates after this
+    /// step (every "eval_every" steps and after the last), `done` after the last. A page pauses
+    /// or stops training simply by not calling it again.
     pub fn step(&self) -> js_sys::Promise {
         let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
@@ -305,20 +300,20 @@ impl Engine {
             let t0 = js_sys::Date::now();
             let mut g = inner.borrow_mut();
             let g = &mut *g;
-            let trainer = g.trainer.as_mut().ok_or_else(|| err("start a run first"))?;
-            let b = trainer.model.acts.batch;
-            let n = g.train.len();
-            let picked: Vec<&Row> = (0..b).map(|i| &g.train[(g.rows_read + i) % n]).collect();
-            let rows: Vec<Vec<u32>> = picked.iter().map(|r| r.ids.clone()).collect();
-            let masks: Vec<Vec<bool>> = picked.iter().map(|r| r.predict.clone()).collect();
-            let pos: Vec<Vec<u32>> = picked.iter().map(|r| r.pos.clone()).collect();
-            g.rows_read += b;
-            let batch = Batch { ids: &rows, predict: Some(&masks), positions: Some(&pos) };
-            let st = trainer.train_step_async(&g.ctx, &[batch]).await.map_err(err)?;
+            let run = g.run.as_mut().ok_or_else(|| err("start a run first"))?;
+            if run.state.done() {
+                let n = run.state.steps();
+                return Err(err(format!("the run has taken its {n} steps; start a new one")).into());
+            }
+            let micro = run.state.next_step();
+            let batches: Vec<Batch> = micro.iter().map(|m| m.batch()).collect();
+            let st = run.trainer.train_step_async(&g.ctx, &batches).await.map_err(err)?;
             let seconds = (js_sys::Date::now() - t0) / 1000.0;
+            let (evaluate, done) = (run.state.evaluates(run.state.step()), run.state.done());
             Ok(JsValue::from_str(
-                &serde_json::json!({"step": st.step, "loss": st.loss, "lr": st.lr, "tokens": st.tokens, "seconds": seconds})
-                    .to_string(),
+                &serde_json::json!({"step": st.step, "loss": st.loss, "lr": st.lr, "tokens": st.tokens,
+                    "seconds": seconds, "evaluate": evaluate, "done": done})
+                .to_string(),
             ))
         })
     }
@@ -329,15 +324,9 @@ impl Engine {
         wasm_bindgen_futures::future_to_promise(async move {
             let _busy = Busy::take(&busy)?;
             let g = inner.borrow();
-            let trainer = g.trainer.as_ref().ok_or_else(|| err("start a run first"))?;
-            let rows: Vec<Vec<u32>> = g.val.iter().map(|r| r.ids.clone()).collect();
-            if rows.is_empty() {
-                return Err(err("no validation rows: paste more text").into());
-            }
-            let masks: Vec<Vec<bool>> = g.val.iter().map(|r| r.predict.clone()).collect();
-            let pos: Vec<Vec<u32>> = g.val.iter().map(|r| r.pos.clone()).collect();
-            let batch = Batch { ids: &rows, predict: Some(&masks), positions: Some(&pos) };
-            let v = trainer.eval_rows_async(&g.ctx, &batch).await.map_err(err)?;
+            let run = g.run.as_ref().ok_or_else(|| err("start a run first"))?;
+            let rows = run.state.val().ok_or_else(|| err("no validation rows: paste more text"))?;
+            let v = run.trainer.eval_rows_async(&g.ctx, &rows.batch()).await.map_err(err)?;
             Ok(JsValue::from_f64(v))
         })
     }
@@ -348,14 +337,13 @@ impl Engine {
         let (inner, busy) = (self.inner.clone(), self.busy.clone());
         wasm_bindgen_futures::future_to_promise(async move {
             let _busy = Busy::take(&busy)?;
-            let mut g = inner.borrow_mut();
-            let g = &mut *g;
+            let g = inner.borrow();
             let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
             let tok = g.tok.as_ref().ok_or_else(|| err("this model has no tokenizer"))?;
             // With chat data, the prompt is a user message in the template, and the reply ends at
             // the template's end of turn.
             let mut stop: Vec<u32> = tok.eos_id.into_iter().collect();
-            let ids = match &g.chat {
+            let ids = match g.run.as_ref().and_then(|r| r.state.chat.as_ref()) {
                 Some(t) => {
                     let text = t.render(&[crate::io::chat::Message::new("user", &prompt)], true).map_err(err)?;
                     stop.extend(tok.encode(&t.end_of_turn().map_err(err)?).map_err(err)?.first());
@@ -369,7 +357,7 @@ impl Engine {
             let ctx = g.ctx.clone();
             let max_len = (ids.len() + max_tokens).min(w.config.usable_positions());
             let sampling = Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 };
-            let new = match g.trainer.as_ref() {
+            let new = match g.run.as_ref().map(|r| &r.trainer) {
                 Some(t) => {
                     // The adapter's branch beside the frozen weights, unmerged.
                     let mut gen = Generator::new(&ctx, &w.config, &t.model.params, max_len).map_err(err)?;
@@ -396,7 +384,7 @@ impl Engine {
         wasm_bindgen_futures::future_to_promise(async move {
             let _busy = Busy::take(&busy)?;
             let g = inner.borrow();
-            let t = g.trainer.as_ref().ok_or_else(|| err("start a run first"))?;
+            let t = &g.run.as_ref().ok_or_else(|| err("start a run first"))?.trainer;
             let tensors = export(&g.ctx, t.adapter()).await.map_err(err)?;
             let bytes = safetensors_bytes(&tensors).map_err(err)?;
             let gpt2 = t.model.config.arch == Arch::Gpt2;
@@ -422,8 +410,103 @@ impl Engine {
         g.weights = Some(w);
         g.tok = tok;
         g.name = name.to_string();
-        g.trainer = None;
+        g.run = None;
         g.init = None;
         Ok(desc)
+    }
+}
+
+/// The run's rows from the page's text, made as `train --data` makes them, and the first
+/// document as runs of text that are targets or not.
+fn run_data(
+    c: &StartConfig,
+    tok: &Tokenizer,
+    model: &str,
+    d: &RunDefaults,
+) -> Result<(RunData, Vec<(String, bool)>), JsError> {
+    let given = data::chat_flags(None, c.train_on);
+    let opts =
+        data::ChatOptions { model, train_on: c.train_on.unwrap_or_default(), given: &given, ..Default::default() };
+    let docs = data::tokenized_text("the text", c.text.clone(), tok, &opts).map_err(err)?;
+    let example = match docs.first() {
+        Some(d) => data::target_runs(tok, d).map_err(err)?,
+        None => Vec::new(),
+    };
+    let chat = match docs.iter().any(|d| d.chat) {
+        true => tok.chat_template(None).map_err(err)?,
+        false => None,
+    };
+    let packing = if c.no_packing { data::Packing::PerDocument } else { data::Packing::Packed };
+    let (seq, val_fraction) = (c.seq.unwrap_or(d.seq), c.val_fraction.unwrap_or(d.val_fraction));
+    let ds = data::dataset(Path::new("the text"), docs, 1, packing, seq, val_fraction, c.seed.unwrap_or(d.seed), tok)
+        .map_err(err)?;
+    Ok((RunData { train: ds.train, val: ds.val, chat, summary: Some(ds.summary), fixed: false }, example))
+}
+
+/// The adapter's and the optimizer's settings: given, or the defaults; an adapter loaded with
+/// `loadAdapter` fixes its rank, alpha and targets.
+fn run_configs(
+    c: &StartConfig,
+    method: Method,
+    d: &RunDefaults,
+    init: Option<&PeftFile>,
+    steps: u64,
+) -> Result<(AdapterConfig, TrainConfig), JsError> {
+    let mut acfg = AdapterConfig {
+        rank: c.rank.unwrap_or(d.rank_of(method)),
+        alpha: c.alpha.unwrap_or(d.alpha),
+        dropout: c.dropout.unwrap_or(d.dropout),
+        targets: c.targets.clone(),
+        seed: c.seed.unwrap_or(d.seed),
+        delta_lambda: c.delta_lambda.unwrap_or(d.delta_lambda),
+        delta_warmup: c.delta_warmup.unwrap_or(d.delta_warmup),
+        ..AdapterConfig::new(method)
+    };
+    if let Some(f) = init {
+        let from_file = f.adapter_config(method, &acfg).map_err(err)?;
+        check_init(c, &from_file)?;
+        acfg = from_file;
+    }
+    let tc = TrainConfig {
+        lr: c.lr.unwrap_or(d.lr),
+        lr_ratio: c.lr_ratio.unwrap_or(d.lr_ratio),
+        schedule: c.schedule.as_deref().unwrap_or(d.schedule).parse().map_err(err)?,
+        warmup_steps: c.warmup_steps.unwrap_or(d.warmup_steps),
+        max_grad_norm: c.max_grad_norm.unwrap_or(d.max_grad_norm),
+        grad_accum: c.grad_accum.unwrap_or(d.grad_accum),
+        total_steps: steps,
+        // As stored (the page samples with the adapter unmerged); Delta-LoRA gets f32.
+        base_dtype: crate::model::BaseDType::Auto,
+        recompute_mlp: c.recompute_mlp,
+        ..TrainConfig::default()
+    };
+    Ok((acfg, tc))
+}
+
+/// A loaded adapter fixes its rank, alpha and targets: settings that say otherwise are refused,
+/// as `--init-adapter` refuses them, rather than ignored.
+fn check_init(c: &StartConfig, file: &AdapterConfig) -> Result<(), JsError> {
+    let mut differ = Vec::new();
+    if let Some(r) = c.rank.filter(|&r| r != file.rank) {
+        differ.push(format!("rank {r} (its r = {})", file.rank));
+    }
+    if let Some(a) = c.alpha.filter(|&a| (a - file.alpha).abs() > 1e-12 * file.alpha.abs().max(1.0)) {
+        differ.push(format!("alpha {a} (its lora_alpha = {})", file.alpha));
+    }
+    let sorted = |t: &[String]| {
+        let mut t = t.to_vec();
+        t.sort();
+        t
+    };
+    if !c.targets.is_empty() && sorted(&c.targets) != sorted(&file.targets) {
+        differ.push(format!("targets {} (its target_modules {})", c.targets.join(","), file.targets.join(",")));
+    }
+    match differ.is_empty() {
+        true => Ok(()),
+        false => Err(err(format!(
+            "the loaded adapter disagrees with {}: a run continues an adapter with its own settings; use its \
+             values, or load the model again to start afresh",
+            differ.join(", ")
+        ))),
     }
 }

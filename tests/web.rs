@@ -352,3 +352,89 @@ async fn a_packed_row_equals_its_documents_alone_in_the_browser() {
     }
     assert!((got - want).abs() <= 1e-5 * want, "packed {got} vs documents alone {want}");
 }
+
+/// A rejected `Engine` call's message.
+fn message(e: wasm_bindgen::JsError) -> String {
+    let v: wasm_bindgen::JsValue = e.into();
+    js_sys::Error::from(v).message().into()
+}
+
+/// One `Engine.step()` resolved, as JSON (or its rejection's message).
+async fn engine_step(e: &portalora::web::Engine) -> Result<serde_json::Value, String> {
+    match wasm_bindgen_futures::JsFuture::from(e.step()).await {
+        Ok(v) => Ok(serde_json::from_str(&v.as_string().unwrap()).unwrap()),
+        Err(v) => Err(js_sys::Error::from(v).message().into()),
+    }
+}
+
+/// The page's engine runs on the command line's defaults (rows clamped to the model's context)
+/// and walks the same rows as the shared run state: its first step's loss equals a trainer's on
+/// the first micro-batch of a `RunState` made here from the same text and plan. Its cadence
+/// (evaluations, the end) is the run state's, and settings the method would ignore are refused.
+#[wasm_bindgen_test]
+async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_the_browser() {
+    use portalora::data::{self, ChatOptions, Packing};
+    use portalora::io::tokenizer::Tokenizer;
+    use portalora::run::{Plan, RunData, RunDefaults, RunState, DEFAULTS};
+    use portalora::web::Engine;
+    let e = Engine::create().await.map_err(message).unwrap();
+    let defaults = |e: &Engine| serde_json::from_str::<serde_json::Value>(&e.defaults()).unwrap();
+    assert_eq!(defaults(&e), serde_json::to_value(DEFAULTS).unwrap(), "before a model: the defaults");
+    let (config, tokenizer) =
+        (include_str!("fixtures/tiny_gpt2/config.json"), include_bytes!("fixtures/tiny_gpt2/tokenizer.json"));
+    let weights = include_bytes!("fixtures/tiny_gpt2/model.safetensors");
+    e.load_safetensors("tiny", config, weights.to_vec(), Some(tokenizer.to_vec())).map_err(message).unwrap();
+    let w = tiny_gpt2();
+    let d = RunDefaults::for_model(&w.config);
+    assert_eq!(d.seq, 40, "the tiny model's context");
+    assert_eq!(defaults(&e), serde_json::to_value(d).unwrap());
+
+    let text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n".repeat(30);
+    let start = |extra: serde_json::Value| {
+        let mut c = serde_json::json!({"targets": ["c_attn", "c_fc"], "steps": 3, "text": text});
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        e.start(&c.to_string()).map_err(message)
+    };
+    let s: serde_json::Value = serde_json::from_str(&start(serde_json::json!({"eval_every": 2})).unwrap()).unwrap();
+    let set = &s["settings"];
+    assert_eq!(
+        (set["method"].as_str(), set["rank"].as_u64(), set["alpha"].as_f64(), set["lr"].as_f64()),
+        (Some(DEFAULTS.method), Some(DEFAULTS.rank as u64), Some(DEFAULTS.alpha), Some(DEFAULTS.lr))
+    );
+    assert_eq!((set["batch"].as_u64(), set["seq"].as_u64(), set["steps"].as_u64()), (Some(4), Some(40), Some(3)));
+
+    // The same rows, made here through the shared pipeline, and a trainer on the defaults.
+    let tok = Tokenizer::from_json_bytes(Path::new("tiny"), tokenizer).unwrap();
+    let docs = data::tokenized_text("the text", text.clone(), &tok, &ChatOptions::default()).unwrap();
+    let ds =
+        data::dataset(Path::new("the text"), docs, 1, Packing::Packed, d.seq, d.val_fraction, d.seed, &tok).unwrap();
+    assert_eq!(s["train_rows"].as_u64(), Some(ds.train.len() as u64));
+    let plan = Plan { steps: Some(3), eval_every: 2, ..Plan::default() };
+    let mut state = RunState::new(RunData { train: ds.train, val: ds.val, ..RunData::default() }, &plan).unwrap();
+    let ctx = context().await;
+    let acfg = AdapterConfig { targets: vec!["c_attn".into(), "c_fc".into()], ..AdapterConfig::new(Method::Lora) };
+    let tc = TrainConfig { total_steps: 3, ..TrainConfig::default() };
+    let mut trainer = Trainer::new(&ctx, &w, state.batch(), state.seq(), &acfg, &tc, None).unwrap();
+    let micro = state.next_step();
+    let want = trainer.train_step_async(&ctx, &[micro[0].batch()]).await.unwrap().loss;
+
+    let steps = [engine_step(&e).await.unwrap(), engine_step(&e).await.unwrap(), engine_step(&e).await.unwrap()];
+    let got = steps[0]["loss"].as_f64().unwrap();
+    assert!(
+        (got - want).abs() <= 1e-6 * want.abs(),
+        "the page's first step: loss {got}, the shared run state's {want}"
+    );
+    let due: Vec<(bool, bool)> =
+        steps.iter().map(|s| (s["evaluate"].as_bool().unwrap(), s["done"].as_bool().unwrap())).collect();
+    assert_eq!(due, [(false, false), (true, false), (true, true)]);
+    let after = engine_step(&e).await.unwrap_err();
+    assert!(after.contains("taken its 3 steps"), "{after}");
+
+    // What the method would ignore, or a run that could not do what it says, is refused.
+    let vera = start(serde_json::json!({"method": "vera", "alpha": 8})).unwrap_err();
+    assert!(vera.contains("alpha: VeRA has no alpha"), "{vera}");
+    let delta = start(serde_json::json!({"method": "delta-lora"})).unwrap_err();
+    assert!(delta.contains("--delta-warmup 500") && delta.contains("never move"), "{delta}");
+    let long = start(serde_json::json!({"seq": 41})).unwrap_err();
+    assert!(long.contains("41"), "{long}");
+}

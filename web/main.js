@@ -50,7 +50,7 @@ function draw() {
   g.fillStyle = "#444"; g.font = "12px sans-serif";
   for (let i = 0; i <= 4; i++) {
     const y = y0 + ((y1 - y0) * i) / 4;
-    g.fillText(y.toFixed(2), 4, py(y) + 4);
+    g.fillText(y.toFixed(y1 - y0 < 0.05 ? 3 : 2), 4, py(y) + 4);
   }
   g.fillText("step " + x1, c.width - 60, c.height - 6);
   const line = (p, color) => {
@@ -74,6 +74,11 @@ worker.onmessage = (e) => {
       break;
     case "loaded":
       state.model = m.model;
+      showDefaults(m.defaults);
+      // A new model drops the adapter loaded for the previous one.
+      $("adapter-desc").textContent = "";
+      $("adapter-file").value = "";
+      delete document.body.dataset.adapter;
       $("model-desc").textContent = ` ${m.model.name}: ${m.model.arch}, ${m.model.layers} layers, ${(m.model.parameters / 1e6).toFixed(2)} M parameters`;
       if (m.model.arch === "Llama" && $("targets").value.includes("c_attn")) $("targets").value = "q_proj,v_proj";
       if (m.model.arch === "Gpt2" && $("targets").value.includes("q_proj")) $("targets").value = "c_attn,c_proj,c_fc";
@@ -81,7 +86,8 @@ worker.onmessage = (e) => {
       document.body.dataset.model = m.model.name;
       break;
     case "started":
-      status(`training: ${m.summary.train_rows} rows (${m.summary.val_rows} for validation), ${m.summary.trainable} trainable parameters`);
+      status(`training: ${m.summary.train_rows} rows of ${m.summary.settings.seq} tokens (${m.summary.val_rows} for validation), batch ${m.summary.settings.batch}, ${m.summary.trainable} trainable parameters` +
+        m.summary.notes.map((n) => `; note: ${n}`).join(""));
       showExample(m.summary.example);
       break;
     case "step":
@@ -119,6 +125,10 @@ worker.onmessage = (e) => {
       break;
     }
     case "adapter-loaded":
+      // A run continues the adapter with its own rank, alpha and targets.
+      $("rank").value = String(m.adapter.r);
+      if (m.adapter.alpha != null) $("alpha").value = String(m.adapter.alpha);
+      $("targets").value = m.adapter.targets.join(",");
       $("adapter-desc").textContent = ` ${m.adapter.peft_type} r = ${m.adapter.r} on ${m.adapter.targets.join(",")}: the next run starts from it`;
       document.body.dataset.adapter = "1";
       break;
@@ -179,6 +189,28 @@ $("adapter-file").onchange = async (ev) => {
   const bytes = await st.arrayBuffer();
   worker.postMessage({ cmd: "adapter-in", config: await cfg.text(), bytes }, [bytes]);
 };
+// The run's defaults (the command line's, from the engine; rows no longer than the model's
+// context) shown in the fields.
+function showDefaults(d) {
+  state.defaults = d;
+  const set = (id, v) => { $(id).value = String(v); };
+  set("rank", $("method").value === "vera" ? d.vera_rank : d.rank);
+  set("alpha", d.alpha); set("lr", d.lr); set("batch", d.batch); set("seq", d.seq);
+  set("eval-every", d.eval_every); set("lr-ratio", d.lr_ratio); set("delta-warmup", d.delta_warmup);
+  set("sample-tokens", d.sample_tokens);
+}
+// Only the settings the method uses are shown (and sent: the engine refuses the others).
+function showMethod() {
+  const m = $("method").value;
+  for (const el of document.querySelectorAll("[data-only-for]")) el.hidden = el.dataset.onlyFor !== m;
+  for (const el of document.querySelectorAll("[data-unused-by]")) el.hidden = el.dataset.unusedBy === m;
+  const d = state.defaults;
+  // The rank follows the method's default unless it was changed by hand.
+  if (d && [d.rank, d.vera_rank].includes(Number($("rank").value))) $("rank").value = m === "vera" ? d.vera_rank : d.rank;
+}
+$("method").onchange = showMethod;
+showMethod();
+
 // The first document as tokenized, its loss targets in <mark> (text set as text, never as HTML).
 function showExample(runs) {
   const pre = $("example");
@@ -204,13 +236,16 @@ $("train").onclick = () => {
   $("download").disabled = true;
   setBusy(true);
   const num = (id) => Number($(id).value);
-  const steps = num("steps");
+  const method = $("method").value;
   const config = {
-    method: $("method").value, rank: num("rank"), alpha: num("alpha"), lr: num("lr"), steps,
-    batch: num("batch"), seq: num("seq"), targets: $("targets").value.split(",").map((s) => s.trim()).filter(Boolean),
+    method, rank: num("rank"), lr: num("lr"), steps: num("steps"), batch: num("batch"), seq: num("seq"),
+    eval_every: num("eval-every"), targets: $("targets").value.split(",").map((s) => s.trim()).filter(Boolean),
     text: $("text").value,
   };
-  worker.postMessage({ cmd: "train", config: { ...config, eval_every: Math.max(1, Math.floor(steps / 5)) }, prompt: $("prompt").value, tokens: num("sample-tokens") });
+  if (method !== "vera") config.alpha = num("alpha");
+  if (method === "lora-plus") config.lr_ratio = num("lr-ratio");
+  if (method === "delta-lora") config.delta_warmup = num("delta-warmup");
+  worker.postMessage({ cmd: "train", config, prompt: $("prompt").value, tokens: num("sample-tokens") });
 };
 $("pause").onclick = () => worker.postMessage({ cmd: "pause" });
 $("stop").onclick = () => worker.postMessage({ cmd: "stop" });

@@ -9,19 +9,20 @@ let running = false;
 let paused = false;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+// The run's loop; what is due after each step (an evaluation, the end) is the engine's to say,
+// as it is for the command line's runs.
 async function train(m) {
-  const c = m.config;
-  const { eval_every, ...settings } = c;
-  const summary = JSON.parse(engine.start(JSON.stringify(settings)));
+  const summary = JSON.parse(engine.start(JSON.stringify(m.config)));
   postMessage({ type: "started", summary });
   postMessage({ type: "sample", when: "before", prompt: m.prompt, text: await engine.generate(m.prompt, m.tokens) });
   postMessage({ type: "eval", step: 0, loss: await engine.eval() });
   running = true;
   paused = false;
   let step = 0;
+  let evaluated = true;
   const t0 = performance.now();
   let tokens = 0;
-  while (running && step < c.steps) {
+  while (running) {
     if (paused) {
       await sleep(100);
       continue;
@@ -30,11 +31,12 @@ async function train(m) {
     step = s.step;
     tokens += s.tokens;
     postMessage({ type: "step", ...s, tokens_per_s: tokens / ((performance.now() - t0) / 1000) });
-    if (eval_every > 0 && step % eval_every === 0 && step < c.steps) {
-      postMessage({ type: "eval", step, loss: await engine.eval() });
-    }
+    evaluated = s.evaluate;
+    if (s.evaluate) postMessage({ type: "eval", step, loss: await engine.eval() });
+    if (s.done) break;
   }
-  postMessage({ type: "eval", step, loss: await engine.eval() });
+  // Stopped between evaluations: the loss where it stopped.
+  if (!evaluated) postMessage({ type: "eval", step, loss: await engine.eval() });
   postMessage({ type: "sample", when: "after", prompt: m.prompt, text: await engine.generate(m.prompt, m.tokens) });
   running = false;
   postMessage({ type: "done", step });
@@ -53,7 +55,7 @@ onmessage = async (e) => {
         const desc = m.kind === "gguf"
           ? engine.loadGguf(m.name, new Uint8Array(m.bytes))
           : engine.loadSafetensors(m.name, m.config, new Uint8Array(m.bytes), m.tokenizer ? new Uint8Array(m.tokenizer) : undefined);
-        postMessage({ type: "loaded", model: JSON.parse(desc) });
+        postMessage({ type: "loaded", model: JSON.parse(desc), defaults: JSON.parse(engine.defaults()) });
         break;
       }
       case "adapter-in":

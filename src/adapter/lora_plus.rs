@@ -5,7 +5,7 @@
 use super::ParamKind;
 
 /// The paper's recommended ratio lr_B / lr_A (2^4).
-pub const DEFAULT_RATIO: f64 = 16.0;
+pub const DEFAULT_RATIO: f64 = crate::run::DEFAULTS.lr_ratio;
 
 /// The learning-rate multiplier of a parameter kind under LoRA+ with `ratio`.
 pub fn lr_multiplier(kind: ParamKind, ratio: f64) -> f64 {

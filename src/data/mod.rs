@@ -259,6 +259,23 @@ pub fn load_with(
     val_fraction: f64,
     seed: u64,
 ) -> Result<Dataset> {
+    let (docs, files) = tokenized_documents(path, tok, chat)?;
+    dataset(path, docs, files, packing, seq, val_fraction, seed, tok)
+}
+
+/// Tokenized documents (of `files` files under `path`, or a text pasted in the page) made into
+/// rows as `packing` says and split into training and validation rows: what `train --data` and
+/// the page's runs train on.
+pub fn dataset(
+    path: &Path,
+    docs: Vec<Tokenized>,
+    files: usize,
+    packing: Packing,
+    seq: usize,
+    val_fraction: f64,
+    seed: u64,
+    tok: &Tokenizer,
+) -> Result<Dataset> {
     if seq < 2 {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
@@ -271,10 +288,9 @@ pub fn load_with(
             message: format!("validation fraction {val_fraction} must be in [0, 1)"),
         });
     }
-    let (docs, files) = tokenized_documents(path, tok, chat)?;
     let summary = DataSummary { files, seq, ..DataSummary::default() };
     let (rows, summary) = rows_of(docs, packing, seq, tok.eos_id.unwrap_or(0), summary);
-    let mut ds = split(rows, val_fraction, seed, summary);
+    let ds = split(rows, val_fraction, seed, summary);
     if ds.train.is_empty() {
         return Err(DataError::Empty {
             path: path.to_path_buf(),
@@ -285,8 +301,6 @@ pub fn load_with(
             ),
         });
     }
-    ds.summary.train_rows = ds.train.len();
-    ds.summary.val_rows = ds.val.len();
     Ok(ds)
 }
 

@@ -3,23 +3,13 @@
 use std::path::Path;
 
 use super::{file_err, FinetuneError, Result, RunConfig};
-use crate::data::{self, DataSummary, Row};
+use crate::data::{self, Row};
 use crate::gpu::Context;
 use crate::io::chat::{ChatTemplate, Message};
 use crate::io::tokenizer::Tokenizer;
 use crate::model::generate::{Generator, Sampling};
 use crate::model::weights::Weights;
-
-/// Rows for training and validation, each with its loss mask (every row carries one: a
-/// document's and a row's first tokens are never targets; `--ids` rows predict every token).
-pub(super) struct Data {
-    pub train: Vec<Row>,
-    pub val: Vec<Row>,
-    /// The chat template, when the data holds conversations: prompts are then sampled as user
-    /// messages in it.
-    pub chat: Option<ChatTemplate>,
-    pub summary: Option<DataSummary>,
-}
+use crate::run::RunData;
 
 /// Reads `{"input_ids": [[...], ...]}`: rows of equal length, at least 2 tokens each.
 pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
@@ -57,7 +47,13 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
     Ok(out)
 }
 
-pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate::model::ModelConfig) -> Result<Data> {
+/// Rows for training and validation, each with its loss mask (every row carries one: a
+/// document's and a row's first tokens are never targets; `--ids` rows predict every token).
+pub(super) fn load_data(
+    cfg: &RunConfig,
+    tok: Option<&Tokenizer>,
+    model: &crate::model::ModelConfig,
+) -> Result<RunData> {
     match (&cfg.ids, &cfg.data) {
         (Some(p), _) => {
             let rows = read_ids(p)?;
@@ -77,7 +73,7 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
                 .into_iter()
                 .map(|ids| Row { predict: vec![true; ids.len()], pos: (0..ids.len() as u32).collect(), ids })
                 .collect();
-            Ok(Data { train, val: Vec::new(), chat: None, summary: None })
+            Ok(RunData { train, val: Vec::new(), chat: None, summary: None, fixed: true })
         }
         (None, Some(p)) => {
             if let Err(e) = model.check_seq(cfg.seq) {
@@ -100,7 +96,7 @@ pub(super) fn load_data(cfg: &RunConfig, tok: Option<&Tokenizer>, model: &crate:
                 0 => None,
                 _ => tok.chat_template(cfg.chat_template.as_deref()).map_err(|e| file_err(p, e))?,
             };
-            Ok(Data { train: ds.train, val: ds.val, chat, summary: Some(ds.summary) })
+            Ok(RunData { train: ds.train, val: ds.val, chat, summary: Some(ds.summary), fixed: false })
         }
         (None, None) => {
             Err(FinetuneError::Config("give --ids FILE.json or --data FILE (text, folder or JSONL)".into()))

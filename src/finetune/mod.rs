@@ -47,12 +47,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::adapter::peft::{write_atomic, PeftFile};
 use crate::adapter::{AdapterConfig, AdapterError, Method};
-use crate::data::{DataError, DataSummary, Order, Row};
+use crate::data::{DataError, DataSummary};
 use crate::gpu::Context;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::export::{read_back_site_weights, write_hf_folder};
 use crate::model::weights::Weights;
 use crate::outdir::{self, OutDirError};
+use crate::run::{check_length, Plan, RunError, RunState, DEFAULTS};
 use crate::train::{Batch, StepStats, TrainConfig, TrainError, Trainer};
 
 pub mod checkpoint;
@@ -61,9 +62,9 @@ mod inputs;
 
 pub use checkpoint::checkpoint_step;
 use checkpoint::{Loaded, Log, State};
-use checks::{check_config, check_length, check_resume, shape_of, Shape};
+use checks::{check_config, check_resume};
 pub use inputs::read_ids;
-use inputs::{load_data, samples, Data};
+use inputs::{load_data, samples};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FinetuneError {
@@ -71,6 +72,8 @@ pub enum FinetuneError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    Run(#[from] RunError),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
     #[error(transparent)]
@@ -94,13 +97,9 @@ pub enum FinetuneError {
 
 pub type Result<T> = std::result::Result<T, FinetuneError>;
 
-/// A micro-batch's rows: token ids and loss masks.
-/// A micro-batch's rows: ids, loss masks, positions in documents.
-type Micro = (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<Vec<u32>>);
-
 /// Checkpoints every this many steps unless told otherwise (HF Trainer checkpoints every 500 of
 /// its usually faster steps; a checkpoint of SmolLM2's LoRA takes well under a second).
-pub const DEFAULT_SAVE_EVERY: u64 = 100;
+pub const DEFAULT_SAVE_EVERY: u64 = DEFAULTS.save_every;
 
 fn file_err(path: &Path, message: impl std::fmt::Display) -> FinetuneError {
     FinetuneError::File { path: path.to_path_buf(), message: message.to_string() }
@@ -157,8 +156,9 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// Defaults: LoRA (r = 8, alpha = 8) with AdamW at 2e-4, batch 4 × seq 128, 10% validation,
-    /// a checkpoint every [`DEFAULT_SAVE_EVERY`] steps.
+    /// The defaults of [`crate::run::DEFAULTS`], shared with the page: LoRA (r = 8, alpha = 8)
+    /// with AdamW at 2e-4, batch 4 × seq 128, 10% validation, a checkpoint every
+    /// [`DEFAULT_SAVE_EVERY`] steps.
     pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         RunConfig {
             model: model.into(),
@@ -169,20 +169,20 @@ impl RunConfig {
             no_packing: false,
             adapter: AdapterConfig::new(Method::Lora),
             train: TrainConfig::default(),
-            batch: 4,
-            seq: 128,
+            batch: DEFAULTS.batch,
+            seq: DEFAULTS.seq,
             steps: None,
             epochs: None,
-            val_fraction: 0.1,
-            val_rows: 0,
-            eval_every: 0,
+            val_fraction: DEFAULTS.val_fraction,
+            val_rows: DEFAULTS.val_rows,
+            eval_every: DEFAULTS.eval_every,
             save_every: DEFAULT_SAVE_EVERY,
             shuffle: true,
             init_adapter: None,
             out: out.into(),
             log_json: None,
             prompts: Vec::new(),
-            sample_tokens: 32,
+            sample_tokens: DEFAULTS.sample_tokens,
         }
     }
 
@@ -192,6 +192,20 @@ impl RunConfig {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| file_err(&path, format!("{e}; is {} the --out of an earlier run?", out.display())))?;
         serde_json::from_str(&text).map_err(|e| file_err(&path, format!("not a run configuration: {e}")))
+    }
+
+    /// How the run walks its rows.
+    pub fn plan(&self) -> Plan {
+        Plan {
+            batch: self.batch,
+            grad_accum: self.train.grad_accum,
+            steps: self.steps,
+            epochs: self.epochs,
+            eval_every: self.eval_every,
+            val_rows: self.val_rows,
+            seed: self.adapter.seed,
+            shuffle: self.shuffle,
+        }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -204,6 +218,8 @@ impl RunConfig {
 pub enum Event<'a> {
     /// The base model was loaded without part of its checkpoint (said, never silent).
     LeftOut(&'a crate::model::LeftOut),
+    /// The run changed something from its configuration to fit the data (said, never silent).
+    Note(&'a str),
     /// The data was read.
     Data(&'a DataSummary),
     /// The model and adapter are ready.
@@ -314,33 +330,33 @@ pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn F
     if let Some(s) = &data.summary {
         on(&Event::Data(s));
     }
-    let shape = shape_of(cfg, &data)?;
-    check_length(cfg, shape.steps)?;
-    if let Some(done) = checkpoint.as_ref().map(|c| check_resume(cfg, c, shape.steps)).transpose()?.flatten() {
+    let run = RunState::new(data, &cfg.plan())?;
+    for n in run.notes() {
+        on(&Event::Note(n));
+    }
+    check_length(&cfg.adapter, &cfg.train, run.steps())?;
+    if let Some(done) = checkpoint.as_ref().map(|c| check_resume(cfg, c, run.steps())).transpose()?.flatten() {
         return Ok(done);
     }
-    let mut s = Session::start(ctx, cfg, opts, weights, tok, data, shape, checkpoint)?;
+    let mut s = Session::start(ctx, cfg, opts, weights, tok, run, checkpoint)?;
     s.train(on)?;
     s.finish(start, on)
 }
 
-/// A run under way: everything the loop touches.
+/// A run under way: the files-free [`RunState`] (shared with the page) and what the command
+/// line adds around it.
 struct Session<'a> {
     ctx: &'a Context,
     cfg: &'a RunConfig,
     stop: Option<&'a AtomicBool>,
     weights: Weights,
     tok: Option<Tokenizer>,
-    data: Data,
-    shape: Shape,
+    run: RunState,
     trainer: Trainer,
     summary: Summary,
-    rows_read: u64,
     log: Log,
     /// The step of the checkpoint on disk (named when a later step fails).
     last_checkpoint: Option<u64>,
-    /// Validation rows and their loss masks.
-    val: Micro,
     _claim: outdir::Claim,
 }
 
@@ -351,20 +367,19 @@ impl<'a> Session<'a> {
         opts: RunOptions<'a>,
         weights: Weights,
         tok: Option<Tokenizer>,
-        data: Data,
-        shape: Shape,
+        mut run: RunState,
         checkpoint: Option<Loaded>,
     ) -> Result<Self> {
         let mut tc = cfg.train.clone();
         if tc.total_steps == 0 {
-            tc.total_steps = shape.steps; // the schedule's length, once the data fixed it (--epochs)
+            tc.total_steps = run.steps(); // the schedule's length, once the data fixed it (--epochs)
         }
         let init_file = match (&checkpoint, &cfg.init_adapter) {
             (None, Some(dir)) => Some(PeftFile::read(dir)?),
             _ => None,
         };
         let init = checkpoint.as_ref().map(|c| &c.adapter).or(init_file.as_ref());
-        let mut trainer = Trainer::new(ctx, &weights, shape.batch, shape.seq, &cfg.adapter, &tc, init)?;
+        let mut trainer = Trainer::new(ctx, &weights, run.batch(), run.seq(), &cfg.adapter, &tc, init)?;
         // The folder is taken only now: a run refused above leaves nothing behind.
         let claim = match &checkpoint {
             Some(_) => outdir::claim_existing(&cfg.out)?,
@@ -372,24 +387,18 @@ impl<'a> Session<'a> {
         };
         let json = serde_json::to_string_pretty(cfg).map_err(|e| config_err(e.to_string()))?;
         write_atomic(&cfg.out.join("run.json"), json.as_bytes())?;
-        let (summary, rows_read, lines) = match &checkpoint {
+        let (summary, lines) = match &checkpoint {
             Some(c) => {
                 checkpoint::restore(ctx, &mut trainer, c)?;
                 let st = &c.state;
+                run.resume_at(st.step, st.rows_read);
                 let lines =
                     if st.log.is_empty() { checkpoint::lines_from_history(&st.summary) } else { st.log.clone() };
-                let summary = Summary { interrupted: false, trained_steps: 0, ..st.summary.clone() };
-                (summary, st.rows_read, lines)
+                (Summary { interrupted: false, trained_steps: 0, ..st.summary.clone() }, lines)
             }
-            None => (Summary { data: data.summary.clone(), ..Summary::default() }, 0, Vec::new()),
+            None => (Summary { data: run.summary.clone(), ..Summary::default() }, Vec::new()),
         };
         let log = Log::create(cfg.log_path(), lines)?;
-        let val: Vec<&Row> = data.val.iter().take(if cfg.val_rows == 0 { usize::MAX } else { cfg.val_rows }).collect();
-        let val = (
-            val.iter().map(|r| r.ids.clone()).collect(),
-            val.iter().map(|r| r.predict.clone()).collect(),
-            val.iter().map(|r| r.pos.clone()).collect(),
-        );
         let last_checkpoint = checkpoint.as_ref().map(|c| c.state.step);
         Ok(Session {
             ctx,
@@ -397,24 +406,20 @@ impl<'a> Session<'a> {
             stop: opts.stop,
             weights,
             tok,
-            data,
-            shape,
+            run,
             trainer,
             summary,
-            rows_read,
             log,
             last_checkpoint,
-            val,
             _claim: claim,
         })
     }
 
     fn eval(&self) -> Result<Option<f64>> {
-        if self.val.0.is_empty() {
-            return Ok(None);
+        match self.run.val() {
+            Some(rows) => Ok(Some(self.trainer.eval_rows(self.ctx, &rows.batch())?)),
+            None => Ok(None),
         }
-        let rows = Batch { ids: &self.val.0, predict: Some(&self.val.1), positions: Some(&self.val.2) };
-        Ok(Some(self.trainer.eval_rows(self.ctx, &rows)?))
     }
 
     fn record_eval(&mut self, step: u64, on: &mut dyn FnMut(&Event)) -> Result<()> {
@@ -429,33 +434,10 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The micro-batches of the next step: with --ids the file's rows in order, else the next
-    /// rows of the seeded order.
-    fn next_micro(&mut self, order: &mut Order) -> Vec<Micro> {
-        let Shape { batch, k, .. } = self.shape;
-        (0..k)
-            .map(|m| {
-                let rows: Vec<&Row> = if self.cfg.ids.is_some() {
-                    self.data.train[m * batch..(m + 1) * batch].iter().collect()
-                } else {
-                    (0..batch)
-                        .map(|_| {
-                            let (i, _) = order.at(self.rows_read);
-                            self.rows_read += 1;
-                            &self.data.train[i]
-                        })
-                        .collect()
-                };
-                let ids = rows.iter().map(|r| r.ids.clone()).collect();
-                (ids, rows.iter().map(|r| r.predict.clone()).collect(), rows.iter().map(|r| r.pos.clone()).collect())
-            })
-            .collect()
-    }
-
     /// The training loop, from the step after the checkpoint (or 1) to the target, or to the
     /// step during which a stop was asked for.
     fn train(&mut self, on: &mut dyn FnMut(&Event)) -> Result<()> {
-        let (first, steps) = (self.trainer.step + 1, self.shape.steps);
+        let (first, steps) = (self.trainer.step + 1, self.run.steps());
         on(&Event::Started {
             trainable: self.trainer.trainable_parameters(),
             kept_bytes: self.trainer.kept_bytes(),
@@ -473,25 +455,22 @@ impl<'a> Session<'a> {
                     None,
                     t,
                     &c.prompts,
-                    self.data.chat.as_ref(),
+                    self.run.chat.as_ref(),
                     c.sample_tokens,
                 )?;
                 on(&Event::Samples { after: false, samples: &self.summary.samples_before });
             }
             self.record_eval(0, on)?;
         }
-        let mut order =
-            Order::new(self.data.train.len(), self.cfg.adapter.seed, self.cfg.shuffle && self.cfg.ids.is_none());
         let mut clock = Clock { start: Instant::now(), last_read: Instant::now(), tokens: 0, first };
-        for t in first..=steps {
-            let micro = self.next_micro(&mut order);
-            let batches: Vec<Batch> =
-                micro.iter().map(|(ids, p, pos)| Batch { ids, predict: Some(p), positions: Some(pos) }).collect();
+        while !self.run.done() {
+            let micro = self.run.next_step();
+            let t = self.run.step();
+            let batches: Vec<Batch> = micro.iter().map(|m| m.batch()).collect();
             self.trainer.submit_step(self.ctx, &batches)?;
             let stopping = self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) && t < steps;
-            let every = |n: u64| n > 0 && t % n == 0;
-            let evaluates = every(self.cfg.eval_every) || t == steps;
-            let saves = every(self.cfg.save_every) || t == steps || stopping;
+            let evaluates = self.run.evaluates(t);
+            let saves = t.is_multiple_of(self.cfg.save_every) || t == steps || stopping;
             // Losses come back every `loss_every` steps (and before evaluations and checkpoints,
             // which record the history): the only time the CPU waits for the GPU.
             if self.trainer.losses_due() || evaluates || saves {
@@ -504,7 +483,7 @@ impl<'a> Session<'a> {
                 self.log.sync()?;
                 let st = State {
                     step: t,
-                    rows_read: self.rows_read,
+                    rows_read: self.run.rows_read(),
                     summary: self.summary.clone(),
                     log: self.log.lines.clone(),
                 };
@@ -564,7 +543,7 @@ impl<'a> Session<'a> {
     /// Writes the adapter, samples after training (not after a stop: that should be quick),
     /// Delta-LoRA's merged model (the adapter beside it), the loss curve and the summary.
     fn finish(self, start: Instant, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
-        let Session { ctx, cfg, weights, tok, mut trainer, mut summary, log, data, .. } = self;
+        let Session { ctx, cfg, weights, tok, mut trainer, mut summary, log, run, .. } = self;
         let steps = summary.steps;
         summary.val_after = summary.val_loss.last().filter(|(s, _)| *s == steps).map(|&(_, v)| v);
         let base = base_model_ref(&cfg.model);
@@ -575,7 +554,7 @@ impl<'a> Session<'a> {
         // branch beside them: no merge, no f32 copy.
         if let (Some(t), false, false) = (&tok, cfg.prompts.is_empty(), summary.interrupted) {
             let (params, adapter) = (&trainer.model.params, trainer.model.adapter());
-            let chat = data.chat.as_ref();
+            let chat = run.chat.as_ref();
             summary.samples_after = samples(ctx, &weights, params, adapter, t, &cfg.prompts, chat, cfg.sample_tokens)?;
             on(&Event::Samples { after: true, samples: &summary.samples_after });
         }

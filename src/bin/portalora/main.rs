@@ -72,10 +72,10 @@ enum Command {
         #[arg(long)]
         no_packing: bool,
         /// Tokens per row with --data (the tail shorter than a row is dropped).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = portalora::run::DEFAULTS.seq)]
         seq: usize,
         /// Rows per forward pass (memory grows with batch × seq).
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = portalora::run::DEFAULTS.batch)]
         batch: usize,
         /// A PEFT adapter folder (LoRA or VeRA; written by portalora or by PEFT) to evaluate with.
         #[arg(long)]

@@ -39,6 +39,7 @@ impl Progress {
     pub(crate) fn event(&mut self, e: &Event) {
         match e {
             Event::LeftOut(l) => self.line(&format!("note: {l}")),
+            Event::Note(n) => self.line(&format!("note: {n}")),
             Event::Data(s) => self.line(&format!("data: {s}")),
             Event::Started { trainable, kept_bytes, model_kept_bytes, steps, first_step } => {
                 self.line(&format!(

@@ -12,6 +12,7 @@ use portalora::finetune::{self, RunConfig, RunOptions};
 use portalora::gpu::Context;
 use portalora::model::export::{read_back_site_weights, write_hf_folder};
 use portalora::outdir;
+use portalora::run::DEFAULTS;
 use portalora::train::{model_with_adapter, OptimizerKind, TrainConfig};
 
 use super::progress::{clock, Progress};
@@ -50,7 +51,7 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     no_packing: bool,
     /// lora, lora-fa, vera, delta-lora or lora-plus.
-    #[arg(long, default_value = "lora")]
+    #[arg(long, default_value = DEFAULTS.method)]
     method: String,
     /// Adapter rank r [default: 8; VeRA 256; or the --init-adapter's].
     #[arg(long, visible_alias = "lora-r", value_parser = parse_count)]
@@ -62,7 +63,7 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     rslora: bool,
     /// Dropout on the adapter branch's input (Delta-LoRA has none).
-    #[arg(long, visible_alias = "lora-dropout", default_value = "0", value_parser = parse_number)]
+    #[arg(long, visible_alias = "lora-dropout", default_value_t = DEFAULTS.dropout as f64, value_parser = parse_number)]
     dropout: f64,
     /// Target modules, comma-separated, matched as module-name suffixes as in PEFT
     /// (GPT-2: c_attn, c_proj, c_fc; LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
@@ -76,7 +77,7 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value = "adamw")]
     optimizer: String,
     /// Learning rate.
-    #[arg(long, default_value = "2e-4", value_parser = parse_number)]
+    #[arg(long, default_value_t = DEFAULTS.lr, value_parser = parse_number)]
     lr: f64,
     /// AdamW's betas, as B1,B2.
     #[arg(long, default_value = "0.9,0.999")]
@@ -91,22 +92,22 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value = "0.9", value_parser = parse_number)]
     momentum: f64,
     /// Clip the global gradient norm to this (0: no clipping).
-    #[arg(long, default_value = "1.0", value_parser = parse_number)]
+    #[arg(long, default_value_t = DEFAULTS.max_grad_norm, value_parser = parse_number)]
     max_grad_norm: f64,
     /// Learning-rate schedule: constant, linear or cosine (after --warmup-steps of linear warm-up).
-    #[arg(long, default_value = "constant")]
+    #[arg(long, default_value = DEFAULTS.schedule)]
     schedule: String,
     /// Steps of linear learning-rate warm-up.
-    #[arg(long, default_value = "0", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.warmup_steps as usize, value_parser = parse_count)]
     warmup_steps: usize,
     /// LoRA+: B (and 1-D parameters) train at lr × this ratio.
-    #[arg(long, default_value = "16", value_parser = parse_number)]
+    #[arg(long, default_value_t = DEFAULTS.lr_ratio, value_parser = parse_number)]
     lr_ratio: f64,
     /// Delta-LoRA's λ: W0 += λ·s·(B'A' − BA) after each step past the warm-up.
-    #[arg(long, default_value = "2", value_parser = parse_number)]
+    #[arg(long, default_value_t = DEFAULTS.delta_lambda, value_parser = parse_number)]
     delta_lambda: f64,
     /// Delta-LoRA's warm-up K: W0 is updated after steps K+1, K+2, ...
-    #[arg(long, default_value = "500", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.delta_warmup as usize, value_parser = parse_count)]
     delta_warmup: usize,
     /// VeRA's initial λ_d.
     #[arg(long, default_value = "0.1", value_parser = parse_number)]
@@ -124,10 +125,10 @@ pub(crate) struct TrainArgs {
     #[arg(long, value_parser = parse_number)]
     epochs: Option<f64>,
     /// Rows per micro-batch with --data (with --ids, the file's rows / --grad-accum).
-    #[arg(long, default_value = "4", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.batch, value_parser = parse_count)]
     batch: usize,
     /// Micro-batches whose gradients are summed into each optimizer step.
-    #[arg(long, default_value = "1", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.grad_accum, value_parser = parse_count)]
     grad_accum: usize,
     /// How the frozen base is stored on the GPU: auto (a GGUF's quantized and f16 tensors stay
     /// as they are, dequantized inside the matmul), f32, f16, q8_0, q4_0, q4_1, q5_0, q5_1,
@@ -143,20 +144,20 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     recompute_mlp: bool,
     /// Tokens per row with --data.
-    #[arg(long, default_value = "128", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.seq, value_parser = parse_count)]
     seq: usize,
     /// Fraction of the --data rows held out for validation.
-    #[arg(long, default_value = "0.1", value_parser = parse_number)]
+    #[arg(long, default_value_t = DEFAULTS.val_fraction, value_parser = parse_number)]
     val_fraction: f64,
     /// Evaluate at most this many validation rows (0: all).
-    #[arg(long, default_value = "0", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.val_rows, value_parser = parse_count)]
     val_rows: usize,
     /// Evaluate on the validation rows every N steps (0: only before and after training).
-    #[arg(long, default_value = "0", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.eval_every as usize, value_parser = parse_count)]
     eval_every: usize,
     /// Write a checkpoint (adapter, optimizer state, step, data position) under --out every N steps
     /// (0: only at the last step, which always writes one; so does a Ctrl-C).
-    #[arg(long, default_value = "100", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.save_every as usize, value_parser = parse_count)]
     save_every: usize,
     /// Continue the run whose --out is DIR from its last checkpoint, with its settings. Only --steps
     /// (a new target), --lr, --save-every, --eval-every and --loss-every may change.
@@ -173,10 +174,10 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     prompt: Vec<String>,
     /// Tokens generated per prompt.
-    #[arg(long, default_value = "32", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.sample_tokens, value_parser = parse_count)]
     sample_tokens: usize,
     /// Seed of the adapter's init, the data split and order, and the dropout masks.
-    #[arg(long, default_value = "0", value_parser = parse_count)]
+    #[arg(long, default_value_t = DEFAULTS.seed as usize, value_parser = parse_count)]
     seed: usize,
     /// Start from the tensors of this PEFT adapter folder instead of a random init.
     #[arg(long)]
@@ -333,21 +334,12 @@ fn check_required(a: &TrainArgs) -> Res<()> {
     }
 }
 
-/// Flags that this run would not use, each with who does use it: an error listing them all.
+/// Flags that this run would not use, each with who does use it: an error listing them all. The
+/// method's rules are the page's too ([`portalora::run::unused_by_method`]).
 fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
     let sgd = a.optimizer == "sgd";
     let ids = a.ids.is_some();
-    let rules: [(&[&str], bool, &str); 13] = [
-        (&["alpha", "rslora"], method == Method::Vera, "VeRA has no alpha (its scale is learnt in λ_b and λ_d)"),
-        (&["init"], method == Method::Vera, "VeRA's shared pair is always kaiming-uniform"),
-        (&["lr_ratio"], method != Method::LoraPlus, "only LoRA+ (--method lora-plus) uses it"),
-        (
-            &["delta_lambda", "delta_warmup"],
-            method != Method::DeltaLora,
-            "only Delta-LoRA (--method delta-lora) uses it",
-        ),
-        (&["vera_d_initial", "vera_seed"], method != Method::Vera, "only VeRA (--method vera) uses it"),
-        (&["lorafa_projected"], method != Method::LoraFa, "only LoRA-FA (--method lora-fa) uses it"),
+    let rules: [(&[&str], bool, &str); 7] = [
         (&["momentum"], !sgd, "only SGD (--optimizer sgd) uses it"),
         (&["betas", "eps"], sgd, "only AdamW uses it"),
         (&["batch", "seq", "no_shuffle"], ids, "with --ids every step trains on all the file's rows, in order"),
@@ -360,11 +352,16 @@ fn check_unused(a: &TrainArgs, given: &Given, method: Method) -> Res<()> {
             "the adapter starts from --init-adapter's tensors and settings",
         ),
     ];
+    let names: Vec<&str> = given.iter().map(String::as_str).collect();
+    let by_method = portalora::run::unused_by_method(method, &names);
     // Each given flag with the first rule that finds it unused.
     let unused: Vec<String> = given
         .iter()
         .filter_map(|id| {
-            let (_, _, why) = rules.iter().find(|(ids, unused, _)| *unused && ids.contains(&id.as_str()))?;
+            let why = match by_method.iter().find(|(n, _)| n == id) {
+                Some((_, why)) => *why,
+                None => rules.iter().find(|(ids, unused, _)| *unused && ids.contains(&id.as_str()))?.2,
+            };
             Some(format!("{}: {why}", flag(id)))
         })
         .collect();
