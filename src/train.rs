@@ -291,7 +291,7 @@ impl Trainer {
         let mut model = GpuModel::with_options(ctx, weights, batch, seq, plan)?;
         let mut adapter = adapter::build(ctx, adapter_config, sites, batch * seq)?;
         if let Some(f) = init {
-            f.fits(&weights.source, f.load_into(ctx, adapter.as_mut()))?;
+            f.fits(&weights.source, f.load_into(ctx, adapter.as_mut(), &weights.config))?;
         }
         // Attached first, so that the training step is recorded once, with the adapter.
         model.attach(ctx, adapter)?;
@@ -708,6 +708,6 @@ pub fn adapter_from(ctx: &Context, weights: &Weights, dir: &std::path::Path, row
     let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;
     let sites = file.fits(&weights.source, cfg.sites(&weights.config))?;
     let mut a = file.fits(&weights.source, adapter::build(ctx, &cfg, sites, rows))?;
-    file.fits(&weights.source, file.load_into(ctx, a.as_mut()))?;
+    file.fits(&weights.source, file.load_into(ctx, a.as_mut(), &weights.config))?;
     Ok(a)
 }

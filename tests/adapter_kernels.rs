@@ -182,7 +182,7 @@ fn merge_roundtrip(arch: &str, fixture_dir: &str, method: Method) {
     let file = PeftFile::read(&fixture(&format!("adapters/{fixture_dir}/init"))).unwrap();
     let cfg = file.adapter_config(method, &AdapterConfig::new(method)).unwrap();
     let mut model = model_with(&ctx, &w, &cfg, 2, 9);
-    file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap();
+    file.load_into(&ctx, model.adapter_mut().unwrap(), &w.config).unwrap();
     let ids = rows(w.config.vocab_size, 2, 9, 8);
     let before: Vec<Vec<f32>> = weights_of(&ctx, &model);
     let (with_branch, _) = model.loss_sum(&ctx, &ids).unwrap();
@@ -228,7 +228,7 @@ fn saved_adapters_read_back_identically() {
         let file = PeftFile::read(&fixture(&format!("adapters/{dir}/init"))).unwrap();
         let cfg = file.adapter_config(method, &AdapterConfig::new(method)).unwrap();
         let mut model = model_with(&ctx, &w, &cfg, 1, 4);
-        file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap();
+        file.load_into(&ctx, model.adapter_mut().unwrap(), &w.config).unwrap();
         let out = std::env::temp_dir().join(format!("portalora-roundtrip-{arch}-{}", std::process::id()));
         peft::save(&ctx, model.adapter().unwrap(), arch == "gpt2", Some("tiny"), &out).unwrap();
         let back = PeftFile::read(&out).unwrap();
@@ -314,7 +314,7 @@ fn adapter_for_another_model_is_refused() {
     let mut cfg = file.adapter_config(Method::Lora, &AdapterConfig::new(Method::Lora)).unwrap();
     cfg.targets = vec!["q_proj".into()];
     let mut model = model_with(&ctx, &w, &cfg, 1, 4);
-    let err = file.load_into(&ctx, model.adapter_mut().unwrap()).unwrap_err().to_string();
+    let err = file.load_into(&ctx, model.adapter_mut().unwrap(), &w.config).unwrap_err().to_string();
     assert!(err.contains("adapter_model.safetensors") && err.contains("transformer.h.0"), "{err}");
 }
 

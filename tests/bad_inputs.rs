@@ -177,6 +177,60 @@ fn setup_semantics(dir: &Path) {
         .output()
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    setup_export(dir);
+}
+
+/// What `export` refuses (issue 18): a Delta-LoRA run's adapter (its run.json says so), a file
+/// that exists, an adapter file that is not GGUF.
+fn setup_export(dir: &Path) {
+    let delta = dir.join("delta_run/adapter");
+    std::fs::create_dir_all(&delta).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(dir.join("done").join(f), delta.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("delta_run/run.json"), r#"{"adapter": {"method": "delta-lora"}}"#).unwrap();
+    std::fs::write(dir.join("exists.gguf"), "an earlier export").unwrap();
+    std::fs::write(dir.join("not_gguf.gguf"), "not a GGUF file").unwrap();
+}
+
+/// `portalora export`'s refusals.
+fn export_cases(gpt2: &str) -> Vec<Case> {
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let export = |rest: &str| -> Vec<String> {
+        format!("export --model {gpt2} {rest}").split(' ').map(str::to_string).collect()
+    };
+    vec![
+        c(
+            "a Delta-LoRA adapter exported as a LoRA file",
+            export("--adapter DIR/delta_run/adapter --out OUT --as lora"),
+            &["Delta-LoRA adapter", "moved the base weights", "--as merged"],
+        ),
+        c(
+            "a quantized type for a LoRA file",
+            export("--adapter DIR/done --out OUT --type q4_k"),
+            &["--type q4_k", "f32 or f16"],
+        ),
+        c(
+            "an export over a file that exists",
+            export("--adapter DIR/done --out DIR/exists.gguf"),
+            &["exists.gguf exists", "--overwrite"],
+        ),
+        c(
+            "a merged export from a Hugging Face folder",
+            export("--adapter DIR/done --out OUT --as merged"),
+            &["convert_hf_to_gguf.py", "--as lora"],
+        ),
+        c(
+            "an adapter file that is not GGUF",
+            export("--adapter DIR/not_gguf.gguf --out OUT"),
+            &["not_gguf.gguf", "not a GGUF LoRA adapter"],
+        ),
+        c(
+            "an unknown tensor type",
+            export("--adapter DIR/done --out OUT --type q7"),
+            &["--type \"q7\"", "not a ggml type"],
+        ),
+    ]
 }
 
 /// Chat data and templates that are refused (issue 17).
@@ -322,6 +376,7 @@ fn cases() -> Vec<Case> {
     .into_iter()
     .chain(semantic_cases(&t, &llama, &tiny_gpt2))
     .chain(chat_cases(&t, &tiny_gpt2))
+    .chain(export_cases(&tiny_gpt2))
     .collect()
 }
 

@@ -109,7 +109,8 @@ worker.onmessage = (e) => {
       break;
     case "done":
       setBusy(false);
-      $("download").disabled = false;
+      for (const id of ["download", "download-gguf"]) $(id).disabled = false;
+      $("download-merged").disabled = !state.model.name.endsWith(".gguf");
       status(`done after ${m.step} steps: validation loss ${state.val[0][1].toFixed(4)} → ${state.val[state.val.length - 1][1].toFixed(4)}`);
       document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1);
       break;
@@ -122,6 +123,14 @@ worker.onmessage = (e) => {
       };
       save("adapter_config.json", m.config, "application/json");
       save("adapter_model.safetensors", m.bytes, "application/octet-stream");
+      break;
+    }
+    case "gguf": {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([m.bytes], { type: "application/octet-stream" }));
+      a.download = m.name;
+      a.click();
+      status(`${m.name}: ${(m.bytes.length / 1e6).toFixed(1)} MB` + (m.merged ? "" : " (llama.cpp: --lora; Ollama: ADAPTER)"));
       break;
     }
     case "adapter-loaded":
@@ -180,10 +189,16 @@ $("model-file").onchange = async (ev) => {
 $("adapter-file").onchange = async (ev) => {
   error("");
   const files = [...ev.target.files];
+  const gguf = files.find((f) => f.name.endsWith(".gguf"));
+  if (gguf) {
+    const bytes = await gguf.arrayBuffer();
+    worker.postMessage({ cmd: "adapter-in-gguf", name: gguf.name, bytes }, [bytes]);
+    return;
+  }
   const cfg = files.find((f) => f.name.endsWith(".json"));
   const st = files.find((f) => f.name.endsWith(".safetensors"));
   if (!cfg || !st) {
-    error("pick both adapter_config.json and adapter_model.safetensors");
+    error("pick both adapter_config.json and adapter_model.safetensors, or a GGUF LoRA adapter (.gguf)");
     return;
   }
   const bytes = await st.arrayBuffer();
@@ -233,7 +248,7 @@ $("train").onclick = () => {
   draw();
   $("before").textContent = "";
   $("after").textContent = "";
-  $("download").disabled = true;
+  for (const id of ["download", "download-gguf", "download-merged"]) $(id).disabled = true;
   setBusy(true);
   const num = (id) => Number($(id).value);
   const method = $("method").value;
@@ -250,4 +265,7 @@ $("train").onclick = () => {
 $("pause").onclick = () => worker.postMessage({ cmd: "pause" });
 $("stop").onclick = () => worker.postMessage({ cmd: "stop" });
 $("download").onclick = () => worker.postMessage({ cmd: "export" });
+const stem = () => (state.model ? state.model.name.replace(/\.gguf$/, "") : "model");
+$("download-gguf").onclick = () => worker.postMessage({ cmd: "export-gguf", merged: false, name: `${stem()}-adapter.gguf` });
+$("download-merged").onclick = () => worker.postMessage({ cmd: "export-gguf", merged: true, name: `${stem()}-merged.gguf` });
 worker.postMessage({ cmd: "init" });

@@ -1,7 +1,7 @@
 // The engine runs here, off the page's thread: the page stays responsive while the GPU trains.
-// Messages in: {cmd: "init" | "load" | "train" | "pause" | "stop" | "generate" | "export", ...};
-// messages out: {type: "ready" | "loaded" | "started" | "step" | "eval" | "sample" | "done" |
-// "adapter" | "error", ...}.
+// Messages in: {cmd: "init" | "load" | "adapter-in" | "adapter-in-gguf" | "train" | "pause" | "stop" |
+// "export" | "export-gguf", ...}; messages out: {type: "ready" | "loaded" | "adapter-loaded" |
+// "started" | "step" | "eval" | "sample" | "done" | "adapter" | "gguf" | "error", ...}.
 import init, { Engine } from "./pkg/portalora.js";
 
 let engine = null;
@@ -56,6 +56,14 @@ onmessage = async (e) => {
           ? engine.loadGguf(m.name, new Uint8Array(m.bytes))
           : engine.loadSafetensors(m.name, m.config, new Uint8Array(m.bytes), m.tokenizer ? new Uint8Array(m.tokenizer) : undefined);
         postMessage({ type: "loaded", model: JSON.parse(desc), defaults: JSON.parse(engine.defaults()) });
+        break;
+      }
+      case "adapter-in-gguf":
+        postMessage({ type: "adapter-loaded", adapter: JSON.parse(engine.loadAdapterGguf(m.name, new Uint8Array(m.bytes))) });
+        break;
+      case "export-gguf": {
+        const bytes = await engine.exportGguf(m.merged);
+        postMessage({ type: "gguf", name: m.name, merged: m.merged, bytes }, [bytes.buffer]);
         break;
       }
       case "adapter-in":

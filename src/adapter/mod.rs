@@ -23,6 +23,7 @@ pub mod lora;
 pub mod lora_fa;
 pub mod lora_plus;
 pub mod peft;
+mod peft_gguf;
 mod sites;
 pub mod vera;
 

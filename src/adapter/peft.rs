@@ -37,6 +37,9 @@ pub struct PeftFile {
     pub layers: Option<Vec<usize>>,
     pub dropout: f32,
     pub tensors: BTreeMap<String, HostTensor>,
+    /// Modules whose B rows are in llama.cpp's rotary order (a GGUF LoRA file's LLaMA q/k; see
+    /// [`PeftFile::tensors_for`]).
+    pub rotary: Vec<String>,
 }
 
 fn file_err(path: &Path, message: impl Into<String>) -> AdapterError {
@@ -44,8 +47,24 @@ fn file_err(path: &Path, message: impl Into<String>) -> AdapterError {
 }
 
 impl PeftFile {
-    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`, or a GGUF LoRA
+    /// adapter file (see `peft_gguf`).
     pub fn read(dir: &Path) -> Result<PeftFile> {
+        if dir.is_file() {
+            let mut magic = [0u8; 4];
+            let is_gguf =
+                std::fs::File::open(dir).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+                    && &magic == b"GGUF";
+            if !is_gguf {
+                return Err(file_err(
+                    dir,
+                    "is a file but not a GGUF LoRA adapter; an adapter is a folder (adapter_config.json and \
+                     adapter_model.safetensors) or a .gguf file from `portalora export`",
+                ));
+            }
+            let g = crate::io::gguf::Gguf::open(dir).map_err(|e| file_err(dir, e.to_string()))?;
+            return Self::from_gguf(&g);
+        }
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|source| AdapterError::Io { path: cfg_path.display().to_string(), source })?;
@@ -141,6 +160,7 @@ impl PeftFile {
             peft_type,
             config,
             tensors,
+            rotary: Vec::new(),
         })
     }
 
@@ -185,12 +205,14 @@ impl PeftFile {
         })
     }
 
-    /// Writes these tensors into `adapter`, checking every name and shape first.
-    pub fn load_into(&self, ctx: &Context, adapter: &mut dyn Adapter) -> Result<()> {
-        let st_path = self.dir.join(WEIGHTS_FILE);
+    /// Writes these tensors into `adapter` on `model`, checking every name and shape first.
+    pub fn load_into(&self, ctx: &Context, adapter: &mut dyn Adapter, model: &crate::model::ModelConfig) -> Result<()> {
+        let tensors = self.tensors_for(model);
+        let st_path =
+            if self.rotary.is_empty() && self.dir.is_dir() { self.dir.join(WEIGHTS_FILE) } else { self.dir.clone() };
         let slots = adapter.slots();
         let wanted: Vec<&str> = slots.iter().map(|s| s.key.as_str()).collect();
-        if let Some(extra) = self.tensors.keys().find(|k| !wanted.contains(&k.as_str())) {
+        if let Some(extra) = tensors.keys().find(|k| !wanted.contains(&k.as_str())) {
             return Err(file_err(
                 &st_path,
                 format!(
@@ -201,7 +223,7 @@ impl PeftFile {
             ));
         }
         for slot in &slots {
-            let t = self.tensors.get(&slot.key).ok_or_else(|| {
+            let t = tensors.get(&slot.key).ok_or_else(|| {
                 file_err(&st_path, format!("tensor {:?} is missing; the adapter and the model do not fit", slot.key))
             })?;
             if t.shape != slot.shape {
@@ -215,7 +237,7 @@ impl PeftFile {
             }
         }
         for slot in &slots {
-            let t = &self.tensors[&slot.key];
+            let t = &tensors[&slot.key];
             let mut at = 0;
             for part in &slot.parts {
                 let n = part.numel();
@@ -224,7 +246,7 @@ impl PeftFile {
             }
         }
         drop(slots);
-        adapter.loaded(ctx, &self.tensors)
+        adapter.loaded(ctx, &tensors)
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod gguf;
+pub mod gguf_write;
 pub mod half;
 pub mod quants;
 pub mod spm;

@@ -12,7 +12,7 @@ use super::weights::ModelError;
 use crate::io::gguf::{Gguf, Value};
 
 /// The family a GGUF's `general.architecture` names.
-fn family_of(arch: &str) -> Option<Family> {
+pub(super) fn family_of(arch: &str) -> Option<Family> {
     Some(match arch {
         "llama" => Family::Llama,
         "qwen2" => Family::Qwen2,
@@ -21,6 +21,18 @@ fn family_of(arch: &str) -> Option<Family> {
         "gpt2" => Family::Gpt2,
         _ => return None,
     })
+}
+
+/// The `general.architecture` llama.cpp gives `family` (what [`family_of`] reads).
+pub(super) fn arch_name(family: Family) -> &'static str {
+    match family {
+        // llama.cpp converts Mistral checkpoints as `llama`.
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+        Family::Gemma3 => "gemma3",
+        Family::Gpt2 => "gpt2",
+    }
 }
 
 /// Reads the model's hyperparameters from `{arch}.*` metadata (and which tensors exist).
@@ -241,7 +253,7 @@ pub(super) fn hf_name(family: Family, gguf_name: &str) -> Option<Mapped> {
 /// Whether llama.cpp's converter permuted this family's q/k rows for interleaved rotary pairs
 /// (HF LLaMA and Mistral checkpoints converted as `llama`; qwen and gemma use NEOX rotary).
 pub(super) fn permuted(family: Family) -> bool {
-    family == Family::Llama
+    matches!(family, Family::Llama | Family::Mistral)
 }
 
 /// Whether the converter stored this tensor's values as `1 + w` (Gemma's norms).

@@ -5,6 +5,7 @@ pub mod arch;
 pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod export;
+pub mod gguf_export;
 mod gguf_model;
 pub mod gpu;
 mod hf_config;

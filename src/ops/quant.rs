@@ -262,16 +262,7 @@ mod tests {
     fn pack_then_unpack_equals_ggufs_dequantize() {
         let mut rng = crate::reference::Rng::new(3);
         let x: Vec<f32> = (0..256 * 3).map(|_| rng.uniform()).collect();
-        let all = [
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q2_K,
-            GgmlType::Q3_K,
-            GgmlType::Q4_K,
-            GgmlType::Q5_K,
-            GgmlType::Q6_K,
-        ];
-        for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1].into_iter().chain(all) {
+        for ty in GgmlType::ALL.into_iter().filter(|t| !matches!(t, GgmlType::F32 | GgmlType::BF16)) {
             let raw = quantize(ty, &x);
             let want = dequantize(ty, &raw);
             let dtype = dtype_of(ty).expect("kernel type");

@@ -76,16 +76,39 @@ const headerLen = Number(st.readBigUInt64LE(0));
 const header = JSON.parse(st.subarray(8, 8 + headerLen).toString("utf8"));
 assert.equal(header.__metadata__.format, "pt");
 assert.ok(Object.keys(header).some((k) => k.endsWith("attn.c_attn.lora_A.weight")), "PEFT's key names");
+// And as a GGUF LoRA adapter (the merged file needs a model loaded as GGUF: disabled here).
+assert.equal(await page.isDisabled("#download-merged"), true, "no merged GGUF from a safetensors model");
+/** The next download the button `id` starts, saved under target/web-e2e; resolves to its path. */
+async function download(id) {
+  const [d] = await Promise.all([page.waitForEvent("download", { timeout: 120000 }), page.click(id)]);
+  const to = path.join(dir, d.suggestedFilename());
+  await d.saveAs(to);
+  return to;
+}
+const ggufAdapter = await download("#download-gguf");
+const gb = fs.readFileSync(ggufAdapter);
+assert.equal(gb.subarray(0, 4).toString(), "GGUF");
+assert.ok(gb.includes("adapter.lora.alpha") && gb.includes("blk.0.attn_qkv.weight.lora_a"), "llama.cpp's adapter keys and names");
+let done = methods.length;
 // The downloaded adapter loads back into the page and training continues from it.
 await page.setInputFiles("#adapter-file", [path.join(dir, "adapter_config.json"), path.join(dir, "adapter_model.safetensors")]);
 await page.waitForFunction(() => document.body.dataset.adapter || document.body.dataset.error, null, { timeout: 60000 });
 await page.selectOption("#method", "lora");
 await page.fill("#steps", "2");
 await page.click("#train");
-assert.equal(await runs(page, methods.length + 1), undefined);
+assert.equal(await runs(page, ++done), undefined);
 const resumed = await page.evaluate(() => window.demoState.val[0][1]);
 assert.ok(resumed < results["lora-plus"].val_before, `starting from the downloaded adapter: validation loss ${resumed}`);
 console.log(`from the downloaded adapter: validation loss starts at ${resumed.toFixed(4)}`);
+// The GGUF adapter loads back too, and is the same adapter.
+await page.evaluate(() => delete document.body.dataset.adapter);
+await page.setInputFiles("#adapter-file", [ggufAdapter]);
+await page.waitForFunction(() => document.body.dataset.adapter || document.body.dataset.error, null, { timeout: 60000 });
+await page.click("#train");
+assert.equal(await runs(page, ++done), undefined);
+const fromGguf = await page.evaluate(() => window.demoState.val[0][1]);
+assert.ok(Math.abs(fromGguf - resumed) < 1e-4, `from the GGUF adapter ${fromGguf}, from PEFT's files ${resumed}`);
+console.log(`from the downloaded GGUF adapter: validation loss starts at ${fromGguf.toFixed(4)}`);
 // A GGUF picked from disk: a tiny llama with a SentencePiece vocabulary (as Gemma's GGUFs carry).
 await page.setInputFiles("#model-file", [path.join(root, "tests", "fixtures", "tokenizers", "spm.gguf")]);
 await page.waitForFunction(() => document.body.dataset.model === "spm.gguf" || document.body.dataset.error, null,
@@ -94,10 +117,17 @@ assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
 assert.equal(await page.inputValue("#targets"), "q_proj,v_proj", "the llama model's own targets");
 await page.fill("#steps", "4");
 await page.click("#train");
-assert.equal(await runs(page, methods.length + 2), undefined);
+assert.equal(await runs(page, ++done), undefined);
 const spm = await page.evaluate(() => window.demoState.train);
 assert.equal(spm.length, 4, "four steps on the picked GGUF");
 assert.ok(spm.every(([, l]) => Number.isFinite(l)), `finite losses on the picked GGUF: ${JSON.stringify(spm)}`);
+// A model loaded as GGUF downloads merged: the base's metadata (its tokenizer) with the adapter in.
+const merged = fs.readFileSync(await download("#download-merged"));
+const spmBytes = fs.readFileSync(path.join(root, "tests", "fixtures", "tokenizers", "spm.gguf"));
+assert.equal(merged.subarray(0, 4).toString(), "GGUF");
+assert.ok(merged.includes("tokenizer.ggml.tokens") && Math.abs(merged.length - spmBytes.length) < 4096,
+  `a merged GGUF of ${merged.length} bytes beside the base's ${spmBytes.length}`);
+console.log(`merged GGUF from the page: ${merged.length} bytes`);
 console.log(`a GGUF picked from disk (SentencePiece vocabulary): losses ${spm.map(([, l]) => l.toFixed(3)).join(", ")}`);
 // JSONL pasted as the command line reads it: prompt/completion pairs, the loss on completions,
 // and the first example shown with its targets highlighted.
@@ -106,7 +136,7 @@ const pairs = Array.from({ length: 40 }, (_, i) =>
 await page.fill("#text", pairs.join("\n"));
 await page.fill("#steps", "2");
 await page.click("#train");
-assert.equal(await runs(page, methods.length + 3), undefined);
+assert.equal(await runs(page, ++done), undefined);
 const example = await page.evaluate(() => ({
   targets: Number(document.body.dataset.exampleTargets), marked: [...document.querySelectorAll("#example mark")].map((m) => m.textContent).join(""),
   text: document.getElementById("example").textContent, losses: window.demoState.train,

@@ -130,6 +130,15 @@ fn prompt_ids(tok: &Tokenizer, model: &Path, input: Input) -> Result<Prompt, Box
 
 /// Continues the input, printing as it goes; says why it stopped when that was not the end of
 /// the text or `max_tokens`.
+/// How `generate` prints.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Show {
+    /// Special tokens (end of turn, end of text) too.
+    pub special: bool,
+    /// One JSON line at the end: {"prompt_ids", "ids", "text"} (the prompt's and the new tokens).
+    pub json: bool,
+}
+
 pub(crate) fn generate(
     ctx: &Context,
     model: &Path,
@@ -137,7 +146,7 @@ pub(crate) fn generate(
     max_tokens: usize,
     sampling: Sampling,
     adapter: Option<&Path>,
-    special: bool,
+    show: Show,
 ) -> Res {
     if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
         return Err(format!("--temperature {} must be 0 or positive", sampling.temperature).into());
@@ -170,15 +179,21 @@ pub(crate) fn generate(
         gen = gen.with_adapter(a.as_ref())?;
     }
     let mut out = std::io::stdout().lock();
-    write!(out, "{prompt}")?;
-    out.flush()?;
+    if !show.json {
+        write!(out, "{prompt}")?;
+        out.flush()?;
+    }
     // Decode the whole continuation each time and print what is new, so that multi-byte
     // characters split across tokens come out whole.
     let mut new_ids = Vec::new();
     let mut printed = 0;
     let mut err = None;
+    let special = show.special;
     let got = gen.generate(ctx, &ids, max_tokens, sampling, &stop, |t| {
         new_ids.push(t);
+        if show.json {
+            return;
+        }
         let text = if special { tok.decode(&new_ids) } else { tok.decode_text(&new_ids) };
         match text {
             Ok(text) if !text.ends_with('\u{fffd}') => {
@@ -190,7 +205,12 @@ pub(crate) fn generate(
             Err(e) => err = Some(e),
         }
     })?;
-    writeln!(out)?;
+    if show.json {
+        let text = if special { tok.decode(&got)? } else { tok.decode_text(&got)? };
+        writeln!(out, "{}", serde_json::json!({"prompt_ids": ids, "ids": got, "text": text}))?;
+    } else {
+        writeln!(out)?;
+    }
     if let Some(e) = err {
         return Err(e.into());
     }

@@ -8,6 +8,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use portalora::gpu::Context;
 
+mod export;
 mod infer;
 mod progress;
 mod show;
@@ -88,6 +89,10 @@ enum Command {
     /// marked, before packing. With --json one line per document: {"ids": [...], "targets":
     /// [...]}, targets[i] = 1 where ids[i] is a loss target (predicted from the tokens before it).
     Tokenize(tokenize::TokenizeArgs),
+    /// Write a fine-tune as GGUF for llama.cpp, Ollama and LM Studio: the adapter as a GGUF LoRA
+    /// file (--as lora), or the base with the adapter merged (--as merged); --modelfile adds
+    /// Ollama's Modelfile.
+    Export(export::ExportArgs),
     /// Continue a prompt with the model, on the GPU with a KV cache.
     Generate {
         /// A .gguf file or a Hugging Face folder.
@@ -127,6 +132,10 @@ enum Command {
         /// Print special tokens (end of turn, end of text) too.
         #[arg(long)]
         special: bool,
+        /// Print one JSON line at the end instead: {"prompt_ids": [...], "ids": [...], "text": "..."}
+        /// (the prompt's token ids, the new ones, and their text).
+        #[arg(long)]
+        json: bool,
     },
     /// Fine-tune an adapter (LoRA, LoRA-FA, VeRA, Delta-LoRA or LoRA+) and write it in PEFT's format.
     #[command(args_override_self = true)]
@@ -349,9 +358,13 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         tokenize::tokenize(args)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Export(args) = &cli.command {
+        export::export(args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let ctx = pollster::block_on(Context::new())?;
     match cli.command {
-        Command::Inspect { .. } | Command::Tokenize(_) => unreachable!("handled above"),
+        Command::Inspect { .. } | Command::Tokenize(_) | Command::Export(_) => unreachable!("handled above"),
         Command::Generate {
             model,
             prompt,
@@ -365,6 +378,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
             seed,
             adapter,
             special,
+            json,
         } => {
             let sampler: Vec<String> =
                 ["top_k", "top_p", "seed"].iter().filter(|id| given.contains(**id)).map(|id| flag(id)).collect();
@@ -382,7 +396,15 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
                 (None, Some(user)) => infer::Input::Chat { user, system, template: chat_template },
                 (None, None) => unreachable!("clap requires one"),
             };
-            infer::generate(&ctx, &model, input, max_tokens, sampling, adapter.as_deref(), special)?
+            infer::generate(
+                &ctx,
+                &model,
+                input,
+                max_tokens,
+                sampling,
+                adapter.as_deref(),
+                infer::Show { special, json },
+            )?
         }
         Command::Eval { model, ids, data, chat_template, train_on, no_packing, seq, batch, adapter, json } => {
             for id in ["seq", "chat_template", "train_on", "no_packing"] {

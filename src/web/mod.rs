@@ -103,9 +103,13 @@ struct Run {
     state: RunState,
 }
 
+mod export;
+
 struct Inner {
     ctx: Rc<Context>,
     weights: Option<Weights>,
+    /// The GGUF file the model came from (a merged GGUF export copies its metadata and tensors).
+    gguf: Option<crate::io::gguf::Gguf>,
     name: String,
     tok: Option<Tokenizer>,
     run: Option<Run>,
@@ -151,6 +155,7 @@ impl Engine {
             inner: Rc::new(RefCell::new(Inner {
                 ctx: Rc::new(ctx),
                 weights: None,
+                gguf: None,
                 name: String::new(),
                 tok: None,
                 run: None,
@@ -180,8 +185,9 @@ impl Engine {
         let tok = Tokenizer::from_gguf(&g).ok();
         // The file's packed bytes stay: the base is kept as stored on the GPU where subgroups exist.
         let w = crate::model::weights::weights_from_gguf(&g).map_err(err)?;
-        drop(g);
-        self.set_model(name, w, tok)
+        let desc = self.set_model(name, w, tok)?;
+        self.inner.borrow_mut().gguf = Some(g);
+        Ok(desc)
     }
 
     /// Loads a Hugging Face model from `config.json`'s text, one `model.safetensors` file's bytes
@@ -408,6 +414,7 @@ impl Engine {
         })
         .to_string();
         g.weights = Some(w);
+        g.gguf = None;
         g.tok = tok;
         g.name = name.to_string();
         g.run = None;

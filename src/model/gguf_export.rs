@@ -1,0 +1,389 @@
+//! Fine-tunes out as GGUF, for llama.cpp, Ollama and LM Studio: a LoRA adapter as llama.cpp's
+//! `convert_lora_to_gguf.py` writes one, or the whole model with the adapter merged, its base's
+//! metadata (tokenizer, chat template) copied. Both are built in memory from plain values (no GPU,
+//! no files), so the page builds them too.
+//!
+//! A GGUF LoRA file: `general.architecture` (the base's), `general.type = "adapter"`,
+//! `adapter.type = "lora"`, `adapter.lora.alpha`; per adapted weight `blk.N.<tensor>.weight` a
+//! pair `….weight.lora_a` (r, in) and `….weight.lora_b` (out, r) in PyTorch order (GGUF lists them
+//! innermost first: `[in, r]` and `[r, out]`), with the rows of B permuted where the converter
+//! permuted the base's Q/K rows (LLaMA's interleaved rotary pairs). llama.cpp scales each pair by
+//! alpha / r (r: that pair's rank), so a per-module scale that differs from alpha / r (rsLoRA,
+//! alpha or rank patterns) is folded into B, and VeRA is written as the exact rank-r LoRA it
+//! equals: A' = λ_d ⊙ A, B' = λ_b ⊙ B, alpha = r.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::config::{Arch, ModelConfig};
+use super::gguf_model::{arch_name, family_of, hf_name, permuted, Mapped};
+use super::weights::{HostTensor, Weights};
+use crate::adapter::{AdapterConfig, Method};
+use crate::io::gguf::{dequantize, GgmlType, Gguf, Value};
+use crate::io::gguf_write::{metadata_in_order, GgufOut, OutTensor};
+use crate::ops::quant::quantize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("the adapter has no tensor {key:?}; is it an adapter of this model with these settings?")]
+    Missing { key: String },
+    #[error("tensor {key:?} has shape {got:?}, but this model's {module} needs {want:?}")]
+    Shape { key: String, got: Vec<usize>, want: Vec<usize>, module: String },
+    #[error(transparent)]
+    Adapter(#[from] crate::adapter::AdapterError),
+    #[error(transparent)]
+    Gguf(#[from] crate::io::gguf::GgufError),
+}
+
+type Result<T> = std::result::Result<T, ExportError>;
+
+/// One adapted weight's branch as an exact low-rank product `scale · B · A`, in the Hugging
+/// Face layout of the weight (`(out, in)` as nn.Linear holds it; GPT-2's Conv1D included).
+#[derive(Clone, Debug)]
+pub struct Factors {
+    /// transformers' module name, e.g. `model.layers.3.self_attn.q_proj`.
+    pub module: String,
+    /// `(r, in)`.
+    pub a: HostTensor,
+    /// `(out, r)`.
+    pub b: HostTensor,
+    pub scale: f64,
+}
+
+fn get<'a>(
+    tensors: &'a BTreeMap<String, HostTensor>,
+    key: &str,
+    want: &[usize],
+    module: &str,
+) -> Result<&'a HostTensor> {
+    let t = tensors.get(key).ok_or_else(|| ExportError::Missing { key: key.to_string() })?;
+    if t.shape != want {
+        return Err(ExportError::Shape {
+            key: key.to_string(),
+            got: t.shape.clone(),
+            want: want.to_vec(),
+            module: module.to_string(),
+        });
+    }
+    Ok(t)
+}
+
+/// The adapter's branches as low-rank products, one per adapted weight, from its tensors under
+/// PEFT's names (an adapter folder's, or an adapter read back from the GPU).
+pub fn factors(
+    cfg: &AdapterConfig,
+    tensors: &BTreeMap<String, HostTensor>,
+    model: &ModelConfig,
+) -> Result<Vec<Factors>> {
+    let sites = cfg.sites(model)?;
+    let mut out = Vec::with_capacity(sites.len());
+    for s in &sites {
+        let (m, inf, outf) = (&s.module, s.in_features, s.out_features());
+        let key = |t: &str| format!("base_model.model.{m}.{t}");
+        if cfg.method == Method::Vera {
+            // PEFT slices the shared pair to each layer's size: A[:, :in], B[:out, :].
+            let r = cfg.rank;
+            let sa = tensors
+                .get("base_model.vera_A")
+                .ok_or_else(|| ExportError::Missing { key: "base_model.vera_A".into() })?;
+            let sb = tensors
+                .get("base_model.vera_B")
+                .ok_or_else(|| ExportError::Missing { key: "base_model.vera_B".into() })?;
+            let (max_in, max_out) = (sa.shape[1], sb.shape[0]);
+            if sa.shape[0] != r || sb.shape[1] != r || max_in < inf || max_out < outf {
+                return Err(ExportError::Shape {
+                    key: "base_model.vera_A / vera_B".into(),
+                    got: [sa.shape.clone(), sb.shape.clone()].concat(),
+                    want: vec![r, inf, outf, r],
+                    module: m.clone(),
+                });
+            }
+            let ld = get(tensors, &key("vera_lambda_d"), &[r], m)?;
+            let lb = get(tensors, &key("vera_lambda_b"), &[outf], m)?;
+            let a =
+                (0..r).flat_map(|i| (0..inf).map(move |j| (i, j))).map(|(i, j)| ld.data[i] * sa.data[i * max_in + j]);
+            let b = (0..outf).flat_map(|o| (0..r).map(move |i| (o, i))).map(|(o, i)| lb.data[o] * sb.data[o * r + i]);
+            out.push(Factors {
+                module: m.clone(),
+                a: HostTensor { shape: vec![r, inf], data: a.collect() },
+                b: HostTensor { shape: vec![outf, r], data: b.collect() },
+                scale: 1.0,
+            });
+        } else {
+            let r = cfg.rank_for(m)?;
+            let a = get(tensors, &key("lora_A.weight"), &[r, inf], m)?.clone();
+            let b = get(tensors, &key("lora_B.weight"), &[outf, r], m)?.clone();
+            out.push(Factors { module: m.clone(), a, b, scale: cfg.scale_for(m)? });
+        }
+    }
+    Ok(out)
+}
+
+/// The GGUF tensor name of a transformers weight (`model.layers.3.self_attn.q_proj.weight` →
+/// `blk.3.attn_q.weight`): the loader's mapping, inverted.
+pub fn gguf_name(model: &ModelConfig, hf: &str) -> Option<String> {
+    const BLOCK: [&str; 8] =
+        ["attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down"];
+    let (prefix, param) = hf.rsplit_once('.')?;
+    let layer: usize = prefix.split('.').find_map(|p| p.parse().ok())?;
+    BLOCK
+        .iter()
+        .map(|m| format!("blk.{layer}.{m}.{param}"))
+        .find(|g| matches!(hf_name(model.family, g), Some(Mapped::Tensor(h)) if h == hf))
+}
+
+/// The heads whose rotary rows llama.cpp's converter permuted in the transformers weight `hf`
+/// (`….q_proj.weight`), if it did.
+pub fn permuted_heads(model: &ModelConfig, hf: &str) -> Option<usize> {
+    match (permuted(model.family), hf.contains("q_proj."), hf.contains("k_proj.")) {
+        (true, true, _) => Some(model.num_heads),
+        (true, _, true) => Some(model.num_kv_heads),
+        _ => None,
+    }
+}
+
+/// llama.cpp's rotary permutation of rows (the inverse of [`super::weights::unpermute_rotary`]):
+/// within each head, Hugging Face row `t · head_dim/2 + j` becomes GGUF row `2j + t`.
+pub fn permute_rotary(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for t in 0..2 {
+                let (dst, src) = (h * hd + 2 * j + t, h * hd + t * half + j);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// A GGUF LoRA adapter (see the module docs) of `factors` for `model`, its tensors stored as `ty`
+/// (F32 or F16). `alpha` is what the file records; `name` becomes `general.name`.
+pub fn lora_gguf(model: &ModelConfig, factors: &[Factors], alpha: f64, ty: GgmlType, name: &str) -> Result<GgufOut> {
+    if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
+        return Err(ExportError::Refused(format!(
+            "--type {}: a LoRA adapter is written as f32 or f16 (llama.cpp's converter offers those)",
+            ty.name().to_lowercase()
+        )));
+    }
+    let mut g = GgufOut::default();
+    g.set("general.architecture", Value::String(arch_name(model.family).into()));
+    g.set("general.type", Value::String("adapter".into()));
+    g.set("general.name", Value::String(name.into()));
+    g.set("adapter.type", Value::String("lora".into()));
+    g.set("adapter.lora.alpha", Value::F32(alpha as f32));
+    for f in factors {
+        let hf = format!("{}.weight", f.module);
+        let base = gguf_name(model, &hf).ok_or_else(|| {
+            ExportError::Refused(format!("{hf} has no GGUF tensor name in llama.cpp's {:?}", model.family))
+        })?;
+        let r = f.a.shape[0];
+        // llama.cpp scales the pair by alpha / r: another scale is folded into B.
+        let fold = (f.scale * r as f64 / alpha) as f32;
+        let mut b: Vec<f32> = if fold == 1.0 { f.b.data.clone() } else { f.b.data.iter().map(|v| v * fold).collect() };
+        if let Some(h) = permuted_heads(model, &hf) {
+            b = permute_rotary(&b, f.b.shape[0], r, h);
+        }
+        let t = |suffix: &str, shape: &[usize], data: &[f32]| OutTensor {
+            name: format!("{base}.{suffix}"),
+            shape: shape.to_vec(),
+            ty,
+            bytes: quantize(ty, data),
+        };
+        g.tensors.push(t("lora_a", &f.a.shape, &f.a.data));
+        g.tensors.push(t("lora_b", &f.b.shape, &b));
+    }
+    Ok(g)
+}
+
+/// The alpha a GGUF LoRA file records for `cfg`: LoRA's own when its scale is alpha / r; else
+/// one that makes llama.cpp's alpha / r equal the scale at the adapter's rank (VeRA: r, so 1).
+pub fn file_alpha(cfg: &AdapterConfig) -> f64 {
+    match cfg.method {
+        Method::Vera => cfg.rank as f64,
+        _ => cfg.scale() * cfg.rank as f64,
+    }
+}
+
+/// `base` (a parsed GGUF model) with the adapter's `factors` merged in: every metadata key and
+/// every tensor the adapter does not touch copied as stored (or converted to `ty` when given),
+/// each merged weight `W + scale · B · A` (`W` from `weights`, in transformers' layout; a scale
+/// of 0 writes `W` as it is, for Delta-LoRA's already merged model) quantized to `ty` or to its
+/// own type. Returns the file
+/// and what it had to say (a tensor whose rows do not fit `ty`'s blocks, stored otherwise).
+pub fn merged_gguf(
+    base: &Gguf,
+    weights: &Weights,
+    factors: &[Factors],
+    ty: Option<GgmlType>,
+) -> Result<(GgufOut, Vec<String>)> {
+    let model = &weights.config;
+    let by_weight: BTreeMap<String, &Factors> = factors.iter().map(|f| (format!("{}.weight", f.module), f)).collect();
+    let mut notes = Vec::new();
+    let mut g = GgufOut { metadata: metadata_in_order(&base.metadata), tensors: Vec::new() };
+    if let Some(t) = ty {
+        // llama.cpp's file types for whole-file conversions (LLAMA_FTYPE_*).
+        let ftype = match t {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q8_0 => 7,
+            GgmlType::Q5_0 => 8,
+            GgmlType::Q5_1 => 9,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
+            GgmlType::Q4_K => 15,
+            GgmlType::Q5_K => 16,
+            GgmlType::Q6_K => 18,
+            GgmlType::BF16 => 32,
+        };
+        g.set("general.file_type", Value::U32(ftype));
+    }
+    let mut merged = BTreeSet::new();
+    for info in &base.tensors {
+        let hf = match hf_name(model.family, &info.name) {
+            Some(Mapped::Tensor(h)) => Some(h),
+            _ => None,
+        };
+        let factor = hf.as_ref().and_then(|h| by_weight.get(h));
+        let want = match (ty, info.shape.len()) {
+            // Norms and biases stay as stored (llama.cpp keeps 1-D tensors in F32).
+            (Some(t), 2) => t,
+            _ => info.ty,
+        };
+        let (out_ty, fallback) = fitting_type(want, &info.shape);
+        if let Some(f) = fallback {
+            notes.push(format!(
+                "{}: rows of {} do not fill {}'s blocks; stored as {}",
+                info.name,
+                info.shape[1],
+                want.name(),
+                f.name()
+            ));
+        }
+        let bytes = match factor {
+            None if out_ty == info.ty => base.raw(info)?,
+            None => quantize(out_ty, &dequantize(info.ty, &base.raw(info)?)),
+            Some(f) => {
+                let h = hf.as_deref().unwrap_or_default();
+                merged.insert(h.to_string());
+                quantize(out_ty, &merged_rows(model, weights, h, f)?)
+            }
+        };
+        g.tensors.push(OutTensor { name: info.name.clone(), shape: info.shape.clone(), ty: out_ty, bytes });
+    }
+    if let Some(missed) = by_weight.keys().find(|k| !merged.contains(*k)) {
+        return Err(ExportError::Refused(format!(
+            "{missed} is adapted but the base GGUF {} has no tensor for it",
+            base.path.display()
+        )));
+    }
+    Ok((g, notes))
+}
+
+/// `ty` when a `shape`'s rows fill its blocks, else the nearest that does (Q8_0, then F16), said.
+fn fitting_type(ty: GgmlType, shape: &[usize]) -> (GgmlType, Option<GgmlType>) {
+    let cols = *shape.last().unwrap_or(&1) as u64;
+    if cols.is_multiple_of(ty.block().0) {
+        return (ty, None);
+    }
+    let f = if cols.is_multiple_of(32) { GgmlType::Q8_0 } else { GgmlType::F16 };
+    (f, Some(f))
+}
+
+/// `W + scale · B · A` for the Hugging Face weight `hf`, in the GGUF file's row order and layout.
+fn merged_rows(model: &ModelConfig, w: &Weights, hf: &str, f: &Factors) -> Result<Vec<f32>> {
+    let t = w.tensors.get(hf).ok_or_else(|| ExportError::Missing { key: hf.to_string() })?;
+    let (r, inf, outf) = (f.a.shape[0], f.a.shape[1], f.b.shape[0]);
+    // GPT-2's Conv1D holds (in, out); GGUF and the product are (out, in).
+    let conv1d = model.arch == Arch::Gpt2;
+    let mut out = vec![0f32; outf * inf];
+    for o in (0..outf).filter(|_| f.scale != 0.0) {
+        for i in 0..inf {
+            let d: f64 = (0..r).map(|k| f.b.data[o * r + k] as f64 * f.a.data[k * inf + i] as f64).sum();
+            let w0 = if conv1d { t.data[i * outf + o] } else { t.data[o * inf + i] };
+            out[o * inf + i] = (w0 as f64 + f.scale * d) as f32;
+        }
+    }
+    if f.scale == 0.0 {
+        for (k, v) in out.iter_mut().enumerate() {
+            let (o, i) = (k / inf, k % inf);
+            *v = if conv1d { t.data[i * outf + o] } else { t.data[k] };
+        }
+    }
+    Ok(match permuted_heads(model, hf) {
+        Some(h) => permute_rotary(&out, outf, inf, h),
+        None => out,
+    })
+}
+
+/// A GGUF LoRA adapter read back: each pair under transformers' module name, in PEFT's layout.
+#[derive(Debug)]
+pub struct GgufLora {
+    /// `adapter.lora.alpha` (0 in the file means a scale of 1: then the first pair's rank).
+    pub alpha: f64,
+    /// `(module, A (r, in), B (out, r))`, B's rows as the file holds them.
+    pub pairs: Vec<(String, HostTensor, HostTensor)>,
+    /// The modules whose B rows are in llama.cpp's rotary order (LLaMA's q/k): see
+    /// [`permuted_heads`] and [`super::weights::unpermute_rotary`].
+    pub rotary: Vec<String>,
+}
+
+/// Reads a GGUF LoRA adapter (as [`lora_gguf`] and llama.cpp's converter write them).
+pub fn read_gguf_lora(g: &Gguf) -> Result<GgufLora> {
+    let text = |k: &str| g.metadata.get(k).and_then(Value::as_str).unwrap_or("");
+    let path = g.path.display();
+    if text("general.type") != "adapter" || text("adapter.type") != "lora" {
+        return Err(ExportError::Refused(format!(
+            "{path}: not a GGUF LoRA adapter (general.type {:?}, adapter.type {:?}; expected \"adapter\" and \"lora\")",
+            text("general.type"),
+            text("adapter.type")
+        )));
+    }
+    let family = family_of(text("general.architecture")).ok_or_else(|| {
+        ExportError::Refused(format!(
+            "{path}: general.architecture {:?} is not one portalora runs",
+            text("general.architecture")
+        ))
+    })?;
+    let mut pairs = Vec::new();
+    let mut rotary = Vec::new();
+    for a in g.tensors.iter().filter(|t| t.name.ends_with(".lora_a")) {
+        let base = a.name.trim_end_matches(".lora_a");
+        let b = g.tensor(&format!("{base}.lora_b"))?;
+        let hf = match hf_name(family, base) {
+            Some(Mapped::Tensor(h)) => h,
+            _ => {
+                return Err(ExportError::Refused(format!("{path}: {} adapts no weight of a {family:?} model", a.name)))
+            }
+        };
+        if a.shape.len() != 2 || b.shape.len() != 2 || a.shape[0] != b.shape[1] {
+            return Err(ExportError::Refused(format!(
+                "{path}: {} {:?} and {} {:?} are not a (r, in), (out, r) pair",
+                a.name, a.shape, b.name, b.shape
+            )));
+        }
+        let module = hf.trim_end_matches(".weight").to_string();
+        if permuted(family) && (hf.contains("q_proj.") || hf.contains("k_proj.")) {
+            rotary.push(module.clone());
+        }
+        let t = |info: &crate::io::gguf::TensorInfo| -> Result<HostTensor> {
+            Ok(HostTensor { shape: info.shape.clone(), data: dequantize(info.ty, &g.raw(info)?) })
+        };
+        pairs.push((module, t(a)?, t(b)?));
+    }
+    let bases: BTreeSet<&str> = g.tensors.iter().filter_map(|t| t.name.strip_suffix(".lora_a")).collect();
+    if let Some(b) = g.tensors.iter().find(|t| t.name.strip_suffix(".lora_b").is_some_and(|n| !bases.contains(n))) {
+        return Err(ExportError::Refused(format!("{path}: {} has no .lora_a beside it", b.name)));
+    }
+    let first = pairs.first().ok_or_else(|| ExportError::Refused(format!("{path}: holds no lora_a / lora_b pairs")))?;
+    let alpha = match g.metadata.get("adapter.lora.alpha").and_then(Value::as_f64) {
+        Some(a) if a != 0.0 => a,
+        _ => first.1.shape[0] as f64,
+    };
+    Ok(GgufLora { alpha, pairs, rotary })
+}

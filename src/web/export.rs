@@ -1,0 +1,69 @@
+//! GGUF in the page: the trained adapter as a GGUF LoRA file or the whole model merged (as
+//! `portalora export` writes them, built in memory for a download), and GGUF LoRA files loaded to
+//! continue from.
+
+use wasm_bindgen::prelude::*;
+
+use super::{err, Busy, Engine};
+use crate::adapter::peft::{export, PeftFile};
+use crate::adapter::Method;
+use crate::io::gguf::{GgmlType, Gguf};
+use crate::model::gguf_export::{factors, file_alpha, lora_gguf, merged_gguf};
+
+#[wasm_bindgen]
+impl Engine {
+    /// The adapter being trained as GGUF: with `merged` false a LoRA adapter for llama.cpp's
+    /// `--lora` and Ollama's `ADAPTER` (f32, or `ty` "f16"); with `merged` true the whole model
+    /// with the adapter merged, from a model loaded as GGUF (its metadata and untouched tensors
+    /// copied; every tensor in its own type, or `ty`). Resolves to the file's bytes.
+    #[wasm_bindgen(js_name = exportGguf)]
+    pub fn export_gguf(&self, merged: bool, ty: Option<String>) -> js_sys::Promise {
+        let (inner, busy) = (self.inner.clone(), self.busy.clone());
+        wasm_bindgen_futures::future_to_promise(async move {
+            let _busy = Busy::take(&busy)?;
+            let g = inner.borrow();
+            let run = g.run.as_ref().ok_or_else(|| err("start a run first"))?;
+            let w = g.weights.as_ref().ok_or_else(|| err("load a model first"))?;
+            let ty = ty
+                .map(|t| GgmlType::from_name(&t).ok_or_else(|| err(format!("type {t:?} is not a ggml type"))))
+                .transpose()?;
+            let adapter = run.trainer.adapter();
+            let cfg = adapter.config().clone();
+            if cfg.method == Method::DeltaLora {
+                return Err(err(
+                    "Delta-LoRA moved the base weights on the GPU, which the page does not read back: export a \
+                     Delta-LoRA run from the command line (portalora export --as merged)",
+                )
+                .into());
+            }
+            let tensors = export(&g.ctx, adapter).await.map_err(err)?;
+            let f = factors(&cfg, &tensors, &w.config).map_err(err)?;
+            let file = if merged {
+                let base = g.gguf.as_ref().ok_or_else(|| {
+                    err("a merged GGUF is written from a model loaded as GGUF; this one came as safetensors: \
+                         download the GGUF adapter instead")
+                })?;
+                merged_gguf(base, w, &f, ty).map_err(err)?.0
+            } else {
+                let stem = g.name.trim_end_matches(".gguf");
+                let name = format!("{stem} {} adapter", cfg.method);
+                lora_gguf(&w.config, &f, file_alpha(&cfg), ty.unwrap_or(GgmlType::F32), &name).map_err(err)?
+            };
+            Ok(js_sys::Uint8Array::from(file.to_bytes().as_slice()).into())
+        })
+    }
+
+    /// Loads a GGUF LoRA adapter file's bytes (from `exportGguf`, `portalora export` or llama.cpp's
+    /// converter) for the next `start`, as `loadAdapter` loads PEFT's files. Returns a JSON
+    /// description.
+    #[wasm_bindgen(js_name = loadAdapterGguf)]
+    pub fn load_adapter_gguf(&self, name: &str, bytes: Vec<u8>) -> Result<String, JsError> {
+        let _busy = Busy::take(&self.busy)?;
+        let g = Gguf::from_bytes(name, bytes).map_err(err)?;
+        let f = PeftFile::from_gguf(&g).map_err(err)?;
+        let desc = serde_json::json!({"peft_type": f.peft_type, "r": f.rank, "alpha": f.alpha, "targets": f.targets})
+            .to_string();
+        self.inner.borrow_mut().init = Some(f);
+        Ok(desc)
+    }
+}
