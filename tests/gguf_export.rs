@@ -221,3 +221,32 @@ fn a_delta_lora_run_exports_merged_with_the_weights_it_moved() {
     assert!((got - want).abs() / want < 1e-5, "merged GGUF {got} vs the run's merged folder {want}");
     assert!((before - want).abs() > 1e-3, "the run moved the loss ({before} → {want})");
 }
+
+/// A merged export to a quantized type says how much of the adapter's change the quantized
+/// weights keep, and advises f16 or a LoRA file when the change rounds away (an adapter whose
+/// alpha is made tiny here).
+#[test]
+fn quantizing_a_merge_says_how_much_of_the_change_it_keeps() {
+    let dir = tmp("gguf-kept");
+    let base = fixture("tiny_qwen2.gguf");
+    let adapter = fixture("gguf_export/qwen2/adapter");
+    let out = dir.join("q8.gguf");
+    let text =
+        export(&["--model", s(&base), "--adapter", s(&adapter), "--out", s(&out), "--as", "merged", "--type", "q8_0"]);
+    assert!(text.contains("keep 100% of the adapter's change") && !text.contains("rounds away"), "{text}");
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    std::fs::copy(adapter.join("adapter_model.safetensors"), small.join("adapter_model.safetensors")).unwrap();
+    let mut cfg = json(&adapter.join("adapter_config.json"));
+    cfg["lora_alpha"] = serde_json::json!(6e-5);
+    cfg["alpha_pattern"] = serde_json::json!({});
+    std::fs::write(small.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let out = dir.join("q4.gguf");
+    let text =
+        export(&["--model", s(&base), "--adapter", s(&small), "--out", s(&out), "--as", "merged", "--type", "q4_0"]);
+    assert!(text.contains("mostly rounds away") && text.contains("--type f16"), "{text}");
+    let out = dir.join("f16.gguf");
+    let text =
+        export(&["--model", s(&base), "--adapter", s(&small), "--out", s(&out), "--as", "merged", "--type", "f16"]);
+    assert!(!text.contains("note:"), "f16 keeps the change: {text}");
+}

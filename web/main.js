@@ -130,7 +130,9 @@ worker.onmessage = (e) => {
       a.href = URL.createObjectURL(new Blob([m.bytes], { type: "application/octet-stream" }));
       a.download = m.name;
       a.click();
-      status(`${m.name}: ${(m.bytes.length / 1e6).toFixed(1)} MB` + (m.merged ? "" : " (llama.cpp: --lora; Ollama: ADAPTER)"));
+      status(`${m.name}: ${(m.bytes.length / 1e6).toFixed(1)} MB` + (m.merged ? "" : " (llama.cpp: --lora; Ollama: ADAPTER)") +
+        m.notes.map((n) => `; note: ${n}`).join(""));
+      document.body.dataset.exportNotes = JSON.stringify(m.notes);
       break;
     }
     case "adapter-loaded":

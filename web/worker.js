@@ -62,8 +62,8 @@ onmessage = async (e) => {
         postMessage({ type: "adapter-loaded", adapter: JSON.parse(engine.loadAdapterGguf(m.name, new Uint8Array(m.bytes))) });
         break;
       case "export-gguf": {
-        const bytes = await engine.exportGguf(m.merged);
-        postMessage({ type: "gguf", name: m.name, merged: m.merged, bytes }, [bytes.buffer]);
+        const [bytes, notes] = await engine.exportGguf(m.merged);
+        postMessage({ type: "gguf", name: m.name, merged: m.merged, bytes, notes: JSON.parse(notes) }, [bytes.buffer]);
         break;
       }
       case "adapter-in":

@@ -244,6 +244,9 @@ pub fn merged_gguf(
         g.set("general.file_type", Value::U32(ftype));
     }
     let mut merged = BTreeSet::new();
+    let mut kept = Kept::default();
+    // (row length, wanted type, type stored) → tensors.
+    let mut fallbacks: BTreeMap<(usize, &str, &str), usize> = BTreeMap::new();
     for info in &base.tensors {
         let hf = match hf_name(model.family, &info.name) {
             Some(Mapped::Tensor(h)) => Some(h),
@@ -257,13 +260,7 @@ pub fn merged_gguf(
         };
         let (out_ty, fallback) = fitting_type(want, &info.shape);
         if let Some(f) = fallback {
-            notes.push(format!(
-                "{}: rows of {} do not fill {}'s blocks; stored as {}",
-                info.name,
-                info.shape[1],
-                want.name(),
-                f.name()
-            ));
+            *fallbacks.entry((info.shape[1], want.name(), f.name())).or_insert(0) += 1;
         }
         let bytes = match factor {
             None if out_ty == info.ty => base.raw(info)?,
@@ -271,7 +268,12 @@ pub fn merged_gguf(
             Some(f) => {
                 let h = hf.as_deref().unwrap_or_default();
                 merged.insert(h.to_string());
-                quantize(out_ty, &merged_rows(model, weights, h, f)?)
+                let rows = merged_rows(model, weights, h, f)?;
+                let q = quantize(out_ty, &rows);
+                if !matches!(out_ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+                    kept.add(&dequantize(info.ty, &base.raw(info)?), &rows, &dequantize(out_ty, &q));
+                }
+                q
             }
         };
         g.tensors.push(OutTensor { name: info.name.clone(), shape: info.shape.clone(), ty: out_ty, bytes });
@@ -282,7 +284,57 @@ pub fn merged_gguf(
             base.path.display()
         )));
     }
+    for ((cols, want, stored), n) in fallbacks {
+        notes.push(format!(
+            "{n} tensor(s) with rows of {cols} values do not fill {want}'s blocks of {}: stored as {stored} (as \
+             llama.cpp's quantizer falls back)",
+            GgmlType::from_name(want).map(|t| t.block().0).unwrap_or(0)
+        ));
+    }
+    notes.extend(kept.note());
     Ok((g, notes))
+}
+
+/// How much of the adapter's change to the weights survives their quantization: a change smaller
+/// than the type's steps rounds back to the base's own values (merging into a Q4 base and
+/// quantizing to Q4 again can lose most of a fine-tune).
+#[derive(Default)]
+struct Kept {
+    /// Σ ⟨stored − W0, ΔW⟩, Σ ‖ΔW‖², Σ ‖stored − (W0 + ΔW)‖².
+    along: f64,
+    change: f64,
+    error: f64,
+}
+
+impl Kept {
+    /// Adds one tensor: the base's values `w0`, the merged values `want` and what the file stores.
+    fn add(&mut self, w0: &[f32], want: &[f32], stored: &[f32]) {
+        for ((&b, &m), &q) in w0.iter().zip(want).zip(stored) {
+            let (d, got) = ((m - b) as f64, (q - b) as f64);
+            self.along += got * d;
+            self.change += d * d;
+            self.error += (q as f64 - m as f64).powi(2);
+        }
+    }
+
+    /// What quantizing did to the adapter's change, with advice when it lost much of it.
+    fn note(&self) -> Option<String> {
+        if self.change == 0.0 {
+            return None;
+        }
+        let (kept, noise) = (self.along / self.change, (self.error / self.change).sqrt());
+        let advice = if kept < 0.75 {
+            ": the change is smaller than the type's steps and mostly rounds away. For the fine-tune whole, \
+             export --type f16 or q8_0, or the adapter --as lora to run beside the quantized base"
+        } else {
+            ""
+        };
+        Some(format!(
+            "quantized, the merged weights keep {:.0}% of the adapter's change, with rounding noise {noise:.2} × its \
+             size{advice}",
+            100.0 * kept
+        ))
+    }
 }
 
 /// `ty` when a `shape`'s rows fill its blocks, else the nearest that does (Q8_0, then F16), said.

@@ -15,7 +15,9 @@ impl Engine {
     /// The adapter being trained as GGUF: with `merged` false a LoRA adapter for llama.cpp's
     /// `--lora` and Ollama's `ADAPTER` (f32, or `ty` "f16"); with `merged` true the whole model
     /// with the adapter merged, from a model loaded as GGUF (its metadata and untouched tensors
-    /// copied; every tensor in its own type, or `ty`). Resolves to the file's bytes.
+    /// copied; every tensor in its own type, or `ty`). Resolves to `[bytes, notes]`: the file and
+    /// what the export has to say (JSON list of strings; e.g. how much of the adapter's change a
+    /// quantized type keeps).
     #[wasm_bindgen(js_name = exportGguf)]
     pub fn export_gguf(&self, merged: bool, ty: Option<String>) -> js_sys::Promise {
         let (inner, busy) = (self.inner.clone(), self.busy.clone());
@@ -38,18 +40,24 @@ impl Engine {
             }
             let tensors = export(&g.ctx, adapter).await.map_err(err)?;
             let f = factors(&cfg, &tensors, &w.config).map_err(err)?;
-            let file = if merged {
+            let (file, notes) = if merged {
                 let base = g.gguf.as_ref().ok_or_else(|| {
                     err("a merged GGUF is written from a model loaded as GGUF; this one came as safetensors: \
                          download the GGUF adapter instead")
                 })?;
-                merged_gguf(base, w, &f, ty).map_err(err)?.0
+                merged_gguf(base, w, &f, ty).map_err(err)?
             } else {
                 let stem = g.name.trim_end_matches(".gguf");
                 let name = format!("{stem} {} adapter", cfg.method);
-                lora_gguf(&w.config, &f, file_alpha(&cfg), ty.unwrap_or(GgmlType::F32), &name).map_err(err)?
+                (
+                    lora_gguf(&w.config, &f, file_alpha(&cfg), ty.unwrap_or(GgmlType::F32), &name).map_err(err)?,
+                    Vec::new(),
+                )
             };
-            Ok(js_sys::Uint8Array::from(file.to_bytes().as_slice()).into())
+            let out = js_sys::Array::new();
+            out.push(&js_sys::Uint8Array::from(file.to_bytes().as_slice()));
+            out.push(&JsValue::from_str(&serde_json::to_string(&notes).unwrap_or_default()));
+            Ok(out.into())
         })
     }
 
