@@ -132,7 +132,8 @@ fn a_second_ctrl_c_stops_at_once_and_leaves_the_last_checkpoint() {
     interrupt(&child);
     let t0 = Instant::now();
     let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(130));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.code(), Some(130), "ended by signal {:?}", st.signal());
     assert!(t0.elapsed() < Duration::from_secs(10), "took {:?} to stop", t0.elapsed());
     // Whatever was being written, the checkpoint on disk is a whole one.
     let at = checkpoint_step(&out).expect("a checkpoint");

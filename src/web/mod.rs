@@ -7,10 +7,15 @@
 //! await init();
 //! const engine = await Engine.create();            // rejects with a message without WebGPU
 //! engine.loadGguf("SmolLM2.gguf", new Uint8Array(await file.arrayBuffer()));
-//! engine.start(JSON.stringify({ method: "lora", rank: 8, alpha: 16, targets: ["q_proj", "v_proj"],
-//!                               lr: 1e-3, batch: 2, seq: 64, text }));
-//! const { step, loss, tokens_per_s } = JSON.parse(await engine.step());
+//! const defaults = JSON.parse(engine.defaults());     // `portalora train`'s, seq within the context
+//! engine.start(JSON.stringify({ targets: ["q_proj", "v_proj"], steps: 30, lr: 1e-3, text }));
+//! let s;
+//! do {
+//!   s = JSON.parse(await engine.step());               // {step, loss, lr, tokens, seconds, evaluate, done}
+//!   if (s.evaluate) console.log(s.step, await engine.eval());
+//! } while (!s.done);
 //! const [config, weights] = await engine.exportAdapter();  // PEFT's two files
+//! const [gguf, notes] = await engine.exportGguf(false);    // a GGUF LoRA adapter for llama.cpp
 //! ```
 //!
 //! Calls are meant to be made one at a time (a worker awaiting each): a method called while

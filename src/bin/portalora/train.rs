@@ -465,7 +465,7 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
     let set = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             eprintln!("\nstopped at once (the last checkpoint on disk is intact)");
-            std::process::exit(130);
+            exit_now(130);
         }
         eprintln!(
             "\nCtrl-C: finishing this step, then writing a checkpoint and the adapter (Ctrl-C again stops at once)"
@@ -475,6 +475,19 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
         eprintln!("note: Ctrl-C will stop the run at once ({e})");
     }
     stop
+}
+
+/// Ends the process at once, from the Ctrl-C thread while the main thread may be inside the GPU
+/// driver: exit handlers and the driver's teardown are skipped (running them then can crash the
+/// process, which would end by a signal instead of 130). Every file on disk is whole already.
+fn exit_now(code: i32) -> ! {
+    #[cfg(unix)]
+    // SAFETY: _exit only ends the process; it takes no pointers and runs no handlers.
+    unsafe {
+        libc::_exit(code)
+    }
+    #[cfg(not(unix))]
+    std::process::exit(code)
 }
 
 pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
