@@ -250,3 +250,37 @@ fn quantizing_a_merge_says_how_much_of_the_change_it_keeps() {
         export(&["--model", s(&base), "--adapter", s(&small), "--out", s(&out), "--as", "merged", "--type", "f16"]);
     assert!(!text.contains("note:"), "f16 keeps the change: {text}");
 }
+
+/// llama.cpp scales each pair of a GGUF LoRA file by alpha / (that pair's rank), or by 1 when the
+/// file's alpha is 0: read back, each module's scale is the same, for pairs of different ranks.
+#[test]
+fn gguf_lora_scales_read_back_as_llama_cpp_applies_them() {
+    use portalora::adapter::peft::PeftFile;
+    use portalora::adapter::{AdapterConfig, Method};
+    let mut rng = Rng::new(9);
+    for (alpha, want) in [(0.0f32, [1.0, 1.0]), (6.0, [3.0, 2.0])] {
+        let mut g = GgufOut::default();
+        g.set("general.architecture", Value::String("qwen2".into()));
+        g.set("general.type", Value::String("adapter".into()));
+        g.set("adapter.type", Value::String("lora".into()));
+        g.set("adapter.lora.alpha", Value::F32(alpha));
+        for (name, r) in [("blk.0.attn_q.weight", 2), ("blk.0.attn_v.weight", 3)] {
+            for (suffix, shape) in [("lora_a", vec![r, 16]), ("lora_b", vec![8, r])] {
+                let x = rng.vec(shape.iter().product());
+                g.tensors.push(OutTensor {
+                    name: format!("{name}.{suffix}"),
+                    shape,
+                    ty: GgmlType::F32,
+                    bytes: quantize(GgmlType::F32, &x),
+                });
+            }
+        }
+        let f = PeftFile::from_gguf(&Gguf::from_bytes("scales.gguf", g.to_bytes()).unwrap()).unwrap();
+        let cfg = f.adapter_config(Method::Lora, &AdapterConfig::new(Method::Lora)).unwrap();
+        let got: Vec<f64> = ["q_proj", "v_proj"]
+            .iter()
+            .map(|m| cfg.scale_for(&format!("model.layers.0.self_attn.{m}")).unwrap())
+            .collect();
+        assert_eq!(got, want, "alpha {alpha}");
+    }
+}

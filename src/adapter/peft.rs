@@ -208,8 +208,9 @@ impl PeftFile {
     /// Writes these tensors into `adapter` on `model`, checking every name and shape first.
     pub fn load_into(&self, ctx: &Context, adapter: &mut dyn Adapter, model: &crate::model::ModelConfig) -> Result<()> {
         let tensors = self.tensors_for(model);
-        let st_path =
-            if self.rotary.is_empty() && self.dir.is_dir() { self.dir.join(WEIGHTS_FILE) } else { self.dir.clone() };
+        // Messages name the file the tensors came from: a GGUF file, or the folder's safetensors.
+        let gguf = self.dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let st_path = if gguf { self.dir.clone() } else { self.dir.join(WEIGHTS_FILE) };
         let slots = adapter.slots();
         let wanted: Vec<&str> = slots.iter().map(|s| s.key.as_str()).collect();
         if let Some(extra) = tensors.keys().find(|k| !wanted.contains(&k.as_str())) {

@@ -27,8 +27,11 @@ impl PeftFile {
     pub fn from_gguf(g: &Gguf) -> Result<PeftFile> {
         let lora = read_gguf_lora(g).map_err(|e| err(&g.path, e))?;
         let rank = lora.pairs[0].1.shape[0];
+        // Without an alpha llama.cpp scales every pair by 1: alpha = r, pair by pair.
+        let alpha = lora.alpha.unwrap_or(rank as f64);
         let mut tensors = BTreeMap::new();
-        let (mut targets, mut layers, mut rank_pattern) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut targets, mut layers, mut rank_pattern, mut alpha_pattern) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (module, a, b) in lora.pairs {
             // The last two parts name the projection unambiguously (GPT-2 has two c_proj).
             let parts: Vec<&str> = module.rsplitn(3, '.').collect();
@@ -41,6 +44,9 @@ impl PeftFile {
             }
             if a.shape[0] != rank {
                 rank_pattern.push((regex::escape(&module), a.shape[0]));
+                if lora.alpha.is_none() {
+                    alpha_pattern.push((regex::escape(&module), a.shape[0] as f64));
+                }
             }
             tensors.insert(format!("base_model.model.{module}.lora_A.weight"), a);
             tensors.insert(format!("base_model.model.{module}.lora_B.weight"), b);
@@ -48,20 +54,21 @@ impl PeftFile {
         layers.sort_unstable();
         layers.dedup();
         let config = json!({
-            "peft_type": "LORA", "r": rank, "lora_alpha": lora.alpha, "target_modules": targets,
+            "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": targets,
             "layers_to_transform": layers, "rank_pattern": rank_pattern.iter().cloned().collect::<BTreeMap<_, _>>(),
+            "alpha_pattern": alpha_pattern.iter().cloned().collect::<BTreeMap<_, _>>(),
         });
         Ok(PeftFile {
             dir: g.path.clone(),
             config,
             peft_type: "LORA".into(),
             rank,
-            alpha: Some(lora.alpha),
+            alpha: Some(alpha),
             rslora: false,
             targets,
             target_regex: None,
             rank_pattern,
-            alpha_pattern: Vec::new(),
+            alpha_pattern,
             layers: Some(layers),
             dropout: 0.0,
             tensors,

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::config::{Arch, ModelConfig};
 use super::gguf_model::{arch_name, family_of, hf_name, permuted, Mapped};
-use super::weights::{HostTensor, Weights};
+use super::weights::{permute_rotary, HostTensor, Weights};
 use crate::adapter::{AdapterConfig, Method};
 use crate::io::gguf::{dequantize, GgmlType, Gguf, Value};
 use crate::io::gguf_write::{metadata_in_order, GgufOut, OutTensor};
@@ -141,23 +141,6 @@ pub fn permuted_heads(model: &ModelConfig, hf: &str) -> Option<usize> {
         (true, _, true) => Some(model.num_kv_heads),
         _ => None,
     }
-}
-
-/// llama.cpp's rotary permutation of rows (the inverse of [`super::weights::unpermute_rotary`]):
-/// within each head, Hugging Face row `t · head_dim/2 + j` becomes GGUF row `2j + t`.
-pub fn permute_rotary(data: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0.0; data.len()];
-    for h in 0..heads {
-        for j in 0..half {
-            for t in 0..2 {
-                let (dst, src) = (h * hd + 2 * j + t, h * hd + t * half + j);
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 /// A GGUF LoRA adapter (see the module docs) of `factors` for `model`, its tensors stored as `ty`
@@ -353,18 +336,15 @@ fn merged_rows(model: &ModelConfig, w: &Weights, hf: &str, f: &Factors) -> Resul
     let (r, inf, outf) = (f.a.shape[0], f.a.shape[1], f.b.shape[0]);
     // GPT-2's Conv1D holds (in, out); GGUF and the product are (out, in).
     let conv1d = model.arch == Arch::Gpt2;
-    let mut out = vec![0f32; outf * inf];
-    for o in (0..outf).filter(|_| f.scale != 0.0) {
-        for i in 0..inf {
-            let d: f64 = (0..r).map(|k| f.b.data[o * r + k] as f64 * f.a.data[k * inf + i] as f64).sum();
-            let w0 = if conv1d { t.data[i * outf + o] } else { t.data[o * inf + i] };
-            out[o * inf + i] = (w0 as f64 + f.scale * d) as f32;
-        }
-    }
-    if f.scale == 0.0 {
-        for (k, v) in out.iter_mut().enumerate() {
-            let (o, i) = (k / inf, k % inf);
-            *v = if conv1d { t.data[i * outf + o] } else { t.data[k] };
+    // W in (out, in), then s·B·A added in f64 (a scale of 0 leaves W as it is).
+    let mut out: Vec<f32> =
+        (0..outf * inf).map(|k| if conv1d { t.data[(k % inf) * outf + k / inf] } else { t.data[k] }).collect();
+    if f.scale != 0.0 {
+        for o in 0..outf {
+            for i in 0..inf {
+                let d: f64 = (0..r).map(|k| f.b.data[o * r + k] as f64 * f.a.data[k * inf + i] as f64).sum();
+                out[o * inf + i] = (out[o * inf + i] as f64 + f.scale * d) as f32;
+            }
         }
     }
     Ok(match permuted_heads(model, hf) {
@@ -376,8 +356,9 @@ fn merged_rows(model: &ModelConfig, w: &Weights, hf: &str, f: &Factors) -> Resul
 /// A GGUF LoRA adapter read back: each pair under transformers' module name, in PEFT's layout.
 #[derive(Debug)]
 pub struct GgufLora {
-    /// `adapter.lora.alpha` (0 in the file means a scale of 1: then the first pair's rank).
-    pub alpha: f64,
+    /// `adapter.lora.alpha`; `None` when the file has 0 or none, which llama.cpp reads as a scale
+    /// of 1 for every pair (whatever its rank).
+    pub alpha: Option<f64>,
     /// `(module, A (r, in), B (out, r))`, B's rows as the file holds them.
     pub pairs: Vec<(String, HostTensor, HostTensor)>,
     /// The modules whose B rows are in llama.cpp's rotary order (LLaMA's q/k): see
@@ -432,10 +413,9 @@ pub fn read_gguf_lora(g: &Gguf) -> Result<GgufLora> {
     if let Some(b) = g.tensors.iter().find(|t| t.name.strip_suffix(".lora_b").is_some_and(|n| !bases.contains(n))) {
         return Err(ExportError::Refused(format!("{path}: {} has no .lora_a beside it", b.name)));
     }
-    let first = pairs.first().ok_or_else(|| ExportError::Refused(format!("{path}: holds no lora_a / lora_b pairs")))?;
-    let alpha = match g.metadata.get("adapter.lora.alpha").and_then(Value::as_f64) {
-        Some(a) if a != 0.0 => a,
-        _ => first.1.shape[0] as f64,
-    };
+    if pairs.is_empty() {
+        return Err(ExportError::Refused(format!("{path}: holds no lora_a / lora_b pairs")));
+    }
+    let alpha = g.metadata.get("adapter.lora.alpha").and_then(Value::as_f64).filter(|&a| a != 0.0);
     Ok(GgufLora { alpha, pairs, rotary })
 }

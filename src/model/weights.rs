@@ -259,14 +259,26 @@ fn check_complete(path: &Path, c: &ModelConfig, tensors: &BTreeMap<String, HostT
 /// Undoes llama.cpp's rotary permutation of q_proj / k_proj rows: within each head, GGUF row
 /// `2j + t` is Hugging Face row `t · head_dim/2 + j`.
 pub fn unpermute_rotary<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
+    rotary_rows(data, rows, cols, heads, false)
+}
+
+/// llama.cpp's rotary permutation of q_proj / k_proj rows (what its converter does, and the
+/// inverse of [`unpermute_rotary`]).
+pub fn permute_rotary<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize) -> Vec<T> {
+    rotary_rows(data, rows, cols, heads, true)
+}
+
+/// Moves whole rows between the two orders: Hugging Face row `t · head_dim/2 + j` of each head is
+/// GGUF row `2j + t`.
+fn rotary_rows<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: usize, to_gguf: bool) -> Vec<T> {
     let hd = rows / heads;
     let half = hd / 2;
     let mut out = vec![T::default(); data.len()];
     for h in 0..heads {
         for j in 0..half {
             for t in 0..2 {
-                let src = h * hd + 2 * j + t;
-                let dst = h * hd + t * half + j;
+                let (gguf, hf) = (h * hd + 2 * j + t, h * hd + t * half + j);
+                let (dst, src) = if to_gguf { (gguf, hf) } else { (hf, gguf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }

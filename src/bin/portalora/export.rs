@@ -105,7 +105,8 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
     }
     let config = model_config(&a.model)?;
     let cfg = peft.fits(&a.model, peft.adapter_config(method, &AdapterConfig::new(method)))?;
-    let f = peft.fits(&a.model, factors(&cfg, &peft.tensors_for(&config), &config).map_err(adapter_err))?;
+    let f = factors(&cfg, &peft.tensors_for(&config), &config)
+        .map_err(|e| format!("{} does not fit {}: {e}", a.adapter.display(), a.model.display()))?;
     let name = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("adapter").to_string();
     let (file, notes) = if merged {
         if a.model.is_dir() {
@@ -158,10 +159,6 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
         println!("run it: llama-cli -m {} --lora {}", a.model.display(), a.out.display());
     }
     Ok(())
-}
-
-fn adapter_err(e: portalora::model::gguf_export::ExportError) -> portalora::adapter::AdapterError {
-    portalora::adapter::AdapterError::Option(e.to_string())
 }
 
 /// Ollama's Modelfile: FROM the merged file, or FROM the base with the LoRA file as ADAPTER (paths
