@@ -216,9 +216,9 @@ fn export_cases(gpt2: &str) -> Vec<Case> {
             &["exists.gguf exists", "--overwrite"],
         ),
         c(
-            "a merged export from a Hugging Face folder",
+            "a merged export from a folder whose tokenizer llama.cpp cannot name",
             export("--adapter DIR/done --out OUT --as merged"),
-            &["convert_hf_to_gguf.py", "--as lora"],
+            &["pre-tokenizer null", "convert_hf_to_gguf.py"],
         ),
         c(
             "an adapter file that is not GGUF",

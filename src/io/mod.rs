@@ -2,6 +2,7 @@
 
 pub mod chat;
 pub mod gguf;
+pub mod gguf_vocab;
 pub mod gguf_write;
 pub mod half;
 pub mod quants;

@@ -73,8 +73,8 @@ enum Pre {
 }
 
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str =
+pub(super) const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(super) const QWEN2_REGEX: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const DEFAULT_REGEXES: [&str; 4] = [r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", r"[0-9][0-9][0-9]"];
 
@@ -387,6 +387,24 @@ impl Tokenizer {
     /// The tokenizer as a Hugging Face `tokenizer.json`.
     pub fn to_json(&self) -> Result<String, TokenizerError> {
         self.inner.to_string(true).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// A `tokenizer_config.json` for [`Tokenizer::to_json`]'s file: the BOS and EOS texts,
+    /// whether BOS is added, and the chat template, as transformers and llama.cpp's converter
+    /// read them.
+    pub fn config_json(&self) -> serde_json::Value {
+        let text = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let mut c = serde_json::json!({ "add_bos_token": self.add_bos });
+        if let Some(t) = text(self.bos_id) {
+            c["bos_token"] = t.into();
+        }
+        if let Some(t) = text(self.eos_id) {
+            c["eos_token"] = t.into();
+        }
+        if let Some(t) = &self.chat_template {
+            c["chat_template"] = t.text.clone().into();
+        }
+        c
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -229,6 +229,9 @@ pub fn write_hf_folder(w: &Weights, dir: &Path) -> Result<(), AdapterError> {
     } else if let Ok(tok) = crate::io::tokenizer::Tokenizer::for_model(&w.source) {
         if let Ok(text) = tok.to_json() {
             write_atomic(&dir.join("tokenizer.json"), text.as_bytes())?;
+            let config =
+                serde_json::to_string_pretty(&tok.config_json()).map_err(|e| AdapterError::Option(e.to_string()))?;
+            write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())?;
         }
     }
     Ok(())

@@ -120,17 +120,33 @@ pub fn factors(
     Ok(out)
 }
 
-/// The GGUF tensor name of a transformers weight (`model.layers.3.self_attn.q_proj.weight` →
-/// `blk.3.attn_q.weight`): the loader's mapping, inverted.
+/// The GGUF tensor name of a transformers tensor (`model.layers.3.self_attn.q_proj.weight` →
+/// `blk.3.attn_q.weight`, `model.norm.weight` → `output_norm.weight`): the loader's mapping,
+/// inverted.
 pub fn gguf_name(model: &ModelConfig, hf: &str) -> Option<String> {
-    const BLOCK: [&str; 8] =
-        ["attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv", "ffn_gate", "ffn_up", "ffn_down"];
+    const BLOCK: [&str; 14] = [
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "attn_qkv",
+        "attn_q_norm",
+        "attn_k_norm",
+        "ffn_norm",
+        "post_attention_norm",
+        "post_ffw_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ];
+    const TOP: [&str; 4] = ["token_embd", "position_embd", "output_norm", "output"];
     let (prefix, param) = hf.rsplit_once('.')?;
-    let layer: usize = prefix.split('.').find_map(|p| p.parse().ok())?;
-    BLOCK
-        .iter()
-        .map(|m| format!("blk.{layer}.{m}.{param}"))
-        .find(|g| matches!(hf_name(model.family, g), Some(Mapped::Tensor(h)) if h == hf))
+    let names: Vec<String> = match prefix.split('.').find_map(|p| p.parse::<usize>().ok()) {
+        Some(layer) => BLOCK.iter().map(|m| format!("blk.{layer}.{m}.{param}")).collect(),
+        None => TOP.iter().map(|m| format!("{m}.{param}")).collect(),
+    };
+    names.into_iter().find(|g| matches!(hf_name(model.family, g), Some(Mapped::Tensor(h)) if h == hf))
 }
 
 /// The heads whose rotary rows llama.cpp's converter permuted in the transformers weight `hf`

@@ -6,6 +6,7 @@ pub mod config;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod export;
 pub mod gguf_export;
+pub mod gguf_hf;
 mod gguf_model;
 pub mod gpu;
 mod hf_config;

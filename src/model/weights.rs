@@ -286,7 +286,7 @@ fn rotary_rows<T: Copy + Default>(data: &[T], rows: usize, cols: usize, heads: u
     out
 }
 
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(super) fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; data.len()];
     for r in 0..rows {
         for c in 0..cols {

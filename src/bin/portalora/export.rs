@@ -8,6 +8,7 @@ use portalora::adapter::{AdapterConfig, Method};
 use portalora::io::gguf::{GgmlType, Gguf};
 use portalora::io::tokenizer::Tokenizer;
 use portalora::model::gguf_export::{factors, file_alpha, lora_gguf, merged_gguf, Factors};
+use portalora::model::gguf_hf::folder_gguf;
 use portalora::model::ModelConfig;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -24,11 +25,13 @@ pub(crate) struct ExportArgs {
     #[arg(long)]
     out: PathBuf,
     /// lora: a GGUF LoRA adapter for the base (llama.cpp's --lora, Ollama's ADAPTER); merged: the
-    /// whole model with the adapter merged (needs a .gguf base). [default: lora; Delta-LoRA: merged]
+    /// whole model with the adapter merged (from a .gguf base, or from a Hugging Face folder laid
+    /// out as llama.cpp's convert_hf_to_gguf.py would). [default: lora; Delta-LoRA: merged]
     #[arg(long = "as", value_parser = ["lora", "merged"])]
     as_: Option<String>,
     /// Tensor type: for lora f32 (default) or f16; for merged f32, f16, bf16, q8_0, q4_0, q4_1,
-    /// q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k [default: the base's own types, as stored].
+    /// q5_0, q5_1, q2_k, q3_k, q4_k, q5_k or q6_k [default: the base's own types, as stored; a
+    /// folder's safetensors dtypes, 1-D tensors in f32].
     #[arg(long = "type")]
     ty: Option<String>,
     /// Also write an Ollama Modelfile beside --out (OUT without .gguf, plus .Modelfile): FROM the
@@ -109,15 +112,12 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
         .map_err(|e| format!("{} does not fit {}: {e}", a.adapter.display(), a.model.display()))?;
     let name = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("adapter").to_string();
     let (file, notes) = if merged {
-        if a.model.is_dir() {
-            return Err(format!(
-                "--as merged writes from a GGUF base, and {} is a Hugging Face folder: convert it with llama.cpp's \
-                 convert_hf_to_gguf.py (or export the adapter with --as lora), then give that .gguf as --model",
-                a.model.display()
-            )
-            .into());
-        }
-        let base = Gguf::open(&a.model)?;
+        // A Hugging Face base becomes the GGUF llama.cpp's converter would make of it.
+        let base_weights = a.model.is_dir().then(|| portalora::model::load_model(&a.model)).transpose()?;
+        let base = match &base_weights {
+            Some(w) => folder_gguf(&a.model, w)?,
+            None => Gguf::open(&a.model)?,
+        };
         if method == Method::DeltaLora {
             // The run's folder holds the whole model, W0 as Delta-LoRA moved it with s·B·A merged
             // in: its adapted weights are written as they are (a scale of 0 adds nothing).
@@ -132,7 +132,10 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
             let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
             merged_gguf(&base, &weights, &as_is, ty)?
         } else {
-            let weights = portalora::model::load_model(&a.model)?;
+            let weights = match base_weights {
+                Some(w) => w,
+                None => portalora::model::load_model(&a.model)?,
+            };
             merged_gguf(&base, &weights, &f, ty)?
         }
     } else {

@@ -1,0 +1,242 @@
+//! A Hugging Face folder's tokenizer as `tokenizer.ggml.*` metadata, as llama.cpp's
+//! `convert_hf_to_gguf.py` writes it for byte-level BPE vocabularies (GPT-2, SmolLM2, Llama 3,
+//! Qwen2.5 / Qwen3): every id up to the model's `vocab_size` (ids the tokenizer lacks as
+//! `[PAD{i}]`, unused), added tokens as control or user-defined tokens, the merges, the special
+//! tokens `tokenizer_config.json` names, whether BOS is added, and the chat template.
+//!
+//! llama.cpp names the pre-tokenizer by hashing how the tokenizer splits a test text; here the
+//! `tokenizer.json`'s pre-tokenizer is matched against the four that portalora and llama.cpp both
+//! know (`gpt-2`, `smollm`, `llama-bpe`, `qwen2`), and anything else is refused: a GGUF whose
+//! `tokenizer.ggml.pre` splits text otherwise gives other ids than the model learned.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+
+use super::gguf::Value;
+use super::tokenizer::{TokenizerError, LLAMA3_REGEX, QWEN2_REGEX};
+
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+fn load(path: &Path, message: impl Into<String>) -> TokenizerError {
+    TokenizerError::Load { path: path.to_path_buf(), message: message.into() }
+}
+
+fn read_json(path: &Path) -> Result<Option<Json>, TokenizerError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| load(path, e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(load(path, e.to_string())),
+    }
+}
+
+/// The `tokenizer.ggml.*` keys (and llama's `add_space_prefix`) for the folder `dir` of a model
+/// whose embedding has `vocab_size` rows, in the converter's order. `llama` adds what its LLaMA
+/// class adds.
+pub fn vocab_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>, TokenizerError> {
+    let path = dir.join("tokenizer.json");
+    let Some(tok) = read_json(&path)? else {
+        let spm = dir.join("tokenizer.model").exists();
+        return Err(load(
+            dir,
+            if spm {
+                "a SentencePiece tokenizer (tokenizer.model) and no tokenizer.json: portalora writes the GGUF \
+                 vocabulary of byte-level BPE tokenizers only; convert the folder with llama.cpp's \
+                 convert_hf_to_gguf.py and give that .gguf as --model"
+            } else {
+                "no tokenizer.json: llama.cpp needs the model's tokenizer in the GGUF; add the tokenizer files of \
+                 the model this folder was fine-tuned from"
+            },
+        ));
+    };
+    let model = &tok["model"];
+    if model["type"].as_str() != Some("BPE") || model["byte_fallback"].as_bool() == Some(true) {
+        return Err(load(
+            &path,
+            "not a byte-level BPE tokenizer (a SentencePiece-style vocabulary): portalora writes the GGUF \
+             vocabulary of byte-level BPE tokenizers only; convert the folder with llama.cpp's convert_hf_to_gguf.py",
+        ));
+    }
+    let pre = pre_name(&tok["pre_tokenizer"]).ok_or_else(|| {
+        load(
+            &path,
+            format!(
+                "its pre-tokenizer {} is none of llama.cpp's gpt-2, smollm, llama-bpe or qwen2; a GGUF naming another \
+                 would split text otherwise than the model learned. Convert it with llama.cpp's convert_hf_to_gguf.py",
+                tok["pre_tokenizer"]
+            ),
+        )
+    })?;
+    let (tokens, types) = tokens(&path, &tok, vocab_size)?;
+    let mut m: Vec<(String, Value)> = vec![
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges(&path, model)?.into_iter().map(Value::String).collect())),
+    ];
+    let config = read_json(&dir.join("tokenizer_config.json"))?;
+    let model_config = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
+    m.extend(special_tokens(&tok, config.as_ref(), &model_config, vocab_size, llama));
+    if let Some(t) = config.as_ref().and_then(|c| chat_template(dir, c)) {
+        m.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    if let (true, Some(space)) = (llama, config.as_ref().and_then(|c| c["add_prefix_space"].as_bool())) {
+        m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(space)));
+    }
+    Ok(m)
+}
+
+/// llama.cpp's name for a `tokenizer.json` pre-tokenizer, where it is one of the four.
+fn pre_name(pre: &Json) -> Option<&'static str> {
+    let bytes = |v: &Json, regex: bool| {
+        v["type"] == "ByteLevel"
+            && v["use_regex"].as_bool().unwrap_or(true) == regex
+            && !v["add_prefix_space"].as_bool().unwrap_or(false)
+    };
+    if bytes(pre, true) {
+        return Some("gpt-2");
+    }
+    let parts = pre["pretokenizers"].as_array().filter(|_| pre["type"] == "Sequence")?;
+    match parts.as_slice() {
+        [d, b] if d["type"] == "Digits" && d["individual_digits"] == true && bytes(b, true) => Some("smollm"),
+        [s, b] if s["type"] == "Split" && s["behavior"] == "Isolated" && s["invert"] != true && bytes(b, false) => {
+            match s["pattern"]["Regex"].as_str()? {
+                LLAMA3_REGEX => Some("llama-bpe"),
+                QWEN2_REGEX => Some("qwen2"),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Whether the converter takes an added token for a control token although it is not marked
+/// special (`does_token_look_special`).
+fn looks_special(t: &str) -> bool {
+    matches!(t, "<pad>" | "<mask>" | "<2mass>" | "[@BOS@]")
+        || (t.starts_with("<|") && t.ends_with("|>"))
+        || (t.starts_with("<｜") && t.ends_with("｜>"))
+        || (t.starts_with("<unused") && t.ends_with('>'))
+}
+
+/// Every id below `vocab_size` with its text and type.
+fn tokens(path: &Path, tok: &Json, vocab_size: usize) -> Result<(Vec<String>, Vec<i32>), TokenizerError> {
+    let mut slots: Vec<Option<(String, i32)>> = vec![None; vocab_size];
+    let mut put = |id: u64, text: &str, ty: i32| -> Result<(), TokenizerError> {
+        let slot = slots.get_mut(id as usize).ok_or_else(|| {
+            load(
+                path,
+                format!(
+                    "token {text:?} has id {id}, beyond the model's vocab_size of {vocab_size}: this tokenizer is not \
+                     the model's"
+                ),
+            )
+        })?;
+        *slot = Some((text.to_string(), ty));
+        Ok(())
+    };
+    let vocab = tok["model"]["vocab"].as_object().ok_or_else(|| load(path, "model.vocab is not a map"))?;
+    for (text, id) in vocab {
+        put(id.as_u64().ok_or_else(|| load(path, format!("token {text:?}: id {id} is not a number")))?, text, NORMAL)?;
+    }
+    for a in tok["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(text)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            return Err(load(path, format!("added token {a} has no id or content")));
+        };
+        if a["special"] == true || looks_special(text) {
+            put(id, text, CONTROL)?;
+        } else {
+            put(id, &text.replace('\u{2581}', " "), USER_DEFINED)?;
+        }
+    }
+    Ok(slots.into_iter().enumerate().map(|(i, s)| s.unwrap_or((format!("[PAD{i}]"), UNUSED))).unzip())
+}
+
+/// The merges as `"a b"` (pairs of the newer format joined, a space inside a part as U+0120).
+fn merges(path: &Path, model: &Json) -> Result<Vec<String>, TokenizerError> {
+    let list = model["merges"].as_array().ok_or_else(|| load(path, "model.merges is not a list"))?;
+    list.iter()
+        .map(|m| match m {
+            Json::String(s) => Ok(s.clone()),
+            Json::Array(pair) => {
+                let parts: Option<Vec<String>> =
+                    pair.iter().map(|p| p.as_str().map(|s| s.replace(' ', "\u{120}"))).collect();
+                parts
+                    .filter(|p| p.len() == 2)
+                    .map(|p| p.join(" "))
+                    .ok_or_else(|| load(path, format!("merge {m} is not a pair")))
+            }
+            _ => Err(load(path, format!("merge {m} is neither \"a b\" nor [a, b]"))),
+        })
+        .collect()
+}
+
+/// The special tokens' ids and whether BOS / EOS are added, as gguf-py's `SpecialVocab` finds
+/// them: `tokenizer_config.json`'s `<kind>_token` looked up among the added tokens, else
+/// `config.json`'s `<kind>_token_id`; adding from the post-processor's template, overridden by
+/// `add_bos_token` / `add_eos_token`.
+fn special_tokens(tok: &Json, config: Option<&Json>, model: &Json, vocab: usize, llama: bool) -> Vec<(String, Value)> {
+    let added = tok["added_tokens"].as_array().cloned().unwrap_or_default();
+    let id_of = |content: &str| added.iter().find(|a| a["content"] == content).and_then(|a| a["id"].as_u64());
+    let named = |kind: &str| -> Option<String> {
+        let v = &config?[format!("{kind}_token")];
+        v.as_str().or_else(|| v["content"].as_str()).map(str::to_string)
+    };
+    // A template that starts (ends) with a special token adds it; without a tokenizer_config
+    // that token is BOS (EOS).
+    let single = tok["post_processor"]["single"].as_array().cloned().unwrap_or_default();
+    let special_at = |i: Option<&Json>| i.and_then(|t| t["SpecialToken"]["id"].as_str()).map(str::to_string);
+    let (first, last) = match single.len() > 1 {
+        true => (special_at(single.first()), special_at(single.last())),
+        false => (None, None),
+    };
+    let text = |kind: &str| match (kind, config) {
+        ("bos", None) => first.clone(),
+        ("eos", None) => last.clone(),
+        _ => named(kind),
+    };
+    let mut m = Vec::new();
+    for (kind, key) in [
+        ("bos", "bos_token_id"),
+        ("eos", "eos_token_id"),
+        ("unk", "unknown_token_id"),
+        ("sep", "seperator_token_id"),
+        ("pad", "padding_token_id"),
+        ("mask", "mask_token_id"),
+    ] {
+        let id = text(kind).and_then(|t| id_of(&t)).or_else(|| model[format!("{kind}_token_id")].as_u64());
+        if let Some(id) = id.filter(|id| (*id as usize) < vocab) {
+            m.push((format!("tokenizer.ggml.{key}"), Value::U32(id as u32)));
+        }
+    }
+    let flag = |kind: &str, from_template: Option<bool>| {
+        config.and_then(|c| c[format!("add_{kind}_token")].as_bool()).or(from_template)
+    };
+    let bos = first.as_ref().map(|f| Some(f) == text("bos").as_ref());
+    let eos = last.as_ref().map(|l| Some(l) == text("eos").as_ref());
+    // llama.cpp's LLaMA class never adds BOS for SmolLM's vocabulary of 49152.
+    let bos = if llama && vocab == 49152 { Some(false) } else { flag("bos", bos) };
+    for (kind, v) in [("bos", bos), ("eos", flag("eos", eos))] {
+        if let Some(v) = v {
+            m.push((format!("tokenizer.ggml.add_{kind}_token"), Value::Bool(v)));
+        }
+    }
+    m
+}
+
+/// The chat template as the converter takes it: `tokenizer_config.json`'s, else
+/// `chat_template.jinja` (read only where a `tokenizer_config.json` exists).
+fn chat_template(dir: &Path, config: &Json) -> Option<String> {
+    match &config["chat_template"] {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(list) => {
+            list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string)
+        }
+        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+    }
+}
