@@ -438,3 +438,50 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
     let long = start(serde_json::json!({"seq": 41})).unwrap_err();
     assert!(long.contains("41"), "{long}");
 }
+
+async fn engine_eval(e: &portalora::web::Engine) -> f64 {
+    wasm_bindgen_futures::JsFuture::from(e.eval())
+        .await
+        .map_err(|v| js_sys::Error::from(v).message())
+        .unwrap()
+        .as_f64()
+        .unwrap()
+}
+
+/// A Delta-LoRA run in the page downloads merged with W0 as the run moved it (read back from the
+/// GPU): the merged GGUF, loaded as a model of its own, gives the run's validation loss.
+#[wasm_bindgen_test]
+async fn a_delta_lora_run_in_the_page_exports_merged_with_the_weights_it_moved_in_the_browser() {
+    use portalora::web::Engine;
+    let base = include_bytes!("fixtures/tokenizers/llama-bpe.gguf").to_vec();
+    let text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n".repeat(20);
+    let run = |e: &Engine, method: &str, steps: u64| {
+        let c = serde_json::json!({"method": method, "targets": ["q_proj", "v_proj", "down_proj"], "steps": steps,
+            "text": text, "seq": 16, "lr": 0.05, "delta_warmup": 1});
+        let mut c = c;
+        if method != "delta-lora" {
+            c.as_object_mut().unwrap().remove("delta_warmup");
+        }
+        e.start(&c.to_string()).map_err(message).unwrap();
+    };
+    let e = Engine::create().await.map_err(message).unwrap();
+    e.load_gguf("base.gguf", base.clone()).map_err(message).unwrap();
+    run(&e, "delta-lora", 4);
+    let before = engine_eval(&e).await;
+    for _ in 0..4 {
+        engine_step(&e).await.unwrap();
+    }
+    let trained = engine_eval(&e).await;
+    assert!((trained - before).abs() > 1e-3, "the run moved the loss: {before} → {trained}");
+    let lora = wasm_bindgen_futures::JsFuture::from(e.export_gguf(false, None)).await.unwrap_err();
+    assert!(js_sys::Error::from(lora).message().as_string().unwrap().contains("merged GGUF"));
+    let out = wasm_bindgen_futures::JsFuture::from(e.export_gguf(true, Some("f32".into()))).await.unwrap();
+    let bytes = js_sys::Uint8Array::new(&js_sys::Array::from(&out).get(0)).to_vec();
+
+    // The merged file as a model of its own, with a fresh adapter (B = 0 adds nothing).
+    let m = Engine::create().await.map_err(message).unwrap();
+    m.load_gguf("merged.gguf", bytes).map_err(message).unwrap();
+    run(&m, "lora", 1);
+    let merged = engine_eval(&m).await;
+    assert!((merged - trained).abs() <= 1e-4 * trained, "merged {merged}, the run's {trained} (base {before})");
+}

@@ -11,40 +11,24 @@ use super::config::{Arch, ModelConfig};
 use super::gpu::{GpuModel, GpuModelError};
 use super::weights::{HostTensor, Weights};
 use crate::adapter::peft::{safetensors_bytes, write_atomic};
-use crate::adapter::{AdapterError, Proj};
+use crate::adapter::AdapterError;
 use crate::gpu::Context;
 
 /// Copies the weights of every projection the attached adapter touches from the GPU into `w`
-/// (GPT-2's q, k and v thirds joined back into `c_attn`'s `(C, 3C)`).
+/// (see [`GpuModel::read_site_weights_async`]).
 pub fn read_back_site_weights(ctx: &Context, model: &GpuModel, w: &mut Weights) -> Result<(), GpuModelError> {
-    let Some(adapter) = model.adapter() else { return Ok(()) };
-    for (site, sw) in adapter.sites().iter().zip(model.site_weights()?) {
-        let name = format!("{}.weight", site.module);
-        let parts: Vec<Vec<f32>> = sw.parts.iter().map(|p| ctx.read_f32(p)).collect::<Result<_, _>>()?;
-        let data = if site.proj == Proj::CAttn {
-            // Conv1D (in, out): row i of the fused weight is [q row i | k row i | v row i].
-            let rows = site.in_features;
-            let mut out = Vec::with_capacity(rows * site.out_features());
-            for i in 0..rows {
-                for (p, &o) in parts.iter().zip(&site.outs) {
-                    out.extend_from_slice(&p[i * o..(i + 1) * o]);
-                }
-            }
-            out
-        } else {
-            parts.concat()
-        };
-        let t = w.tensors.get_mut(&name).ok_or_else(|| {
+    for (name, t) in crate::gpu::block_on(model.read_site_weights_async(ctx))? {
+        let have = w.tensors.get_mut(&name).ok_or_else(|| {
             GpuModelError::Unsupported(format!("the base model has no tensor {name:?} to write back"))
         })?;
-        if t.data.len() != data.len() {
+        if have.data.len() != t.data.len() {
             return Err(GpuModelError::Unsupported(format!(
                 "{name}: {} values read back, {} expected",
-                data.len(),
-                t.data.len()
+                t.data.len(),
+                have.data.len()
             )));
         }
-        t.data = data;
+        have.data = t.data;
     }
     Ok(())
 }

@@ -9,13 +9,15 @@ use crate::adapter::peft::{export, PeftFile};
 use crate::adapter::Method;
 use crate::io::gguf::{GgmlType, Gguf};
 use crate::model::gguf_export::{factors, file_alpha, lora_gguf, merged_gguf};
+use crate::model::weights::Weights;
 
 #[wasm_bindgen]
 impl Engine {
     /// The adapter being trained as GGUF: with `merged` false a LoRA adapter for llama.cpp's
     /// `--lora` and Ollama's `ADAPTER` (f32, or `ty` "f16"); with `merged` true the whole model
     /// with the adapter merged, from a model loaded as GGUF (its metadata and untouched tensors
-    /// copied; every tensor in its own type, or `ty`). Resolves to `[bytes, notes]`: the file and
+    /// copied; every tensor in its own type, or `ty`; Delta-LoRA's W0 as the run moved it, read
+    /// back from the GPU — its LoRA file alone is refused). Resolves to `[bytes, notes]`: the file and
     /// what the export has to say (JSON list of strings; e.g. how much of the adapter's change a
     /// quantized type keeps).
     #[wasm_bindgen(js_name = exportGguf)]
@@ -31,10 +33,10 @@ impl Engine {
                 .transpose()?;
             let adapter = run.trainer.adapter();
             let cfg = adapter.config().clone();
-            if cfg.method == Method::DeltaLora {
+            if cfg.method == Method::DeltaLora && !merged {
                 return Err(err(
-                    "Delta-LoRA moved the base weights on the GPU, which the page does not read back: export a \
-                     Delta-LoRA run from the command line (portalora export --as merged)",
+                    "Delta-LoRA moved the base weights too, so a LoRA file alone would not reproduce the fine-tune: \
+                     download the merged GGUF",
                 )
                 .into());
             }
@@ -45,7 +47,21 @@ impl Engine {
                     err("a merged GGUF is written from a model loaded as GGUF; this one came as safetensors: \
                          download the GGUF adapter instead")
                 })?;
-                merged_gguf(base, w, &f, ty).map_err(err)?
+                if cfg.method == Method::DeltaLora {
+                    // W0 as Delta-LoRA moved it, read back from the GPU (the adapted weights only:
+                    // the rest of the file is copied from the base).
+                    let tensors = run.trainer.model.read_site_weights_async(&g.ctx).await.map_err(err)?;
+                    let moved = Weights {
+                        config: w.config.clone(),
+                        tensors,
+                        raw: Default::default(),
+                        source: w.source.clone(),
+                        left_out: None,
+                    };
+                    merged_gguf(base, &moved, &f, ty).map_err(err)?
+                } else {
+                    merged_gguf(base, w, &f, ty).map_err(err)?
+                }
             } else {
                 let stem = g.name.trim_end_matches(".gguf");
                 let name = format!("{stem} {} adapter", cfg.method);

@@ -275,6 +275,44 @@ impl GpuModel {
         Ok(out)
     }
 
+    /// The weights of every projection the attached adapter touches, read back from the GPU, by
+    /// transformers name in its layout (GPT-2's q, k and v thirds joined back into `c_attn`'s
+    /// `(C, 3C)`): after a merge, or Delta-LoRA's moved W0. Async so that a page can await it.
+    pub async fn read_site_weights_async(
+        &self,
+        ctx: &Context,
+    ) -> Result<std::collections::BTreeMap<String, super::weights::HostTensor>> {
+        let Some(adapter) = self.adapter() else { return Ok(Default::default()) };
+        let mut reads = Vec::new();
+        for (site, sw) in adapter.sites().iter().zip(self.site_weights()?) {
+            reads.push((site, sw.parts.iter().map(|p| ctx.read(p)).collect::<std::result::Result<Vec<_>, _>>()?));
+        }
+        let mut out = std::collections::BTreeMap::new();
+        for (site, parts) in reads {
+            let mut got = Vec::new();
+            for r in parts {
+                got.push(r.await?);
+            }
+            let (data, shape) = if site.proj == Proj::CAttn {
+                // Conv1D (in, out): row i of the fused weight is [q row i | k row i | v row i].
+                let rows = site.in_features;
+                let mut out = Vec::with_capacity(rows * site.out_features());
+                for i in 0..rows {
+                    for (p, &o) in got.iter().zip(&site.outs) {
+                        out.extend_from_slice(&p[i * o..(i + 1) * o]);
+                    }
+                }
+                (out, vec![rows, site.out_features()])
+            } else if site.conv1d {
+                (got.concat(), vec![site.in_features, site.out_features()])
+            } else {
+                (got.concat(), vec![site.out_features(), site.in_features])
+            };
+            out.insert(format!("{}.weight", site.module), super::weights::HostTensor { shape, data });
+        }
+        Ok(out)
+    }
+
     /// Whether any frozen matrix is stored packed (f16 or quantized; see [`BaseDType`]).
     pub fn base_is_packed(&self) -> bool {
         self.params.layers.iter().any(|l| l.matrices().any(|t| t.dtype() != DType::F32))
