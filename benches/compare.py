@@ -4,15 +4,18 @@ on the same machine in the same run.
 
     python3 benches/compare.py --model HF_FOLDER|FILE.gguf [--method lora] [--rank 8] [--batch 4]
                                [--seq 128] [--steps 8] [--warmup 3] [--targets q_proj,...]
-                               [--base-dtype auto] [--portalora PATH]
+                               [--base-dtype auto] [--portalora PATH] [--torch f32,bf16]
 
 A GGUF model is loaded by transformers dequantized to f32; portalora keeps it as stored unless
 --base-dtype f32 (its default, auto, is the QLoRA-style quantized base).
 
 Needs torch, transformers and peft (it is not part of the test suite). PyTorch runs on CUDA when
 it sees a GPU, else on the CPU. Both sides train on the same random token ids with AdamW; each
-reports the median tokens/s of the steps after --warmup. The last line is one JSON object:
-{"method", "batch", "seq", "portalora_tokens_per_s", "peft_tokens_per_s", "ratio", "device"}.
+reports the median tokens/s of the steps after --warmup. --torch f32,bf16 also times PyTorch
+with bf16 autocast (f32 weights, bf16 matrix products), the mixed precision PyTorch users train
+with on a GPU. The last line is one JSON object: {"method", "batch", "seq",
+"portalora_tokens_per_s", "peft_tokens_per_s", "ratio", "device"} (PyTorch f32), plus
+"peft_bf16_tokens_per_s" and "ratio_bf16" with bf16.
 """
 import argparse
 import json
@@ -46,7 +49,7 @@ def portalora_speed(a, ids_path, targets):
     return statistics.median(rates), [s["loss"] for s in steps]
 
 
-def peft_speed(a, ids, targets):
+def peft_speed(a, ids, targets, autocast=None):
     import torch
     import transformers
     import peft
@@ -81,7 +84,11 @@ def peft_speed(a, ids, targets):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
+        if autocast:
+            with torch.autocast(dev, dtype=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         old = None
@@ -115,6 +122,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--targets")
     p.add_argument("--base-dtype", default="auto")
+    p.add_argument("--torch", default="f32", help="PyTorch's precisions to time: f32, bf16 (autocast) or both")
     p.add_argument("--portalora", default=os.path.join(os.path.dirname(__file__), "..", "target/release/portalora"))
     a = p.parse_args()
     if a.model.endswith(".gguf"):
@@ -137,8 +145,15 @@ def main():
     print(f"{'portalora':12} {ours:>10.1f}  {[round(l, 4) for l in our_losses[:3]]}")
     print(f"{'PEFT':12} {theirs:>10.1f}  {[round(l, 4) for l in their_losses[:3]]}  on {device}")
     print(f"ratio portalora / PEFT: {ours / theirs:.3f}")
-    print(json.dumps({"method": a.method, "batch": a.batch, "seq": a.seq, "portalora_tokens_per_s": ours,
-                      "peft_tokens_per_s": theirs, "ratio": ours / theirs, "device": device}))
+    out = {"method": a.method, "batch": a.batch, "seq": a.seq, "portalora_tokens_per_s": ours,
+           "peft_tokens_per_s": theirs, "ratio": ours / theirs, "device": device}
+    if "bf16" in a.torch.split(","):
+        import torch
+        bf16, bf16_losses, _ = peft_speed(a, ids, targets, autocast=torch.bfloat16)
+        print(f"{'PEFT bf16':12} {bf16:>10.1f}  {[round(l, 4) for l in bf16_losses[:3]]}  (autocast)")
+        print(f"ratio portalora / PEFT bf16: {ours / bf16:.3f}")
+        out.update(peft_bf16_tokens_per_s=bf16, ratio_bf16=ours / bf16)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

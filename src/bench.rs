@@ -172,6 +172,8 @@ pub struct KernelTime {
 pub struct StepResult {
     /// Wall seconds of each timed step (submission to loss on the CPU).
     pub step_seconds: Vec<f64>,
+    /// Wall seconds of each warm-up step (the first compiles pipelines and autotunes).
+    pub warmup_seconds: Vec<f64>,
     pub tokens_per_step: usize,
     /// Bytes of GPU tensors by kind: weights (frozen base), adapters (trainable and frozen
     /// adapter tensors and their gradients), optimizer (moments, accumulators), activations
@@ -190,24 +192,40 @@ pub struct StepResult {
     pub kernel_seconds: f64,
     /// Whether `kernels` came from GPU timestamps (else: wall clock per dispatch).
     pub timestamps: bool,
+    /// CPU seconds of each timed step spent encoding and submitting it (writing its inputs
+    /// included), before waiting for the GPU.
+    pub encode_seconds: Vec<f64>,
+    /// What one step submits: submissions, compute passes, dispatches.
+    pub submitted: crate::gpu::SubmitStats,
+    /// GPU seconds of one step run as training runs it (pass timestamps; median of three), where
+    /// the adapter has timestamps.
+    pub gpu_step_seconds: Option<f64>,
 }
 
 impl StepResult {
     pub fn median_seconds(&self) -> f64 {
-        let mut v = self.step_seconds.clone();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let n = v.len();
-        if n == 0 {
-            return f64::NAN;
-        }
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
+        median(&self.step_seconds)
     }
     pub fn tokens_per_s(&self) -> f64 {
         self.tokens_per_step as f64 / self.median_seconds()
+    }
+    pub fn median_encode_seconds(&self) -> f64 {
+        median(&self.encode_seconds)
+    }
+    /// The wall time of a step the GPU spends idle (the median step less its GPU time).
+    pub fn gpu_idle_seconds(&self) -> Option<f64> {
+        self.gpu_step_seconds.map(|g| (self.median_seconds() - g).max(0.0))
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
 
@@ -236,17 +254,31 @@ pub fn bench_step(
     let mut batch = || -> Vec<Vec<u32>> {
         (0..opts.batch).map(|_| (0..opts.seq).map(|_| (rng.next_u64() % vocab) as u32).collect()).collect()
     };
-    let mut step_seconds = Vec::with_capacity(opts.steps);
+    let (mut step_seconds, mut encode_seconds) = (Vec::with_capacity(opts.steps), Vec::with_capacity(opts.steps));
+    let mut submitted = crate::gpu::SubmitStats::default();
+    let mut warmup_seconds = Vec::new();
     for i in 0..opts.warmup + opts.steps {
         let ids = batch();
+        let before = ctx.submit_stats();
         let t = Instant::now();
-        trainer.train_step(ctx, &ids)?;
+        trainer.submit_step(ctx, &[crate::train::Batch { ids: &ids, predict: None, positions: None }])?;
+        let encode = t.elapsed().as_secs_f64();
+        trainer.collect_losses(ctx)?;
         let s = t.elapsed().as_secs_f64();
+        submitted = ctx.submit_stats() - before;
         if i >= opts.warmup {
             step_seconds.push(s);
+            encode_seconds.push(encode);
+        } else {
+            warmup_seconds.push(s);
         }
         progress(i, s);
     }
+    let mut gpu = Vec::new();
+    for _ in 0..3 {
+        gpu.extend(ctx.time_whole(&trainer.recorded_steps())?);
+    }
+    let gpu_step_seconds = (!gpu.is_empty()).then(|| median(&gpu));
     // Bytes this trainer holds, by kind (the adapter's z = x·Aᵀ and scratch count as
     // activations: see adapter::activation).
     let mut gpu_bytes = ctx.allocated_bytes();
@@ -277,6 +309,7 @@ pub fn bench_step(
     }
     Ok(StepResult {
         step_seconds,
+        warmup_seconds,
         tokens_per_step: opts.batch * opts.seq,
         gpu_bytes,
         kept_bytes: trainer.kept_bytes(),
@@ -286,5 +319,8 @@ pub fn bench_step(
         kernels,
         kernel_seconds,
         timestamps: ctx.features().timestamps,
+        encode_seconds,
+        submitted,
+        gpu_step_seconds,
     })
 }

@@ -106,6 +106,9 @@ pub struct TrainConfig {
     /// (activation checkpointing; see [`PlanOptions::recompute_mlp`]).
     #[serde(default)]
     pub recompute_mlp: bool,
+    /// Rows of logits computed at a time (see [`PlanOptions::logit_chunk_rows`]; benchmarks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_chunk_rows: Option<usize>,
 }
 
 fn one() -> usize {
@@ -130,6 +133,7 @@ impl Default for TrainConfig {
             base_dtype: BaseDType::Auto,
             loss_every: 1,
             recompute_mlp: false,
+            logit_chunk_rows: None,
         }
     }
 }
@@ -286,6 +290,7 @@ impl Trainer {
             base_dtype: Some(base_dtype),
             backward: true,
             recompute_mlp: config.recompute_mlp,
+            logit_chunk_rows: config.logit_chunk_rows,
             ..PlanOptions::default()
         };
         let mut model = GpuModel::with_options(ctx, weights, batch, seq, plan)?;

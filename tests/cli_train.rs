@@ -306,6 +306,20 @@ fn bench_step_reports_speed_memory_and_kernels_as_json() {
     let sum: f64 = kernels.iter().map(|k| k["seconds"].as_f64().unwrap()).sum();
     assert!((sum - j["kernel_seconds"].as_f64().unwrap()).abs() < 1e-9 + 1e-6 * sum);
     assert_eq!(j["method"], "lora-fa");
+    // Per-step overhead: the CPU's encoding inside the step's wall time, one pass and one
+    // submission holding every dispatch the per-kernel breakdown timed one by one, and the GPU's
+    // busy time from the pass's own timestamps.
+    let (encode, step) = (j["encode_seconds"].as_f64().unwrap(), j["step_seconds"].as_f64().unwrap());
+    assert!(encode > 0.0 && encode < step, "{last}");
+    let timed: u64 = kernels.iter().map(|k| k["count"].as_u64().unwrap()).sum();
+    assert_eq!(
+        (j["dispatches"].as_u64(), j["passes"].as_u64(), j["submissions"].as_u64()),
+        (Some(timed), Some(1), Some(1))
+    );
+    if let Some(gpu) = j["gpu_step_seconds"].as_f64() {
+        assert!(gpu > 0.0 && j["gpu_idle_seconds"].as_f64().unwrap() >= 0.0, "{last}");
+    }
+    assert_eq!(j["warmup_steps"].as_array().map(Vec::len), Some(1), "{last}");
     let (planned, unshared) = (j["planned_bytes"].as_u64().unwrap(), j["unshared_bytes"].as_u64().unwrap());
     assert!(planned > 0 && planned < unshared && planned <= bytes["activations"].as_u64().unwrap(), "{last}");
     // With the MLP recomputed in backward, less is kept (tiny LLaMA: gate and up, (N, F) per layer).

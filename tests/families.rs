@@ -225,3 +225,52 @@ fn a_multimodal_gemma3_checkpoint_loads_its_language_model() {
     let cfg = json(&out.join("config.json"));
     assert_eq!(cfg["model_type"], "gemma3_text");
 }
+
+/// The LM head's input gradient summed over vocabulary slices in parallel (split-K, the default
+/// on GPUs) gives the layer-input gradients of the plain product, chunks shorter than the chunk
+/// size included.
+#[test]
+fn the_split_head_gradient_equals_the_plain_one() {
+    use portalora::model::{Arch, HostTensor, ModelConfig};
+    let Some(ctx) = context() else { return };
+    if ctx.subgroup_size().is_none() {
+        return;
+    }
+    let config = ModelConfig { norm_eps: 1e-5, ..ModelConfig::simple(Arch::Llama, 256, 64, 2, 4, 2, 96, 64) };
+    let mut rng = portalora::reference::Rng::new(9);
+    let tensors = portalora::model::weights::expected_tensors(&config)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data = (0..n).map(|_| if shape.len() == 1 { 1.0 + 0.1 * rng.uniform() } else { 0.2 * rng.uniform() });
+            (name, HostTensor { data: data.collect(), shape })
+        })
+        .collect();
+    let w = Weights { config, tensors, raw: Default::default(), source: "random".into(), left_out: None };
+    let ids: Vec<Vec<u32>> = (0..2).map(|_| (0..40).map(|_| (rng.next_u64() % 256) as u32).collect()).collect();
+    let grads = |splits: usize| {
+        let opts = PlanOptions {
+            keep_layer_grads: true,
+            backward: true,
+            head_splits: Some(splits),
+            logit_chunk_rows: Some(64),
+            ..PlanOptions::default()
+        };
+        let mut model = GpuModel::with_options(&ctx, &w, ids.len(), ids[0].len(), opts).unwrap();
+        model.enable_backward(&ctx).unwrap();
+        for d in &model.grads.as_ref().unwrap().dx {
+            ctx.fill_f32(d, f32::NAN).unwrap();
+        }
+        model.forward_backward(&ctx, &ids).unwrap();
+        let sums = model.train_step().unwrap().labels().filter(|l| l.contains("reduce")).count();
+        let g = model.grads.as_ref().unwrap();
+        (g.dx.iter().map(|d| ctx.read_f32(d).unwrap()).collect::<Vec<_>>(), sums)
+    };
+    let ((plain, plain_sums), (split, split_sums)) = (grads(0), grads(16));
+    assert_eq!(split_sums, plain_sums + 2, "one sum of the slices per chunk of logit rows");
+    for (l, (p, s)) in plain.iter().zip(&split).enumerate() {
+        let want: Vec<f64> = p.iter().map(|v| *v as f64).collect();
+        let err = max_rel_error(s, &want);
+        assert!(err < 1e-5, "layer {l}'s input gradient: split head {err:e} from the plain one");
+    }
+}

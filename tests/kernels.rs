@@ -5,7 +5,7 @@ mod common;
 
 use portalora::gpu::{Arg, Context, DType, GpuError, KernelSource, KernelSpec, Step};
 use portalora::ops::elementwise::{add_forward, axpy_forward, scale_forward};
-use portalora::ops::matmul::{matmul, matmul_with_subgroup_size, Matmul, MatmulPath};
+use portalora::ops::matmul::{matmul, matmul_with_tile, tile_candidates, tuned_tile, Matmul, MatmulPath, Tile};
 use portalora::ops::reduce::reduce_forward;
 use portalora::reference::{self, max_rel_error, Rng};
 
@@ -24,6 +24,7 @@ fn check_matmul(
     n: usize,
     opts: Matmul,
     subgroup_size: Option<u32>,
+    tile: Option<Tile>,
 ) {
     let (ar, ac) = if opts.trans_a { (k, m) } else { (m, k) };
     let (br, bc) = if opts.trans_b { (n, k) } else { (k, n) };
@@ -47,9 +48,10 @@ fn check_matmul(
         ctx.fill_f32(&c, f32::NAN).unwrap();
     }
     let mut step = Step::new();
-    match subgroup_size {
-        Some(s) => matmul_with_subgroup_size(ctx, &mut step, &a, &b, &c, opts, s).unwrap(),
-        None => {
+    match (subgroup_size, tile) {
+        (Some(s), Some(t)) => matmul_with_tile(ctx, &mut step, &a, &b, &c, opts, s, t).unwrap(),
+        (Some(s), None) => matmul_with_tile(ctx, &mut step, &a, &b, &c, opts, s, tuned_tile(ctx, s)).unwrap(),
+        (None, _) => {
             matmul(ctx, &mut step, &a, &b, &c, opts).unwrap();
         }
     }
@@ -75,7 +77,7 @@ fn check_matmul(
     let err = max_rel_error(&got, &want);
     assert!(
         err <= TOL,
-        "matmul {opts:?} batch={batch} share_b={share_b} m={m} k={k} n={n} subgroup_size={subgroup_size:?}: relative error {err:e} > {TOL:e}"
+        "matmul {opts:?} batch={batch} share_b={share_b} m={m} k={k} n={n} subgroup_size={subgroup_size:?} tile={tile:?}: relative error {err:e} > {TOL:e}"
     );
 }
 
@@ -89,21 +91,21 @@ fn sweep(ctx: &Context, path: MatmulPath, subgroup_size: Option<u32>) {
         for &m in &AWKWARD {
             for &k in &AWKWARD {
                 for &n in &AWKWARD {
-                    check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size);
+                    check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size, None);
                 }
             }
         }
         // Multiples of 4 (the subgroup kernel's vec4 variant) and several tiles in each direction.
         for &(m, k, n) in &[(64, 32, 128), (132, 68, 36), (100, 4, 260), (4, 516, 8), (65, 64, 200)] {
-            check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size);
+            check_matmul(ctx, &mut rng, 1, false, m, k, n, opts, subgroup_size, None);
         }
         // alpha and accumulate, batched with and without a shared B.
         let acc = Matmul { alpha: -0.75, accumulate: true, ..opts };
-        check_matmul(ctx, &mut rng, 1, false, 33, 7, 129, acc, subgroup_size);
-        check_matmul(ctx, &mut rng, 1, false, 36, 16, 64, acc, subgroup_size);
-        check_matmul(ctx, &mut rng, 3, false, 33, 7, 129, opts, subgroup_size);
-        check_matmul(ctx, &mut rng, 5, true, 12, 8, 20, acc, subgroup_size);
-        check_matmul(ctx, &mut rng, 2, false, 7, 33, 1, acc, subgroup_size);
+        check_matmul(ctx, &mut rng, 1, false, 33, 7, 129, acc, subgroup_size, None);
+        check_matmul(ctx, &mut rng, 1, false, 36, 16, 64, acc, subgroup_size, None);
+        check_matmul(ctx, &mut rng, 3, false, 33, 7, 129, opts, subgroup_size, None);
+        check_matmul(ctx, &mut rng, 5, true, 12, 8, 20, acc, subgroup_size, None);
+        check_matmul(ctx, &mut rng, 2, false, 7, 33, 1, acc, subgroup_size, None);
     }
 }
 
@@ -145,7 +147,7 @@ fn matmul_subgroup_sizes_match_reference() {
         for (trans_a, trans_b) in OPS {
             let opts = Matmul { trans_a, trans_b, ..Matmul::default() };
             for &(m, k, n) in &[(33, 7, 129), (129, 33, 7), (64, 36, 132), (1, 1, 1)] {
-                check_matmul(&ctx, &mut rng, 1, false, m, k, n, opts, Some(s));
+                check_matmul(&ctx, &mut rng, 1, false, m, k, n, opts, Some(s), None);
             }
         }
         s *= 2;
@@ -439,4 +441,80 @@ fn matmul_on_column_views() {
     let e = portalora::ops::elementwise::scale_forward(&ctx, &mut Step::new(), &v, 2.0, &out).unwrap_err();
     assert!(e.to_string().contains("strided"), "{e}");
     assert!(ctx.read_f32(&v).is_err());
+}
+
+/// Every tile the autotune may pick (for narrow subgroups and for wide GPU ones, whose tiles of
+/// 4 and 8 rows are fewer rows than lanes), at subgroup sizes this adapter runs.
+#[test]
+fn matmul_every_tile_matches_reference() {
+    let Some(ctx) = common::context() else { return };
+    let Some(sg) = ctx.subgroup_size() else { return };
+    let mut tiles: Vec<Tile> = tile_candidates(8).into_iter().chain(tile_candidates(32)).collect();
+    tiles.dedup();
+    let mut rng = Rng::new(11);
+    for s in [4, 8].into_iter().filter(|s| *s <= sg) {
+        for &tile in &tiles {
+            for (trans_a, trans_b) in OPS {
+                let opts = Matmul { trans_a, trans_b, ..Matmul::default() };
+                for &(m, k, n) in &[(33, 7, 129), (7, 33, 1), (132, 68, 36), (4, 516, 8), (65, 64, 200)] {
+                    check_matmul(&ctx, &mut rng, 1, false, m, k, n, opts, Some(s), Some(tile));
+                }
+                let acc = Matmul { alpha: -0.75, accumulate: true, ..opts };
+                check_matmul(&ctx, &mut rng, 3, false, 36, 16, 64, acc, Some(s), Some(tile));
+            }
+        }
+    }
+}
+
+/// The cooperative-matrix product runs where the device was opened with the feature (a probe for
+/// now; `bench coop`), and is refused clearly elsewhere: lavapipe and browsers offer none.
+#[test]
+fn matmul_coop_runs_where_offered_and_is_refused_elsewhere() {
+    use portalora::ops::matmul_coop::{coop_probe, matmul_coop_forward};
+    let opts =
+        portalora::gpu::ContextOptions { cooperative_matrix: true, ..portalora::gpu::ContextOptions::from_env() };
+    let Ok(ctx) = pollster::block_on(Context::with_options(opts)) else { return };
+    if ctx.features().cooperative_matrix {
+        let p = coop_probe(&ctx, 256).unwrap();
+        assert!(p.max_rel_error < 1e-3, "{p:?}");
+        return;
+    }
+    let a = ctx.tensor("a", &[16, 16], DType::F16).unwrap();
+    let c = ctx.tensor("c", &[16, 16], DType::F32).unwrap();
+    let e = matmul_coop_forward(&ctx, &mut Step::new(), &a, &a, &c).unwrap_err();
+    assert!(matches!(e, GpuError::MissingFeature { .. }) && e.to_string().contains("cooperative"), "{e}");
+}
+
+/// Split-K (an LM head's input gradient: few outputs, a long K) against the reference, C and the
+/// partial products poisoned first.
+#[test]
+fn matmul_split_k_matches_reference() {
+    use portalora::ops::matmul::matmul_split_k;
+    let Some(ctx) = common::context() else { return };
+    if ctx.subgroup_size().is_none() {
+        return;
+    }
+    let mut rng = Rng::new(13);
+    for (m, k, n, splits) in [(33, 256, 20, 4), (64, 512, 36, 8), (5, 1024, 129, 16), (7, 96, 8, 1)] {
+        let (a_data, b_data) = (rng.vec(m * k), rng.vec(k * n));
+        let a = ctx.upload_f32("A", &[m, k], &a_data).unwrap();
+        let b = ctx.upload_f32("B", &[k, n], &b_data).unwrap();
+        let c = ctx.tensor("C", &[m, n], DType::F32).unwrap();
+        let partials = ctx.tensor("partials", &[splits, m, n], DType::F32).unwrap();
+        ctx.fill_f32(&c, f32::NAN).unwrap();
+        ctx.fill_f32(&partials, f32::NAN).unwrap();
+        let mut step = Step::new();
+        matmul_split_k(&ctx, &mut step, &a, &b, &c, &partials, splits).unwrap();
+        ctx.run(&step).unwrap();
+        let want = reference::matmul(&a_data, &b_data, m, k, n, false, false);
+        let err = max_rel_error(&ctx.read_f32(&c).unwrap(), &want);
+        assert!(err <= TOL, "split-K m={m} k={k} n={n} splits={splits}: relative error {err:e}");
+    }
+    // K not a multiple of 4 · splits is refused, naming the shapes.
+    let a = ctx.tensor("A", &[4, 36], DType::F32).unwrap();
+    let b = ctx.tensor("B", &[36, 8], DType::F32).unwrap();
+    let c = ctx.tensor("C", &[4, 8], DType::F32).unwrap();
+    let p = ctx.tensor("P", &[4, 4, 8], DType::F32).unwrap();
+    let e = matmul_split_k(&ctx, &mut Step::new(), &a, &b, &c, &p, 4).unwrap_err();
+    assert!(e.to_string().contains("multiple of 16"), "{e}");
 }

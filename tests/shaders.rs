@@ -5,9 +5,20 @@ use portalora::ops::matmul::subgroup_kernel;
 
 fn validate(name: &str, wgsl: &str) {
     let module = naga::front::wgsl::parse_str(wgsl).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
-    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
+    // And through naga's SPIR-V writer, as wgpu's Vulkan backend compiles it: the writer can fail
+    // (or panic) on a module the validator accepts (naga 30 did on cooperative stores).
+    // Pipeline constants (overrides) set to 1, as a pipeline would set them.
+    let mut constants = naga::back::PipelineConstants::default();
+    for (_, o) in module.overrides.iter() {
+        constants.insert(o.name.clone().unwrap_or_default(), 1.0);
+    }
+    let (module, info) = naga::back::pipeline_constants::process_overrides(&module, &info, None, &constants)
+        .unwrap_or_else(|e| panic!("{name}: overrides: {e}"));
+    let opts = naga::back::spv::Options { lang_version: (1, 6), ..Default::default() };
+    naga::back::spv::write_vec(&module, &info, &opts, None).unwrap_or_else(|e| panic!("{name}: SPIR-V: {e}"));
 }
 
 fn uses_subgroups_without_flag(src: &KernelSource) -> bool {
@@ -36,10 +47,11 @@ fn matmul_subgroup_template_validates_for_every_size() {
     for s in [4u32, 8, 16, 32, 64, 128] {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             for vec in [false, true] {
-                for tnv in [1, 2] {
-                    let spec = subgroup_kernel(s, 32, tnv, trans_a, trans_b, vec);
+                for (tm, tnv) in [(32, 1), (32, 2), (4, 1), (8, 1)] {
+                    let spec = subgroup_kernel(s, tm, tnv, trans_a, trans_b, vec);
                     let wgsl = spec.wgsl().expect("template expands");
-                    validate(&format!("{} s={s} ta={trans_a} tb={trans_b} vec={vec} tnv={tnv}", spec.label()), &wgsl);
+                    let what = format!("{} s={s} ta={trans_a} tb={trans_b} vec={vec} tm={tm} tnv={tnv}", spec.label());
+                    validate(&what, &wgsl);
                 }
             }
         }

@@ -23,6 +23,10 @@ pub struct ContextOptions {
     /// Pretend the adapter has no subgroup operations (selects the portable kernels).
     /// Also set by `PORTALORA_NO_SUBGROUPS=1`.
     pub disable_subgroups: bool,
+    /// Open the device with wgpu's experimental cooperative matrices where the adapter offers
+    /// them (`PORTALORA_COOPERATIVE_MATRIX=1`; for `bench coop`, the probe of the coming
+    /// tensor-core path). Off by default: experimental features change how the device is opened.
+    pub cooperative_matrix: bool,
 }
 
 impl ContextOptions {
@@ -42,6 +46,7 @@ impl ContextOptions {
             backends: var("WGPU_BACKEND"),
             adapter_name: var("WGPU_ADAPTER_NAME"),
             disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
+            cooperative_matrix: var("PORTALORA_COOPERATIVE_MATRIX").is_some_and(|v| v != "0"),
         }
     }
 }
@@ -57,6 +62,10 @@ pub struct DeviceInfo {
     /// Subgroup ("warp", "wavefront", "SIMD lane group") sizes the adapter may use.
     pub subgroup_min_size: u32,
     pub subgroup_max_size: u32,
+    /// The cooperative-matrix (tensor core, simdgroup matrix) shapes the adapter offers through
+    /// wgpu, as `MxNxK A/B→C` (e.g. `16x16x16 f16→f32`); empty where it offers none or wgpu
+    /// does not expose them. Reported, not used yet.
+    pub cooperative_matrices: Vec<String>,
 }
 
 /// The optional features this crate uses, as the device was opened with them.
@@ -68,6 +77,8 @@ pub struct Features {
     pub shader_f16: bool,
     /// GPU timestamps, for per-kernel timing.
     pub timestamps: bool,
+    /// wgpu's experimental cooperative matrices (only when asked: see [`ContextOptions`]).
+    pub cooperative_matrix: bool,
 }
 
 /// The device limits that shape our kernels and memory plan.
@@ -113,6 +124,27 @@ pub struct Context {
     alloc: Arc<Mutex<AllocStats>>,
     /// Set by wgpu's device-lost callback (driver reset, GPU removed, `destroy`).
     lost: Arc<Mutex<Option<String>>>,
+    /// What the recorded steps submitted so far encoded (benchmarks read the difference).
+    pub(super) submitted: Mutex<SubmitStats>,
+}
+
+/// Counts of what [`Context::run_steps`] and its kin encoded and submitted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubmitStats {
+    pub submissions: u64,
+    pub passes: u64,
+    pub dispatches: u64,
+}
+
+impl std::ops::Sub for SubmitStats {
+    type Output = SubmitStats;
+    fn sub(self, o: SubmitStats) -> SubmitStats {
+        SubmitStats {
+            submissions: self.submissions - o.submissions,
+            passes: self.passes - o.passes,
+            dispatches: self.dispatches - o.dispatches,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -179,6 +211,10 @@ impl Context {
                 wanted |= f;
             }
         }
+        let coop = opts.cooperative_matrix && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        if coop {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         // Ask for everything the adapter really has: the defaults are far below what real GPUs
         // (and lavapipe) offer, e.g. 128 MiB storage bindings instead of WebGPU's default.
         let required_limits = adapter.limits();
@@ -187,7 +223,13 @@ impl Context {
                 label: Some("portalora"),
                 required_features: wanted,
                 required_limits: required_limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                // SAFETY: wgpu's experimental features may have bugs; they are asked for only by
+                // the cooperative-matrix probe, never by default.
+                experimental_features: if coop {
+                    unsafe { wgpu::ExperimentalFeatures::enabled() }
+                } else {
+                    wgpu::ExperimentalFeatures::disabled()
+                },
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -221,6 +263,7 @@ impl Context {
             subgroups: wanted.contains(wgpu::Features::SUBGROUP) && !opts.disable_subgroups,
             shader_f16: wanted.contains(wgpu::Features::SHADER_F16),
             timestamps: wanted.contains(wgpu::Features::TIMESTAMP_QUERY),
+            cooperative_matrix: coop,
         };
         let info = DeviceInfo {
             name: ainfo.name.clone(),
@@ -230,6 +273,7 @@ impl Context {
             driver_info: ainfo.driver_info.clone(),
             subgroup_min_size: ainfo.subgroup_min_size,
             subgroup_max_size: ainfo.subgroup_max_size,
+            cooperative_matrices: cooperative_matrices(&adapter),
         };
         Ok(Context {
             device,
@@ -240,6 +284,7 @@ impl Context {
             errors,
             pipelines: Mutex::new(HashMap::new()),
             alloc: Arc::new(Mutex::new(AllocStats { kind: "other", bytes: Default::default() })),
+            submitted: Mutex::default(),
             lost,
         })
     }
@@ -309,6 +354,11 @@ impl Context {
         let kind = a.kind;
         *a.bytes.entry(kind).or_default() += bytes;
         AllocTicket { stats: self.alloc.clone(), kind, bytes }
+    }
+
+    /// What the recorded steps submitted so far encoded: submissions, compute passes, dispatches.
+    pub fn submit_stats(&self) -> SubmitStats {
+        *self.submitted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Bytes of the tensors alive on this device, by kind (a plan made again frees the memory of
@@ -437,4 +487,16 @@ fn convert_error(e: RawError, context: &str) -> GpuError {
     } else {
         GpuError::Validation { context, message: e.message }
     }
+}
+
+/// The cooperative-matrix configurations an adapter reports (see [`DeviceInfo::cooperative_matrices`]).
+fn cooperative_matrices(adapter: &wgpu::Adapter) -> Vec<String> {
+    if !adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+        return Vec::new();
+    }
+    adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .map(|p| format!("{}x{}x{} {:?}→{:?}", p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type).to_lowercase())
+        .collect()
 }

@@ -48,6 +48,7 @@ source!(EMBED, "embed.wgsl", subgroups: false, template: true);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
 source!(OPTIM, "optim.wgsl", subgroups: false, template: false);
 source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);
+source!(MATMUL_COOP, "matmul_coop.wgsl", subgroups: false, template: false);
 
 /// Every WGSL file of the crate (the naga test validates each one).
 pub const ALL_SOURCES: &[&KernelSource] = &[
@@ -66,6 +67,7 @@ pub const ALL_SOURCES: &[&KernelSource] = &[
     &XENT,
     &OPTIM,
     &ADAPTER,
+    &MATMUL_COOP,
 ];
 
 /// Expands a template: a line `// #if FLAG` (or `// #if !FLAG`) keeps the lines up to its

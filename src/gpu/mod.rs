@@ -21,14 +21,14 @@ mod tensor;
 #[cfg(not(target_arch = "wasm32"))]
 mod tuned;
 
-pub use context::{AllocKind, Context, ContextOptions, DeviceInfo, Features, Limits};
+pub use context::{AllocKind, Context, ContextOptions, DeviceInfo, Features, Limits, SubmitStats};
 pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {
     pub use super::kernel::{
-        ACT, ADAPTER, ATTENTION, ATTENTION_VEC4, ELEMENTWISE, EMBED, HEADS, MATMUL, MATMUL_SUBGROUP, NORM, OPTIM,
-        REDUCE, ROPE, SOFTMAX, XENT,
+        ACT, ADAPTER, ATTENTION, ATTENTION_VEC4, ELEMENTWISE, EMBED, HEADS, MATMUL, MATMUL_COOP, MATMUL_SUBGROUP, NORM,
+        OPTIM, REDUCE, ROPE, SOFTMAX, XENT,
     };
 }
 pub use step::Step;

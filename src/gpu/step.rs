@@ -137,22 +137,38 @@ impl Context {
     fn encode_and_submit(&self, steps: &[&Step]) -> Result<()> {
         refuse_traces(steps)?;
         let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") });
-        {
-            let mut pass =
-                enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: None });
-            for step in steps {
-                for d in &step.dispatches {
-                    let Some((pipeline, bind_group)) = d.gpu.as_ref().filter(|_| !d.groups.contains(&0)) else {
-                        continue;
-                    };
-                    pass.set_pipeline(&pipeline.pipeline);
-                    pass.set_bind_group(0, bind_group, &[]);
-                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
-                }
+        let dispatches = self.encode_pass(&mut enc, steps, None);
+        self.scoped("submitting a step", || self.queue.submit([enc.finish()]))?;
+        let mut s = self.submitted.lock().unwrap_or_else(|p| p.into_inner());
+        s.submissions += 1;
+        s.passes += 1;
+        s.dispatches += dispatches;
+        Ok(())
+    }
+
+    /// Encodes every dispatch of `steps` into one compute pass of `enc` (with `timestamps` at its
+    /// beginning and end); returns how many dispatches it encoded.
+    fn encode_pass(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        steps: &[&Step],
+        timestamps: Option<wgpu::ComputePassTimestampWrites<'_>>,
+    ) -> u64 {
+        let mut n = 0;
+        let mut pass =
+            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("step"), timestamp_writes: timestamps });
+        for step in steps {
+            for d in &step.dispatches {
+                let Some((pipeline, bind_group)) = d.gpu.as_ref().filter(|_| !d.groups.contains(&0)) else {
+                    continue;
+                };
+                pass.set_pipeline(&pipeline.pipeline);
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                n += 1;
             }
         }
-        self.scoped("submitting a step", || self.queue.submit([enc.finish()]))?;
-        Ok(())
+        n
     }
 }
 
@@ -230,16 +246,7 @@ impl Context {
             enc.resolve_query_set(&set, 0..n, &resolve, 0);
             enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, bytes);
             self.queue.submit([enc.finish()]);
-            staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
-            self.wait_idle()?;
-            let ticks: Vec<u64> = {
-                let view = staging
-                    .slice(..)
-                    .get_mapped_range()
-                    .map_err(|e| GpuError::Readback { label: "timestamps".into(), message: e.to_string() })?;
-                bytemuck::pod_collect_to_vec::<u8, u64>(&view)
-            };
-            staging.unmap();
+            let ticks = self.read_ticks(&staging)?;
             for (i, (d, _)) in chunk.iter().enumerate() {
                 let dt = ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns * 1e-9;
                 out.push((format!("{} {:?}", d.label, d.groups), dt));
@@ -247,6 +254,62 @@ impl Context {
         }
         self.check("timing a step")?;
         Ok(out)
+    }
+
+    /// The resolved timestamps in `staging` once the GPU is done.
+    #[cfg(not(target_arch = "wasm32"))]
+    fn read_ticks(&self, staging: &wgpu::Buffer) -> Result<Vec<u64>> {
+        staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+        self.wait_idle()?;
+        let ticks = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| GpuError::Readback { label: "timestamps".into(), message: e.to_string() })?;
+            bytemuck::pod_collect_to_vec::<u8, u64>(&view)
+        };
+        staging.unmap();
+        Ok(ticks)
+    }
+
+    /// GPU seconds of `steps` run as training runs them (one compute pass), from timestamps at
+    /// the pass's beginning and end; `None` where the adapter has no timestamps.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn time_whole(&self, steps: &[&Step]) -> Result<Option<f64>> {
+        refuse_traces(steps)?;
+        if !self.features().timestamps {
+            return Ok(None);
+        }
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("step timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let buffer = |usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("step timestamps"),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolve = buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC);
+        let staging = buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
+        self.wait_idle()?;
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timed step") });
+        let writes = wgpu::ComputePassTimestampWrites {
+            query_set: &set,
+            beginning_of_pass_write_index: Some(0),
+            end_of_pass_write_index: Some(1),
+        };
+        self.encode_pass(&mut enc, steps, Some(writes));
+        enc.resolve_query_set(&set, 0..2, &resolve, 0);
+        enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, 16);
+        self.queue.submit([enc.finish()]);
+        let ticks = self.read_ticks(&staging)?;
+        self.check("timing a whole step")?;
+        let period_ns = self.queue.get_timestamp_period() as f64;
+        Ok(Some(ticks[1].saturating_sub(ticks[0]) as f64 * period_ns * 1e-9))
     }
 
     /// Runs every dispatch of `step` in a submission of its own and waits for it: wall seconds

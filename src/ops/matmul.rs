@@ -141,7 +141,7 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
     }
     match (opts.path, sg) {
         (MatmulPath::Auto | MatmulPath::Subgroup, Some(s)) => {
-            record_subgroup(ctx, step, a, b, c, &params, opts, s)?;
+            record_subgroup(ctx, step, a, b, c, &params, opts, s, tile_for(ctx, s, &params))?;
             Ok(MatmulPath::Subgroup)
         }
         (MatmulPath::Subgroup, None) => Err(GpuError::MissingFeature {
@@ -158,6 +158,64 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
             Ok(MatmulPath::Portable)
         }
     }
+}
+
+/// `C = A·B` (f32, neither transposed, no batch) as `splits` products over slices of K into
+/// `partials` `(splits, M, N)`, then their sum into C: a product with few outputs and a long K
+/// (an LM head's input gradient, K = the vocabulary) gets `splits` times the workgroups, which
+/// a large GPU needs to be busy. Sums in another order than [`matmul`] (each slice, then the
+/// slices). Needs the subgroup path, K a multiple of `4 · splits`, contiguous `partials`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_split_k(
+    ctx: &Context,
+    step: &mut Step,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    partials: &Tensor,
+    splits: usize,
+) -> Result<()> {
+    let mut p = check_shapes(ctx, a, b, c, Matmul::nn())?;
+    let Some(s) = ctx.subgroup_size().filter(|s| (4..=128).contains(s)) else {
+        return Err(GpuError::MissingFeature {
+            feature: "subgroup operations (split-K products)",
+            adapter: ctx.info().name.clone(),
+        });
+    };
+    let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+    let fits = b.dtype() == DType::F32
+        && p.batch == 1
+        && splits > 0
+        && k.is_multiple_of(4 * splits)
+        && partials.is_contiguous()
+        && partials.shape() == [splits, m, n]
+        && c.is_contiguous();
+    if !fits {
+        return Err(shape_err(
+            OP,
+            format!(
+                "split-K of A {:?}, B {:?} {:?}, C {:?} into {splits} slices with partials {:?}: needs an f32 B, no \
+                 batch, K a multiple of {}, contiguous C and partials (splits, M, N)",
+                a.shape(),
+                b.shape(),
+                b.dtype(),
+                c.shape(),
+                partials.shape(),
+                4 * splits
+            ),
+        ));
+    }
+    // Slice z of K: A's columns z·K/S.. (an offset within each row), B's rows z·K/S.., output z.
+    let kk = (k / splits) as u32;
+    p.k = kk;
+    p.batch = splits as u32;
+    p.stride_a = kk;
+    p.stride_b = kk * p.ldb;
+    p.stride_c = (m * n) as u32;
+    p.ldc = n as u32;
+    record_subgroup(ctx, step, a, b, partials, &p, Matmul::nn(), s, tile_for(ctx, s, &p))?;
+    let flat = partials.reshape(&[splits, m * n])?;
+    crate::ops::reduce::reduce_forward(ctx, step, &flat, 0, false, c)
 }
 
 /// A second product fused into a matmul: `C2 = op(A)·A2ᵀ` with A2 `(r, K)` and C2 `(M, r)`,
@@ -217,7 +275,7 @@ pub fn matmul_side(
     let mut params = check_shapes(ctx, a, b, c, opts)?;
     params.side_n = side.a2.shape()[0] as u32;
     params.side_ld = side.a2.row_stride() as u32;
-    let tile = tuned_tile(ctx, s);
+    let tile = tile_for(ctx, s, &params);
     let f16 = f16_native(ctx, b, opts);
     let (spec, groups) = subgroup_spec(s, tile, &params, false, opts.trans_b, b.dtype(), f16, true)?;
     let args = [
@@ -232,8 +290,10 @@ pub fn matmul_side(
 }
 
 /// Records the subgroup kernel generated for subgroup size `s`, which may be smaller than the
-/// adapter's (tests use this to check that every size from 4 up is correct).
-pub fn matmul_with_subgroup_size(
+/// adapter's, with the given tile (tests check every size from 4 up, and every tile the
+/// autotune may pick; [`tuned_tile`] gives the one [`matmul`] starts from).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with_tile(
     ctx: &Context,
     step: &mut Step,
     a: &Tensor,
@@ -241,15 +301,21 @@ pub fn matmul_with_subgroup_size(
     c: &Tensor,
     opts: Matmul,
     s: u32,
+    tile: Tile,
 ) -> Result<()> {
     let params = check_shapes(ctx, a, b, c, opts)?;
     if !ctx.features().subgroups {
         return Err(GpuError::MissingFeature { feature: "subgroup operations", adapter: ctx.info().name.clone() });
     }
-    record_subgroup(ctx, step, a, b, c, &params, opts, s)
+    record_subgroup(ctx, step, a, b, c, &params, opts, s, tile)
 }
 
 const OP: &str = "matmul";
+
+#[path = "matmul_tile.rs"]
+mod tile;
+use tile::tile_for;
+pub use tile::{tile_candidates, tuned_tile, Tile};
 
 /// Checks the operands and derives the kernel parameters.
 fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<Params> {
@@ -345,116 +411,12 @@ fn record_subgroup(
     params: &Params,
     opts: Matmul,
     s: u32,
+    tile: Tile,
 ) -> Result<()> {
-    let tile = tuned_tile(ctx, s);
     let f16 = f16_native(ctx, b, opts);
     let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype(), f16, false)?;
     let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
     ctx.record(step, &spec, &args, groups)
-}
-
-/// Rows per workgroup and vec4 columns per lane of the subgroup kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tile {
-    pub tm: u32,
-    pub tnv: u32,
-}
-
-/// The tiles the autotune tries, the default first. Wide subgroups (GPUs) get one vec4 column
-/// per lane to bound registers; narrow ones (CPU drivers) two.
-fn candidates(s: u32) -> Vec<Tile> {
-    let t = |tm, tnv| Tile { tm, tnv };
-    if s <= 16 {
-        // (24×2 and 40×2 won the short timing now and then but lost inside real steps.)
-        vec![t(SG_TM, sg_tnv(s)), t(64, 1)]
-    } else {
-        vec![t(SG_TM, sg_tnv(s)), t(16, 1), t(64, 1), t(32, 2)]
-    }
-}
-
-/// The tile this device runs fastest, measured once per adapter on a 512×576×576 product, a
-/// projection of a small model at 512 tokens: each candidate is compiled and timed for a few
-/// repeats, the median kept. The result is kept for the process and on disk
-/// ([`Context::tuned`]), so later runs on the same adapter and driver skip the timing and use
-/// the same tile. Every tile sums each output in the same order, so the choice changes speed
-/// only, never results. `PORTALORA_MATMUL_TILE=TMxTNV` forces a tile; `PORTALORA_AUTOTUNE=0`
-/// (and the browser, which cannot wait for the GPU) keeps the default.
-pub fn tuned_tile(ctx: &Context, s: u32) -> Tile {
-    if let Some(t) = untuned_tile(s) {
-        return t;
-    }
-    // The key names what was timed (the kernel's source and the candidates), so that results
-    // cached on disk by another version are not reused.
-    let version = fnv1a(&format!("{}{:?}", kernel_sources::MATMUL_SUBGROUP.wgsl, candidates(s)));
-    let code = ctx.tuned(&format!("matmul_tile_s{s}_{version:016x}"), || {
-        let t = autotune(ctx, s).unwrap_or(candidates(s)[0]);
-        t.tm * 1000 + t.tnv
-    });
-    Tile { tm: code / 1000, tnv: code % 1000 }
-}
-
-/// 64-bit FNV-1a: a stable hash (std's hasher may change between Rust releases).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
-}
-
-/// The tile when nothing is timed: browsers (which cannot wait for the GPU), a tile forced by
-/// `PORTALORA_MATMUL_TILE`, or `PORTALORA_AUTOTUNE=0`. Neither setting is cached.
-#[cfg(target_arch = "wasm32")]
-fn untuned_tile(s: u32) -> Option<Tile> {
-    Some(candidates(s)[0])
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn untuned_tile(s: u32) -> Option<Tile> {
-    if let Ok(v) = std::env::var("PORTALORA_MATMUL_TILE") {
-        let parsed = v
-            .split_once('x')
-            .and_then(|(tm, tnv)| Some(Tile { tm: tm.trim().parse().ok()?, tnv: tnv.trim().parse().ok()? }));
-        return Some(match parsed {
-            Some(t) if t.tm.is_multiple_of(4) && t.tm > 0 && (1..=4).contains(&t.tnv) => t,
-            _ => candidates(s)[0],
-        });
-    }
-    std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0").then(|| candidates(s)[0])
-}
-
-#[cfg(target_arch = "wasm32")]
-fn autotune(_ctx: &Context, _s: u32) -> Option<Tile> {
-    None
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
-    let (m, k, n) = (512usize, 576usize, 576usize);
-    let _kind = ctx.alloc_kind("other");
-    let a = ctx.tensor("autotune A", &[m, k], DType::F32).ok()?;
-    let b = ctx.tensor("autotune B", &[n, k], DType::F32).ok()?;
-    let c = ctx.tensor("autotune C", &[m, n], DType::F32).ok()?;
-    let params = check_shapes(ctx, &a, &b, &c, Matmul::nt()).ok()?;
-    let mut times_of: Vec<(f64, Tile)> = Vec::new();
-    for tile in candidates(s) {
-        let (spec, groups) = subgroup_spec(s, tile, &params, false, true, DType::F32, false, false).ok()?;
-        let args = [Arg::Uniform(uniform(OP, &params).ok()?), Arg::Read(&a), Arg::Read(&b), Arg::Write(&c)];
-        let mut step = Step::new();
-        ctx.record(&mut step, &spec, &args, groups).ok()?;
-        ctx.run(&step).ok()?;
-        ctx.wait_idle().ok()?;
-        let mut times: Vec<f64> = (0..5)
-            .filter_map(|_| {
-                let t0 = std::time::Instant::now();
-                ctx.run_repeated(&step, 4).ok()?;
-                ctx.wait_idle().ok()?;
-                Some(t0.elapsed().as_secs_f64())
-            })
-            .collect();
-        times.sort_by(|x, y| x.total_cmp(y));
-        times_of.push((*times.get(times.len() / 2)?, tile));
-    }
-    // Timings on a shared machine are noisy: another tile must beat the default by 5%.
-    let (default_t, default_tile) = *times_of.first()?;
-    let best = times_of.iter().copied().min_by(|a, b| a.0.total_cmp(&b.0))?;
-    Some(if best.0 < 0.95 * default_t { best.1 } else { default_tile })
 }
 
 #[allow(clippy::too_many_arguments)]

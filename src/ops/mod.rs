@@ -14,6 +14,7 @@ pub mod embed;
 pub mod heads;
 pub mod lora;
 pub mod matmul;
+pub mod matmul_coop;
 pub mod norm;
 pub mod optim;
 pub mod quant;

@@ -184,6 +184,14 @@ enum BenchWhat {
         #[arg(long, value_delimiter = ',')]
         shapes: Vec<String>,
     },
+    /// Cooperative matrices (tensor cores, simdgroup matrices) through wgpu's experimental
+    /// feature: the shapes the adapter offers, then a SIZE³ f16 product with f32 accumulation
+    /// checked against an f64 product and timed. A probe of the coming matrix-unit path.
+    Coop {
+        /// The product's size (a multiple of 16).
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+    },
     /// Training-step speed and GPU memory: tokens/s (median over steps after warm-up), bytes
     /// allocated by kind, and a per-kernel GPU time breakdown from timestamp queries.
     Step(Box<BenchStepArgs>),
@@ -215,6 +223,10 @@ pub(crate) struct BenchStepArgs {
     /// Recompute the MLP's gate/up projections in backward instead of keeping them.
     #[arg(long)]
     pub(crate) recompute_mlp: bool,
+    /// Rows of logits computed at a time (a multiple of 64) [default: what fits 32 MiB, 256 MiB
+    /// on a discrete GPU].
+    #[arg(long)]
+    pub(crate) logit_chunk_rows: Option<usize>,
     /// Timed steps after the warm-up.
     #[arg(long, default_value_t = 5)]
     pub(crate) steps: usize,
@@ -362,7 +374,11 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         export::export(args)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let ctx = pollster::block_on(Context::new())?;
+    // The cooperative-matrix probe opens the device with wgpu's experimental feature.
+    let coop = matches!(cli.command, Command::Bench { what: BenchWhat::Coop { .. } });
+    let opts =
+        portalora::gpu::ContextOptions { cooperative_matrix: coop, ..portalora::gpu::ContextOptions::from_env() };
+    let ctx = pollster::block_on(Context::with_options(opts))?;
     match cli.command {
         Command::Inspect { .. } | Command::Tokenize(_) | Command::Export(_) => unreachable!("handled above"),
         Command::Generate {
@@ -421,6 +437,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         Command::Merge { model, adapter, out, overwrite } => train::merge(&ctx, &model, &adapter, &out, overwrite)?,
         Command::Info { json } => show::info(&ctx, json)?,
         Command::Bench { what: BenchWhat::Step(args) } => show::bench_step(&ctx, *args)?,
+        Command::Bench { what: BenchWhat::Coop { size } } => show::bench_coop(&ctx, size)?,
         Command::Bench { what: BenchWhat::Matmul { json, path, repeats, seconds, shapes } } => {
             show::bench_matmul(&ctx, json, path, repeats, seconds, &shapes)?
         }

@@ -70,7 +70,12 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     cfg.rank = a.rank;
     cfg.alpha = 2.0 * a.rank as f64;
     cfg.targets = if a.targets.is_empty() { portalora::adapter::all_targets(weights.config.arch) } else { a.targets };
-    let train = portalora::train::TrainConfig { base_dtype, recompute_mlp: a.recompute_mlp, ..Default::default() };
+    let train = portalora::train::TrainConfig {
+        base_dtype,
+        recompute_mlp: a.recompute_mlp,
+        logit_chunk_rows: a.logit_chunk_rows,
+        ..Default::default()
+    };
     let opts = StepOptions { batch: a.batch, seq: a.seq, steps: a.steps, warmup: a.warmup, kernels: !a.no_kernels };
     let i = ctx.info();
     let model_name = a.model.display().to_string();
@@ -92,6 +97,19 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     let kinds = ["weights", "adapters", "optimizer", "activations", "other"];
     let b = |k: &str| r.gpu_bytes.get(k).copied().unwrap_or(0);
     println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), a.steps);
+    let ms = |s: f64| s * 1e3;
+    println!(
+        "per step: {:.2} ms of CPU to encode and submit ({} dispatches in {} compute pass(es), {} submission(s)){}",
+        ms(r.median_encode_seconds()),
+        r.submitted.dispatches,
+        r.submitted.passes,
+        r.submitted.submissions,
+        match (r.gpu_step_seconds, r.gpu_idle_seconds()) {
+            (Some(g), Some(idle)) =>
+                format!("; GPU busy {:.2} ms, idle {:.2} ms of the step's wall time", ms(g), ms(idle)),
+            _ => "; no GPU timestamps here, so no busy/idle split".into(),
+        }
+    );
     println!("trainable parameters: {}", r.trainable);
     println!("GPU memory allocated:");
     for k in kinds {
@@ -122,6 +140,7 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
             "tokens_per_s": r.tokens_per_s(),
             "step_seconds": r.median_seconds(),
             "steps": r.step_seconds,
+            "warmup_steps": r.warmup_seconds,
             "gpu_bytes": serde_json::Value::Object(kinds.iter().map(|k| (k.to_string(), b(k).into())).collect()),
             "kept_bytes": r.kept_bytes,
             "planned_bytes": r.planned_bytes,
@@ -136,6 +155,12 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
             "recompute_mlp": a.recompute_mlp,
             "adapter": i.name,
             "kernel_seconds": r.kernel_seconds,
+            "encode_seconds": r.median_encode_seconds(),
+            "gpu_step_seconds": r.gpu_step_seconds,
+            "gpu_idle_seconds": r.gpu_idle_seconds(),
+            "dispatches": r.submitted.dispatches,
+            "passes": r.submitted.passes,
+            "submissions": r.submitted.submissions,
             "kernels": kernels,
         });
         println!("{j}");
@@ -152,10 +177,11 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
             "{{\"name\": {:?}, \"backend\": {:?}, \"device_type\": {:?}, \"driver\": {:?}, \"driver_info\": {:?}, \
              \"subgroups\": {}, \"subgroup_min_size\": {}, \"subgroup_max_size\": {}, \"shader_f16\": {}, \"timestamps\": {}, \
              \"max_storage_binding\": {}, \"max_buffer\": {}, \"max_workgroup_storage\": {}, \"max_invocations_per_workgroup\": {}, \
-             \"max_workgroups_per_dimension\": {}, \"max_storage_buffers_per_stage\": {}}}",
+             \"max_workgroups_per_dimension\": {}, \"max_storage_buffers_per_stage\": {}, \"cooperative_matrices\": {}}}",
             i.name, i.backend, i.device_type, i.driver, i.driver_info, f.subgroups, i.subgroup_min_size, i.subgroup_max_size,
             f.shader_f16, f.timestamps, l.max_storage_binding, l.max_buffer, l.max_workgroup_storage,
-            l.max_invocations_per_workgroup, l.max_workgroups_per_dimension, l.max_storage_buffers_per_stage
+            l.max_invocations_per_workgroup, l.max_workgroups_per_dimension, l.max_storage_buffers_per_stage,
+            serde_json::to_string(&i.cooperative_matrices)?
         );
         return Ok(());
     }
@@ -168,6 +194,9 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
     println!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
     println!("  shader-f16:   {}", f.shader_f16);
     println!("  timestamps:   {}", f.timestamps);
+    let coop =
+        if i.cooperative_matrices.is_empty() { "none offered".into() } else { i.cooperative_matrices.join(", ") };
+    println!("  cooperative matrices: {coop} (not used yet)");
     println!("limits:");
     println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
     println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
@@ -246,4 +275,26 @@ pub(crate) fn inspect(path: &std::path::Path) -> Res {
     println!("tied head:      {}", c.tie_embeddings);
     println!("tensors:        {}", w.tensors.len());
     Ok(())
+}
+
+/// `bench coop`: one JSON line, {"adapter", "offered", "enabled", "size", "max_rel_error",
+/// "gflops"} or {"adapter", "offered", "enabled", "error"} (then the exit status is 1).
+pub(crate) fn bench_coop(ctx: &Context, size: usize) -> Res {
+    let i = ctx.info();
+    let mut out = serde_json::json!({"adapter": i.name, "offered": i.cooperative_matrices,
+        "enabled": ctx.features().cooperative_matrix});
+    match portalora::ops::matmul_coop::coop_probe(ctx, size) {
+        Ok(p) => {
+            out["size"] = p.size.into();
+            out["max_rel_error"] = p.max_rel_error.into();
+            out["gflops"] = p.gflops.into();
+            println!("{out}");
+            Ok(())
+        }
+        Err(e) => {
+            out["error"] = e.to_string().into();
+            println!("{out}");
+            Err(e.into())
+        }
+    }
 }

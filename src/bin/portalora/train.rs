@@ -281,6 +281,7 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
         base_dtype: a.base_dtype.parse()?,
         loss_every: a.loss_every,
         recompute_mlp: a.recompute_mlp,
+        logit_chunk_rows: None,
     })
 }
 

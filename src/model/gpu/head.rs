@@ -83,7 +83,13 @@ impl Recorder<'_> {
             xent_forward(ctx, s, &logits, &targets, &a.loss_rows.rows(start, rows, align)?, &lse)?;
             if let Some(g) = grads {
                 xent_backward(ctx, s, &logits, &targets, &lse, &a.loss_scale, cap.unwrap_or(0.0))?;
-                head.project_backward(ctx, s, &logits, &g.dhf.rows(start, rows, align)?)?;
+                let h = self.config.hidden_size;
+                let partials = match &a.head_partials {
+                    Some(p) => Some(p.rows(0, a.head_splits * rows, align)?.reshape(&[a.head_splits, rows, h])?),
+                    None => None,
+                };
+                let split = partials.as_ref().map(|p| (p, a.head_splits));
+                head.project_backward(ctx, s, &logits, &g.dhf.rows(start, rows, align)?, split)?;
             }
             start += rows;
         }

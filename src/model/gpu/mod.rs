@@ -56,6 +56,11 @@ pub struct PlanOptions {
     pub logit_chunk_rows: Option<usize>,
     /// Rows per part of the token-embedding / LM-head tables.
     pub table_part_rows: Option<usize>,
+    /// Slices of the vocabulary the LM head's input gradient is summed over in parallel
+    /// ([`crate::ops::matmul::matmul_split_k`]; 0 or 1: none). Default: 16 on GPUs (where a
+    /// product of (rows, C) outputs over a vocabulary-long K leaves most of the GPU idle), none
+    /// on CPU drivers.
+    pub head_splits: Option<usize>,
     /// How the frozen matrices are stored (default here: f32; `Auto` keeps a GGUF's types).
     pub base_dtype: Option<BaseDType>,
     /// Plan (and record) the training step too. Without it the plan is for the forward pass

@@ -122,7 +122,22 @@ impl SplitTable {
     }
 
     /// The input gradient of [`SplitTable::project`]: `dx = dlogits · table`, summed over parts.
-    pub fn project_backward(&self, ctx: &Context, s: &mut Step, dlogits: &Tensor, dx: &Tensor) -> Result<()> {
+    /// `dx = dlogits · table`, part by part; with `split` (partials (splits, rows, C), splits)
+    /// and a table in one part, summed over slices of the vocabulary in parallel.
+    pub fn project_backward(
+        &self,
+        ctx: &Context,
+        s: &mut Step,
+        dlogits: &Tensor,
+        dx: &Tensor,
+        split: Option<(&Tensor, usize)>,
+    ) -> Result<()> {
+        if let (Some((partials, splits)), [(_, table)]) = (split, self.parts.as_slice()) {
+            if table.dtype() == crate::gpu::DType::F32 && self.rows.is_multiple_of(4 * splits) {
+                crate::ops::matmul::matmul_split_k(ctx, s, dlogits, table, dx, partials, splits)?;
+                return Ok(());
+            }
+        }
         let align = ctx.limits().storage_offset_alignment;
         for (i, (first, part)) in self.parts.iter().enumerate() {
             let dl =

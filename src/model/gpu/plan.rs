@@ -11,8 +11,13 @@ use crate::model::arch::NormKind;
 use crate::model::config::ModelConfig;
 use crate::ops::attention::AttentionScratch;
 
-/// The logits buffer's budget (see [`plan`]).
+/// The logits buffer's budget (see [`plan`]) where memory is shared with the system (CPU
+/// drivers, integrated GPUs, browsers).
 const LOGIT_CHUNK_BYTES: u64 = 32 << 20;
+/// The budget on a discrete GPU: one chunk of a SmolLM2 step's 512 rows (96 MiB) gives its head's
+/// products four times the workgroups of four chunks, which a large GPU needs to be busy (an
+/// H200: the head's input gradient took 35 ms of a 170 ms step in chunks of 128 rows).
+const LOGIT_CHUNK_BYTES_DISCRETE: u64 = 256 << 20;
 /// The budget of attention's score matrices on the matmul path (see [`plan`]).
 const ATTENTION_SCORES_BYTES: u64 = 32 << 20;
 
@@ -207,6 +212,10 @@ pub struct Activations {
     /// largest, so the LM head and the loss run chunk by chunk through this one buffer.
     pub logits: Tensor,
     pub chunk_rows: usize,
+    /// (splits × chunk_rows, C): the LM head's input gradient summed over this many slices of the
+    /// vocabulary in parallel (see [`super::PlanOptions::head_splits`]); `None` where it is not.
+    pub head_partials: Option<Tensor>,
+    pub head_splits: usize,
     pub loss_rows: Tensor, // (N,) per-position loss, 0 where ignored
     pub lse_rows: Tensor,  // (N,)
     pub loss_sum: Tensor,  // (1,)
@@ -285,13 +294,18 @@ impl Gradients {
     }
 }
 
-/// How many logit rows are computed at a time: as many as fit 32 MiB (and one storage binding),
+/// How many logit rows are computed at a time: as many as fit 32 MiB (256 MiB on a discrete GPU;
+/// and one storage binding),
 /// a multiple of 64 rows so that every chunk's offset into the (N, C) activations is 256-byte
 /// aligned. Larger chunks gain nothing measurable (SmolLM2, 512 rows: 11.16 s of GPU time per
 /// step in one chunk, 11.18 s in chunks of 128) and would hold 96 MiB instead of 24.
 fn chunk_rows(ctx: &Context, c: &ModelConfig, n: usize, asked: Option<usize>) -> Result<usize> {
     let row_bytes = (c.vocab_size * 4) as u64;
-    let fit = (ctx.limits().max_storage_binding.min(LOGIT_CHUNK_BYTES) / row_bytes).max(1) as usize;
+    let budget = match ctx.info().device_type.as_str() {
+        "DiscreteGpu" => LOGIT_CHUNK_BYTES_DISCRETE,
+        _ => LOGIT_CHUNK_BYTES,
+    };
+    let fit = (ctx.limits().max_storage_binding.min(budget) / row_bytes).max(1) as usize;
     Ok(match asked {
         Some(r) if r > 0 && r % 64 == 0 => r.min(n),
         Some(r) => {
@@ -348,6 +362,8 @@ pub(super) struct Layout {
     meanf: Option<usize>,
     rstdf: usize,
     pub(super) logits: usize,
+    head_partials: Option<usize>,
+    head_splits: usize,
     attn: Option<([usize; 5], Option<usize>)>,
     pub(super) grads: Option<Gradients<usize>>,
 }
@@ -391,8 +407,43 @@ pub(super) fn layout(
     let rstdf = r.one("rstdf", &[n]);
     let meanf = (b.norm == NormKind::Layer).then(|| r.one("meanf", &[n]));
     let logits = r.one("logits", &[chunk_rows, c.vocab_size]);
+    let head_splits = head_splits(ctx, c, opts);
+    let head_partials = (head_splits > 1).then(|| r.one("head partials", &[head_splits * chunk_rows, h]));
     let grads = opts.backward.then(|| gradient_requests(&mut r, c, batch, seq));
-    Ok(Layout { planner: p, batch, seq, chunk_rows, x, emb, pos, layers, hf, meanf, rstdf, logits, attn, grads })
+    Ok(Layout {
+        planner: p,
+        batch,
+        seq,
+        chunk_rows,
+        x,
+        emb,
+        pos,
+        layers,
+        hf,
+        meanf,
+        rstdf,
+        logits,
+        head_partials,
+        head_splits,
+        attn,
+        grads,
+    })
+}
+
+/// How many vocabulary slices the LM head's input gradient is summed over in parallel (see
+/// [`super::PlanOptions::head_splits`]): only for training, on GPUs with subgroups (a browser
+/// does not say what its adapter is: none there), where the vocabulary divides into slices of
+/// a multiple of 4 rows.
+fn head_splits(ctx: &Context, c: &ModelConfig, opts: &PlanOptions) -> usize {
+    if let Some(s) = opts.head_splits {
+        return s;
+    }
+    let gpu =
+        matches!(ctx.info().device_type.as_str(), "DiscreteGpu" | "IntegratedGpu") && ctx.subgroup_size().is_some();
+    match opts.backward && gpu {
+        true => [16, 8, 4].into_iter().find(|s| c.vocab_size.is_multiple_of(4 * s)).unwrap_or(0),
+        false => 0,
+    }
 }
 
 /// One layer's activation requests.
@@ -507,6 +558,8 @@ impl Layout {
             rstdf: g(&self.rstdf),
             logits: g(&self.logits),
             chunk_rows: self.chunk_rows,
+            head_partials: self.head_partials.as_ref().map(g),
+            head_splits: self.head_splits,
             loss_rows: fixed.loss_rows.clone(),
             lse_rows: fixed.lse_rows.clone(),
             loss_sum: fixed.loss_sum.clone(),
