@@ -157,7 +157,7 @@ fn tokenizer_keys_equal_the_tokenizer_fixtures_ggufs() {
         let config = json!({"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_bos_token": false});
         std::fs::write(d.join("tokenizer_config.json"), config.to_string()).unwrap();
         let n = strings(&want, "tokenizer.ggml.tokens").len();
-        let got = portalora::io::gguf_vocab::vocab_metadata(&d, n, true).unwrap();
+        let got = portalora::io::gguf_vocab::vocab_metadata(&d, n, "llama").unwrap();
         let got: std::collections::BTreeMap<String, Value> = got.into_iter().collect();
         for key in [
             "tokenizer.ggml.model",
@@ -206,4 +206,36 @@ fn a_folder_llama_cpp_would_run_otherwise_or_cannot_tokenize_is_refused() {
     std::fs::write(&path, text).unwrap();
     let (ok, text) = merged(&qwen, "qwen2", "q.gguf");
     assert!(!ok && text.contains("pre-tokenizer") && text.contains("convert_hf_to_gguf"), "{text}");
+}
+
+/// A Gemma 3 folder with a SentencePiece tokenizer.model, merged with a LoRA adapter, against
+/// llama.cpp's own converter run on PEFT's merged model (tests/fixtures/gen_gguf_spm.py): every
+/// metadata key the converter writes (but the name and size label it guesses from the folder) and
+/// every tensor.
+#[test]
+fn a_sentencepiece_gemma3_folder_exports_what_llama_cpps_converter_writes() {
+    let dir = tmp("gguf-hf-spm");
+    let out = dir.join("merged.gguf");
+    let (base, adapter) = (fixture("gguf_spm/base"), fixture("gguf_spm/adapter"));
+    let args = ["--model", s(&base), "--adapter", s(&adapter), "--out", s(&out), "--as", "merged", "--type", "f32"];
+    let (ok, text) = export(&args);
+    assert!(ok, "{text}");
+    let (ours, theirs) = (Gguf::open(&out).unwrap(), Gguf::open(fixture("gguf_spm/expected_merged.gguf")).unwrap());
+    for (k, want) in &theirs.metadata {
+        if matches!(k.as_str(), "general.name" | "general.size_label") {
+            continue;
+        }
+        let got = ours.metadata.get(k).unwrap_or_else(|| panic!("{k} is missing"));
+        assert_eq!(got, want, "{k}");
+    }
+    let extra: Vec<&String> = ours.metadata.keys().filter(|k| !theirs.metadata.contains_key(*k)).collect();
+    assert!(extra.is_empty(), "keys the converter does not write: {extra:?}");
+    assert_eq!(ours.tensors.len(), theirs.tensors.len());
+    for t in &theirs.tensors {
+        let mine = ours.tensor(&t.name).unwrap_or_else(|_| panic!("{} is missing", t.name));
+        assert_eq!(mine.shape, t.shape, "{}", t.name);
+        let (a, b) = (ours.tensor_f32(&t.name).unwrap(), theirs.tensor_f32(&t.name).unwrap());
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(1e-3)).fold(0.0f32, f32::max);
+        assert!(worst < 1e-5, "{}: relative difference {worst:e}", t.name);
+    }
 }

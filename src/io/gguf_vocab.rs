@@ -1,8 +1,9 @@
 //! A Hugging Face folder's tokenizer as `tokenizer.ggml.*` metadata, as llama.cpp's
-//! `convert_hf_to_gguf.py` writes it for byte-level BPE vocabularies (GPT-2, SmolLM2, Llama 3,
-//! Qwen2.5 / Qwen3): every id up to the model's `vocab_size` (ids the tokenizer lacks as
-//! `[PAD{i}]`, unused), added tokens as control or user-defined tokens, the merges, the special
-//! tokens `tokenizer_config.json` names, whether BOS is added, and the chat template.
+//! `convert_hf_to_gguf.py` writes it: byte-level BPE vocabularies from `tokenizer.json` (GPT-2,
+//! SmolLM2, Llama 3, Qwen2.5 / Qwen3) and SentencePiece ones from `tokenizer.model` (Gemma 3,
+//! Llama 2 style): every id up to the model's `vocab_size` (ids the tokenizer lacks as
+//! `[PAD{i}]`, unused), added tokens as control or user-defined tokens, the merges or scores,
+//! the special tokens, whether BOS and EOS are added, and the chat template.
 //!
 //! llama.cpp names the pre-tokenizer by hashing how the tokenizer splits a test text; here the
 //! `tokenizer.json`'s pre-tokenizer is matched against the four that portalora and llama.cpp both
@@ -34,36 +35,58 @@ fn read_json(path: &Path) -> Result<Option<Json>, TokenizerError> {
     }
 }
 
-/// The `tokenizer.ggml.*` keys (and llama's `add_space_prefix`) for the folder `dir` of a model
-/// whose embedding has `vocab_size` rows, in the converter's order. `llama` adds what its LLaMA
-/// class adds.
-pub fn vocab_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<(String, Value)>, TokenizerError> {
-    let path = dir.join("tokenizer.json");
-    let Some(tok) = read_json(&path)? else {
-        let spm = dir.join("tokenizer.model").exists();
-        return Err(load(
-            dir,
-            if spm {
-                "a SentencePiece tokenizer (tokenizer.model) and no tokenizer.json: portalora writes the GGUF \
-                 vocabulary of byte-level BPE tokenizers only; convert the folder with llama.cpp's \
-                 convert_hf_to_gguf.py and give that .gguf as --model"
-            } else {
-                "no tokenizer.json: llama.cpp needs the model's tokenizer in the GGUF; add the tokenizer files of \
-                 the model this folder was fine-tuned from"
-            },
-        ));
+/// The `tokenizer.ggml.*` keys (and `add_space_prefix`) for the folder `dir` of a model whose
+/// embedding has `vocab_size` rows and whose GGUF architecture is `arch`, as the converter writes
+/// them: a SentencePiece vocabulary from `tokenizer.model` where the architecture's converter
+/// prefers one (`llama`, `gemma3`), else the byte-level BPE of `tokenizer.json`.
+pub fn vocab_metadata(dir: &Path, vocab_size: usize, arch: &str) -> Result<Vec<(String, Value)>, TokenizerError> {
+    let config = read_json(&dir.join("tokenizer_config.json"))?;
+    let model_config = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
+    let tok = read_json(&dir.join("tokenizer.json"))?;
+    let spm = dir.join("tokenizer.model");
+    let mut m = if matches!(arch, "llama" | "gemma3") && spm.exists() {
+        spm_tokens(&spm, config.as_ref(), vocab_size, dir)?
+    } else {
+        let Some(tok) = &tok else {
+            return Err(load(
+                dir,
+                "no tokenizer.json: llama.cpp needs the model's tokenizer in the GGUF; add the tokenizer files of the \
+                 model this folder was fine-tuned from",
+            ));
+        };
+        bpe_tokens(&dir.join("tokenizer.json"), tok, vocab_size)?
     };
+    let llama = arch == "llama";
+    m.extend(special_tokens(tok.as_ref().unwrap_or(&Json::Null), config.as_ref(), &model_config, vocab_size, llama));
+    if let Some(t) = config.as_ref().and_then(|c| chat_template(dir, c)) {
+        m.push(("tokenizer.chat_template".into(), Value::String(t)));
+    }
+    // Gemma 3's converter says no space prefix; LLaMA's repeats tokenizer_config's.
+    let space = match arch {
+        "gemma3" if spm.exists() => Some(false),
+        "llama" => config.as_ref().and_then(|c| c["add_prefix_space"].as_bool()),
+        _ => None,
+    };
+    if let Some(space) = space {
+        m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(space)));
+    }
+    Ok(m)
+}
+
+/// A byte-level BPE `tokenizer.json`'s model, pre-tokenizer, tokens, types and merges.
+fn bpe_tokens(path: &Path, tok: &Json, vocab_size: usize) -> Result<Vec<(String, Value)>, TokenizerError> {
     let model = &tok["model"];
     if model["type"].as_str() != Some("BPE") || model["byte_fallback"].as_bool() == Some(true) {
         return Err(load(
-            &path,
-            "not a byte-level BPE tokenizer (a SentencePiece-style vocabulary): portalora writes the GGUF \
-             vocabulary of byte-level BPE tokenizers only; convert the folder with llama.cpp's convert_hf_to_gguf.py",
+            path,
+            "not a byte-level BPE tokenizer (a SentencePiece-style vocabulary without its tokenizer.model): \
+             portalora writes byte-level BPE vocabularies from tokenizer.json and SentencePiece ones from \
+             tokenizer.model; convert the folder with llama.cpp's convert_hf_to_gguf.py",
         ));
     }
     let pre = pre_name(&tok["pre_tokenizer"]).ok_or_else(|| {
         load(
-            &path,
+            path,
             format!(
                 "its pre-tokenizer {} is none of llama.cpp's gpt-2, smollm, llama-bpe or qwen2; a GGUF naming another \
                  would split text otherwise than the model learned. Convert it with llama.cpp's convert_hf_to_gguf.py",
@@ -71,24 +94,63 @@ pub fn vocab_metadata(dir: &Path, vocab_size: usize, llama: bool) -> Result<Vec<
             ),
         )
     })?;
-    let (tokens, types) = tokens(&path, &tok, vocab_size)?;
-    let mut m: Vec<(String, Value)> = vec![
+    let (tokens, types) = tokens(path, tok, vocab_size)?;
+    Ok(vec![
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String(pre.into())),
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
         ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(merges(&path, model)?.into_iter().map(Value::String).collect())),
-    ];
-    let config = read_json(&dir.join("tokenizer_config.json"))?;
-    let model_config = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
-    m.extend(special_tokens(&tok, config.as_ref(), &model_config, vocab_size, llama));
-    if let Some(t) = config.as_ref().and_then(|c| chat_template(dir, c)) {
-        m.push(("tokenizer.chat_template".into(), Value::String(t)));
+        ("tokenizer.ggml.merges".into(), Value::Array(merges(path, model)?.into_iter().map(Value::String).collect())),
+    ])
+}
+
+/// A SentencePiece `tokenizer.model` as the converter's `_create_vocab_sentencepiece` lays it out:
+/// every id below `vocab_size` (`[PAD{i}]`, score −10000, unused, where the model has none), each
+/// piece with its score and type (unknown, control, unused and byte kept; user-defined pieces
+/// normal), `added_tokens.json` user-defined at −1000, and `tokenizer_config.json`'s
+/// `added_tokens_decoder` over them (control if special or special-looking, else user-defined).
+fn spm_tokens(
+    path: &Path,
+    config: Option<&Json>,
+    vocab_size: usize,
+    dir: &Path,
+) -> Result<Vec<(String, Value)>, TokenizerError> {
+    let bytes = std::fs::read(path).map_err(|e| load(path, e.to_string()))?;
+    let pieces = super::spm::read_model_proto(&bytes).map_err(|e| load(path, e))?;
+    let mut slots: Vec<(String, f32, i32)> = (0..vocab_size).map(|i| (format!("[PAD{i}]"), -10000.0, UNUSED)).collect();
+    for (slot, p) in slots.iter_mut().zip(&pieces) {
+        let kind = match p.kind {
+            2 | 3 | 5 | 6 => p.kind as i32,
+            _ => NORMAL,
+        };
+        *slot = (p.piece.clone(), p.score, kind);
     }
-    if let (true, Some(space)) = (llama, config.as_ref().and_then(|c| c["add_prefix_space"].as_bool())) {
-        m.push(("tokenizer.ggml.add_space_prefix".into(), Value::Bool(space)));
+    if let Some(added) = read_json(&dir.join("added_tokens.json"))? {
+        for (text, id) in added.as_object().into_iter().flatten() {
+            if let Some(slot) = id.as_u64().and_then(|i| slots.get_mut(i as usize)) {
+                *slot = (text.clone(), -1000.0, USER_DEFINED);
+            }
+        }
     }
-    Ok(m)
+    let decoder = config.and_then(|c| c["added_tokens_decoder"].as_object());
+    for (id, t) in decoder.into_iter().flatten() {
+        let (Some(slot), Some(text)) = (id.parse::<usize>().ok().and_then(|i| slots.get_mut(i)), t["content"].as_str())
+        else {
+            continue;
+        };
+        *slot = match t["special"] == true || looks_special(text) {
+            true => (text.to_string(), -1000.0, CONTROL),
+            false => (text.replace('\u{2581}', " "), -1000.0, USER_DEFINED),
+        };
+    }
+    let strings = slots.iter().map(|s| Value::String(s.0.clone())).collect();
+    Ok(vec![
+        ("tokenizer.ggml.model".into(), Value::String("llama".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(strings)),
+        ("tokenizer.ggml.scores".into(), Value::Array(slots.iter().map(|s| Value::F32(s.1)).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(slots.iter().map(|s| Value::I32(s.2)).collect())),
+    ])
 }
 
 /// llama.cpp's name for a `tokenizer.json` pre-tokenizer, where it is one of the four.

@@ -112,3 +112,100 @@ pub fn build(p: &Pieces) -> Result<tokenizers::Tokenizer, String> {
     t.add_tokens(&user);
     Ok(t)
 }
+
+/// One piece of a SentencePiece `tokenizer.model` (its `ModelProto`): the text, the score and the
+/// type (SentencePiece's: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProtoPiece {
+    pub piece: String,
+    pub score: f32,
+    pub kind: u32,
+}
+
+/// The pieces of a `tokenizer.model` file's bytes: field 1 of `ModelProto`, each a message of
+/// `piece` (1), `score` (2) and `type` (3, default normal); every other field is skipped.
+pub fn read_model_proto(bytes: &[u8]) -> Result<Vec<ProtoPiece>, String> {
+    let mut pieces = Vec::new();
+    let mut r = Proto(bytes);
+    while let Some((field, value)) = r.next()? {
+        if let (1, Wire::Bytes(msg)) = (field, value) {
+            let mut p = ProtoPiece { piece: String::new(), score: 0.0, kind: 1 };
+            let mut m = Proto(msg);
+            while let Some((f, v)) = m.next()? {
+                match (f, v) {
+                    (1, Wire::Bytes(b)) => {
+                        p.piece = String::from_utf8(b.to_vec()).map_err(|_| "a piece is not UTF-8".to_string())?
+                    }
+                    (2, Wire::Fixed32(x)) => p.score = f32::from_bits(x),
+                    (3, Wire::Varint(x)) => p.kind = x as u32,
+                    _ => {}
+                }
+            }
+            pieces.push(p);
+        }
+    }
+    if pieces.is_empty() {
+        return Err("no pieces: not a SentencePiece model".into());
+    }
+    Ok(pieces)
+}
+
+/// A protobuf field's value, by wire type.
+enum Wire<'a> {
+    Varint(u64),
+    Fixed64,
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+/// A protobuf message being read field by field.
+struct Proto<'a>(&'a [u8]);
+
+impl<'a> Proto<'a> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.0.split_first().ok_or("truncated varint")?;
+            self.0 = rest;
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("varint longer than 10 bytes".into())
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if n > self.0.len() {
+            return Err(format!("a field of {n} bytes where {} remain: the file is truncated", self.0.len()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    /// The next (field number, value), or `None` at the end.
+    fn next(&mut self) -> Result<Option<(u64, Wire<'a>)>, String> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let value = match key & 7 {
+            0 => Wire::Varint(self.varint()?),
+            1 => {
+                self.take(8)?;
+                Wire::Fixed64
+            }
+            2 => {
+                let n = self.varint()? as usize;
+                Wire::Bytes(self.take(n)?)
+            }
+            5 => {
+                let b = self.take(4)?;
+                Wire::Fixed32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            }
+            w => return Err(format!("wire type {w} is not protobuf's")),
+        };
+        Ok(Some((key >> 3, value)))
+    }
+}

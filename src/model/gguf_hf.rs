@@ -38,7 +38,7 @@ pub fn folder_gguf(dir: &Path, weights: &Weights) -> Result<Gguf> {
     let ftype = file_type(stored.values().copied());
     g.set("general.file_type", Value::U32(ftype));
     g.set("general.quantization_version", Value::U32(2));
-    let vocab = crate::io::gguf_vocab::vocab_metadata(dir, model.vocab_size, arch == "llama")
+    let vocab = crate::io::gguf_vocab::vocab_metadata(dir, model.vocab_size, arch)
         .map_err(|e| ExportError::Refused(e.to_string()))?;
     for (k, v) in vocab {
         g.set(&k, v);
