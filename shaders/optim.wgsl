@@ -1,4 +1,4 @@
-// optim: optimizer steps, f32, one invocation per parameter, in place.
+// optim: optimizer steps, f32, one invocation per parameter, in place (a template: see below).
 //
 // Per-step values (learning rate, bias corrections) change every step, so they are read from a
 // small storage tensor `hyper` that the host rewrites before each submission, instead of baked
@@ -17,70 +17,111 @@
 //   g ← g + wd · p;  buf ← g on the first step, else μ · buf + g;  p ← p − lr · buf
 //   hyper = [lr, μ, wd, first (1 or 0), unused...]
 
+// Several tensors per dispatch: adamw_step, sgd_step and sumsq_partial each take up to {{K}}
+// tensors (as many as the adapter's storage bindings allow; the host passes the rest in further
+// dispatches). `q.t[j]` = (first workgroup, elements, first partial-sum slot, 0) of tensor j: a
+// workgroup finds its tensor, then does what the one-tensor kernel did at that tensor's offset,
+// so the arithmetic, and every result, is the same however the tensors are grouped.
+
 struct Params {
     n: u32,
     gx: u32,
-    offset: u32,     // sumsq_partial: first slot of this tensor's partial sums
+    offset: u32,
     max_norm: f32,   // clip_scale: 0 or less disables clipping (the norm is still computed)
 }
 
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> hyper: array<f32>;        // (8,)
-@group(0) @binding(2) var<storage, read> clip: array<f32>;         // (2,) [scale, norm]
-@group(0) @binding(3) var<storage, read> grad: array<f32>;         // (n,)
-@group(0) @binding(4) var<storage, read_write> param: array<f32>;  // (n,)
-@group(0) @binding(5) var<storage, read_write> m: array<f32>;      // (n,) first moment / momentum buffer
-@group(0) @binding(6) var<storage, read_write> v: array<f32>;      // (n,) second moment (AdamW)
-
-fn index(wg: vec3<u32>, t: u32) -> u32 {
-    return (wg.y * p.gx + wg.x) * 256u + t;
+struct Multi {
+    count: u32,
+    gx: u32,
+    pad0: u32,
+    pad1: u32,
+    t: array<vec4<u32>, {{K}}>,
 }
 
-@compute @workgroup_size(256, 1, 1)
-fn adamw_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let i = index(wg, t);
-    if (i >= p.n) { return; }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(0) var<uniform> q: Multi;
+@group(0) @binding(1) var<storage, read> hyper: array<f32>;        // (8,)
+@group(0) @binding(2) var<storage, read> clip: array<f32>;         // (2,) [scale, norm]
+{{BINDINGS}}
+
+// This workgroup's tensor (the last whose first workgroup is at or before it) and its block.
+fn tensor_of(block: u32) -> u32 {
+    var j = 0u;
+    for (var k = 1u; k < q.count; k++) {
+        if (block >= q.t[k].x) { j = k; }
+    }
+    return j;
+}
+
+// One AdamW update of a parameter w with moments m, v from its raw gradient: (w, m, v).
+fn adamw_update(grad: f32, w0: f32, m0: f32, v0: f32) -> vec3<f32> {
     let lr = hyper[0];
     let b1 = hyper[1];
     let b2 = hyper[2];
     let eps = hyper[3];
     let wd = hyper[4];
-    let g = grad[i] * clip[0];
+    let g = grad * clip[0];
     let decay_after = hyper[7] != 0.0;
-    var w = param[i];
+    var w = w0;
     if (!decay_after) { w = w * (1.0 - lr * wd); }
-    let mi = b1 * m[i] + (1.0 - b1) * g;
-    let vi = b2 * v[i] + (1.0 - b2) * g * g;
-    m[i] = mi;
-    v[i] = vi;
+    let mi = b1 * m0 + (1.0 - b1) * g;
+    let vi = b2 * v0 + (1.0 - b2) * g * g;
     w -= (lr / hyper[5]) * mi / (sqrt(vi) / sqrt(hyper[6]) + eps);
     if (decay_after) { w = w - lr * wd * w; }
-    param[i] = w;
+    return vec3<f32>(w, mi, vi);
+}
+
+// One SGD update of a parameter w with momentum buffer m: (w, m).
+fn sgd_update(grad: f32, w: f32, m0: f32) -> vec2<f32> {
+    let lr = hyper[0];
+    let mu = hyper[1];
+    let wd = hyper[2];
+    let g = grad * clip[0] + wd * w;
+    var buf = g;
+    if (hyper[3] == 0.0) { buf = mu * m0 + g; }
+    return vec2<f32>(w - lr * buf, buf);
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn adamw_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+    let block = wg.y * q.gx + wg.x;
+    let j = tensor_of(block);
+    let i = (block - q.t[j].x) * 256u + t;
+    if (i >= q.t[j].y) { return; }
+    switch j {
+{{ADAMW_CASES}}
+        default: {}
+    }
 }
 
 @compute @workgroup_size(256, 1, 1)
 fn sgd_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let i = index(wg, t);
-    if (i >= p.n) { return; }
-    let lr = hyper[0];
-    let mu = hyper[1];
-    let wd = hyper[2];
-    let g = grad[i] * clip[0] + wd * param[i];
-    var buf = g;
-    if (hyper[3] == 0.0) { buf = mu * m[i] + g; }
-    m[i] = buf;
-    param[i] = param[i] - lr * buf;
+    let block = wg.y * q.gx + wg.x;
+    let j = tensor_of(block);
+    let i = (block - q.t[j].x) * 256u + t;
+    if (i >= q.t[j].y) { return; }
+    switch j {
+{{SGD_CASES}}
+        default: {}
+    }
 }
 
 // Global gradient-norm clipping, deterministic: sumsq_partial writes, for each block of 4096
-// elements of one gradient, the sum of squares (a fixed tree per workgroup) into partial[offset +
-// block]; one dispatch per gradient tensor. clip_scale then sums all partials in a fixed order in
-// a single workgroup and writes clip = [min(1, max_norm / (norm + 1e-6)), norm].
+// elements of each gradient, the sum of squares (a fixed tree per workgroup) into the partial
+// slot of that block; clip_scale then sums all partials in a fixed order in a single workgroup
+// and writes clip = [min(1, max_norm / (norm + 1e-6)), norm].
 const BLOCK: u32 = 4096u;
 var<workgroup> red: array<f32, 256>;
 
-@group(0) @binding(1) var<storage, read> sq_in: array<f32>;            // (n,) one gradient
-@group(0) @binding(2) var<storage, read_write> sq_out: array<f32>;     // (partials,)
+@group(0) @binding(1) var<storage, read_write> sq_out: array<f32>;     // (partials,)
+
+// Element i of gradient j of this dispatch.
+fn sq_load(j: u32, i: u32) -> f32 {
+    switch j {
+{{SUMSQ_CASES}}
+        default: { return 0.0; }
+    }
+}
 
 fn tree256(t: u32, v: f32) -> f32 {
     red[t] = v;
@@ -94,15 +135,18 @@ fn tree256(t: u32, v: f32) -> f32 {
 
 @compute @workgroup_size(256, 1, 1)
 fn sumsq_partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let block = wg.y * p.gx + wg.x;
-    let start = block * BLOCK;
+    let block = wg.y * q.gx + wg.x;
+    let j = tensor_of(block);
+    let local = block - q.t[j].x;
+    let n = q.t[j].y;
+    let start = local * BLOCK;
     var s = 0.0;
-    for (var i = start + t; i < min(start + BLOCK, p.n); i += 256u) {
-        let g = sq_in[i];
+    for (var i = start + t; i < min(start + BLOCK, n); i += 256u) {
+        let g = sq_load(j, i);
         s += g * g;
     }
     let total = tree256(t, s);
-    if (t == 0u && start < p.n) { sq_out[p.offset + block] = total; }
+    if (t == 0u && start < n) { sq_out[q.t[j].z + local] = total; }
 }
 
 @group(0) @binding(1) var<storage, read> partials: array<f32>;         // (n,)

@@ -13,7 +13,7 @@ use crate::model::gpu::{BaseDType, GpuModel, GpuModelError, PlanOptions};
 use crate::model::HostTensor;
 use crate::model::Weights;
 use crate::ops::elementwise::{axpy_forward, copy_forward};
-use crate::ops::optim::{adamw_step, grad_norm_clip, grad_norm_partials, partial_owner, sgd_step};
+use crate::ops::optim::{adamw_steps, grad_norm_clip, grad_norm_partials, partial_owner, sgd_steps};
 #[cfg(not(target_arch = "wasm32"))]
 use std::collections::BTreeMap;
 
@@ -360,11 +360,15 @@ impl Trainer {
         let mut update = Step::new();
         grad_norm_clip(ctx, &mut update, &grads, &partials, config.max_grad_norm as f32, &clip)?;
         adapter.before_update(ctx, &mut update)?;
-        for (p, grad) in params.iter().zip(&grads) {
-            let hyper = &groups[p.group].hyper;
-            match &p.v {
-                Some(v) => adamw_step(ctx, &mut update, hyper, &clip, grad, &p.value, &p.m, v)?,
-                None => sgd_step(ctx, &mut update, hyper, &clip, grad, &p.value, &p.m)?,
+        // One group's tensors share their step values: as few dispatches as the bindings allow.
+        for (g, group) in groups.iter().enumerate() {
+            let mine = || params.iter().zip(&grads).filter(move |(p, _)| p.group == g);
+            if config.optimizer == OptimizerKind::AdamW {
+                let t: Vec<_> = mine().filter_map(|(p, gr)| Some((*gr, &p.value, &p.m, p.v.as_ref()?))).collect();
+                adamw_steps(ctx, &mut update, &group.hyper, &clip, &t)?;
+            } else {
+                let t: Vec<_> = mine().map(|(p, gr)| (*gr, &p.value, &p.m)).collect();
+                sgd_steps(ctx, &mut update, &group.hyper, &clip, &t)?;
             }
         }
         let mut after = Step::new();

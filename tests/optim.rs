@@ -168,3 +168,68 @@ fn a_nan_or_inf_gradient_is_found_and_attributed_on_the_gpu() {
         }
     }
 }
+
+/// Many tensors in one dispatch (as many as the adapter's bindings allow, the rest in more) give
+/// each tensor exactly what a dispatch of its own gives: AdamW and SGD, awkward sizes.
+#[test]
+fn grouped_optimizer_steps_equal_one_tensor_at_a_time() {
+    use portalora::ops::optim::{adamw_steps, sgd_steps};
+    let Some(ctx) = common::context() else { return };
+    let mut rng = portalora::reference::Rng::new(21);
+    let sizes = [1usize, 7, 255, 256, 257, 1000, 33, 4097, 5, 300, 64, 2, 513, 9, 77, 3, 1024];
+    let hyper = ctx.upload_f32("hyper", &[8], &AdamW::new(0.01).hyper(3)).unwrap();
+    let clip = ctx.upload_f32("clip", &[2], &[0.7, 0.0]).unwrap();
+    for kind in ["adamw", "sgd"] {
+        let sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 };
+        // (gradient, parameter, first moment, second moment ≥ 0)
+        let values: Vec<[Vec<f32>; 4]> = sizes
+            .iter()
+            .map(|&n| {
+                let [g, w, m, v] = [0; 4].map(|_| rng.vec(n));
+                [g, w, m, v.iter().map(|x| x.abs()).collect()]
+            })
+            .collect();
+        let run = |grouped: bool| -> Vec<Vec<f32>> {
+            if kind == "sgd" {
+                ctx.write_f32(&hyper, &sgd.hyper(2)).unwrap();
+            }
+            let t: Vec<[Tensor; 4]> = values
+                .iter()
+                .map(|vs| {
+                    ["g", "w", "m", "v"]
+                        .map(|l| l)
+                        .iter()
+                        .zip(vs)
+                        .map(|(l, v)| ctx.upload_f32(l, &[v.len()], v).unwrap())
+                        .collect::<Vec<_>>()
+                        .try_into()
+                        .unwrap()
+                })
+                .collect();
+            let mut step = Step::new();
+            if grouped && kind == "adamw" {
+                let refs: Vec<_> = t.iter().map(|[g, w, m, v]| (g, w, m, v)).collect();
+                adamw_steps(&ctx, &mut step, &hyper, &clip, &refs).unwrap();
+            } else if grouped {
+                let refs: Vec<_> = t.iter().map(|[g, w, m, _]| (g, w, m)).collect();
+                sgd_steps(&ctx, &mut step, &hyper, &clip, &refs).unwrap();
+            } else {
+                for [g, w, m, v] in &t {
+                    match kind {
+                        "adamw" => adamw_step(&ctx, &mut step, &hyper, &clip, g, w, m, v).unwrap(),
+                        _ => sgd_step(&ctx, &mut step, &hyper, &clip, g, w, m).unwrap(),
+                    }
+                }
+            }
+            if grouped {
+                assert!(step.len() < sizes.len(), "{kind}: {} dispatches for {} tensors", step.len(), sizes.len());
+            }
+            ctx.run(&step).unwrap();
+            t.iter().flat_map(|[_, w, m, v]| [w, m, v].map(|x| ctx.read_f32(x).unwrap())).collect()
+        };
+        let bits =
+            |r: Vec<Vec<f32>>| -> Vec<Vec<u32>> { r.iter().map(|v| v.iter().map(|x| x.to_bits()).collect()).collect() };
+        let (grouped, single) = (bits(run(true)), bits(run(false)));
+        assert!(grouped == single, "{kind}: grouped steps differ from one tensor at a time");
+    }
+}

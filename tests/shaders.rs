@@ -126,3 +126,13 @@ fn attention_vec4_template_validates_for_every_head_size() {
         }
     }
 }
+
+#[test]
+fn optimizer_template_validates_for_every_tensor_count() {
+    for k in [1, 2, 7, 16] {
+        for entry in ["adamw_step", "sgd_step", "sumsq_partial", "clip_scale"] {
+            let spec = portalora::ops::optim::multi_spec(entry, k);
+            validate(&format!("optim {entry} k={k}"), &spec.wgsl().expect("template expands"));
+        }
+    }
+}

@@ -46,7 +46,7 @@ source!(SOFTMAX, "softmax.wgsl", subgroups: false, template: false);
 source!(ACT, "act.wgsl", subgroups: false, template: false);
 source!(EMBED, "embed.wgsl", subgroups: false, template: true);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
-source!(OPTIM, "optim.wgsl", subgroups: false, template: false);
+source!(OPTIM, "optim.wgsl", subgroups: false, template: true);
 source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);
 source!(MATMUL_COOP, "matmul_coop.wgsl", subgroups: false, template: false);
 

@@ -5,7 +5,7 @@
 //! bias corrections and no CPU round trip; `clip` is a two-element tensor `[scale, norm]` that
 //! [`grad_norm_clip`] fills on the GPU (`[1, _]` without clipping).
 
-use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use super::{check_f32, check_numel, shape_err, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
 #[derive(encase::ShaderType)]
@@ -71,26 +71,126 @@ fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: 
     Ok(())
 }
 
-/// Records an optimizer step: `state` (the parameter first, then its optimizer buffers) is bound
-/// after `hyper`, `clip` and `grad`, all written in place.
-fn record_step(
+/// Most tensors of one dispatch of the multi-tensor kernels (the uniform's array length).
+const MAX_TENSORS: usize = 16;
+
+/// How many tensors of `bindings_each` storage bindings one dispatch takes beside `fixed` ones,
+/// within the adapter's storage bindings per stage (a browser's default of 8 gives AdamW one).
+fn tensors_per_dispatch(ctx: &Context, fixed: usize, bindings_each: usize) -> usize {
+    let limit = ctx.limits().max_storage_buffers_per_stage as usize;
+    (limit.saturating_sub(fixed) / bindings_each).clamp(1, MAX_TENSORS)
+}
+
+/// The kernel family specialised for `k` tensors per dispatch: the binding declarations
+/// and each entry point's cases (tensor j's bindings: AdamW 3 + 4j.., SGD 3 + 3j.., the sums 2 + j).
+pub fn multi_spec(entry: &'static str, k: usize) -> KernelSpec {
+    let mut decls = String::new();
+    let (mut adamw, mut sgd, mut sumsq) = (String::new(), String::new(), String::new());
+    let var = |b: usize, access: &str, name: String| {
+        format!("@group(0) @binding({b}) var<storage, {access}> {name}: array<f32>;\n")
+    };
+    for j in 0..k {
+        for (x, (name, access)) in
+            [("g", "read"), ("w", "read_write"), ("m", "read_write"), ("v", "read_write")].iter().enumerate()
+        {
+            decls += &var(3 + 4 * j + x, access, format!("a{name}{j}"));
+            if *name != "v" {
+                decls += &var(3 + 3 * j + x, access, format!("s{name}{j}"));
+            }
+        }
+        decls += &var(2 + j, "read", format!("qg{j}"));
+        adamw += &format!(
+            "        case {j}u: {{ let r = adamw_update(ag{j}[i], aw{j}[i], am{j}[i], av{j}[i]); aw{j}[i] = r.x; am{j}[i] = r.y; av{j}[i] = r.z; }}\n"
+        );
+        sgd += &format!("        case {j}u: {{ let r = sgd_update(sg{j}[i], sw{j}[i], sm{j}[i]); sw{j}[i] = r.x; sm{j}[i] = r.y; }}\n");
+        sumsq += &format!("        case {j}u: {{ return qg{j}[i]; }}\n");
+    }
+    KernelSpec::new(&kernel_sources::OPTIM, entry)
+        .var("K", k)
+        .var("BINDINGS", decls)
+        .var("ADAMW_CASES", adamw)
+        .var("SGD_CASES", sgd)
+        .var("SUMSQ_CASES", sumsq)
+}
+
+/// The uniform of one multi-tensor dispatch: count, the grid's x, then per tensor (first
+/// workgroup, elements, first partial slot, 0); and the grid.
+fn multi_uniform(ctx: &Context, tensors: &[(usize, usize)], per_group: usize) -> (Vec<u8>, [u32; 3]) {
+    let mut table = Vec::with_capacity(tensors.len());
+    let mut first = 0usize;
+    for &(n, slot) in tensors {
+        table.push([first as u32, n as u32, slot as u32, 0]);
+        first += n.div_ceil(per_group);
+    }
+    let groups = super::grid_2d(first as u64, ctx.limits().max_workgroups_per_dimension);
+    let mut bytes: Vec<u8> = [tensors.len() as u32, groups[0], 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    for row in (0..MAX_TENSORS).map(|j| table.get(j).copied().unwrap_or([0; 4])) {
+        bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    (bytes, groups)
+}
+
+/// Records an optimizer step over `tensors` (each its gradient, then the parameter and its
+/// optimizer buffers, all written in place), as few dispatches as the bindings allow.
+fn record_steps(
     ctx: &Context,
     step: &mut Step,
     op: &'static str,
     hyper: &Tensor,
     clip: &Tensor,
-    grad: &Tensor,
-    state: &[&Tensor],
+    tensors: &[(&Tensor, Vec<&Tensor>)],
 ) -> Result<()> {
-    check(op, hyper, clip, grad, state)?;
-    let groups = grid_for(ctx, grad.numel(), 256);
-    let params = uniform(op, &Params { n: grad.numel() as u32, gx: groups[0], offset: 0, max_norm: 0.0 })?;
-    let mut args = vec![Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip), Arg::Read(grad)];
-    args.extend(state.iter().map(|t| Arg::Write(t)));
-    ctx.record(step, &KernelSpec::new(&kernel_sources::OPTIM, op), &args, groups)
+    let Some(each) = tensors.first().map(|(_, state)| 1 + state.len()) else { return Ok(()) };
+    for (grad, state) in tensors {
+        check(op, hyper, clip, grad, state)?;
+        if 1 + state.len() != each {
+            return Err(shape_err(
+                op,
+                format!("tensor {:?} has {} buffers, the others {}", grad.label(), state.len(), each - 1),
+            ));
+        }
+    }
+    // Each dispatch's kernel binds exactly its tensors (a last, smaller group gets its own).
+    for chunk in tensors.chunks(tensors_per_dispatch(ctx, 2, each)) {
+        let spec = multi_spec(op, chunk.len());
+        let sizes: Vec<(usize, usize)> = chunk.iter().map(|(g, _)| (g.numel(), 0)).collect();
+        let (params, groups) = multi_uniform(ctx, &sizes, 256);
+        let mut args = vec![Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip)];
+        for (grad, state) in chunk {
+            args.push(Arg::Read(grad));
+            args.extend(state.iter().map(|t| Arg::Write(t)));
+        }
+        ctx.record(step, &spec, &args, groups)?;
+    }
+    Ok(())
+}
+
+/// AdamW steps on `tensors`: (gradient, parameter, first moment, second moment) each.
+pub fn adamw_steps(
+    ctx: &Context,
+    step: &mut Step,
+    hyper: &Tensor,
+    clip: &Tensor,
+    tensors: &[(&Tensor, &Tensor, &Tensor, &Tensor)],
+) -> Result<()> {
+    let t: Vec<_> = tensors.iter().map(|&(g, p, m, v)| (g, vec![p, m, v])).collect();
+    record_steps(ctx, step, "adamw_step", hyper, clip, &t)
+}
+
+/// SGD-with-momentum steps on `tensors`: (gradient, parameter, momentum buffer) each.
+pub fn sgd_steps(
+    ctx: &Context,
+    step: &mut Step,
+    hyper: &Tensor,
+    clip: &Tensor,
+    tensors: &[(&Tensor, &Tensor, &Tensor)],
+) -> Result<()> {
+    let t: Vec<_> = tensors.iter().map(|&(g, p, m)| (g, vec![p, m])).collect();
+    record_steps(ctx, step, "sgd_step", hyper, clip, &t)
 }
 
 /// One AdamW step on `param` with its moments `m`, `v`.
+#[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
     ctx: &Context,
     step: &mut Step,
@@ -101,7 +201,7 @@ pub fn adamw_step(
     m: &Tensor,
     v: &Tensor,
 ) -> Result<()> {
-    record_step(ctx, step, "adamw_step", hyper, clip, grad, &[param, m, v])
+    adamw_steps(ctx, step, hyper, clip, &[(grad, param, m, v)])
 }
 
 /// One SGD-with-momentum step on `param` with its momentum buffer `buf`.
@@ -114,7 +214,7 @@ pub fn sgd_step(
     param: &Tensor,
     buf: &Tensor,
 ) -> Result<()> {
-    record_step(ctx, step, "sgd_step", hyper, clip, grad, &[param, buf])
+    sgd_steps(ctx, step, hyper, clip, &[(grad, param, buf)])
 }
 
 /// Elements per partial sum of [`grad_norm_clip`].
@@ -158,17 +258,23 @@ pub fn grad_norm_clip(
         check_numel(OP, clip, 3, "(3,) [gradient scale, norm, first non-finite partial or -1] (or the first two)")?;
     }
     check_numel(OP, partials, grad_norm_partials(grads), "one slot per 4096 gradient elements")?;
-    let spec = KernelSpec::new(&kernel_sources::OPTIM, "sumsq_partial");
     let mut offset = 0;
+    let mut slots = Vec::with_capacity(grads.len());
     for g in grads {
         check_f32(OP, g)?;
-        let blocks = g.numel().div_ceil(BLOCK);
-        let groups = super::grid_2d(blocks as u64, ctx.limits().max_workgroups_per_dimension);
-        let params = uniform(OP, &Params { n: g.numel() as u32, gx: groups[0], offset: offset as u32, max_norm })?;
-        ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(g), Arg::Write(partials)], groups)?;
-        offset += blocks;
+        slots.push((g.numel(), offset));
+        offset += g.numel().div_ceil(BLOCK);
     }
-    let spec = KernelSpec::new(&kernel_sources::OPTIM, "clip_scale");
+    // The partials first, then up to k gradients per dispatch.
+    let k = tensors_per_dispatch(ctx, 1, 1);
+    for (chunk, sizes) in grads.chunks(k).zip(slots.chunks(k)) {
+        let spec = multi_spec("sumsq_partial", chunk.len());
+        let (params, groups) = multi_uniform(ctx, sizes, BLOCK);
+        let mut args = vec![Arg::Uniform(params), Arg::Write(partials)];
+        args.extend(chunk.iter().map(|g| Arg::Read(g)));
+        ctx.record(step, &spec, &args, groups)?;
+    }
+    let spec = multi_spec("clip_scale", 1);
     let params = uniform(OP, &Params { n: offset as u32, gx: 1, offset: 0, max_norm })?;
     ctx.record(step, &spec, &[Arg::Uniform(params), Arg::Read(partials), Arg::Write(clip)], [1, 1, 1])
 }
