@@ -129,7 +129,8 @@ def main():
         # The few fields needed here, from the portalora CLI (which reads GGUF metadata).
         out = subprocess.run([a.portalora, "inspect", "--model", a.model], check=True, capture_output=True, text=True)
         info = dict(l.split(":", 1) for l in out.stdout.splitlines() if ":" in l)
-        cfg = {"model_type": info["architecture"].strip().lower(), "vocab_size": int(info["vocab"])}
+        family = info.get("family", info.get("architecture", "")).strip().lower()
+        cfg = {"model_type": family, "vocab_size": int(info["vocab"])}
     else:
         cfg = json.load(open(os.path.join(a.model, "config.json")))
     targets = a.targets or (GPT2 if cfg.get("model_type") == "gpt2" else LLAMA)
