@@ -121,9 +121,9 @@ impl SplitTable {
         Ok(())
     }
 
-    /// The input gradient of [`SplitTable::project`]: `dx = dlogits · table`, summed over parts.
-    /// `dx = dlogits · table`, part by part; with `split` (partials (splits, rows, C), splits)
-    /// and a table in one part, summed over slices of the vocabulary in parallel.
+    /// The input gradient of [`SplitTable::project`]: `dx = dlogits · table`, summed over parts;
+    /// with `split` (partials (splits, rows, C), splits) and an f32 table in one part, summed over
+    /// slices of the vocabulary in parallel instead (a packed table keeps the plain product).
     pub fn project_backward(
         &self,
         ctx: &Context,

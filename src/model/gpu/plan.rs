@@ -297,8 +297,9 @@ impl Gradients {
 /// How many logit rows are computed at a time: as many as fit 32 MiB (256 MiB on a discrete GPU;
 /// and one storage binding),
 /// a multiple of 64 rows so that every chunk's offset into the (N, C) activations is 256-byte
-/// aligned. Larger chunks gain nothing measurable (SmolLM2, 512 rows: 11.16 s of GPU time per
-/// step in one chunk, 11.18 s in chunks of 128) and would hold 96 MiB instead of 24.
+/// aligned. On lavapipe larger chunks gain nothing measurable (SmolLM2, 512 rows: 11.16 s of GPU
+/// time per step in one chunk, 11.18 s in chunks of 128) and would hold 96 MiB instead of 24; a
+/// large GPU needs the workgroups of one chunk (see [`LOGIT_CHUNK_BYTES_DISCRETE`]).
 fn chunk_rows(ctx: &Context, c: &ModelConfig, n: usize, asked: Option<usize>) -> Result<usize> {
     let row_bytes = (c.vocab_size * 4) as u64;
     let budget = match ctx.info().device_type.as_str() {
