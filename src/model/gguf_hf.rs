@@ -74,7 +74,7 @@ fn arch_metadata(c: &ModelConfig) -> Vec<(&'static str, Value)> {
         return m;
     }
     m.push(("attention.head_count_kv", u(c.num_kv_heads)));
-    // The global layers' rotary base (Gemma 3's sliding layers: llama.cpp fixes 10000).
+    // The global layers' rotary base (Gemma 3's sliding layers have their own, freq_base_swa).
     let global = c.layers.iter().find(|l| l.window == 0).unwrap_or(&c.layers[0]);
     m.push(("rope.freq_base", Value::F32(global.rope.theta as f32)));
     if let Some(local) = c.layers.iter().find(|l| l.window > 0).filter(|_| c.family == Family::Gemma3) {
