@@ -82,26 +82,15 @@ fn sgd_update(grad: f32, w: f32, m0: f32) -> vec2<f32> {
     return vec2<f32>(w - lr * buf, buf);
 }
 
+// adamw_step or sgd_step (STEP), each case updating tensor j with adamw_update or sgd_update.
 @compute @workgroup_size(256, 1, 1)
-fn adamw_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
+fn {{STEP}}(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
     let block = wg.y * q.gx + wg.x;
     let j = tensor_of(block);
     let i = (block - q.t[j].x) * 256u + t;
     if (i >= q.t[j].y) { return; }
     switch j {
-{{ADAMW_CASES}}
-        default: {}
-    }
-}
-
-@compute @workgroup_size(256, 1, 1)
-fn sgd_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t: u32) {
-    let block = wg.y * q.gx + wg.x;
-    let j = tensor_of(block);
-    let i = (block - q.t[j].x) * 256u + t;
-    if (i >= q.t[j].y) { return; }
-    switch j {
-{{SGD_CASES}}
+{{STEP_CASES}}
         default: {}
     }
 }

@@ -195,7 +195,7 @@ pub struct StepResult {
     /// CPU seconds of each timed step spent encoding and submitting it (writing its inputs
     /// included), before waiting for the GPU.
     pub encode_seconds: Vec<f64>,
-    /// What one step submits: submissions, compute passes, dispatches.
+    /// What one step submits: compute passes (one submission each), dispatches.
     pub submitted: crate::gpu::SubmitStats,
     /// GPU seconds of one step run as training runs it (pass timestamps; median of three), where
     /// the adapter has timestamps.

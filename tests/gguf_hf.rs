@@ -239,3 +239,41 @@ fn a_sentencepiece_gemma3_folder_exports_what_llama_cpps_converter_writes() {
         assert!(worst < 1e-5, "{}: relative difference {worst:e}", t.name);
     }
 }
+
+/// Named chat templates reach the GGUF as gguf-py writes them: a `tokenizer_config.json` list,
+/// or `chat_template.jinja` with `additional_chat_templates/*.jinja` beside it.
+#[test]
+fn named_chat_templates_are_written_as_the_converter_writes_them() {
+    let dir = tmp("gguf-vocab-templates");
+    let want = |got: &[(String, Value)], key: &str| -> Option<Value> {
+        got.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
+    let text = |t: &str| Some(Value::String(t.into()));
+    let list = json!([{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"},
+        {"name": "rag-v1", "template": "R"}]);
+    let from_config = dir.join("config");
+    let from_files = dir.join("files");
+    for d in [&from_config, &from_files] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::copy(fixture("tokenizers/qwen2.json"), d.join("tokenizer.json")).unwrap();
+    }
+    std::fs::write(from_config.join("tokenizer_config.json"), json!({"chat_template": list}).to_string()).unwrap();
+    std::fs::write(from_files.join("tokenizer_config.json"), "{}").unwrap();
+    std::fs::write(from_files.join("chat_template.jinja"), "D").unwrap();
+    std::fs::create_dir_all(from_files.join("additional_chat_templates")).unwrap();
+    std::fs::write(from_files.join("additional_chat_templates/tool_use.jinja"), "T").unwrap();
+    std::fs::write(from_files.join("additional_chat_templates/rag-v1.jinja"), "R").unwrap();
+    let n = strings(&Gguf::open(fixture("tokenizers/qwen2.gguf")).unwrap(), "tokenizer.ggml.tokens").len();
+    for d in [&from_config, &from_files] {
+        let got = portalora::io::gguf_vocab::vocab_metadata(d, n, "qwen2").unwrap();
+        assert_eq!(want(&got, "tokenizer.chat_template"), text("D"), "{}", d.display());
+        assert_eq!(want(&got, "tokenizer.chat_template.tool_use"), text("T"));
+        assert_eq!(want(&got, "tokenizer.chat_template.rag_v1"), text("R"));
+        let names = Value::Array(vec![Value::String("rag_v1".into()), Value::String("tool_use".into())]);
+        assert_eq!(want(&got, "tokenizer.chat_templates"), Some(names));
+    }
+    // A chat_template of another kind is refused, naming the file.
+    std::fs::write(from_config.join("tokenizer_config.json"), json!({"chat_template": 3}).to_string()).unwrap();
+    let e = portalora::io::gguf_vocab::vocab_metadata(&from_config, n, "qwen2").unwrap_err().to_string();
+    assert!(e.contains("tokenizer_config.json") && e.contains("chat_template is 3"), "{e}");
+}

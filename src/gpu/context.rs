@@ -24,8 +24,8 @@ pub struct ContextOptions {
     /// Also set by `PORTALORA_NO_SUBGROUPS=1`.
     pub disable_subgroups: bool,
     /// Open the device with wgpu's experimental cooperative matrices where the adapter offers
-    /// them (`PORTALORA_COOPERATIVE_MATRIX=1`; for `bench coop`, the probe of the coming
-    /// tensor-core path). Off by default: experimental features change how the device is opened.
+    /// them (`bench coop` asks, the probe of the coming tensor-core path). Off by default:
+    /// experimental features change how the device is opened.
     pub cooperative_matrix: bool,
 }
 
@@ -46,7 +46,7 @@ impl ContextOptions {
             backends: var("WGPU_BACKEND"),
             adapter_name: var("WGPU_ADAPTER_NAME"),
             disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
-            cooperative_matrix: var("PORTALORA_COOPERATIVE_MATRIX").is_some_and(|v| v != "0"),
+            cooperative_matrix: false,
         }
     }
 }
@@ -128,10 +128,9 @@ pub struct Context {
     pub(super) submitted: Mutex<SubmitStats>,
 }
 
-/// Counts of what [`Context::run_steps`] and its kin encoded and submitted.
+/// Counts of what [`Context::run_steps`] and its kin encoded (each pass is one submission).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SubmitStats {
-    pub submissions: u64,
     pub passes: u64,
     pub dispatches: u64,
 }
@@ -139,11 +138,7 @@ pub struct SubmitStats {
 impl std::ops::Sub for SubmitStats {
     type Output = SubmitStats;
     fn sub(self, o: SubmitStats) -> SubmitStats {
-        SubmitStats {
-            submissions: self.submissions - o.submissions,
-            passes: self.passes - o.passes,
-            dispatches: self.dispatches - o.dispatches,
-        }
+        SubmitStats { passes: self.passes - o.passes, dispatches: self.dispatches - o.dispatches }
     }
 }
 
@@ -356,7 +351,8 @@ impl Context {
         AllocTicket { stats: self.alloc.clone(), kind, bytes }
     }
 
-    /// What the recorded steps submitted so far encoded: submissions, compute passes, dispatches.
+    /// What the recorded steps submitted so far encoded: compute passes (one submission each) and
+    /// dispatches.
     pub fn submit_stats(&self) -> SubmitStats {
         *self.submitted.lock().unwrap_or_else(|p| p.into_inner())
     }

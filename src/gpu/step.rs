@@ -140,7 +140,6 @@ impl Context {
         let dispatches = self.encode_pass(&mut enc, steps, None);
         self.scoped("submitting a step", || self.queue.submit([enc.finish()]))?;
         let mut s = self.submitted.lock().unwrap_or_else(|p| p.into_inner());
-        s.submissions += 1;
         s.passes += 1;
         s.dispatches += dispatches;
         Ok(())

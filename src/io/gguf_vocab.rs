@@ -58,8 +58,8 @@ pub fn vocab_metadata(dir: &Path, vocab_size: usize, arch: &str) -> Result<Vec<(
     };
     let llama = arch == "llama";
     m.extend(special_tokens(tok.as_ref().unwrap_or(&Json::Null), config.as_ref(), &model_config, vocab_size, llama));
-    if let Some(t) = config.as_ref().and_then(|c| chat_template(dir, c)) {
-        m.push(("tokenizer.chat_template".into(), Value::String(t)));
+    if let Some(c) = &config {
+        m.extend(chat_templates(dir, c)?);
     }
     // Gemma 3's converter says no space prefix; LLaMA's repeats tokenizer_config's.
     let space = match arch {
@@ -291,14 +291,79 @@ fn special_tokens(tok: &Json, config: Option<&Json>, model: &Json, vocab: usize,
     m
 }
 
-/// The chat template as the converter takes it: `tokenizer_config.json`'s, else
-/// `chat_template.jinja` (read only where a `tokenizer_config.json` exists).
-fn chat_template(dir: &Path, config: &Json) -> Option<String> {
-    match &config["chat_template"] {
-        Json::String(s) => Some(s.clone()),
-        Json::Array(list) => {
-            list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(str::to_string)
+/// The chat templates as the converter takes them (read only where a `tokenizer_config.json`
+/// exists): its `chat_template`, else `chat_template.jinja` (with `additional_chat_templates/*.jinja`
+/// beside it as named ones), else `chat_template.json`'s. A list of `{name, template}` gives the
+/// `default` one as `tokenizer.chat_template` and each other as `tokenizer.chat_template.NAME`
+/// (non-alphanumerics as `_`), listed in `tokenizer.chat_templates`.
+fn chat_templates(dir: &Path, config: &Json) -> Result<Vec<(String, Value)>, TokenizerError> {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).map_err(|e| load(&p, e.to_string()));
+    let value = match &config["chat_template"] {
+        Json::Null => {
+            let jinja = dir.join("chat_template.jinja");
+            if jinja.exists() {
+                let mut extra: Vec<std::path::PathBuf> = std::fs::read_dir(dir.join("additional_chat_templates"))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "jinja"))
+                    .collect();
+                extra.sort();
+                let default = Json::String(read(jinja)?);
+                match extra.is_empty() {
+                    true => default,
+                    false => {
+                        let mut list = vec![serde_json::json!({"name": "default", "template": default})];
+                        for p in extra {
+                            let name = p.file_stem().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+                            list.push(serde_json::json!({"name": name, "template": read(p)?}));
+                        }
+                        Json::Array(list)
+                    }
+                }
+            } else {
+                read_json(&dir.join("chat_template.json"))?.map(|j| j["chat_template"].clone()).unwrap_or(Json::Null)
+            }
         }
-        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
-    }
+        v => v.clone(),
+    };
+    let key = |name: &str| format!("tokenizer.chat_template{name}");
+    Ok(match value {
+        Json::Null => Vec::new(),
+        Json::String(t) => vec![(key(""), Value::String(t))],
+        Json::Array(list) => {
+            let (mut out, mut names) = (Vec::new(), Vec::new());
+            for t in &list {
+                let name: String = t["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                match (name.as_str(), t["template"].as_str()) {
+                    ("", _) | (_, None) => {}
+                    ("default", Some(text)) => out.push((key(""), Value::String(text.into()))),
+                    (_, Some(text)) => {
+                        out.push((key(&format!(".{name}")), Value::String(text.into())));
+                        names.push(name);
+                    }
+                }
+            }
+            names.sort();
+            names.dedup();
+            if !names.is_empty() {
+                out.push((
+                    "tokenizer.chat_templates".into(),
+                    Value::Array(names.into_iter().map(Value::String).collect()),
+                ));
+            }
+            out
+        }
+        other => {
+            return Err(load(
+                &dir.join("tokenizer_config.json"),
+                format!("chat_template is {other}: a chat template is a string or a list of {{name, template}}"),
+            ))
+        }
+    })
 }

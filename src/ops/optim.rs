@@ -81,36 +81,36 @@ fn tensors_per_dispatch(ctx: &Context, fixed: usize, bindings_each: usize) -> us
     (limit.saturating_sub(fixed) / bindings_each).clamp(1, MAX_TENSORS)
 }
 
-/// The kernel family specialised for `k` tensors per dispatch: the binding declarations
-/// and each entry point's cases (tensor j's bindings: AdamW 3 + 4j.., SGD 3 + 3j.., the sums 2 + j).
+/// The kernel family specialised for `k` tensors per dispatch: the binding declarations and the
+/// cases of the optimizer step (`sgd_step`, else `adamw_step`: tensor j's gradient, parameter and
+/// buffers at 3 + 4j.. or 3 + 3j..) and of the sums (gradient j at 2 + j).
 pub fn multi_spec(entry: &'static str, k: usize) -> KernelSpec {
-    let mut decls = String::new();
-    let (mut adamw, mut sgd, mut sumsq) = (String::new(), String::new(), String::new());
+    let sgd = entry == "sgd_step";
+    let names: &[&str] = if sgd { &["g", "w", "m"] } else { &["g", "w", "m", "v"] };
+    let (mut decls, mut cases, mut sums) = (String::new(), String::new(), String::new());
     let var = |b: usize, access: &str, name: String| {
         format!("@group(0) @binding({b}) var<storage, {access}> {name}: array<f32>;\n")
     };
     for j in 0..k {
-        for (x, (name, access)) in
-            [("g", "read"), ("w", "read_write"), ("m", "read_write"), ("v", "read_write")].iter().enumerate()
-        {
-            decls += &var(3 + 4 * j + x, access, format!("a{name}{j}"));
-            if *name != "v" {
-                decls += &var(3 + 3 * j + x, access, format!("s{name}{j}"));
-            }
+        for (x, name) in names.iter().enumerate() {
+            let access = if x == 0 { "read" } else { "read_write" };
+            decls += &var(3 + names.len() * j + x, access, format!("{name}{j}"));
         }
         decls += &var(2 + j, "read", format!("qg{j}"));
-        adamw += &format!(
-            "        case {j}u: {{ let r = adamw_update(ag{j}[i], aw{j}[i], am{j}[i], av{j}[i]); aw{j}[i] = r.x; am{j}[i] = r.y; av{j}[i] = r.z; }}\n"
-        );
-        sgd += &format!("        case {j}u: {{ let r = sgd_update(sg{j}[i], sw{j}[i], sm{j}[i]); sw{j}[i] = r.x; sm{j}[i] = r.y; }}\n");
-        sumsq += &format!("        case {j}u: {{ return qg{j}[i]; }}\n");
+        cases += &match sgd {
+            true => format!("        case {j}u: {{ let r = sgd_update(g{j}[i], w{j}[i], m{j}[i]); w{j}[i] = r.x; m{j}[i] = r.y; }}\n"),
+            false => format!(
+                "        case {j}u: {{ let r = adamw_update(g{j}[i], w{j}[i], m{j}[i], v{j}[i]); w{j}[i] = r.x; m{j}[i] = r.y; v{j}[i] = r.z; }}\n"
+            ),
+        };
+        sums += &format!("        case {j}u: {{ return qg{j}[i]; }}\n");
     }
     KernelSpec::new(&kernel_sources::OPTIM, entry)
         .var("K", k)
         .var("BINDINGS", decls)
-        .var("ADAMW_CASES", adamw)
-        .var("SGD_CASES", sgd)
-        .var("SUMSQ_CASES", sumsq)
+        .var("STEP", if sgd { "sgd_step" } else { "adamw_step" })
+        .var("STEP_CASES", cases)
+        .var("SUMSQ_CASES", sums)
 }
 
 /// The uniform of one multi-tensor dispatch: count, the grid's x, then per tensor (first

@@ -18,7 +18,8 @@ pub(crate) struct ExportArgs {
     /// The base model the adapter was trained on: a .gguf file or a Hugging Face folder.
     #[arg(long)]
     model: PathBuf,
-    /// The adapter folder (adapter_config.json + adapter_model.safetensors; `train --out`).
+    /// The adapter: a folder (adapter_config.json + adapter_model.safetensors; `train --out`) or a
+    /// GGUF LoRA file.
     #[arg(long)]
     adapter: PathBuf,
     /// The GGUF file to write.

@@ -99,11 +99,10 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), a.steps);
     let ms = |s: f64| s * 1e3;
     println!(
-        "per step: {:.2} ms of CPU to encode and submit ({} dispatches in {} compute pass(es), {} submission(s)){}",
+        "per step: {:.2} ms of CPU to encode and submit ({} dispatches in {} compute pass(es), one submission each){}",
         ms(r.median_encode_seconds()),
         r.submitted.dispatches,
         r.submitted.passes,
-        r.submitted.submissions,
         match (r.gpu_step_seconds, r.gpu_idle_seconds()) {
             (Some(g), Some(idle)) =>
                 format!("; GPU busy {:.2} ms, idle {:.2} ms of the step's wall time", ms(g), ms(idle)),
@@ -160,7 +159,6 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
             "gpu_idle_seconds": r.gpu_idle_seconds(),
             "dispatches": r.submitted.dispatches,
             "passes": r.submitted.passes,
-            "submissions": r.submitted.submissions,
             "kernels": kernels,
         });
         println!("{j}");

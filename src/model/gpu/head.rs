@@ -84,11 +84,12 @@ impl Recorder<'_> {
             if let Some(g) = grads {
                 xent_backward(ctx, s, &logits, &targets, &lse, &a.loss_scale, cap.unwrap_or(0.0))?;
                 let h = self.config.hidden_size;
+                let splits = a.head_splits();
                 let partials = match &a.head_partials {
-                    Some(p) => Some(p.rows(0, a.head_splits * rows, align)?.reshape(&[a.head_splits, rows, h])?),
+                    Some(p) => Some(p.rows(0, splits * rows, align)?.reshape(&[splits, rows, h])?),
                     None => None,
                 };
-                let split = partials.as_ref().map(|p| (p, a.head_splits));
+                let split = partials.as_ref().map(|p| (p, splits));
                 head.project_backward(ctx, s, &logits, &g.dhf.rows(start, rows, align)?, split)?;
             }
             start += rows;

@@ -215,7 +215,6 @@ pub struct Activations {
     /// (splits × chunk_rows, C): the LM head's input gradient summed over this many slices of the
     /// vocabulary in parallel (see [`super::PlanOptions::head_splits`]); `None` where it is not.
     pub head_partials: Option<Tensor>,
-    pub head_splits: usize,
     pub loss_rows: Tensor, // (N,) per-position loss, 0 where ignored
     pub lse_rows: Tensor,  // (N,)
     pub loss_sum: Tensor,  // (1,)
@@ -364,7 +363,6 @@ pub(super) struct Layout {
     rstdf: usize,
     pub(super) logits: usize,
     head_partials: Option<usize>,
-    head_splits: usize,
     attn: Option<([usize; 5], Option<usize>)>,
     pub(super) grads: Option<Gradients<usize>>,
 }
@@ -425,7 +423,6 @@ pub(super) fn layout(
         rstdf,
         logits,
         head_partials,
-        head_splits,
         attn,
         grads,
     })
@@ -539,6 +536,13 @@ impl Req<'_> {
     }
 }
 
+impl Activations {
+    /// The vocabulary slices of the LM head's split input gradient (0: not split).
+    pub fn head_splits(&self) -> usize {
+        self.head_partials.as_ref().map_or(0, |p| p.shape()[0] / self.chunk_rows)
+    }
+}
+
 impl Layout {
     /// The activations and gradients over `tensor(request)`.
     fn build(&self, fixed: &Fixed, tensor: &dyn Fn(usize) -> Tensor) -> (Activations, Option<Gradients>) {
@@ -560,7 +564,6 @@ impl Layout {
             logits: g(&self.logits),
             chunk_rows: self.chunk_rows,
             head_partials: self.head_partials.as_ref().map(g),
-            head_splits: self.head_splits,
             loss_rows: fixed.loss_rows.clone(),
             lse_rows: fixed.lse_rows.clone(),
             loss_sum: fixed.loss_sum.clone(),
