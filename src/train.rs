@@ -106,6 +106,10 @@ pub struct TrainConfig {
     /// (activation checkpointing; see [`PlanOptions::recompute_mlp`]).
     #[serde(default)]
     pub recompute_mlp: bool,
+    /// Keep activations as f16 between the forward and the backward pass (`--activations f16`;
+    /// see [`PlanOptions::activations_f16`]).
+    #[serde(default)]
+    pub activations_f16: bool,
     /// Rows of logits computed at a time (see [`PlanOptions::logit_chunk_rows`]; benchmarks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_chunk_rows: Option<usize>,
@@ -133,6 +137,7 @@ impl Default for TrainConfig {
             base_dtype: BaseDType::Auto,
             loss_every: 1,
             recompute_mlp: false,
+            activations_f16: false,
             logit_chunk_rows: None,
         }
     }
@@ -290,6 +295,7 @@ impl Trainer {
             base_dtype: Some(base_dtype),
             backward: true,
             recompute_mlp: config.recompute_mlp,
+            activations_f16: config.activations_f16,
             logit_chunk_rows: config.logit_chunk_rows,
             ..PlanOptions::default()
         };

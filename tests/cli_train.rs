@@ -329,6 +329,14 @@ fn bench_step_reports_speed_memory_and_kernels_as_json() {
     let w = portalora::model::load_model(&model).unwrap().config;
     let mlp = (w.num_layers * 2 * 14 * w.intermediate_size * 4) as u64;
     assert_eq!(r["kept_bytes"].as_u64().unwrap(), j["kept_bytes"].as_u64().unwrap() - mlp, "{out}");
+    // With the kept activations as f16, about half as much.
+    let more = ["--batch", "2", "--seq", "7", "--steps", "1", "--no-kernels", "--json", "--recompute-mlp"];
+    let (ok, out16, err) = run(&[&args[..], &more[..], &["--activations", "f16"][..]].concat()).unwrap();
+    assert!(ok, "bench step --activations f16 failed: {err}");
+    let h: serde_json::Value = serde_json::from_str(out16.lines().last().unwrap()).unwrap();
+    assert_eq!(h["activations"], "f16");
+    let (kept16, kept32) = (h["kept_bytes"].as_u64().unwrap(), r["kept_bytes"].as_u64().unwrap());
+    assert!(kept16 < kept32 * 3 / 4, "f16 {kept16} vs f32 {kept32} bytes kept");
     // Bad input is named.
     let (ok, _, err) = run(&["bench", "step", "--model", model.to_str().unwrap(), "--base-dtype", "q3"]).unwrap();
     assert!(!ok && err.contains("q3") && err.contains("q4_1"), "{err}");

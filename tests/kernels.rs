@@ -284,6 +284,54 @@ fn elementwise_grid_beyond_65535_workgroups() {
     assert_eq!(bad, None, "first wrong element");
 }
 
+/// `--activations f16`'s conversions against io::half (the CPU twin), bit for bit: every one of
+/// the 65,536 halves widened, and f32 values (random at every scale, the rounding ties, the edges
+/// of f16's range, subnormals, ±0, ±Inf, NaN) packed and widened again, at odd lengths.
+#[test]
+fn half_pack_and_unpack_match_the_cpu_twin() {
+    use portalora::io::half::{f16_to_f32, f32_to_f16};
+    use portalora::ops::half::{half_pack, half_unpack};
+    let Some(ctx) = common::context() else { return };
+    let same = |got: &[f32], want: &[f32], what: &str| {
+        let bad = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits());
+        assert_eq!(bad, None, "{what}: first wrong element (got {:?})", bad.map(|i| (got[i], want[i])));
+    };
+    // Every half, widened.
+    let words: Vec<u32> = (0..32768u32).map(|i| (2 * i) | ((2 * i + 1) << 16)).collect();
+    let halves = ctx.upload_packed("all halves", DType::F16, &[65536], &words).unwrap();
+    let out = ctx.tensor("widened", &[65536], DType::F32).unwrap();
+    ctx.fill_f32(&out, f32::NAN).unwrap();
+    let mut step = Step::new();
+    half_unpack(&ctx, &mut step, &halves, &out).unwrap();
+    ctx.run(&step).unwrap();
+    let want: Vec<f32> = (0..65536u32).map(|h| f16_to_f32(h as u16)).collect();
+    same(&ctx.read_f32(&out).unwrap(), &want, "unpack");
+    // f32 values packed and widened.
+    let mut rng = Rng::new(16);
+    let mut special = vec![0.0f32, -0.0, 65504.0, -65504.0, 65519.0, 65520.0, 1e30, f32::INFINITY, -f32::INFINITY];
+    special.extend([f32::NAN, 6.1e-5, 6.0e-8, 2.9e-8, 3.0e-8, -1e-7, 1e-40, 1.0 + 1.0 / 2048.0, 1.0 + 3.0 / 2048.0]);
+    for n in [1usize, 7, 18, 129, 1001, 70_001] {
+        let mut x: Vec<f32> = rng.vec(n).iter().enumerate().map(|(i, v)| v * 10f32.powi((i % 13) as i32 - 8)).collect();
+        for (i, v) in special.iter().enumerate().filter(|(i, _)| *i < n) {
+            x[(i * 7919) % n] = *v;
+        }
+        let t = ctx.upload_f32("x", &[n], &x).unwrap();
+        let half = ctx.tensor("x (f16)", &[n], DType::F16).unwrap();
+        let back = ctx.tensor("x (widened)", &[n], DType::F32).unwrap();
+        ctx.fill_f32(&back, f32::NAN).unwrap();
+        let mut step = Step::new();
+        half_pack(&ctx, &mut step, &t, &half).unwrap();
+        half_unpack(&ctx, &mut step, &half, &back).unwrap();
+        ctx.run(&step).unwrap();
+        let want: Vec<f32> = x.iter().map(|&v| f16_to_f32(f32_to_f16(v))).collect();
+        same(&ctx.read_f32(&back).unwrap(), &want, &format!("pack and unpack, n = {n}"));
+    }
+    // Shapes that do not pair up are refused, naming the tensors.
+    let (a, b) = (ctx.tensor("a", &[10], DType::F32).unwrap(), ctx.tensor("b", &[12], DType::F16).unwrap());
+    let e = half_pack(&ctx, &mut Step::new(), &a, &b).unwrap_err().to_string();
+    assert!(e.contains("\"b\"") && e.contains("\"a\""), "{e}");
+}
+
 static BROKEN: KernelSource = KernelSource {
     file: "broken.wgsl",
     wgsl: "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }",

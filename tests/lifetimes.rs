@@ -1,5 +1,5 @@
 //! Memory plans come from traces of the steps (gpu::plan): the checker walks every recorded
-//! step of every family × method × --recompute-mlp and finds no read of memory another tensor
+//! step of every family × method × --recompute-mlp × --activations f16 and finds no read of memory another tensor
 //! overwrote; and it does find such reads in steps recorded over a deliberately wrong plan.
 
 mod common;
@@ -17,19 +17,19 @@ const MODELS: [&str; 7] =
 const METHODS: [Method; 5] = [Method::Lora, Method::LoraFa, Method::Vera, Method::DeltaLora, Method::LoraPlus];
 
 #[test]
-fn every_recorded_step_of_every_family_method_and_recompute_setting_reads_only_its_own_memory() {
+fn every_recorded_step_of_every_family_method_and_memory_setting_reads_only_its_own_memory() {
     let Some(ctx) = context() else { return };
     for name in MODELS {
         let w = load_model(fixture(name)).unwrap();
         for method in METHODS {
-            for recompute in [false, true] {
+            for (recompute, f16) in [(false, false), (true, false), (false, true), (true, true)] {
                 let mut a = AdapterConfig::new(method);
                 (a.rank, a.targets, a.dropout) = (4, all_targets(w.config.arch), 0.1);
                 if method == Method::DeltaLora {
                     (a.dropout, a.delta_warmup) = (0.0, 0);
                 }
-                let cfg = TrainConfig { recompute_mlp: recompute, ..TrainConfig::default() };
-                let what = format!("{name} {method:?} recompute {recompute}");
+                let cfg = TrainConfig { recompute_mlp: recompute, activations_f16: f16, ..TrainConfig::default() };
+                let what = format!("{name} {method:?} recompute {recompute} f16 {f16}");
                 let t = Trainer::new(&ctx, &w, 2, 24, &a, &cfg, None).unwrap_or_else(|e| panic!("{what}: {e}"));
                 let names = ["train", "loss copy", "update", "clip copy", "after-step"];
                 let training: Vec<(&str, &Step)> = names.into_iter().zip(t.recorded_steps()).collect();

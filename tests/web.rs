@@ -82,8 +82,9 @@ fn tiny_gpt2() -> portalora::model::Weights {
     .unwrap()
 }
 
-#[wasm_bindgen_test]
-async fn lora_training_matches_peft_in_the_browser() {
+/// PEFT's gpt2_lora fixture run in the browser with `memory`'s settings (recompute_mlp,
+/// activations_f16): every step's loss and the eval loss after training within `tol`.
+async fn gpt2_lora_matches_peft(memory: TrainConfig, tol: f64) {
     let ctx = context().await;
     let w = tiny_gpt2();
     let e: serde_json::Value = serde_json::from_str(include_str!("fixtures/adapters/gpt2_lora/expected.json")).unwrap();
@@ -100,21 +101,34 @@ async fn lora_training_matches_peft_in_the_browser() {
         eps: e["eps"].as_f64().unwrap(),
         max_grad_norm: 0.0,
         total_steps: 4,
-        // The browser's memory-saving path (the page's plain path is driven by tests/web/e2e.mjs).
-        recompute_mlp: true,
-        ..TrainConfig::default()
+        ..memory
     };
     let ids = ids_of(&e["input_ids"]);
     let mut trainer = Trainer::new(&ctx, &w, ids.len(), ids[0].len(), &cfg, &tc, Some(&peft)).unwrap();
+    let halves = trainer.model.acts.halves.iter().filter(|h| !h.kept.is_empty()).count();
+    assert_eq!(halves, if tc.activations_f16 { w.config.num_layers } else { 0 }, "layers keeping f16 copies");
     for (i, want) in e["losses"].as_array().unwrap().iter().enumerate() {
         let want = want.as_f64().unwrap();
         let got =
             trainer.train_step_async(&ctx, &[Batch { ids: &ids, predict: None, positions: None }]).await.unwrap().loss;
-        assert!((got - want).abs() / want < 1e-4, "step {}: loss {got} vs PEFT {want}", i + 1);
+        assert!((got - want).abs() / want < tol, "step {}: loss {got} vs PEFT {want}", i + 1);
     }
     let eval = trainer.eval_loss_async(&ctx, &ids_of(&e["eval_ids"]), None).await.unwrap();
     let want = e["eval_loss"].as_f64().unwrap();
-    assert!((eval - want).abs() / want < 1e-4, "eval loss {eval} vs PEFT {want}");
+    assert!((eval - want).abs() / want < tol, "eval loss {eval} vs PEFT {want}");
+}
+
+/// The browser's memory-saving path (the page's plain path is driven by tests/web/e2e.mjs).
+#[wasm_bindgen_test]
+async fn lora_training_matches_peft_in_the_browser() {
+    gpt2_lora_matches_peft(TrainConfig { recompute_mlp: true, ..TrainConfig::default() }, 1e-4).await
+}
+
+/// `--activations f16` in the browser (no shader-f16 there: the conversions are integer code):
+/// PEFT's losses within what f16's rounding of the kept activations moves.
+#[wasm_bindgen_test]
+async fn f16_activations_train_in_the_browser() {
+    gpt2_lora_matches_peft(TrainConfig { activations_f16: true, ..TrainConfig::default() }, 1e-3).await
 }
 
 /// The GGUF types the packed loads read, with a matrix shape of whole blocks.
@@ -402,6 +416,7 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
         (Some(DEFAULTS.method), Some(DEFAULTS.rank as u64), Some(DEFAULTS.alpha), Some(DEFAULTS.lr))
     );
     assert_eq!((set["batch"].as_u64(), set["seq"].as_u64(), set["steps"].as_u64()), (Some(4), Some(40), Some(3)));
+    assert_eq!(set["activations"], "f32");
 
     // The same rows, made here through the shared pipeline, and a trainer on the defaults.
     let tok = Tokenizer::from_json_bytes(Path::new("tiny"), tokenizer).unwrap();
@@ -437,6 +452,12 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
     assert!(delta.contains("--delta-warmup 500") && delta.contains("never move"), "{delta}");
     let long = start(serde_json::json!({"seq": 41})).unwrap_err();
     assert!(long.contains("41"), "{long}");
+    let bf16 = start(serde_json::json!({"activations": "bf16"})).unwrap_err();
+    assert!(bf16.contains("\"bf16\"") && bf16.contains("\"f16\""), "{bf16}");
+    let half: serde_json::Value =
+        serde_json::from_str(&start(serde_json::json!({"activations": "f16"})).unwrap()).unwrap();
+    assert_eq!(half["settings"]["activations"], "f16");
+    assert!(half["kept_bytes"].as_u64() < s["kept_bytes"].as_u64(), "f16 keeps less: {half} vs {s}");
 }
 
 async fn engine_eval(e: &portalora::web::Engine) -> f64 {

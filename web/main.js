@@ -86,8 +86,10 @@ worker.onmessage = (e) => {
       document.body.dataset.model = m.model.name;
       break;
     case "started":
-      status(`training: ${m.summary.train_rows} rows of ${m.summary.settings.seq} tokens (${m.summary.val_rows} for validation), batch ${m.summary.settings.batch}, ${m.summary.trainable} trainable parameters` +
+      status(`training: ${m.summary.train_rows} rows of ${m.summary.settings.seq} tokens (${m.summary.val_rows} for validation), batch ${m.summary.settings.batch}, ${m.summary.trainable} trainable parameters, ` +
+        `${(m.summary.kept_bytes / 2 ** 20).toFixed(1)} MiB kept for backward (${m.summary.settings.activations})` +
         m.summary.notes.map((n) => `; note: ${n}`).join(""));
+      document.body.dataset.activations = m.summary.settings.activations;
       showExample(m.summary.example);
       break;
     case "step":
@@ -257,7 +259,7 @@ $("train").onclick = () => {
   const config = {
     method, rank: num("rank"), lr: num("lr"), steps: num("steps"), batch: num("batch"), seq: num("seq"),
     eval_every: num("eval-every"), targets: $("targets").value.split(",").map((s) => s.trim()).filter(Boolean),
-    text: $("text").value,
+    text: $("text").value, activations: $("activations").value,
   };
   if (method !== "vera") config.alpha = num("alpha");
   if (method === "lora-plus") config.lr_ratio = num("lr-ratio");

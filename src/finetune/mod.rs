@@ -90,9 +90,9 @@ pub enum FinetuneError {
     Config(String),
     #[error(
         "step {step}: {what} is not finite (NaN or Inf); the run stopped before saving anything from it{kept}. \
-         Lower the learning rate or clip gradients (--max-grad-norm), check the data, then --resume"
+         {hint}Lower the learning rate or clip gradients (--max-grad-norm), check the data, then --resume"
     )]
-    NonFinite { step: u64, what: String, kept: String },
+    NonFinite { step: u64, what: String, kept: String, hint: &'static str },
 }
 
 pub type Result<T> = std::result::Result<T, FinetuneError>;
@@ -521,7 +521,13 @@ impl<'a> Session<'a> {
                     ),
                     None => String::new(),
                 };
-                return Err(FinetuneError::NonFinite { step: stats.step, what, kept });
+                // f16 copies of activations turn values past ±65504 into Inf, which only the
+                // gradients see (the forward pass is f32).
+                let hint = match self.trainer.config.activations_f16 {
+                    true => "With --activations f16 an activation past ±65504 becomes Inf: try --activations f32. ",
+                    false => "",
+                };
+                return Err(FinetuneError::NonFinite { step: stats.step, what, kept, hint });
             }
             let s = stats.step;
             clock.tokens += stats.tokens;

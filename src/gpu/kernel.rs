@@ -49,6 +49,7 @@ source!(XENT, "xent.wgsl", subgroups: false, template: false);
 source!(OPTIM, "optim.wgsl", subgroups: false, template: true);
 source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);
 source!(MATMUL_COOP, "matmul_coop.wgsl", subgroups: false, template: false);
+source!(HALF, "half.wgsl", subgroups: false, template: false);
 
 /// Every WGSL file of the crate (the naga test validates each one).
 pub const ALL_SOURCES: &[&KernelSource] = &[
@@ -68,6 +69,7 @@ pub const ALL_SOURCES: &[&KernelSource] = &[
     &OPTIM,
     &ADAPTER,
     &MATMUL_COOP,
+    &HALF,
 ];
 
 /// Expands a template: a line `// #if FLAG` (or `// #if !FLAG`) keeps the lines up to its

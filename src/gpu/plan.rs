@@ -100,6 +100,25 @@ impl Planner {
         self.requests.len() - 1
     }
 
+    /// The label and shape of request `id`.
+    pub fn request(&self, id: usize) -> (&str, &[usize]) {
+        let r = &self.requests[id];
+        (&r.label, &r.shape)
+    }
+
+    /// The requests that `trace` (recorded over the latest [`Planner::stand_ins`]) binds both
+    /// before its dispatch `at` and at or after it: what a training step keeps from its forward
+    /// pass for its backward pass, with `at` where the backward pass begins.
+    pub fn live_across(&self, trace: &Step, at: usize) -> HashSet<usize> {
+        let of: HashMap<u64, usize> = self.tenants.iter().enumerate().map(|(i, &t)| (t, i)).collect();
+        let (mut before, mut after) = (HashSet::new(), HashSet::new());
+        for (d, (_, accesses)) in trace.accesses().enumerate() {
+            let side = if d < at { &mut before } else { &mut after };
+            side.extend(accesses.iter().filter_map(|a| of.get(&a.tenant).copied()));
+        }
+        before.intersection(&after).copied().collect()
+    }
+
     /// One tensor without memory per request, in request order, for recording the traces that
     /// [`Planner::allocate`] reads. Requests larger than one buffer of `ctx` are refused here,
     /// naming the largest, before anything is recorded.

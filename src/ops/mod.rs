@@ -11,6 +11,7 @@ pub mod adapter;
 pub mod attention;
 pub mod elementwise;
 pub mod embed;
+pub mod half;
 pub mod heads;
 pub mod lora;
 pub mod matmul;

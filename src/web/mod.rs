@@ -86,6 +86,9 @@ struct StartConfig {
     /// Recompute the MLP's up-projections in backward instead of keeping them (less GPU memory).
     #[serde(default)]
     recompute_mlp: bool,
+    /// "f16": keep the activations the backward pass reads as f16 (about half their memory),
+    /// as `--activations f16`; "f32" (the default) otherwise.
+    activations: Option<String>,
     text: String,
 }
 
@@ -249,7 +252,7 @@ impl Engine {
     /// (see `defaults`): `{"method", "rank", "alpha", "targets", "lr", "schedule",
     /// "warmup_steps", "max_grad_norm", "batch", "grad_accum", "seq", "steps" or "epochs",
     /// "val_fraction", "val_rows", "eval_every", "dropout", "lr_ratio", "seed", "delta_lambda",
-    /// "delta_warmup", "train_on", "no_packing", "no_shuffle", "recompute_mlp", "text"}`; only
+    /// "delta_warmup", "train_on", "no_packing", "no_shuffle", "recompute_mlp", "activations", "text"}`; only
     /// "targets" (unless an adapter was loaded), "steps" (or "epochs") and "text" are required. A setting the method does not
     /// use is refused. Returns a JSON summary: the data, the run's shape and settings, the
     /// trainable parameters and the first example with its targets.
@@ -293,6 +296,7 @@ impl Engine {
                 "method": method.name(), "rank": acfg.rank, "alpha": acfg.alpha, "lr": tc.lr,
                 "batch": state.batch(), "grad_accum": state.micro_batches(), "seq": state.seq(),
                 "steps": state.steps(), "eval_every": plan.eval_every, "seed": plan.seed,
+                "activations": if tc.activations_f16 { "f16" } else { "f32" },
             },
         })
         .to_string();
@@ -490,6 +494,11 @@ fn run_configs(
         // As stored (the page samples with the adapter unmerged); Delta-LoRA gets f32.
         base_dtype: crate::model::BaseDType::Auto,
         recompute_mlp: c.recompute_mlp,
+        activations_f16: match c.activations.as_deref() {
+            None | Some("f32") => false,
+            Some("f16") => true,
+            Some(other) => return Err(err(format!("activations {other:?}: use \"f32\" or \"f16\""))),
+        },
         ..TrainConfig::default()
     };
     Ok((acfg, tc))

@@ -57,18 +57,25 @@ pub fn check_run(ctx: &Context, arch: &str, method: &str) {
 /// With `recompute_mlp`, the MLP's up-projections are recomputed in backward (activation
 /// checkpointing) instead of kept: PEFT's figures must not notice.
 pub fn check_run_with(ctx: &Context, arch: &str, method: &str, recompute_mlp: bool) {
+    let tc = TrainConfig { recompute_mlp, ..TrainConfig::default() };
+    check_run_within(ctx, arch, method, &tc, TOL)
+}
+
+/// [`check_run_with`] with `plan`'s memory settings (recompute_mlp, activations_f16) and every
+/// figure within `tol`.
+pub fn check_run_within(ctx: &Context, arch: &str, method: &str, plan: &TrainConfig, tol: f64) {
     let dir = fixture(&format!("adapters/{arch}_{method}"));
     let e = json(&dir.join("expected.json"));
     let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
     let peft = PeftFile::read(&dir.join("init")).unwrap();
     let (cfg, mut tc) = configs(&e, &peft);
-    tc.recompute_mlp = recompute_mlp;
+    (tc.recompute_mlp, tc.activations_f16) = (plan.recompute_mlp, plan.activations_f16);
     let ids = ids_of(&e["input_ids"]);
     let mut trainer = Trainer::new(ctx, &w, ids.len(), ids[0].len(), &cfg, &tc, Some(&peft)).unwrap();
     let want_losses: Vec<f64> = e["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     for (i, want) in want_losses.iter().enumerate() {
         let stats = trainer.train_step(ctx, &ids).unwrap();
-        assert!(rel(stats.loss, *want) < TOL, "{arch} {method} step {}: loss {} vs PEFT {want}", i + 1, stats.loss);
+        assert!(rel(stats.loss, *want) < tol, "{arch} {method} step {}: loss {} vs PEFT {want}", i + 1, stats.loss);
         if i == 0 {
             let got = joined(trainer.gradients(ctx).unwrap());
             let want = e["grads"].as_object().unwrap();
@@ -78,11 +85,11 @@ pub fn check_run_with(ctx: &Context, arch: &str, method: &str, recompute_mlp: bo
                 let g = got.get(name).unwrap_or_else(|| panic!("{arch} {method}: no gradient for {name}"));
                 assert_eq!(g.len(), wg.len(), "{name}");
                 let err = portalora::reference::max_rel_error(g, &wg);
-                assert!(err < TOL, "{arch} {method} gradient {name}: max rel error {err:.2e}");
+                assert!(err < tol, "{arch} {method} gradient {name}: max rel error {err:.2e}");
             }
         }
     }
     let eval = trainer.eval_loss(ctx, &ids_of(&e["eval_ids"])).unwrap();
     let want = e["eval_loss"].as_f64().unwrap();
-    assert!(rel(eval, want) < TOL, "{arch} {method}: eval loss after training {eval} vs PEFT {want}");
+    assert!(rel(eval, want) < tol, "{arch} {method}: eval loss after training {eval} vs PEFT {want}");
 }

@@ -26,6 +26,7 @@ assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
 const ids = ["rank", "alpha", "lr", "batch", "seq", "eval-every", "sample-tokens"];
 const fields = await page.evaluate((ids) => Object.fromEntries(ids.map((id) => [id, document.getElementById(id).value])), ids);
 assert.deepEqual(fields, { rank: "8", alpha: "8", lr: "0.0002", batch: "4", seq: "40", "eval-every": "0", "sample-tokens": "32" });
+assert.equal(await page.inputValue("#activations"), "f32", "activations kept as f32 by default");
 assert.equal(await page.isVisible("#lr-ratio"), false, "LoRA+'s ratio is hidden for LoRA");
 await page.selectOption("#method", "vera");
 assert.equal(await page.inputValue("#rank"), "256", "VeRA's default rank");
@@ -42,9 +43,13 @@ for (const [i, method] of methods.entries()) {
   await page.fill("#steps", "12");
   await page.fill("#lr", method === "vera" ? "0.05" : "0.01");
   if (method === "delta-lora") await page.fill("#delta-warmup", "2"); // the default 500 is past a 12-step run
+  // One method keeps its activations as f16 (the page's memory-saving setting).
+  await page.selectOption("#activations", method === "lora-fa" ? "f16" : "f32");
   await page.click("#train");
   const err = await runs(page, i + 1);
   assert.equal(err, undefined, `${method}: ${err}`);
+  assert.equal(await page.evaluate(() => document.body.dataset.activations), method === "lora-fa" ? "f16" : "f32",
+    `${method}: the activations setting reached the engine`);
   const s = await page.evaluate(() => ({
     val: window.demoState.val, train: window.demoState.train, before: window.demoState.before,
     after: window.demoState.after, points: document.getElementById("chart").dataset.points,

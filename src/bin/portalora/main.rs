@@ -223,6 +223,9 @@ pub(crate) struct BenchStepArgs {
     /// Recompute the MLP's gate/up projections in backward instead of keeping them.
     #[arg(long)]
     pub(crate) recompute_mlp: bool,
+    /// Activations kept for the backward pass as f32 or f16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    pub(crate) activations: String,
     /// Rows of logits computed at a time (a multiple of 64) [default: what fits 32 MiB, 256 MiB
     /// on a discrete GPU].
     #[arg(long)]

@@ -73,6 +73,7 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     let train = portalora::train::TrainConfig {
         base_dtype,
         recompute_mlp: a.recompute_mlp,
+        activations_f16: a.activations == "f16",
         logit_chunk_rows: a.logit_chunk_rows,
         ..Default::default()
     };
@@ -81,12 +82,13 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     let model_name = a.model.display().to_string();
     eprintln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
     eprintln!(
-        "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}{}",
+        "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}{}{}",
         cfg.rank,
         cfg.targets.join(","),
         a.batch,
         a.seq,
-        if a.recompute_mlp { "; MLP recomputed in backward" } else { "" }
+        if a.recompute_mlp { "; MLP recomputed in backward" } else { "" },
+        if a.activations == "f16" { "; activations kept as f16" } else { "" }
     );
     let total = a.warmup + a.steps;
     let r = portalora::bench::bench_step(ctx, &weights, &cfg, &train, &opts, |k, s| {
@@ -152,6 +154,7 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
             "seq": a.seq,
             "base_dtype": base_dtype.to_string(),
             "recompute_mlp": a.recompute_mlp,
+            "activations": a.activations,
             "adapter": i.name,
             "kernel_seconds": r.kernel_seconds,
             "encode_seconds": r.median_encode_seconds(),

@@ -143,6 +143,11 @@ pub(crate) struct TrainArgs {
     /// (activation checkpointing): less GPU memory for two more projections per layer.
     #[arg(long)]
     recompute_mlp: bool,
+    /// How the activations a layer's backward pass reads are kept after its forward pass: f32,
+    /// or f16 (about half the kept bytes, rounded to f16; a value past ±65504 stops the run as a
+    /// non-finite gradient).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
+    activations: String,
     /// Tokens per row with --data.
     #[arg(long, default_value_t = DEFAULTS.seq, value_parser = parse_count)]
     seq: usize,
@@ -281,6 +286,7 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
         base_dtype: a.base_dtype.parse()?,
         loss_every: a.loss_every,
         recompute_mlp: a.recompute_mlp,
+        activations_f16: a.activations == "f16",
         logit_chunk_rows: None,
     })
 }

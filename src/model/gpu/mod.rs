@@ -22,6 +22,7 @@ use super::config::ModelConfig;
 use super::weights::Weights;
 use crate::adapter::{Adapter, AdapterError, Input, Proj, SiteWeights};
 use crate::gpu::{Context, DType, GpuError, Step, Tensor};
+use crate::ops::half::{half_pack, half_unpack};
 use crate::ops::xent::IGNORE;
 use block::{Hooks, Keys, Recorder};
 
@@ -70,6 +71,11 @@ pub struct PlanOptions {
     /// instead of keeping them: activation checkpointing of the largest per-layer activations,
     /// for two more projections per layer (LLaMA: gate and up, (N, F) each; GPT-2: c_fc).
     pub recompute_mlp: bool,
+    /// Keep what each layer's backward pass reads of its forward pass as f16 in between
+    /// (`--activations f16`; [`plan::LayerHalves`]): about half the kept activation bytes, for
+    /// two more dispatches per kept tensor and rounding them to f16's 11 significant bits. A
+    /// value beyond f16's range (±65504) becomes Inf, which the step's gradient check reports.
+    pub activations_f16: bool,
     /// Keep every layer's input gradient `dx[l]` after the step (tests inspect them); by default
     /// each lives until the layer below has read it.
     pub keep_layer_grads: bool,
@@ -150,8 +156,17 @@ impl GpuModel {
         let mut layout = plan::layout(ctx, &self.config, self.acts.batch, self.acts.seq, &self.opts, keep_h2)?;
         (self.forward, self.train) = (Step::new(), None);
         (self.acts, self.grads) = layout.stand_ins(ctx, &self.fixed)?;
-        let forward = self.record_into(ctx, Step::trace(), false)?;
-        let backward = self.grads.is_some().then(|| self.record_into(ctx, Step::trace(), true)).transpose()?;
+        let mut forward = self.record_into(ctx, Step::trace(), false)?;
+        let mut backward = self.grads.is_some().then(|| self.record_into(ctx, Step::trace(), true)).transpose()?;
+        if let (Some(b), true) = (&backward, self.opts.activations_f16) {
+            // What the backward pass reads of the forward pass is what this trace shows; those
+            // tensors get f16 copies, and the steps are traced again with them.
+            let kept = b.marked("head").map(|at| layout.live_across(b, at)).unwrap_or_default();
+            layout.keep_halves(&kept);
+            (self.acts, self.grads) = layout.stand_ins(ctx, &self.fixed)?;
+            forward = self.record_into(ctx, Step::trace(), false)?;
+            backward = Some(self.record_into(ctx, Step::trace(), true)?);
+        }
         let traces: Vec<&Step> = std::iter::once(&forward).chain(backward.as_ref()).collect();
         // Read after their step: the logits of a forward pass, and kept layer gradients.
         let mut outputs = vec![(0, layout.logits)];
@@ -209,6 +224,9 @@ impl GpuModel {
         let keys = Keys::Batch { batch: a.batch, seq: a.seq, positions: &a.pos_ids };
         for (l, (lp, la)) in p.layers.iter().zip(&a.layers).enumerate() {
             r.layer_forward(&mut s, l, lp, &a.x[l], la, keys, &a.x[l + 1])?;
+            for (full, half, _) in a.halves.get(l).filter(|_| backward).map_or(&[][..], |h| &h.kept) {
+                half_pack(ctx, &mut s, full, half)?;
+            }
         }
         s.mark("head");
         r.final_norm(&mut s, p, &a.x[self.config.num_layers], a)?;
@@ -218,8 +236,14 @@ impl GpuModel {
             r.final_norm_backward(&mut s, p, a, g)?;
             let recompute_h2 = !self.adapter_reads(Input::H2);
             for l in (0..self.config.num_layers).rev() {
-                let (lp, la) = (&p.layers[l], &a.layers[l]);
-                r.layer_backward(&mut s, l, lp, &a.x[l], la, g, &g.dx[l + 1], &g.dx[l], recompute_h2)?;
+                let (lp, mut la, mut x) = (&p.layers[l], &a.layers[l], &a.x[l]);
+                if let Some(h) = a.halves.get(l) {
+                    for (_, half, back) in &h.kept {
+                        half_unpack(ctx, &mut s, half, back)?;
+                    }
+                    (la, x) = (&h.back, &h.x);
+                }
+                r.layer_backward(&mut s, l, lp, x, la, g, &g.dx[l + 1], &g.dx[l], recompute_h2)?;
             }
         }
         Ok(s)

@@ -66,6 +66,30 @@ pub struct Recomputed<T = Tensor> {
     pub up: T,           // (N, F)
 }
 
+/// `--activations f16` ([`super::PlanOptions::activations_f16`]): what one layer's backward pass
+/// reads of its forward pass (found in a trace of the step, not listed by hand) kept as half
+/// floats in between: packed after the layer's forward pass, widened again just before its
+/// backward pass, so that only one layer's activations are ever f32 at a time.
+#[derive(Clone)]
+pub struct LayerHalves<T = Tensor> {
+    /// (the f32 the forward pass writes, its f16 copy, the f32 the backward pass reads).
+    pub kept: Vec<(T, T, T)>,
+    /// The layer's activations as its backward pass sees them: the widened tensors in place of
+    /// the kept ones.
+    pub back: LayerActivations<T>,
+    /// The residual stream entering the layer, as the backward pass sees it.
+    pub x: T,
+}
+
+impl<T: Clone> LayerActivations<T> {
+    /// Every tensor of the layer, in field order.
+    fn all(&self) -> Vec<T> {
+        let mut all = Vec::new();
+        self.clone().map(|t| all.push(t));
+        all
+    }
+}
+
 impl<T> LayerActivations<T> {
     pub(super) fn map<U>(self, mut f: impl FnMut(T) -> U) -> LayerActivations<U> {
         LayerActivations {
@@ -205,6 +229,8 @@ pub struct Activations {
     pub pos: Option<Tensor>, // (N, C) position embeddings
     pub x: Vec<Tensor>,      // L+1 × (N, C): the residual stream entering each layer, and the last
     pub layers: Vec<LayerActivations>,
+    /// Per layer, with `--activations f16`: what is kept as f16 (empty otherwise).
+    pub halves: Vec<LayerHalves>,
     pub hf: Tensor,            // (N, C)  final norm
     pub meanf: Option<Tensor>, // (N,)    LayerNorm
     pub rstdf: Tensor,         // (N,)
@@ -358,6 +384,7 @@ pub(super) struct Layout {
     emb: Option<usize>,
     pos: Option<usize>,
     layers: Vec<LayerActivations<usize>>,
+    halves: Vec<LayerHalves<usize>>,
     hf: usize,
     meanf: Option<usize>,
     rstdf: usize,
@@ -418,6 +445,7 @@ pub(super) fn layout(
         emb,
         pos,
         layers,
+        halves: Vec::new(),
         hf,
         meanf,
         rstdf,
@@ -558,6 +586,15 @@ impl Layout {
             pos: self.pos.as_ref().map(g),
             x: self.x.iter().map(g).collect(),
             layers: self.layers.iter().map(|la| la.clone().map(by_id)).collect(),
+            halves: self
+                .halves
+                .iter()
+                .map(|h| LayerHalves {
+                    kept: h.kept.iter().map(|&(f, p, b)| (tensor(f), tensor(p), tensor(b))).collect(),
+                    back: h.back.clone().map(by_id),
+                    x: tensor(h.x),
+                })
+                .collect(),
             hf: g(&self.hf),
             meanf: self.meanf.as_ref().map(g),
             rstdf: g(&self.rstdf),
@@ -582,6 +619,36 @@ impl Layout {
             unshared_bytes: 0,
         };
         (acts, self.grads.clone().map(|gr| gr.map(by_id)))
+    }
+
+    /// The requests `trace` keeps across its dispatch `at` (see [`Planner::live_across`]).
+    pub(super) fn live_across(&self, trace: &crate::gpu::Step, at: usize) -> std::collections::HashSet<usize> {
+        self.planner.live_across(trace, at)
+    }
+
+    /// Keeps, per layer, the 2-D tensors among its activations and its input that are in
+    /// `kept` (requests the forward pass writes and the backward pass reads, from a trace) as
+    /// f16 between the two passes ([`LayerHalves`]): two more requests each, the f16 copy and
+    /// the f32 the backward pass widens it into. New stand-ins and traces must follow.
+    pub(super) fn keep_halves(&mut self, kept: &std::collections::HashSet<usize>) {
+        self.halves.clear();
+        for (l, la) in self.layers.iter().enumerate() {
+            let mut back_of = std::collections::HashMap::new();
+            let mut halves = Vec::new();
+            for id in std::iter::once(self.x[l]).chain(la.all()) {
+                let (label, shape) = self.planner.request(id);
+                let (label, shape) = (label.to_string(), shape.to_vec());
+                if shape.len() != 2 || !kept.contains(&id) || back_of.contains_key(&id) {
+                    continue;
+                }
+                let half = self.planner.add(&format!("{label} (f16)"), &shape, DType::F16);
+                let back = self.planner.add(&format!("{label} (widened)"), &shape, DType::F32);
+                back_of.insert(id, back);
+                halves.push((id, half, back));
+            }
+            let back = |id: usize| back_of.get(&id).copied().unwrap_or(id);
+            self.halves.push(LayerHalves { kept: halves, back: la.clone().map(back), x: back(self.x[l]) });
+        }
     }
 
     /// The activations and gradients as stand-ins without memory, for recording traces.
