@@ -719,7 +719,7 @@ pub fn model_with_adapter(
 #[cfg(not(target_arch = "wasm32"))]
 pub fn adapter_from(ctx: &Context, weights: &Weights, dir: &std::path::Path, rows: usize) -> Result<Box<dyn Adapter>> {
     let file = peft::PeftFile::read(dir)?;
-    let method = if file.peft_type == "VERA" { Method::Vera } else { Method::Lora };
+    let method = file.method();
     let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;
     let sites = file.fits(&weights.source, cfg.sites(&weights.config))?;
     let mut a = file.fits(&weights.source, adapter::build(ctx, &cfg, sites, rows))?;

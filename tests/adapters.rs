@@ -34,6 +34,11 @@ peft_match!(llama_lora_fa_projected_matches_peft, "llama", "lora-fa-projected");
 peft_match!(llama_vera_matches_peft, "llama", "vera");
 peft_match!(llama_delta_lora_matches_reference, "llama", "delta-lora");
 peft_match!(gpt2_lora_sgd_momentum_matches_pytorch, "gpt2", "lora-sgd");
+peft_match!(gpt2_dora_matches_peft, "gpt2", "dora");
+peft_match!(gpt2_dora_with_dropout_matches_peft, "gpt2", "dora-dropout");
+peft_match!(llama_dora_matches_peft, "llama", "dora");
+peft_match!(llama_dora_with_dropout_matches_peft, "llama", "dora-dropout");
+peft_match!(qwen3_dora_matches_peft, "qwen3", "dora");
 
 macro_rules! peft_match_recomputed {
     ($name:ident, $arch:literal, $method:literal) => {

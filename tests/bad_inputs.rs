@@ -162,7 +162,8 @@ fn setup_semantics(dir: &Path) {
     let at = find(&g, b"token_embd.weight");
     g[at..at + 17].copy_from_slice(b"altup_proj.weight");
     std::fs::write(dir.join("unknown_tensor.gguf"), g).unwrap();
-    // PEFT options portalora does not implement, and one it does not know.
+    // PEFT options portalora does not implement, and one it does not know; a DoRA config on
+    // LoRA's tensors.
     let lora = "adapters/llama_lora/init";
     adapter_with_config(dir, lora, "dora", |c| c["use_dora"] = true.into());
     adapter_with_config(dir, lora, "modules_to_save", |c| c["modules_to_save"] = serde_json::json!(["lm_head"]));
@@ -472,7 +473,19 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             words(&format!("eval --model {gpt2} --ids DIR/ids_ok.json --seq 8")),
             &["--seq is not used with --ids"],
         ),
-        c("PEFT adapter with DoRA", eval_ids(llama, "DIR/dora"), &["use_dora = true", "DoRA"]),
+        c(
+            "PEFT adapter with use_dora but no magnitude vectors",
+            eval_ids(llama, "DIR/dora"),
+            &["lora_magnitude_vector", "is missing"],
+        ),
+        c(
+            "a DoRA adapter given to --method lora",
+            t(
+                llama,
+                &["--ids", "DIR/ids_ok.json", "--init-adapter", &fixture("adapters/llama_dora/init").to_string_lossy()],
+            ),
+            &["holds a DoRA adapter", "use method dora"],
+        ),
         c("PEFT adapter with modules_to_save", eval_ids(llama, "DIR/modules_to_save"), &["modules_to_save", "lm_head"]),
         c(
             "PEFT adapter with an option portalora does not know",

@@ -14,7 +14,7 @@ use portalora::train::{TrainConfig, Trainer};
 
 const MODELS: [&str; 7] =
     ["tiny_llama", "tiny_gpt2", "tiny_qwen2", "tiny_qwen3", "tiny_llama3", "tiny_gemma3", "tiny_mistral"];
-const METHODS: [Method; 5] = [Method::Lora, Method::LoraFa, Method::Vera, Method::DeltaLora, Method::LoraPlus];
+const METHODS: [Method; 6] = Method::ALL;
 
 #[test]
 fn every_recorded_step_of_every_family_method_and_memory_setting_reads_only_its_own_memory() {

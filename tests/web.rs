@@ -82,19 +82,36 @@ fn tiny_gpt2() -> portalora::model::Weights {
     .unwrap()
 }
 
+/// A PEFT fixture of the tiny GPT-2 (tests/fixtures/adapters/gpt2_NAME): expected.json, the
+/// initial adapter's config and weights.
+macro_rules! gpt2_fixture {
+    ($name:literal) => {
+        (
+            include_str!(concat!("fixtures/adapters/gpt2_", $name, "/expected.json")),
+            include_str!(concat!("fixtures/adapters/gpt2_", $name, "/init/adapter_config.json")),
+            &include_bytes!(concat!("fixtures/adapters/gpt2_", $name, "/init/adapter_model.safetensors"))[..],
+        )
+    };
+}
+
 /// PEFT's gpt2_lora fixture run in the browser with `memory`'s settings (recompute_mlp,
 /// activations_f16): every step's loss and the eval loss after training within `tol`.
 async fn gpt2_lora_matches_peft(memory: TrainConfig, tol: f64) {
+    gpt2_matches_peft(Method::Lora, gpt2_fixture!("lora"), memory, tol).await
+}
+
+/// A gpt2 fixture's run (`method`, from its initial adapter) in the browser.
+async fn gpt2_matches_peft(
+    method: Method,
+    (expected, config, weights): (&str, &str, &[u8]),
+    memory: TrainConfig,
+    tol: f64,
+) {
     let ctx = context().await;
     let w = tiny_gpt2();
-    let e: serde_json::Value = serde_json::from_str(include_str!("fixtures/adapters/gpt2_lora/expected.json")).unwrap();
-    let peft = PeftFile::from_bytes(
-        Path::new("gpt2_lora/init"),
-        include_str!("fixtures/adapters/gpt2_lora/init/adapter_config.json"),
-        include_bytes!("fixtures/adapters/gpt2_lora/init/adapter_model.safetensors"),
-    )
-    .unwrap();
-    let cfg = peft.adapter_config(Method::Lora, &AdapterConfig::new(Method::Lora)).unwrap();
+    let e: serde_json::Value = serde_json::from_str(expected).unwrap();
+    let peft = PeftFile::from_bytes(Path::new("init"), config, weights).unwrap();
+    let cfg = peft.adapter_config(method, &AdapterConfig::new(method)).unwrap();
     let tc = TrainConfig {
         lr: e["lr"].as_f64().unwrap(),
         weight_decay: e["weight_decay"].as_f64().unwrap(),
@@ -122,6 +139,13 @@ async fn gpt2_lora_matches_peft(memory: TrainConfig, tol: f64) {
 #[wasm_bindgen_test]
 async fn lora_training_matches_peft_in_the_browser() {
     gpt2_lora_matches_peft(TrainConfig { recompute_mlp: true, ..TrainConfig::default() }, 1e-4).await
+}
+
+/// DoRA in the browser: PEFT's use_dora run (magnitudes, the norms reduced on the GPU) step for
+/// step.
+#[wasm_bindgen_test]
+async fn dora_training_matches_peft_in_the_browser() {
+    gpt2_matches_peft(Method::Dora, gpt2_fixture!("dora"), TrainConfig::default(), 1e-4).await
 }
 
 /// `--activations f16` in the browser (no shader-f16 there: the conversions are integer code):

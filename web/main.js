@@ -111,7 +111,9 @@ worker.onmessage = (e) => {
       break;
     case "done":
       setBusy(false);
-      for (const id of ["download", "download-gguf"]) $(id).disabled = false;
+      $("download").disabled = false;
+      // llama.cpp has no DoRA adapters, and Delta-LoRA moved the base too: merged only.
+      $("download-gguf").disabled = ["dora", "delta-lora"].includes(state.method);
       $("download-merged").disabled = !state.model.name.endsWith(".gguf");
       status(`done after ${m.step} steps: validation loss ${state.val[0][1].toFixed(4)} → ${state.val[state.val.length - 1][1].toFixed(4)}`);
       document.body.dataset.done = String(Number(document.body.dataset.done || 0) + 1);
@@ -256,6 +258,7 @@ $("train").onclick = () => {
   setBusy(true);
   const num = (id) => Number($(id).value);
   const method = $("method").value;
+  state.method = method;
   const config = {
     method, rank: num("rank"), lr: num("lr"), steps: num("steps"), batch: num("batch"), seq: num("seq"),
     eval_every: num("eval-every"), targets: $("targets").value.split(",").map((s) => s.trim()).filter(Boolean),

@@ -8,7 +8,7 @@
 //! the GPU, so small updates survive; the result is exported as a merged model.
 
 use super::lora::Lora;
-use super::{add_product, zeros, Adapter, AdapterConfig, Param, Result, Site, SiteWeights, Slot};
+use super::{add_product, zeros, Adapter, AdapterConfig, Param, Result, Site, SiteBackward, SiteWeights, Slot};
 use crate::gpu::{Context, Step, Tensor};
 use crate::ops::elementwise::copy_forward;
 
@@ -48,8 +48,8 @@ impl Adapter for DeltaLora {
     fn forward_fused(&self, ctx: &Context, s: &mut Step, i: usize, ys: &[&Tensor]) -> Result<()> {
         self.lora.forward_fused(ctx, s, i, ys)
     }
-    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()> {
-        self.lora.backward(ctx, s, i, x, dys, dx)
+    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, io: &SiteBackward) -> Result<()> {
+        self.lora.backward(ctx, s, i, io)
     }
     fn needs_input(&self) -> bool {
         true

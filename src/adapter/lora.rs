@@ -9,7 +9,7 @@
 
 use super::{
     activation, add_product, first_rows, normal_init, scratch_view, uniform_init, zeros, Adapter, AdapterConfig,
-    AdapterError, Dropout, Init, Param, ParamKind, Result, Site, SiteWeights, Slot,
+    AdapterError, Dropout, Init, Param, ParamKind, Result, Site, SiteBackward, SiteWeights, Slot,
 };
 use std::collections::BTreeMap;
 
@@ -36,8 +36,8 @@ pub struct Lora {
     /// Per site: s = alpha / r (or alpha / sqrt(r)).
     pub scales: Vec<f32>,
     pub n: usize,
-    dz: Tensor, // (N · max r,) scratch, viewed as (N, r) per site
-    dropout: Option<Dropout>,
+    pub(crate) dz: Tensor, // (N · max r,) scratch, viewed as (N, r) per site
+    pub(crate) dropout: Option<Dropout>,
     /// LoRA-FA projected: `(A Aᵀ + 1e-8 I)⁻¹` `(r, r)` per site (A is frozen, so computed once).
     pub proj: Vec<Tensor>,
 }
@@ -191,7 +191,8 @@ impl Adapter for Lora {
         self.branch_out(ctx, s, i, &self.layers[i].z, ys)
     }
 
-    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()> {
+    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, io: &SiteBackward) -> Result<()> {
+        let (x, dys, dx) = (io.x, io.dys, io.dx);
         let l = &self.layers[i];
         let sc = self.scales[i];
         let dz = &scratch_view(&self.dz, self.n, l.a.shape()[0])?;

@@ -3,8 +3,9 @@
 //!
 //! One small trait, [`Adapter`], and one file per method: [`lora`] (also what LoRA+ trains),
 //! [`lora_fa`] (frozen A; keeps only `z = x·Aᵀ` for backward), [`vera`] (shared frozen pair,
-//! trained scale vectors), [`delta_lora`] (LoRA plus an after-step update of the frozen weight)
-//! and [`lora_plus`] (an optimizer setting: parameter groups). [`peft`] reads and writes PEFT's
+//! trained scale vectors), [`delta_lora`] (LoRA plus an after-step update of the frozen weight),
+//! [`dora`] (LoRA plus a trained magnitude per output row) and [`lora_plus`] (an optimizer
+//! setting: parameter groups). [`peft`] reads and writes PEFT's
 //! files.
 //!
 //! Conventions, for every method:
@@ -19,6 +20,7 @@
 //! - Activations are `(N, ·)` rows with N = batch · seq tokens, as in the model.
 
 pub mod delta_lora;
+pub mod dora;
 pub mod lora;
 pub mod lora_fa;
 pub mod lora_plus;
@@ -69,7 +71,7 @@ pub enum AdapterError {
 
 pub type Result<T> = std::result::Result<T, AdapterError>;
 
-/// The five methods.
+/// The six methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
@@ -78,10 +80,12 @@ pub enum Method {
     Vera,
     DeltaLora,
     LoraPlus,
+    Dora,
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [Method::Lora, Method::LoraFa, Method::Vera, Method::DeltaLora, Method::LoraPlus];
+    pub const ALL: [Method; 6] =
+        [Method::Lora, Method::LoraFa, Method::Vera, Method::DeltaLora, Method::LoraPlus, Method::Dora];
     /// The command-line name.
     pub fn name(self) -> &'static str {
         match self {
@@ -90,6 +94,7 @@ impl Method {
             Method::Vera => "vera",
             Method::DeltaLora => "delta-lora",
             Method::LoraPlus => "lora-plus",
+            Method::Dora => "dora",
         }
     }
     /// Whether the method trains an A/B pair (everything but VeRA).
@@ -260,6 +265,24 @@ pub struct SiteWeights<'a> {
     pub conv1d: bool,
 }
 
+/// A site's tensors in backward: its input `x` `(N, in)` and outputs `ys` (bias included) as in
+/// forward (the model keeps `ys` for backward only where an adapter reads them: DoRA), its
+/// outputs' gradients `dys`, and the input gradient `dx` `(N, in)` its term is added into.
+pub struct SiteBackward<'a> {
+    pub x: &'a Tensor,
+    pub ys: &'a [&'a Tensor],
+    pub dys: &'a [&'a Tensor],
+    pub dx: &'a Tensor,
+}
+
+/// A site's frozen weight parts and biases (shared GPU tensors, not copies), for
+/// [`Adapter::bind`].
+pub struct SiteBase {
+    pub parts: Vec<Tensor>, // Linear: (out_j, in); Conv1D: (in, out_j)
+    pub biases: Vec<Option<Tensor>>,
+    pub conv1d: bool,
+}
+
 /// Which optimizer group a trainable tensor belongs to (LoRA+ gives B and vectors their own rate).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParamKind {
@@ -302,9 +325,28 @@ pub trait Adapter {
     fn forward_fused(&self, _ctx: &Context, _s: &mut Step, i: usize, _ys: &[&Tensor]) -> Result<()> {
         Err(AdapterError::Option(format!("site {i}: this adapter has no fused forward")))
     }
-    /// Records the parameter gradients of site `i` from `dys` (`=`) and adds its input gradient
-    /// into `dx` `(N, in)` (`+=`). `x` is the site's input, as in forward.
-    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()>;
+    /// Records the parameter gradients of site `i` from `io.dys` (`=`) and adds its input
+    /// gradient into `io.dx` (`+=`).
+    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, io: &SiteBackward) -> Result<()>;
+    /// Records, before the frozen input-gradient product of site `i`, the output gradients that
+    /// product should use instead of `dys` (DoRA without dropout: `g ⊙ dy`, its magnitude's
+    /// gradient taken from `dy` and `ys` on the way); [`Adapter::backward`] then gets them as
+    /// its `dys`. `None`: the product uses `dys` as they are.
+    fn scaled_output_grads(
+        &self,
+        _ctx: &Context,
+        _s: &mut Step,
+        _i: usize,
+        _ys: &[&Tensor],
+        _dys: &[&Tensor],
+    ) -> Result<Option<Vec<Tensor>>> {
+        Ok(None)
+    }
+    /// Called when the adapter is attached to a model, with every site's frozen weight parts and
+    /// biases as the GPU holds them (DoRA's norms and its scaled base product read them).
+    fn bind(&mut self, _ctx: &Context, _bases: Vec<SiteBase>) -> Result<()> {
+        Ok(())
+    }
     /// Whether backward reads the site's input `x` (else the plan need not keep it).
     fn needs_input(&self) -> bool;
     /// The trainable tensors with their gradients.
@@ -351,6 +393,7 @@ pub fn build(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize) -> 
         Method::LoraFa => Box::new(lora_fa::new(ctx, cfg, sites, n)?),
         Method::DeltaLora => Box::new(delta_lora::DeltaLora::new(ctx, cfg, sites, n)?),
         Method::Vera => Box::new(vera::Vera::new(ctx, cfg, sites, n)?),
+        Method::Dora => Box::new(dora::Dora::new(ctx, cfg, sites, n)?),
     })
 }
 

@@ -36,6 +36,8 @@ pub struct PeftFile {
     /// `layers_to_transform`.
     pub layers: Option<Vec<usize>>,
     pub dropout: f32,
+    /// PEFT's `use_dora`: a DoRA adapter (its `lora_magnitude_vector`s with A and B).
+    pub use_dora: bool,
     pub tensors: BTreeMap<String, HostTensor>,
     /// Modules whose B rows are in llama.cpp's rotary order (a GGUF LoRA file's LLaMA q/k; see
     /// [`PeftFile::tensors_for`]).
@@ -157,11 +159,22 @@ impl PeftFile {
             alpha_pattern,
             layers,
             dropout: config[dropout_key].as_f64().unwrap_or(0.0) as f32,
+            use_dora: config["use_dora"].as_bool().unwrap_or(false),
             peft_type,
             config,
             tensors,
             rotary: Vec::new(),
         })
+    }
+
+    /// The method these files were trained with, as far as they say: VeRA, DoRA, or LoRA (which
+    /// LoRA-FA, LoRA+ and Delta-LoRA also write).
+    pub fn method(&self) -> Method {
+        match (self.peft_type.as_str(), self.use_dora) {
+            ("VERA", _) => Method::Vera,
+            (_, true) => Method::Dora,
+            _ => Method::Lora,
+        }
     }
 
     /// An adapter config for these files: `method` (LoRA files may serve LoRA, LoRA-FA, LoRA+ and
@@ -173,6 +186,13 @@ impl PeftFile {
                 &self.dir,
                 format!("holds a {} adapter, which method {method} cannot use", self.peft_type),
             ));
+        }
+        if self.use_dora != (method == Method::Dora) {
+            let (held, want) = match self.use_dora {
+                true => ("a DoRA adapter (use_dora, with magnitude vectors)", "use method dora"),
+                false => ("a plain LoRA adapter (no magnitude vectors)", "DoRA needs a file PEFT wrote with use_dora"),
+            };
+            return Err(file_err(&self.dir, format!("holds {held}, which method {method} cannot use: {want}")));
         }
         let mut cfg = base.clone();
         cfg.method = method;
@@ -287,6 +307,7 @@ pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: Option<&str>) ->
             "target_modules": targets,
             "fan_in_fan_out": gpt2,
             "use_rslora": cfg.rslora,
+            "use_dora": cfg.method == Method::Dora,
             "bias": "none",
             "modules_to_save": null,
             "init_lora_weights": true,
@@ -304,8 +325,9 @@ pub fn config_json(cfg: &AdapterConfig, gpt2: bool, base_model: Option<&str>) ->
 pub const ALL_LINEAR: &str = "all-linear";
 
 /// Keys of `adapter_config.json` that portalora reads.
-const USED_KEYS: [&str; 14] = [
+const USED_KEYS: [&str; 15] = [
     "peft_type",
+    "use_dora",
     "r",
     "lora_alpha",
     "lora_dropout",
@@ -343,8 +365,7 @@ const NO_EFFECT_KEYS: [&str; 16] = [
 ];
 
 /// PEFT options that change what an adapter computes and that portalora does not implement.
-const REFUSED_KEYS: [(&str, &str); 17] = [
-    ("use_dora", "DoRA adapters are not supported yet"),
+const REFUSED_KEYS: [(&str, &str); 16] = [
     ("bias", "trained biases are not supported (portalora's adapters leave every bias frozen)"),
     ("modules_to_save", "fully trained extra modules (an LM head, embeddings) are not supported; portalora trains and loads adapters only"),
     ("lora_bias", "adapter biases are not supported"),

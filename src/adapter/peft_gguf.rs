@@ -71,6 +71,8 @@ impl PeftFile {
             alpha_pattern,
             layers: Some(layers),
             dropout: 0.0,
+            // llama.cpp has no DoRA adapters.
+            use_dora: false,
             tensors,
             rotary: lora.rotary,
         })

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use super::{
     activation, first_rows, scratch_view, uniform_init, Adapter, AdapterConfig, Dropout, Param, ParamKind, Result,
-    Site, SiteWeights, Slot,
+    Site, SiteBackward, SiteWeights, Slot,
 };
 use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::weights::HostTensor;
@@ -164,7 +164,8 @@ impl Adapter for Vera {
         Ok(())
     }
 
-    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, _x: &Tensor, dys: &[&Tensor], dx: &Tensor) -> Result<()> {
+    fn backward(&self, ctx: &Context, s: &mut Step, i: usize, io: &SiteBackward) -> Result<()> {
+        let (dys, dx) = (io.dys, io.dx);
         let l = &self.layers[i];
         let n = self.n;
         scale_forward(ctx, s, &l.z, &l.lambda_d, None, &self.u, false)?;

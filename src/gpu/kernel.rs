@@ -50,6 +50,7 @@ source!(OPTIM, "optim.wgsl", subgroups: false, template: true);
 source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);
 source!(MATMUL_COOP, "matmul_coop.wgsl", subgroups: false, template: false);
 source!(HALF, "half.wgsl", subgroups: false, template: false);
+source!(DORA, "dora.wgsl", subgroups: false, template: false);
 
 /// Every WGSL file of the crate (the naga test validates each one).
 pub const ALL_SOURCES: &[&KernelSource] = &[
@@ -70,6 +71,7 @@ pub const ALL_SOURCES: &[&KernelSource] = &[
     &ADAPTER,
     &MATMUL_COOP,
     &HALF,
+    &DORA,
 ];
 
 /// Expands a template: a line `// #if FLAG` (or `// #if !FLAG`) keeps the lines up to its

@@ -27,8 +27,8 @@ pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {
     pub use super::kernel::{
-        ACT, ADAPTER, ATTENTION, ATTENTION_VEC4, ELEMENTWISE, EMBED, HALF, HEADS, MATMUL, MATMUL_COOP, MATMUL_SUBGROUP,
-        NORM, OPTIM, REDUCE, ROPE, SOFTMAX, XENT,
+        ACT, ADAPTER, ATTENTION, ATTENTION_VEC4, DORA, ELEMENTWISE, EMBED, HALF, HEADS, MATMUL, MATMUL_COOP,
+        MATMUL_SUBGROUP, NORM, OPTIM, REDUCE, ROPE, SOFTMAX, XENT,
     };
 }
 pub use step::Step;

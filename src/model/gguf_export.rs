@@ -120,6 +120,53 @@ pub fn factors(
     Ok(out)
 }
 
+/// DoRA's adapted weights merged on the host as PEFT merges them, in f64: `W' = g ⊙ (W0 + s·B·A)`
+/// per output o, `g_o = m_o / ‖W0_o + s·(B·A)_o‖` (over the input dimension), each weight in its
+/// Hugging Face layout (GPT-2's Conv1D `(in, out)`: outputs are columns). Returns a [`Weights`]
+/// holding those tensors only, for [`merged_gguf`] with factors of scale 0 (a DoRA branch is not a
+/// low-rank product).
+pub fn dora_merged(weights: &Weights, factors: &[Factors], tensors: &BTreeMap<String, HostTensor>) -> Result<Weights> {
+    let conv1d = weights.config.block.conv1d;
+    let mut out = BTreeMap::new();
+    for f in factors {
+        let key = format!("{}.weight", f.module);
+        let w0 = weights.tensors.get(&key).ok_or_else(|| ExportError::Missing { key: key.clone() })?;
+        let (r, inf, outf) = (f.a.shape[0], f.a.shape[1], f.b.shape[0]);
+        let m_key = format!("base_model.model.{}.lora_magnitude_vector", f.module);
+        let m = get(tensors, &m_key, &[outf], &f.module)?;
+        let at = |o: usize, k: usize| if conv1d { k * outf + o } else { o * inf + k };
+        if w0.data.len() != outf * inf {
+            return Err(ExportError::Shape {
+                key,
+                got: w0.shape.clone(),
+                want: vec![outf, inf],
+                module: f.module.clone(),
+            });
+        }
+        let mut merged = w0.data.clone();
+        for o in 0..outf {
+            let row: Vec<f64> = (0..inf)
+                .map(|k| {
+                    let ba: f64 = (0..r).map(|j| f.b.data[o * r + j] as f64 * f.a.data[j * inf + k] as f64).sum();
+                    w0.data[at(o, k)] as f64 + f.scale * ba
+                })
+                .collect();
+            let g = m.data[o] as f64 / row.iter().map(|v| v * v).sum::<f64>().sqrt();
+            for (k, v) in row.iter().enumerate() {
+                merged[at(o, k)] = (g * v) as f32;
+            }
+        }
+        out.insert(key, HostTensor { shape: w0.shape.clone(), data: merged });
+    }
+    Ok(Weights {
+        config: weights.config.clone(),
+        tensors: out,
+        raw: Default::default(),
+        source: weights.source.clone(),
+        left_out: None,
+    })
+}
+
 /// The GGUF tensor name of a transformers tensor (`model.layers.3.self_attn.q_proj.weight` →
 /// `blk.3.attn_q.weight`, `model.norm.weight` → `output_norm.weight`): the loader's mapping,
 /// inverted.

@@ -9,6 +9,7 @@
 pub mod act;
 pub mod adapter;
 pub mod attention;
+pub mod dora;
 pub mod elementwise;
 pub mod embed;
 pub mod half;

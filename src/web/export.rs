@@ -8,7 +8,7 @@ use super::{err, Busy, Engine};
 use crate::adapter::peft::{export, PeftFile};
 use crate::adapter::Method;
 use crate::io::gguf::{GgmlType, Gguf};
-use crate::model::gguf_export::{factors, file_alpha, lora_gguf, merged_gguf};
+use crate::model::gguf_export::{dora_merged, factors, file_alpha, lora_gguf, merged_gguf, Factors};
 use crate::model::weights::Weights;
 
 #[wasm_bindgen]
@@ -40,6 +40,9 @@ impl Engine {
                 )
                 .into());
             }
+            if cfg.method == Method::Dora && !merged {
+                return Err(err("llama.cpp has no DoRA adapters: download the merged GGUF").into());
+            }
             let tensors = export(&g.ctx, adapter).await.map_err(err)?;
             let f = factors(&cfg, &tensors, &w.config).map_err(err)?;
             let (file, notes) = if merged {
@@ -59,6 +62,10 @@ impl Engine {
                         left_out: None,
                     };
                     merged_gguf(base, &moved, &f, ty).map_err(err)?
+                } else if cfg.method == Method::Dora {
+                    let moved = dora_merged(w, &f, &tensors).map_err(err)?;
+                    let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
+                    merged_gguf(base, &moved, &as_is, ty).map_err(err)?
                 } else {
                     merged_gguf(base, w, &f, ty).map_err(err)?
                 }

@@ -35,7 +35,7 @@ await page.selectOption("#method", "lora-plus");
 assert.equal(await page.inputValue("#rank"), "8");
 assert.equal(await page.isVisible("#lr-ratio"), true);
 
-const methods = ["lora", "lora-fa", "vera", "delta-lora", "lora-plus"];
+const methods = ["lora", "lora-fa", "vera", "delta-lora", "dora", "lora-plus"];
 const results = {};
 for (const [i, method] of methods.entries()) {
   await page.selectOption("#method", method);
@@ -50,6 +50,8 @@ for (const [i, method] of methods.entries()) {
   assert.equal(err, undefined, `${method}: ${err}`);
   assert.equal(await page.evaluate(() => document.body.dataset.activations), method === "lora-fa" ? "f16" : "f32",
     `${method}: the activations setting reached the engine`);
+  assert.equal(await page.isDisabled("#download-gguf"), ["dora", "delta-lora"].includes(method),
+    `${method}: a GGUF LoRA file only where llama.cpp can run one`);
   const s = await page.evaluate(() => ({
     val: window.demoState.val, train: window.demoState.train, before: window.demoState.before,
     after: window.demoState.after, points: document.getElementById("chart").dataset.points,

@@ -7,7 +7,7 @@ use portalora::adapter::peft::{write_atomic, PeftFile};
 use portalora::adapter::{AdapterConfig, Method};
 use portalora::io::gguf::{GgmlType, Gguf};
 use portalora::io::tokenizer::Tokenizer;
-use portalora::model::gguf_export::{factors, file_alpha, lora_gguf, merged_gguf, Factors};
+use portalora::model::gguf_export::{dora_merged, factors, file_alpha, lora_gguf, merged_gguf, Factors};
 use portalora::model::gguf_hf::folder_gguf;
 use portalora::model::ModelConfig;
 
@@ -51,7 +51,7 @@ fn method_of(adapter: &Path, peft: &PeftFile) -> Method {
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
         v["adapter"]["method"].as_str()?.parse().ok()
     });
-    from_run.unwrap_or(if peft.peft_type == "VERA" { Method::Vera } else { Method::Lora })
+    from_run.unwrap_or(peft.method())
 }
 
 fn model_config(model: &Path) -> Res<ModelConfig> {
@@ -95,8 +95,16 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
             )
             .into())
         }
+        Some(_) if method == Method::Dora => {
+            return Err(format!(
+                "{} is a DoRA adapter: llama.cpp has no DoRA adapters (its magnitudes rescale whole rows of the \
+                 weights, not a low-rank product); use --as merged",
+                a.adapter.display()
+            )
+            .into())
+        }
         Some(_) => false,
-        None => method == Method::DeltaLora,
+        None => matches!(method, Method::DeltaLora | Method::Dora),
     };
     let ty =
         a.ty.as_deref()
@@ -137,7 +145,13 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
                 Some(w) => w,
                 None => portalora::model::load_model(&a.model)?,
             };
-            merged_gguf(&base, &weights, &f, ty)?
+            if method == Method::Dora {
+                let moved = dora_merged(&weights, &f, &peft.tensors_for(&config))?;
+                let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
+                merged_gguf(&base, &moved, &as_is, ty)?
+            } else {
+                merged_gguf(&base, &weights, &f, ty)?
+            }
         }
     } else {
         (lora_gguf(&config, &f, file_alpha(&cfg), ty.unwrap_or(GgmlType::F32), &name)?, Vec::new())

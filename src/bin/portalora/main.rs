@@ -202,7 +202,7 @@ pub(crate) struct BenchStepArgs {
     /// A GGUF file or a Hugging Face folder.
     #[arg(long)]
     pub(crate) model: PathBuf,
-    /// lora, lora-fa, vera, delta-lora or lora-plus.
+    /// lora, lora-fa, vera, delta-lora, lora-plus or dora.
     #[arg(long, default_value = "lora")]
     pub(crate) method: String,
     /// Adapter rank (VeRA: the shared matrices' rank).

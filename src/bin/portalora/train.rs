@@ -50,7 +50,7 @@ pub(crate) struct TrainArgs {
     /// never targets, instead of packing documents into rows.
     #[arg(long)]
     no_packing: bool,
-    /// lora, lora-fa, vera, delta-lora or lora-plus.
+    /// lora, lora-fa, vera, delta-lora, lora-plus or dora.
     #[arg(long, default_value = DEFAULTS.method)]
     method: String,
     /// Adapter rank r [default: 8; VeRA 256; or the --init-adapter's].

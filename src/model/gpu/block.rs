@@ -10,7 +10,7 @@
 use super::params::{BlockParams, Norm};
 use super::plan::{Gradients, LayerActivations};
 use super::{need, GpuModelError, Result};
-use crate::adapter::{Adapter, Proj};
+use crate::adapter::{Adapter, Proj, SiteBackward};
 use crate::gpu::{Context, Step, Tensor};
 use crate::model::arch::{Act, NormKind};
 use crate::model::config::ModelConfig;
@@ -55,6 +55,9 @@ impl Hooks<'_> {
 
 /// One projection's frozen part: its weight, optional bias, and output.
 type Part<'t> = (&'t Tensor, Option<&'t Tensor>, &'t Tensor);
+/// One projection part in backward: its weight, its output's gradient, and its output (what
+/// the forward pass wrote, bias included; only an adapter that reads it keeps it alive).
+type BackPart<'t> = (&'t Tensor, &'t Tensor, &'t Tensor);
 
 /// Records one model's layers.
 pub struct Recorder<'a> {
@@ -142,11 +145,8 @@ impl Recorder<'_> {
                 }
             }
         }
-        for (_, b, y) in parts {
-            if let Some(b) = b {
-                bias_forward(ctx, s, b, y)?;
-            }
-        }
+        // The branch before the biases: DoRA scales what it is given (W0·x plus its branch), and
+        // PEFT's DoRA leaves the bias unscaled.
         if let Some((a, i)) = site {
             let ys: Vec<&Tensor> = parts.iter().map(|(_, _, y)| *y).collect();
             if fused {
@@ -155,31 +155,52 @@ impl Recorder<'_> {
                 a.forward(ctx, s, i, x, &ys, self.hooks.train)?;
             }
         }
+        for (_, b, y) in parts {
+            if let Some(b) = b {
+                bias_forward(ctx, s, b, y)?;
+            }
+        }
         Ok(())
     }
 
     /// The input gradient of projections that share the input `x`: `dx = Σ dy·W` over every part
-    /// of every projection, then each adapter's parameter gradients and `dx += ` its term.
+    /// (weight, output gradient, forward output) of every projection, then each adapter's
+    /// parameter gradients and `dx += ` its term.
     fn projs_backward(
         &self,
         s: &mut Step,
         l: usize,
         x: &Tensor,
-        projs: &[(Proj, &[(&Tensor, &Tensor)])],
+        projs: &[(Proj, &[BackPart])],
         dx: &Tensor,
     ) -> Result<()> {
         let op = self.backward_op();
+        // An adapter that scales its site's output (DoRA) hands the frozen product its own
+        // output gradients; everyone else's are the model's.
+        let mut grads: Vec<Vec<Tensor>> = Vec::with_capacity(projs.len());
+        for (proj, parts) in projs {
+            let dys: Vec<&Tensor> = parts.iter().map(|(_, dy, _)| *dy).collect();
+            let scaled = match self.hooks.site(l, *proj) {
+                Some((a, i)) => {
+                    let ys: Vec<&Tensor> = parts.iter().map(|(_, _, y)| *y).collect();
+                    a.scaled_output_grads(self.ctx, s, i, &ys, &dys)?
+                }
+                None => None,
+            };
+            grads.push(scaled.unwrap_or_else(|| dys.into_iter().cloned().collect()));
+        }
         let mut first = true;
-        for (_, parts) in projs {
-            for (w, dy) in *parts {
+        for ((_, parts), dys) in projs.iter().zip(&grads) {
+            for ((w, _, _), dy) in parts.iter().zip(dys) {
                 matmul(self.ctx, s, dy, w, dx, op.accumulate(!first))?;
                 first = false;
             }
         }
-        for (proj, parts) in projs {
+        for ((proj, parts), dys) in projs.iter().zip(&grads) {
             if let Some((a, i)) = self.hooks.site(l, *proj) {
-                let dys: Vec<&Tensor> = parts.iter().map(|(_, dy)| *dy).collect();
-                a.backward(self.ctx, s, i, x, &dys, dx)?;
+                let dys: Vec<&Tensor> = dys.iter().collect();
+                let ys: Vec<&Tensor> = parts.iter().map(|(_, _, y)| *y).collect();
+                a.backward(self.ctx, s, i, &SiteBackward { x, ys: &ys, dys: &dys, dx })?;
             }
         }
         Ok(())
@@ -396,7 +417,7 @@ impl Recorder<'_> {
             }
             _ => dxo,
         };
-        self.projs_backward(s, l, &la.act, &[(down, &[(&p.w_down, d_down)])], &g.d_act)?;
+        self.projs_backward(s, l, &la.act, &[(down, &[(&p.w_down, d_down, &la.down)])], &g.d_act)?;
         match (self.config.block.act, gate, &g.d_gate) {
             (Act::SwiGlu, Some(gate), Some(d_gate)) => {
                 swiglu_backward(self.ctx, s, gate, up, &g.d_act, d_gate, &g.d_up)?
@@ -406,11 +427,12 @@ impl Recorder<'_> {
             }
             _ => gelu_backward(self.ctx, s, up, &g.d_act, &g.d_up)?,
         }
-        match (&p.w_gate, &g.d_gate) {
-            (Some(wg), Some(dg)) => {
-                self.projs_backward(s, l, h2, &[(Proj::Gate, &[(wg, dg)]), (up_proj, &[(&p.w_up, &g.d_up)])], &g.d_h)?
+        match (&p.w_gate, &g.d_gate, gate) {
+            (Some(wg), Some(dg), Some(gate)) => {
+                let projs = [(Proj::Gate, &[(wg, dg, gate)][..]), (up_proj, &[(&p.w_up, &g.d_up, up)][..])];
+                self.projs_backward(s, l, h2, &projs, &g.d_h)?
             }
-            _ => self.projs_backward(s, l, h2, &[(up_proj, &[(&p.w_up, &g.d_up)])], &g.d_h)?,
+            _ => self.projs_backward(s, l, h2, &[(up_proj, &[(&p.w_up, &g.d_up, up)])], &g.d_h)?,
         }
         self.norm_backward(s, &la.x_mid, &p.ln2, la.mean2.as_ref(), &la.rstd2, &g.d_h, Some(dxo), &g.d_xmid)
     }
@@ -437,7 +459,7 @@ impl Recorder<'_> {
             }
             _ => &g.d_xmid,
         };
-        self.projs_backward(s, l, &la.att, &[(o, &[(&p.wo, d_o)])], &g.d_att)?;
+        self.projs_backward(s, l, &la.att, &[(o, &[(&p.wo, d_o, &la.o)])], &g.d_att)?;
         let (b, t, positions) =
             self.docs.ok_or_else(|| GpuModelError::Unsupported("backward without a batch".into()))?;
         let shape = AttentionShape { docs: true, ..c.attention_shape(l, b, t, 0) };
@@ -463,9 +485,9 @@ impl Recorder<'_> {
             self.head_norm_backward(s, &la.q, wq, need(&la.rstd_q)?, dqn, &g.d_q)?;
             self.head_norm_backward(s, &la.k, wk, need(&la.rstd_k)?, dkn, &g.d_k)?;
         }
-        let (q, k, v) = ([(&p.wq, &g.d_q)], [(&p.wk, &g.d_k)], [(&p.wv, &g.d_v)]);
+        let (q, k, v) = ([(&p.wq, &g.d_q, &la.q)], [(&p.wk, &g.d_k, &la.k)], [(&p.wv, &g.d_v, &la.v)]);
         if c.block.conv1d {
-            let all = [(&p.wq, &g.d_q), (&p.wk, &g.d_k), (&p.wv, &g.d_v)];
+            let all = [q[0], k[0], v[0]];
             self.projs_backward(s, l, &la.h1, &[(qkv, &all)], &g.d_h)?;
         } else {
             self.projs_backward(s, l, &la.h1, &[(Proj::Q, &q), (Proj::K, &k), (Proj::V, &v)], &g.d_h)?;

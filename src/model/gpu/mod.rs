@@ -255,6 +255,17 @@ impl GpuModel {
         if let Some(site) = adapter.sites().iter().find(|s| s.layer >= self.config.num_layers) {
             return Err(GpuModelError::Unsupported(format!("{} is not a layer of this model", site.module)));
         }
+        let mut adapter = adapter;
+        let mut bases = Vec::new();
+        for site in adapter.sites() {
+            let parts = self.site_parts(site)?;
+            bases.push(crate::adapter::SiteBase {
+                parts: parts.iter().map(|(w, _)| (*w).clone()).collect(),
+                biases: parts.iter().map(|(_, b)| b.cloned()).collect(),
+                conv1d: site.conv1d,
+            });
+        }
+        adapter.bind(ctx, bases)?;
         self.adapter = Some(adapter);
         self.merged = false;
         self.rerecord(ctx)
@@ -288,20 +299,25 @@ impl GpuModel {
         let Some(a) = self.adapter.as_deref() else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for site in a.sites() {
-            let lp = &self.params.layers[site.layer];
-            let parts = match site.proj {
-                Proj::Q => vec![&lp.wq],
-                Proj::K => vec![&lp.wk],
-                Proj::V => vec![&lp.wv],
-                Proj::CAttn => vec![&lp.wq, &lp.wk, &lp.wv],
-                Proj::O | Proj::AttnProj => vec![&lp.wo],
-                Proj::Gate => vec![need(&lp.w_gate)?],
-                Proj::Up | Proj::Fc => vec![&lp.w_up],
-                Proj::Down | Proj::MlpProj => vec![&lp.w_down],
-            };
+            let parts = self.site_parts(site)?.into_iter().map(|(w, _)| w).collect();
             out.push(SiteWeights { parts, conv1d: site.conv1d });
         }
         Ok(out)
+    }
+
+    /// A site's frozen weight parts with their biases.
+    fn site_parts(&self, site: &crate::adapter::Site) -> Result<Vec<(&Tensor, Option<&Tensor>)>> {
+        let lp = &self.params.layers[site.layer];
+        Ok(match site.proj {
+            Proj::Q => vec![(&lp.wq, lp.bq.as_ref())],
+            Proj::K => vec![(&lp.wk, lp.bk.as_ref())],
+            Proj::V => vec![(&lp.wv, lp.bv.as_ref())],
+            Proj::CAttn => vec![(&lp.wq, lp.bq.as_ref()), (&lp.wk, lp.bk.as_ref()), (&lp.wv, lp.bv.as_ref())],
+            Proj::O | Proj::AttnProj => vec![(&lp.wo, lp.bo.as_ref())],
+            Proj::Gate => vec![(need(&lp.w_gate)?, lp.b_gate.as_ref())],
+            Proj::Up | Proj::Fc => vec![(&lp.w_up, lp.b_up.as_ref())],
+            Proj::Down | Proj::MlpProj => vec![(&lp.w_down, lp.b_down.as_ref())],
+        })
     }
 
     /// The weights of every projection the attached adapter touches, read back from the GPU, by

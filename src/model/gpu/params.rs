@@ -272,7 +272,12 @@ fn upload_matrix(
         Some(d) => d,
         None => raw.and_then(|r| quant::dtype_of(r.ty)).unwrap_or(DType::F32),
     };
-    if want == DType::F32 || data.shape.len() != 2 || !quant::fits(want, &data.shape) {
+    // The packed matmul reads four rows of B at a time too (a vocabulary of 61 rows stays f32).
+    if want == DType::F32
+        || data.shape.len() != 2
+        || !quant::fits(want, &data.shape)
+        || !data.shape[0].is_multiple_of(4)
+    {
         return Ok(ctx.upload_f32(name, &data.shape, &data.data)?);
     }
     if !ctx.features().subgroups {
