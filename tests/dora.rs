@@ -37,6 +37,20 @@ fn eval(model: &Path, ids: &Path, adapter: Option<&Path>) -> f64 {
     serde_json::from_str::<serde_json::Value>(last).unwrap()["loss"].as_f64().unwrap()
 }
 
+/// `generate --json`'s greedy token ids for the prompt "To be".
+fn generate(model: &Path, adapter: Option<&Path>) -> serde_json::Value {
+    let mut args = vec!["generate", "--model", s(model), "--prompt", "To be", "--max-tokens", "12", "--json"];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", s(a)]);
+    }
+    let out = run(&args);
+    let ids = serde_json::from_str::<serde_json::Value>(out.lines().rev().find(|l| l.starts_with('{')).unwrap())
+        .unwrap()["ids"]
+        .clone();
+    assert!(ids.as_array().is_some_and(|a| a.len() == 12), "{out}");
+    ids
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs()
 }
@@ -62,6 +76,12 @@ fn peft_dora_files_evaluate_and_merge_as_in_peft() {
         run(&["merge", "--model", s(&model), "--adapter", s(&adapter), "--out", s(&merged)]);
         let got = eval(&merged, &ids, None);
         assert!(rel(got, want) < 1e-4, "{arch}: the merged model {got} vs PEFT {want}");
+        if arch == "gpt2" {
+            // Generation runs the branch beside the stored weights (bound to them, not merged):
+            // the merged model's greedy tokens (GPT-2: the fixture with a tokenizer).
+            let (with, from_merged) = (generate(&model, Some(&adapter)), generate(&merged, None));
+            assert_eq!(with, from_merged, "greedy tokens with the adapter and from the merged model");
+        }
         let (base, merged_w) = (load_model(&model).unwrap(), load_model(&merged).unwrap());
         let peft = PeftFile::read(&adapter).unwrap();
         let cfg = peft.adapter_config(Method::Dora, &AdapterConfig::new(Method::Dora)).unwrap();

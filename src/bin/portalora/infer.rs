@@ -172,8 +172,12 @@ pub(crate) fn generate(
     // the adapter's branch beside them, unmerged.
     let params = ParameterTensors::upload_as(ctx, &weights, None, BaseDType::Auto)?;
     let max_len = (ids.len() + max_tokens).min(context);
-    let adapter =
+    let mut adapter =
         adapter.map(|dir| portalora::train::adapter_from(ctx, &weights, dir, max_len.min(512))).transpose()?;
+    if let Some(a) = adapter.as_mut() {
+        // What it reads of the frozen weights it runs beside (DoRA's norms).
+        a.bind(ctx, portalora::model::gpu::site_bases(&params, a.sites())?)?;
+    }
     let mut gen = Generator::new(ctx, &weights.config, &params, max_len)?;
     if let Some(a) = &adapter {
         gen = gen.with_adapter(a.as_ref())?;

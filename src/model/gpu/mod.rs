@@ -256,16 +256,7 @@ impl GpuModel {
             return Err(GpuModelError::Unsupported(format!("{} is not a layer of this model", site.module)));
         }
         let mut adapter = adapter;
-        let mut bases = Vec::new();
-        for site in adapter.sites() {
-            let parts = self.site_parts(site)?;
-            bases.push(crate::adapter::SiteBase {
-                parts: parts.iter().map(|(w, _)| (*w).clone()).collect(),
-                biases: parts.iter().map(|(_, b)| b.cloned()).collect(),
-                conv1d: site.conv1d,
-            });
-        }
-        adapter.bind(ctx, bases)?;
+        adapter.bind(ctx, site_bases(&self.params, adapter.sites())?)?;
         self.adapter = Some(adapter);
         self.merged = false;
         self.rerecord(ctx)
@@ -299,25 +290,10 @@ impl GpuModel {
         let Some(a) = self.adapter.as_deref() else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for site in a.sites() {
-            let parts = self.site_parts(site)?.into_iter().map(|(w, _)| w).collect();
+            let parts = site_parts(&self.params, site)?.into_iter().map(|(w, _)| w).collect();
             out.push(SiteWeights { parts, conv1d: site.conv1d });
         }
         Ok(out)
-    }
-
-    /// A site's frozen weight parts with their biases.
-    fn site_parts(&self, site: &crate::adapter::Site) -> Result<Vec<(&Tensor, Option<&Tensor>)>> {
-        let lp = &self.params.layers[site.layer];
-        Ok(match site.proj {
-            Proj::Q => vec![(&lp.wq, lp.bq.as_ref())],
-            Proj::K => vec![(&lp.wk, lp.bk.as_ref())],
-            Proj::V => vec![(&lp.wv, lp.bv.as_ref())],
-            Proj::CAttn => vec![(&lp.wq, lp.bq.as_ref()), (&lp.wk, lp.bk.as_ref()), (&lp.wv, lp.bv.as_ref())],
-            Proj::O | Proj::AttnProj => vec![(&lp.wo, lp.bo.as_ref())],
-            Proj::Gate => vec![(need(&lp.w_gate)?, lp.b_gate.as_ref())],
-            Proj::Up | Proj::Fc => vec![(&lp.w_up, lp.b_up.as_ref())],
-            Proj::Down | Proj::MlpProj => vec![(&lp.w_down, lp.b_down.as_ref())],
-        })
     }
 
     /// The weights of every projection the attached adapter touches, read back from the GPU, by
@@ -552,4 +528,37 @@ impl GpuModel {
         }
         Ok(ctx.read_f32(&self.acts.logits)?)
     }
+}
+
+/// A site's frozen weight parts in `params` with their biases.
+fn site_parts<'p>(
+    params: &'p ParameterTensors,
+    site: &crate::adapter::Site,
+) -> Result<Vec<(&'p Tensor, Option<&'p Tensor>)>> {
+    let lp = &params.layers[site.layer];
+    Ok(match site.proj {
+        Proj::Q => vec![(&lp.wq, lp.bq.as_ref())],
+        Proj::K => vec![(&lp.wk, lp.bk.as_ref())],
+        Proj::V => vec![(&lp.wv, lp.bv.as_ref())],
+        Proj::CAttn => vec![(&lp.wq, lp.bq.as_ref()), (&lp.wk, lp.bk.as_ref()), (&lp.wv, lp.bv.as_ref())],
+        Proj::O | Proj::AttnProj => vec![(&lp.wo, lp.bo.as_ref())],
+        Proj::Gate => vec![(need(&lp.w_gate)?, lp.b_gate.as_ref())],
+        Proj::Up | Proj::Fc => vec![(&lp.w_up, lp.b_up.as_ref())],
+        Proj::Down | Proj::MlpProj => vec![(&lp.w_down, lp.b_down.as_ref())],
+    })
+}
+
+/// Every site's frozen weight parts and biases in `params`, for [`Adapter::bind`]: what an
+/// adapter run beside weights it is not attached to (generation) reads.
+pub fn site_bases(params: &ParameterTensors, sites: &[crate::adapter::Site]) -> Result<Vec<crate::adapter::SiteBase>> {
+    let mut bases = Vec::with_capacity(sites.len());
+    for site in sites {
+        let parts = site_parts(params, site)?;
+        bases.push(crate::adapter::SiteBase {
+            parts: parts.iter().map(|(w, _)| (*w).clone()).collect(),
+            biases: parts.iter().map(|(_, b)| b.cloned()).collect(),
+            conv1d: site.conv1d,
+        });
+    }
+    Ok(bases)
 }
