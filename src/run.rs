@@ -127,7 +127,11 @@ pub fn unused_by_method(method: Method, given: &[&str]) -> Vec<(String, &'static
     let rules: [(&[&str], bool, &str); 6] = [
         (&["alpha", "rslora"], method == Method::Vera, "VeRA has no alpha (its scale is learnt in λ_b and λ_d)"),
         (&["init"], method == Method::Vera, "VeRA's shared pair is always kaiming-uniform"),
-        (&["lr_ratio"], method != Method::LoraPlus, "only LoRA+ (method lora-plus) uses it"),
+        (
+            &["lr_ratio"],
+            !matches!(method, Method::LoraPlus | Method::Dora),
+            "only LoRA+ (method lora-plus) and DoRA (with LoRA+'s groups) use it",
+        ),
         (&["delta_lambda", "delta_warmup"], method != Method::DeltaLora, "only Delta-LoRA (method delta-lora) uses it"),
         (&["vera_d_initial", "vera_seed"], method != Method::Vera, "only VeRA (method vera) uses it"),
         (&["lorafa_projected"], method != Method::LoraFa, "only LoRA-FA (method lora-fa) uses it"),

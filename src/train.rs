@@ -106,6 +106,11 @@ pub struct TrainConfig {
     /// (activation checkpointing; see [`PlanOptions::recompute_mlp`]).
     #[serde(default)]
     pub recompute_mlp: bool,
+    /// LoRA+'s parameter groups (B and the 1-D parameters at `lr × lr_ratio`) for a method
+    /// other than LoRA+ itself: DoRA given `--lr-ratio` (PEFT's `create_loraplus_optimizer` on a
+    /// DoRA model puts its magnitudes with B).
+    #[serde(default)]
+    pub lora_plus: bool,
     /// Keep activations as f16 between the forward and the backward pass (`--activations f16`;
     /// see [`PlanOptions::activations_f16`]).
     #[serde(default)]
@@ -137,6 +142,7 @@ impl Default for TrainConfig {
             base_dtype: BaseDType::Auto,
             loss_every: 1,
             recompute_mlp: false,
+            lora_plus: false,
             activations_f16: false,
             logit_chunk_rows: None,
         }
@@ -324,8 +330,10 @@ impl Trainer {
         let mut params = Vec::new();
         let optimizer_kind = ctx.alloc_kind("optimizer");
         for p in adapter.params() {
-            let lr_mult =
-                if method == Method::LoraPlus { lora_plus::lr_multiplier(p.kind, config.lr_ratio) } else { 1.0 };
+            let lr_mult = match method == Method::LoraPlus || config.lora_plus {
+                true => lora_plus::lr_multiplier(p.kind, config.lr_ratio),
+                false => 1.0,
+            };
             let group = match groups.iter().position(|g| g.lr_mult == lr_mult) {
                 Some(i) => i,
                 None => {

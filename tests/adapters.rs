@@ -39,6 +39,7 @@ peft_match!(gpt2_dora_with_dropout_matches_peft, "gpt2", "dora-dropout");
 peft_match!(llama_dora_matches_peft, "llama", "dora");
 peft_match!(llama_dora_with_dropout_matches_peft, "llama", "dora-dropout");
 peft_match!(qwen3_dora_matches_peft, "qwen3", "dora");
+peft_match!(llama_dora_with_lora_plus_groups_matches_peft, "llama", "dora-plus");
 
 macro_rules! peft_match_recomputed {
     ($name:ident, $arch:literal, $method:literal) => {

@@ -111,7 +111,10 @@ fn a_dora_run_exports_a_merged_gguf_that_evaluates_as_the_run() {
     let out = work.join("run");
     let targets = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
     let args = ["--ids", s(&ids), "--method", "dora", "--rank", "4", "--targets", targets, "--lr", "0.02"];
-    run(&[&["train", "--model", s(&model), "--steps", "4", "--out", s(&out)][..], &args[..]].concat());
+    let plus = ["--lr-ratio", "4"]; // LoRA+'s groups (tests/adapters.rs checks them against PEFT)
+    run(&[&["train", "--model", s(&model), "--steps", "4", "--out", s(&out)][..], &args[..], &plus[..]].concat());
+    let cfg = json(&out.join("run.json"));
+    assert_eq!((cfg["train"]["lora_plus"].as_bool(), cfg["train"]["lr_ratio"].as_f64()), (Some(true), Some(4.0)));
     let with_adapter = eval(&model, &ids, Some(&out));
     let file = work.join("merged.gguf");
     let text = run(&["export", "--model", s(&model), "--adapter", s(&out), "--out", s(&file)]);

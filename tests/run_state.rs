@@ -179,4 +179,7 @@ fn plans_that_contradict_themselves_or_the_data_are_refused() {
     let names: Vec<&str> = unused.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["alpha", "lr_ratio"]);
     assert!(unused_by_method(Method::LoraPlus, &["lr_ratio", "alpha"]).is_empty());
+    // DoRA takes a ratio as LoRA+'s groups; LoRA does not.
+    assert!(unused_by_method(Method::Dora, &["lr_ratio", "alpha"]).is_empty());
+    assert_eq!(unused_by_method(Method::Lora, &["lr_ratio"]).len(), 1);
 }

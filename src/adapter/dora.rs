@@ -167,25 +167,34 @@ impl Dora {
         Ok(())
     }
 
-    /// Records `c = ‖W0_o‖²` of every part of site `i`: straight from an f32 weight, or from the
-    /// rows of a packed one dequantized by the embedding gather (packed weights are Linear).
-    fn record_sums(&self, ctx: &Context, s: &mut Step, i: usize, keep: &mut Vec<Tensor>) -> Result<()> {
-        let base = &self.bases[i];
-        for (w, c) in base.parts.iter().zip(&self.mags[i].c) {
-            if w.dtype() == DType::F32 {
-                dora_sumsq(ctx, s, w, !base.conv1d, c)?;
-                continue;
+    /// Records `c = ‖W0_o‖²` of every part of every site: straight from an f32 weight, or from
+    /// the rows of a packed one dequantized by the embedding gather (packed weights are Linear)
+    /// into one scratch the size of the largest, so that binding never holds an f32 copy of the
+    /// base. Returns the scratch tensors, to be dropped once the step is submitted.
+    fn record_sums(&self, ctx: &Context, s: &mut Step) -> Result<Vec<Tensor>> {
+        let packed = || self.bases.iter().flat_map(|b| &b.parts).filter(|w| w.dtype() != DType::F32);
+        let rows = packed().map(|w| w.shape()[0]).max().unwrap_or(0);
+        let size = packed().map(|w| w.numel()).max().unwrap_or(0);
+        let scratch = match rows {
+            0 => None,
+            _ => Some((
+                ctx.upload_u32("dora rows", &[rows], &(0..rows as u32).collect::<Vec<_>>())?,
+                ctx.tensor("dora W0 rows", &[size], DType::F32)?,
+            )),
+        };
+        for (base, mg) in self.bases.iter().zip(&self.mags) {
+            for (w, c) in base.parts.iter().zip(&mg.c) {
+                match (&scratch, w.shape()) {
+                    (Some((ids, flat)), &[rows, cols]) if w.dtype() != DType::F32 => {
+                        let f32_rows = scratch_view(flat, rows, cols)?;
+                        crate::ops::embed::embed_forward(ctx, s, &ids.rows(0, rows, 4)?, w, &f32_rows)?;
+                        dora_sumsq(ctx, s, &f32_rows, true, c)?;
+                    }
+                    _ => dora_sumsq(ctx, s, w, !base.conv1d, c)?,
+                }
             }
-            let [rows, cols] = w.shape()[..] else {
-                return Err(AdapterError::Option(format!("DoRA: weight {:?} is not 2-D", w.label())));
-            };
-            let ids = ctx.upload_u32("dora rows", &[rows], &(0..rows as u32).collect::<Vec<_>>())?;
-            let rows_f32 = ctx.tensor("dora W0 rows", &[rows, cols], DType::F32)?;
-            crate::ops::embed::embed_forward(ctx, s, &ids, w, &rows_f32)?;
-            dora_sumsq(ctx, s, &rows_f32, true, c)?;
-            keep.extend([ids, rows_f32]);
         }
-        Ok(())
+        Ok(scratch.map(|(ids, flat)| vec![ids, flat]).unwrap_or_default())
     }
 
     /// `y_j += g_j ⊙ u_j − x'·W0ᵀ` for the branch with dropout (see the module doc).
@@ -307,10 +316,7 @@ impl Adapter for Dora {
         }
         self.bases = bases;
         let mut s = Step::new();
-        let mut keep = Vec::new();
-        for i in 0..self.bases.len() {
-            self.record_sums(ctx, &mut s, i, &mut keep)?;
-        }
+        let _scratch = self.record_sums(ctx, &mut s)?;
         if !self.m_set {
             // PEFT's init: m = ‖W0 + s·B·A‖ (B = 0 unless a file set it).
             for i in 0..self.bases.len() {

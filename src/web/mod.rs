@@ -494,6 +494,7 @@ fn run_configs(
         // As stored (the page samples with the adapter unmerged); Delta-LoRA gets f32.
         base_dtype: crate::model::BaseDType::Auto,
         recompute_mlp: c.recompute_mlp,
+        lora_plus: method == Method::Dora && c.lr_ratio.is_some(),
         activations_f16: match c.activations.as_deref() {
             None | Some("f32") => false,
             Some("f16") => true,

@@ -35,6 +35,7 @@ fn configs(e: &serde_json::Value, peft: &PeftFile) -> (AdapterConfig, TrainConfi
         schedule: e["schedule"].as_str().unwrap().parse().unwrap(),
         warmup_steps: e["warmup_steps"].as_u64().unwrap(),
         total_steps: e["total_steps"].as_u64().unwrap(),
+        lora_plus: e["lora_plus"].as_bool().unwrap_or(false),
         ..TrainConfig::default()
     };
     (cfg, tc)

@@ -5,6 +5,7 @@
 // `make test`: run it by hand after `make build-web`, with the cache of scripts/fetch-assets and
 // the data of scripts/chat-demo-data:
 //   PLAYWRIGHT_CORE=~/.cache/portalora/node/node_modules/playwright-core node tests/web/smollm2_chat.mjs
+// (METHOD=dora STEPS=N to pick the method and the length).
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -26,6 +27,8 @@ await page.setInputFiles("#model-file", [model]);
 await page.waitForFunction(() => document.body.dataset.model || document.body.dataset.error, null, { timeout: 600000 });
 assert.equal(await page.evaluate(() => document.body.dataset.error), undefined);
 console.log(`loaded ${await page.textContent("#model-desc")} at ${secs()}`);
+// METHOD=dora (or any method the page offers) trains with that method instead of LoRA.
+await page.selectOption("#method", process.env.METHOD || "lora");
 await page.fill("#text", chat);
 await page.fill("#targets", "q_proj,v_proj");
 await page.fill("#steps", String(STEPS));

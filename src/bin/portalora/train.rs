@@ -100,7 +100,8 @@ pub(crate) struct TrainArgs {
     /// Steps of linear learning-rate warm-up.
     #[arg(long, default_value_t = DEFAULTS.warmup_steps as usize, value_parser = parse_count)]
     warmup_steps: usize,
-    /// LoRA+: B (and 1-D parameters) train at lr × this ratio.
+    /// LoRA+: B (and 1-D parameters) train at lr × this ratio. With --method dora, given: LoRA+'s
+    /// groups for DoRA (B and the magnitudes at lr × ratio).
     #[arg(long, default_value_t = DEFAULTS.lr_ratio, value_parser = parse_number)]
     lr_ratio: f64,
     /// Delta-LoRA's λ: W0 += λ·s·(B'A' − BA) after each step past the warm-up.
@@ -286,6 +287,7 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
         base_dtype: a.base_dtype.parse()?,
         loss_every: a.loss_every,
         recompute_mlp: a.recompute_mlp,
+        lora_plus: false, // see run_config
         activations_f16: a.activations == "f16",
         logit_chunk_rows: None,
     })
@@ -398,6 +400,8 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     cfg.no_packing = a.no_packing;
     // The schedule's length is fixed once the data is known (epochs): see finetune::run.
     cfg.train = train_config(a, method, a.steps.unwrap_or(0) as u64)?;
+    // DoRA given --lr-ratio trains with LoRA+'s groups (the rule above refuses it elsewhere).
+    cfg.train.lora_plus = method == Method::Dora && given.contains("lr_ratio");
     cfg.adapter = adapter_config(a, method, init.as_ref())?;
     cfg.batch = a.batch;
     cfg.seq = a.seq;
