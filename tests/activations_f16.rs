@@ -67,7 +67,8 @@ fn f16_activations_halve_the_kept_bytes_and_round_only_the_backward_pass() {
         return;
     }
     for arch in ["llama", "gpt2", "gemma3"] {
-        for (method, recompute) in [(Method::Lora, false), (Method::Vera, false), (Method::Lora, true)] {
+        let cases = [(Method::Lora, false), (Method::Vera, false), (Method::Lora, true), (Method::Dora, false)];
+        for (method, recompute) in cases {
             let what = format!("{arch} {method:?} recompute {recompute}");
             let (l32, g32, (kept32, none)) = run(arch, method, false, recompute);
             let (l16, g16, (kept16, packed)) = run(arch, method, true, recompute);

@@ -14,8 +14,13 @@
 //! `‖W0_o‖²` is computed once when the adapter is bound to its model (the frozen weight as the
 //! GPU holds it, packed or not). Backward, with `dy` the output's gradient: `dm = Σ_t dy ⊙ v / k`
 //! (v = y − bias and k = m without dropout, since y − bias = g ⊙ (x·W0ᵀ + s·z·Bᵀ); v = u and k = n
-//! with it), LoRA's gradients from `g ⊙ dy`, and the frozen path's missing `(g − 1) ⊙ dy · W0`
-//! added to the input gradient (the model's frozen backward used `dy`).
+//! with it) and LoRA's gradients from `g ⊙ dy`. Without dropout the model's frozen
+//! input-gradient product takes `g ⊙ dy` itself, handed to it before it runs
+//! ([`Adapter::scaled_output_grads`]); with dropout that product uses `dy` (the unscaled
+//! `x·W0ᵀ` term), and the missing `(g − 1) ⊙ dy · W0` goes through the mask with `dz · A`.
+//! (Reading `y` instead of keeping `x·W0ᵀ + s·z·Bᵀ` divides by m: a magnitude of exactly 0, which
+//! PEFT would train through, makes its gradient NaN here, and the step's gradient check stops the
+//! run.)
 
 use std::collections::BTreeMap;
 
