@@ -85,6 +85,99 @@ fn scale_kernels_match_f64() {
     }
 }
 
+/// DoRA's kernels (shaders/dora.wgsl) against f64 at awkward shapes, outputs poisoned with NaN
+/// (in-place ones start from random values): the norms and scales, both forward modes, both
+/// backward modes (with and without a bias), the per-output sums of squares and the weight
+/// scaling, by rows and by columns.
+#[test]
+fn dora_kernels_match_f64() {
+    use portalora::ops::dora::{dora_backward, dora_forward, dora_norm, dora_sumsq, dora_weight, DoraSaved};
+    let Some(ctx) = context() else { return };
+    let mut rng = Rng::new(23);
+    let nan = |label: &str, n: usize| ctx.upload_f32(label, &[n], &vec![f32::NAN; n]).unwrap();
+    let up = |label: &str, d: &[f32]| ctx.upload_f32(label, &[d.len()], d).unwrap();
+    let close = |got: &portalora::gpu::Tensor, want: &[f64], what: &str| {
+        let err = max_rel_error(&ctx.read_f32(got).unwrap(), want);
+        assert!(err < 1e-5, "{what}: max rel error {err:e}");
+    };
+    for (rows, out, r) in [(1usize, 1usize, 1usize), (37, 53, 5), (130, 7, 16)] {
+        // Norms: c large enough that c + Σ B·U stays positive, m of either sign.
+        let c: Vec<f32> = rng.vec(out).iter().map(|v| v.abs() * r as f32 + 1.0).collect();
+        let (b, u, m) = (rng.vec(out * r), rng.vec(r * out), rng.vec(out));
+        let bt = ctx.upload_f32("B", &[out, r], &b).unwrap();
+        let (ct, ut, mt, nt, gt) = (up("c", &c), up("U", &u), up("m", &m), nan("n", out), nan("g", out));
+        let mut s = Step::new();
+        dora_norm(&ctx, &mut s, &ct, &bt, &ut, &mt, &nt, &gt).unwrap();
+        ctx.run(&s).unwrap();
+        let n: Vec<f64> = (0..out)
+            .map(|o| (c[o] as f64 + (0..r).map(|j| b[o * r + j] as f64 * u[j * out + o] as f64).sum::<f64>()).sqrt())
+            .collect();
+        close(&nt, &n, "dora_norm n");
+        let g: Vec<f64> = (0..out).map(|o| m[o] as f64 / n[o]).collect();
+        close(&gt, &g, "dora_norm g");
+        let g32 = ctx.read_f32(&gt).unwrap();
+        // Forward: y = g ⊙ y, and y += g ⊙ u.
+        let (y0, uu) = (rng.vec(rows * out), rng.vec(rows * out));
+        let (ya, yb, ut2) = (up("y", &y0), up("y", &y0), up("u", &uu));
+        let mut s = Step::new();
+        dora_forward(&ctx, &mut s, &gt, None, &ya).unwrap();
+        dora_forward(&ctx, &mut s, &gt, Some(&ut2), &yb).unwrap();
+        ctx.run(&s).unwrap();
+        let gk = |k: usize| g32[k % out] as f64;
+        close(&ya, &(0..rows * out).map(|k| gk(k) * y0[k] as f64).collect::<Vec<_>>(), "dora_forward");
+        let want: Vec<f64> = (0..rows * out).map(|k| y0[k] as f64 + gk(k) * uu[k] as f64).collect();
+        close(&yb, &want, "dora_forward with u");
+        // Backward: dm, g ⊙ dy, (g − 1) ⊙ dy; v = y − bias over m, or u over n.
+        let (dy, bias) = (rng.vec(rows * out), rng.vec(out));
+        let (dyt, bt2, nt32) = (up("dy", &dy), up("bias", &bias), ctx.read_f32(&nt).unwrap());
+        for (name, saved, dm_of) in [
+            ("y − bias", DoraSaved::Output { y: &ya, bias: Some(&bt2) }, 0),
+            ("y", DoraSaved::Output { y: &ya, bias: None }, 1),
+            ("u", DoraSaved::Dropout { u: &ut2 }, 2),
+        ] {
+            let (dm, dyg, h) = (nan("dm", out), nan("dyg", rows * out), nan("h", rows * out));
+            let mut s = Step::new();
+            dora_backward(&ctx, &mut s, &dyt, saved, &mt, &nt, &gt, &dm, &dyg, &h).unwrap();
+            ctx.run(&s).unwrap();
+            let y = ctx.read_f32(&ya).unwrap();
+            let want: Vec<f64> = (0..out)
+                .map(|o| {
+                    let v = |t: usize| match dm_of {
+                        0 => y[t * out + o] as f64 - bias[o] as f64,
+                        1 => y[t * out + o] as f64,
+                        _ => uu[t * out + o] as f64,
+                    };
+                    let sum: f64 = (0..rows).map(|t| dy[t * out + o] as f64 * v(t)).sum();
+                    sum / if dm_of == 2 { nt32[o] as f64 } else { m[o] as f64 }
+                })
+                .collect();
+            close(&dm, &want, &format!("dora_backward dm ({name}, {rows}x{out})"));
+            close(&dyg, &(0..rows * out).map(|k| gk(k) * dy[k] as f64).collect::<Vec<_>>(), "dyg");
+            close(&h, &(0..rows * out).map(|k| (gk(k) - 1.0) * dy[k] as f64).collect::<Vec<_>>(), "h");
+        }
+        // Sums of squares and weight scaling: W (out, rows) by rows, (rows, out) by columns.
+        let w = rng.vec(rows * out);
+        for per_row in [true, false] {
+            let shape = if per_row { [out, rows] } else { [rows, out] };
+            let wt = ctx.upload_f32("W", &shape, &w).unwrap();
+            let (c2, w2, w3) =
+                (nan("c", out), ctx.upload_f32("W", &shape, &w).unwrap(), ctx.upload_f32("W", &shape, &w).unwrap());
+            let mut s = Step::new();
+            dora_sumsq(&ctx, &mut s, &wt, per_row, &c2).unwrap();
+            dora_weight(&ctx, &mut s, &gt, &w2, per_row, false).unwrap();
+            dora_weight(&ctx, &mut s, &gt, &w3, per_row, true).unwrap();
+            ctx.run(&s).unwrap();
+            let o_of = |k: usize| if per_row { k / rows } else { k % out };
+            let sums: Vec<f64> = (0..out)
+                .map(|o| (0..rows * out).filter(|&k| o_of(k) == o).map(|k| (w[k] as f64).powi(2)).sum())
+                .collect();
+            close(&c2, &sums, &format!("dora_sumsq per_row {per_row}"));
+            close(&w2, &(0..rows * out).map(|k| w[k] as f64 * g32[o_of(k)] as f64).collect::<Vec<_>>(), "scaled W");
+            close(&w3, &(0..rows * out).map(|k| w[k] as f64 / g32[o_of(k)] as f64).collect::<Vec<_>>(), "divided W");
+        }
+    }
+}
+
 /// A model planned for `cfg`'s adapter with backward enabled.
 fn model_with(ctx: &Context, w: &Weights, cfg: &AdapterConfig, batch: usize, seq: usize) -> GpuModel {
     let sites = adapter::sites(&w.config, &cfg.targets).unwrap();
@@ -215,6 +308,12 @@ fn merge_and_unmerge_lora_llama() {
 }
 
 #[test]
+fn merge_and_unmerge_dora() {
+    merge_roundtrip("llama", "llama_dora", Method::Dora);
+    merge_roundtrip("gpt2", "gpt2_dora", Method::Dora);
+}
+
+#[test]
 fn merge_and_unmerge_vera() {
     merge_roundtrip("llama", "llama_vera", Method::Vera);
     merge_roundtrip("gpt2", "gpt2_vera", Method::Vera);
@@ -223,7 +322,12 @@ fn merge_and_unmerge_vera() {
 #[test]
 fn saved_adapters_read_back_identically() {
     let Some(ctx) = context() else { return };
-    for (arch, dir, method) in [("gpt2", "gpt2_lora", Method::Lora), ("llama", "llama_vera", Method::Vera)] {
+    let cases = [
+        ("gpt2", "gpt2_lora", Method::Lora),
+        ("llama", "llama_vera", Method::Vera),
+        ("gpt2", "gpt2_dora", Method::Dora),
+    ];
+    for (arch, dir, method) in cases {
         let w = load_model(fixture(&format!("tiny_{arch}"))).unwrap();
         let file = PeftFile::read(&fixture(&format!("adapters/{dir}/init"))).unwrap();
         let cfg = file.adapter_config(method, &AdapterConfig::new(method)).unwrap();
@@ -326,7 +430,9 @@ fn fresh_adapters_start_at_the_base() {
     let w = load_model(fixture("tiny_llama")).unwrap();
     let ids = rows(w.config.vocab_size, 2, 9, 3);
     let base = GpuModel::new(&ctx, &w, 2, 9).unwrap().loss_sum(&ctx, &ids).unwrap().0;
-    for (method, init) in [(Method::Lora, "kaiming"), (Method::Lora, "gaussian"), (Method::Vera, "kaiming")] {
+    let cases =
+        [(Method::Lora, "kaiming"), (Method::Lora, "gaussian"), (Method::Vera, "kaiming"), (Method::Dora, "kaiming")];
+    for (method, init) in cases {
         let mut cfg = AdapterConfig::new(method);
         cfg.rank = 5;
         cfg.init = init.parse().unwrap();
@@ -342,6 +448,14 @@ fn fresh_adapters_start_at_the_base() {
             let v: Vec<f32> = slot.parts.iter().flat_map(|p| ctx.read_f32(p).unwrap()).collect();
             if slot.key.contains("lora_B") {
                 assert!(v.iter().all(|&x| x == 0.0), "{}: B starts at 0", slot.key);
+            } else if let Some(module) = slot.key.strip_suffix(".lora_magnitude_vector") {
+                // DoRA's magnitudes start at the rows' norms of W0 (PEFT's init), here from f64.
+                let w0 = &w.tensors[&format!("{}.weight", module.trim_start_matches("base_model.model."))];
+                let cols = w0.shape[1];
+                let norms: Vec<f64> =
+                    w0.data.chunks(cols).map(|r| r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()).collect();
+                let err = max_rel_error(&v, &norms);
+                assert!(err < 1e-6, "{}: magnitudes vs the norms of W0: {err:e}", slot.key);
             } else if init == "kaiming" {
                 let bound = 1.0 / (slot.shape[1] as f32).sqrt();
                 assert!(v.iter().all(|x| x.abs() <= bound), "{}: outside ±1/sqrt(in)", slot.key);

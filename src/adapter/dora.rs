@@ -68,12 +68,12 @@ pub struct Dora {
 /// (elements) per site and part, and the scratch's length.
 fn group_offsets(ctx: &Context, sites: &[Site], n: usize) -> (Vec<Vec<usize>>, usize) {
     let align = (ctx.limits().storage_offset_alignment as usize / 4).max(1);
-    let mut next: BTreeMap<(usize, String), usize> = BTreeMap::new();
+    let mut next: BTreeMap<(usize, u8), usize> = BTreeMap::new();
     let mut len = 0;
     let at = sites
         .iter()
         .map(|site| {
-            let end = next.entry((site.layer, format!("{:?}", site.proj.input()))).or_insert(0);
+            let end = next.entry((site.layer, site.proj.input() as u8)).or_insert(0);
             let parts = site
                 .outs
                 .iter()

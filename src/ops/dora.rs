@@ -2,7 +2,7 @@
 //! the branch's output, the magnitude's gradient with the scaled output gradients, and the
 //! per-output sums of squares and scaling of a frozen weight. See [`crate::adapter::dora`].
 
-use super::{check_f32, grid_for, shape_err, uniform};
+use super::{check_f32, check_numel, grid_for, shape_err, uniform};
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
 #[derive(encase::ShaderType, Default)]
@@ -27,13 +27,6 @@ fn record(ctx: &Context, s: &mut Step, op: &'static str, items: usize, p: Params
     ctx.record(s, &KernelSpec::new(&kernel_sources::DORA, op), &all, groups)
 }
 
-fn check(op: &'static str, what: &str, t: &Tensor, want: usize) -> Result<()> {
-    if t.numel() != want {
-        return Err(shape_err(op, format!("{what} {:?} {:?}: expected {want} elements", t.label(), t.shape())));
-    }
-    Ok(())
-}
-
 /// `n_o = sqrt(c_o + Σ_j B[o, j] · U[j, o])` and `g_o = m_o / n_o`, for B `(out, r)`, U `(r, out)`.
 #[allow(clippy::too_many_arguments)]
 pub fn dora_norm(
@@ -49,9 +42,9 @@ pub fn dora_norm(
     const OP: &str = "dora_norm";
     let [out, r] = b.shape()[..] else { return Err(shape_err(OP, format!("B {:?} is not 2-D", b.label()))) };
     for (what, t) in [("c", c), ("m", m), ("n", n), ("g", g)] {
-        check(OP, what, t, out)?;
+        check_numel(OP, t, out, what)?;
     }
-    check(OP, "U", u, r * out)?;
+    check_numel(OP, u, r * out, "U")?;
     let p = Params { rows: 1, cols: out as u32, r: r as u32, ..Params::default() };
     let args = [Arg::Read(c), Arg::Read(b), Arg::Read(u), Arg::Read(m), Arg::Write(n), Arg::Write(g)];
     record(ctx, s, OP, out, p, args.into())
@@ -62,9 +55,9 @@ pub fn dora_forward(ctx: &Context, s: &mut Step, g: &Tensor, u: Option<&Tensor>,
     const OP: &str = "dora_forward";
     let out = g.numel();
     let rows = y.numel() / out.max(1);
-    check(OP, "y", y, rows * out)?;
+    check_numel(OP, y, rows * out, "y")?;
     if let Some(u) = u {
-        check(OP, "u", u, rows * out)?;
+        check_numel(OP, u, rows * out, "u")?;
     }
     let p = Params { rows: rows as u32, cols: out as u32, flag: u.is_some() as u32, ..Params::default() };
     record(ctx, s, OP, rows * out, p, vec![Arg::Read(g), Arg::Read(u.unwrap_or(g)), Arg::Write(y)])
@@ -95,18 +88,18 @@ pub fn dora_backward(
     let out = g.numel();
     let rows = dy.numel() / out.max(1);
     for (what, t) in [("dy", dy), ("dyg", dyg), ("h", h)] {
-        check(OP, what, t, rows * out)?;
+        check_numel(OP, t, rows * out, what)?;
     }
     for (what, t) in [("m", m), ("n", n), ("dm", dm)] {
-        check(OP, what, t, out)?;
+        check_numel(OP, t, out, what)?;
     }
     let (v, bias, dropout) = match saved {
         DoraSaved::Output { y, bias } => (y, bias, false),
         DoraSaved::Dropout { u } => (u, None, true),
     };
-    check(OP, "y", v, rows * out)?;
+    check_numel(OP, v, rows * out, "y")?;
     if let Some(b) = bias {
-        check(OP, "bias", b, out)?;
+        check_numel(OP, b, out, "bias")?;
     }
     let p = Params {
         rows: rows as u32,
@@ -133,7 +126,7 @@ pub fn dora_backward(
 pub fn dora_sumsq(ctx: &Context, s: &mut Step, w: &Tensor, per_row: bool, c: &Tensor) -> Result<()> {
     const OP: &str = "dora_sumsq";
     let [rows, cols] = w.shape()[..] else { return Err(shape_err(OP, format!("W {:?} is not 2-D", w.label()))) };
-    check(OP, "c", c, if per_row { rows } else { cols })?;
+    check_numel(OP, c, if per_row { rows } else { cols }, "c")?;
     let p = Params { rows: rows as u32, cols: cols as u32, flag: per_row as u32, ..Params::default() };
     record(ctx, s, OP, c.numel(), p, vec![Arg::Read(w), Arg::Write(c)])
 }
@@ -143,7 +136,7 @@ pub fn dora_sumsq(ctx: &Context, s: &mut Step, w: &Tensor, per_row: bool, c: &Te
 pub fn dora_weight(ctx: &Context, s: &mut Step, g: &Tensor, w: &Tensor, per_row: bool, invert: bool) -> Result<()> {
     const OP: &str = "dora_weight";
     let [rows, cols] = w.shape()[..] else { return Err(shape_err(OP, format!("W {:?} is not 2-D", w.label()))) };
-    check(OP, "g", g, if per_row { rows } else { cols })?;
+    check_numel(OP, g, if per_row { rows } else { cols }, "g")?;
     let p = Params {
         rows: rows as u32,
         cols: cols as u32,
