@@ -4,7 +4,7 @@ CARGO ?= cargo
 # The Vulkan loader warns when this is unset; any writable directory silences it.
 export XDG_RUNTIME_DIR ?= /tmp
 
-.PHONY: demo test test-native test-web test-web-e2e check-targets bench setup web build-web
+.PHONY: demo test test-native test-coop test-web test-web-e2e check-targets bench setup web build-web
 
 setup:
 	@scripts/setup
@@ -51,13 +51,24 @@ demo: setup
 test:
 	@scripts/setup --cross --web
 	@scripts/fetch-assets "$(CACHE)"
-	$(MAKE) test-native test-web test-web-e2e check-targets
+	$(MAKE) test-native test-coop test-web test-web-e2e check-targets
 
 # The real-model parity tests need scripts/fetch-assets' files; here their absence fails.
 test-native:
 	PORTALORA_CACHE="$(CACHE)" PORTALORA_REQUIRE_GPU=1 PORTALORA_REQUIRE_ASSETS=1 $(CARGO) test
 	$(CARGO) build --release
 	./target/release/portalora info
+
+# The cooperative-matrix matmul path (tests/coop.rs) on Mesa's lavapipe >= 26.1, which offers
+# cooperative matrices on the CPU: Debian trixie-backports' driver with its own C library,
+# unpacked beside the system's by scripts/lavapipe-coop (nothing is installed) and run through its
+# `run` wrapper. There, an adapter without them fails; a machine that cannot run it (not Linux
+# x86_64 with apt-get) skips with a message.
+test-coop:
+	@scripts/lavapipe-coop "$(CACHE)/lavapipe-coop" >/dev/null || { rc=$$?; \
+	  if [ $$rc = 3 ]; then echo "test-coop: SKIPPED (needs Linux x86_64 with apt-get)"; exit 0; fi; exit $$rc; }; \
+	PORTALORA_CACHE="$(CACHE)" PORTALORA_REQUIRE_GPU=1 PORTALORA_REQUIRE_ASSETS=1 PORTALORA_REQUIRE_COOP=1 \
+	  CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$(CACHE)/lavapipe-coop/run" $(CARGO) test --release --test coop
 
 # The browser tests (tests/web.rs) in headless Chromium's WebGPU, through wasm-bindgen-test with
 # chromedriver (webdriver.json holds Chromium's flags).

@@ -4,12 +4,13 @@
 #
 #   benches/gpu.sh [PORTALORA] [OUT_DIR]        # defaults: target/release/portalora, /tmp/portalora-gpu
 #
-# 1. `portalora info`, `bench matmul` (GFLOP/s per shape) and `bench coop` (the matrix units
-#    through wgpu's experimental cooperative matrices, where offered: checked and timed);
+# 1. `portalora info`, `bench matmul` (GFLOP/s per shape) and `bench coop` (the matmul's
+#    cooperative-matrix path, where offered: checked, and timed against the subgroup kernel);
 # 2. models with SmolLM2-135M's and Gemma-3-270M's shapes and random f32 weights
 #    (benches/random_model.py: speed does not depend on the values, and nothing is downloaded);
 # 3. `bench step` for each model and method (LoRA with the per-kernel breakdown): tokens/s, CPU
-#    seconds to encode and submit a step, GPU busy and idle time, dispatches and passes;
+#    seconds to encode and submit a step, GPU busy and idle time, dispatches and passes; and LoRA
+#    with PORTALORA_COOP=on and =off side by side (the forward products on cooperative matrices);
 # 4. benches/compare.py for each model and method: portalora's tokens/s against PyTorch + PEFT f32
 #    and bf16 autocast, same batch, sequence, rank and targets;
 # and last, one JSON summary (OUT_DIR/summary.json, also printed). Needs python3 with torch,
@@ -48,18 +49,19 @@ run 60 info.json "$BIN" info --json
 cat "$OUT/info.json" >&2
 say "matmul"
 run 90 matmul.jsonl "$BIN" bench matmul --json --repeats 3 --seconds 0.2
-say "cooperative matrices (probe)"
+say "cooperative matrices"
 run 60 coop.json "$BIN" bench coop --size 2048
 cat "$OUT/coop.json" >&2
 fi
 for m in $MODELS_RUN; do
   say "model $m"
   [ -f "$OUT/$m/model.safetensors" ] || run 120 "model-$m.txt" "$PY" "$HERE/random_model.py" "$m" "$OUT/$m"
-  # Before this session's tuning, side by side: 16-row tiles and 128-row logit chunks, as an
-  # H200 ran them (its autotune's pick among the tiles it had then).
-  say "bench step $m lora, tuned as before"
-  PORTALORA_MATMUL_TILE=16x1 run 120 "step-$m-lora-before.txt" "$BIN" bench step --model "$OUT/$m" --method lora \
-    --batch "$BATCH" --seq "$SEQ" --steps 4 --warmup 1 --logit-chunk-rows 128 --json
+  # The cooperative-matrix path forced on and off, side by side (auto decides by its own timing).
+  for coop in on off; do
+    say "bench step $m lora, PORTALORA_COOP=$coop"
+    PORTALORA_COOP=$coop run 120 "step-$m-lora-coop-$coop.txt" "$BIN" bench step --model "$OUT/$m" --method lora \
+      --batch "$BATCH" --seq "$SEQ" --steps 4 --warmup 1 --json
+  done
   for method in $METHODS; do
     say "bench step $m $method"
     kernels=--no-kernels
@@ -110,10 +112,12 @@ for m in models:
             "peft_bf16_tokens_per_s": c.get("peft_bf16_tokens_per_s"), "ratio_bf16": c.get("ratio_bf16"),
             "device": c.get("device"),
         })
-    b = last_json(f"step-{m}-lora-before.txt") or {}
-    summary["runs"].append({"model": m, "method": "lora, tuned as before (16-row tiles, 128-row logit chunks)",
-                            "tokens_per_s": b.get("tokens_per_s"), "step_seconds": b.get("step_seconds"),
-                            "encode_seconds": b.get("encode_seconds"), "gpu_step_seconds": b.get("gpu_step_seconds"),
-                            "kernels": (b.get("kernels") or [])[:12]})
+    for coop in ("on", "off"):
+        b = last_json(f"step-{m}-lora-coop-{coop}.txt") or {}
+        summary["runs"].append({"model": m, "method": f"lora, PORTALORA_COOP={coop}",
+                                "tokens_per_s": b.get("tokens_per_s"), "step_seconds": b.get("step_seconds"),
+                                "encode_seconds": b.get("encode_seconds"),
+                                "gpu_step_seconds": b.get("gpu_step_seconds"), "dispatches": b.get("dispatches"),
+                                "kernels": (b.get("kernels") or [])[:12]})
 print(json.dumps(summary))
 EOF

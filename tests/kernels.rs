@@ -514,25 +514,6 @@ fn matmul_every_tile_matches_reference() {
     }
 }
 
-/// The cooperative-matrix product runs where the device was opened with the feature (a probe for
-/// now; `bench coop`), and is refused clearly elsewhere: lavapipe and browsers offer none.
-#[test]
-fn matmul_coop_runs_where_offered_and_is_refused_elsewhere() {
-    use portalora::ops::matmul_coop::{coop_probe, matmul_coop_forward};
-    let opts =
-        portalora::gpu::ContextOptions { cooperative_matrix: true, ..portalora::gpu::ContextOptions::from_env() };
-    let Ok(ctx) = pollster::block_on(Context::with_options(opts)) else { return };
-    if ctx.features().cooperative_matrix {
-        let p = coop_probe(&ctx, 256).unwrap();
-        assert!(p.max_rel_error < 1e-3, "{p:?}");
-        return;
-    }
-    let a = ctx.tensor("a", &[16, 16], DType::F16).unwrap();
-    let c = ctx.tensor("c", &[16, 16], DType::F32).unwrap();
-    let e = matmul_coop_forward(&ctx, &mut Step::new(), &a, &a, &c).unwrap_err();
-    assert!(matches!(e, GpuError::MissingFeature { .. }) && e.to_string().contains("cooperative"), "{e}");
-}
-
 /// Split-K (an LM head's input gradient: few outputs, a long K) against the reference, C and the
 /// partial products poisoned first.
 #[test]

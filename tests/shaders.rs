@@ -136,3 +136,20 @@ fn optimizer_template_validates_for_every_tensor_count() {
         }
     }
 }
+
+#[test]
+fn matmul_coop_template_validates_for_every_size_and_weight_type() {
+    use portalora::gpu::DType;
+    use portalora::ops::matmul::coop::coop_kernel;
+    for t in [8u32, 16] {
+        for s in [8u32, 32, 64] {
+            for trans_b in [false, true] {
+                for dtype in [DType::F32, DType::F16, DType::Q8_0, DType::Q4_1] {
+                    let spec = coop_kernel(t, s, trans_b, dtype);
+                    let wgsl = spec.wgsl().expect("template expands");
+                    validate(&format!("matmul_coop t={t} s={s} tb={trans_b} {dtype:?}"), &wgsl);
+                }
+            }
+        }
+    }
+}

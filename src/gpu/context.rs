@@ -7,7 +7,7 @@ use super::kernel::PipelineCache;
 use super::{GpuError, Result};
 
 /// What the user can do when no adapter is found. Kept in one place so the CLI, the tests and
-/// the README say the same thing.
+/// docs/TROUBLESHOOTING.md say the same thing.
 const NO_ADAPTER_HINT: &str = "Install a GPU driver with Vulkan, Metal or DX12 support. On Linux \
 without a GPU, Mesa's CPU Vulkan driver works: `sudo apt-get install mesa-vulkan-drivers \
 libvulkan1` (or run `scripts/setup`).";
@@ -23,10 +23,34 @@ pub struct ContextOptions {
     /// Pretend the adapter has no subgroup operations (selects the portable kernels).
     /// Also set by `PORTALORA_NO_SUBGROUPS=1`.
     pub disable_subgroups: bool,
-    /// Open the device with wgpu's experimental cooperative matrices where the adapter offers
-    /// them (`bench coop` asks, the probe of the coming tensor-core path). Off by default:
-    /// experimental features change how the device is opened.
-    pub cooperative_matrix: bool,
+    /// Whether products may run on cooperative matrices (tensor cores, simdgroup matrices) where
+    /// the adapter offers them through wgpu's experimental feature: `PORTALORA_COOP`.
+    pub coop: CoopMode,
+}
+
+/// The cooperative-matrix matmul path's switch (`PORTALORA_COOP=auto|on|off`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CoopMode {
+    /// Open the device with cooperative matrices where offered; products take them where the
+    /// autotune found them correct and faster than the subgroup kernel on this adapter.
+    #[default]
+    Auto,
+    /// Where offered, every product that fits takes them (tests, benchmarks).
+    On,
+    /// Never: the device is opened without wgpu's experimental features.
+    Off,
+}
+
+impl CoopMode {
+    /// Parses `auto`, `on` or `off` (also `1` / `0`).
+    pub fn parse(v: &str) -> Option<CoopMode> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(CoopMode::Auto),
+            "on" | "1" => Some(CoopMode::On),
+            "off" | "0" => Some(CoopMode::Off),
+            _ => None,
+        }
+    }
 }
 
 impl ContextOptions {
@@ -46,7 +70,9 @@ impl ContextOptions {
             backends: var("WGPU_BACKEND"),
             adapter_name: var("WGPU_ADAPTER_NAME"),
             disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
-            cooperative_matrix: false,
+            // An unknown value reads as `auto`; the command line checks the variable first
+            // (see `coop_from_env`).
+            coop: var("PORTALORA_COOP").and_then(|v| CoopMode::parse(&v)).unwrap_or_default(),
         }
     }
 }
@@ -64,7 +90,7 @@ pub struct DeviceInfo {
     pub subgroup_max_size: u32,
     /// The cooperative-matrix (tensor core, simdgroup matrix) shapes the adapter offers through
     /// wgpu, as `MxNxK A/B→C` (e.g. `16x16x16 f16→f32`); empty where it offers none or wgpu
-    /// does not expose them. Reported, not used yet.
+    /// does not expose them. The matmul uses a square f16→f32 one ([`Features::coop_size`]).
     pub cooperative_matrices: Vec<String>,
 }
 
@@ -77,8 +103,13 @@ pub struct Features {
     pub shader_f16: bool,
     /// GPU timestamps, for per-kernel timing.
     pub timestamps: bool,
-    /// wgpu's experimental cooperative matrices (only when asked: see [`ContextOptions`]).
+    /// wgpu's experimental cooperative matrices, as the device was opened (see [`CoopMode`]).
     pub cooperative_matrix: bool,
+    /// The side (8 or 16) of the square f16 × f16 → f32 cooperative matrix the matmul uses,
+    /// where the device has cooperative matrices and offers one.
+    pub coop_size: Option<u32>,
+    /// How products may use them.
+    pub coop_mode: CoopMode,
 }
 
 /// The device limits that shape our kernels and memory plan.
@@ -206,7 +237,7 @@ impl Context {
                 wanted |= f;
             }
         }
-        let coop = opts.cooperative_matrix && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+        let coop = opts.coop != CoopMode::Off && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
         if coop {
             wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
         }
@@ -218,8 +249,9 @@ impl Context {
                 label: Some("portalora"),
                 required_features: wanted,
                 required_limits: required_limits.clone(),
-                // SAFETY: wgpu's experimental features may have bugs; they are asked for only by
-                // the cooperative-matrix probe, never by default.
+                // SAFETY: wgpu's experimental features may have bugs; they are asked for only
+                // where the adapter offers cooperative matrices, and `PORTALORA_COOP=off` keeps
+                // them out. Products use them only after the autotune checked their results.
                 experimental_features: if coop {
                     unsafe { wgpu::ExperimentalFeatures::enabled() }
                 } else {
@@ -259,6 +291,8 @@ impl Context {
             shader_f16: wanted.contains(wgpu::Features::SHADER_F16),
             timestamps: wanted.contains(wgpu::Features::TIMESTAMP_QUERY),
             cooperative_matrix: coop,
+            coop_size: if coop && wanted.contains(wgpu::Features::SHADER_F16) { coop_size(&adapter) } else { None },
+            coop_mode: opts.coop,
         };
         let info = DeviceInfo {
             name: ainfo.name.clone(),
@@ -483,6 +517,17 @@ fn convert_error(e: RawError, context: &str) -> GpuError {
     } else {
         GpuError::Validation { context, message: e.message }
     }
+}
+
+/// The side of the largest square f16 × f16 → f32 cooperative matrix the adapter offers.
+fn coop_size(adapter: &wgpu::Adapter) -> Option<u32> {
+    adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .filter(|p| p.m_size == p.n_size && p.n_size == p.k_size && matches!(p.m_size, 8 | 16))
+        .filter(|p| p.ab_type == wgpu::CooperativeScalarType::F16 && p.cr_type == wgpu::CooperativeScalarType::F32)
+        .map(|p| p.m_size)
+        .max()
 }
 
 /// The cooperative-matrix configurations an adapter reports (see [`DeviceInfo::cooperative_matrices`]).

@@ -48,7 +48,7 @@ source!(EMBED, "embed.wgsl", subgroups: false, template: true);
 source!(XENT, "xent.wgsl", subgroups: false, template: false);
 source!(OPTIM, "optim.wgsl", subgroups: false, template: true);
 source!(ADAPTER, "adapter.wgsl", subgroups: false, template: false);
-source!(MATMUL_COOP, "matmul_coop.wgsl", subgroups: false, template: false);
+source!(MATMUL_COOP, "matmul_coop.wgsl", subgroups: false, template: true);
 source!(HALF, "half.wgsl", subgroups: false, template: false);
 source!(DORA, "dora.wgsl", subgroups: false, template: false);
 

@@ -21,7 +21,7 @@ mod tensor;
 #[cfg(not(target_arch = "wasm32"))]
 mod tuned;
 
-pub use context::{AllocKind, Context, ContextOptions, DeviceInfo, Features, Limits, SubmitStats};
+pub use context::{AllocKind, Context, ContextOptions, CoopMode, DeviceInfo, Features, Limits, SubmitStats};
 pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 
 /// The WGSL files, one per kernel family.

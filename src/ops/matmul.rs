@@ -4,9 +4,10 @@
 //! any shape, optionally batched. The three products of a linear layer `y = x Wᵀ`:
 //! forward `y = x·Wᵀ` (trans_b), input gradient `dx = g·W`, weight gradient `dW = gᵀ·x` (trans_a).
 //!
-//! Two code paths: the subgroup kernel (register-blocked, rows of A shared across lanes with
-//! `subgroupBroadcast`), used where the adapter has subgroup operations, and a portable
-//! shared-memory tiled kernel everywhere else.
+//! Three code paths: the subgroup kernel (register-blocked, rows of A shared across lanes with
+//! `subgroupBroadcast`), used where the adapter has subgroup operations, a portable
+//! shared-memory tiled kernel everywhere else, and, for products marked [`Matmul::coop`], the
+//! cooperative-matrix kernel where the adapter has matrix units (see [`coop`]).
 
 use std::fmt::Write as _;
 
@@ -22,6 +23,9 @@ pub enum MatmulPath {
     Portable,
     /// Register blocking with `subgroupBroadcast`; needs subgroup operations.
     Subgroup,
+    /// Cooperative matrices (returned by [`matmul`] only: a product takes them from `Auto`
+    /// with [`Matmul::coop`]).
+    Coop,
 }
 
 /// Options of one product. `Matmul::default()` is `C = A·B`.
@@ -38,6 +42,9 @@ pub struct Matmul {
     /// Read an f16 B with shader-f16's native loads where the adapter has the feature (else,
     /// and when false, f16 pairs are unpacked from u32 words; the values are the same).
     pub native_f16: bool,
+    /// A's values fit f16's range (activations, not gradients): the product may run on
+    /// cooperative matrices with f16 operands (see [`coop`]).
+    pub coop: bool,
 }
 
 impl Default for Matmul {
@@ -49,6 +56,7 @@ impl Default for Matmul {
             accumulate: false,
             path: MatmulPath::Auto,
             native_f16: true,
+            coop: false,
         }
     }
 }
@@ -77,6 +85,9 @@ impl Matmul {
     }
     pub fn native_f16(self, native_f16: bool) -> Self {
         Matmul { native_f16, ..self }
+    }
+    pub fn coop(self, coop: bool) -> Self {
+        Matmul { coop, ..self }
     }
 }
 
@@ -132,6 +143,10 @@ fn dims3(t: &Tensor) -> Result<(usize, usize, usize)> {
 /// dimension. A 2-D operand is shared by every batch of a 3-D C.
 pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<MatmulPath> {
     let params = check_shapes(ctx, a, b, c, opts)?;
+    if coop::takes(ctx, b, opts, &params) {
+        coop::record(ctx, step, a, b, c, &params, opts.trans_b)?;
+        return Ok(MatmulPath::Coop);
+    }
     let sg = ctx.subgroup_size().filter(|s| (4..=128).contains(s));
     if b.dtype() != DType::F32 && (sg.is_none() || opts.path == MatmulPath::Portable) {
         return Err(GpuError::MissingFeature {
@@ -140,7 +155,7 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
         });
     }
     match (opts.path, sg) {
-        (MatmulPath::Auto | MatmulPath::Subgroup, Some(s)) => {
+        (MatmulPath::Auto | MatmulPath::Subgroup | MatmulPath::Coop, Some(s)) => {
             record_subgroup(ctx, step, a, b, c, &params, opts, s, tile_for(ctx, s, &params))?;
             Ok(MatmulPath::Subgroup)
         }
@@ -148,7 +163,7 @@ pub fn matmul(ctx: &Context, step: &mut Step, a: &Tensor, b: &Tensor, c: &Tensor
             feature: "subgroup operations (4 to 128 lanes)",
             adapter: ctx.info().name.clone(),
         }),
-        (MatmulPath::Portable, _) | (MatmulPath::Auto, None) => {
+        (MatmulPath::Portable, _) | (MatmulPath::Auto | MatmulPath::Coop, None) => {
             let spec = KernelSpec::new(&kernel_sources::MATMUL, "matmul")
                 .constant("TRANS_A", opts.trans_a as u32 as f64)
                 .constant("TRANS_B", opts.trans_b as u32 as f64);
@@ -238,6 +253,7 @@ pub fn can_fuse_side(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Ma
     };
     let vec = p.lda % 4 == 0 && p.ldb % 4 == 0 && p.ldc % 4 == 0 && p.k % 4 == 0 && p.n % 4 == 0;
     opts.path != MatmulPath::Portable
+        && !coop::takes(ctx, b, opts, &p)
         && !opts.trans_a
         && p.batch == 1
         && vec
@@ -312,6 +328,8 @@ pub fn matmul_with_tile(
 
 const OP: &str = "matmul";
 
+#[path = "matmul_coop.rs"]
+pub mod coop;
 #[path = "matmul_tile.rs"]
 mod tile;
 use tile::tile_for;
@@ -492,7 +510,7 @@ pub fn subgroup_kernel_full(
 /// of A (slot S); `bV` is the 4×4 block of op(B) at the current k (its column j is
 /// op(B)[k + j][nV..nV+4]), so `bV * x` adds `sum_j x[j] · op(B)[k + j][nV..nV+4]`.
 ///
-/// Measured on lavapipe (see the README's benchmark section): 32 rows × 2 vec4 columns per lane
+/// Measured on lavapipe (see docs/BENCHMARKS.md): 32 rows × 2 vec4 columns per lane
 /// is the sweet spot; larger tiles, unrolling k by 8 and explicit `fma` were all slower or equal.
 fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, side: bool) -> String {
     assert!(tm.is_multiple_of(4) && s >= 1);

@@ -86,7 +86,7 @@ fn big_grid_tile(s: u32, tuned: Tile, m: u32, n: u32, batch: u32) -> Tile {
 }
 
 /// 64-bit FNV-1a: a stable hash (std's hasher may change between Rust releases).
-fn fnv1a(s: &str) -> u64 {
+pub(super) fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 

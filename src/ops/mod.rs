@@ -16,7 +16,6 @@ pub mod half;
 pub mod heads;
 pub mod lora;
 pub mod matmul;
-pub mod matmul_coop;
 pub mod norm;
 pub mod optim;
 pub mod quant;

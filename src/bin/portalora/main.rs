@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use portalora::gpu::Context;
+use portalora::gpu::{Context, CoopMode};
 
 mod export;
 mod infer;
@@ -185,10 +185,11 @@ enum BenchWhat {
         shapes: Vec<String>,
     },
     /// Cooperative matrices (tensor cores, simdgroup matrices) through wgpu's experimental
-    /// feature: the shapes the adapter offers, then a SIZE³ f16 product with f32 accumulation
-    /// checked against an f64 product and timed. A probe of the coming matrix-unit path.
+    /// feature: the shapes the adapter offers, then the matmul's cooperative-matrix path on a
+    /// SIZE × SIZE · (SIZE × SIZE)ᵀ product of random values (f16 operands, f32 accumulation),
+    /// checked against an f64 product and timed beside the subgroup kernel on the same product.
     Coop {
-        /// The product's size (a multiple of 16).
+        /// The product's size.
         #[arg(long, default_value_t = 2048)]
         size: usize,
     },
@@ -377,10 +378,16 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         export::export(args)?;
         return Ok(ExitCode::SUCCESS);
     }
-    // The cooperative-matrix probe opens the device with wgpu's experimental feature.
-    let coop = matches!(cli.command, Command::Bench { what: BenchWhat::Coop { .. } });
-    let opts =
-        portalora::gpu::ContextOptions { cooperative_matrix: coop, ..portalora::gpu::ContextOptions::from_env() };
+    let mut opts = portalora::gpu::ContextOptions::from_env();
+    if let Some(v) = std::env::var("PORTALORA_COOP").ok().filter(|v| !v.is_empty()) {
+        if portalora::gpu::CoopMode::parse(&v).is_none() {
+            return Err(format!("PORTALORA_COOP={v:?}: use auto, on or off").into());
+        }
+    }
+    // The cooperative-matrix benchmark runs the path whatever the autotune would say.
+    if matches!(cli.command, Command::Bench { what: BenchWhat::Coop { .. } }) && opts.coop != CoopMode::Off {
+        opts.coop = CoopMode::On;
+    }
     let ctx = pollster::block_on(Context::with_options(opts))?;
     match cli.command {
         Command::Inspect { .. } | Command::Tokenize(_) | Command::Export(_) => unreachable!("handled above"),

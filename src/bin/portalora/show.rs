@@ -197,7 +197,19 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
     println!("  timestamps:   {}", f.timestamps);
     let coop =
         if i.cooperative_matrices.is_empty() { "none offered".into() } else { i.cooperative_matrices.join(", ") };
-    println!("  cooperative matrices: {coop} (not used yet)");
+    let used = match (f.coop_size, f.coop_mode) {
+        (_, portalora::gpu::CoopMode::Off) => "not used: PORTALORA_COOP=off".to_string(),
+        (None, _) => "not used: the matmul needs a square f16→f32 one".to_string(),
+        (Some(t), m) => format!(
+            "the matmul's forward products use {t}x{t}x{t} f16→f32 {}; PORTALORA_COOP=off turns them off",
+            if m == portalora::gpu::CoopMode::On {
+                "wherever they fit (PORTALORA_COOP=on)"
+            } else {
+                "where the autotune finds them faster"
+            }
+        ),
+    };
+    println!("  cooperative matrices: {coop} ({used})");
     println!("limits:");
     println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
     println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
@@ -279,16 +291,21 @@ pub(crate) fn inspect(path: &std::path::Path) -> Res {
 }
 
 /// `bench coop`: one JSON line, {"adapter", "offered", "enabled", "size", "max_rel_error",
-/// "gflops"} or {"adapter", "offered", "enabled", "error"} (then the exit status is 1).
+/// "max_rel_error_vs_f32", "coop_gflops", "subgroup_gflops", "ratio"} or {"adapter", "offered",
+/// "enabled", "error"} (then the exit status is 1).
 pub(crate) fn bench_coop(ctx: &Context, size: usize) -> Res {
     let i = ctx.info();
     let mut out = serde_json::json!({"adapter": i.name, "offered": i.cooperative_matrices,
         "enabled": ctx.features().cooperative_matrix});
-    match portalora::ops::matmul_coop::coop_probe(ctx, size) {
-        Ok(p) => {
-            out["size"] = p.size.into();
-            out["max_rel_error"] = p.max_rel_error.into();
-            out["gflops"] = p.gflops.into();
+    match portalora::ops::matmul::coop::race(ctx, size, size, size) {
+        Ok(r) => {
+            let gflops = |s: f64| 2.0 * (size as f64).powi(3) / s / 1e9;
+            out["size"] = size.into();
+            out["max_rel_error"] = r.max_rel_error.into();
+            out["max_rel_error_vs_f32"] = r.max_rel_error_vs_f32.into();
+            out["coop_gflops"] = gflops(r.coop_seconds).into();
+            out["subgroup_gflops"] = gflops(r.subgroup_seconds).into();
+            out["ratio"] = (r.subgroup_seconds / r.coop_seconds).into();
             println!("{out}");
             Ok(())
         }

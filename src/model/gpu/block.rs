@@ -130,7 +130,8 @@ impl Recorder<'_> {
     /// and the adapter's branch of its site. The adapter's `z = x·Aᵀ` rides along with the first
     /// part's product where the matmul can fuse it.
     fn proj_forward(&self, s: &mut Step, l: usize, proj: Proj, x: &Tensor, parts: &[Part]) -> Result<()> {
-        let (ctx, op) = (self.ctx, self.forward_op());
+        // The block's inputs are normed activations: f16 operands are fine (cooperative matrices).
+        let (ctx, op) = (self.ctx, self.forward_op().coop(true));
         let site = self.hooks.site(l, proj);
         let mut fused = false;
         for (j, (w, _, y)) in parts.iter().enumerate() {

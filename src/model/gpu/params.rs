@@ -116,7 +116,8 @@ impl SplitTable {
         for (first, part) in &self.parts {
             let out =
                 if self.parts.len() == 1 { logits.clone() } else { logits.cols(*first, part.shape()[0], align)? };
-            matmul(ctx, s, x, part, &out, Matmul::nt())?;
+            // x is the final norm's output: f16 operands are fine (cooperative matrices).
+            matmul(ctx, s, x, part, &out, Matmul::nt().coop(true))?;
         }
         Ok(())
     }
