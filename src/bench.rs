@@ -281,32 +281,10 @@ pub fn bench_step(
     let gpu_step_seconds = (!gpu.is_empty()).then(|| median(&gpu));
     // Bytes this trainer holds, by kind (the adapter's z = x·Aᵀ and scratch count as
     // activations: see adapter::activation).
-    let mut gpu_bytes = ctx.allocated_bytes();
-    for (k, v) in before {
-        if let Some(x) = gpu_bytes.get_mut(k) {
-            *x = x.saturating_sub(v);
-        }
-    }
-    for k in ["weights", "adapters", "optimizer", "activations", "other"] {
-        gpu_bytes.entry(k).or_default();
-    }
+    let gpu_bytes = bytes_since(ctx, before);
 
-    let mut kernels = Vec::new();
-    let mut kernel_seconds = 0.0;
-    if opts.kernels {
-        let ids = batch();
-        trainer.model.write_inputs(ctx, &ids)?;
-        let times = ctx.time_dispatches(&trainer.recorded_steps())?;
-        let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
-        for (label, s) in times {
-            kernel_seconds += s;
-            let e = by.entry(label).or_default();
-            e.0 += s;
-            e.1 += 1;
-        }
-        kernels = by.into_iter().map(|(label, (seconds, count))| KernelTime { label, seconds, count }).collect();
-        kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    }
+    let (kernels, kernel_seconds) =
+        if opts.kernels { kernel_times(ctx, &trainer, &batch())? } else { (Vec::new(), 0.0) };
     Ok(StepResult {
         step_seconds,
         warmup_seconds,
@@ -323,4 +301,46 @@ pub fn bench_step(
         submitted,
         gpu_step_seconds,
     })
+}
+
+/// GPU bytes allocated now less those allocated at `before`, by kind, every kind present.
+#[cfg(not(target_arch = "wasm32"))]
+fn bytes_since(
+    ctx: &Context,
+    before: std::collections::BTreeMap<&'static str, u64>,
+) -> std::collections::BTreeMap<&'static str, u64> {
+    let mut gpu_bytes = ctx.allocated_bytes();
+    for (k, v) in before {
+        if let Some(x) = gpu_bytes.get_mut(k) {
+            *x = x.saturating_sub(v);
+        }
+    }
+    for k in ["weights", "adapters", "optimizer", "activations", "other"] {
+        gpu_bytes.entry(k).or_default();
+    }
+    gpu_bytes
+}
+
+/// One step on `ids` with every dispatch timed: the kernels grouped by label, longest first, and
+/// their total seconds.
+#[cfg(not(target_arch = "wasm32"))]
+fn kernel_times(
+    ctx: &Context,
+    trainer: &crate::train::Trainer,
+    ids: &[Vec<u32>],
+) -> std::result::Result<(Vec<KernelTime>, f64), BenchError> {
+    trainer.model.write_inputs(ctx, ids)?;
+    let times = ctx.time_dispatches(&trainer.recorded_steps())?;
+    let mut kernel_seconds = 0.0;
+    let mut by: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for (label, s) in times {
+        kernel_seconds += s;
+        let e = by.entry(label).or_default();
+        e.0 += s;
+        e.1 += 1;
+    }
+    let mut kernels: Vec<KernelTime> =
+        by.into_iter().map(|(label, (seconds, count))| KernelTime { label, seconds, count }).collect();
+    kernels.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    Ok((kernels, kernel_seconds))
 }

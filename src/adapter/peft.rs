@@ -108,40 +108,15 @@ impl PeftFile {
             Value::String(s) => (Vec::new(), Some(s.clone())),
             _ => (Vec::new(), None),
         };
-        let pattern = |key: &str| -> Result<Vec<(String, f64)>> {
-            match &config[key] {
-                Value::Null => Ok(Vec::new()),
-                Value::Object(m) => m
-                    .iter()
-                    .map(|(p, v)| {
-                        let v = v
-                            .as_f64()
-                            .ok_or_else(|| file_err(&cfg_path, format!("{key} {p:?}: {v} is not a number")))?;
-                        Ok((p.clone(), v))
-                    })
-                    .collect(),
-                v => Err(file_err(&cfg_path, format!("{key} {v} is not an object of pattern: value"))),
-            }
-        };
-        let rank_pattern = pattern("rank_pattern")?
+        let rank_pattern = read_pattern(&config, &cfg_path, "rank_pattern")?
             .into_iter()
             .map(|(p, r)| match r >= 1.0 && r.fract() == 0.0 {
                 true => Ok((p, r as usize)),
                 false => Err(file_err(&cfg_path, format!("rank_pattern {p:?}: rank {r} is not a positive integer"))),
             })
             .collect::<Result<Vec<_>>>()?;
-        let alpha_pattern = pattern("alpha_pattern")?;
-        let layers = match &config["layers_to_transform"] {
-            Value::Null => None,
-            Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
-            Value::Array(a) => Some(
-                a.iter()
-                    .map(|v| v.as_u64().map(|l| l as usize))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| file_err(&cfg_path, "layers_to_transform must hold layer numbers"))?,
-            ),
-            v => return Err(file_err(&cfg_path, format!("layers_to_transform {v} is not a layer number or a list"))),
-        };
+        let alpha_pattern = read_pattern(&config, &cfg_path, "alpha_pattern")?;
+        let layers = read_layers(&config, &cfg_path)?;
         let dropout_key = if peft_type == "LORA" { "lora_dropout" } else { "vera_dropout" };
         let mut raw = BTreeMap::new();
         let st_path = dir.join(WEIGHTS_FILE);
@@ -383,6 +358,36 @@ const REFUSED_KEYS: [(&str, &str); 16] = [
     ("velora_config", "VeLoRA is not supported"),
     ("runtime_config", "runtime options are not supported"),
 ];
+
+/// The config's `key` (`rank_pattern`, `alpha_pattern`): pairs of module pattern and number.
+fn read_pattern(config: &Value, cfg_path: &Path, key: &str) -> Result<Vec<(String, f64)>> {
+    match &config[key] {
+        Value::Null => Ok(Vec::new()),
+        Value::Object(m) => m
+            .iter()
+            .map(|(p, v)| {
+                let v = v.as_f64().ok_or_else(|| file_err(cfg_path, format!("{key} {p:?}: {v} is not a number")))?;
+                Ok((p.clone(), v))
+            })
+            .collect(),
+        v => Err(file_err(cfg_path, format!("{key} {v} is not an object of pattern: value"))),
+    }
+}
+
+/// The config's `layers_to_transform`: one layer number or a list of them (None: every layer).
+fn read_layers(config: &Value, cfg_path: &Path) -> Result<Option<Vec<usize>>> {
+    match &config["layers_to_transform"] {
+        Value::Null => Ok(None),
+        Value::Number(n) => Ok(Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize])),
+        Value::Array(a) => a
+            .iter()
+            .map(|v| v.as_u64().map(|l| l as usize))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(|| file_err(cfg_path, "layers_to_transform must hold layer numbers")),
+        v => Err(file_err(cfg_path, format!("layers_to_transform {v} is not a layer number or a list"))),
+    }
+}
 
 /// Refuses a config that sets an option portalora does not implement, or one it does not know:
 /// loading the tensors without it would be silently wrong. An option left at its "off" value

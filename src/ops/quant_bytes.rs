@@ -32,46 +32,8 @@ fn helpers(name: &str, buf: &str) -> String {
 fn body(dtype: DType, n: &str) -> String {
     let bytes = dtype.block_bytes();
     match dtype {
-        DType::Q5_0 | DType::Q5_1 => {
-            let (qh, qs, value) = match dtype {
-                DType::Q5_0 => (2, 6, "d * (q - 16.0)".to_string()),
-                _ => (4, 8, format!("d * q + {n}_h(base + 2u)")),
-            };
-            format!(
-                "    let i = e % 32u;\n\
-                 \x20   let base = (e / 32u) * {bytes}u;\n\
-                 \x20   let d = {n}_h(base);\n\
-                 \x20   let nib = ({n}_w(base + {qs}u + (i % 16u)) >> select(0u, 4u, i >= 16u)) & 0x0F0F0F0Fu;\n\
-                 \x20   let hb = ({n}_w(base + {qh}u) >> i) & 0xFu;\n\
-                 \x20   let hi = ((hb & 1u) | ((hb & 2u) << 7u) | ((hb & 4u) << 14u) | ((hb & 8u) << 21u)) << 4u;\n\
-                 \x20   let q = {n}_v(nib | hi);\n\
-                 \x20   return {value};\n"
-            )
-        }
-        DType::Q4_K | DType::Q5_K => {
-            let qs = if dtype == DType::Q4_K { 16 } else { 48 };
-            let high = match dtype {
-                DType::Q5_K => format!("    q = q + 16.0 * {n}_v(({n}_w(base + 16u + l) >> j) & 0x01010101u);\n"),
-                _ => String::new(),
-            };
-            format!(
-                "    let i = e % 256u;\n\
-                 \x20   let base = (e / 256u) * {bytes}u;\n\
-                 \x20   let c = i / 64u;\n\
-                 \x20   let upper = (i % 64u) >= 32u;\n\
-                 \x20   let l = i % 32u;\n\
-                 \x20   let j = 2u * c + select(0u, 1u, upper);\n\
-                 \x20   var sc = {n}_b(base + 4u + j) & 63u;\n\
-                 \x20   var mn = {n}_b(base + 8u + j) & 63u;\n\
-                 \x20   if (j >= 4u) {{\n\
-                 \x20       sc = ({n}_b(base + 8u + j) & 15u) | (({n}_b(base + j) >> 6u) << 4u);\n\
-                 \x20       mn = ({n}_b(base + 8u + j) >> 4u) | (({n}_b(base + 4u + j) >> 6u) << 4u);\n\
-                 \x20   }}\n\
-                 \x20   var q = {n}_v(({n}_w(base + {qs}u + 32u * c + l) >> select(0u, 4u, upper)) & 0x0F0F0F0Fu);\n\
-                 {high}\
-                 \x20   return ({n}_h(base) * f32(sc)) * q - {n}_h(base + 2u) * f32(mn);\n"
-            )
-        }
+        DType::Q5_0 | DType::Q5_1 => q5_body(dtype, n, bytes),
+        DType::Q4_K | DType::Q5_K => q4_q5_k_body(dtype, n, bytes),
         DType::Q6_K => format!(
             "    let i = e % 256u;\n\
              \x20   let base = (e / 256u) * {bytes}u;\n\
@@ -111,6 +73,50 @@ fn body(dtype: DType, n: &str) -> String {
         ),
         other => unreachable!("{other:?} is not read byte-wise"),
     }
+}
+
+/// Q5_0's and Q5_1's body: 32 elements a block, low nibbles and a word of fifth bits.
+fn q5_body(dtype: DType, n: &str, bytes: usize) -> String {
+    let (qh, qs, value) = match dtype {
+        DType::Q5_0 => (2, 6, "d * (q - 16.0)".to_string()),
+        _ => (4, 8, format!("d * q + {n}_h(base + 2u)")),
+    };
+    format!(
+        "    let i = e % 32u;\n\
+         \x20   let base = (e / 32u) * {bytes}u;\n\
+         \x20   let d = {n}_h(base);\n\
+         \x20   let nib = ({n}_w(base + {qs}u + (i % 16u)) >> select(0u, 4u, i >= 16u)) & 0x0F0F0F0Fu;\n\
+         \x20   let hb = ({n}_w(base + {qh}u) >> i) & 0xFu;\n\
+         \x20   let hi = ((hb & 1u) | ((hb & 2u) << 7u) | ((hb & 4u) << 14u) | ((hb & 8u) << 21u)) << 4u;\n\
+         \x20   let q = {n}_v(nib | hi);\n\
+         \x20   return {value};\n"
+    )
+}
+
+/// Q4_K's and Q5_K's body: 256 elements a block, 6-bit scales and mins packed in 12 bytes.
+fn q4_q5_k_body(dtype: DType, n: &str, bytes: usize) -> String {
+    let qs = if dtype == DType::Q4_K { 16 } else { 48 };
+    let high = match dtype {
+        DType::Q5_K => format!("    q = q + 16.0 * {n}_v(({n}_w(base + 16u + l) >> j) & 0x01010101u);\n"),
+        _ => String::new(),
+    };
+    format!(
+        "    let i = e % 256u;\n\
+         \x20   let base = (e / 256u) * {bytes}u;\n\
+         \x20   let c = i / 64u;\n\
+         \x20   let upper = (i % 64u) >= 32u;\n\
+         \x20   let l = i % 32u;\n\
+         \x20   let j = 2u * c + select(0u, 1u, upper);\n\
+         \x20   var sc = {n}_b(base + 4u + j) & 63u;\n\
+         \x20   var mn = {n}_b(base + 8u + j) & 63u;\n\
+         \x20   if (j >= 4u) {{\n\
+         \x20       sc = ({n}_b(base + 8u + j) & 15u) | (({n}_b(base + j) >> 6u) << 4u);\n\
+         \x20       mn = ({n}_b(base + 8u + j) >> 4u) | (({n}_b(base + 4u + j) >> 6u) << 4u);\n\
+         \x20   }}\n\
+         \x20   var q = {n}_v(({n}_w(base + {qs}u + 32u * c + l) >> select(0u, 4u, upper)) & 0x0F0F0F0Fu);\n\
+         {high}\
+         \x20   return ({n}_h(base) * f32(sc)) * q - {n}_h(base + 2u) * f32(mn);\n"
+    )
 }
 
 /// WGSL of `fn {name}(e: u32) -> vec4<f32>` and its helpers for a byte-wise `dtype`.

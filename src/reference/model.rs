@@ -1,7 +1,7 @@
 //! The whole model forward pass on the CPU in f64, written as plainly as possible: the
 //! reference the GPU model is checked against, itself checked against transformers' outputs.
 
-use crate::model::{Arch, HostTensor, ModelError, Weights};
+use crate::model::{Arch, HostTensor, ModelConfig, ModelError, Weights};
 
 /// Logits `(B, T, V)` for token ids `(B, T)`.
 pub fn forward(w: &Weights, ids: &[Vec<u32>]) -> Result<Vec<Vec<Vec<f64>>>, ModelError> {
@@ -126,18 +126,46 @@ pub(crate) fn attention(
 
 fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
     let c = &w.config;
-    let g = |n: &str| w.get(n);
-    let (emb_name, head_name) = match c.arch {
+    let (emb_name, head_name) = embedding_names(c);
+    let mut x = embed(w, emb_name, ids)?;
+    for l in 0..c.num_layers {
+        match c.arch {
+            Arch::Llama => llama_layer(w, l, &mut x)?,
+            Arch::Gpt2 => gpt2_layer(w, l, &mut x)?,
+        }
+    }
+    let head = M { t: w.get(head_name)? };
+    x.iter()
+        .map(|xt| {
+            let h = match c.arch {
+                Arch::Llama => rmsnorm(xt, w.get("model.norm.weight")?, c.norm_eps),
+                Arch::Gpt2 => {
+                    layernorm(xt, w.get("transformer.ln_f.weight")?, w.get("transformer.ln_f.bias")?, c.norm_eps)
+                }
+            };
+            Ok(head.linear(&h))
+        })
+        .collect()
+}
+
+/// The token-embedding and LM-head tensor names for the architecture (the same when tied).
+fn embedding_names(c: &ModelConfig) -> (&'static str, &'static str) {
+    match c.arch {
         Arch::Llama => {
             ("model.embed_tokens.weight", if c.tie_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" })
         }
         Arch::Gpt2 => {
             ("transformer.wte.weight", if c.tie_embeddings { "transformer.wte.weight" } else { "lm_head.weight" })
         }
-    };
-    let emb = g(emb_name)?;
+    }
+}
+
+/// Each position's input row: its token's embedding, plus (GPT-2) its position's.
+fn embed(w: &Weights, emb_name: &str, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
+    let c = &w.config;
+    let emb = w.get(emb_name)?;
     let width = c.hidden_size;
-    let mut x: Vec<Vec<f64>> = ids
+    Ok(ids
         .iter()
         .enumerate()
         .map(|(pos, &id)| {
@@ -151,94 +179,83 @@ fn forward_row(w: &Weights, ids: &[u32]) -> Result<Vec<Vec<f64>>, ModelError> {
             }
             row
         })
-        .collect();
+        .collect())
+}
+
+/// Llama decoder layer `l` applied to every position's row of `x` in place.
+fn llama_layer(w: &Weights, l: usize, x: &mut [Vec<f64>]) -> Result<(), ModelError> {
+    let c = &w.config;
+    let g = |n: &str| w.get(n);
     let (hd, heads, kvh) = (c.head_dim, c.num_heads, c.num_kv_heads);
-    for l in 0..c.num_layers {
-        match c.arch {
-            Arch::Llama => {
-                let p = format!("model.layers.{l}");
-                let inv_freq = c.layers[l].rope.inv_freq(hd);
-                let ln1 = g(&format!("{p}.input_layernorm.weight"))?;
-                let (wq, wk, wv, wo) = (
-                    M { t: g(&format!("{p}.self_attn.q_proj.weight"))? },
-                    M { t: g(&format!("{p}.self_attn.k_proj.weight"))? },
-                    M { t: g(&format!("{p}.self_attn.v_proj.weight"))? },
-                    M { t: g(&format!("{p}.self_attn.o_proj.weight"))? },
-                );
-                let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
-                for (pos, xt) in x.iter().enumerate() {
-                    let h = rmsnorm(xt, ln1, c.norm_eps);
-                    let mut qt = wq.linear(&h);
-                    let mut kt = wk.linear(&h);
-                    for hh in 0..heads {
-                        rope(&mut qt[hh * hd..(hh + 1) * hd], pos, &inv_freq);
-                    }
-                    for hh in 0..kvh {
-                        rope(&mut kt[hh * hd..(hh + 1) * hd], pos, &inv_freq);
-                    }
-                    q.push(qt);
-                    k.push(kt);
-                    v.push(wv.linear(&h));
-                }
-                let att = attention(&q, &k, &v, heads, kvh, hd, c.layers[l].window, 1.0 / (hd as f64).sqrt());
-                let ln2 = g(&format!("{p}.post_attention_layernorm.weight"))?;
-                let (wg, wu, wd) = (
-                    M { t: g(&format!("{p}.mlp.gate_proj.weight"))? },
-                    M { t: g(&format!("{p}.mlp.up_proj.weight"))? },
-                    M { t: g(&format!("{p}.mlp.down_proj.weight"))? },
-                );
-                for (xt, at) in x.iter_mut().zip(&att) {
-                    for (a, b) in xt.iter_mut().zip(wo.linear(at)) {
-                        *a += b;
-                    }
-                    let h = rmsnorm(xt, ln2, c.norm_eps);
-                    let act: Vec<f64> =
-                        wg.linear(&h).into_iter().zip(wu.linear(&h)).map(|(a, b)| silu(a) * b).collect();
-                    for (a, b) in xt.iter_mut().zip(wd.linear(&act)) {
-                        *a += b;
-                    }
-                }
-            }
-            Arch::Gpt2 => {
-                let p = format!("transformer.h.{l}");
-                let t = |n: &str| g(&format!("{p}.{n}"));
-                let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
-                for xt in &x {
-                    let h = layernorm(xt, t("ln_1.weight")?, t("ln_1.bias")?, c.norm_eps);
-                    let qkv = M { t: t("attn.c_attn.weight")? }.conv1d(&h, t("attn.c_attn.bias")?);
-                    q.push(qkv[..width].to_vec());
-                    k.push(qkv[width..2 * width].to_vec());
-                    v.push(qkv[2 * width..].to_vec());
-                }
-                let att = attention(&q, &k, &v, heads, heads, hd, 0, 1.0 / (hd as f64).sqrt());
-                for (xt, at) in x.iter_mut().zip(&att) {
-                    for (a, b) in
-                        xt.iter_mut().zip(M { t: t("attn.c_proj.weight")? }.conv1d(at, t("attn.c_proj.bias")?))
-                    {
-                        *a += b;
-                    }
-                    let h = layernorm(xt, t("ln_2.weight")?, t("ln_2.bias")?, c.norm_eps);
-                    let f: Vec<f64> = M { t: t("mlp.c_fc.weight")? }
-                        .conv1d(&h, t("mlp.c_fc.bias")?)
-                        .into_iter()
-                        .map(gelu_tanh)
-                        .collect();
-                    for (a, b) in xt.iter_mut().zip(M { t: t("mlp.c_proj.weight")? }.conv1d(&f, t("mlp.c_proj.bias")?))
-                    {
-                        *a += b;
-                    }
-                }
-            }
+    let p = format!("model.layers.{l}");
+    let inv_freq = c.layers[l].rope.inv_freq(hd);
+    let ln1 = g(&format!("{p}.input_layernorm.weight"))?;
+    let (wq, wk, wv, wo) = (
+        M { t: g(&format!("{p}.self_attn.q_proj.weight"))? },
+        M { t: g(&format!("{p}.self_attn.k_proj.weight"))? },
+        M { t: g(&format!("{p}.self_attn.v_proj.weight"))? },
+        M { t: g(&format!("{p}.self_attn.o_proj.weight"))? },
+    );
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for (pos, xt) in x.iter().enumerate() {
+        let h = rmsnorm(xt, ln1, c.norm_eps);
+        let mut qt = wq.linear(&h);
+        let mut kt = wk.linear(&h);
+        for hh in 0..heads {
+            rope(&mut qt[hh * hd..(hh + 1) * hd], pos, &inv_freq);
+        }
+        for hh in 0..kvh {
+            rope(&mut kt[hh * hd..(hh + 1) * hd], pos, &inv_freq);
+        }
+        q.push(qt);
+        k.push(kt);
+        v.push(wv.linear(&h));
+    }
+    let att = attention(&q, &k, &v, heads, kvh, hd, c.layers[l].window, 1.0 / (hd as f64).sqrt());
+    let ln2 = g(&format!("{p}.post_attention_layernorm.weight"))?;
+    let (wg, wu, wd) = (
+        M { t: g(&format!("{p}.mlp.gate_proj.weight"))? },
+        M { t: g(&format!("{p}.mlp.up_proj.weight"))? },
+        M { t: g(&format!("{p}.mlp.down_proj.weight"))? },
+    );
+    for (xt, at) in x.iter_mut().zip(&att) {
+        for (a, b) in xt.iter_mut().zip(wo.linear(at)) {
+            *a += b;
+        }
+        let h = rmsnorm(xt, ln2, c.norm_eps);
+        let act: Vec<f64> = wg.linear(&h).into_iter().zip(wu.linear(&h)).map(|(a, b)| silu(a) * b).collect();
+        for (a, b) in xt.iter_mut().zip(wd.linear(&act)) {
+            *a += b;
         }
     }
-    let head = M { t: g(head_name)? };
-    x.iter()
-        .map(|xt| {
-            let h = match c.arch {
-                Arch::Llama => rmsnorm(xt, g("model.norm.weight")?, c.norm_eps),
-                Arch::Gpt2 => layernorm(xt, g("transformer.ln_f.weight")?, g("transformer.ln_f.bias")?, c.norm_eps),
-            };
-            Ok(head.linear(&h))
-        })
-        .collect()
+    Ok(())
+}
+
+/// GPT-2 block `l` applied to every position's row of `x` in place.
+fn gpt2_layer(w: &Weights, l: usize, x: &mut [Vec<f64>]) -> Result<(), ModelError> {
+    let c = &w.config;
+    let (hd, heads, width) = (c.head_dim, c.num_heads, c.hidden_size);
+    let p = format!("transformer.h.{l}");
+    let t = |n: &str| w.get(&format!("{p}.{n}"));
+    let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for xt in x.iter() {
+        let h = layernorm(xt, t("ln_1.weight")?, t("ln_1.bias")?, c.norm_eps);
+        let qkv = M { t: t("attn.c_attn.weight")? }.conv1d(&h, t("attn.c_attn.bias")?);
+        q.push(qkv[..width].to_vec());
+        k.push(qkv[width..2 * width].to_vec());
+        v.push(qkv[2 * width..].to_vec());
+    }
+    let att = attention(&q, &k, &v, heads, heads, hd, 0, 1.0 / (hd as f64).sqrt());
+    for (xt, at) in x.iter_mut().zip(&att) {
+        for (a, b) in xt.iter_mut().zip(M { t: t("attn.c_proj.weight")? }.conv1d(at, t("attn.c_proj.bias")?)) {
+            *a += b;
+        }
+        let h = layernorm(xt, t("ln_2.weight")?, t("ln_2.bias")?, c.norm_eps);
+        let f: Vec<f64> =
+            M { t: t("mlp.c_fc.weight")? }.conv1d(&h, t("mlp.c_fc.bias")?).into_iter().map(gelu_tanh).collect();
+        for (a, b) in xt.iter_mut().zip(M { t: t("mlp.c_proj.weight")? }.conv1d(&f, t("mlp.c_proj.bias")?)) {
+            *a += b;
+        }
+    }
+    Ok(())
 }

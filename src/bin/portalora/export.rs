@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use portalora::adapter::peft::{write_atomic, PeftFile};
 use portalora::adapter::{AdapterConfig, Method};
 use portalora::io::gguf::{GgmlType, Gguf};
+use portalora::io::gguf_write::GgufOut;
 use portalora::io::tokenizer::Tokenizer;
 use portalora::model::gguf_export::{dora_merged, factors, file_alpha, lora_gguf, merged_gguf, Factors};
 use portalora::model::gguf_hf::folder_gguf;
@@ -85,27 +86,7 @@ fn check_out(path: &Path, inputs: &[&Path], overwrite: bool) -> Res<()> {
 pub(crate) fn export(a: &ExportArgs) -> Res<()> {
     let peft = PeftFile::read(&a.adapter)?;
     let method = method_of(&a.adapter, &peft);
-    let merged = match a.as_.as_deref() {
-        Some("merged") => true,
-        Some(_) if method == Method::DeltaLora => {
-            return Err(format!(
-                "{} is a Delta-LoRA adapter: Delta-LoRA moved the base weights too, so a LoRA file alone would not \
-                 reproduce the fine-tune; use --as merged",
-                a.adapter.display()
-            )
-            .into())
-        }
-        Some(_) if method == Method::Dora => {
-            return Err(format!(
-                "{} is a DoRA adapter: llama.cpp has no DoRA adapters (its magnitudes rescale whole rows of the \
-                 weights, not a low-rank product); use --as merged",
-                a.adapter.display()
-            )
-            .into())
-        }
-        Some(_) => false,
-        None => matches!(method, Method::DeltaLora | Method::Dora),
-    };
+    let merged = wants_merged(a, method)?;
     let ty =
         a.ty.as_deref()
             .map(|t| GgmlType::from_name(t).ok_or_else(|| format!("--type {t:?}: not a ggml type; see --help")))
@@ -121,38 +102,7 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
         .map_err(|e| format!("{} does not fit {}: {e}", a.adapter.display(), a.model.display()))?;
     let name = a.out.file_stem().and_then(|s| s.to_str()).unwrap_or("adapter").to_string();
     let (file, notes) = if merged {
-        // A Hugging Face base becomes the GGUF llama.cpp's converter would make of it.
-        let base_weights = a.model.is_dir().then(|| portalora::model::load_model(&a.model)).transpose()?;
-        let base = match &base_weights {
-            Some(w) => folder_gguf(&a.model, w)?,
-            None => Gguf::open(&a.model)?,
-        };
-        if method == Method::DeltaLora {
-            // The run's folder holds the whole model, W0 as Delta-LoRA moved it with s·B·A merged
-            // in: its adapted weights are written as they are (a scale of 0 adds nothing).
-            let run = a.adapter.join("..");
-            let weights = portalora::model::load_model(&run).map_err(|e| {
-                format!(
-                    "{}: Delta-LoRA's merged model is read from its run's folder {}: {e}",
-                    a.adapter.display(),
-                    run.display()
-                )
-            })?;
-            let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
-            merged_gguf(&base, &weights, &as_is, ty)?
-        } else {
-            let weights = match base_weights {
-                Some(w) => w,
-                None => portalora::model::load_model(&a.model)?,
-            };
-            if method == Method::Dora {
-                let moved = dora_merged(&weights, &f, &peft.tensors_for(&config))?;
-                let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
-                merged_gguf(&base, &moved, &as_is, ty)?
-            } else {
-                merged_gguf(&base, &weights, &f, ty)?
-            }
-        }
+        merged_file(a, method, &peft, &config, f, ty)?
     } else {
         (lora_gguf(&config, &f, file_alpha(&cfg), ty.unwrap_or(GgmlType::F32), &name)?, Vec::new())
     };
@@ -177,6 +127,71 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
         println!("run it: llama-cli -m {} --lora {}", a.model.display(), a.out.display());
     }
     Ok(())
+}
+
+/// Whether to write the merged model (`--as`, else what the method needs), refusing a LoRA file for
+/// the methods a LoRA file cannot carry.
+fn wants_merged(a: &ExportArgs, method: Method) -> Res<bool> {
+    match a.as_.as_deref() {
+        Some("merged") => Ok(true),
+        Some(_) if method == Method::DeltaLora => Err(format!(
+            "{} is a Delta-LoRA adapter: Delta-LoRA moved the base weights too, so a LoRA file alone would not \
+             reproduce the fine-tune; use --as merged",
+            a.adapter.display()
+        )
+        .into()),
+        Some(_) if method == Method::Dora => Err(format!(
+            "{} is a DoRA adapter: llama.cpp has no DoRA adapters (its magnitudes rescale whole rows of the \
+             weights, not a low-rank product); use --as merged",
+            a.adapter.display()
+        )
+        .into()),
+        Some(_) => Ok(false),
+        None => Ok(matches!(method, Method::DeltaLora | Method::Dora)),
+    }
+}
+
+/// The whole model with the adapter's factors `f` merged into the base, and notes on the way.
+fn merged_file(
+    a: &ExportArgs,
+    method: Method,
+    peft: &PeftFile,
+    config: &ModelConfig,
+    f: Vec<Factors>,
+    ty: Option<GgmlType>,
+) -> Res<(GgufOut, Vec<String>)> {
+    // A Hugging Face base becomes the GGUF llama.cpp's converter would make of it.
+    let base_weights = a.model.is_dir().then(|| portalora::model::load_model(&a.model)).transpose()?;
+    let base = match &base_weights {
+        Some(w) => folder_gguf(&a.model, w)?,
+        None => Gguf::open(&a.model)?,
+    };
+    Ok(if method == Method::DeltaLora {
+        // The run's folder holds the whole model, W0 as Delta-LoRA moved it with s·B·A merged
+        // in: its adapted weights are written as they are (a scale of 0 adds nothing).
+        let run = a.adapter.join("..");
+        let weights = portalora::model::load_model(&run).map_err(|e| {
+            format!(
+                "{}: Delta-LoRA's merged model is read from its run's folder {}: {e}",
+                a.adapter.display(),
+                run.display()
+            )
+        })?;
+        let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
+        merged_gguf(&base, &weights, &as_is, ty)?
+    } else {
+        let weights = match base_weights {
+            Some(w) => w,
+            None => portalora::model::load_model(&a.model)?,
+        };
+        if method == Method::Dora {
+            let moved = dora_merged(&weights, &f, &peft.tensors_for(config))?;
+            let as_is: Vec<_> = f.into_iter().map(|x| Factors { scale: 0.0, ..x }).collect();
+            merged_gguf(&base, &moved, &as_is, ty)?
+        } else {
+            merged_gguf(&base, &weights, &f, ty)?
+        }
+    })
 }
 
 /// Ollama's Modelfile: FROM the merged file, or FROM the base with the LoRA file as ADAPTER (paths

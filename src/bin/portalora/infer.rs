@@ -148,36 +148,17 @@ pub(crate) fn generate(
     adapter: Option<&Path>,
     show: Show,
 ) -> Res {
-    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
-        return Err(format!("--temperature {} must be 0 or positive", sampling.temperature).into());
-    }
-    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
-        return Err(format!("--top-p {} must be in (0, 1]", sampling.top_p).into());
-    }
+    check_sampling(&sampling)?;
     let tok = Tokenizer::for_model(model)?;
     let weights = crate::load_model(model)?;
     let (ids, prompt, stop) = prompt_ids(&tok, model, input)?;
-    if ids.is_empty() {
-        return Err("the prompt is empty".into());
-    }
     let context = weights.config.usable_positions();
-    if ids.len() >= context {
-        return Err(format!(
-            "the prompt has {} tokens, but the model's context holds {context}; shorten the prompt",
-            ids.len()
-        )
-        .into());
-    }
+    check_prompt(&ids, context)?;
     // The frozen weights as the file stores them (a GGUF's quantized tensors stay quantized) and
     // the adapter's branch beside them, unmerged.
     let params = ParameterTensors::upload_as(ctx, &weights, None, BaseDType::Auto)?;
     let max_len = (ids.len() + max_tokens).min(context);
-    let mut adapter =
-        adapter.map(|dir| portalora::train::adapter_from(ctx, &weights, dir, max_len.min(512))).transpose()?;
-    if let Some(a) = adapter.as_mut() {
-        // What it reads of the frozen weights it runs beside (DoRA's norms).
-        a.bind(ctx, portalora::model::gpu::site_bases(&params, a.sites())?)?;
-    }
+    let adapter = adapter.map(|dir| load_adapter(ctx, &weights, &params, dir, max_len)).transpose()?;
     let mut gen = Generator::new(ctx, &weights.config, &params, max_len)?;
     if let Some(a) = &adapter {
         gen = gen.with_adapter(a.as_ref())?;
@@ -223,4 +204,44 @@ pub(crate) fn generate(
         eprintln!("(stopped after {} new tokens: the model's context of {context} positions is full)", got.len());
     }
     Ok(())
+}
+
+/// Refuses a temperature below 0 (or not finite) and a top-p outside (0, 1].
+fn check_sampling(sampling: &Sampling) -> Res {
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        return Err(format!("--temperature {} must be 0 or positive", sampling.temperature).into());
+    }
+    if !(sampling.top_p > 0.0 && sampling.top_p <= 1.0) {
+        return Err(format!("--top-p {} must be in (0, 1]", sampling.top_p).into());
+    }
+    Ok(())
+}
+
+/// Refuses an empty prompt and one that leaves no room in the model's `context` positions.
+fn check_prompt(ids: &[u32], context: usize) -> Res {
+    if ids.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    if ids.len() >= context {
+        return Err(format!(
+            "the prompt has {} tokens, but the model's context holds {context}; shorten the prompt",
+            ids.len()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The adapter saved in `dir`, bound to the frozen weights `params` it runs beside.
+fn load_adapter(
+    ctx: &Context,
+    weights: &portalora::model::Weights,
+    params: &ParameterTensors,
+    dir: &Path,
+    max_len: usize,
+) -> Result<Box<dyn portalora::adapter::Adapter>, Box<dyn std::error::Error>> {
+    let mut a = portalora::train::adapter_from(ctx, weights, dir, max_len.min(512))?;
+    // What it reads of the frozen weights it runs beside (DoRA's norms).
+    a.bind(ctx, portalora::model::gpu::site_bases(params, a.sites())?)?;
+    Ok(a)
 }

@@ -378,17 +378,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         export::export(args)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut opts = portalora::gpu::ContextOptions::from_env();
-    if let Some(v) = std::env::var("PORTALORA_COOP").ok().filter(|v| !v.is_empty()) {
-        if portalora::gpu::CoopMode::parse(&v).is_none() {
-            return Err(format!("PORTALORA_COOP={v:?}: use auto, on or off").into());
-        }
-    }
-    // The cooperative-matrix benchmark runs the path whatever the autotune would say.
-    if matches!(cli.command, Command::Bench { what: BenchWhat::Coop { .. } }) && opts.coop != CoopMode::Off {
-        opts.coop = CoopMode::On;
-    }
-    let ctx = pollster::block_on(Context::with_options(opts))?;
+    let ctx = pollster::block_on(Context::with_options(context_options(&cli.command)?))?;
     match cli.command {
         Command::Inspect { .. } | Command::Tokenize(_) | Command::Export(_) => unreachable!("handled above"),
         Command::Generate {
@@ -406,16 +396,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
             special,
             json,
         } => {
-            let sampler: Vec<String> =
-                ["top_k", "top_p", "seed"].iter().filter(|id| given.contains(**id)).map(|id| flag(id)).collect();
-            if temperature == 0.0 && !sampler.is_empty() {
-                return Err(format!(
-                    "{} not used with --temperature 0, which picks the most likely token; give --temperature T > 0 \
-                     to sample",
-                    sampler.join(", ") + if sampler.len() == 1 { " is" } else { " are" }
-                )
-                .into());
-            }
+            check_sampler(temperature, given)?;
             let sampling = portalora::model::generate::Sampling { temperature, top_k, top_p, seed };
             let input = match (prompt, chat) {
                 (Some(p), _) => infer::Input::Text(p),
@@ -433,13 +414,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
             )?
         }
         Command::Eval { model, ids, data, chat_template, train_on, no_packing, seq, batch, adapter, json } => {
-            for id in ["seq", "chat_template", "train_on", "no_packing"] {
-                if ids.is_some() && given.contains(id) {
-                    return Err(
-                        format!("{} is not used with --ids (the file holds token rows); drop it", flag(id)).into()
-                    );
-                }
-            }
+            check_eval_flags(ids.is_some(), given)?;
             let chat = infer::Chat { template: chat_template.as_deref(), train_on, no_packing };
             infer::eval(&ctx, &model, ids.as_deref(), data.as_deref(), chat, seq, batch, adapter.as_deref(), json)?
         }
@@ -453,4 +428,44 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The GPU context's options from the environment, refusing a PORTALORA_COOP it does not know.
+fn context_options(command: &Command) -> Result<portalora::gpu::ContextOptions, Box<dyn std::error::Error>> {
+    let mut opts = portalora::gpu::ContextOptions::from_env();
+    if let Some(v) = std::env::var("PORTALORA_COOP").ok().filter(|v| !v.is_empty()) {
+        if portalora::gpu::CoopMode::parse(&v).is_none() {
+            return Err(format!("PORTALORA_COOP={v:?}: use auto, on or off").into());
+        }
+    }
+    // The cooperative-matrix benchmark runs the path whatever the autotune would say.
+    if matches!(command, Command::Bench { what: BenchWhat::Coop { .. } }) && opts.coop != CoopMode::Off {
+        opts.coop = CoopMode::On;
+    }
+    Ok(opts)
+}
+
+/// Refuses sampling flags given with `--temperature 0`, which samples nothing.
+fn check_sampler(temperature: f32, given: &Given) -> Result<(), Box<dyn std::error::Error>> {
+    let sampler: Vec<String> =
+        ["top_k", "top_p", "seed"].iter().filter(|id| given.contains(**id)).map(|id| flag(id)).collect();
+    if temperature == 0.0 && !sampler.is_empty() {
+        return Err(format!(
+            "{} not used with --temperature 0, which picks the most likely token; give --temperature T > 0 \
+             to sample",
+            sampler.join(", ") + if sampler.len() == 1 { " is" } else { " are" }
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Refuses `eval` flags that shape text into rows when `--ids` (token rows already) is given.
+fn check_eval_flags(ids: bool, given: &Given) -> Result<(), Box<dyn std::error::Error>> {
+    for id in ["seq", "chat_template", "train_on", "no_packing"] {
+        if ids && given.contains(id) {
+            return Err(format!("{} is not used with --ids (the file holds token rows); drop it", flag(id)).into());
+        }
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! `portalora info`, `inspect` and `bench`: what the machine, a model and the kernels are.
 
-use portalora::bench::{MatmulShape, MATMUL_SHAPES};
+use portalora::bench::{MatmulShape, StepResult, MATMUL_SHAPES};
 use portalora::gpu::Context;
 use portalora::ops::matmul::MatmulPath;
 
@@ -69,7 +69,8 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     let mut cfg = AdapterConfig::new(method);
     cfg.rank = a.rank;
     cfg.alpha = 2.0 * a.rank as f64;
-    cfg.targets = if a.targets.is_empty() { portalora::adapter::all_targets(weights.config.arch) } else { a.targets };
+    cfg.targets =
+        if a.targets.is_empty() { portalora::adapter::all_targets(weights.config.arch) } else { a.targets.clone() };
     let train = portalora::train::TrainConfig {
         base_dtype,
         recompute_mlp: a.recompute_mlp,
@@ -95,10 +96,26 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
         let what = if k < a.warmup { " (warm-up)" } else { "" };
         eprintln!("step {}/{total}: {s:.3} s{what}", k + 1);
     })?;
+    print_step(&r, a.steps, a.top);
+    if a.json {
+        let j = step_json(&r, &a, &cfg, base_dtype, &model_name, &i.name);
+        println!("{j}");
+    }
+    Ok(())
+}
+
+/// The kinds of GPU memory `bench step` reports, in the order shown.
+const MEMORY_KINDS: [&str; 5] = ["weights", "adapters", "optimizer", "activations", "other"];
+
+/// Bytes of GPU memory of kind `k` in a step benchmark's result (0 if none).
+fn kind_bytes(r: &StepResult, k: &str) -> u64 {
+    r.gpu_bytes.get(k).copied().unwrap_or(0)
+}
+
+/// Prints `bench step`'s table: throughput, CPU/GPU time per step, memory by kind, the top kernels.
+fn print_step(r: &StepResult, steps: usize, top: usize) {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let kinds = ["weights", "adapters", "optimizer", "activations", "other"];
-    let b = |k: &str| r.gpu_bytes.get(k).copied().unwrap_or(0);
-    println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), a.steps);
+    println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), steps);
     let ms = |s: f64| s * 1e3;
     println!(
         "per step: {:.2} ms of CPU to encode and submit ({} dispatches in {} compute pass(es), one submission each){}",
@@ -113,10 +130,10 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     );
     println!("trainable parameters: {}", r.trainable);
     println!("GPU memory allocated:");
-    for k in kinds {
-        println!("  {k:<12} {:>10.2} MiB", mib(b(k)));
+    for k in MEMORY_KINDS {
+        println!("  {k:<12} {:>10.2} MiB", mib(kind_bytes(r, k)));
     }
-    println!("  {:<12} {:>10.2} MiB", "total", mib(kinds.iter().map(|k| b(k)).sum()));
+    println!("  {:<12} {:>10.2} MiB", "total", mib(MEMORY_KINDS.iter().map(|k| kind_bytes(r, k)).sum()));
     println!("  kept for backward (part of activations): {:.2} MiB", mib(r.kept_bytes));
     println!(
         "  model activations + gradients, buffers shared by lifetime: {:.2} MiB (one buffer per tensor: {:.2} MiB)",
@@ -127,46 +144,55 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
         let how = if r.timestamps { "GPU timestamps" } else { "wall clock per dispatch" };
         println!("one step's kernels ({how}; {:.3} s in all):", r.kernel_seconds);
         println!("{:>9} {:>6} {:>6}  kernel [workgroups]", "seconds", "%", "count");
-        for k in r.kernels.iter().take(a.top) {
+        for k in r.kernels.iter().take(top) {
             println!("{:>9.4} {:>5.1}% {:>6}  {}", k.seconds, 100.0 * k.seconds / r.kernel_seconds, k.count, k.label);
         }
     }
-    if a.json {
-        let kernels: Vec<serde_json::Value> = r
-            .kernels
-            .iter()
-            .map(|k| serde_json::json!({"kernel": k.label, "seconds": k.seconds, "count": k.count}))
-            .collect();
-        let j = serde_json::json!({
-            "tokens_per_s": r.tokens_per_s(),
-            "step_seconds": r.median_seconds(),
-            "steps": r.step_seconds,
-            "warmup_steps": r.warmup_seconds,
-            "gpu_bytes": serde_json::Value::Object(kinds.iter().map(|k| (k.to_string(), b(k).into())).collect()),
-            "kept_bytes": r.kept_bytes,
-            "planned_bytes": r.planned_bytes,
-            "unshared_bytes": r.unshared_bytes,
-            "trainable": r.trainable,
-            "model": model_name,
-            "method": method.name(),
-            "rank": cfg.rank,
-            "batch": a.batch,
-            "seq": a.seq,
-            "base_dtype": base_dtype.to_string(),
-            "recompute_mlp": a.recompute_mlp,
-            "activations": a.activations,
-            "adapter": i.name,
-            "kernel_seconds": r.kernel_seconds,
-            "encode_seconds": r.median_encode_seconds(),
-            "gpu_step_seconds": r.gpu_step_seconds,
-            "gpu_idle_seconds": r.gpu_idle_seconds(),
-            "dispatches": r.submitted.dispatches,
-            "passes": r.submitted.passes,
-            "kernels": kernels,
-        });
-        println!("{j}");
-    }
-    Ok(())
+}
+
+/// `bench step --json`'s object: the result, the run's settings and the adapter it ran on.
+fn step_json(
+    r: &StepResult,
+    a: &BenchStepArgs,
+    cfg: &portalora::adapter::AdapterConfig,
+    base_dtype: portalora::model::BaseDType,
+    model_name: &str,
+    adapter: &str,
+) -> serde_json::Value {
+    let kernels: Vec<serde_json::Value> = r
+        .kernels
+        .iter()
+        .map(|k| serde_json::json!({"kernel": k.label, "seconds": k.seconds, "count": k.count}))
+        .collect();
+    let gpu_bytes: serde_json::Map<String, serde_json::Value> =
+        MEMORY_KINDS.iter().map(|k| (k.to_string(), kind_bytes(r, k).into())).collect();
+    serde_json::json!({
+        "tokens_per_s": r.tokens_per_s(),
+        "step_seconds": r.median_seconds(),
+        "steps": r.step_seconds,
+        "warmup_steps": r.warmup_seconds,
+        "gpu_bytes": serde_json::Value::Object(gpu_bytes),
+        "kept_bytes": r.kept_bytes,
+        "planned_bytes": r.planned_bytes,
+        "unshared_bytes": r.unshared_bytes,
+        "trainable": r.trainable,
+        "model": model_name,
+        "method": cfg.method.name(),
+        "rank": cfg.rank,
+        "batch": a.batch,
+        "seq": a.seq,
+        "base_dtype": base_dtype.to_string(),
+        "recompute_mlp": a.recompute_mlp,
+        "activations": a.activations,
+        "adapter": adapter,
+        "kernel_seconds": r.kernel_seconds,
+        "encode_seconds": r.median_encode_seconds(),
+        "gpu_step_seconds": r.gpu_step_seconds,
+        "gpu_idle_seconds": r.gpu_idle_seconds(),
+        "dispatches": r.submitted.dispatches,
+        "passes": r.submitted.passes,
+        "kernels": kernels,
+    })
 }
 
 pub(crate) fn info(ctx: &Context, json: bool) -> Res {
