@@ -59,7 +59,7 @@ const MAX_HEAD_DIM: u32 = 256u;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
 @group(0) @binding(3) var<storage, read> v: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
-@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;  // (B, H, T) (+ (B, T) starts with docs)
 @group(0) @binding(6) var<storage, read> fpos: array<u32>;  // (B, T) positions in documents (docs = 1)
 
 @compute @workgroup_size(64, 1, 1)
@@ -106,14 +106,14 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
 @group(0) @binding(2) var<storage, read> bk: array<f32>;            // (B, T, KV, d)
 @group(0) @binding(3) var<storage, read> bv: array<f32>;            // (B, T, KV, d)
 @group(0) @binding(4) var<storage, read> bout: array<f32>;          // (B, T, H, d)
-@group(0) @binding(5) var<storage, read> blse: array<f32>;          // (B, H, T)
+@group(0) @binding(5) var<storage, read> blse: array<f32>;          // (B, H, T) (+ (B, T) starts with docs)
 @group(0) @binding(6) var<storage, read> dout: array<f32>;          // (B, T, H, d)
 @group(0) @binding(7) var<storage, read_write> dq: array<f32>;      // (B, T, H, d)
 @group(0) @binding(8) var<storage, read_write> dsum: array<f32>;    // (B, H, T): D_t
 
 // attention_backward_dkv's bindings 4..8 (1..3 are shared with the above): 8 storage buffers
 // per entry point at most, WebGPU's guaranteed minimum.
-@group(0) @binding(4) var<storage, read> klse: array<f32>;          // (B, H, T)
+@group(0) @binding(4) var<storage, read> klse: array<f32>;          // (B, H, T) (+ (B, T) starts with docs)
 @group(0) @binding(5) var<storage, read> kdout: array<f32>;         // (B, T, H, d)
 @group(0) @binding(6) var<storage, read> bdsum: array<f32>;         // (B, H, T)
 @group(0) @binding(7) var<storage, read_write> dk: array<f32>;      // (B, T, KV, d)

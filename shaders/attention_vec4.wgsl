@@ -96,12 +96,12 @@ fn attention_forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoca
 @group(0) @binding(2) var<storage, read> bk: array<vec4<f32>>;        // (B, T, KV, d)
 @group(0) @binding(3) var<storage, read> bv: array<vec4<f32>>;        // (B, T, KV, d)
 @group(0) @binding(4) var<storage, read> bout: array<vec4<f32>>;      // (B, T, H, d)
-@group(0) @binding(5) var<storage, read> blse: array<f32>;            // (B, H, T)
+@group(0) @binding(5) var<storage, read> blse: array<f32>;            // (B, H, T) (+ (B, T) starts with docs)
 @group(0) @binding(6) var<storage, read> dout: array<vec4<f32>>;      // (B, T, H, d)
 @group(0) @binding(7) var<storage, read_write> dq: array<vec4<f32>>;  // (B, T, H, d)
 @group(0) @binding(8) var<storage, read_write> dsum: array<f32>;      // (B, H, T): D_t
 
-@group(0) @binding(4) var<storage, read> klse: array<f32>;            // (B, H, T)
+@group(0) @binding(4) var<storage, read> klse: array<f32>;            // (B, H, T) (+ (B, T) starts with docs)
 @group(0) @binding(5) var<storage, read> kdout: array<vec4<f32>>;     // (B, T, H, d)
 @group(0) @binding(6) var<storage, read> bdsum: array<f32>;           // (B, H, T)
 @group(0) @binding(7) var<storage, read_write> dk: array<vec4<f32>>;  // (B, T, KV, d)

@@ -12,7 +12,7 @@
 //   without dropout v = y − bias and k_o = 1 / m_o (y = g ⊙ (W0·x + s·B·A·x) + bias), with
 //   dropout v = u and k_o = 1 / n_o. One invocation walks one column in row order, so the sum
 //   is bit-reproducible.
-// dora_sumsq:    c_o = Σ_k W[o, k]²  (rows = 1: W is (out, in)) or Σ_k W[k, o]² ((in, out))
+// dora_sumsq:    c_o = Σ_k W[o, k]²  (flag = 1: W is (out, in)) or Σ_k W[k, o]² ((in, out))
 // dora_weight:   W's row (or column) o times g_o (invert = 0) or divided by it (invert = 1):
 //   merging (W ← g ⊙ (W0 + s·B·A)) and unmerging.
 // Grids may be 2-D: workgroup (x, y) covers items from (y * gx + x) * 256.

@@ -16,13 +16,13 @@ struct Params {
     n: u32,
     gx: u32,     // workgroups along x in this dispatch
     alpha: f32,
-    offset: u32, // copy_forward's destination offset, in elements
+    offset: u32, // copy_forward: the destination offset, in elements; bias_forward: the bias's length
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;          // (n,)
+@group(0) @binding(1) var<storage, read> x: array<f32>;          // (n,); bias_forward: the bias (offset,)
 @group(0) @binding(2) var<storage, read> y: array<f32>;          // (n,)
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;  // (n,)
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;  // (n,); copy_forward: at least (offset + n,)
 
 fn index(wg: vec3<u32>, t: u32) -> u32 {
     return (wg.y * p.gx + wg.x) * 256u + t;

@@ -20,9 +20,9 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;         // (tokens,)
 // #if PACKED
-@group(0) @binding(2) var<storage, read> table: array<u32>;       // (vocab, dim), packed
+@group(0) @binding(2) var<storage, read> table: array<u32>;       // (vocab, dim) or a part's (last − first, dim), packed
 // #else
-@group(0) @binding(2) var<storage, read> table: array<f32>;       // (vocab, dim)
+@group(0) @binding(2) var<storage, read> table: array<f32>;       // (vocab, dim) or a part's (last − first, dim)
 // #endif
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;   // (tokens, dim)
 

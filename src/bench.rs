@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use crate::gpu::{Context, DType, Result, Step};
 use crate::ops::matmul::{matmul, Matmul, MatmulPath};
-use crate::reference::Rng;
+use crate::rng::Rng;
 
 /// One product to time: C (M, N) = op(A) (M, K) · op(B) (K, N).
 #[derive(Clone, Copy, Debug)]

@@ -10,13 +10,14 @@
 //!   each recording dispatches into a [`gpu::Step`].
 //! - [`io`] and [`model`]: GGUF and safetensors, tokenizers, model configs, the model on the GPU
 //!   (forward, loss, backward, generation) and Hugging Face export.
-//! - [`adapter`]: the five methods behind one trait, and PEFT's files.
+//! - [`adapter`]: the six methods behind one trait, and PEFT's files.
 //! - [`train`]: the optimizer and the recorded training step; [`data`]: packing text into rows;
 //!   [`run`]: a run's state without files (rows, order, step, evaluations) and the one set of
 //!   defaults, shared by the command line and the browser; [`finetune`]: a whole run with its
 //!   files (data, loop, evaluation, checkpoints, resume, log, plot, samples) — what `portalora
 //!   train` and `examples/finetune.rs` use.
-//! - [`mod@reference`]: f64 CPU twins of every op, for tests.
+//! - [`mod@reference`]: f64 CPU twins of every op, for tests; [`rng`]: the one random generator
+//!   (adapter initialisation, data order, sampling).
 //!
 //! The whole of an embedding app's fine-tuning, natively:
 //!
@@ -75,6 +76,7 @@ pub mod ops;
 pub mod outdir;
 pub mod plot;
 pub mod reference;
+pub mod rng;
 pub mod run;
 pub mod train;
 

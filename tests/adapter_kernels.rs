@@ -11,7 +11,8 @@ use portalora::gpu::{Context, Step};
 use portalora::model::gpu::{GpuModel, PlanOptions};
 use portalora::model::{load_model, Weights};
 use portalora::ops::adapter::{dropout_backward, dropout_forward, scale_backward, scale_forward};
-use portalora::reference::{dropout_keep, max_rel_error, Rng};
+use portalora::reference::{dropout_keep, max_rel_error};
+use portalora::rng::Rng;
 
 #[test]
 fn dropout_matches_reference_mask() {

@@ -15,7 +15,7 @@ use portalora::io::half::{f16_to_f32, f32_to_f16};
 use portalora::model::load_model;
 use portalora::ops::matmul::{matmul, Matmul, MatmulPath};
 use portalora::ops::quant::{pack, quantize};
-use portalora::reference::Rng;
+use portalora::rng::Rng;
 use portalora::train::{TrainConfig, Trainer};
 
 /// A context with `PORTALORA_COOP` set to `mode`; `None` (skipped, or failed under

@@ -237,7 +237,7 @@ fn the_split_head_gradient_equals_the_plain_one() {
         return;
     }
     let config = ModelConfig { norm_eps: 1e-5, ..ModelConfig::simple(Arch::Llama, 256, 64, 2, 4, 2, 96, 64) };
-    let mut rng = portalora::reference::Rng::new(9);
+    let mut rng = portalora::rng::Rng::new(9);
     let tensors = portalora::model::weights::expected_tensors(&config)
         .into_iter()
         .map(|(name, shape)| {

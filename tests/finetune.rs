@@ -475,7 +475,7 @@ fn kills_at_random_moments_and_during_checkpoint_writes_lose_nothing() {
     train_cli(&args, &a, None);
     let has_checkpoint =
         |out: &Path| out.join("checkpoint/state.json").exists() || out.join("checkpoint.old/state.json").exists();
-    let mut rng = portalora::reference::Rng::new(99);
+    let mut rng = portalora::rng::Rng::new(99);
     let mut kills = 0;
     let mut finished = false;
     for round in 0..12 {

@@ -13,7 +13,7 @@ use common::{bin, fixture, json, tmp};
 use portalora::io::gguf::{GgmlType, Gguf, Value};
 use portalora::io::gguf_write::{GgufOut, OutTensor};
 use portalora::ops::quant::quantize;
-use portalora::reference::Rng;
+use portalora::rng::Rng;
 
 const FAMILIES: [&str; 5] = ["llama3", "qwen2", "qwen3", "gemma3", "gpt2"];
 

@@ -7,7 +7,8 @@ use portalora::gpu::{Arg, Context, DType, GpuError, KernelSource, KernelSpec, St
 use portalora::ops::elementwise::{add_forward, axpy_forward, scale_forward};
 use portalora::ops::matmul::{matmul, matmul_with_tile, tile_candidates, tuned_tile, Matmul, MatmulPath, Tile};
 use portalora::ops::reduce::reduce_forward;
-use portalora::reference::{self, max_rel_error, Rng};
+use portalora::reference::{self, max_rel_error};
+use portalora::rng::Rng;
 
 const TOL: f64 = 1e-5;
 

@@ -6,7 +6,8 @@ use common::{fixture, ids_of, json};
 
 use portalora::model::gpu::{GpuModel, GpuModelError, PlanOptions};
 use portalora::model::load_model;
-use portalora::reference::{self, Rng};
+use portalora::reference;
+use portalora::rng::Rng;
 
 #[test]
 fn tiny_llama_forward_matches_reference_and_transformers() {

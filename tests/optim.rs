@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixture, json};
 use portalora::gpu::{Context, DType, Step, Tensor};
-use portalora::ops::optim::{adamw_step, sgd_step, AdamW, Sgd};
+use portalora::ops::optim::{adamw_step, sgd_step, AdamW, Hyper, Sgd};
 use portalora::reference::max_rel_error;
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
@@ -21,7 +21,7 @@ struct Run {
 
 fn setup(ctx: &Context, kind: &str, init: &[f32], clip: f32) -> Run {
     let n = init.len();
-    let hyper = ctx.tensor("hyper", &[8], DType::F32).unwrap();
+    let hyper = ctx.tensor("hyper", &[Hyper::FLOATS], DType::F32).unwrap();
     let clip = ctx.upload_f32("clip", &[2], &[clip, 0.0]).unwrap();
     let grad = ctx.tensor("grad", &[n], DType::F32).unwrap();
     let param = ctx.upload_f32("param", &[n], init).unwrap();
@@ -41,7 +41,7 @@ fn setup(ctx: &Context, kind: &str, init: &[f32], clip: f32) -> Run {
     Run { hyper, grad, param, step }
 }
 
-fn hyper_of(kind: &str, hp: &serde_json::Value, t: u64) -> [f32; 8] {
+fn hyper_of(kind: &str, hp: &serde_json::Value, t: u64) -> Vec<f32> {
     let f = |k: &str| hp[k].as_f64().unwrap();
     if kind == "adamw" {
         let betas = hp["betas"].as_array().unwrap();
@@ -52,9 +52,9 @@ fn hyper_of(kind: &str, hp: &serde_json::Value, t: u64) -> [f32; 8] {
             eps: f("eps"),
             weight_decay: f("weight_decay"),
         };
-        a.hyper(t)
+        a.hyper(t).to_f32s()
     } else {
-        Sgd { lr: f("lr"), momentum: f("momentum"), weight_decay: f("weight_decay") }.hyper(t)
+        Sgd { lr: f("lr"), momentum: f("momentum"), weight_decay: f("weight_decay") }.hyper(t).to_f32s()
     }
 }
 
@@ -104,7 +104,7 @@ fn gradient_scale_multiplies_the_gradient() {
 #[test]
 fn global_norm_clipping_matches_reference() {
     use portalora::ops::optim::{grad_norm_clip, grad_norm_partials};
-    use portalora::reference::Rng;
+    use portalora::rng::Rng;
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(8);
     let sizes = [1usize, 7, 4096, 4097, 33, 70_001];
@@ -132,7 +132,7 @@ fn global_norm_clipping_matches_reference() {
 #[test]
 fn a_nan_or_inf_gradient_is_found_and_attributed_on_the_gpu() {
     use portalora::ops::optim::{grad_norm_clip, grad_norm_partials, partial_owner};
-    use portalora::reference::Rng;
+    use portalora::rng::Rng;
     let Some(ctx) = common::context() else { return };
     let mut rng = Rng::new(9);
     let sizes = [1usize, 7, 4097, 33, 70_001, 129];
@@ -175,9 +175,9 @@ fn a_nan_or_inf_gradient_is_found_and_attributed_on_the_gpu() {
 fn grouped_optimizer_steps_equal_one_tensor_at_a_time() {
     use portalora::ops::optim::{adamw_steps, sgd_steps};
     let Some(ctx) = common::context() else { return };
-    let mut rng = portalora::reference::Rng::new(21);
+    let mut rng = portalora::rng::Rng::new(21);
     let sizes = [1usize, 7, 255, 256, 257, 1000, 33, 4097, 5, 300, 64, 2, 513, 9, 77, 3, 1024];
-    let hyper = ctx.upload_f32("hyper", &[8], &AdamW::new(0.01).hyper(3)).unwrap();
+    let hyper = ctx.upload_f32("hyper", &[Hyper::FLOATS], &AdamW::new(0.01).hyper(3).to_f32s()).unwrap();
     let clip = ctx.upload_f32("clip", &[2], &[0.7, 0.0]).unwrap();
     for kind in ["adamw", "sgd"] {
         let sgd = Sgd { lr: 0.1, momentum: 0.9, weight_decay: 0.01 };
@@ -191,7 +191,7 @@ fn grouped_optimizer_steps_equal_one_tensor_at_a_time() {
             .collect();
         let run = |grouped: bool| -> Vec<Vec<f32>> {
             if kind == "sgd" {
-                ctx.write_f32(&hyper, &sgd.hyper(2)).unwrap();
+                ctx.write_f32(&hyper, &sgd.hyper(2).to_f32s()).unwrap();
             }
             let t: Vec<[Tensor; 4]> = values
                 .iter()

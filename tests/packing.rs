@@ -10,7 +10,7 @@ use common::fixture;
 use portalora::adapter::{AdapterConfig, Method};
 use portalora::gpu::{Context, ContextOptions};
 use portalora::model::{load_model, Weights};
-use portalora::reference::Rng;
+use portalora::rng::Rng;
 use portalora::train::{Batch, TrainConfig, Trainer};
 
 /// (mean loss, gradients) of one fresh trainer's first step on one row.

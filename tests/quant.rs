@@ -16,7 +16,8 @@ use portalora::model::{Arch, BaseDType, HostTensor, ModelConfig, Weights};
 use portalora::ops::embed::embed_forward;
 use portalora::ops::matmul::{matmul, Matmul};
 use portalora::ops::quant::{pack, quantize};
-use portalora::reference::{self, Rng};
+use portalora::reference;
+use portalora::rng::Rng;
 use portalora::train::{TrainConfig, Trainer};
 
 const TYPES: [(GgmlType, DType, BaseDType); 11] = [

@@ -153,3 +153,77 @@ fn matmul_coop_template_validates_for_every_size_and_weight_type() {
         }
     }
 }
+
+/// Each shader file's text as a pipeline compiles it (templates expanded once; every expansion
+/// declares the same structs).
+fn expanded(src: &KernelSource) -> String {
+    use portalora::gpu::DType;
+    if !src.template {
+        return src.wgsl.to_string();
+    }
+    let spec = match src.file {
+        "matmul_subgroup.wgsl" => subgroup_kernel(8, 32, 2, false, true, true),
+        "matmul_coop.wgsl" => portalora::ops::matmul::coop::coop_kernel(8, 8, true, DType::F32),
+        "attention_vec4.wgsl" => portalora::ops::attention::vec4_kernel("attention_forward", 16),
+        "embed.wgsl" => portalora::ops::embed::embed_kernel(DType::F32),
+        "optim.wgsl" => portalora::ops::optim::multi_spec("adamw_step", 3),
+        other => panic!("{other}: a template this test does not know how to expand: add it here"),
+    };
+    spec.wgsl().unwrap_or_else(|e| panic!("{}: {e}", src.file))
+}
+
+/// A WGSL struct's members in order with their byte offsets, and its size (naga's layout).
+fn wgsl_struct(module: &naga::Module, name: &str) -> Option<(Vec<(String, u64)>, u64)> {
+    module.types.iter().find_map(|(_, ty)| match &ty.inner {
+        naga::TypeInner::Struct { members, span } if ty.name.as_deref() == Some(name) => Some((
+            members.iter().map(|m| (m.name.clone().unwrap_or_default(), m.offset as u64)).collect(),
+            *span as u64,
+        )),
+        _ => None,
+    })
+}
+
+/// The layouts WGSL and Rust each write once agree: every struct the host fills has, in each
+/// shader it names, a struct of the same member names, order and offsets (naga's reflection
+/// against encase's), and no larger than what the host writes; and every uniform, and every
+/// storage binding of a struct type, in every shader is filled by such a host struct.
+#[test]
+fn host_structs_match_their_wgsl_structs() {
+    let modules: Vec<(&str, naga::Module)> = ALL_SOURCES
+        .iter()
+        .map(|src| {
+            let wgsl = expanded(src);
+            let module = naga::front::wgsl::parse_str(&wgsl).unwrap_or_else(|e| panic!("{}: {e}", src.file));
+            (src.file, module)
+        })
+        .collect();
+    let module_of =
+        |file: &str| &modules.iter().find(|(f, _)| *f == file).unwrap_or_else(|| panic!("no shader {file}")).1;
+    let hosts = portalora::gpu::layout::host_structs();
+    let mut covered = std::collections::BTreeSet::new();
+    for h in &hosts {
+        for &(file, name) in h.wgsl {
+            let (members, span) =
+                wgsl_struct(module_of(file), name).unwrap_or_else(|| panic!("{}: no struct {name} in {file}", h.rust));
+            let host: Vec<(String, u64)> = h.members.iter().map(|&(n, o)| (n.to_string(), o)).collect();
+            assert_eq!(host, members, "{} against {file}'s {name}: (member, byte offset) in order", h.rust);
+            assert!(span <= h.size, "{}: {file}'s {name} is {span} bytes, the host writes {}", h.rust, h.size);
+            covered.insert((file, name.to_string()));
+        }
+    }
+    for (file, module) in &modules {
+        for (_, var) in module.global_variables.iter() {
+            let host_filled = matches!(var.space, naga::AddressSpace::Uniform)
+                || matches!(module.types[var.ty].inner, naga::TypeInner::Struct { .. });
+            if !host_filled {
+                continue;
+            }
+            let name = module.types[var.ty].name.clone().unwrap_or_default();
+            assert!(
+                covered.contains(&(*file, name.clone())),
+                "{file}: binding {:?} of struct {name} is filled by no host struct: declare it with wgsl_struct! and list it in gpu::layout::host_structs",
+                var.name
+            );
+        }
+    }
+}

@@ -12,7 +12,8 @@ use portalora::gpu::{Context, DType, Step};
 use portalora::model::weights::load_safetensors_bytes;
 use portalora::ops::attention::{attention_forward, AttentionShape};
 use portalora::ops::matmul::{matmul, Matmul};
-use portalora::reference::{self, max_rel_error, Rng};
+use portalora::reference::{self, max_rel_error};
+use portalora::rng::Rng;
 use portalora::train::{Batch, TrainConfig, Trainer};
 use wasm_bindgen_test::*;
 

@@ -45,7 +45,7 @@ pub struct Lora {
 impl Lora {
     /// A LoRA adapter with PEFT's init: A kaiming-uniform (or gaussian), B = 0.
     pub fn new(ctx: &Context, cfg: &AdapterConfig, sites: Vec<Site>, n: usize, train_a: bool) -> Result<Self> {
-        let mut rng = crate::reference::Rng::new(cfg.seed ^ 0x4c6f_5241);
+        let mut rng = crate::rng::Rng::new(cfg.seed ^ 0x4c6f_5241);
         let projected = !train_a && cfg.lorafa_projected;
         let mut layers = Vec::with_capacity(sites.len());
         let mut host_a = Vec::with_capacity(sites.len());

@@ -1,5 +1,5 @@
 //! Adapters: the trainable branches added to a frozen model's linear projections
-//! (`../shared/METHODS.md` defines each method exactly).
+//! (`docs/METHODS.md` defines each method exactly).
 //!
 //! One small trait, [`Adapter`], and one file per method: [`lora`] (also what LoRA+ trains),
 //! [`lora_fa`] (frozen A; keeps only `z = x·Aᵀ` for backward), [`vera`] (shared frozen pair,
@@ -161,8 +161,9 @@ pub struct AdapterConfig {
     pub vera_d_initial: f64,
     /// VeRA: the shared pair's seed (PEFT's projection_prng_key; recorded in the config).
     pub vera_seed: u64,
-    /// Delta-LoRA: λ and the warm-up steps K (W0 is updated after steps t > K).
+    /// Delta-LoRA: λ, the scale of W0's update.
     pub delta_lambda: f64,
+    /// Delta-LoRA: the warm-up steps K (W0 is updated after steps t > K).
     pub delta_warmup: u64,
     /// LoRA-FA: PEFT's projected optimizer (`create_lorafa_optimizer`).
     pub lorafa_projected: bool,
@@ -428,7 +429,6 @@ pub(crate) fn scratch_view(t: &Tensor, rows: usize, cols: usize) -> Result<Tenso
     Ok(flat.rows(0, rows * cols, 1)?.reshape(&[rows, cols])?)
 }
 
-/// A zero-filled f32 tensor.
 /// An activation of the adapter's branch (z = x·Aᵀ, its gradient, scratch): counted as
 /// activations, not adapter parameters, in the memory report.
 pub(crate) fn activation(ctx: &Context, label: &str, shape: &[usize]) -> Result<Tensor> {
@@ -436,6 +436,7 @@ pub(crate) fn activation(ctx: &Context, label: &str, shape: &[usize]) -> Result<
     Ok(ctx.tensor(label, shape, DType::F32)?)
 }
 
+/// A zero-filled f32 tensor.
 pub(crate) fn zeros(ctx: &Context, label: &str, shape: &[usize]) -> Result<Tensor> {
     let t = ctx.tensor(label, shape, DType::F32)?;
     ctx.fill_f32(&t, 0.0)?;
@@ -516,12 +517,12 @@ impl Dropout {
 }
 
 /// Uniform samples in [-bound, bound) from the crate's seeded generator.
-pub(crate) fn uniform_init(rng: &mut crate::reference::Rng, n: usize, bound: f64) -> Vec<f32> {
+pub(crate) fn uniform_init(rng: &mut crate::rng::Rng, n: usize, bound: f64) -> Vec<f32> {
     (0..n).map(|_| (rng.uniform() as f64 * bound) as f32).collect()
 }
 
 /// Normal samples N(0, std²) (Box–Muller on the seeded generator).
-pub(crate) fn normal_init(rng: &mut crate::reference::Rng, n: usize, std: f64) -> Vec<f32> {
+pub(crate) fn normal_init(rng: &mut crate::rng::Rng, n: usize, std: f64) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let u1 = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;

@@ -53,7 +53,7 @@ impl Vera {
         let max_in = sites.iter().map(|s| s.in_features).max().unwrap_or(1);
         let max_out = sites.iter().map(|s| s.out_features()).max().unwrap_or(1);
         let max_part = sites.iter().flat_map(|s| s.outs.iter().copied()).max().unwrap_or(1);
-        let mut rng = crate::reference::Rng::new(cfg.vera_seed ^ 0x5665_5241);
+        let mut rng = crate::rng::Rng::new(cfg.vera_seed ^ 0x5665_5241);
         let a = uniform_init(&mut rng, r * max_in, (6.0 / max_in as f64).sqrt());
         let b = uniform_init(&mut rng, max_out * r, (6.0 / r as f64).sqrt());
         let shared_a = ctx.upload_f32("base_model.vera_A", &[r, max_in], &a)?;

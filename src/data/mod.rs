@@ -25,7 +25,7 @@ pub use tokenize::{
 use std::path::{Path, PathBuf};
 
 use crate::io::tokenizer::Tokenizer;
-use crate::reference::Rng;
+use crate::rng::Rng;
 use formats::{Document, Format};
 
 #[derive(Debug, thiserror::Error)]

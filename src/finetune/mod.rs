@@ -133,8 +133,9 @@ pub struct RunConfig {
     pub batch: usize,
     /// Tokens per row (with `ids`: the file's row length).
     pub seq: usize,
-    /// Optimizer steps; or `epochs` over the training rows.
+    /// Optimizer steps (or `epochs`).
     pub steps: Option<u64>,
+    /// Passes over the training rows, instead of `steps`.
     pub epochs: Option<f64>,
     /// Fraction of the data's rows kept for validation.
     pub val_fraction: f64,

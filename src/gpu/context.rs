@@ -70,8 +70,7 @@ impl ContextOptions {
             backends: var("WGPU_BACKEND"),
             adapter_name: var("WGPU_ADAPTER_NAME"),
             disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
-            // An unknown value reads as `auto`; the command line checks the variable first
-            // (see `coop_from_env`).
+            // An unknown value reads as `auto`; the command line refuses it first (its `run`).
             coop: var("PORTALORA_COOP").and_then(|v| CoopMode::parse(&v)).unwrap_or_default(),
         }
     }
@@ -215,8 +214,8 @@ fn backend_label(backends: &Option<String>) -> String {
 }
 
 impl Context {
-    /// Opens the best adapter, honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME` and
-    /// `PORTALORA_NO_SUBGROUPS`.
+    /// Opens the best adapter, honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`,
+    /// `PORTALORA_NO_SUBGROUPS` and `PORTALORA_COOP` ([`ContextOptions::from_env`]).
     pub async fn new() -> Result<Self> {
         Self::with_options(ContextOptions::from_env()).await
     }
@@ -230,17 +229,7 @@ impl Context {
         let adapter = Self::pick_adapter(&instance, &opts).await?;
         let ainfo = adapter.get_info();
 
-        let offered = adapter.features();
-        let mut wanted = wgpu::Features::empty();
-        for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
-            if offered.contains(f) {
-                wanted |= f;
-            }
-        }
-        let coop = opts.coop != CoopMode::Off && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
-        if coop {
-            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
-        }
+        let (wanted, coop) = wanted_features(adapter.features(), &opts);
         // Ask for everything the adapter really has: the defaults are far below what real GPUs
         // (and lavapipe) offer, e.g. 128 MiB storage bindings instead of WebGPU's default.
         let required_limits = adapter.limits();
@@ -263,29 +252,8 @@ impl Context {
             .await
             .map_err(|source| GpuError::RequestDevice { adapter: ainfo.name.clone(), source })?;
 
-        let errors: ErrorSink = Arc::new(Mutex::new(Vec::new()));
-        let sink = errors.clone();
-        device.on_uncaptured_error(Arc::new(move |e| {
-            sink.lock().unwrap_or_else(|p| p.into_inner()).push(raw_error(e));
-        }));
-        let lost: Arc<Mutex<Option<String>>> = Arc::default();
-        let lost_sink = lost.clone();
-        device.set_device_lost_callback(move |reason, message| {
-            *lost_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {message}"));
-        });
-
-        let l = &required_limits;
-        let limits = Limits {
-            max_storage_binding: l.max_storage_buffer_binding_size,
-            max_buffer: l.max_buffer_size,
-            max_uniform_binding: l.max_uniform_buffer_binding_size,
-            max_workgroup_storage: l.max_compute_workgroup_storage_size,
-            max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
-            max_workgroup_size_x: l.max_compute_workgroup_size_x,
-            max_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
-            max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
-            storage_offset_alignment: l.min_storage_buffer_offset_alignment,
-        };
+        let (errors, lost) = error_hooks(&device);
+        let limits = limits_of(&required_limits);
         let features = Features {
             subgroups: wanted.contains(wgpu::Features::SUBGROUP) && !opts.disable_subgroups,
             shader_f16: wanted.contains(wgpu::Features::SHADER_F16),
@@ -516,6 +484,51 @@ fn convert_error(e: RawError, context: &str) -> GpuError {
         GpuError::OutOfMemory { context, message: e.message }
     } else {
         GpuError::Validation { context, message: e.message }
+    }
+}
+
+/// The optional features to open the device with (what the adapter offers of those this crate
+/// uses), and whether cooperative matrices are among them.
+fn wanted_features(offered: wgpu::Features, opts: &ContextOptions) -> (wgpu::Features, bool) {
+    let mut wanted = wgpu::Features::empty();
+    for f in [wgpu::Features::SUBGROUP, wgpu::Features::SHADER_F16, wgpu::Features::TIMESTAMP_QUERY] {
+        if offered.contains(f) {
+            wanted |= f;
+        }
+    }
+    let coop = opts.coop != CoopMode::Off && offered.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    if coop {
+        wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+    }
+    (wanted, coop)
+}
+
+/// Catches wgpu's uncaptured errors (it would otherwise panic) and the device-lost reason.
+fn error_hooks(device: &wgpu::Device) -> (ErrorSink, Arc<Mutex<Option<String>>>) {
+    let errors: ErrorSink = Arc::new(Mutex::new(Vec::new()));
+    let sink = errors.clone();
+    device.on_uncaptured_error(Arc::new(move |e| {
+        sink.lock().unwrap_or_else(|p| p.into_inner()).push(raw_error(e));
+    }));
+    let lost: Arc<Mutex<Option<String>>> = Arc::default();
+    let lost_sink = lost.clone();
+    device.set_device_lost_callback(move |reason, message| {
+        *lost_sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{reason:?}: {message}"));
+    });
+    (errors, lost)
+}
+
+fn limits_of(l: &wgpu::Limits) -> Limits {
+    Limits {
+        max_storage_binding: l.max_storage_buffer_binding_size,
+        max_buffer: l.max_buffer_size,
+        max_uniform_binding: l.max_uniform_buffer_binding_size,
+        max_workgroup_storage: l.max_compute_workgroup_storage_size,
+        max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+        max_workgroup_size_x: l.max_compute_workgroup_size_x,
+        max_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+        max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
+        storage_offset_alignment: l.min_storage_buffer_offset_alignment,
     }
 }
 

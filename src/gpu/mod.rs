@@ -15,6 +15,7 @@
 
 mod context;
 mod kernel;
+pub mod layout;
 pub mod plan;
 mod step;
 mod tensor;

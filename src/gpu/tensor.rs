@@ -147,8 +147,6 @@ impl Tensor {
     pub fn is_contiguous(&self) -> bool {
         self.row_stride.is_none()
     }
-    /// Columns `start..start + count` of a contiguous 2-D tensor, as a strided view sharing the
-    /// memory. The byte offset of column `start` must meet `alignment`.
     /// Packed tensors (F16 pairs, quantized blocks with their scales after) have no views.
     fn check_unpacked(&self, op: &'static str) -> Result<()> {
         if matches!(self.dtype, DType::F16) || self.dtype.is_block_quantized() {
@@ -160,6 +158,8 @@ impl Tensor {
         Ok(())
     }
 
+    /// Columns `start..start + count` of a contiguous 2-D tensor, as a strided view sharing the
+    /// memory. The byte offset of column `start` must meet `alignment`.
     pub fn cols(&self, start: usize, count: usize, alignment: u32) -> Result<Tensor> {
         let [rows, width] = self.shape[..] else {
             return Err(GpuError::Shape {

@@ -1,12 +1,14 @@
 //! Activation functions (shaders/act.wgsl).
 
 use super::{check_f32, check_numel, grid_for, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    n: u32,
-    gx: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("act.wgsl", "Params")] {
+        n: u32,
+        gx: u32,
+    }
 }
 
 /// `out = silu(gate) · up`, elementwise.

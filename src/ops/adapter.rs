@@ -2,19 +2,22 @@
 //! regenerated rather than stored, and VeRA's per-column scale vectors with their gradients.
 
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, DType, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType, Default)]
-struct Params {
-    n: u32,
-    gx: u32,
-    cols: u32,
-    rows: u32,
-    salt: u32,
-    threshold: u32,
-    keep_scale: f32,
-    accumulate: u32,
-    has_rows: u32,
+wgsl_struct! {
+    #[derive(Default)]
+    pub(crate) struct Params for [("adapter.wgsl", "Params")] {
+        n: u32,
+        gx: u32,
+        cols: u32,
+        rows: u32,
+        salt: u32,
+        threshold: u32,
+        keep_scale: f32,
+        accumulate: u32,
+        has_rows: u32,
+    }
 }
 
 /// Dropout's probability as the kernel's integer threshold and the kept values' scale.

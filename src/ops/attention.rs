@@ -15,21 +15,23 @@ use super::heads::{heads_backward, heads_forward, HeadsShape};
 use super::matmul::{matmul, Matmul};
 use super::softmax::{softmax_backward, softmax_forward, Docs};
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    batch: u32,
-    seq: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    gx: u32,
-    scale: f32,
-    kv_seq: u32,
-    q_offset: u32,
-    window: u32,
-    docs: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("attention.wgsl", "Params"), ("attention_vec4.wgsl", "Params")] {
+        batch: u32,
+        seq: u32,
+        heads: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        gx: u32,
+        scale: f32,
+        kv_seq: u32,
+        q_offset: u32,
+        window: u32,
+        docs: u32,
+    }
 }
 
 /// Shapes of one attention call.

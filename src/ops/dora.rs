@@ -3,16 +3,19 @@
 //! per-output sums of squares and scaling of a frozen weight. See [`crate::adapter::dora`].
 
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType, Default)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    r: u32,
-    gx: u32,
-    flag: u32,
-    flag2: u32,
+wgsl_struct! {
+    #[derive(Default)]
+    pub(crate) struct Params for [("dora.wgsl", "Params")] {
+        rows: u32,
+        cols: u32,
+        r: u32,
+        gx: u32,
+        flag: u32,
+        flag2: u32,
+    }
 }
 
 fn record(ctx: &Context, s: &mut Step, op: &'static str, items: usize, p: Params, args: Vec<Arg>) -> Result<()> {

@@ -1,14 +1,16 @@
-//! Elementwise f32 ops (shaders/elementwise.wgsl): add, scale, axpy, copy, bias.
+//! Elementwise f32 ops (shaders/elementwise.wgsl): add, scale, axpy, copy, bias, soft-capping.
 
 use super::{check_f32, grid_2d, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    n: u32,
-    gx: u32,
-    alpha: f32,
-    offset: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("elementwise.wgsl", "Params")] {
+        n: u32,
+        gx: u32,
+        alpha: f32,
+        offset: u32,
+    }
 }
 
 fn record(

@@ -1,16 +1,18 @@
 //! Token embedding lookup (shaders/embed.wgsl).
 
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, DType, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    tokens: u32,
-    dim: u32,
-    gx: u32,
-    first: u32,
-    last: u32,
-    qoff: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("embed.wgsl", "Params")] {
+        tokens: u32,
+        dim: u32,
+        gx: u32,
+        first: u32,
+        last: u32,
+        qoff: u32,
+    }
 }
 
 /// `out[t] = table[ids[t]]` with ids `(tokens,)` u32, table `(vocab, dim)`, out `(tokens, dim)`.

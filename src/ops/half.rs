@@ -3,12 +3,14 @@
 //! [`crate::io::half`] (same rounding, to nearest even; ±Inf past f16's range).
 
 use super::{check_f32, grid_2d, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, DType, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    n: u32,
-    gx: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("half.wgsl", "Params")] {
+        n: u32,
+        gx: u32,
+    }
 }
 
 /// Checks that `half` (F16) holds as many elements as `full` (F32) and neither overlaps.

@@ -6,13 +6,15 @@
 //! `heads_backward` is its adjoint: it copies out, summing the repeats.
 
 use super::{check_f32, check_numel, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    seq: u32,
-    heads: u32,
-    rep: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("heads.wgsl", "Params")] {
+        seq: u32,
+        heads: u32,
+        rep: u32,
+    }
 }
 
 /// The layout of one copy: `batch` × `seq` tokens, `heads` head-major heads of `head_dim`,

@@ -9,9 +9,8 @@
 //! shared-memory tiled kernel everywhere else, and, for products marked [`Matmul::coop`], the
 //! cooperative-matrix kernel where the adapter has matrix units (see [`coop`]).
 
-use std::fmt::Write as _;
-
 use super::{check_f32, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, DType, GpuError, KernelSpec, Result, Step, Tensor};
 
 /// Which kernel computes the product.
@@ -96,35 +95,23 @@ fn f16_native(ctx: &Context, b: &Tensor, opts: Matmul) -> bool {
     opts.native_f16 && b.dtype() == DType::F16 && ctx.features().shader_f16
 }
 
-#[derive(encase::ShaderType)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    batch: u32,
-    stride_a: u32,
-    stride_b: u32,
-    stride_c: u32,
-    accumulate: u32,
-    alpha: f32,
-    lda: u32,
-    ldb: u32,
-    ldc: u32,
-    qoff: u32,
-    side_n: u32,
-    side_ld: u32,
-}
-
-/// Rows of C per workgroup in the subgroup kernel.
-const SG_TM: u32 = 32;
-
-/// vec4 columns of C per lane in the subgroup kernel: two where subgroups are narrow (CPUs,
-/// Intel), one where they are wide, to bound register use.
-fn sg_tnv(s: u32) -> u32 {
-    if s <= 16 {
-        2
-    } else {
-        1
+wgsl_struct! {
+    pub(crate) struct Params for [("matmul.wgsl", "Params"), ("matmul_subgroup.wgsl", "Params"), ("matmul_coop.wgsl", "Params")] {
+        m: u32,
+        n: u32,
+        k: u32,
+        batch: u32,
+        stride_a: u32,
+        stride_b: u32,
+        stride_c: u32,
+        accumulate: u32,
+        alpha: f32,
+        lda: u32,
+        ldb: u32,
+        ldc: u32,
+        qoff: u32,
+        side_n: u32,
+        side_ld: u32,
     }
 }
 
@@ -330,36 +317,19 @@ const OP: &str = "matmul";
 
 #[path = "matmul_coop.rs"]
 pub mod coop;
+#[path = "matmul_subgroup.rs"]
+mod subgroup;
 #[path = "matmul_tile.rs"]
 mod tile;
+use subgroup::{record_subgroup, sg_tnv, subgroup_spec, SG_TM};
+pub use subgroup::{subgroup_kernel, subgroup_kernel_full};
 use tile::tile_for;
 pub use tile::{tile_candidates, tuned_tile, Tile};
 
 /// Checks the operands and derives the kernel parameters.
 fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul) -> Result<Params> {
     let packed_b = b.dtype() != DType::F32;
-    if packed_b && !(crate::ops::quant::fits(b.dtype(), b.shape()) && b.is_contiguous()) {
-        return Err(shape_err(
-            OP,
-            format!(
-                "B {:?} {:?} is {:?}: a packed B must be a whole 2-D weight whose rows are whole blocks",
-                b.label(),
-                b.shape(),
-                b.dtype()
-            ),
-        ));
-    }
-    for t in [a, b, c].into_iter().filter(|t| !(packed_b && std::ptr::eq(*t, b))) {
-        // Column views (strided rows) are fine here, as long as they are 2-D.
-        if t.is_contiguous() {
-            check_f32(OP, t)?;
-        } else if t.dtype() != crate::gpu::DType::F32 || t.shape().len() != 2 || t.numel() == 0 {
-            return Err(shape_err(
-                OP,
-                format!("strided view {:?} {:?} must be a non-empty 2-D f32 matrix", t.label(), t.shape()),
-            ));
-        }
-    }
+    check_operands(a, b, c, packed_b)?;
     let (ba, ar, ac) = dims3(a)?;
     let (bb, br, bc) = dims3(b)?;
     let (batch, m, n) = dims3(c)?;
@@ -420,187 +390,29 @@ fn check_shapes(ctx: &Context, a: &Tensor, b: &Tensor, c: &Tensor, opts: Matmul)
     })
 }
 
-fn record_subgroup(
-    ctx: &Context,
-    step: &mut Step,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    params: &Params,
-    opts: Matmul,
-    s: u32,
-    tile: Tile,
-) -> Result<()> {
-    let f16 = f16_native(ctx, b, opts);
-    let (spec, groups) = subgroup_spec(s, tile, params, opts.trans_a, opts.trans_b, b.dtype(), f16, false)?;
-    let args = [Arg::Uniform(uniform(OP, params)?), Arg::Read(a), Arg::Read(b), Arg::Write(c)];
-    ctx.record(step, &spec, &args, groups)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn subgroup_spec(
-    s: u32,
-    tile: Tile,
-    p: &Params,
-    trans_a: bool,
-    trans_b: bool,
-    b: DType,
-    f16: bool,
-    side: bool,
-) -> Result<(KernelSpec, [u32; 3])> {
-    let vec = p.lda.is_multiple_of(4)
-        && p.ldb.is_multiple_of(4)
-        && p.ldc.is_multiple_of(4)
-        && p.k.is_multiple_of(4)
-        && p.n.is_multiple_of(4)
-        && (!trans_a || p.m.is_multiple_of(4))
-        && p.stride_a.is_multiple_of(4)
-        && p.stride_b.is_multiple_of(4)
-        && p.stride_c.is_multiple_of(4);
-    // Narrow outputs (LoRA's rank-r products) waste most of a wide tile.
-    let tnv = if p.n <= 4 * s { 1 } else { tile.tnv };
-    if b != DType::F32 && !vec {
+/// The operands' storage: f32 (contiguous or 2-D column views), B perhaps a whole packed weight.
+fn check_operands(a: &Tensor, b: &Tensor, c: &Tensor, packed_b: bool) -> Result<()> {
+    if packed_b && !(crate::ops::quant::fits(b.dtype(), b.shape()) && b.is_contiguous()) {
         return Err(shape_err(
             OP,
-            format!("a packed B needs K = {}, N = {} and the row strides to be multiples of 4", p.k, p.n),
+            format!(
+                "B {:?} {:?} is {:?}: a packed B must be a whole 2-D weight whose rows are whole blocks",
+                b.label(),
+                b.shape(),
+                b.dtype()
+            ),
         ));
     }
-    let spec = subgroup_kernel_full(s, tile.tm, tnv, trans_a, trans_b, vec, b, side).flag("F16", f16);
-    let groups = [p.n.div_ceil(4 * s * tnv), p.m.div_ceil(tile.tm), p.batch];
-    Ok((spec, groups))
-}
-
-/// The subgroup kernel specialised for subgroup size `s`, `tm` rows and `tnv` vec4 columns per
-/// lane. Public so that the WGSL validation test can expand it for many sizes.
-pub fn subgroup_kernel(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, vec: bool) -> KernelSpec {
-    subgroup_kernel_full(s, tm, tnv, trans_a, trans_b, vec, DType::F32, false)
-}
-
-/// [`subgroup_kernel`] reading B stored as `b` (F32, or packed F16 / Q8_0 / Q4_0 / Q4_1 with
-/// `vec`), optionally with the fused side product (see [`Side`]; needs `vec` and A not
-/// transposed). Its `F16` flag is off: `.flag("F16", true)` reads an f16 B with native loads
-/// (needs shader-f16).
-#[allow(clippy::too_many_arguments)]
-pub fn subgroup_kernel_full(
-    s: u32,
-    tm: u32,
-    tnv: u32,
-    trans_a: bool,
-    trans_b: bool,
-    vec: bool,
-    b: DType,
-    side: bool,
-) -> KernelSpec {
-    let packed = b != DType::F32;
-    KernelSpec::new(&kernel_sources::MATMUL_SUBGROUP, "matmul")
-        .flag("VEC", vec)
-        .flag("QB", packed)
-        .flag("SIDE", side)
-        .flag("F16", false)
-        .var("QLOAD", if packed { crate::ops::quant::load4_wgsl(b, "qload4", "b", "p.qoff") } else { String::new() })
-        .var("S", s)
-        .var("TM", tm)
-        .var("TNV", tnv)
-        .var("TILE_N", 4 * s * tnv)
-        .var("BODY", subgroup_body(s, tm, tnv, trans_a, trans_b, side && !trans_a))
-}
-
-/// Generates the unrolled body of the subgroup kernel. Names: `acc_R_V` accumulates row
-/// `row0 + R` at this lane's vec4 column block V (columns `nV..nV+4`); `aS` is this lane's share
-/// of A (slot S); `bV` is the 4×4 block of op(B) at the current k (its column j is
-/// op(B)[k + j][nV..nV+4]), so `bV * x` adds `sum_j x[j] · op(B)[k + j][nV..nV+4]`.
-///
-/// Measured on lavapipe (see docs/BENCHMARKS.md): 32 rows × 2 vec4 columns per lane
-/// is the sweet spot; larger tiles, unrolling k by 8 and explicit `fma` were all slower or equal.
-fn subgroup_body(s: u32, tm: u32, tnv: u32, trans_a: bool, trans_b: bool, side: bool) -> String {
-    assert!(tm.is_multiple_of(4) && s >= 1);
-    let mut w = String::new();
-    let (ind, ind2) = ("    ", "        ");
-    for r in 0..tm {
-        for v in 0..tnv {
-            let _ = writeln!(w, "{ind}var acc_{r}_{v} = vec4<f32>(0.0);");
+    for t in [a, b, c].into_iter().filter(|t| !(packed_b && std::ptr::eq(*t, b))) {
+        // Column views (strided rows) are fine here, as long as they are 2-D.
+        if t.is_contiguous() {
+            check_f32(OP, t)?;
+        } else if t.dtype() != crate::gpu::DType::F32 || t.shape().len() != 2 || t.numel() == 0 {
+            return Err(shape_err(
+                OP,
+                format!("strided view {:?} {:?} must be a non-empty 2-D f32 matrix", t.label(), t.shape()),
+            ));
         }
     }
-    if side {
-        // Lane l accumulates column l of the side product for every row of the tile; only the
-        // first column tile's workgroups do it (a uniform branch).
-        let _ = writeln!(w, "{ind}let side = wg.x == 0u && wg.z == 0u;");
-        for r in 0..tm {
-            let _ = writeln!(w, "{ind}var zacc_{r} = 0.0;");
-        }
-    }
-    for v in 0..tnv {
-        let _ = writeln!(w, "{ind}let n{v} = col0 + 4u * (lane + {}u);", s * v);
-    }
-    let _ = writeln!(w, "{ind}for (var k = 0u; k < p.k; k += 4u) {{");
-    // This lane's share of A.
-    if !trans_a {
-        // Row r of the tile is loaded by lane r % s into slot r / s.
-        for slot in 0..tm.div_ceil(s) {
-            let _ = writeln!(w, "{ind2}let a{slot} = a_row4(base_a, row0 + lane + {}u, k);", s * slot);
-        }
-    } else {
-        // Rows 4g..4g+4 are loaded by lane g % s into slot g / s, as four vec4 over rows.
-        for slot in 0..(tm / 4).div_ceil(s) {
-            for j in 0..4 {
-                let _ = writeln!(
-                    w,
-                    "{ind2}let a{slot}_{j} = a_col4(base_a, k + {j}u, row0 + 4u * (lane + {}u));",
-                    s * slot
-                );
-            }
-        }
-    }
-    for v in 0..tnv {
-        let cols: Vec<String> = if !trans_b {
-            (0..4).map(|j| format!("b_row4(base_b, k + {j}u, n{v})")).collect()
-        } else {
-            (0..4).map(|q| format!("b_col4(base_b, n{v} + {q}u, k)")).collect()
-        };
-        let m = format!("mat4x4<f32>({})", cols.join(", "));
-        // Loaded by columns of B (rows of op(B)ᵀ): transposing is free on CPU drivers, where
-        // each vector component is a separate SIMD register anyway.
-        let m = if trans_b { format!("transpose({m})") } else { m };
-        let _ = writeln!(w, "{ind2}let b{v} = {m};");
-    }
-    for r in 0..tm {
-        if !trans_a {
-            let _ = writeln!(w, "{ind2}let x{r} = subgroupBroadcast(a{}, {}u);", r / s, r % s);
-        } else {
-            // Broadcast each group's four vec4 once, then assemble its four rows.
-            let g = r / 4;
-            if r % 4 == 0 {
-                for j in 0..4 {
-                    let _ = writeln!(w, "{ind2}let w{g}_{j} = subgroupBroadcast(a{}_{j}, {}u);", g / s, g % s);
-                }
-            }
-            let c = ["x", "y", "z", "w"][(r % 4) as usize];
-            let _ = writeln!(w, "{ind2}let x{r} = vec4<f32>(w{g}_0.{c}, w{g}_1.{c}, w{g}_2.{c}, w{g}_3.{c});");
-        }
-        for v in 0..tnv {
-            let _ = writeln!(w, "{ind2}acc_{r}_{v} += b{v} * x{r};");
-        }
-    }
-    if side {
-        let _ = writeln!(w, "{ind2}if (side) {{");
-        let _ = writeln!(w, "{ind2}    let a2v = a2_row4(lane, k);");
-        for r in 0..tm {
-            let _ = writeln!(w, "{ind2}    zacc_{r} += dot(x{r}, a2v);");
-        }
-        let _ = writeln!(w, "{ind2}}}");
-    }
-    let _ = writeln!(w, "{ind}}}");
-    if side {
-        let _ = writeln!(w, "{ind}if (side) {{");
-        for r in 0..tm {
-            let _ = writeln!(w, "{ind}    store_c2(row0 + {r}u, lane, zacc_{r});");
-        }
-        let _ = writeln!(w, "{ind}}}");
-    }
-    for r in 0..tm {
-        for v in 0..tnv {
-            let _ = writeln!(w, "{ind}store_c(base_c, row0 + {r}u, n{v}, acc_{r}_{v});");
-        }
-    }
-    w
+    Ok(())
 }

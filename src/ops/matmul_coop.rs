@@ -203,7 +203,7 @@ pub fn race(ctx: &Context, m: usize, n: usize, k: usize) -> Result<CoopRace> {
             adapter: ctx.info().name.clone(),
         });
     }
-    let mut rng = crate::reference::Rng::new(3);
+    let mut rng = crate::rng::Rng::new(3);
     let (xv, wv) = (rng.vec(m * k), rng.vec(n * k));
     let _kind = ctx.alloc_kind("other");
     let x = ctx.upload_f32("coop race x", &[m, k], &xv)?;

@@ -51,9 +51,9 @@ pub fn tuned_tile(ctx: &Context, s: u32) -> Tile {
     Tile { tm: code / 1000, tnv: code % 1000 }
 }
 
-/// Rows per workgroup of a large product on a wide-subgroup GPU, and the workgroups it must
-/// still have to take them (see [`tile_for`]).
+/// Rows per workgroup of a large product on a wide-subgroup GPU (see [`tile_for`]).
 const BIG_GRID_ROWS: u32 = 16;
+/// The workgroups a product must still have at [`BIG_GRID_ROWS`] rows each to take them.
 const BIG_GRID: u32 = 300;
 
 /// The tile of one product: the tuned one (timed on a 512×576×576 product, where a large GPU

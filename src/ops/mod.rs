@@ -14,7 +14,6 @@ pub mod elementwise;
 pub mod embed;
 pub mod half;
 pub mod heads;
-pub mod lora;
 pub mod matmul;
 pub mod norm;
 pub mod optim;

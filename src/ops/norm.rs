@@ -1,6 +1,7 @@
 //! RMSNorm and LayerNorm (shaders/norm.wgsl).
 
 use super::{check_f32, check_numel, grid_2d, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
 /// (rows, dim) of `x` normalised over the length of `w`.
@@ -11,13 +12,14 @@ fn rows_dim(op: &'static str, x: &Tensor, w: &Tensor) -> Result<(usize, usize)> 
     Ok((rows, dim))
 }
 
-#[derive(encase::ShaderType)]
-struct Params {
-    rows: u32,
-    dim: u32,
-    gx: u32,
-    eps: f32,
-    has_resid: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("norm.wgsl", "Params")] {
+        rows: u32,
+        dim: u32,
+        gx: u32,
+        eps: f32,
+        has_resid: u32,
+    }
 }
 
 /// `out = x · rstd · w` per row of `x` `(rows, dim)`; also writes `rstd` `(rows,)` for backward.

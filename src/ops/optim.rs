@@ -1,19 +1,79 @@
 //! Optimizer steps (shaders/optim.wgsl): AdamW and SGD with momentum, in place on the GPU.
 //!
-//! The per-step values live in a small `hyper` tensor that the host rewrites before each
-//! submission (`*_hyper` below build it), so a recorded step replays with a new learning rate and
-//! bias corrections and no CPU round trip; `clip` is a two-element tensor `[scale, norm]` that
+//! The per-step values live in a small `hyper` tensor ([`Hyper`], [`Hyper::FLOATS`] floats) that
+//! the host rewrites before each submission ([`AdamW::hyper`], [`Sgd::hyper`] build it), so a
+//! recorded step replays with a new learning rate and bias corrections and no CPU round trip;
+//! `clip` is a tensor `[scale, norm]` (or `[scale, norm, first non-finite partial]`) that
 //! [`grad_norm_clip`] fills on the GPU (`[1, _]` without clipping).
 
 use super::{check_f32, check_numel, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    n: u32,
-    gx: u32,
-    offset: u32,
-    max_norm: f32,
+wgsl_struct! {
+    pub(crate) struct Params for [("optim.wgsl", "Params")] {
+        n: u32,
+        gx: u32,
+        offset: u32,
+        max_norm: f32,
+    }
+}
+
+wgsl_struct! {
+    /// One tensor of a multi-tensor dispatch.
+    #[derive(Clone, Copy, Default)]
+    pub(crate) struct TensorRow for [("optim.wgsl", "TensorRow")] {
+        first_group: u32,
+        n: u32,
+        first_slot: u32,
+        pad: u32,
+    }
+}
+
+wgsl_struct! {
+    /// The uniform of a multi-tensor dispatch: its tensors and the grid's width.
+    pub(crate) struct Multi for [("optim.wgsl", "Multi")] {
+        count: u32,
+        gx: u32,
+        pad0: u32,
+        pad1: u32,
+        t: [TensorRow; MAX_TENSORS],
+    }
+}
+
+wgsl_struct! {
+    /// The optimizer's values for one step, as the `hyper` tensor holds them: AdamW reads lr,
+    /// the betas, eps, weight decay, the bias corrections and `decay_after`; SGD lr, momentum,
+    /// weight decay and `first`.
+    #[derive(Clone, Copy, Debug, Default, PartialEq)]
+    pub struct Hyper for [("optim.wgsl", "Hyper")] {
+        pub lr: f32,
+        pub beta1: f32,
+        pub beta2: f32,
+        pub eps: f32,
+        pub weight_decay: f32,
+        /// 1 − β1^t.
+        pub bias_correction1: f32,
+        /// 1 − β2^t.
+        pub bias_correction2: f32,
+        /// 1: the decoupled decay after the update, as transformers' AdamW (PEFT's LoRA-FA).
+        pub decay_after: f32,
+        pub momentum: f32,
+        /// 1 on SGD's first step (its momentum buffer starts as the gradient).
+        pub first: f32,
+    }
+}
+
+impl Hyper {
+    /// The `hyper` tensor's length in f32.
+    pub const FLOATS: usize = (<Hyper as encase::ShaderSize>::SHADER_SIZE.get() / 4) as usize;
+
+    /// The tensor's contents, laid out as the shader reads them.
+    pub fn to_f32s(&self) -> Vec<f32> {
+        let mut buf = encase::StorageBuffer::new(Vec::<u8>::new());
+        buf.write(self).expect("a fixed-size struct of f32 fits a Vec");
+        buf.into_inner().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+    }
 }
 
 /// AdamW's hyperparameters (PyTorch's names and defaults but for the learning rate).
@@ -30,11 +90,18 @@ impl AdamW {
     pub fn new(lr: f64) -> Self {
         AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
     }
-    /// The `hyper` tensor's contents for step `t` (1-based).
-    pub fn hyper(&self, t: u64) -> [f32; 8] {
-        let bc1 = 1.0 - self.beta1.powf(t as f64);
-        let bc2 = 1.0 - self.beta2.powf(t as f64);
-        [self.lr, self.beta1, self.beta2, self.eps, self.weight_decay, bc1, bc2, 0.0].map(|v| v as f32)
+    /// The step values for step `t` (1-based).
+    pub fn hyper(&self, t: u64) -> Hyper {
+        Hyper {
+            lr: self.lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
+            bias_correction1: (1.0 - self.beta1.powf(t as f64)) as f32,
+            bias_correction2: (1.0 - self.beta2.powf(t as f64)) as f32,
+            ..Hyper::default()
+        }
     }
 }
 
@@ -47,10 +114,15 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// The `hyper` tensor's contents for step `t` (1-based; the momentum buffer starts at step 1).
-    pub fn hyper(&self, t: u64) -> [f32; 8] {
-        [self.lr, self.momentum, self.weight_decay, if t <= 1 { 1.0 } else { 0.0 }, 0.0, 0.0, 0.0, 0.0]
-            .map(|v| v as f32)
+    /// The step values for step `t` (1-based; the momentum buffer starts at step 1).
+    pub fn hyper(&self, t: u64) -> Hyper {
+        Hyper {
+            lr: self.lr as f32,
+            momentum: self.momentum as f32,
+            weight_decay: self.weight_decay as f32,
+            first: if t <= 1 { 1.0 } else { 0.0 },
+            ..Hyper::default()
+        }
     }
 }
 
@@ -58,7 +130,7 @@ fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: 
     for t in [hyper, clip, grad].into_iter().chain(state.iter().copied()) {
         check_f32(op, t)?;
     }
-    check_numel(op, hyper, 8, "(8,) step values")?;
+    check_numel(op, hyper, Hyper::FLOATS, "the step values (Hyper::FLOATS,)")?;
     if !(2..=3).contains(&clip.numel()) {
         check_numel(op, clip, 2, "(2,) [gradient scale, norm] (or (3,) with the non-finite flag)")?;
     }
@@ -71,7 +143,8 @@ fn check(op: &'static str, hyper: &Tensor, clip: &Tensor, grad: &Tensor, state: 
     Ok(())
 }
 
-/// Most tensors of one dispatch of the multi-tensor kernels (the uniform's array length).
+/// Most tensors of one dispatch of the multi-tensor kernels: the rows the host writes into the
+/// uniform ([`Multi`]); the WGSL struct declares as many as its dispatch has (template K).
 const MAX_TENSORS: usize = 16;
 
 /// How many tensors of `bindings_each` storage bindings one dispatch takes beside `fixed` ones,
@@ -113,21 +186,18 @@ pub fn multi_spec(entry: &'static str, k: usize) -> KernelSpec {
         .var("SUMSQ_CASES", sums)
 }
 
-/// The uniform of one multi-tensor dispatch: count, the grid's x, then per tensor (first
-/// workgroup, elements, first partial slot, 0); and the grid.
-fn multi_uniform(ctx: &Context, tensors: &[(usize, usize)], per_group: usize) -> (Vec<u8>, [u32; 3]) {
-    let mut table = Vec::with_capacity(tensors.len());
+/// The uniform of one multi-tensor dispatch of `tensors` (elements, first partial slot) and its
+/// grid.
+fn multi_uniform(ctx: &Context, tensors: &[(usize, usize)], per_group: usize) -> Result<(Vec<u8>, [u32; 3])> {
+    let mut t = [TensorRow::default(); MAX_TENSORS];
     let mut first = 0usize;
-    for &(n, slot) in tensors {
-        table.push([first as u32, n as u32, slot as u32, 0]);
+    for (row, &(n, slot)) in t.iter_mut().zip(tensors) {
+        *row = TensorRow { first_group: first as u32, n: n as u32, first_slot: slot as u32, pad: 0 };
         first += n.div_ceil(per_group);
     }
     let groups = super::grid_2d(first as u64, ctx.limits().max_workgroups_per_dimension);
-    let mut bytes: Vec<u8> = [tensors.len() as u32, groups[0], 0, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
-    for row in (0..MAX_TENSORS).map(|j| table.get(j).copied().unwrap_or([0; 4])) {
-        bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
-    }
-    (bytes, groups)
+    let multi = Multi { count: tensors.len() as u32, gx: groups[0], pad0: 0, pad1: 0, t };
+    Ok((uniform("optim", &multi)?, groups))
 }
 
 /// Records an optimizer step over `tensors` (each its gradient, then the parameter and its
@@ -154,7 +224,7 @@ fn record_steps(
     for chunk in tensors.chunks(tensors_per_dispatch(ctx, 2, each)) {
         let spec = multi_spec(op, chunk.len());
         let sizes: Vec<(usize, usize)> = chunk.iter().map(|(g, _)| (g.numel(), 0)).collect();
-        let (params, groups) = multi_uniform(ctx, &sizes, 256);
+        let (params, groups) = multi_uniform(ctx, &sizes, 256)?;
         let mut args = vec![Arg::Uniform(params), Arg::Read(hyper), Arg::Read(clip)];
         for (grad, state) in chunk {
             args.push(Arg::Read(grad));
@@ -269,7 +339,7 @@ pub fn grad_norm_clip(
     let k = tensors_per_dispatch(ctx, 1, 1);
     for (chunk, sizes) in grads.chunks(k).zip(slots.chunks(k)) {
         let spec = multi_spec("sumsq_partial", chunk.len());
-        let (params, groups) = multi_uniform(ctx, sizes, BLOCK);
+        let (params, groups) = multi_uniform(ctx, sizes, BLOCK)?;
         let mut args = vec![Arg::Uniform(params), Arg::Write(partials)];
         args.extend(chunk.iter().map(|g| Arg::Read(g)));
         ctx.record(step, &spec, &args, groups)?;

@@ -1,5 +1,5 @@
-//! A frozen base kept quantized on the GPU (QLoRA-style): GGUF's Q8_0, Q4_0 and Q4_1 blocks and
-//! f16, dequantized inside the kernels that read the weights (the matmul's B operand and the
+//! A frozen base kept quantized on the GPU (QLoRA-style): f16 and GGUF's blocks (Q8_0, Q4_0 and
+//! Q4_1 repacked below; Q5_0, Q5_1 and the K-quants as the file has them), dequantized inside the kernels that read the weights (the matmul's B operand and the
 //! embedding lookup). Nothing here runs on the GPU; this file holds the host side:
 //! ggml's reference quantizers (f32 → blocks), the repacking of GGUF blocks into the GPU layout,
 //! and the WGSL of the load that the kernels splice in.
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn pack_then_unpack_equals_ggufs_dequantize() {
-        let mut rng = crate::reference::Rng::new(3);
+        let mut rng = crate::rng::Rng::new(3);
         let x: Vec<f32> = (0..256 * 3).map(|_| rng.uniform()).collect();
         for ty in GgmlType::ALL.into_iter().filter(|t| !matches!(t, GgmlType::F32 | GgmlType::BF16)) {
             let raw = quantize(ty, &x);

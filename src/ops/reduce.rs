@@ -1,15 +1,17 @@
 //! Sum and mean along one dimension (shaders/reduce.wgsl), deterministic.
 
 use super::{check_f32, grid_2d, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    outer: u32,
-    d: u32,
-    inner: u32,
-    gx: u32,
-    scale: f32,
+wgsl_struct! {
+    pub(crate) struct Params for [("reduce.wgsl", "Params")] {
+        outer: u32,
+        d: u32,
+        inner: u32,
+        gx: u32,
+        scale: f32,
+    }
 }
 
 /// `out = sum over dim` of `x` (or the mean when `mean`), where `out` has `x`'s shape without

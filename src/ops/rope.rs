@@ -1,17 +1,19 @@
 //! Rotary position embeddings (shaders/rope.wgsl).
 
 use super::{check_f32, check_numel, grid_for, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    rows: u32,
-    seq: u32,
-    heads: u32,
-    head_dim: u32,
-    gx: u32,
-    pos_offset: u32,
-    docs: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("rope.wgsl", "Params")] {
+        rows: u32,
+        seq: u32,
+        heads: u32,
+        head_dim: u32,
+        gx: u32,
+        pos_offset: u32,
+        docs: u32,
+    }
 }
 
 /// Where the rows of a rotary call sit: `x` is `(batch · seq, heads, head_dim)` and row `r` is at

@@ -3,14 +3,16 @@
 //! down one query's column with the lanes reading consecutive addresses.
 
 use super::{check_f32, check_numel, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, KernelSpec, Result, Step, Tensor};
 
-#[derive(encase::ShaderType)]
-struct Params {
-    seq: u32,
-    window: u32,
-    heads: u32,
-    docs: u32,
+wgsl_struct! {
+    pub(crate) struct Params for [("softmax.wgsl", "Params")] {
+        seq: u32,
+        window: u32,
+        heads: u32,
+        docs: u32,
+    }
 }
 
 /// Packed documents for [`softmax_forward`] / [`softmax_backward`]: each token's position in its

@@ -1,17 +1,19 @@
 //! Cross-entropy (shaders/xent.wgsl).
 
 use super::{check_f32, check_numel, grid_2d, shape_err, uniform};
+use crate::gpu::layout::wgsl_struct;
 use crate::gpu::{kernel_sources, Arg, Context, DType, KernelSpec, Result, Step, Tensor};
 
 /// Target id meaning "this position predicts nothing" (its loss is 0 and it is not counted).
 pub const IGNORE: u32 = u32::MAX;
 
-#[derive(encase::ShaderType)]
-struct Params {
-    rows: u32,
-    vocab: u32,
-    gx: u32,
-    softcap: f32,
+wgsl_struct! {
+    pub(crate) struct Params for [("xent.wgsl", "Params")] {
+        rows: u32,
+        vocab: u32,
+        gx: u32,
+        softcap: f32,
+    }
 }
 
 /// Per-row `loss = logsumexp(logits) − logits[target]` for logits `(rows, vocab)` and u32

@@ -7,7 +7,7 @@ use crate::gpu::{Context, DType, Step, Tensor};
 use crate::model::gpu::{BaseDType, GpuModel, PlanOptions};
 use crate::model::Weights;
 use crate::ops::elementwise::{axpy_forward, copy_forward};
-use crate::ops::optim::{adamw_steps, grad_norm_clip, grad_norm_partials, sgd_steps};
+use crate::ops::optim::{adamw_steps, grad_norm_clip, grad_norm_partials, sgd_steps, Hyper};
 
 impl Trainer {
     /// Uploads the model, plans it for (batch, seq), builds the adapter (random init, or the
@@ -116,7 +116,7 @@ fn param_states(
         let group = match groups.iter().position(|g| g.lr_mult == lr_mult) {
             Some(i) => i,
             None => {
-                groups.push(Group { lr_mult, hyper: ctx.tensor("hyper", &[8], DType::F32)? });
+                groups.push(Group { lr_mult, hyper: ctx.tensor("hyper", &[Hyper::FLOATS], DType::F32)? });
                 groups.len() - 1
             }
         };

@@ -4,7 +4,7 @@
 //!
 //! Per-step values (learning rate after the schedule, bias corrections, the dropout seed) live in
 //! small tensors the host rewrites before each submission; nothing in the step waits for the CPU.
-//! Only the loss is read back.
+//! Only the loss and the clipping values are read back.
 //!
 //! This file holds the trainer's types; the settings are in `config`, building a trainer in
 //! `build`, running steps in `step`, evaluation in `eval`, checkpoints and adapter folders in `state`.
@@ -38,10 +38,10 @@ pub enum TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-/// One optimizer group: its learning-rate multiplier, weight decay and step values.
+/// One optimizer group: its learning-rate multiplier and step values.
 struct Group {
     lr_mult: f64,
-    hyper: Tensor, // (8,)
+    hyper: Tensor, // (Hyper::FLOATS,): the group's ops::optim::Hyper
 }
 
 /// A trainable tensor with its optimizer buffers.
@@ -63,7 +63,7 @@ pub struct Trainer {
     pub config: TrainConfig,
     pub params: Vec<ParamState>,
     groups: Vec<Group>,
-    pub clip: Tensor, // (2,) [scale, norm]
+    pub clip: Tensor, // (3,) [scale, norm, first non-finite partial sum or −1]
     update: Step,     // clipping, before-update hooks, optimizer
     acc_first: Step,  // acc = grad (gradient accumulation)
     acc_add: Step,    // acc += grad

@@ -77,7 +77,7 @@ impl Trainer {
 }
 
 /// A forward-only model for `batch` rows of `seq` tokens with the PEFT adapter folder `dir`
-/// (LoRA or VeRA files, ours or PEFT's) attached: for evaluation and merging.
+/// (any method's files, ours or PEFT's, or a GGUF LoRA file) attached: for evaluation and merging.
 pub fn model_with_adapter(
     ctx: &Context,
     weights: &Weights,
@@ -90,7 +90,7 @@ pub fn model_with_adapter(
     Ok(model)
 }
 
-/// The PEFT adapter folder `dir` (LoRA or VeRA files, ours or PEFT's) built for `weights` with
+/// The PEFT adapter folder `dir` (any method's files, ours or PEFT's, or a GGUF LoRA file) built for `weights` with
 /// activations for `rows` tokens at a time (for a [`crate::model::generate::Generator`], say).
 pub fn adapter_from(ctx: &Context, weights: &Weights, dir: &std::path::Path, rows: usize) -> Result<Box<dyn Adapter>> {
     let file = peft::PeftFile::read(dir)?;

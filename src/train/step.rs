@@ -4,7 +4,7 @@
 use super::{Batch, Group, OptimizerKind, Result, StepStats, TrainError, Trainer};
 use crate::gpu::{Context, Step};
 use crate::model::gpu::GpuModelError;
-use crate::ops::optim::partial_owner;
+use crate::ops::optim::{partial_owner, AdamW, Hyper, Sgd};
 
 /// The positions of `ids` whose next token is a loss target, as `GpuModel::write_batch` counts them.
 fn predicted_positions(ids: &[Vec<u32>], predict: Option<&[Vec<bool>]>) -> usize {
@@ -24,21 +24,23 @@ impl Trainer {
         c.lr * c.schedule.multiplier(t - 1, c.warmup_steps, c.total_steps)
     }
 
-    fn hyper(&self, g: &Group, t: u64) -> [f32; 8] {
+    /// Group `g`'s optimizer values for step `t` (1-based).
+    fn hyper(&self, g: &Group, t: u64) -> Hyper {
         let c = &self.config;
         let lr = self.lr_at(t) * g.lr_mult;
         match c.optimizer {
             OptimizerKind::AdamW => {
-                let (b1, b2) = c.betas;
-                let bc1 = 1.0 - b1.powf(t as f64);
-                let bc2 = 1.0 - b2.powf(t as f64);
-                // transformers' AdamW adds eps to sqrt(v) before the bias correction.
-                let (eps, after) = if self.hf_adamw { (c.eps / bc2.sqrt(), 1.0) } else { (c.eps, 0.0) };
-                [lr, b1, b2, eps, c.weight_decay, bc1, bc2, after].map(|v| v as f32)
+                let (beta1, beta2) = c.betas;
+                let mut h = AdamW { lr, beta1, beta2, eps: c.eps, weight_decay: c.weight_decay }.hyper(t);
+                if self.hf_adamw {
+                    // transformers' AdamW adds eps to sqrt(v) before the bias correction, and
+                    // decays after the update.
+                    h.eps = (c.eps / (1.0 - beta2.powf(t as f64)).sqrt()) as f32;
+                    h.decay_after = 1.0;
+                }
+                h
             }
-            OptimizerKind::Sgd => {
-                [lr, c.momentum, c.weight_decay, if t <= 1 { 1.0 } else { 0.0 }, 0.0, 0.0, 0.0, 0.0].map(|v| v as f32)
-            }
+            OptimizerKind::Sgd => Sgd { lr, momentum: c.momentum, weight_decay: c.weight_decay }.hyper(t),
         }
     }
 
@@ -95,7 +97,7 @@ impl Trainer {
             self.model.check_ids(m.ids)?;
         }
         for g in &self.groups {
-            ctx.write_f32(&g.hyper, &self.hyper(g, t))?;
+            ctx.write_f32(&g.hyper, &self.hyper(g, t).to_f32s())?;
         }
         let train = self.model.train_step().ok_or_else(|| TrainError::Config("backward is not enabled".into()))?;
         // Every micro-batch's loss is scaled by 1 / (all predicted positions of the step).

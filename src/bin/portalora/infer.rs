@@ -128,8 +128,6 @@ fn prompt_ids(tok: &Tokenizer, model: &Path, input: Input) -> Result<Prompt, Box
     }
 }
 
-/// Continues the input, printing as it goes; says why it stopped when that was not the end of
-/// the text or `max_tokens`.
 /// How `generate` prints.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Show {
@@ -139,6 +137,8 @@ pub(crate) struct Show {
     pub json: bool,
 }
 
+/// Continues the input, printing as it goes; says why it stopped when that was not the end of
+/// the text or `max_tokens`.
 pub(crate) fn generate(
     ctx: &Context,
     model: &Path,

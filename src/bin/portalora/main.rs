@@ -248,7 +248,6 @@ pub(crate) struct BenchStepArgs {
     pub(crate) json: bool,
 }
 
-/// A number in any usual form: 1e-08, 16.0, 0.5.
 /// Loads a base model and says what of its checkpoint was not loaded.
 pub(crate) fn load_model(path: &std::path::Path) -> Result<portalora::model::Weights, portalora::model::ModelError> {
     let w = portalora::model::load_model(path)?;
@@ -258,6 +257,7 @@ pub(crate) fn load_model(path: &std::path::Path) -> Result<portalora::model::Wei
     Ok(w)
 }
 
+/// A number in any usual form: 1e-08, 16.0, 0.5.
 pub(crate) fn parse_number(s: &str) -> Result<f64, String> {
     let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !v.is_finite() {

@@ -30,9 +30,13 @@ pub enum Keys<'a> {
     /// In the batch itself (training, evaluation): `batch` rows of `seq` tokens, through the
     /// batched-matmul path when the recorder has its scratch ([`Recorder::attn`]), else the
     /// fused kernels.
-    /// Each token's position in its document `(batch · seq,)`: packed documents see only
-    /// themselves (one document per row when the positions are 0..seq in every row).
-    Batch { batch: usize, seq: usize, positions: &'a Tensor },
+    Batch {
+        batch: usize,
+        seq: usize,
+        /// Each token's position in its document `(batch · seq,)`: packed documents see only
+        /// themselves (one document per row when the positions are 0..seq in every row).
+        positions: &'a Tensor,
+    },
     /// In this layer's KV cache (generation): the new keys and values are written at row `pos`,
     /// and the queries attend to every cached row up to their own.
     Cache { k: &'a Tensor, v: &'a Tensor, pos: usize },

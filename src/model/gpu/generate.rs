@@ -11,7 +11,7 @@ use crate::gpu::{Context, DType, Readback, Step, Tensor};
 use crate::model::arch::NormKind;
 use crate::model::config::ModelConfig;
 use crate::ops::elementwise::softcap_forward;
-use crate::reference::Rng;
+use crate::rng::Rng;
 
 type Result<T> = std::result::Result<T, GpuModelError>;
 

@@ -58,9 +58,10 @@ pub struct PlanOptions {
     /// Rows per part of the token-embedding / LM-head tables.
     pub table_part_rows: Option<usize>,
     /// Slices of the vocabulary the LM head's input gradient is summed over in parallel
-    /// ([`crate::ops::matmul::matmul_split_k`]; 0 or 1: none). Default: 16 on GPUs (where a
-    /// product of (rows, C) outputs over a vocabulary-long K leaves most of the GPU idle), none
-    /// on CPU drivers.
+    /// ([`crate::ops::matmul::matmul_split_k`]; 0 or 1: none). Default, when training with
+    /// subgroups on a GPU: as many of 16, 8 or 4 as the vocabulary divides into (a product of
+    /// (rows, C) outputs over a vocabulary-long K leaves most of the GPU idle); none on CPU
+    /// drivers.
     pub head_splits: Option<usize>,
     /// How the frozen matrices are stored (default here: f32; `Auto` keeps a GGUF's types).
     pub base_dtype: Option<BaseDType>,

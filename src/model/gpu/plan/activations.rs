@@ -28,7 +28,7 @@ pub struct LayerActivations<T = Tensor> {
     pub q_rot: Option<T>,       // (N, H·hd)  rotary blocks
     pub k_rot: Option<T>,       // (N, KV·hd) rotary blocks
     pub att: T,                 // (N, H·hd)  attention output before the output projection
-    pub lse: T,                 // (B, H, T)  softmax log-sum-exp per query row
+    pub lse: T,                 // (B·H·T + B·T,): log-sum-exp per query row, then each token's document start
     pub o: T,                   // (N, C)    output projection
     pub o_normed: Option<T>,    // (N, C)  post-norm blocks: norm(o)
     pub rstd_o: Option<T>,      // (N,)
@@ -117,7 +117,7 @@ impl<T> LayerActivations<T> {
 impl LayerActivations {
     /// One layer's activations for up to `rows` new tokens at a time, shared by every layer
     /// (generation keeps nothing for a backward pass); `lse` is `(H · rows,)`, viewed as
-    /// `(H, n)` by [`LayerActivations::first_rows`].
+    /// `(1, H, n)` by [`LayerActivations::first_rows`].
     pub fn scratch(ctx: &Context, c: &ModelConfig, rows: usize) -> Result<LayerActivations> {
         let (h, q, kv, f) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
         let b = c.block;

@@ -1,6 +1,6 @@
 //! The memory of a step, laid out from the config and (batch, seq): every activation and, for
 //! training, every activation gradient, as requests to [`crate::gpu::plan`]. When each is live
-//! is not written here: the model records its steps over stand-ins ([`Layout::stand_ins`]), and
+//! is not written here: the model records its steps over stand-ins (`Layout::stand_ins`), and
 //! the planner reads each tensor's span of dispatches from those traces, so a tensor holds its
 //! value only from the dispatch that first binds it to the last.
 //!
@@ -17,14 +17,14 @@ mod activations;
 
 pub use activations::{Activations, Gradients, LayerActivations, LayerHalves, Recomputed};
 
-/// The logits buffer's budget (see [`plan`]) where memory is shared with the system (CPU
+/// The logits buffer's budget (see [`chunk_rows`]) where memory is shared with the system (CPU
 /// drivers, integrated GPUs, browsers).
 const LOGIT_CHUNK_BYTES: u64 = 32 << 20;
 /// The budget on a discrete GPU: one chunk of a SmolLM2 step's 512 rows (96 MiB) gives its head's
 /// products four times the workgroups of four chunks, which a large GPU needs to be busy (an
 /// H200: the head's input gradient took 35 ms of a 170 ms step in chunks of 128 rows).
 const LOGIT_CHUNK_BYTES_DISCRETE: u64 = 256 << 20;
-/// The budget of attention's score matrices on the matmul path (see [`plan`]).
+/// The budget of attention's score matrices on the matmul path (see [`layout`]).
 const ATTENTION_SCORES_BYTES: u64 = 32 << 20;
 
 /// How many logit rows are computed at a time: as many as fit 32 MiB (256 MiB on a discrete GPU;
