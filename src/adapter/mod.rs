@@ -67,6 +67,44 @@ pub enum AdapterError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: not JSON: {source}")]
+    Json {
+        path: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Writing JSON out.
+    #[error(transparent)]
+    Serialize(#[from] serde_json::Error),
+    #[error(transparent)]
+    Gguf(#[from] crate::io::gguf::GgufError),
+    #[error(transparent)]
+    Model(#[from] crate::model::weights::ModelError),
+    /// A GGUF LoRA file that is not one portalora reads.
+    #[error("{0}")]
+    GgufLora(#[source] Box<crate::model::gguf_export::ExportError>),
+    /// Writing safetensors bytes (`what`: the tensor or the file).
+    #[error("{what}: {source}")]
+    Safetensors {
+        what: String,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    #[error("{option} {pattern:?} is not a regular expression: {source}")]
+    Regex {
+        option: String,
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    /// A merged folder's `config.json` written for a base that has none (a GGUF file).
+    #[error("cannot write {dir}/config.json for the base {base}: {source}")]
+    HfConfig {
+        dir: std::path::PathBuf,
+        base: std::path::PathBuf,
+        #[source]
+        source: Box<crate::model::weights::ModelError>,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, AdapterError>;

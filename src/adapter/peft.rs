@@ -64,7 +64,7 @@ impl PeftFile {
                      adapter_model.safetensors) or a .gguf file from `portalora export`",
                 ));
             }
-            let g = crate::io::gguf::Gguf::open(dir).map_err(|e| file_err(dir, e.to_string()))?;
+            let g = crate::io::gguf::Gguf::open(dir)?;
             return Self::from_gguf(&g);
         }
         let cfg_path = dir.join(CONFIG_FILE);
@@ -86,7 +86,8 @@ impl PeftFile {
     /// `adapter_model.safetensors` (`dir` names the folder in messages).
     pub fn from_bytes(dir: &Path, text: &str, safetensors: &[u8]) -> Result<PeftFile> {
         let cfg_path = dir.join(CONFIG_FILE);
-        let config: Value = serde_json::from_str(text).map_err(|e| file_err(&cfg_path, format!("not JSON: {e}")))?;
+        let config: Value = serde_json::from_str(text)
+            .map_err(|source| AdapterError::Json { path: cfg_path.display().to_string(), source })?;
         let peft_type = config["peft_type"].as_str().unwrap_or("").to_ascii_uppercase();
         if peft_type != "LORA" && peft_type != "VERA" {
             return Err(file_err(
@@ -120,7 +121,7 @@ impl PeftFile {
         let dropout_key = if peft_type == "LORA" { "lora_dropout" } else { "vera_dropout" };
         let mut raw = BTreeMap::new();
         let st_path = dir.join(WEIGHTS_FILE);
-        read_safetensors_bytes(&st_path, safetensors, &mut raw).map_err(|e| file_err(&st_path, e.to_string()))?;
+        read_safetensors_bytes(&st_path, safetensors, &mut raw)?;
         // Files written with an adapter name inside the keys (".default.") mean the same tensors.
         let tensors = raw.into_iter().map(|(k, v)| (k.replace(".default.", ".").replace(".default", ""), v)).collect();
         Ok(PeftFile {
@@ -478,11 +479,12 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u
         .map(|(k, shape, b)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
                 .map(|v| (k.clone(), v))
-                .map_err(|e| AdapterError::Option(format!("tensor {k:?}: {e}")))
+                .map_err(|source| AdapterError::Safetensors { what: format!("tensor {k:?}"), source })
         })
         .collect::<Result<Vec<_>>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize(views, Some(meta)).map_err(|e| AdapterError::Option(format!("safetensors: {e}")))
+    safetensors::serialize(views, Some(meta))
+        .map_err(|source| AdapterError::Safetensors { what: "safetensors".into(), source })
 }
 
 /// Writes `adapter` as a PEFT folder `dir` (created if missing).
@@ -491,7 +493,6 @@ pub fn save(ctx: &Context, adapter: &dyn Adapter, gpt2: bool, base_model: Option
     std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io { path: dir.display().to_string(), source })?;
     let tensors = crate::gpu::block_on(export(ctx, adapter))?;
     write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors)?)?;
-    let cfg = serde_json::to_string_pretty(&config_json(adapter.config(), gpt2, base_model))
-        .map_err(|e| AdapterError::Option(e.to_string()))?;
+    let cfg = serde_json::to_string_pretty(&config_json(adapter.config(), gpt2, base_model))?;
     write_atomic(&dir.join(CONFIG_FILE), cfg.as_bytes())
 }

@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde_json::json;
 
@@ -18,14 +17,10 @@ use crate::model::gguf_export::{permuted_heads, read_gguf_lora};
 use crate::model::weights::{unpermute_rotary, HostTensor};
 use crate::model::ModelConfig;
 
-fn err(path: &Path, message: impl std::fmt::Display) -> AdapterError {
-    AdapterError::File { path: path.display().to_string(), message: message.to_string() }
-}
-
 impl PeftFile {
     /// A GGUF LoRA adapter file.
     pub fn from_gguf(g: &Gguf) -> Result<PeftFile> {
-        let lora = read_gguf_lora(g).map_err(|e| err(&g.path, e))?;
+        let lora = read_gguf_lora(g).map_err(|e| AdapterError::GgufLora(Box::new(e)))?;
         let rank = lora.pairs[0].1.shape[0];
         // Without an alpha llama.cpp scales every pair by 1: alpha = r, pair by pair.
         let alpha = lora.alpha.unwrap_or(rank as f64);

@@ -227,8 +227,11 @@ fn all_sites(config: &ModelConfig) -> Vec<Site> {
 
 /// A compiled regular expression from an adapter option, its errors naming the option.
 pub(super) fn regex(pattern: &str, option: &str) -> Result<regex::Regex> {
-    regex::Regex::new(pattern)
-        .map_err(|e| AdapterError::Option(format!("{option} {pattern:?} is not a regular expression: {e}")))
+    regex::Regex::new(pattern).map_err(|source| AdapterError::Regex {
+        option: option.to_string(),
+        pattern: pattern.to_string(),
+        source,
+    })
 }
 
 /// The value of the first pattern matching `module` as PEFT's `get_pattern_key` matches it.

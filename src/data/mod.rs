@@ -40,12 +40,25 @@ pub enum DataError {
     NotUtf8 { path: PathBuf, offset: usize },
     #[error("{path}:{line}: {message}")]
     Jsonl { path: PathBuf, line: usize, message: String },
+    #[error("{path}:{line}: not JSON: {source}")]
+    JsonLine {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{path}: {message}")]
     Empty { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Format { path: PathBuf, message: String },
-    #[error("{path}: tokenizing: {message}")]
-    Tokenize { path: PathBuf, message: String },
+    /// Tokenizing line `line` (0: a whole file) of `path` (`None`: decoding, of no file).
+    #[error("{}: tokenizing: {}{source}", place(.path), at_line(.line))]
+    Tokenize {
+        path: Option<PathBuf>,
+        line: usize,
+        #[source]
+        source: crate::io::tokenizer::TokenizerError,
+    },
     #[error(
         "{path}: holds conversations, and the model {model} has no chat template to render them with; pass one \
          with --chat-template FILE (a Jinja file such as the chat_template.jinja of the model's instruct version)"
@@ -67,6 +80,19 @@ pub enum DataError {
 }
 
 type Result<T> = std::result::Result<T, DataError>;
+
+/// [`DataError::Tokenize`]'s file, or what it was doing without one.
+fn place(path: &Option<PathBuf>) -> std::path::Display<'_> {
+    path.as_deref().unwrap_or(Path::new("(decoding)")).display()
+}
+
+fn at_line(line: &usize) -> String {
+    if *line > 0 {
+        format!("line {line}: ")
+    } else {
+        String::new()
+    }
+}
 
 /// One packed row: `seq` token ids, which of them are loss targets, and each token's position
 /// in its document (0 where one starts).
@@ -198,7 +224,11 @@ pub fn documents_of_text(path: &Path, text: String, jsonl: bool) -> Result<Vec<(
             continue;
         }
         let err = |message: String| DataError::Jsonl { path: path.to_path_buf(), line: i + 1, message };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| err(format!("not JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|source| DataError::JsonLine {
+            path: path.to_path_buf(),
+            line: i + 1,
+            source,
+        })?;
         let format = Format::of(&v).ok_or_else(|| err(formats::EXPECTED.into()))?;
         match first {
             None => first = Some((i + 1, format)),

@@ -2,7 +2,7 @@
 //! tokenizer, conversations rendered with its chat template, and which tokens are loss targets
 //! (see the parent module's docs); what `portalora tokenize` shows.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::formats::Document;
 use super::{documents, documents_of_text, files_of, DataError, Result};
@@ -128,9 +128,8 @@ pub fn target_runs(tok: &Tokenizer, d: &Tokenized) -> Result<Vec<(String, bool)>
     while start < d.ids.len() {
         let flag = d.predict[start];
         let end = (start..d.ids.len()).find(|&j| d.predict[j] != flag).unwrap_or(d.ids.len());
-        let text = tok
-            .decode(&d.ids[start..end])
-            .map_err(|e| DataError::Tokenize { path: PathBuf::from("(decoding)"), message: e.to_string() })?;
+        let text =
+            tok.decode(&d.ids[start..end]).map_err(|source| DataError::Tokenize { path: None, line: 0, source })?;
         runs.push((text, flag));
         start = end;
     }
@@ -146,10 +145,7 @@ pub fn tokenize(
     template: Option<&ChatTemplate>,
     chat: &ChatOptions,
 ) -> Result<Tokenized> {
-    let tokenize_err = |e: crate::io::tokenizer::TokenizerError| DataError::Tokenize {
-        path: path.to_path_buf(),
-        message: if line > 0 { format!("line {line}: {e}") } else { e.to_string() },
-    };
+    let tokenize_err = |source| DataError::Tokenize { path: Some(path.to_path_buf()), line, source };
     let (mut ids, mut predict) = (Vec::new(), Vec::new());
     let messages = match doc {
         Document::Pieces(pieces) => {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{file_err, FinetuneError, Result, RunConfig, Summary};
+use super::{file_err, io_err, FinetuneError, Result, RunConfig, Summary};
 use crate::adapter::peft::{safetensors_bytes, write_atomic, PeftFile};
 use crate::gpu::Context;
 use crate::model::weights::read_safetensors;
@@ -36,7 +36,7 @@ pub(super) fn save(ctx: &Context, cfg: &RunConfig, trainer: &Trainer, state: &St
         trainer.save_adapter(ctx, super::base_model_ref(&cfg.model).as_deref(), tmp)?;
         let opt = trainer.optimizer_state(ctx)?;
         write_atomic(&tmp.join("optimizer.safetensors"), &safetensors_bytes(&opt)?)?;
-        let json = serde_json::to_string_pretty(state).map_err(|e| FinetuneError::Config(e.to_string()))?;
+        let json = serde_json::to_string_pretty(state)?;
         write_atomic(&tmp.join("state.json"), json.as_bytes())?;
         Ok(())
     })?;
@@ -69,8 +69,9 @@ pub(super) fn load(out: &Path) -> Result<Loaded> {
         file_err(out, "has no checkpoint to resume from (checkpoint/state.json); start a new run instead")
     })?;
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| file_err(&path, e))?;
-    let state: State = serde_json::from_str(&text).map_err(|e| file_err(&path, e))?;
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let state: State =
+        serde_json::from_str(&text).map_err(|source| FinetuneError::Json { path: path.clone(), what: "", source })?;
     Ok(Loaded { adapter: PeftFile::read(&dir)?, dir, state })
 }
 
@@ -98,19 +99,23 @@ impl Log {
             text.push('\n');
         }
         write_atomic(&path, text.as_bytes())?;
-        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| file_err(&path, e))?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
         Ok(Log { path, file, lines })
     }
 
     pub fn line(&mut self, v: serde_json::Value) -> Result<()> {
         let line = v.to_string();
-        writeln!(self.file, "{line}").map_err(|e| file_err(&self.path, format!("writing the log: {e}")))?;
+        writeln!(self.file, "{line}").map_err(|source| FinetuneError::Io {
+            path: self.path.clone(),
+            what: "writing the log: ",
+            source,
+        })?;
         self.lines.push(line);
         Ok(())
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_all().map_err(|e| file_err(&self.path, e))
+        self.file.sync_all().map_err(io_err(&self.path))
     }
 }
 

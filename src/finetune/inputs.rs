@@ -2,19 +2,23 @@
 
 use std::path::Path;
 
-use super::{file_err, FinetuneError, Result, RunConfig};
+use super::{file_err, io_err, FinetuneError, Result, RunConfig};
 use crate::data::{self, Row};
 use crate::gpu::Context;
 use crate::io::chat::{ChatTemplate, Message};
-use crate::io::tokenizer::Tokenizer;
+use crate::io::tokenizer::{Tokenizer, TokenizerError};
 use crate::model::generate::{Generator, Sampling};
 use crate::model::weights::Weights;
 use crate::run::RunData;
 
 /// Reads `{"input_ids": [[...], ...]}`: rows of equal length, at least 2 tokens each.
 pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(path, format!("not JSON: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| FinetuneError::Json {
+        path: path.to_path_buf(),
+        what: "not JSON: ",
+        source,
+    })?;
     let rows = v["input_ids"].as_array().ok_or_else(|| file_err(path, "expected {\"input_ids\": [[...], ...]}"))?;
     let mut out = Vec::with_capacity(rows.len());
     for (r, row) in rows.iter().enumerate() {
@@ -94,7 +98,9 @@ pub(super) fn load_data(
             let ds = data::load_with(p, tok, &chat, packing, cfg.seq, cfg.val_fraction, cfg.adapter.seed)?;
             let chat = match ds.summary.conversations {
                 0 => None,
-                _ => tok.chat_template(cfg.chat_template.as_deref()).map_err(|e| file_err(p, e))?,
+                _ => tok
+                    .chat_template(cfg.chat_template.as_deref())
+                    .map_err(|source| data::DataError::Template { path: p.clone(), source })?,
             };
             Ok(RunData { train: ds.train, val: ds.val, chat, summary: Some(ds.summary), fixed: false })
         }
@@ -119,18 +125,18 @@ pub(super) fn samples(
     let mut out = Vec::new();
     let mut stop: Vec<u32> = tok.eos_id.into_iter().collect();
     if let Some(t) = chat {
-        let end = t.end_of_turn().map_err(|e| FinetuneError::Config(e.to_string()))?;
-        stop.extend(tok.encode(&end).map_err(|e| FinetuneError::Config(e.to_string()))?.first());
+        let end = t.end_of_turn().map_err(TokenizerError::from)?;
+        stop.extend(tok.encode(&end)?.first());
     }
     for p in prompts {
-        let err = |e: String| FinetuneError::Config(format!("prompt {p:?}: {e}"));
+        let err = |e: TokenizerError| FinetuneError::Prompt { prompt: p.clone(), source: e };
         let ids = match chat {
             // A user message with the assistant's turn opened; the template writes BOS itself.
             Some(t) => {
-                let text = t.render(&[Message::new("user", p)], true).map_err(|e| err(e.to_string()))?;
-                tok.encode_with_offsets(&text).map_err(|e| err(e.to_string()))?.0
+                let text = t.render(&[Message::new("user", p)], true).map_err(|e| err(e.into()))?;
+                tok.encode_with_offsets(&text).map_err(err)?.0
             }
-            None => tok.encode_text(p).map_err(|e| err(e.to_string()))?,
+            None => tok.encode_text(p).map_err(err)?,
         };
         if ids.is_empty() {
             continue;
@@ -142,7 +148,7 @@ pub(super) fn samples(
         }
         let mut new = Vec::new();
         g.generate(ctx, &ids, n, Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }, &stop, |t| new.push(t))?;
-        let text = tok.decode_text(&new).map_err(|e| FinetuneError::Config(e.to_string()))?;
+        let text = tok.decode_text(&new)?;
         out.push((p.clone(), text));
     }
     Ok(out)

@@ -46,68 +46,34 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::peft::{write_atomic, PeftFile};
-use crate::adapter::{AdapterConfig, AdapterError, Method};
-use crate::data::{DataError, DataSummary};
+use crate::adapter::{AdapterConfig, Method};
+use crate::data::DataSummary;
 use crate::gpu::Context;
 use crate::io::tokenizer::Tokenizer;
 use crate::model::export::{read_back_site_weights, write_hf_folder};
 use crate::model::weights::Weights;
-use crate::outdir::{self, OutDirError};
-use crate::run::{check_length, Plan, RunError, RunState, DEFAULTS};
-use crate::train::{Batch, StepStats, TrainConfig, TrainError, Trainer};
+use crate::outdir;
+use crate::run::{check_length, Plan, RunState, DEFAULTS};
+use crate::train::{Batch, StepStats, TrainConfig, Trainer};
 
 pub mod checkpoint;
 mod checks;
+mod error;
 mod inputs;
 
 pub use checkpoint::checkpoint_step;
 use checkpoint::{Loaded, Log, State};
 use checks::{check_config, check_resume};
+pub use error::FinetuneError;
+use error::{config_err, file_err, io_err};
 pub use inputs::read_ids;
 use inputs::{load_data, samples};
-
-#[derive(Debug, thiserror::Error)]
-pub enum FinetuneError {
-    #[error(transparent)]
-    Train(#[from] TrainError),
-    #[error(transparent)]
-    Data(#[from] DataError),
-    #[error(transparent)]
-    Run(#[from] RunError),
-    #[error(transparent)]
-    Adapter(#[from] AdapterError),
-    #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
-    #[error(transparent)]
-    GpuModel(#[from] crate::model::gpu::GpuModelError),
-    #[error(transparent)]
-    Gpu(#[from] crate::gpu::GpuError),
-    #[error(transparent)]
-    OutDir(#[from] OutDirError),
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
-    #[error("{0}")]
-    Config(String),
-    #[error(
-        "step {step}: {what} is not finite (NaN or Inf); the run stopped before saving anything from it{kept}. \
-         {hint}Lower the learning rate or clip gradients (--max-grad-norm), check the data, then --resume"
-    )]
-    NonFinite { step: u64, what: String, kept: String, hint: &'static str },
-}
 
 pub type Result<T> = std::result::Result<T, FinetuneError>;
 
 /// Checkpoints every this many steps unless told otherwise (HF Trainer checkpoints every 500 of
 /// its usually faster steps; a checkpoint of SmolLM2's LoRA takes well under a second).
 pub const DEFAULT_SAVE_EVERY: u64 = DEFAULTS.save_every;
-
-fn file_err(path: &Path, message: impl std::fmt::Display) -> FinetuneError {
-    FinetuneError::File { path: path.to_path_buf(), message: message.to_string() }
-}
-
-fn config_err(message: impl Into<String>) -> FinetuneError {
-    FinetuneError::Config(message.into())
-}
 
 /// Everything a run needs; saved as `out/run.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,9 +156,16 @@ impl RunConfig {
     /// The configuration of an earlier run from its `out` folder.
     pub fn load(out: &Path) -> Result<Self> {
         let path = out.join("run.json");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| file_err(&path, format!("{e}; is {} the --out of an earlier run?", out.display())))?;
-        serde_json::from_str(&text).map_err(|e| file_err(&path, format!("not a run configuration: {e}")))
+        let text = std::fs::read_to_string(&path).map_err(|source| FinetuneError::NoRun {
+            path: path.clone(),
+            out: out.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| FinetuneError::Json {
+            path,
+            what: "not a run configuration: ",
+            source,
+        })
     }
 
     /// How the run walks its rows.
@@ -386,7 +359,7 @@ impl<'a> Session<'a> {
             Some(_) => outdir::claim_existing(&cfg.out)?,
             None => outdir::claim_new(&cfg.out, opts.overwrite)?,
         };
-        let json = serde_json::to_string_pretty(cfg).map_err(|e| config_err(e.to_string()))?;
+        let json = serde_json::to_string_pretty(cfg)?;
         write_atomic(&cfg.out.join("run.json"), json.as_bytes())?;
         let (summary, lines) = match &checkpoint {
             Some(c) => {
@@ -578,7 +551,7 @@ impl<'a> Session<'a> {
         write_atomic(&summary.plot, crate::plot::loss_svg(&summary.train_loss, &summary.val_loss, &title).as_bytes())?;
         summary.log = log.path.clone();
         summary.seconds = start.elapsed().as_secs_f64();
-        let json = serde_json::to_string_pretty(&summary).map_err(|e| config_err(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&summary)?;
         write_atomic(&cfg.out.join("summary.json"), json.as_bytes())?;
         Ok(summary)
     }

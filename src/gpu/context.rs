@@ -318,7 +318,11 @@ impl Context {
                 apply_limit_buckets: false,
             })
             .await
-            .map_err(|_| GpuError::NoAdapter { backends: backend_label(&opts.backends), hint: NO_ADAPTER_HINT })
+            .map_err(|source| GpuError::NoAdapter {
+                backends: backend_label(&opts.backends),
+                hint: NO_ADAPTER_HINT,
+                source,
+            })
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -462,9 +466,7 @@ impl Context {
     /// browser drives the queue. Reports errors raised meanwhile.
     pub fn wait_idle(&self) -> Result<()> {
         #[cfg(not(target_arch = "wasm32"))]
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|source| GpuError::Poll { source })?;
         self.check("waiting for the GPU")
     }
 }

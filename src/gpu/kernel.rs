@@ -78,7 +78,7 @@ pub const ALL_SOURCES: &[&KernelSource] = &[
 /// `// #else` / `// #endif` only when the flag is set (unset); `{{NAME}}` is replaced by its value.
 /// Unknown flags and names left over are errors, so a typo cannot silently change a kernel.
 pub fn preprocess(file: &'static str, src: &str, flags: &[(&str, bool)], vars: &[(&str, String)]) -> Result<String> {
-    let err = |message: String| GpuError::Kernel { file, message };
+    let err = |message: String| GpuError::Kernel { file, message, source: None };
     let mut out = String::with_capacity(src.len() * 2);
     // Stack of (this branch is kept, the enclosing region is kept).
     let mut stack: Vec<(bool, bool)> = Vec::new();
@@ -202,6 +202,15 @@ pub(super) struct CachedPipeline {
 
 pub(super) type PipelineCache = HashMap<PipelineKey, Arc<CachedPipeline>>;
 
+/// An error compiling `file`'s kernel as [`GpuError::Kernel`]; a lost device or exhausted memory
+/// stays what it is.
+fn kernel_err(file: &'static str) -> impl FnOnce(GpuError) -> GpuError {
+    move |e| match e {
+        GpuError::DeviceLost { .. } | GpuError::Poll { .. } | GpuError::OutOfMemory { .. } => e,
+        e => GpuError::Kernel { file, message: e.to_string(), source: Some(Box::new(e)) },
+    }
+}
+
 impl Context {
     /// Returns the cached pipeline for `spec` with these binding kinds, compiling it on first use.
     pub(super) fn pipeline(&self, spec: &KernelSpec, args: &[Arg]) -> Result<Arc<CachedPipeline>> {
@@ -226,8 +235,7 @@ impl Context {
             label: Some(&label),
             source: wgpu::ShaderSource::Wgsl(wgsl.into()),
         });
-        self.check(&format!("compiling {}", spec.source.file))
-            .map_err(|e| GpuError::Kernel { file: spec.source.file, message: e.to_string() })?;
+        self.check(&format!("compiling {}", spec.source.file)).map_err(kernel_err(spec.source.file))?;
 
         let entries: Vec<wgpu::BindGroupLayoutEntry> = args
             .iter()
@@ -268,8 +276,7 @@ impl Context {
             },
             cache: None,
         });
-        self.check(&format!("creating pipeline {label}"))
-            .map_err(|e| GpuError::Kernel { file: spec.source.file, message: e.to_string() })?;
+        self.check(&format!("creating pipeline {label}")).map_err(kernel_err(spec.source.file))?;
         let cached = Arc::new(CachedPipeline { pipeline, layout });
         self.pipelines.lock().unwrap_or_else(|p| p.into_inner()).insert(key, cached.clone());
         Ok(cached)

@@ -40,7 +40,12 @@ pub use tensor::{DType, Readback, Tensor};
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
     #[error("no GPU adapter found{backends}. {hint}")]
-    NoAdapter { backends: String, hint: &'static str },
+    NoAdapter {
+        backends: String,
+        hint: &'static str,
+        #[source]
+        source: wgpu::RequestAdapterError,
+    },
     #[error("WGPU_ADAPTER_NAME={wanted:?} matches no adapter; available: {available}")]
     AdapterNameNotFound { wanted: String, available: String },
     #[error("could not open a device on adapter {adapter:?}")]
@@ -58,8 +63,24 @@ pub enum GpuError {
          run again (a fine-tuning run continues from its last checkpoint with --resume)"
     )]
     DeviceLost { message: String },
+    /// Waiting for the device failed (natively): reported as the device lost.
+    #[error(
+        "the GPU device was lost ({source}): a driver reset, a removed GPU or an exhausted device; \
+         run again (a fine-tuning run continues from its last checkpoint with --resume)"
+    )]
+    Poll {
+        #[source]
+        source: wgpu::PollError,
+    },
+    /// A kernel's template, or its compilation (`source`: what the device reported; `message`
+    /// says it too).
     #[error("kernel {file}: {message}")]
-    Kernel { file: &'static str, message: String },
+    Kernel {
+        file: &'static str,
+        message: String,
+        #[source]
+        source: Option<Box<GpuError>>,
+    },
     #[error(
         "tensor {label:?} of {bytes} bytes exceeds this device's {limit}-byte {what} limit; \
          use a smaller batch or sequence length"
@@ -74,6 +95,18 @@ pub enum GpuError {
     DispatchTooLarge { label: String, groups: [u32; 3], limit: u32 },
     #[error("reading back tensor {label:?} failed: {message}")]
     Readback { label: String, message: String },
+    #[error("reading back tensor {label:?} failed: {source}")]
+    Map {
+        label: String,
+        #[source]
+        source: wgpu::BufferAsyncError,
+    },
+    #[error("reading back tensor {label:?} failed: {source}")]
+    MapRange {
+        label: String,
+        #[source]
+        source: wgpu::MapRangeError,
+    },
     #[error("{feature} is not available on adapter {adapter:?}")]
     MissingFeature { feature: &'static str, adapter: String },
     #[error("encoding uniforms for {kernel}")]

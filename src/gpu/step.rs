@@ -264,7 +264,7 @@ impl Context {
             let view = staging
                 .slice(..)
                 .get_mapped_range()
-                .map_err(|e| GpuError::Readback { label: "timestamps".into(), message: e.to_string() })?;
+                .map_err(|source| GpuError::MapRange { label: "timestamps".into(), source })?;
             bytemuck::pod_collect_to_vec::<u8, u64>(&view)
         };
         staging.unmap();

@@ -429,7 +429,7 @@ impl Context {
         let cb_state = state.clone();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
             let mut s = cb_state.lock().unwrap_or_else(|p| p.into_inner());
-            s.result = Some(r.map_err(|e| e.to_string()));
+            s.result = Some(r);
             if let Some(w) = s.waker.take() {
                 w.wake();
             }
@@ -455,7 +455,7 @@ impl Context {
 
 #[derive(Default)]
 struct MapState {
-    result: Option<std::result::Result<(), String>>,
+    result: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
     waker: Option<Waker>,
 }
 
@@ -480,7 +480,7 @@ impl Readback {
                 .staging
                 .slice(..)
                 .get_mapped_range()
-                .map_err(|e| GpuError::Readback { label: self.label.clone(), message: e.to_string() })?;
+                .map_err(|source| GpuError::MapRange { label: self.label.clone(), source })?;
             if self.dtype != DType::F32 {
                 let message = format!("only f32 tensors can be read back, this one is {:?}", self.dtype);
                 return Err(GpuError::Readback { label: self.label.clone(), message });
@@ -496,11 +496,11 @@ impl Readback {
     pub fn wait(self) -> Result<Vec<f32>> {
         self.device
             .poll(wgpu::PollType::Wait { submission_index: Some(self.submission.clone()), timeout: None })
-            .map_err(|e| GpuError::DeviceLost { message: e.to_string() })?;
+            .map_err(|source| GpuError::Poll { source })?;
         let r = self.state.lock().unwrap_or_else(|p| p.into_inner()).result.take();
         match r {
             Some(Ok(())) => self.finish(),
-            Some(Err(message)) => Err(GpuError::Readback { label: self.label.clone(), message }),
+            Some(Err(source)) => Err(GpuError::Map { label: self.label.clone(), source }),
             None => Err(GpuError::Readback { label: self.label.clone(), message: "the map callback never ran".into() }),
         }
     }
@@ -516,7 +516,7 @@ impl Future for Readback {
         if let Err(e) =
             self.device.poll(wgpu::PollType::Wait { submission_index: Some(self.submission.clone()), timeout: None })
         {
-            return Poll::Ready(Err(GpuError::DeviceLost { message: e.to_string() }));
+            return Poll::Ready(Err(GpuError::Poll { source: e }));
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.result.take() {
@@ -524,7 +524,7 @@ impl Future for Readback {
                 drop(s);
                 Poll::Ready(self.finish())
             }
-            Some(Err(message)) => Poll::Ready(Err(GpuError::Readback { label: self.label.clone(), message })),
+            Some(Err(source)) => Poll::Ready(Err(GpuError::Map { label: self.label.clone(), source })),
             None => {
                 s.waker = Some(cx.waker().clone());
                 #[cfg(not(target_arch = "wasm32"))]

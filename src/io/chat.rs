@@ -18,7 +18,14 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind};
 #[derive(Debug, thiserror::Error)]
 pub enum ChatError {
     #[error("{origin}: the chat template does not parse: {message} (line {line}, column {column})")]
-    Parse { origin: String, line: usize, column: usize, message: String },
+    Parse {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+        #[source]
+        source: JinjaError,
+    },
     #[error("{origin}: the chat template raised: {message}")]
     Raised { origin: String, message: String },
     #[error("{origin}: rendering the chat template failed: {source}")]
@@ -90,7 +97,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         let cleaned = strip_generation_tags(source);
-        env.add_template_owned(NAME, cleaned.clone()).map_err(|e| parse_error(origin, &cleaned, &e))?;
+        env.add_template_owned(NAME, cleaned.clone()).map_err(|e| parse_error(origin, &cleaned, e))?;
         Ok(ChatTemplate {
             env,
             origin: origin.into(),
@@ -173,7 +180,7 @@ impl std::fmt::Display for Raised {
 
 impl std::error::Error for Raised {}
 
-fn parse_error(origin: &str, source: &str, e: &JinjaError) -> ChatError {
+fn parse_error(origin: &str, source: &str, e: JinjaError) -> ChatError {
     let line = e.line().unwrap_or(0);
     let column = match (e.range(), line) {
         (Some(r), _) => {
@@ -182,7 +189,8 @@ fn parse_error(origin: &str, source: &str, e: &JinjaError) -> ChatError {
         }
         _ => 0,
     };
-    ChatError::Parse { origin: origin.into(), line, column, message: e.detail().unwrap_or(&e.to_string()).into() }
+    let message = e.detail().map_or_else(|| e.to_string(), str::to_string);
+    ChatError::Parse { origin: origin.into(), line, column, message, source: e }
 }
 
 /// transformers' `{% generation %}` blocks mark assistant text for its own mask and print
@@ -199,8 +207,8 @@ fn tojson(v: Value, kwargs: Kwargs) -> std::result::Result<Value, JinjaError> {
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
     let _ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let json =
-        serde_json::to_value(&v).map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let json = serde_json::to_value(&v)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: {e}")).with_source(e))?;
     let (item, key) = match (&separators, indent) {
         (Some(s), _) if s.len() == 2 => (s[0].clone(), s[1].clone()),
         (_, Some(_)) => (",".into(), ": ".into()),

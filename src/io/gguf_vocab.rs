@@ -29,9 +29,13 @@ fn load(path: &Path, message: impl Into<String>) -> TokenizerError {
 
 fn read_json(path: &Path) -> Result<Option<Json>, TokenizerError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| load(path, e.to_string())),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|source| TokenizerError::Json {
+            path: path.to_path_buf(),
+            what: "",
+            source,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(load(path, e.to_string())),
+        Err(source) => Err(TokenizerError::Io { path: path.to_path_buf(), source }),
     }
 }
 
@@ -115,7 +119,7 @@ fn spm_tokens(
     vocab_size: usize,
     dir: &Path,
 ) -> Result<Vec<(String, Value)>, TokenizerError> {
-    let bytes = std::fs::read(path).map_err(|e| load(path, e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
     let pieces = super::spm::read_model_proto(&bytes).map_err(|e| load(path, e))?;
     let mut slots: Vec<(String, f32, i32)> = (0..vocab_size).map(|i| (format!("[PAD{i}]"), -10000.0, UNUSED)).collect();
     for (slot, p) in slots.iter_mut().zip(&pieces) {
@@ -297,7 +301,8 @@ fn special_tokens(tok: &Json, config: Option<&Json>, model: &Json, vocab: usize,
 /// `default` one as `tokenizer.chat_template` and each other as `tokenizer.chat_template.NAME`
 /// (non-alphanumerics as `_`), listed in `tokenizer.chat_templates`.
 fn chat_templates(dir: &Path, config: &Json) -> Result<Vec<(String, Value)>, TokenizerError> {
-    let read = |p: std::path::PathBuf| std::fs::read_to_string(&p).map_err(|e| load(&p, e.to_string()));
+    let read =
+        |p: std::path::PathBuf| std::fs::read_to_string(&p).map_err(|source| TokenizerError::Io { path: p, source });
     let value = match &config["chat_template"] {
         Json::Null => {
             let jinja = dir.join("chat_template.jinja");

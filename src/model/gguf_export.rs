@@ -34,6 +34,29 @@ pub enum ExportError {
     Adapter(#[from] crate::adapter::AdapterError),
     #[error(transparent)]
     Gguf(#[from] crate::io::gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::io::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Model(#[from] super::weights::ModelError),
+    /// The folder's model as llama.cpp reads it back from the GGUF written for it.
+    #[error("{dir}: llama.cpp's reading of its GGUF fails: {source}")]
+    Reread {
+        dir: std::path::PathBuf,
+        #[source]
+        source: super::weights::ModelError,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Json {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, ExportError>;

@@ -38,16 +38,15 @@ pub fn folder_gguf(dir: &Path, weights: &Weights) -> Result<Gguf> {
     let ftype = file_type(stored.values().copied());
     g.set("general.file_type", Value::U32(ftype));
     g.set("general.quantization_version", Value::U32(2));
-    let vocab = crate::io::gguf_vocab::vocab_metadata(dir, model.vocab_size, arch)
-        .map_err(|e| ExportError::Refused(e.to_string()))?;
+    let vocab = crate::io::gguf_vocab::vocab_metadata(dir, model.vocab_size, arch)?;
     for (k, v) in vocab {
         g.set(&k, v);
     }
     g.tensors = tensors(model, weights, &stored)?;
     let bytes = g.to_bytes();
     let parsed = Gguf::from_bytes(&format!("{} as GGUF", dir.display()), bytes)?;
-    let theirs = ModelConfig::from_gguf(&parsed)
-        .map_err(|e| ExportError::Refused(format!("{}: llama.cpp's reading of its GGUF fails: {e}", dir.display())))?;
+    let theirs =
+        ModelConfig::from_gguf(&parsed).map_err(|source| ExportError::Reread { dir: dir.to_path_buf(), source })?;
     let differ = differences(model, &theirs);
     if !differ.is_empty() {
         return Err(ExportError::Refused(format!(
@@ -122,15 +121,14 @@ fn file_type(types: impl Iterator<Item = GgmlType>) -> u32 {
 /// GGUF type that keeps it exactly.
 fn stored_types(dir: &Path) -> Result<BTreeMap<String, GgmlType>> {
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| ExportError::Refused(format!("{}: {e}", dir.display())))?
+        .map_err(|source| ExportError::Io { path: dir.to_path_buf(), source })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     files.sort();
     let mut out = BTreeMap::new();
     for f in files {
-        let bad = |m: String| ExportError::Refused(format!("{}: {m}", f.display()));
-        let header = read_header(&f).map_err(bad)?;
+        let header = read_header(&f)?;
         for (name, info) in header.as_object().into_iter().flatten() {
             let ty = match info["dtype"].as_str() {
                 Some("F16") => GgmlType::F16,
@@ -144,18 +142,22 @@ fn stored_types(dir: &Path) -> Result<BTreeMap<String, GgmlType>> {
 }
 
 /// A safetensors file's JSON header (8 bytes of length, then the JSON).
-fn read_header(path: &Path) -> std::result::Result<serde_json::Value, String> {
+fn read_header(path: &Path) -> Result<serde_json::Value> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let io = |source| ExportError::Io { path: path.to_path_buf(), source };
+    let mut f = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| e.to_string())?;
+    f.read_exact(&mut len).map_err(io)?;
     let len = u64::from_le_bytes(len);
     if len > 100 << 20 {
-        return Err(format!("a safetensors header of {len} bytes: the file is corrupt"));
+        return Err(ExportError::Refused(format!(
+            "{}: a safetensors header of {len} bytes: the file is corrupt",
+            path.display()
+        )));
     }
     let mut text = vec![0u8; len as usize];
-    f.read_exact(&mut text).map_err(|e| e.to_string())?;
-    serde_json::from_slice(&text).map_err(|e| e.to_string())
+    f.read_exact(&mut text).map_err(io)?;
+    serde_json::from_slice(&text).map_err(|source| ExportError::Json { path: path.to_path_buf(), source })
 }
 
 /// Every tensor the converter writes, in the model's own order, in GGUF's layout.
@@ -171,7 +173,7 @@ fn tensors(model: &ModelConfig, w: &Weights, stored: &BTreeMap<String, GgmlType>
         .into_iter()
         .collect();
     for (hf, shape) in expected_tensors(model) {
-        let t = w.get(&hf).map_err(|e| ExportError::Refused(e.to_string()))?;
+        let t = w.get(&hf)?;
         let name = gguf_name(model, &hf)
             .ok_or_else(|| ExportError::Refused(format!("{hf} has no GGUF name in llama.cpp's {:?}", model.family)))?;
         let (mut data, mut shape) = (t.data.clone(), shape);

@@ -75,7 +75,7 @@ pub(super) fn config(g: &Gguf) -> Result<ModelConfig, ModelError> {
             g.tensors.len()
         )));
     }
-    let layers = layers(g, family, num_layers, head_dim).map_err(bad)?;
+    let layers = layers(g, family, num_layers, head_dim)?;
     let cfg = ModelConfig {
         arch: if gpt2 { Arch::Gpt2 } else { Arch::Llama },
         family,
@@ -132,7 +132,8 @@ fn block_of(
 }
 
 /// Each layer's window and rotary embedding.
-fn layers(g: &Gguf, family: Family, n: usize, head_dim: usize) -> Result<Vec<LayerSpec>, String> {
+fn layers(g: &Gguf, family: Family, n: usize, head_dim: usize) -> Result<Vec<LayerSpec>, ModelError> {
+    let bad = |message: String| ModelError::Config { path: g.path.clone(), message };
     let arch = g.metadata.get("general.architecture").and_then(Value::as_str).unwrap_or("");
     let get = |k: &str| g.metadata.get(&format!("{arch}.{k}"));
     let theta = get("rope.freq_base").and_then(Value::as_f64).unwrap_or(10000.0);
@@ -143,22 +144,22 @@ fn layers(g: &Gguf, family: Family, n: usize, head_dim: usize) -> Result<Vec<Lay
             (factor != 1.0).then_some(RopeScaling::Linear { factor })
         }
         Some(t) => {
-            return Err(format!(
+            return Err(bad(format!(
                 "metadata {arch}.rope.scaling.type = {t:?}: only linear scaling is supported; ignoring it would make \
                  every result wrong"
-            ))
+            )))
         }
     };
     // Llama 3's rope scaling arrives as per-frequency divisors in rope_freqs.weight.
     let scaling = match g.tensors.iter().find(|t| t.name == "rope_freqs.weight") {
         Some(info) => {
-            let f = g.tensor_f32(&info.name).map_err(|e| e.to_string())?;
+            let f = g.tensor_f32(&info.name)?;
             if f.len() != head_dim / 2 {
-                return Err(format!(
+                return Err(bad(format!(
                     "rope_freqs.weight has {} values; head_dim {head_dim} needs {}",
                     f.len(),
                     head_dim / 2
-                ));
+                )));
             }
             Some(RopeScaling::Factors(f))
         }

@@ -63,12 +63,13 @@ struct Hf {
 /// Parses the text of a `config.json`; `path` names it in messages.
 pub(super) fn parse(path: &Path, text: &str) -> Result<ModelConfig, ModelError> {
     let bad = |message: String| ModelError::Config { path: path.to_path_buf(), message };
-    let mut c: Hf = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let json = |what: &'static str| move |source| ModelError::ConfigJson { path: path.to_path_buf(), what, source };
+    let mut c: Hf = serde_json::from_str(text).map_err(json(""))?;
     if c.model_type.as_deref() == Some("gemma3") {
         // The multimodal checkpoint: its language model is a gemma3_text one.
         let t = c.text_config.take().ok_or_else(|| bad("model_type \"gemma3\" without a text_config".into()))?;
         let tie = c.tie_word_embeddings;
-        c = serde_json::from_value(t).map_err(|e| bad(format!("text_config: {e}")))?;
+        c = serde_json::from_value(t).map_err(json("text_config: "))?;
         // The tying is the whole model's setting.
         c.tie_word_embeddings = c.tie_word_embeddings.or(tie);
         c.model_type = Some("gemma3_text".into());

@@ -23,10 +23,32 @@ pub enum ModelError {
     },
     #[error("{path}: bad model config: {message}")]
     Config { path: PathBuf, message: String },
+    /// `config.json` (or a part of it, `what`, such as "text_config: ") is not the JSON expected.
+    #[error("{path}: bad model config: {what}{source}")]
+    ConfigJson {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(transparent)]
     Gguf(#[from] GgufError),
     #[error("{path}: {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    IndexJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: not a valid safetensors file ({source}); it is truncated or corrupt: download or export it again"
+    )]
+    BadSafetensors {
+        path: PathBuf,
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
     #[error("{path}: tensor {name:?} is missing; a {arch:?} model with this config needs it")]
     Missing { path: PathBuf, name: String, arch: Family },
     #[error("{path}: tensor {name:?} has shape {found:?} but the config implies {expected:?}; the config and the weights disagree")]
@@ -38,6 +60,9 @@ pub enum ModelError {
          every result wrong, so the model is not loaded"
     )]
     Unused { path: PathBuf, name: String, arch: Family, hint: String },
+    /// A model a `config.json` cannot describe (written for a GGUF base).
+    #[error("{message}")]
+    Undescribable { message: String },
     #[error("{path}: not a model: expected a .gguf file or a folder with config.json and model.safetensors")]
     NotAModel { path: PathBuf },
 }
@@ -387,8 +412,8 @@ fn load_hf_folder(dir: &Path) -> Result<Weights, ModelError> {
         vec![single]
     } else if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Safetensors { path: index.clone(), message: e.to_string() })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::IndexJson { path: index.clone(), source })?;
         let map = v["weight_map"].as_object().ok_or_else(|| ModelError::Safetensors {
             path: index.clone(),
             message: "no \"weight_map\" object".into(),
@@ -496,10 +521,8 @@ pub fn read_safetensors_bytes(
     out: &mut BTreeMap<String, HostTensor>,
 ) -> Result<(), ModelError> {
     use safetensors::{Dtype, SafeTensors};
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ModelError::Safetensors {
-        path: path.to_path_buf(),
-        message: format!("not a valid safetensors file ({e}); it is truncated or corrupt: download or export it again"),
-    })?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|source| ModelError::BadSafetensors { path: path.to_path_buf(), source })?;
     for (name, view) in st.tensors() {
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {

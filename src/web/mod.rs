@@ -42,8 +42,21 @@ use crate::model::Arch;
 use crate::run::{Plan, RunData, RunDefaults, RunState, DEFAULTS};
 use crate::train::{Batch, TrainConfig, Trainer};
 
-fn err(e: impl std::fmt::Display) -> JsError {
-    JsError::new(&e.to_string())
+/// A Rust error (or a message) as a JavaScript one: its message, then each cause whose text the
+/// message does not already hold, one a line, as the command line prints them.
+fn err<'a>(e: impl Into<Box<dyn std::error::Error + 'a>>) -> JsError {
+    let e = e.into();
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !message.contains(&cause) {
+            message.push_str("\ncaused by: ");
+            message.push_str(&cause);
+        }
+        source = s.source();
+    }
+    JsError::new(&message)
 }
 
 /// What the page asks for (`Engine::start`'s JSON): the command line's settings, by the same

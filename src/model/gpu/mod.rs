@@ -45,6 +45,8 @@ pub enum GpuModelError {
     TooLong { seq: usize, max: usize },
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    #[error(transparent)]
+    Model(#[from] crate::model::weights::ModelError),
 }
 
 pub(crate) type Result<T> = std::result::Result<T, GpuModelError>;

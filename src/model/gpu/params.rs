@@ -299,7 +299,7 @@ fn upload_matrix(
 }
 
 fn upload(ctx: &Context, w: &Weights, name: &str) -> Result<Tensor> {
-    let t = w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+    let t = w.get(name)?;
     Ok(ctx.upload_f32(name, &t.shape, &t.data)?)
 }
 
@@ -363,7 +363,7 @@ impl ParameterTensors {
     pub fn upload_as(ctx: &Context, w: &Weights, table_part_rows: Option<usize>, base: BaseDType) -> Result<Self> {
         let _kind = ctx.alloc_kind("weights");
         let c = &w.config;
-        let get = |name: &str| w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()));
+        let get = |name: &str| w.get(name);
         let table = |name: &str| -> Result<SplitTable> {
             SplitTable::upload_as(ctx, name, get(name)?, w.raw.get(name), table_part_rows, base)
         };
@@ -390,7 +390,7 @@ impl ParameterTensors {
 /// A norm's weight (and a LayerNorm's bias) by module name; Gemma's `1 + w` is stored as such.
 fn upload_norm(ctx: &Context, w: &Weights, module: &str, b: Block) -> Result<Norm> {
     let name = format!("{module}.weight");
-    let t = w.get(&name).map_err(|e| GpuModelError::Unsupported(e.to_string()))?;
+    let t = w.get(&name)?;
     let data: Vec<f32> = if b.norm_plus_one { t.data.iter().map(|v| 1.0 + v).collect() } else { t.data.clone() };
     Ok(Norm {
         w: ctx.upload_f32(&name, &t.shape, &data)?,
@@ -402,7 +402,7 @@ fn upload_norm(ctx: &Context, w: &Weights, module: &str, b: Block) -> Result<Nor
 fn upload_block(ctx: &Context, w: &Weights, i: usize, n: &Names, base: BaseDType) -> Result<BlockParams> {
     let c = &w.config;
     let b = c.block;
-    let get = |name: &str| w.get(name).map_err(|e| GpuModelError::Unsupported(e.to_string()));
+    let get = |name: &str| w.get(name);
     let matrix = |role: &str| -> Result<Tensor> {
         let name = format!("{}.weight", n.of(role));
         upload_matrix(ctx, &name, get(&name)?, w.raw.get(&name), base)
