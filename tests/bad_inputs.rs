@@ -1,7 +1,8 @@
-//! Every bad input of the README's table, fed to the command line as a user would: each must
-//! fail with a message naming the file, tensor, field or value (checked by substrings), never
-//! panic, and leave no output folder behind. `PORTALORA_PRINT_BAD_INPUTS=1` prints the messages
-//! (that is how the README's table was filled in).
+//! Every bad input of the table in docs/TROUBLESHOOTING.md, fed to the command line as a user
+//! would: each must fail with a message naming the file, tensor, field or value (checked by
+//! substrings), never panic, and leave no output folder behind. The table is this test's output:
+//! it fails when the document's rows differ from the messages it got, and
+//! `PORTALORA_WRITE_BAD_INPUTS=1` writes them into the document instead.
 
 mod common;
 
@@ -504,7 +505,7 @@ fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     setup(&dir);
-    let print = std::env::var("PORTALORA_PRINT_BAD_INPUTS").is_ok();
+    let mut rows = vec!["| bad input | message |".to_string(), "|---|---|".to_string()];
     let mut failures = Vec::new();
     for (i, c) in cases().into_iter().enumerate() {
         let out: PathBuf = dir.join(format!("out{i}"));
@@ -519,11 +520,9 @@ fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
             .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
             .collect::<Vec<_>>()
             .join(" ");
-        if print {
-            // Paths under the repository as a user in its root would see them.
-            let msg = msg.replace(concat!(env!("CARGO_MANIFEST_DIR"), "/"), "");
-            println!("| {} | `{}` |", c.name, msg.replace('|', "\\|"));
-        }
+        // Paths under the repository as a user in its root would see them.
+        let msg = msg.replace(concat!(env!("CARGO_MANIFEST_DIR"), "/"), "");
+        rows.push(format!("| {} | `{}` |", c.name, msg.replace('|', "\\|")));
         let mut problems = Vec::new();
         if o.status.success() {
             problems.push("succeeded".to_string());
@@ -545,4 +544,36 @@ fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(failures.is_empty(), "{} bad inputs mishandled:\n{}", failures.len(), failures.join("\n"));
+    check_table(&rows);
+}
+
+/// The table between docs/TROUBLESHOOTING.md's markers equals `rows` (or is rewritten to them
+/// with `PORTALORA_WRITE_BAD_INPUTS=1`).
+fn check_table(rows: &[String]) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/TROUBLESHOOTING.md");
+    let doc = std::fs::read_to_string(&path).unwrap();
+    let begin = doc.find("<!-- bad-inputs:begin").expect("the begin marker");
+    let begin = begin + doc[begin..].find('\n').expect("a line after the marker") + 1;
+    let end = begin + doc[begin..].find("<!-- bad-inputs:end -->").expect("the end marker");
+    let table = rows.join("\n") + "\n";
+    if doc[begin..end] == table {
+        return;
+    }
+    if std::env::var("PORTALORA_WRITE_BAD_INPUTS").is_ok_and(|v| v == "1") {
+        let updated = format!("{}{table}{}", &doc[..begin], &doc[end..]);
+        let tmp = path.with_extension("md.tmp");
+        std::fs::write(&tmp, updated).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        eprintln!("wrote {} rows into {}", rows.len() - 2, path.display());
+        return;
+    }
+    let old: Vec<&str> = doc[begin..end].lines().collect();
+    let first = rows.iter().zip(&old).position(|(a, b)| a != b).unwrap_or(rows.len().min(old.len()));
+    panic!(
+        "{}'s bad-input table differs from the messages (first at row {first}: {:?} vs {:?}); \
+         regenerate it with PORTALORA_WRITE_BAD_INPUTS=1 cargo test --release --test bad_inputs",
+        path.display(),
+        rows.get(first),
+        old.get(first)
+    );
 }

@@ -1,7 +1,5 @@
 //! Progress of a run on the terminal.
 
-use std::io::Write;
-
 use portalora::finetune::Event;
 
 pub(crate) fn mib(b: u64) -> String {
@@ -19,21 +17,47 @@ pub(crate) fn clock(s: f64) -> String {
     }
 }
 
-/// Progress on the terminal: a bar redrawn in place when stdout is a terminal; otherwise a line
-/// every 5% of the run (and for every evaluation and checkpoint).
+/// Progress on the terminal: an indicatif bar (redrawn in place, lines printed above it) when
+/// stdout is a terminal; otherwise a line every 5% of the run (and for every evaluation and
+/// checkpoint), which logs and pipes read well.
 pub(crate) struct Progress {
-    pub(crate) tty: bool,
-    pub(crate) val: Option<f64>,
-    pub(crate) bar_open: bool,
+    /// The bar, on a terminal, once the first step has been reported.
+    bar: Option<indicatif::ProgressBar>,
+    tty: bool,
+    val: Option<f64>,
 }
 
 impl Progress {
+    pub(crate) fn new(tty: bool) -> Self {
+        Progress { bar: None, tty, val: None }
+    }
+
+    /// A line of its own (above the bar on a terminal).
     pub(crate) fn line(&mut self, text: &str) {
-        if self.bar_open {
-            println!();
-            self.bar_open = false;
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
         }
-        println!("{text}");
+    }
+
+    /// The bar for a run of `steps`, made on the first step it shows.
+    fn bar(&mut self, steps: u64) -> &indicatif::ProgressBar {
+        self.bar.get_or_insert_with(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(Some(steps), indicatif::ProgressDrawTarget::stdout());
+            let style = indicatif::ProgressStyle::with_template("[{bar:24}] {wide_msg}")
+                .expect("a fixed template")
+                .progress_chars("#>-");
+            bar.set_style(style);
+            bar
+        })
+    }
+
+    /// Replaces the bar by its last state as a plain line, so that what follows prints below it.
+    pub(crate) fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+            println!("{}", bar.message());
+        }
     }
 
     pub(crate) fn event(&mut self, e: &Event) {
@@ -67,11 +91,9 @@ impl Progress {
                     clock(*eta_s)
                 );
                 if self.tty {
-                    let width = 24;
-                    let done = (stats.step as usize * width / (*steps).max(1) as usize).min(width);
-                    print!("\r[{}{}] {text}\x1b[K", "#".repeat(done), "-".repeat(width - done));
-                    let _ = std::io::stdout().flush();
-                    self.bar_open = true;
+                    let bar = self.bar(*steps);
+                    bar.set_position(stats.step);
+                    bar.set_message(text);
                 } else if stats.step == *steps || stats.step % (steps / 20).max(1) == 0 {
                     self.line(&text);
                 }

@@ -529,9 +529,11 @@ pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
         if resume { format!(" from {}", cfg.out.display()) } else { String::new() },
     );
     let stop = stop_on_ctrl_c();
-    let mut progress = Progress { tty: std::io::stdout().is_terminal(), val: None, bar_open: false };
+    let mut progress = Progress::new(std::io::stdout().is_terminal());
     let opts = RunOptions { resume, overwrite: a.overwrite, stop: Some(&stop) };
-    let summary = finetune::run_with(ctx, &cfg, opts, &mut |e| progress.event(e))?;
+    let summary = finetune::run_with(ctx, &cfg, opts, &mut |e| progress.event(e));
+    progress.finish();
+    let summary = summary?;
     let out = cfg.out.display();
     if summary.trained_steps == 0 && !summary.interrupted {
         progress.line(&format!(
