@@ -20,7 +20,7 @@ MODEL = $(MODEL_$(DEMO_MODEL))
 # The main job: an instruct fine-tune of SmolLM2-135M-Instruct, LoRA r = 8 on every projection,
 # on conversations built from Hamlet (scripts/chat-demo-data: the user gives two speeches of a
 # scene, the assistant answers with the next), rendered with the model's chat template, the loss
-# on the assistant's turns only; on the GPU (Mesa's lavapipe on a machine without one: about ten
+# on the assistant's turns only; on the GPU (Mesa's lavapipe on a machine without one: about six
 # minutes on 2 cores), printing a chat sample and the validation loss before and after, and where
 # the adapter, log and loss curve are. DEMO_MODEL=gemma3-270m (a base model, without a chat
 # template) trains on the play's text instead. The demo's folder is its own: each run replaces it
@@ -48,7 +48,7 @@ demo: setup
 # against PEFT, fine-tuning runs, the browser tests in headless Chromium (wasm-bindgen-test and the
 # demo page end to end), and compile checks of the DX12 (Windows) and Metal (macOS) paths. A
 # missing adapter fails. First the five longest files and functions of src/ (scripts/longest),
-# which fails when one is over the house's limits (600 and 80 lines).
+# which fails when one is over the project's limits (600 and 80 lines; docs/ARCHITECTURE.md).
 test:
 	@scripts/setup --cross --web
 	@scripts/fetch-assets "$(CACHE)"

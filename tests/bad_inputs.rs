@@ -514,15 +514,7 @@ fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
             c.args.iter().map(|a| a.replace("DIR", d).replace("OUT", out.to_str().unwrap())).collect();
         let o = bin().args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr).replace(d, "DIR");
-        let msg = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        // Paths under the repository as a user in its root would see them.
-        let msg = msg.replace(concat!(env!("CARGO_MANIFEST_DIR"), "/"), "");
-        rows.push(format!("| {} | `{}` |", c.name, msg.replace('|', "\\|")));
+        rows.push(table_row(&c, &stderr));
         let mut problems = Vec::new();
         if o.status.success() {
             problems.push("succeeded".to_string());
@@ -545,6 +537,30 @@ fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(failures.is_empty(), "{} bad inputs mishandled:\n{}", failures.len(), failures.join("\n"));
     check_table(&rows);
+}
+
+/// A case's row of the table: its name (with the command where it is not `train`) and the
+/// message as a user in the repository's root reads it, without what differs between machines:
+/// the lines before `error:` (the adapter `bench` reports) and a device's limits.
+fn table_row(c: &Case, stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:"))
+        .collect();
+    let first = lines.iter().position(|l| l.starts_with("error:")).unwrap_or(0);
+    let msg = lines[first..].join(" ").replace(concat!(env!("CARGO_MANIFEST_DIR"), "/"), "");
+    let msg = regex::Regex::new(r"this device's \d+-byte").unwrap().replace_all(&msg, "this device's N-byte");
+    let msg = msg.replace('|', "\\|");
+    // A message holding backticks goes in a double-backtick span.
+    let code = if msg.contains('`') { format!("`` {msg} ``") } else { format!("`{msg}`") };
+    let command = match c.args.first().map(String::as_str) {
+        Some("train") | None => String::new(),
+        Some(cmd) if c.name.contains(&format!("`{cmd}")) => String::new(),
+        Some("bench") => format!("`bench {}`: ", c.args.get(1).map(String::as_str).unwrap_or("")),
+        Some(other) => format!("`{other}`: "),
+    };
+    format!("| {command}{} | {code} |", c.name)
 }
 
 /// The table between docs/TROUBLESHOOTING.md's markers equals `rows` (or is rewritten to them

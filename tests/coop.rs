@@ -174,6 +174,22 @@ fn only_marked_products_take_cooperative_matrices_and_off_turns_them_off() {
     assert!(r.coop_seconds > 0.0 && r.subgroup_seconds > 0.0, "{r:?}");
 }
 
+/// `auto` (the default) races the path against the subgroup kernel once per adapter and takes it
+/// only where it is right and faster: on lavapipe, whose matrix units are its SIMD lanes, it is
+/// about 9× slower, so a marked product stays on the subgroup kernel there.
+#[test]
+fn auto_takes_cooperative_matrices_only_where_they_win() {
+    let Some(ctx) = context(CoopMode::Auto) else { return };
+    let t = |shape: &[usize]| ctx.tensor("t", shape, DType::F32).unwrap();
+    let path = matmul(&ctx, &mut Step::new(), &t(&[16, 32]), &t(&[24, 32]), &t(&[16, 24]), Matmul::nt().coop(true));
+    let r = portalora::ops::matmul::coop::race(&ctx, 512, 576, 576).unwrap();
+    eprintln!("auto took {path:?}; race: {r:?}");
+    assert!(r.max_rel_error < 1e-5 && r.max_rel_error_vs_f32 < 1e-2, "{r:?}");
+    if ctx.info().name.contains("llvmpipe") {
+        assert_eq!(path.unwrap(), MatmulPath::Subgroup, "lavapipe's emulated matrices never win: {r:?}");
+    }
+}
+
 /// `portalora train`'s step on SmolLM2 (its Q4_1 GGUF kept packed, LoRA on all seven
 /// projections): 20 steps with the forward products on cooperative matrices stay within 1e-3
 /// (relative) of the f32 path's losses, step by step.

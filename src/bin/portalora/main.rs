@@ -78,7 +78,8 @@ enum Command {
         /// Rows per forward pass (memory grows with batch × seq).
         #[arg(long, default_value_t = portalora::run::DEFAULTS.batch)]
         batch: usize,
-        /// A PEFT adapter folder (LoRA or VeRA; written by portalora or by PEFT) to evaluate with.
+        /// A PEFT adapter folder (any method; written by portalora or by PEFT) or a GGUF LoRA file
+        /// to evaluate with.
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Print the result as one JSON object on the last line.
@@ -126,7 +127,7 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// A PEFT adapter folder, merged into the weights on the GPU before generating.
+        /// A PEFT adapter folder or a GGUF LoRA file, run beside the base (unmerged).
         #[arg(long)]
         adapter: Option<PathBuf>,
         /// Print special tokens (end of turn, end of text) too.
@@ -137,7 +138,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Fine-tune an adapter (LoRA, LoRA-FA, VeRA, Delta-LoRA or LoRA+) and write it in PEFT's format.
+    /// Fine-tune an adapter (LoRA, LoRA-FA, VeRA, Delta-LoRA, LoRA+ or DoRA) and write it in PEFT's
+    /// format.
     #[command(args_override_self = true)]
     Train(Box<train::TrainArgs>),
     /// Merge an adapter into its base model and write a Hugging Face folder with the base's key
@@ -146,7 +148,7 @@ enum Command {
         /// The base model: a .gguf file or a Hugging Face folder.
         #[arg(long)]
         model: PathBuf,
-        /// A PEFT adapter folder (LoRA or VeRA).
+        /// A PEFT adapter folder (any method) or a GGUF LoRA file.
         #[arg(long)]
         adapter: PathBuf,
         /// The output folder (config.json, model.safetensors, tokenizer files); written whole

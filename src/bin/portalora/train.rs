@@ -185,7 +185,8 @@ pub(crate) struct TrainArgs {
     /// Seed of the adapter's init, the data split and order, and the dropout masks.
     #[arg(long, default_value_t = DEFAULTS.seed as usize, value_parser = parse_count)]
     seed: usize,
-    /// Start from the tensors of this PEFT adapter folder instead of a random init.
+    /// Start from the tensors of this PEFT adapter folder (or GGUF LoRA file) instead of a random
+    /// init.
     #[arg(long)]
     init_adapter: Option<PathBuf>,
     /// Output folder: the adapter in PEFT's format (Delta-LoRA: a merged Hugging Face folder,
@@ -197,8 +198,8 @@ pub(crate) struct TrainArgs {
     #[arg(long)]
     overwrite: bool,
     /// The JSONL log [default: OUT/log.jsonl]: per step {"step": s, "loss": x, "lr": lr, "tokens": n,
-    /// "seconds": t} (x is the step's forward loss before its update), per evaluation
-    /// {"step": s, "val_loss": v}.
+    /// "seconds": t, "grad_norm": g} (x is the step's forward loss before its update, g the global
+    /// gradient norm before clipping), per evaluation {"step": s, "val_loss": v}.
     #[arg(long)]
     log_json: Option<PathBuf>,
 }
