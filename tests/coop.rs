@@ -133,9 +133,18 @@ fn coop_matmul_matches_f64_of_its_f16_operands_at_awkward_shapes() {
         }
     }
     // Packed frozen weights (a GGUF base), dequantized as they are staged.
-    for (ggml, dtype) in [(GgmlType::F16, DType::F16), (GgmlType::Q8_0, DType::Q8_0), (GgmlType::Q4_1, DType::Q4_1)] {
+    let types = [
+        (GgmlType::F16, DType::F16),
+        (GgmlType::Q8_0, DType::Q8_0),
+        (GgmlType::Q4_1, DType::Q4_1),
+        (GgmlType::Q5_0, DType::Q5_0),
+        (GgmlType::Q4_K, DType::Q4_K),
+        (GgmlType::Q6_K, DType::Q6_K),
+    ];
+    for (ggml, dtype) in types {
         for &m in &[3usize, 37] {
-            let (rows, cols) = (44usize, 96usize);
+            // Super-blocks of 256 for the K-quants, blocks of 32 otherwise.
+            let (rows, cols) = (44usize, if dtype.block() == 256 { 512 } else { 96 });
             let raw = quantize(ggml, &rng.vec(rows * cols));
             let deq = dequantize(ggml, &raw);
             let b = ctx.upload_packed("W", dtype, &[rows, cols], &pack(ggml, &raw)).unwrap();
