@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::context::Context;
 use super::kernel::{Arg, CachedPipeline, KernelSpec};
+use super::tensor::{GpuMemory, Tensor};
 use super::{GpuError, Result};
 
 struct Dispatch {
@@ -17,6 +18,10 @@ struct Dispatch {
     accesses: Vec<Access>,
     /// The compiled pipeline and bound buffers (`None` in a trace).
     gpu: Option<(Arc<CachedPipeline>, wgpu::BindGroup)>,
+    /// The memory of the tensors it binds, held as long as the dispatch can run: the bind group
+    /// alone would keep the buffers, but not their place in the memory count nor their identity
+    /// (a dropped tensor's key could come back for a new one, confusing the lifetimes checker).
+    _memory: Vec<Arc<GpuMemory>>,
     groups: [u32; 3],
 }
 
@@ -89,13 +94,17 @@ impl Context {
         if groups.iter().any(|&g| g > limit) {
             return Err(GpuError::DispatchTooLarge { label: spec.label(), groups, limit });
         }
-        let accesses = args
+        let bound: Vec<(&Tensor, bool)> = args
             .iter()
             .filter_map(|a| match a {
-                Arg::Read(t) => Some((t, false)),
-                Arg::Write(t) => Some((t, true)),
+                Arg::Read(t) => Some((*t, false)),
+                Arg::Write(t) => Some((*t, true)),
                 Arg::Uniform(_) => None,
             })
+            .collect();
+        let memory = bound.iter().filter_map(|(t, _)| t.memory()).collect();
+        let accesses = bound
+            .into_iter()
             .map(|(t, write)| Access {
                 memory: t.memory_key(),
                 start: t.byte_offset(),
@@ -112,7 +121,7 @@ impl Context {
             let bind_group = self.bind_group(spec, &pipeline.layout, args)?;
             Some((pipeline, bind_group))
         };
-        step.dispatches.push(Dispatch { label: spec.label(), accesses, gpu, groups });
+        step.dispatches.push(Dispatch { label: spec.label(), accesses, gpu, _memory: memory, groups });
         Ok(())
     }
 

@@ -95,7 +95,7 @@ impl DType {
 }
 
 /// A GPU buffer, counted in its context's live bytes while it exists.
-struct GpuMemory {
+pub(super) struct GpuMemory {
     buffer: wgpu::Buffer,
     _ticket: super::context::AllocTicket,
 }
@@ -209,6 +209,15 @@ impl Tensor {
                 op: "bind",
                 message: format!("tensor {:?} stands in for a memory plan's trace and has no memory", self.label),
             }),
+        }
+    }
+    /// The memory behind this tensor (none for a stand-in): a recorded step holds it, so that
+    /// the memory stays counted and its identity ([`Tensor::memory_key`]) is not reused while a
+    /// step can still run on it.
+    pub(super) fn memory(&self) -> Option<Arc<GpuMemory>> {
+        match &self.backing {
+            Backing::Gpu(m) => Some(m.clone()),
+            Backing::StandIn(_) => None,
         }
     }
     /// The buffer's identity (stand-ins have their own, with the top bit set).

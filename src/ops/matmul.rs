@@ -315,6 +315,23 @@ pub fn matmul_with_tile(
 
 const OP: &str = "matmul";
 
+/// Median seconds of one run of `step`, after an untimed first run: five timings of four runs
+/// each (the autotunes time their candidates with it).
+#[cfg(not(target_arch = "wasm32"))]
+fn median_seconds(ctx: &Context, step: &Step) -> Result<f64> {
+    ctx.run(step)?;
+    ctx.wait_idle()?;
+    let mut times = Vec::with_capacity(5);
+    for _ in 0..5 {
+        let t0 = std::time::Instant::now();
+        ctx.run_repeated(step, 4)?;
+        ctx.wait_idle()?;
+        times.push(t0.elapsed().as_secs_f64() / 4.0);
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    Ok(times[2])
+}
+
 #[path = "matmul_coop.rs"]
 pub mod coop;
 #[path = "matmul_subgroup.rs"]

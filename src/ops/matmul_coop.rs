@@ -223,17 +223,7 @@ pub fn race(ctx: &Context, m: usize, n: usize, k: usize) -> Result<CoopRace> {
     let mut seconds = [0.0; 2];
     for (i, step) in steps.iter().enumerate() {
         ctx.fill_f32(&outs[i], f32::NAN)?;
-        ctx.run(step)?;
-        ctx.wait_idle()?;
-        let mut times = Vec::new();
-        for _ in 0..5 {
-            let t0 = std::time::Instant::now();
-            ctx.run_repeated(step, 4)?;
-            ctx.wait_idle()?;
-            times.push(t0.elapsed().as_secs_f64() / 4.0);
-        }
-        times.sort_by(|x, y| x.total_cmp(y));
-        seconds[i] = times[2];
+        seconds[i] = super::median_seconds(ctx, step)?;
     }
     let (got, f32_path) = (ctx.read_f32(&outs[0])?, ctx.read_f32(&outs[1])?);
     let round = |v: &[f32]| -> Vec<f64> { v.iter().map(|&x| f16_to_f32(f32_to_f16(x)) as f64).collect() };

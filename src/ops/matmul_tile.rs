@@ -132,18 +132,7 @@ fn autotune(ctx: &Context, s: u32) -> Option<Tile> {
         let args = [Arg::Uniform(uniform(OP, &params).ok()?), Arg::Read(&a), Arg::Read(&b), Arg::Write(&c)];
         let mut step = Step::new();
         ctx.record(&mut step, &spec, &args, groups).ok()?;
-        ctx.run(&step).ok()?;
-        ctx.wait_idle().ok()?;
-        let mut times: Vec<f64> = (0..5)
-            .filter_map(|_| {
-                let t0 = std::time::Instant::now();
-                ctx.run_repeated(&step, 4).ok()?;
-                ctx.wait_idle().ok()?;
-                Some(t0.elapsed().as_secs_f64())
-            })
-            .collect();
-        times.sort_by(|x, y| x.total_cmp(y));
-        times_of.push((*times.get(times.len() / 2)?, tile));
+        times_of.push((super::median_seconds(ctx, &step).ok()?, tile));
     }
     // Timings on a shared machine are noisy: another tile must beat the default by 5%.
     let (default_t, default_tile) = *times_of.first()?;

@@ -72,8 +72,7 @@ impl Trainer {
         // With accumulation the optimizer reads the summed gradients.
         let grads: Vec<&Tensor> = params.iter().map(|p| p.acc.as_ref().unwrap_or(&p.grad)).collect();
         let (acc_first, acc_add) = accumulation_steps(ctx, &params)?;
-        let partials = ctx.tensor("grad_norm_partials", &[grad_norm_partials(&grads)], DType::F32)?;
-        let update = update_step(ctx, adapter, config, &groups, &params, &grads, &partials, &clip)?;
+        let update = update_step(ctx, adapter, config, &groups, &params, &grads, &clip)?;
         let mut after = Step::new();
         let has_after = adapter.after_update(ctx, &mut after, &model.site_weights()?)?;
         let (losses, loss_copy, clip_copy) = loss_ring(ctx, &model, config, &clip)?;
@@ -84,7 +83,6 @@ impl Trainer {
             params,
             groups,
             clip,
-            _partials: partials,
             update,
             after: if has_after { Some(after) } else { None },
             acc_first,
@@ -157,9 +155,8 @@ fn accumulation_steps(ctx: &Context, params: &[ParamState]) -> Result<(Step, Ste
     Ok((acc_first, acc_add))
 }
 
-/// The update step: global gradient-norm clipping of `grads` into `clip` (by way of
-/// `partials`), the adapter's before-update hooks, then the optimizer on every group.
-#[allow(clippy::too_many_arguments)]
+/// The update step: global gradient-norm clipping of `grads` into `clip`, the adapter's
+/// before-update hooks, then the optimizer on every group.
 fn update_step(
     ctx: &Context,
     adapter: &dyn Adapter,
@@ -167,11 +164,12 @@ fn update_step(
     groups: &[Group],
     params: &[ParamState],
     grads: &[&Tensor],
-    partials: &Tensor,
     clip: &Tensor,
 ) -> Result<Step> {
+    // The step holds the partial sums' memory as long as it lives (see `Step::record`).
+    let partials = ctx.tensor("grad_norm_partials", &[grad_norm_partials(grads)], DType::F32)?;
     let mut update = Step::new();
-    grad_norm_clip(ctx, &mut update, grads, partials, config.max_grad_norm as f32, clip)?;
+    grad_norm_clip(ctx, &mut update, grads, &partials, config.max_grad_norm as f32, clip)?;
     adapter.before_update(ctx, &mut update)?;
     // One group's tensors share their step values: as few dispatches as the bindings allow.
     for (g, group) in groups.iter().enumerate() {

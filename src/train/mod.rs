@@ -64,13 +64,9 @@ pub struct Trainer {
     pub params: Vec<ParamState>,
     groups: Vec<Group>,
     pub clip: Tensor, // (3,) [scale, norm, first non-finite partial sum or −1]
-    /// The gradient norm's partial sums, which `update` writes and reads. A recorded step's bind
-    /// groups keep the buffer, but not its place in the memory count or its identity
-    /// (`Tensor::memory_key`, which the lifetimes checker compares): the tensor lives here.
-    _partials: Tensor,
-    update: Step,    // clipping, before-update hooks, optimizer
-    acc_first: Step, // acc = grad (gradient accumulation)
-    acc_add: Step,   // acc += grad
+    update: Step,     // clipping, before-update hooks, optimizer
+    acc_first: Step,  // acc = grad (gradient accumulation)
+    acc_add: Step,    // acc += grad
     /// (R, K + 3) per step in flight: each micro-batch's loss sum, copied into (r, i) by
     /// `loss_copy[r·K + i]`, then the step's `clip` (scale, gradient norm, first non-finite
     /// gradient partial or -1) copied by `clip_copy[r]`; up to R = `loss_every` steps in flight,
