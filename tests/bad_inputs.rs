@@ -40,6 +40,8 @@ struct Case {
     /// that must not exist afterwards.
     args: Vec<String>,
     want: Vec<&'static str>,
+    /// Environment variables set for the command.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 fn setup(dir: &Path) {
@@ -197,7 +199,12 @@ fn setup_export(dir: &Path) {
 
 /// `portalora export`'s refusals.
 fn export_cases(gpt2: &str) -> Vec<Case> {
-    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case {
+        name,
+        args,
+        want: want.to_vec(),
+        env: vec![],
+    };
     let export = |rest: &str| -> Vec<String> {
         format!("export --model {gpt2} {rest}").split(' ').map(str::to_string).collect()
     };
@@ -256,7 +263,12 @@ fn setup_chat(dir: &Path) {
 }
 
 fn chat_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, gpt2: &str) -> Vec<Case> {
-    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case {
+        name,
+        args,
+        want: want.to_vec(),
+        env: vec![],
+    };
     let tmpl = ["--chat-template", "DIR/chatml.jinja"];
     vec![
         c(
@@ -311,7 +323,12 @@ fn cases() -> Vec<Case> {
         v
     };
     let tiny_gpt2 = fixture("tiny_gpt2").to_str().unwrap().to_string();
-    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case {
+        name,
+        args,
+        want: want.to_vec(),
+        env: vec![],
+    };
     vec![
         c("truncated safetensors", t("DIR/truncated", &[]), &["DIR/truncated/model.safetensors"]),
         c("safetensors header longer than the file", t("DIR/lying_header", &[]), &["lying_header/model.safetensors"]),
@@ -384,7 +401,12 @@ fn cases() -> Vec<Case> {
 
 /// Inputs that were once run silently wrong or that clobbered work.
 fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &str) -> Vec<Case> {
-    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case { name, args, want: want.to_vec() };
+    let c = |name: &'static str, args: Vec<String>, want: &[&'static str]| Case {
+        name,
+        args,
+        want: want.to_vec(),
+        env: vec![],
+    };
     let words = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<String>>();
     let eval_ids =
         |model: &str, adapter: &str| words(&format!("eval --model {model} --ids DIR/ids_ok.json --adapter {adapter}"));
@@ -493,6 +515,12 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             eval_ids(llama, "DIR/unknown_option"),
             &["wavelet_config", "does not know"],
         ),
+        Case {
+            name: "an unknown PORTALORA_COOP",
+            args: t(llama, &[]),
+            want: vec!["PORTALORA_COOP=\"maybe\"", "auto, on or off"],
+            env: vec![("PORTALORA_COOP", "maybe")],
+        },
     ]
 }
 
@@ -512,7 +540,7 @@ fn every_bad_input_gets_a_clear_message_and_leaves_nothing() {
         let d = dir.to_str().unwrap();
         let args: Vec<String> =
             c.args.iter().map(|a| a.replace("DIR", d).replace("OUT", out.to_str().unwrap())).collect();
-        let o = bin().args(&args).output().unwrap();
+        let o = bin().args(&args).envs(c.env.iter().copied()).output().unwrap();
         let stderr = String::from_utf8_lossy(&o.stderr).replace(d, "DIR");
         rows.push(table_row(&c, &stderr));
         let mut problems = Vec::new();

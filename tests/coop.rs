@@ -22,8 +22,9 @@ use portalora::train::{TrainConfig, Trainer};
 /// `PORTALORA_REQUIRE_COOP=1`) where `on` finds no usable cooperative matrices.
 fn context(mode: CoopMode) -> Option<Context> {
     common::context()?;
-    let ctx = pollster::block_on(Context::with_options(ContextOptions { coop: mode, ..ContextOptions::from_env() }))
-        .expect("a context opened just before");
+    let ctx =
+        pollster::block_on(Context::with_options(ContextOptions { coop: mode, ..ContextOptions::from_env().unwrap() }))
+            .expect("a context opened just before");
     if mode != CoopMode::Off && ctx.features().coop_size.is_none() {
         let offered = &ctx.info().cooperative_matrices;
         if std::env::var("PORTALORA_REQUIRE_COOP").is_ok_and(|v| v == "1") {

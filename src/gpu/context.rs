@@ -54,7 +54,10 @@ impl CoopMode {
 }
 
 impl ContextOptions {
-    pub fn from_env() -> Self {
+    /// The options from `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `PORTALORA_NO_SUBGROUPS` and
+    /// `PORTALORA_COOP` (none in a browser); a `PORTALORA_COOP` other than auto, on or off is
+    /// an error rather than read as a default.
+    pub fn from_env() -> Result<Self> {
         let var = |name: &str| {
             #[cfg(not(target_arch = "wasm32"))]
             {
@@ -66,13 +69,20 @@ impl ContextOptions {
                 None::<String>
             }
         };
-        ContextOptions {
+        let coop = match var("PORTALORA_COOP") {
+            None => CoopMode::default(),
+            Some(value) => CoopMode::parse(&value).ok_or(GpuError::BadEnv {
+                name: "PORTALORA_COOP",
+                value,
+                expected: "auto, on or off",
+            })?,
+        };
+        Ok(ContextOptions {
             backends: var("WGPU_BACKEND"),
             adapter_name: var("WGPU_ADAPTER_NAME"),
             disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
-            // An unknown value reads as `auto`; the command line refuses it first (its `run`).
-            coop: var("PORTALORA_COOP").and_then(|v| CoopMode::parse(&v)).unwrap_or_default(),
-        }
+            coop,
+        })
     }
 }
 
@@ -217,7 +227,7 @@ impl Context {
     /// Opens the best adapter, honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`,
     /// `PORTALORA_NO_SUBGROUPS` and `PORTALORA_COOP` ([`ContextOptions::from_env`]).
     pub async fn new() -> Result<Self> {
-        Self::with_options(ContextOptions::from_env()).await
+        Self::with_options(ContextOptions::from_env()?).await
     }
 
     pub async fn with_options(opts: ContextOptions) -> Result<Self> {

@@ -46,6 +46,8 @@ pub enum GpuError {
         #[source]
         source: wgpu::RequestAdapterError,
     },
+    #[error("{name}={value:?}: use {expected}")]
+    BadEnv { name: &'static str, value: String, expected: &'static str },
     #[error("WGPU_ADAPTER_NAME={wanted:?} matches no adapter; available: {available}")]
     AdapterNameNotFound { wanted: String, available: String },
     #[error("could not open a device on adapter {adapter:?}")]

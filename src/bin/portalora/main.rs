@@ -432,14 +432,9 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// The GPU context's options from the environment, refusing a PORTALORA_COOP it does not know.
+/// The GPU context's options from the environment (an unknown PORTALORA_COOP is an error).
 fn context_options(command: &Command) -> Result<portalora::gpu::ContextOptions, Box<dyn std::error::Error>> {
-    let mut opts = portalora::gpu::ContextOptions::from_env();
-    if let Some(v) = std::env::var("PORTALORA_COOP").ok().filter(|v| !v.is_empty()) {
-        if portalora::gpu::CoopMode::parse(&v).is_none() {
-            return Err(format!("PORTALORA_COOP={v:?}: use auto, on or off").into());
-        }
-    }
+    let mut opts = portalora::gpu::ContextOptions::from_env()?;
     // The cooperative-matrix benchmark runs the path whatever the autotune would say.
     if matches!(command, Command::Bench { what: BenchWhat::Coop { .. } }) && opts.coop != CoopMode::Off {
         opts.coop = CoopMode::On;
