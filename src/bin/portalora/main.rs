@@ -182,7 +182,8 @@ enum BenchWhat {
         /// Seconds each repeat should last (more copies of the kernel per submission).
         #[arg(long, default_value_t = 0.3)]
         seconds: f64,
-        /// Only these shapes, as MxKxN with an optional op suffix: 2048x768x768,768x2048x768tn
+        /// Only these shapes, as MxKxN with an optional nn/nt/tn/tt suffix (A and B transposed or
+        /// not), e.g. 2048x768x768,768x2048x768tn
         #[arg(long, value_delimiter = ',')]
         shapes: Vec<String>,
     },
