@@ -521,6 +521,18 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             want: vec!["PORTALORA_COOP=\"maybe\"", "auto, on or off"],
             env: vec![("PORTALORA_COOP", "maybe")],
         },
+        Case {
+            name: "a PORTALORA_MATMUL_TILE the kernel cannot take",
+            args: t(llama, &[]),
+            want: vec!["PORTALORA_MATMUL_TILE=\"30x1\"", "multiple of 4"],
+            env: vec![("PORTALORA_MATMUL_TILE", "30x1")],
+        },
+        Case {
+            name: "an unknown PORTALORA_ATTENTION",
+            args: t(llama, &[]),
+            want: vec!["PORTALORA_ATTENTION=\"flash\"", "fused or auto"],
+            env: vec![("PORTALORA_ATTENTION", "flash")],
+        },
     ]
 }
 

@@ -411,6 +411,15 @@ fn adapter_selection_errors_are_clear() {
     let opts = ContextOptions { disable_subgroups: true, ..ContextOptions::default() };
     let plain = pollster::block_on(Context::with_options(opts)).unwrap();
     assert!(!plain.features().subgroups && plain.subgroup_size().is_none());
+    // A forced tile (PORTALORA_MATMUL_TILE) is the one every product takes, and no timing runs.
+    if let Some(s) = ctx.subgroup_size() {
+        let opts = ContextOptions { matmul_tile: Some((12, 3)), ..ContextOptions::default() };
+        let forced = pollster::block_on(Context::with_options(opts)).unwrap();
+        assert_eq!(tuned_tile(&forced, s), Tile { tm: 12, tnv: 3 });
+        let untimed = ContextOptions { no_autotune: true, ..ContextOptions::default() };
+        let untimed = pollster::block_on(Context::with_options(untimed)).unwrap();
+        assert_eq!(tuned_tile(&untimed, s), tile_candidates(s)[0]);
+    }
 }
 
 #[cfg(target_os = "linux")]

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::kernel::PipelineCache;
+use super::options::{ContextOptions, CoopMode};
 use super::{GpuError, Result};
 
 /// What the user can do when no adapter is found. Kept in one place so the CLI, the tests and
@@ -11,80 +12,6 @@ use super::{GpuError, Result};
 const NO_ADAPTER_HINT: &str = "Install a GPU driver with Vulkan, Metal or DX12 support. On Linux \
 without a GPU, Mesa's CPU Vulkan driver works: `sudo apt-get install mesa-vulkan-drivers \
 libvulkan1` (or run `scripts/setup`).";
-
-/// How to pick the adapter. [`ContextOptions::from_env`] reads the usual wgpu variables.
-#[derive(Clone, Debug, Default)]
-pub struct ContextOptions {
-    /// Comma-separated backend names (`vulkan`, `metal`, `dx12`, `gl`, `webgpu`), as in
-    /// `WGPU_BACKEND`. `None` lets wgpu try every backend compiled in.
-    pub backends: Option<String>,
-    /// A case-insensitive substring of the adapter name, as in `WGPU_ADAPTER_NAME`.
-    pub adapter_name: Option<String>,
-    /// Pretend the adapter has no subgroup operations (selects the portable kernels).
-    /// Also set by `PORTALORA_NO_SUBGROUPS=1`.
-    pub disable_subgroups: bool,
-    /// Whether products may run on cooperative matrices (tensor cores, simdgroup matrices) where
-    /// the adapter offers them through wgpu's experimental feature: `PORTALORA_COOP`.
-    pub coop: CoopMode,
-}
-
-/// The cooperative-matrix matmul path's switch (`PORTALORA_COOP=auto|on|off`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum CoopMode {
-    /// Open the device with cooperative matrices where offered; products take them where the
-    /// autotune found them correct and faster than the subgroup kernel on this adapter.
-    #[default]
-    Auto,
-    /// Where offered, every product that fits takes them (tests, benchmarks).
-    On,
-    /// Never: the device is opened without wgpu's experimental features.
-    Off,
-}
-
-impl CoopMode {
-    /// Parses `auto`, `on` or `off` (also `1` / `0`).
-    pub fn parse(v: &str) -> Option<CoopMode> {
-        match v.trim().to_ascii_lowercase().as_str() {
-            "auto" => Some(CoopMode::Auto),
-            "on" | "1" => Some(CoopMode::On),
-            "off" | "0" => Some(CoopMode::Off),
-            _ => None,
-        }
-    }
-}
-
-impl ContextOptions {
-    /// The options from `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`, `PORTALORA_NO_SUBGROUPS` and
-    /// `PORTALORA_COOP` (none in a browser); a `PORTALORA_COOP` other than auto, on or off is
-    /// an error rather than read as a default.
-    pub fn from_env() -> Result<Self> {
-        let var = |name: &str| {
-            #[cfg(not(target_arch = "wasm32"))]
-            {
-                std::env::var(name).ok().filter(|v| !v.is_empty())
-            }
-            #[cfg(target_arch = "wasm32")]
-            {
-                let _ = name;
-                None::<String>
-            }
-        };
-        let coop = match var("PORTALORA_COOP") {
-            None => CoopMode::default(),
-            Some(value) => CoopMode::parse(&value).ok_or(GpuError::BadEnv {
-                name: "PORTALORA_COOP",
-                value,
-                expected: "auto, on or off",
-            })?,
-        };
-        Ok(ContextOptions {
-            backends: var("WGPU_BACKEND"),
-            adapter_name: var("WGPU_ADAPTER_NAME"),
-            disable_subgroups: var("PORTALORA_NO_SUBGROUPS").is_some_and(|v| v != "0"),
-            coop,
-        })
-    }
-}
 
 /// The adapter as a user would describe it.
 #[derive(Clone, Debug)]
@@ -164,6 +91,8 @@ pub struct Context {
     alloc: Arc<Mutex<AllocStats>>,
     /// Set by wgpu's device-lost callback (driver reset, GPU removed, `destroy`).
     lost: Arc<Mutex<Option<String>>>,
+    /// What the device was opened with, and the kernels' tuning settings.
+    options: ContextOptions,
     /// What the recorded steps submitted so far encoded (benchmarks read the difference).
     pub(super) submitted: Mutex<SubmitStats>,
 }
@@ -224,8 +153,7 @@ fn backend_label(backends: &Option<String>) -> String {
 }
 
 impl Context {
-    /// Opens the best adapter, honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`,
-    /// `PORTALORA_NO_SUBGROUPS` and `PORTALORA_COOP` ([`ContextOptions::from_env`]).
+    /// Opens the best adapter as the environment says ([`ContextOptions::from_env`]).
     pub async fn new() -> Result<Self> {
         Self::with_options(ContextOptions::from_env()?).await
     }
@@ -293,6 +221,7 @@ impl Context {
             alloc: Arc::new(Mutex::new(AllocStats { kind: "other", bytes: Default::default() })),
             submitted: Mutex::default(),
             lost,
+            options: opts,
         })
     }
 
@@ -343,6 +272,10 @@ impl Context {
     }
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+    /// The options the context was opened with (the kernels' tuning settings among them).
+    pub fn options(&self) -> &ContextOptions {
+        &self.options
     }
 
     /// The subgroup size the subgroup kernels are generated for: the smallest the adapter may

@@ -16,14 +16,16 @@
 mod context;
 mod kernel;
 pub mod layout;
+mod options;
 pub mod plan;
 mod step;
 mod tensor;
 #[cfg(not(target_arch = "wasm32"))]
 mod tuned;
 
-pub use context::{AllocKind, Context, ContextOptions, CoopMode, DeviceInfo, Features, Limits, SubmitStats};
+pub use context::{AllocKind, Context, DeviceInfo, Features, Limits, SubmitStats};
 pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
+pub use options::{ContextOptions, CoopMode};
 
 /// The WGSL files, one per kernel family.
 pub mod kernel_sources {

@@ -165,7 +165,7 @@ fn wins(ctx: &Context, t: u32) -> bool {
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
-        if std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0") {
+        if ctx.options().no_autotune {
             return false;
         }
         let version = super::tile::fnv1a(&format!("{}{:?}", kernel_sources::MATMUL_COOP.wgsl, tile(t)));

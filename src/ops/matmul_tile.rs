@@ -38,7 +38,7 @@ fn candidates(s: u32) -> Vec<Tile> {
 /// only, never results. `PORTALORA_MATMUL_TILE=TMxTNV` forces a tile; `PORTALORA_AUTOTUNE=0`
 /// (and the browser, which cannot wait for the GPU) keeps the default.
 pub fn tuned_tile(ctx: &Context, s: u32) -> Tile {
-    if let Some(t) = untuned_tile(s) {
+    if let Some(t) = untuned_tile(ctx, s) {
         return t;
     }
     // The key names what was timed (the kernel's source and the candidates), so that results
@@ -65,7 +65,7 @@ const BIG_GRID: u32 = 300;
 /// (`PORTALORA_MATMUL_TILE`) is kept as it is.
 pub(super) fn tile_for(ctx: &Context, s: u32, p: &Params) -> Tile {
     let tuned = tuned_tile(ctx, s);
-    match untuned_tile(s) {
+    match untuned_tile(ctx, s) {
         Some(_) => tuned,
         None => big_grid_tile(s, tuned, p.m, p.n, p.batch),
     }
@@ -91,24 +91,14 @@ pub(super) fn fnv1a(s: &str) -> u64 {
 }
 
 /// The tile when nothing is timed: browsers (which cannot wait for the GPU), a tile forced by
-/// `PORTALORA_MATMUL_TILE`, or `PORTALORA_AUTOTUNE=0`. Neither setting is cached.
-#[cfg(target_arch = "wasm32")]
-fn untuned_tile(s: u32) -> Option<Tile> {
-    Some(candidates(s)[0])
-}
-
-#[cfg(not(target_arch = "wasm32"))]
-fn untuned_tile(s: u32) -> Option<Tile> {
-    if let Ok(v) = std::env::var("PORTALORA_MATMUL_TILE") {
-        let parsed = v
-            .split_once('x')
-            .and_then(|(tm, tnv)| Some(Tile { tm: tm.trim().parse().ok()?, tnv: tnv.trim().parse().ok()? }));
-        return Some(match parsed {
-            Some(t) if t.tm.is_multiple_of(4) && t.tm > 0 && (1..=4).contains(&t.tnv) => t,
-            _ => candidates(s)[0],
-        });
+/// `PORTALORA_MATMUL_TILE`, or `PORTALORA_AUTOTUNE=0` ([`ContextOptions`](crate::gpu::ContextOptions)).
+/// Neither setting is cached.
+fn untuned_tile(ctx: &Context, s: u32) -> Option<Tile> {
+    let opts = ctx.options();
+    if let Some((tm, tnv)) = opts.matmul_tile {
+        return Some(Tile { tm, tnv });
     }
-    std::env::var("PORTALORA_AUTOTUNE").is_ok_and(|v| v == "0").then(|| candidates(s)[0])
+    (cfg!(target_arch = "wasm32") || opts.no_autotune).then(|| candidates(s)[0])
 }
 
 #[cfg(target_arch = "wasm32")]

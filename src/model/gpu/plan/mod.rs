@@ -129,7 +129,7 @@ pub(super) fn layout(
     // Attention as batched matrix products where its score matrices fit 32 MiB (the fused
     // kernels otherwise; PORTALORA_ATTENTION=fused forces them, for comparisons).
     let shape = c.attention_shape(0, batch, seq, 0);
-    let fused = std::env::var("PORTALORA_ATTENTION").is_ok_and(|v| v == "fused");
+    let fused = ctx.options().fused_attention;
     let attn = (!fused && shape.fits_matmul_path(ctx, ATTENTION_SCORES_BYTES)).then(|| {
         let (hm, ss) = (shape.head_major_shape(), shape.scores_shape());
         let names = ["attention q (head-major)", "attention k (head-major)", "attention v (head-major)"];
