@@ -98,6 +98,8 @@ fn setup(dir: &Path) {
     std::fs::write(dir.join("latin1.txt"), b"caf\xe9 au lait\n".repeat(10)).unwrap();
     std::fs::write(dir.join("missing.jsonl"), "{\"text\": \"fine\"}\n{\"prompt\": \"no completion\"}\n").unwrap();
     std::fs::write(dir.join("ids_vocab.json"), "{\"input_ids\": [[1, 2, 3, 99999]]}").unwrap();
+    std::fs::write(dir.join("ids_labels.json"), "{\"input_ids\": [[1, 2, 3, 4]], \"labels\": [[-100, 2, 3, 4]]}")
+        .unwrap();
     std::fs::write(dir.join("ids_ok.json"), "{\"input_ids\": [[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]]}")
         .unwrap();
     std::fs::write(dir.join("text.txt"), "To be, or not to be, that is the question.\n".repeat(50)).unwrap();
@@ -115,6 +117,9 @@ fn setup(dir: &Path) {
     let h = serde_json::to_string(&renamed).unwrap();
     std::fs::write(adir.join("adapter_model.safetensors"), safetensors(&h, &st[8 + n..], None)).unwrap();
     std::fs::write(adir.join("adapter_config.json"), cfg).unwrap();
+    // Config files: a misspelled switch set to false, a value given as a boolean.
+    std::fs::write(dir.join("misspelled.toml"), "no_shufle = false\n").unwrap();
+    std::fs::write(dir.join("bool_value.toml"), "lr = false\n").unwrap();
     setup_semantics(dir);
 }
 
@@ -171,6 +176,7 @@ fn setup_semantics(dir: &Path) {
     adapter_with_config(dir, lora, "dora", |c| c["use_dora"] = true.into());
     adapter_with_config(dir, lora, "modules_to_save", |c| c["modules_to_save"] = serde_json::json!(["lm_head"]));
     adapter_with_config(dir, lora, "unknown_option", |c| c["wavelet_config"] = serde_json::json!({"levels": 2}));
+    adapter_with_config(dir, lora, "pissa", |c| c["init_lora_weights"] = serde_json::json!("pissa_niter_4"));
     // Data in a .json file, and prompt/completion JSONL for eval.
     std::fs::write(dir.join("array.json"), r#"[{"text": "To be"}, {"text": "or not"}]"#).unwrap();
     // A finished run (2 steps, a checkpoint at the last) to resume.
@@ -184,8 +190,8 @@ fn setup_semantics(dir: &Path) {
     setup_export(dir);
 }
 
-/// What `export` refuses (issue 18): a Delta-LoRA run's adapter (its run.json says so), a file
-/// that exists, an adapter file that is not GGUF.
+/// What `export` refuses (issue 18): a Delta-LoRA run's adapter (its run.json says so; eval and
+/// train refuse it too), a file that exists, an adapter file that is not GGUF.
 fn setup_export(dir: &Path) {
     let delta = dir.join("delta_run/adapter");
     std::fs::create_dir_all(&delta).unwrap();
@@ -213,6 +219,24 @@ fn export_cases(gpt2: &str) -> Vec<Case> {
             "a Delta-LoRA adapter exported as a LoRA file",
             export("--adapter DIR/delta_run/adapter --out OUT --as lora"),
             &["Delta-LoRA adapter", "moved the base weights", "--as merged"],
+        ),
+        c(
+            "a Delta-LoRA run's adapter applied to a base",
+            format!("eval --model {gpt2} --adapter DIR/delta_run/adapter --data DIR/text.txt --seq 8")
+                .split(' ')
+                .map(str::to_string)
+                .collect(),
+            &["delta_run/adapter", "Delta-LoRA run's adapter", "as --model", "--resume"],
+        ),
+        c(
+            "a Delta-LoRA run's adapter as --init-adapter",
+            format!(
+                "train --model {gpt2} --init-adapter DIR/delta_run/adapter --data DIR/text.txt --out OUT --steps 1"
+            )
+            .split(' ')
+            .map(str::to_string)
+            .collect(),
+            &["delta_run/adapter", "Delta-LoRA run's adapter"],
         ),
         c(
             "a quantized type for a LoRA file",
@@ -431,6 +455,11 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
         ),
         c("--steps with --epochs", t(gpt2, &["--epochs", "1"]), &["--steps", "--epochs", "not both"]),
         c("--batch 0", t(gpt2, &["--batch", "0"]), &["--batch 0"]),
+        c(
+            "--val-rows without validation rows",
+            t(gpt2, &["--val-fraction", "0", "--val-rows", "4"]),
+            &["--val-rows 4", "no validation rows"],
+        ),
         c("warm-up beyond the run", t(gpt2, &["--warmup-steps", "5"]), &["--warmup-steps 5", "beyond the run"]),
         c(
             "Delta-LoRA warm-up beyond the run",
@@ -446,6 +475,11 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             "flags the method or optimizer does not use",
             t(gpt2, &["--method", "vera", "--alpha", "16", "--momentum", "0.5"]),
             &["--alpha: VeRA has no alpha", "--momentum: only SGD"],
+        ),
+        c(
+            "an --ids file with labels",
+            t(llama, &["--ids", "DIR/ids_labels.json"]),
+            &["ids_labels.json", "\"labels\"", "does not read"],
         ),
         c("--batch with --ids", t(llama, &["--ids", "DIR/ids_ok.json", "--batch", "4"]), &["--batch: with --ids"]),
         c(
@@ -511,9 +545,24 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
         ),
         c("PEFT adapter with modules_to_save", eval_ids(llama, "DIR/modules_to_save"), &["modules_to_save", "lm_head"]),
         c(
+            "PEFT adapter initialised by PiSSA, not converted",
+            eval_ids(llama, "DIR/pissa"),
+            &["pissa_niter_4", "path_initial_model_for_weight_conversion"],
+        ),
+        c(
             "PEFT adapter with an option portalora does not know",
             eval_ids(llama, "DIR/unknown_option"),
             &["wavelet_config", "does not know"],
+        ),
+        c(
+            "a config file key that is no flag",
+            t(gpt2, &["--config", "DIR/misspelled.toml"]),
+            &["misspelled.toml", "no_shufle is not a setting of train"],
+        ),
+        c(
+            "a config file value given as true or false",
+            t(gpt2, &["--config", "DIR/bool_value.toml"]),
+            &["bool_value.toml", "lr = false", "takes a value"],
         ),
         Case {
             name: "an unknown PORTALORA_COOP",

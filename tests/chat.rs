@@ -79,6 +79,35 @@ fn bad_chat_data_is_refused_in_words() {
     let (tok, file) = setup("chat_content", &[r#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#]);
     let e = load_err(&tok, &file, Some(&chatml));
     assert!(e.contains("messages[0].content is a list"), "{e}");
+    // Keys that would change what is trained are refused, not dropped.
+    for (name, line, want) in [
+        ("chat_two_formats", r#"{"text": "t", "prompt": "p", "completion": "c"}"#, "holds \"prompt\" beside text"),
+        (
+            "chat_weight",
+            r#"{"messages": [{"role": "assistant", "content": "x", "weight": 0}]}"#,
+            "messages[0].weight = 0",
+        ),
+        ("chat_tool_calls", r#"{"messages": [{"role": "assistant", "content": "", "tool_calls": []}]}"#, "tool calls"),
+        (
+            "chat_tools",
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": []}"#,
+            "\"tools\": tool definitions",
+        ),
+        (
+            "chat_name",
+            r#"{"conversations": [{"from": "human", "value": "x", "name": "Ann"}]}"#,
+            "conversations[0].name",
+        ),
+        (
+            "chat_system_type",
+            r#"{"system": 3, "conversations": [{"from": "human", "value": "x"}]}"#,
+            "\"system\" is not a string",
+        ),
+    ] {
+        let (tok, file) = setup(name, &[line]);
+        let e = load_err(&tok, &file, Some(&chatml));
+        assert!(e.contains("data.jsonl:1") && e.contains(want), "{name}: {e}");
+    }
     let (tok, file) = setup("chat_no_template", &[r#"{"messages": [{"role": "user", "content": "hi"}]}"#]);
     let e = load_err(&tok, &file, None);
     assert!(e.contains("tiny.gguf has no chat template") && e.contains("--chat-template"), "{e}");
@@ -144,4 +173,40 @@ fn generate_chat_replies_as_transformers() {
     assert_eq!(got.trim_end(), e["text"].as_str().unwrap(), "stderr: {}", String::from_utf8_lossy(&o.stderr));
     // The greedy reply ended at <|im_end|> before --max-tokens: no "stopped" note.
     assert!(e["greedy"].as_array().unwrap().len() < 24 && !String::from_utf8_lossy(&o.stderr).contains("stopped"));
+}
+
+/// ShareGPT's and Alpaca's `system` prompt is the conversation's first turn, as a messages line
+/// with a system turn renders it; keys no format reads (`id`, `source`) are named in the summary.
+#[test]
+fn system_prompts_come_first_and_unread_keys_are_said() {
+    let t = fixture("chat/llama3.jinja");
+    let opts = ChatOptions { template_file: Some(&t), train_on: TrainOn::Assistant, model: "m", given: &[] };
+    let (tok, messages) = setup(
+        "chat_sys_messages",
+        &[
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"}, {"role": "assistant", "content": "A test."}]}"#,
+        ],
+    );
+    let (_, sharegpt) = setup(
+        "chat_sys_sharegpt",
+        &[
+            r#"{"id": 7, "system": "Be brief.", "conversations": [{"from": "human", "value": "Hi, who are you?"}, {"from": "gpt", "value": "A test.", "weight": 1}]}"#,
+        ],
+    );
+    let (_, alpaca) = setup(
+        "chat_sys_alpaca",
+        &[
+            r#"{"source": "s", "system": "Be brief.", "instruction": "Hi, who are you?", "input": "", "output": "A test."}"#,
+        ],
+    );
+    let first = |f: &Path| {
+        let (docs, sources) = data::tokenized_documents(f, &tok, &opts).unwrap();
+        (docs[0].ids.clone(), docs[0].predict.clone(), sources.unread_keys.into_iter().collect::<Vec<_>>())
+    };
+    let (ids, predict, unread) = first(&messages);
+    assert!(unread.is_empty() && predict.iter().any(|&p| p));
+    assert_eq!(first(&sharegpt), (ids.clone(), predict.clone(), vec!["id".to_string()]));
+    assert_eq!(first(&alpaca), (ids, predict, vec!["source".to_string()]));
+    let ds = data::load_with(&sharegpt, &tok, &opts, data::Packing::Packed, 4, 0.0, 0).unwrap();
+    assert!(ds.summary.to_string().ends_with("; keys not read: \"id\""), "{}", ds.summary);
 }

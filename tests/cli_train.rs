@@ -341,3 +341,34 @@ fn bench_step_reports_speed_memory_and_kernels_as_json() {
     let (ok, _, err) = run(&["bench", "step", "--model", model.to_str().unwrap(), "--base-dtype", "q3"]).unwrap();
     assert!(!ok && err.contains("q3") && err.contains("q4_1"), "{err}");
 }
+
+/// What a run does differently from transformers is said: a model folder whose config.json
+/// asks for dropout of its own (GPT-2's 0.1) trains without it, with a note; an explicit
+/// packed --base-dtype that some matrices cannot take leaves them f32, with a note.
+#[test]
+fn train_notes_what_it_does_not_apply() {
+    let dir = tmp("notes");
+    let model = dir.join("gpt2");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("tiny_gpt2").join(f), model.join(f)).unwrap();
+    }
+    let mut config = json(&fixture("tiny_gpt2/config.json"));
+    config["resid_pdrop"] = serde_json::json!(0.1);
+    config["attn_pdrop"] = serde_json::json!(0.05);
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("text.txt"), "To be, or not to be, that is the question.\n".repeat(20)).unwrap();
+    let (m, t, o) = (model.to_str().unwrap(), dir.join("text.txt"), dir.join("out"));
+    let args = ["train", "--model", m, "--data", t.to_str().unwrap(), "--targets", "c_attn", "--steps", "1"];
+    let Some((ok, out, err)) =
+        run(&[&args[..], &["--seq", "8", "--base-dtype", "q4_k", "--out", o.to_str().unwrap()]].concat())
+    else {
+        return;
+    };
+    assert!(ok, "{out}{err}");
+    // Notes are lines of the run's progress (stdout), as the data summary is.
+    let said = out + &err;
+    assert!(said.contains("note: config.json sets resid_pdrop = 0.1, attn_pdrop = 0.05: transformers"), "{said}");
+    assert!(said.contains("note: --base-dtype q4_k: 13 of 13 frozen matrices stay f32"), "{said}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -338,7 +338,7 @@ fn a_toml_config_is_read_and_flags_override_it() {
     let dir = tmp("toml");
     std::fs::write(dir.join("verse.txt"), VERSE.repeat(10)).unwrap();
     let cfg = format!(
-        "model = {:?}\ndata = {:?}\nmethod = \"lora-fa\"\ntargets = [\"c_attn\", \"c_fc\"]\nrank = 2\nlr = 1e-3\nsteps = 5\nseq = 16\nrslora = true\nprompt = [\"To\", \"be\"]\nsample_tokens = 3\nactivations = \"f16\"\n",
+        "model = {:?}\ndata = {:?}\nmethod = \"lora-fa\"\ntargets = [\"c_attn\", \"c_fc\"]\nrank = 2\nlr = 1e-3\nsteps = 5\nseq = 16\nrslora = true\nprompt = [\"To\", \"be\"]\nsample_tokens = 3\nactivations = \"f16\"\nno_shuffle = false\nrecompute_mlp = true\n",
         fixture("tiny_gpt2").to_str().unwrap(),
         dir.join("verse.txt").to_str().unwrap()
     );
@@ -357,6 +357,7 @@ fn a_toml_config_is_read_and_flags_override_it() {
     assert_eq!(run["adapter"]["rslora"], true);
     assert_eq!(run["prompts"], serde_json::json!(["To", "be"]));
     assert_eq!(run["train"]["activations_f16"], true);
+    assert_eq!(run["train"]["recompute_mlp"], true);
     let stdout = String::from_utf8_lossy(&st.stdout);
     assert!(stdout.contains("samples after training"), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -193,6 +193,27 @@ fn gguf_lora_files_read_back_where_adapter_folders_are_read() {
         let (folder, gguf) = (eval(&base, &adapter, &ids), eval(&base, &file, &ids));
         let rel = (folder - gguf).abs() / folder;
         assert!(rel < 1e-5, "{case}: eval with the folder {folder}, with the GGUF file {gguf}");
+        // The same file with a whole tensor beside its pairs (a trained embedding, say) is refused.
+        let g = Gguf::open(&file).unwrap();
+        let mut with_extra = GgufOut {
+            metadata: portalora::io::gguf_write::metadata_in_order(&g.metadata),
+            tensors: g
+                .tensors
+                .iter()
+                .map(|t| OutTensor { name: t.name.clone(), shape: t.shape.clone(), ty: t.ty, bytes: g.raw(t).unwrap() })
+                .collect(),
+        };
+        with_extra.tensors.push(OutTensor {
+            name: "token_embd.weight".into(),
+            shape: vec![4, 2],
+            ty: GgmlType::F32,
+            bytes: vec![0u8; 32],
+        });
+        let extra = dir.join(format!("{case}-extra.gguf"));
+        std::fs::write(&extra, with_extra.to_bytes()).unwrap();
+        let out = bin().args(["eval", "--model", s(&base), "--adapter", s(&extra), "--ids", s(&ids)]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("token_embd.weight is not a .lora_a / .lora_b tensor"), "{err}");
     }
 }
 

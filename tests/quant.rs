@@ -325,6 +325,17 @@ fn packed_models_train_like_their_dequantized_f32_twins() {
             let packed = GpuModel::with_options(&ctx, &w, 2, 33, plan).unwrap();
             let packed_bytes = weight_bytes(&ctx) - before;
             assert!(packed.base_is_packed(), "{arch:?} {dtype:?}");
+            // LLaMA's down projection has 384 columns: no whole K-quant blocks, so it stays f32,
+            // and the run says so (a note); every other matrix here fits.
+            let kept = packed.params.kept_f32(base);
+            match (arch, dtype.block()) {
+                (Arch::Llama, 256) => {
+                    let k = kept.unwrap_or_default();
+                    assert!(k.contains("mlp.down_proj.weight [256, 384]") && k.contains("blocks of 256"), "{k}");
+                }
+                _ => assert_eq!(kept, None, "{arch:?} {dtype:?}"),
+            }
+            assert_eq!(packed.params.kept_f32(BaseDType::Auto), None);
             let before = weight_bytes(&ctx);
             let f32_model = GpuModel::new(&ctx, &twin, 2, 33).unwrap();
             let f32_bytes = weight_bytes(&ctx) - before;

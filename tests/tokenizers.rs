@@ -90,3 +90,23 @@ fn gemma3_270m_sentencepiece_tokenizer_matches_transformers_and_llama_cpp() {
     let turn = tok.encode("<start_of_turn>user").unwrap();
     assert_eq!((turn.len(), tok.decode_text(&turn).unwrap().as_str()), (2, "user"));
 }
+
+/// A Hugging Face folder's end of sequence is the one its tokenizer_config.json names (a string
+/// or an AddedToken object), as transformers reads it; without one, the guessed `<|endoftext|>`.
+#[test]
+fn a_folders_eos_token_is_the_one_its_tokenizer_config_names() {
+    let dir = common::tmp("eos-token");
+    std::fs::copy(fixture("tiny_gpt2/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    let guessed = Tokenizer::for_model(&dir).unwrap();
+    assert_eq!(guessed.eos_id, Some(66), "<|endoftext|>");
+    for config in [r#"{"eos_token": "b"}"#, r#"{"eos_token": {"content": "b", "special": true}}"#] {
+        std::fs::write(dir.join("tokenizer_config.json"), config).unwrap();
+        let named = Tokenizer::for_model(&dir).unwrap();
+        assert_eq!(named.eos_id, Some(4), "{config}");
+        assert_eq!(named.special_texts.1.as_deref(), Some("b"));
+    }
+    // A name the vocabulary lacks leaves the guess.
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<|eot_id|>"}"#).unwrap();
+    assert_eq!(Tokenizer::for_model(&dir).unwrap().eos_id, Some(66));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

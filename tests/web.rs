@@ -352,7 +352,7 @@ async fn chat_data_renders_and_marks_the_assistant_in_the_browser() {
     });
     let jsonl =
         r#"{"messages": [{"role": "user", "content": "Hi there "}, {"role": "assistant", "content": "Hello!"}]}"#;
-    let docs = data::tokenized_text("chat.jsonl", jsonl.into(), &tok, &ChatOptions::default()).unwrap();
+    let (docs, _) = data::tokenized_text("chat.jsonl", jsonl.into(), &tok, &ChatOptions::default()).unwrap();
     let runs = data::target_runs(&tok, &docs[0]).unwrap();
     let text: String = runs.iter().map(|(t, _)| t.as_str()).collect();
     let marked: String = runs.iter().filter(|(_, m)| *m).map(|(t, _)| t.as_str()).collect();
@@ -445,9 +445,9 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
 
     // The same rows, made here through the shared pipeline, and a trainer on the defaults.
     let tok = Tokenizer::from_json_bytes(Path::new("tiny"), tokenizer).unwrap();
-    let docs = data::tokenized_text("the text", text.clone(), &tok, &ChatOptions::default()).unwrap();
-    let ds =
-        data::dataset(Path::new("the text"), docs, 1, Packing::Packed, d.seq, d.val_fraction, d.seed, &tok).unwrap();
+    let (docs, sources) = data::tokenized_text("the text", text.clone(), &tok, &ChatOptions::default()).unwrap();
+    let ds = data::dataset(Path::new("the text"), docs, sources, Packing::Packed, d.seq, d.val_fraction, d.seed, &tok)
+        .unwrap();
     assert_eq!(s["train_rows"].as_u64(), Some(ds.train.len() as u64));
     let plan = Plan { steps: Some(3), eval_every: 2, ..Plan::default() };
     let mut state = RunState::new(RunData { train: ds.train, val: ds.val, ..RunData::default() }, &plan).unwrap();

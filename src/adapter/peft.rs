@@ -44,6 +44,39 @@ pub struct PeftFile {
     pub rotary: Vec<String>,
 }
 
+/// The method a portalora run trained the adapter in `dir` with, as the run's `run.json` says:
+/// beside it (a run's `OUT`) or one folder up (Delta-LoRA's `OUT/adapter`, a run's
+/// `OUT/checkpoint`). `None` for an adapter from elsewhere.
+pub fn run_method(dir: &Path) -> Option<Method> {
+    [dir.join("run.json"), dir.join("../run.json")].into_iter().find_map(|p| {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+        v["adapter"]["method"].as_str()?.parse().ok()
+    })
+}
+
+/// Refuses a Delta-LoRA run's adapter where it would be applied to a base on its own (eval,
+/// generate, merge, `--init-adapter`): Delta-LoRA also moved the base's weights, so its A and B
+/// on the base do not reproduce the fine-tune, and on the run's merged model they would count
+/// twice. Its file says only "LORA"; the run's `run.json` tells.
+pub fn refuse_delta_lora_alone(dir: &Path) -> Result<()> {
+    if run_method(dir) != Some(Method::DeltaLora) {
+        return Ok(());
+    }
+    let run = if dir.join("run.json").exists() { dir.to_path_buf() } else { dir.join("..") };
+    let run = std::fs::canonicalize(&run).unwrap_or(run);
+    Err(file_err(
+        dir,
+        format!(
+            "is a Delta-LoRA run's adapter: Delta-LoRA also moved the base weights, so this adapter on a \
+             base does not reproduce the fine-tune (and on the run's merged model it would be added twice); \
+             use the merged model {} as --model without it, or continue the run with \
+             `portalora train --resume {}`",
+            run.display(),
+            run.display()
+        ),
+    ))
+}
+
 fn file_err(path: &Path, message: impl Into<String>) -> AdapterError {
     AdapterError::File { path: path.display().to_string(), message: message.into() }
 }
@@ -415,6 +448,19 @@ fn refuse_unsupported(config: &Value) -> std::result::Result<(), String> {
                 .into(),
         };
         return Err(format!("{key} = {v}: {why}"));
+    }
+    // PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA start by moving the base's weights by the initial
+    // B·A (or quantizing them): such a file belongs to that residual base. PEFT's conversion
+    // (`path_initial_model_for_weight_conversion`) makes it a plain adapter and sets true.
+    if let Some(init) = config["init_lora_weights"].as_str() {
+        let moves_base = init.starts_with("pissa") || ["olora", "corda", "loftq", "lora_ga"].contains(&init);
+        if moves_base {
+            return Err(format!(
+                "init_lora_weights = {init:?}: this adapter was trained against a base its initialisation \
+                 changed, so on the original base it computes something else; save it with PEFT's \
+                 path_initial_model_for_weight_conversion, which converts it to a plain LoRA adapter"
+            ));
+        }
     }
     if config["save_projection"] == Value::Bool(false) {
         return Err("save_projection = false: the file lacks VeRA's shared pair (vera_A, vera_B), which portalora \

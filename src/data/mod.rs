@@ -22,6 +22,7 @@ pub use tokenize::{
     chat_flags, target_runs, tokenize, tokenized_documents, tokenized_text, ChatOptions, Tokenized, TrainOn,
 };
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use crate::io::tokenizer::Tokenizer;
@@ -125,6 +126,10 @@ pub struct DataSummary {
     /// Padding tokens added to make one document per row (`--no-packing`).
     #[serde(default)]
     pub padding_tokens: usize,
+    /// JSONL keys the data's format does not read (`id`, `source`, ...), said rather than
+    /// dropped silently.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unread_keys: Vec<String>,
 }
 
 impl std::fmt::Display for DataSummary {
@@ -149,6 +154,10 @@ impl std::fmt::Display for DataSummary {
         }
         if self.no_assistant > 0 {
             write!(f, "; {} conversation(s) without an assistant turn (no targets)", self.no_assistant)?;
+        }
+        if !self.unread_keys.is_empty() {
+            let keys: Vec<String> = self.unread_keys.iter().map(|k| format!("{k:?}")).collect();
+            write!(f, "; keys not read: {}", keys.join(", "))?;
         }
         Ok(())
     }
@@ -202,7 +211,7 @@ fn read_text(path: &Path) -> Result<String> {
 /// The documents of one file: JSONL (by extension `.jsonl`, in one format of [`formats`]) or
 /// plain text. A `.json` file is refused with a hint rather than trained on as text (its brackets
 /// and quotes would be learnt). Each comes with its line (0 for plain text).
-pub fn documents(path: &Path) -> Result<Vec<(usize, Document)>> {
+pub fn documents(path: &Path) -> Result<Documents> {
     let text = read_text(path)?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     if ext == "json" {
@@ -211,13 +220,22 @@ pub fn documents(path: &Path) -> Result<Vec<(usize, Document)>> {
     documents_of_text(path, text, ext == "jsonl")
 }
 
+/// A file's documents, each with its line, and the JSONL keys its format did not read.
+#[derive(Debug, Default)]
+pub struct Documents {
+    pub docs: Vec<(usize, Document)>,
+    pub unread_keys: BTreeSet<String>,
+}
+
 /// The documents of a text as [`documents`] reads a file (`path` names it in messages): JSONL
 /// when `jsonl`, else one plain-text document.
-pub fn documents_of_text(path: &Path, text: String, jsonl: bool) -> Result<Vec<(usize, Document)>> {
+pub fn documents_of_text(path: &Path, text: String, jsonl: bool) -> Result<Documents> {
     if !jsonl {
-        return Ok(if text.trim().is_empty() { Vec::new() } else { vec![(0, Document::Pieces(vec![(text, true)]))] });
+        let docs = if text.trim().is_empty() { Vec::new() } else { vec![(0, Document::Pieces(vec![(text, true)]))] };
+        return Ok(Documents { docs, unread_keys: BTreeSet::new() });
     }
     let mut docs = Vec::new();
+    let mut unread_keys = BTreeSet::new();
     let mut first: Option<(usize, Format)> = None;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -242,8 +260,9 @@ pub fn documents_of_text(path: &Path, text: String, jsonl: bool) -> Result<Vec<(
             _ => {}
         }
         docs.push((i + 1, formats::document(&v, format).map_err(err)?));
+        unread_keys.extend(formats::unread_keys(&v, format));
     }
-    Ok(docs)
+    Ok(Documents { docs, unread_keys })
 }
 
 /// Why a `.json` file is not read as data, and what to do instead.
@@ -289,17 +308,24 @@ pub fn load_with(
     val_fraction: f64,
     seed: u64,
 ) -> Result<Dataset> {
-    let (docs, files) = tokenized_documents(path, tok, chat)?;
-    dataset(path, docs, files, packing, seq, val_fraction, seed, tok)
+    let (docs, sources) = tokenized_documents(path, tok, chat)?;
+    dataset(path, docs, sources, packing, seq, val_fraction, seed, tok)
 }
 
-/// Tokenized documents (of `files` files under `path`, or a text pasted in the page) made into
+/// What the documents came from: how many files, and the JSONL keys their format did not read.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub files: usize,
+    pub unread_keys: BTreeSet<String>,
+}
+
+/// Tokenized documents (of the files under `path`, or a text pasted in the page) made into
 /// rows as `packing` says and split into training and validation rows: what `train --data` and
 /// the page's runs train on.
 pub fn dataset(
     path: &Path,
     docs: Vec<Tokenized>,
-    files: usize,
+    sources: Sources,
     packing: Packing,
     seq: usize,
     val_fraction: f64,
@@ -318,7 +344,8 @@ pub fn dataset(
             message: format!("validation fraction {val_fraction} must be in [0, 1)"),
         });
     }
-    let summary = DataSummary { files, seq, ..DataSummary::default() };
+    let unread_keys = sources.unread_keys.into_iter().collect();
+    let summary = DataSummary { files: sources.files, seq, unread_keys, ..DataSummary::default() };
     let (rows, summary) = rows_of(docs, packing, seq, tok.eos_id.unwrap_or(0), summary);
     let ds = split(rows, val_fraction, seed, summary);
     if ds.train.is_empty() {

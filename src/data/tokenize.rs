@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::formats::Document;
-use super::{documents, documents_of_text, files_of, DataError, Result};
+use super::{documents, documents_of_text, files_of, DataError, Documents, Result, Sources};
 use crate::io::chat::ChatTemplate;
 use crate::io::tokenizer::Tokenizer;
 
@@ -62,28 +62,38 @@ pub struct Tokenized {
     pub chat: bool,
 }
 
-/// Every document under `path` tokenized (what `portalora tokenize` prints), and the number of
-/// files read. The chat template is compiled at the first conversation.
-pub fn tokenized_documents(path: &Path, tok: &Tokenizer, chat: &ChatOptions) -> Result<(Vec<Tokenized>, usize)> {
+/// Every document under `path` tokenized (what `portalora tokenize` prints), and what it came
+/// from (the files read, the keys not read). The chat template is compiled at the first
+/// conversation.
+pub fn tokenized_documents(path: &Path, tok: &Tokenizer, chat: &ChatOptions) -> Result<(Vec<Tokenized>, Sources)> {
     let files = files_of(path)?;
     let mut out = Vec::new();
     let mut template = None;
+    let mut sources = Sources { files: files.len(), ..Sources::default() };
     for file in &files {
-        out.extend(tokenize_all(file, documents(file)?, tok, chat, &mut template)?);
+        let Documents { docs, unread_keys } = documents(file)?;
+        sources.unread_keys.extend(unread_keys);
+        out.extend(tokenize_all(file, docs, tok, chat, &mut template)?);
     }
     check_chat_flags(path, chat, &template)?;
-    Ok((out, files.len()))
+    Ok((out, sources))
 }
 
 /// A text pasted or picked in the browser, read as a file named `name` would be: JSONL when its
 /// first non-empty line is a JSON object, else one text.
-pub fn tokenized_text(name: &str, text: String, tok: &Tokenizer, chat: &ChatOptions) -> Result<Vec<Tokenized>> {
+pub fn tokenized_text(
+    name: &str,
+    text: String,
+    tok: &Tokenizer,
+    chat: &ChatOptions,
+) -> Result<(Vec<Tokenized>, Sources)> {
     let path = Path::new(name);
     let jsonl = text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
     let mut template = None;
-    let out = tokenize_all(path, documents_of_text(path, text, jsonl)?, tok, chat, &mut template)?;
+    let Documents { docs, unread_keys } = documents_of_text(path, text, jsonl)?;
+    let out = tokenize_all(path, docs, tok, chat, &mut template)?;
     check_chat_flags(path, chat, &template)?;
-    Ok(out)
+    Ok((out, Sources { files: 1, unread_keys }))
 }
 
 /// Tokenizes `docs` of `path`, compiling the chat template into `template` at the first

@@ -14,6 +14,15 @@ pub(super) fn check_config(cfg: &RunConfig) -> Result<()> {
             cfg.eval_every
         )));
     }
+    if cfg.prompts.iter().any(String::is_empty) {
+        return Err(config_err("--prompt \"\": an empty prompt has nothing to continue; give some text"));
+    }
+    if cfg.val_rows > 0 && (cfg.ids.is_some() || cfg.val_fraction == 0.0) {
+        return Err(config_err(format!(
+            "--val-rows {}: there are no validation rows to take them from (--ids has none; --val-fraction is 0)",
+            cfg.val_rows
+        )));
+    }
     Ok(())
 }
 

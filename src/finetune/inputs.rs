@@ -20,6 +20,17 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
         source,
     })?;
     let rows = v["input_ids"].as_array().ok_or_else(|| file_err(path, "expected {\"input_ids\": [[...], ...]}"))?;
+    // Every token of a row is trained: a `labels` or `attention_mask` beside the ids would mask
+    // some, and is refused rather than dropped.
+    if let Some(other) = v.as_object().and_then(|o| o.keys().find(|k| *k != "input_ids")) {
+        return Err(file_err(
+            path,
+            format!(
+                "has {other:?}, which portalora does not read: --ids rows are input_ids only, every token a \
+                 target; give the text (--data) to mask with --train-on, or drop {other:?}"
+            ),
+        ));
+    }
     let mut out = Vec::with_capacity(rows.len());
     for (r, row) in rows.iter().enumerate() {
         let row = row.as_array().ok_or_else(|| file_err(path, format!("input_ids[{r}] is not a list")))?;

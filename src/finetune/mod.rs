@@ -296,6 +296,10 @@ pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn F
     if let Some(l) = &weights.left_out {
         on(&Event::LeftOut(l));
     }
+    let config_json = std::fs::read_to_string(cfg.model.join("config.json")).unwrap_or_default();
+    if let Some(n) = crate::model::model_dropout_note(&config_json).filter(|_| cfg.model.is_dir()) {
+        on(&Event::Note(&n));
+    }
     let tok = Tokenizer::for_model(&cfg.model).ok();
     if tok.is_none() && !cfg.prompts.is_empty() {
         return Err(file_err(&cfg.model, "has no tokenizer, so --prompt cannot be sampled; drop --prompt"));
@@ -313,6 +317,9 @@ pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn F
         return Ok(done);
     }
     let mut s = Session::start(ctx, cfg, opts, weights, tok, run, checkpoint)?;
+    if let Some(n) = s.trainer.model.params.kept_f32(cfg.train.base_dtype) {
+        on(&Event::Note(&n));
+    }
     s.train(on)?;
     s.finish(start, on)
 }
@@ -349,7 +356,10 @@ impl<'a> Session<'a> {
             tc.total_steps = run.steps(); // the schedule's length, once the data fixed it (--epochs)
         }
         let init_file = match (&checkpoint, &cfg.init_adapter) {
-            (None, Some(dir)) => Some(PeftFile::read(dir)?),
+            (None, Some(dir)) => {
+                crate::adapter::peft::refuse_delta_lora_alone(dir)?;
+                Some(PeftFile::read(dir)?)
+            }
             _ => None,
         };
         let init = checkpoint.as_ref().map(|c| &c.adapter).or(init_file.as_ref());

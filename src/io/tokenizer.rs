@@ -381,6 +381,12 @@ impl Tokenizer {
             v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
         };
         self.special_texts = (special("bos_token"), special("eos_token"));
+        // The folder's own end of sequence (Llama 3's <|end_of_text|> / <|eot_id|>, SmolLM2
+        // Instruct's <|im_end|>) over the names guessed from tokenizer.json alone: documents end
+        // with it, and generation stops at it, as in transformers.
+        if let Some(id) = self.special_texts.1.as_deref().and_then(|t| self.inner.token_to_id(t)) {
+            self.eos_id = Some(id);
+        }
         Ok(())
     }
 

@@ -499,6 +499,14 @@ pub fn read_gguf_lora(g: &Gguf) -> Result<GgufLora> {
     if let Some(b) = g.tensors.iter().find(|t| t.name.strip_suffix(".lora_b").is_some_and(|n| !bases.contains(n))) {
         return Err(ExportError::Refused(format!("{path}: {} has no .lora_a beside it", b.name)));
     }
+    // A whole tensor (a trained embedding or head, say) is no low-rank pair: not applying it
+    // would run another model than the one trained.
+    if let Some(t) = g.tensors.iter().find(|t| !t.name.ends_with(".lora_a") && !t.name.ends_with(".lora_b")) {
+        return Err(ExportError::Refused(format!(
+            "{path}: {} is not a .lora_a / .lora_b tensor; portalora applies low-rank pairs only",
+            t.name
+        )));
+    }
     if pairs.is_empty() {
         return Err(ExportError::Refused(format!("{path}: holds no lora_a / lora_b pairs")));
     }

@@ -270,3 +270,47 @@ fn layers_of(c: &Hf, family: Family, n: usize, head_dim: usize) -> Result<Vec<La
         })
         .collect()
 }
+
+/// Dropout a Hugging Face `config.json` asks of the model itself (GPT-2's `resid_pdrop`,
+/// `embd_pdrop`, `attn_pdrop` are 0.1; others' `attention_dropout`, `hidden_dropout`):
+/// transformers applies it while training, portalora does not (its `--dropout` is the
+/// adapter's). Said, since a run then differs from a transformers run on purpose. `None` when
+/// all are 0 or absent; the text of `config.json` (read where it is not JSON: the load says so).
+pub fn model_dropout_note(config_json: &str) -> Option<String> {
+    const KEYS: [&str; 7] = [
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "attention_dropout",
+        "hidden_dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+    ];
+    let v: Value = serde_json::from_str(config_json).ok()?;
+    let v = v.get("text_config").filter(|t| t.is_object()).unwrap_or(&v);
+    let set: Vec<String> =
+        KEYS.iter().filter_map(|k| v.get(*k)?.as_f64().filter(|p| *p > 0.0).map(|p| format!("{k} = {p}"))).collect();
+    (!set.is_empty()).then(|| {
+        format!(
+            "config.json sets {}: transformers applies that dropout to the model while training; portalora \
+             does not (--dropout is the adapter's own), so losses differ from a transformers run by that",
+            set.join(", ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_dropout_note;
+
+    #[test]
+    fn model_dropout_is_noted_when_set() {
+        let gpt2 = r#"{"model_type": "gpt2", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.0}"#;
+        let n = model_dropout_note(gpt2).unwrap();
+        assert!(n.starts_with("config.json sets resid_pdrop = 0.1, embd_pdrop = 0.1: "), "{n}");
+        let gemma = r#"{"model_type": "gemma3", "text_config": {"attention_dropout": 0.25}}"#;
+        assert!(model_dropout_note(gemma).unwrap().contains("attention_dropout = 0.25"));
+        assert_eq!(model_dropout_note(r#"{"attention_dropout": 0.0}"#), None);
+        assert_eq!(model_dropout_note("not json"), None);
+    }
+}

@@ -14,4 +14,5 @@ pub mod weights;
 
 pub use config::{Arch, ModelConfig};
 pub use gpu::{generate, BaseDType};
+pub use hf_config::model_dropout_note;
 pub use weights::{load_model, HostTensor, LeftOut, ModelError, RawTensor, Weights};

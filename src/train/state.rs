@@ -93,6 +93,7 @@ pub fn model_with_adapter(
 /// The PEFT adapter folder `dir` (any method's files, ours or PEFT's, or a GGUF LoRA file) built for `weights` with
 /// activations for `rows` tokens at a time (for a [`crate::model::generate::Generator`], say).
 pub fn adapter_from(ctx: &Context, weights: &Weights, dir: &std::path::Path, rows: usize) -> Result<Box<dyn Adapter>> {
+    peft::refuse_delta_lora_alone(dir)?;
     let file = peft::PeftFile::read(dir)?;
     let method = file.method();
     let cfg = file.adapter_config(method, &AdapterConfig::new(method))?;

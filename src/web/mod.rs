@@ -136,6 +136,9 @@ struct Inner {
     run: Option<Run>,
     /// An adapter to start from instead of a random init (`loadAdapter`).
     init: Option<PeftFile>,
+    /// What the loaded model's files hold that the engine does not use (a vision tower, the
+    /// model's own dropout): in its description and in each run's notes.
+    model_notes: Vec<String>,
 }
 
 /// The engine a page talks to.
@@ -181,6 +184,7 @@ impl Engine {
                 tok: None,
                 run: None,
                 init: None,
+                model_notes: Vec::new(),
             })),
             busy: Rc::new(Cell::new(false)),
         })
@@ -206,7 +210,7 @@ impl Engine {
         let tok = Tokenizer::from_gguf(&g).ok();
         // The file's packed bytes stay: the base is kept as stored on the GPU where subgroups exist.
         let w = crate::model::weights::weights_from_gguf(&g).map_err(err)?;
-        let desc = self.set_model(name, w, tok)?;
+        let desc = self.set_model(name, w, tok, Vec::new())?;
         self.inner.borrow_mut().gguf = Some(g);
         Ok(desc)
     }
@@ -227,7 +231,8 @@ impl Engine {
             Some(b) => Some(Tokenizer::from_json_bytes(Path::new(name), &b).map_err(err)?),
             None => None,
         };
-        self.set_model(name, w, tok)
+        let notes = crate::model::model_dropout_note(config).into_iter().collect();
+        self.set_model(name, w, tok, notes)
     }
 }
 
@@ -304,7 +309,7 @@ impl Engine {
             "train_rows": s.train_rows, "val_rows": s.val_rows, "tokens": s.tokens,
             "targets": s.target_tokens, "conversations": s.conversations, "no_assistant": s.no_assistant,
             "trainable": trainer.trainable_parameters(), "kept_bytes": trainer.kept_bytes(),
-            "example": example, "notes": state.notes(),
+            "example": example, "notes": run_notes(&state, &s, &g.model_notes),
             "settings": {
                 "method": method.name(), "rank": acfg.rank, "alpha": acfg.alpha, "lr": tc.lr,
                 "batch": state.batch(), "grad_accum": state.micro_batches(), "seq": state.seq(),
@@ -426,15 +431,17 @@ impl Engine {
 }
 
 impl Engine {
-    fn set_model(&self, name: &str, w: Weights, tok: Option<Tokenizer>) -> Result<String, JsError> {
+    fn set_model(&self, name: &str, w: Weights, tok: Option<Tokenizer>, notes: Vec<String>) -> Result<String, JsError> {
         let mut g = self.inner.borrow_mut();
         let c = &w.config;
+        let notes: Vec<String> = w.left_out.iter().map(|l| l.to_string()).chain(notes).collect();
         let desc = serde_json::json!({
             "name": name, "arch": format!("{:?}", c.arch), "layers": c.num_layers, "hidden": c.hidden_size,
             "vocab": c.vocab_size, "parameters": c.num_parameters(), "tokenizer": tok.is_some(),
-            "targets": crate::adapter::valid_targets(c.arch),
+            "targets": crate::adapter::valid_targets(c.arch), "notes": notes,
         })
         .to_string();
+        g.model_notes = notes;
         g.weights = Some(w);
         g.gguf = None;
         g.tok = tok;
@@ -443,6 +450,13 @@ impl Engine {
         g.init = None;
         Ok(desc)
     }
+}
+
+/// A run's notes for the page: the model's, the data's keys not read, the run plan's.
+fn run_notes(state: &RunState, s: &crate::data::DataSummary, model: &[String]) -> Vec<String> {
+    let keys: Vec<String> = s.unread_keys.iter().map(|k| format!("{k:?}")).collect();
+    let keys = (!keys.is_empty()).then(|| format!("keys of the text not read: {}", keys.join(", ")));
+    model.iter().cloned().chain(keys).chain(state.notes().iter().cloned()).collect()
 }
 
 /// The run's rows from the page's text, made as `train --data` makes them, and the first
@@ -456,7 +470,7 @@ fn run_data(
     let given = data::chat_flags(None, c.train_on);
     let opts =
         data::ChatOptions { model, train_on: c.train_on.unwrap_or_default(), given: &given, ..Default::default() };
-    let docs = data::tokenized_text("the text", c.text.clone(), tok, &opts).map_err(err)?;
+    let (docs, sources) = data::tokenized_text("the text", c.text.clone(), tok, &opts).map_err(err)?;
     let example = match docs.first() {
         Some(d) => data::target_runs(tok, d).map_err(err)?,
         None => Vec::new(),
@@ -467,8 +481,8 @@ fn run_data(
     };
     let packing = if c.no_packing { data::Packing::PerDocument } else { data::Packing::Packed };
     let (seq, val_fraction) = (c.seq.unwrap_or(d.seq), c.val_fraction.unwrap_or(d.val_fraction));
-    let ds = data::dataset(Path::new("the text"), docs, 1, packing, seq, val_fraction, c.seed.unwrap_or(d.seed), tok)
-        .map_err(err)?;
+    let seed = c.seed.unwrap_or(d.seed);
+    let ds = data::dataset(Path::new("the text"), docs, sources, packing, seq, val_fraction, seed, tok).map_err(err)?;
     Ok((RunData { train: ds.train, val: ds.val, chat, summary: Some(ds.summary), fixed: false }, example))
 }
 
@@ -495,6 +509,12 @@ fn run_configs(
         let from_file = f.adapter_config(method, &acfg).map_err(err)?;
         check_init(c, &from_file)?;
         acfg = from_file;
+        // A dropout given replaces the file's lora_dropout, as --dropout does; Delta-LoRA has none.
+        match c.dropout {
+            Some(d) => acfg.dropout = d,
+            None if method == Method::DeltaLora => acfg.dropout = 0.0,
+            None => {}
+        }
     }
     let tc = TrainConfig {
         lr: c.lr.unwrap_or(d.lr),

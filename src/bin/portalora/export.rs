@@ -45,14 +45,10 @@ pub(crate) struct ExportArgs {
     overwrite: bool,
 }
 
-/// The method the adapter was trained with: its run's `run.json` says (beside it, or one folder up
-/// for Delta-LoRA's `OUT/adapter`); else what the file's type allows.
+/// The method the adapter was trained with: its run's `run.json` says, else what the file's
+/// type allows.
 fn method_of(adapter: &Path, peft: &PeftFile) -> Method {
-    let from_run = [adapter.join("run.json"), adapter.join("../run.json")].into_iter().find_map(|p| {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
-        v["adapter"]["method"].as_str()?.parse().ok()
-    });
-    from_run.unwrap_or(peft.method())
+    portalora::adapter::peft::run_method(adapter).unwrap_or(peft.method())
 }
 
 fn model_config(model: &Path) -> Res<ModelConfig> {
@@ -161,7 +157,7 @@ fn merged_file(
     ty: Option<GgmlType>,
 ) -> Res<(GgufOut, Vec<String>)> {
     // A Hugging Face base becomes the GGUF llama.cpp's converter would make of it.
-    let base_weights = a.model.is_dir().then(|| portalora::model::load_model(&a.model)).transpose()?;
+    let base_weights = a.model.is_dir().then(|| crate::load_model(&a.model)).transpose()?;
     let base = match &base_weights {
         Some(w) => folder_gguf(&a.model, w)?,
         None => Gguf::open(&a.model)?,
@@ -182,7 +178,7 @@ fn merged_file(
     } else {
         let weights = match base_weights {
             Some(w) => w,
-            None => portalora::model::load_model(&a.model)?,
+            None => crate::load_model(&a.model)?,
         };
         if method == Method::Dora {
             let moved = dora_merged(&weights, &f, &peft.tensors_for(config))?;

@@ -1,7 +1,7 @@
 //! The portalora command line.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::parser::ValueSource;
@@ -339,6 +339,7 @@ fn with_config_file(m: ArgMatches) -> Result<ArgMatches, Box<dyn std::error::Err
     let mut argv: Vec<String> = std::env::args().take(1).collect();
     argv.push("train".into());
     for (key, value) in &table {
+        check_config_key(path, key, value)?;
         let flag = flag(key);
         let text = |v: &toml::Value| -> Result<String, String> {
             match v {
@@ -366,6 +367,32 @@ fn with_config_file(m: ArgMatches) -> Result<ArgMatches, Box<dyn std::error::Err
     let given: Vec<String> = std::env::args().skip_while(|a| a != "train").skip(1).collect();
     argv.extend(given);
     Cli::command().try_get_matches_from(argv).map_err(|e| format!("{}: {e}", path.display()).into())
+}
+
+/// A config file's key is one of `train`'s flags (without dashes), true or false only for a
+/// switch; a file does not name another config. (Values clap reads are checked by clap.)
+fn check_config_key(path: &Path, key: &str, value: &toml::Value) -> Result<(), String> {
+    let train = Cli::command().find_subcommand("train").cloned().expect("the train command");
+    let long = flag(key);
+    let arg = train.get_arguments().find(|a| {
+        a.get_long().is_some_and(|l| format!("--{l}") == long)
+            || a.get_all_aliases().is_some_and(|al| al.iter().any(|l| format!("--{l}") == long))
+    });
+    let Some(arg) = arg.filter(|a| a.get_id() != "config" && a.get_id() != "resume") else {
+        return Err(format!(
+            "{}: {key} is not a setting of train (keys are its flags without dashes, e.g. lr = 1e-3; \
+             see portalora train --help)",
+            path.display()
+        ));
+    };
+    let switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+    match (value, switch) {
+        (toml::Value::Boolean(b), false) => {
+            Err(format!("{}: {key} = {b}: {key} takes a value, not true or false", path.display()))
+        }
+        (v, true) if !v.is_bool() => Err(format!("{}: {key} is a switch: use {key} = true or false", path.display())),
+        _ => Ok(()),
+    }
 }
 
 fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> {

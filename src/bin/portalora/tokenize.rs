@@ -35,7 +35,11 @@ pub(crate) fn tokenize(a: &TokenizeArgs) -> Result<(), Box<dyn std::error::Error
         model: &name,
         given: &given,
     };
-    let (docs, _) = data::tokenized_documents(&a.data, &tok, &opts)?;
+    let (docs, sources) = data::tokenized_documents(&a.data, &tok, &opts)?;
+    if !sources.unread_keys.is_empty() {
+        let keys: Vec<String> = sources.unread_keys.iter().map(|k| format!("{k:?}")).collect();
+        eprintln!("note: {}: keys not read: {}", a.data.display(), keys.join(", "));
+    }
     let mut out = std::io::stdout().lock();
     if a.json {
         for d in &docs {

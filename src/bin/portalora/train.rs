@@ -62,8 +62,9 @@ pub(crate) struct TrainArgs {
     /// rsLoRA: scale by alpha / sqrt(r).
     #[arg(long)]
     rslora: bool,
-    /// Dropout on the adapter branch's input (Delta-LoRA has none).
-    #[arg(long, visible_alias = "lora-dropout", default_value_t = DEFAULTS.dropout as f64, value_parser = parse_number)]
+    /// Dropout on the adapter branch's input (Delta-LoRA has none) [default: 0, or the
+    /// --init-adapter's lora_dropout].
+    #[arg(long, visible_alias = "lora-dropout", default_value_t = DEFAULTS.dropout as f64, hide_default_value = true, value_parser = parse_number)]
     dropout: f64,
     /// Target modules, comma-separated, matched as module-name suffixes as in PEFT
     /// (GPT-2: c_attn, c_proj, c_fc; LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)
@@ -205,7 +206,7 @@ pub(crate) struct TrainArgs {
 }
 
 /// The adapter settings from the flags, checked against `--init-adapter`'s when given.
-fn adapter_config(a: &TrainArgs, method: Method, init: Option<&PeftFile>) -> Res<AdapterConfig> {
+fn adapter_config(a: &TrainArgs, given: &Given, method: Method, init: Option<&PeftFile>) -> Res<AdapterConfig> {
     let mut base = AdapterConfig::new(method);
     base.dropout = a.dropout as f32;
     base.init = a.init.parse()?;
@@ -252,12 +253,18 @@ fn adapter_config(a: &TrainArgs, method: Method, init: Option<&PeftFile>) -> Res
             .into());
         }
     }
-    if method == Method::DeltaLora && cfg.dropout > 0.0 {
+    if given.contains("dropout") {
+        // Given, even as 0, it replaces the file's lora_dropout.
+        cfg.dropout = a.dropout as f32;
+    } else if method == Method::DeltaLora && cfg.dropout > 0.0 {
         // The file's lora_dropout is PEFT's default for its own training; Delta-LoRA has none.
         eprintln!("note: {dir} has lora_dropout = {}; Delta-LoRA trains without dropout", cfg.dropout);
         cfg.dropout = 0.0;
-    } else if a.dropout > 0.0 {
-        cfg.dropout = a.dropout as f32;
+    } else if cfg.dropout > 0.0 {
+        eprintln!(
+            "note: dropout {} on the adapter's input, {dir}'s lora_dropout (--dropout sets another)",
+            cfg.dropout
+        );
     }
     Ok(cfg)
 }
@@ -392,6 +399,9 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     let method: Method = a.method.parse()?;
     check_unused(a, given, method)?;
     let (model, out) = (a.model.clone().expect("checked"), a.out.clone().expect("checked"));
+    if let Some(dir) = &a.init_adapter {
+        portalora::adapter::peft::refuse_delta_lora_alone(dir)?;
+    }
     let init = a.init_adapter.as_deref().map(PeftFile::read).transpose()?;
     let mut cfg = RunConfig::new(model, out);
     cfg.ids = a.ids.clone();
@@ -403,7 +413,7 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     cfg.train = train_config(a, method, a.steps.unwrap_or(0) as u64)?;
     // DoRA given --lr-ratio trains with LoRA+'s groups (the rule above refuses it elsewhere).
     cfg.train.lora_plus = method == Method::Dora && given.contains("lr_ratio");
-    cfg.adapter = adapter_config(a, method, init.as_ref())?;
+    cfg.adapter = adapter_config(a, given, method, init.as_ref())?;
     cfg.batch = a.batch;
     cfg.seq = a.seq;
     cfg.steps = a.steps.map(|s| s as u64);

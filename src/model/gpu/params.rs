@@ -349,6 +349,27 @@ impl Names {
 }
 
 impl ParameterTensors {
+    /// Where `base` names a packed type, the frozen matrices kept f32 all the same (rows that
+    /// are not whole blocks of it, fewer than 4 rows, or no subgroup operations under `auto`),
+    /// said in one line: the user asked for a type, and some of the model does not have it.
+    pub fn kept_f32(&self, base: BaseDType) -> Option<String> {
+        let want = base.dtype().filter(|d| *d != DType::F32)?;
+        let tables = self.lm_head.iter().chain([&self.embed]).flat_map(|t| t.parts.iter().map(|(_, p)| p));
+        let all: Vec<&Tensor> = self.layers.iter().flat_map(BlockParams::matrices).chain(tables).collect();
+        let kept: Vec<&&Tensor> = all.iter().filter(|t| t.dtype() == DType::F32).collect();
+        let first = kept.first()?;
+        let cols = if want.is_block_quantized() { want.block() } else { 4 };
+        Some(format!(
+            "--base-dtype {base}: {} of {} frozen matrices stay f32, e.g. {} {:?}: {base} needs rows of whole \
+             blocks of {cols} values and a multiple of 4 rows{}",
+            kept.len(),
+            all.len(),
+            first.label(),
+            first.shape(),
+            if cols > 32 { "; a type with blocks of 32 (q8_0, q4_0, q4_1, q5_0, q5_1) fits more" } else { "" }
+        ))
+    }
+
     pub fn upload(ctx: &Context, w: &Weights) -> Result<Self> {
         Self::upload_with(ctx, w, None)
     }
