@@ -79,7 +79,8 @@ worker.onmessage = (e) => {
       $("adapter-desc").textContent = "";
       $("adapter-file").value = "";
       delete document.body.dataset.adapter;
-      $("model-desc").textContent = ` ${m.model.name}: ${m.model.arch}, ${m.model.layers} layers, ${(m.model.parameters / 1e6).toFixed(2)} M parameters`;
+      $("model-desc").textContent = ` ${m.model.name}: ${m.model.arch}, ${m.model.layers} layers, ${(m.model.parameters / 1e6).toFixed(2)} M parameters` +
+        m.model.notes.map((n) => `; note: ${n}`).join("");
       if (m.model.arch === "Llama" && $("targets").value.includes("c_attn")) $("targets").value = "q_proj,v_proj";
       if (m.model.arch === "Gpt2" && $("targets").value.includes("q_proj")) $("targets").value = "c_attn,c_proj,c_fc";
       setBusy(false);
