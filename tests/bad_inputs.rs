@@ -120,6 +120,7 @@ fn setup(dir: &Path) {
     // Config files: a misspelled switch set to false, a value given as a boolean.
     std::fs::write(dir.join("misspelled.toml"), "no_shufle = false\n").unwrap();
     std::fs::write(dir.join("bool_value.toml"), "lr = false\n").unwrap();
+    std::fs::write(dir.join("nested.toml"), "config = \"other.toml\"\n").unwrap();
     setup_semantics(dir);
 }
 
@@ -558,6 +559,11 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             "a config file key that is no flag",
             t(gpt2, &["--config", "DIR/misspelled.toml"]),
             &["misspelled.toml", "no_shufle is not a setting of train"],
+        ),
+        c(
+            "a config file naming another",
+            t(gpt2, &["--config", "DIR/nested.toml"]),
+            &["nested.toml", "does not name another"],
         ),
         c(
             "a config file value given as true or false",

@@ -81,16 +81,24 @@ fn bad_chat_data_is_refused_in_words() {
     assert!(e.contains("messages[0].content is a list"), "{e}");
     // Keys that would change what is trained are refused, not dropped.
     for (name, line, want) in [
-        ("chat_two_formats", r#"{"text": "t", "prompt": "p", "completion": "c"}"#, "holds \"prompt\" beside text"),
+        (
+            "chat_two_formats",
+            r#"{"text": "t", "prompt": "p", "completion": "c"}"#,
+            "holds \"prompt\" and \"completion\" beside \"text\"",
+        ),
         (
             "chat_weight",
-            r#"{"messages": [{"role": "assistant", "content": "x", "weight": 0}]}"#,
-            "messages[0].weight = 0",
+            r#"{"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]}"#,
+            "messages[0].weight = 0.5",
         ),
-        ("chat_tool_calls", r#"{"messages": [{"role": "assistant", "content": "", "tool_calls": []}]}"#, "tool calls"),
+        (
+            "chat_tool_calls",
+            r#"{"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]}"#,
+            "tool calls",
+        ),
         (
             "chat_tools",
-            r#"{"messages": [{"role": "user", "content": "x"}], "tools": []}"#,
+            r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}"#,
             "\"tools\": tool definitions",
         ),
         (
@@ -102,6 +110,11 @@ fn bad_chat_data_is_refused_in_words() {
             "chat_system_type",
             r#"{"system": 3, "conversations": [{"from": "human", "value": "x"}]}"#,
             "\"system\" is not a string",
+        ),
+        (
+            "chat_system_twice",
+            r#"{"system": "a", "conversations": [{"from": "system", "value": "b"}, {"from": "human", "value": "x"}]}"#,
+            "a \"system\" prompt and a system turn first",
         ),
     ] {
         let (tok, file) = setup(name, &[line]);
@@ -196,7 +209,14 @@ fn system_prompts_come_first_and_unread_keys_are_said() {
     let (_, alpaca) = setup(
         "chat_sys_alpaca",
         &[
-            r#"{"source": "s", "system": "Be brief.", "instruction": "Hi, who are you?", "input": "", "output": "A test."}"#,
+            r#"{"source": "s", "system": "Be brief.", "instruction": "Hi, who are you?", "input": "", "output": "A test.", "text": "Instruction: Hi"}"#,
+        ],
+    );
+    // UltraChat's lines: the first question again as "prompt", beside the messages.
+    let (_, ultrachat) = setup(
+        "chat_sys_ultrachat",
+        &[
+            r#"{"prompt": "Hi, who are you?", "prompt_id": "a1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"}, {"role": "assistant", "content": "A test."}]}"#,
         ],
     );
     let first = |f: &Path| {
@@ -206,7 +226,75 @@ fn system_prompts_come_first_and_unread_keys_are_said() {
     let (ids, predict, unread) = first(&messages);
     assert!(unread.is_empty() && predict.iter().any(|&p| p));
     assert_eq!(first(&sharegpt), (ids.clone(), predict.clone(), vec!["id".to_string()]));
-    assert_eq!(first(&alpaca), (ids, predict, vec!["source".to_string()]));
+    assert_eq!(first(&ultrachat), (ids.clone(), predict.clone(), vec!["prompt".to_string(), "prompt_id".to_string()]));
+    assert_eq!(first(&alpaca), (ids, predict, vec!["source".to_string(), "text".to_string()]));
     let ds = data::load_with(&sharegpt, &tok, &opts, data::Packing::Packed, 4, 0.0, 0).unwrap();
     assert!(ds.summary.to_string().ends_with("; keys not read: \"id\""), "{}", ds.summary);
+}
+
+/// OpenAI's `"weight": 0` makes an assistant turn context only: the same ids, its tokens not
+/// targets, the turns before it as in the conversation that ends before it. With
+/// `--train-on all`, which trains every token, a weight is refused.
+#[test]
+fn an_assistant_turn_of_weight_0_is_context_only() {
+    let t = fixture("chat/llama3.jinja");
+    let opts = ChatOptions { template_file: Some(&t), train_on: TrainOn::Assistant, model: "m", given: &[] };
+    let turns = |w: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "First question?"}}, {{"role": "assistant", "content": "First answer."}}, {{"role": "user", "content": "Second?"}}, {{"role": "assistant", "content": "Second answer."{w}}}]}}"#
+        )
+    };
+    let (tok, weighted) = setup("chat_weight0", &[&turns(r#", "weight": 0"#)]);
+    let (_, whole) = setup("chat_weight1", &[&turns(r#", "weight": 1"#)]);
+    let (_, prefix) = setup(
+        "chat_weight_prefix",
+        &[
+            r#"{"messages": [{"role": "user", "content": "First question?"}, {"role": "assistant", "content": "First answer."}]}"#,
+        ],
+    );
+    let first = |f: &Path| data::tokenized_documents(f, &tok, &opts).unwrap().0.remove(0);
+    let (a, d, e) = (first(&weighted), first(&whole), first(&prefix));
+    assert_eq!(a.ids, d.ids);
+    let n = e.ids.len();
+    assert_eq!(a.ids[..n], e.ids[..], "the first turns render as the conversation that ends there");
+    assert_eq!(a.predict[..n], e.predict[..]);
+    assert!(a.predict[n..].iter().all(|p| !p), "the weight-0 turn has no targets");
+    assert!(d.predict[n..].iter().any(|p| *p), "with weight 1 it has");
+    assert!(!a.no_assistant);
+    let all = ChatOptions { train_on: TrainOn::All, given: &["--train-on"], ..opts };
+    let e = data::tokenized_documents(&weighted, &tok, &all).unwrap_err().to_string();
+    assert!(e.contains("data.jsonl:1") && e.contains("an assistant turn has \"weight\": 0, but --train-on all"), "{e}");
+}
+
+/// Lines of datasets in common use are read, their extra keys named: Cosmopedia's prompt beside
+/// its text, SlimOrca's turn weights (0 on human turns), WildChat's per-message metadata, an
+/// empty tool list.
+#[test]
+fn common_dataset_lines_are_read_and_their_extra_keys_named() {
+    let t = fixture("chat/llama3.jinja");
+    let opts = ChatOptions { template_file: Some(&t), train_on: TrainOn::Assistant, model: "m", given: &[] };
+    for (name, line, unread) in [
+        (
+            "cosmopedia",
+            r#"{"prompt": "Write a story.", "text": "Once upon a time.", "audience": "kids"}"#,
+            vec!["prompt", "audience"],
+        ),
+        (
+            "slimorca",
+            r#"{"conversations": [{"from": "system", "value": "s", "weight": null}, {"from": "human", "value": "q", "weight": 0.0}, {"from": "gpt", "value": "a", "weight": 1.0}]}"#,
+            vec![],
+        ),
+        (
+            "wildchat",
+            r#"{"conversation_hash": "h", "messages": [{"role": "user", "content": "q", "timestamp": 1, "language": "en"}, {"role": "assistant", "content": "a", "tool_calls": []}]}"#,
+            vec!["conversation_hash", "messages[].timestamp", "messages[].language", "messages[].tool_calls"],
+        ),
+    ] {
+        let (tok, file) = setup(&format!("chat_common_{name}"), &[line]);
+        let (docs, sources) = data::tokenized_documents(&file, &tok, &opts).unwrap();
+        assert!(docs[0].predict.iter().any(|&p| p), "{name}: targets");
+        let mut want: Vec<String> = unread.iter().map(|k| k.to_string()).collect();
+        want.sort();
+        assert_eq!(sources.unread_keys.into_iter().collect::<Vec<_>>(), want, "{name}");
+    }
 }

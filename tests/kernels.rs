@@ -411,7 +411,8 @@ fn adapter_selection_errors_are_clear() {
     let opts = ContextOptions { disable_subgroups: true, ..ContextOptions::default() };
     let plain = pollster::block_on(Context::with_options(opts)).unwrap();
     assert!(!plain.features().subgroups && plain.subgroup_size().is_none());
-    // A forced tile (PORTALORA_MATMUL_TILE) is the one every product takes, and no timing runs.
+    // A forced tile (PORTALORA_MATMUL_TILE) is the one the tile choice returns; with
+    // PORTALORA_AUTOTUNE=0 it is the default candidate (which the autotune may also pick here).
     if let Some(s) = ctx.subgroup_size() {
         let opts = ContextOptions { matmul_tile: Some((12, 3)), ..ContextOptions::default() };
         let forced = pollster::block_on(Context::with_options(opts)).unwrap();

@@ -183,3 +183,25 @@ fn plans_that_contradict_themselves_or_the_data_are_refused() {
     assert!(unused_by_method(Method::Dora, &["lr_ratio", "alpha"]).is_empty());
     assert_eq!(unused_by_method(Method::Lora, &["lr_ratio"]).len(), 1);
 }
+
+/// An ids file is `input_ids` alone, or with an all-ones `attention_mask` (a tokenizer's output
+/// without padding); a mask with zeros, or `labels`, would change what is trained: refused.
+#[test]
+fn an_ids_file_reads_input_ids_and_a_mask_of_ones_only() {
+    let dir = std::env::temp_dir().join(format!("portalora-ids-mask-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let read = |text: &str| {
+        let p = dir.join("ids.json");
+        std::fs::write(&p, text).unwrap();
+        portalora::finetune::read_ids(&p).map_err(|e| e.to_string())
+    };
+    let ids = vec![vec![5u32, 6, 7], vec![8, 9, 10]];
+    assert_eq!(read(r#"{"input_ids": [[5, 6, 7], [8, 9, 10]]}"#).unwrap(), ids);
+    let masked = r#"{"input_ids": [[5, 6, 7], [8, 9, 10]], "attention_mask": [[1, 1, 1], [1, 1, 1]]}"#;
+    assert_eq!(read(masked).unwrap(), ids);
+    let padded = read(r#"{"input_ids": [[5, 6, 7], [8, 9, 0]], "attention_mask": [[1, 1, 1], [1, 1, 0]]}"#);
+    assert!(padded.unwrap_err().contains("attention_mask with zeros"));
+    let labels = read(r#"{"input_ids": [[5, 6, 7]], "labels": [[-100, 6, 7]]}"#);
+    assert!(labels.unwrap_err().contains("has \"labels\", which portalora does not read"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -422,7 +422,9 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
     let (config, tokenizer) =
         (include_str!("fixtures/tiny_gpt2/config.json"), include_bytes!("fixtures/tiny_gpt2/tokenizer.json"));
     let weights = include_bytes!("fixtures/tiny_gpt2/model.safetensors");
-    e.load_safetensors("tiny", config, weights.to_vec(), Some(tokenizer.to_vec())).map_err(message).unwrap();
+    let desc =
+        e.load_safetensors("tiny", config, weights.to_vec(), Some(tokenizer.to_vec()), None).map_err(message).unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&desc).unwrap()["notes"], serde_json::json!([]));
     let w = tiny_gpt2();
     let d = RunDefaults::for_model(&w.config);
     assert_eq!(d.seq, 40, "the tiny model's context");
@@ -530,4 +532,32 @@ async fn a_delta_lora_run_in_the_page_exports_merged_with_the_weights_it_moved_i
     run(&m, "lora", 1);
     let merged = engine_eval(&m).await;
     assert!((merged - trained).abs() <= 1e-4 * trained, "merged {merged}, the run's {trained} (base {before})");
+}
+
+/// What the page does not apply of a model's files is said: a config.json asking for dropout of
+/// the model's own, in the model's description and in the run's notes; tokenizer_config.json's
+/// end of sequence is read as the command line reads it; keys of the text no format reads are
+/// named.
+#[wasm_bindgen_test]
+async fn the_page_says_what_of_a_model_it_does_not_apply_in_the_browser() {
+    use portalora::web::Engine;
+    let e = Engine::create().await.map_err(message).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(include_str!("fixtures/tiny_gpt2/config.json")).unwrap();
+    config["resid_pdrop"] = serde_json::json!(0.1);
+    let (tokenizer, weights) =
+        (include_bytes!("fixtures/tiny_gpt2/tokenizer.json"), include_bytes!("fixtures/tiny_gpt2/model.safetensors"));
+    let no_tokenizer = e.load_safetensors("tiny", &config.to_string(), weights.to_vec(), None, Some("{}".into()));
+    assert!(message(no_tokenizer.unwrap_err()).contains("tokenizer_config.json without tokenizer.json"));
+    let tok_config = Some(r#"{"eos_token": {"content": "<|endoftext|>"}}"#.to_string());
+    let desc = e
+        .load_safetensors("tiny", &config.to_string(), weights.to_vec(), Some(tokenizer.to_vec()), tok_config)
+        .map_err(message)
+        .unwrap();
+    let desc: serde_json::Value = serde_json::from_str(&desc).unwrap();
+    assert!(desc["notes"][0].as_str().unwrap().contains("config.json sets resid_pdrop = 0.1"), "{desc}");
+    let text = r#"{"text": "To be, or not to be, that is the question.", "id": 1}"#.to_string() + "\n";
+    let c = serde_json::json!({"targets": ["c_attn"], "steps": 1, "text": text.repeat(20), "seq": 8});
+    let s: serde_json::Value = serde_json::from_str(&e.start(&c.to_string()).map_err(message).unwrap()).unwrap();
+    let notes = s["notes"].to_string();
+    assert!(notes.contains("resid_pdrop = 0.1") && notes.contains("keys of the text not read: \\\"id\\\""), "{notes}");
 }

@@ -185,13 +185,15 @@ $("model-file").onchange = async (ev) => {
   const st = files.find((f) => f.name.endsWith(".safetensors"));
   const cfg = files.find((f) => f.name === "config.json");
   const tok = files.find((f) => f.name === "tokenizer.json");
+  const tokCfg = files.find((f) => f.name === "tokenizer_config.json");
   if (!st || !cfg) {
-    error("pick a .gguf file, or a model.safetensors with its config.json (and tokenizer.json)");
+    error("pick a .gguf file, or a model.safetensors with its config.json (and tokenizer.json, tokenizer_config.json)");
     return;
   }
   const bytes = await st.arrayBuffer();
   const tokenizer = tok ? await tok.arrayBuffer() : undefined;
-  worker.postMessage({ cmd: "load", kind: "safetensors", name: st.name, config: await cfg.text(), bytes, tokenizer });
+  const tokenizerConfig = tokCfg ? await tokCfg.text() : undefined;
+  worker.postMessage({ cmd: "load", kind: "safetensors", name: st.name, config: await cfg.text(), bytes, tokenizer, tokenizerConfig });
 };
 $("adapter-file").onchange = async (ev) => {
   error("");

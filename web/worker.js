@@ -54,7 +54,7 @@ onmessage = async (e) => {
       case "load": {
         const desc = m.kind === "gguf"
           ? engine.loadGguf(m.name, new Uint8Array(m.bytes))
-          : engine.loadSafetensors(m.name, m.config, new Uint8Array(m.bytes), m.tokenizer ? new Uint8Array(m.tokenizer) : undefined);
+          : engine.loadSafetensors(m.name, m.config, new Uint8Array(m.bytes), m.tokenizer ? new Uint8Array(m.tokenizer) : undefined, m.tokenizerConfig);
         postMessage({ type: "loaded", model: JSON.parse(desc), defaults: JSON.parse(engine.defaults()) });
         break;
       }

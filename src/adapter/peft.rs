@@ -450,15 +450,20 @@ fn refuse_unsupported(config: &Value) -> std::result::Result<(), String> {
         return Err(format!("{key} = {v}: {why}"));
     }
     // PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA start by moving the base's weights by the initial
-    // B·A (or quantizing them): such a file belongs to that residual base. PEFT's conversion
-    // (`path_initial_model_for_weight_conversion`) makes it a plain adapter and sets true.
+    // B·A (or quantizing them): such a file belongs to that residual base. PEFT converts the
+    // first three to plain adapters (`path_initial_model_for_weight_conversion`, setting true).
     if let Some(init) = config["init_lora_weights"].as_str() {
-        let moves_base = init.starts_with("pissa") || ["olora", "corda", "loftq", "lora_ga"].contains(&init);
-        if moves_base {
+        let convertible = init.starts_with("pissa") || ["olora", "corda"].contains(&init);
+        if convertible || ["loftq", "lora_ga"].contains(&init) {
+            let what = if convertible {
+                "save it with PEFT's path_initial_model_for_weight_conversion, which converts it to a plain LoRA \
+                 adapter of the original base"
+            } else {
+                "it needs the base its initialisation wrote, and portalora applies adapters to the base given"
+            };
             return Err(format!(
                 "init_lora_weights = {init:?}: this adapter was trained against a base its initialisation \
-                 changed, so on the original base it computes something else; save it with PEFT's \
-                 path_initial_model_for_weight_conversion, which converts it to a plain LoRA adapter"
+                 changed, so on the original base it computes something else; {what}"
             ));
         }
     }

@@ -3,8 +3,9 @@
 //! `{"conversations": [{"from", "value"}]}` (ShareGPT) and `{"instruction", "input", "output"}`
 //! (Alpaca: the user says the instruction, plus a blank line and the input when there is one;
 //! the assistant answers the output). ShareGPT and Alpaca lines may carry a `system` prompt. A
-//! line holding another format's content keys too is refused (which would be trained?); other
-//! keys (`id`, `source`, ...) are not read, and [`unread_keys`] names them for the summary.
+//! `text` beside a prompt/completion pair is refused (which would be trained?); other keys
+//! (`id`, `source`, Alpaca's rendered `text`) are not read, and [`unread_keys`] names them for
+//! the summary.
 
 use serde_json::Value;
 
@@ -72,38 +73,77 @@ impl Format {
     }
 }
 
-/// Keys that hold a format's content: one beside another format's is refused, not dropped.
-const CONTENT_KEYS: [&str; 8] =
-    ["text", "prompt", "completion", "messages", "conversations", "instruction", "input", "output"];
-/// Keys that change what a conversation is, which portalora does not implement.
+/// Keys of a conversation line that change what it is, which portalora does not implement.
 const REFUSED_KEYS: [(&str, &str); 3] = [
     ("tools", "tool definitions are not supported"),
     ("functions", "function definitions are not supported"),
     ("images", "images are not supported (portalora trains language models on text)"),
 ];
 
-/// The keys of a line's object that `format` does not read and that change nothing it trains
-/// on (`id`, `source`, ...): reported, not refused.
-pub fn unread_keys(v: &Value, format: Format) -> Vec<String> {
-    let Some(o) = v.as_object() else { return Vec::new() };
-    o.keys().filter(|k| !format.keys().contains(&k.as_str())).cloned().collect()
+/// Keys of a message that change how the template renders it.
+const REFUSED_MESSAGE_KEYS: [(&str, &str); 6] = [
+    ("tool_calls", "tool calls are not supported"),
+    ("function_call", "tool calls are not supported"),
+    ("tool_call_id", "tool calls are not supported"),
+    ("name", "a speaker's name is not rendered; fold it into the content"),
+    ("reasoning_content", "a separate reasoning text is not rendered; fold it into the content"),
+    ("thinking", "a separate reasoning text is not rendered; fold it into the content"),
+];
+
+/// Whether a value says something: not null, false, empty.
+fn set(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        Value::String(s) => !s.is_empty(),
+        _ => true,
+    }
 }
 
-/// Refuses a line that holds another format's content, or a key that changes the conversation.
-fn check_keys(v: &Value, format: Format) -> Result<(), String> {
-    let Some(o) = v.as_object() else { return Err("is not a JSON object".into()) };
-    for k in o.keys().map(String::as_str) {
-        if CONTENT_KEYS.contains(&k) && !format.keys().contains(&k) {
-            return Err(format!(
-                "holds \"{k}\" beside {}: a line is one format, and \"{k}\" would not be read; drop one",
-                format.describe()
-            ));
-        }
-        if let Some((_, why)) = REFUSED_KEYS.iter().find(|(r, _)| *r == k).filter(|_| !o[k].is_null()) {
-            return Err(format!("\"{k}\": {why}"));
+/// The conversation list of a line in `format`, with its role and content keys.
+fn conversation(format: Format) -> Option<(&'static str, &'static str, &'static str)> {
+    match format {
+        Format::Messages => Some(("messages", "role", "content")),
+        Format::ShareGpt => Some(("conversations", "from", "value")),
+        _ => None,
+    }
+}
+
+/// The keys of a line's object that `format` does not read and that change nothing it trains
+/// on (`id`, `source`, a message's `timestamp` as `messages[].timestamp`): reported, not refused.
+pub fn unread_keys(v: &Value, format: Format) -> Vec<String> {
+    let Some(o) = v.as_object() else { return Vec::new() };
+    let mut out: Vec<String> = o.keys().filter(|k| !format.keys().contains(&k.as_str())).cloned().collect();
+    if let Some((key, role, content)) = conversation(format) {
+        for m in v[key].as_array().into_iter().flatten().filter_map(Value::as_object) {
+            for k in m.keys().filter(|k| ![role, content, "weight"].contains(&k.as_str())) {
+                let name = format!("{key}[].{k}");
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
         }
     }
-    Ok(())
+    out
+}
+
+/// Refuses a line whose training text is ambiguous, or a key that changes the conversation.
+/// A text beside a prompt/completion pair: which is the document, which the target? (A lone
+/// `prompt` beside a text — Cosmopedia's — or a conversation's extra `text` or `prompt` —
+/// Alpaca's rendered prompt, UltraChat's first question — only repeats it, and is reported.)
+fn check_keys(v: &Value, format: Format) -> Result<(), String> {
+    let Some(o) = v.as_object() else { return Err("is not a JSON object".into()) };
+    if format == Format::Text && o.contains_key("prompt") && o.contains_key("completion") {
+        return Err("holds \"prompt\" and \"completion\" beside \"text\": train on the text, or on the \
+                    prompt/completion pair (the completion the target)? Keep one"
+            .into());
+    }
+    let chat = matches!(format, Format::Messages | Format::ShareGpt | Format::Alpaca);
+    match REFUSED_KEYS.iter().find(|(k, _)| chat && o.get(*k).is_some_and(set)) {
+        Some((k, why)) => Err(format!("\"{k}\": {why}")),
+        None => Ok(()),
+    }
 }
 
 pub const EXPECTED: &str = "expected one of {\"text\"}, {\"prompt\", \"completion\"}, {\"messages\": [{\"role\", \
@@ -129,9 +169,12 @@ pub fn document(v: &Value, format: Format) -> Result<Document, String> {
     };
     let with_system = |mut m: Vec<Message>| {
         if let Some(s) = &system {
+            if m.first().is_some_and(|f| f.role == "system") {
+                return Err("has a \"system\" prompt and a system turn first: keep one".to_string());
+            }
             m.insert(0, s.clone());
         }
-        Document::Chat(m)
+        Ok(Document::Chat(m))
     };
     Ok(match format {
         Format::Text => Document::Pieces(vec![(string("text")?, true)]),
@@ -139,7 +182,7 @@ pub fn document(v: &Value, format: Format) -> Result<Document, String> {
         Format::Messages => Document::Chat(turns(v, "messages", "role", "content", &[])?),
         Format::ShareGpt => {
             let names = [("human", "user"), ("gpt", "assistant"), ("user", "user"), ("assistant", "assistant")];
-            with_system(turns(v, "conversations", "from", "value", &names)?)
+            with_system(turns(v, "conversations", "from", "value", &names)?)?
         }
         Format::Alpaca => {
             let (instruction, output) = (string("instruction")?, string("output")?);
@@ -149,7 +192,7 @@ pub fn document(v: &Value, format: Format) -> Result<Document, String> {
                 Some(_) => return Err("\"input\" is not a string".into()),
             };
             let user = if input.is_empty() { instruction } else { format!("{instruction}\n\n{input}") };
-            with_system(vec![Message::new("user", &user), Message::new("assistant", &output)])
+            with_system(vec![Message::new("user", &user), Message::new("assistant", &output)])?
         }
     })
 }
@@ -180,31 +223,26 @@ fn turns(
                 return Err(format!("{key}[{i}].{content_key} is {what}: give each message's text as a string"));
             }
         };
-        check_message_keys(m, key, i, role_key, content_key)?;
-        out.push(Message::new(role, content));
+        let train = check_message_keys(m, key, i)?;
+        out.push(Message { train, ..Message::new(role, content) });
     }
     Ok(out)
 }
 
-/// A message's keys beyond its role and content change what is trained or rendered: OpenAI's
-/// `weight` 0 (a turn not to learn), tool calls, a speaker's `name`. Refused, not dropped;
-/// `weight` 1 (the default) is fine.
-fn check_message_keys(m: &Value, key: &str, i: usize, role_key: &str, content_key: &str) -> Result<(), String> {
+/// A message's keys beyond its role and content: OpenAI's `weight` (1, or 0 for a turn that is
+/// context only: returned as whether it trains) is read; keys that change what the template
+/// renders (tool calls, a speaker's `name`, separate reasoning) are refused rather than
+/// dropped; the rest (`timestamp`, `language`) change nothing and are reported
+/// ([`unread_keys`]).
+fn check_message_keys(m: &Value, key: &str, i: usize) -> Result<bool, String> {
     let Some(o) = m.as_object() else { return Err(format!("{key}[{i}] is not an object")) };
-    for (k, val) in o {
-        if k == role_key || k == content_key || val.is_null() {
-            continue;
-        }
-        let why = match k.as_str() {
-            "weight" if val.as_f64() == Some(1.0) => continue,
-            "weight" => {
-                "a per-turn weight is not supported (every assistant turn is trained); drop the turn \
-                         from the data, or the key"
-            }
-            "tool_calls" | "function_call" | "tool_call_id" => "tool calls are not supported",
-            _ => "portalora renders role and content only; drop the key, or fold it into the content",
-        };
-        return Err(format!("{key}[{i}].{k} = {val}: {why}"));
+    if let Some((k, why)) = REFUSED_MESSAGE_KEYS.iter().find(|(k, _)| o.get(*k).is_some_and(set)) {
+        return Err(format!("{key}[{i}].{k} = {}: {why}", o[*k]));
     }
-    Ok(())
+    match o.get("weight") {
+        None | Some(Value::Null) => Ok(true),
+        Some(w) if w.as_f64() == Some(1.0) => Ok(true),
+        Some(w) if w.as_f64() == Some(0.0) => Ok(false),
+        Some(w) => Err(format!("{key}[{i}].weight = {w}: a turn's weight is 0 (context only) or 1 (trained)")),
+    }
 }

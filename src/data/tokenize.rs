@@ -181,7 +181,18 @@ pub fn tokenize(
         template.ok_or_else(|| DataError::NoTemplate { path: path.to_path_buf(), model: chat.model.to_string() })?;
     let chat_err = |source| DataError::Chat { path: path.to_path_buf(), line, source };
     // Counted where it leaves the conversation without targets (with --train-on all it has some).
-    let no_assistant = chat.train_on == TrainOn::Assistant && !messages.iter().any(|m| m.role == "assistant");
+    let no_assistant =
+        chat.train_on == TrainOn::Assistant && !messages.iter().any(|m| m.role == "assistant" && m.train);
+    // (A user turn's weight 0, as SlimOrca writes it, says what --train-on assistant does anyway.)
+    if chat.train_on == TrainOn::All && messages.iter().any(|m| m.role == "assistant" && !m.train) {
+        return Err(DataError::Jsonl {
+            path: path.to_path_buf(),
+            line,
+            message: "an assistant turn has \"weight\": 0, but --train-on all trains every token: drop \
+                      --train-on all (assistant turns of weight 1 are then the targets) or the weights"
+                .into(),
+        });
+    }
     let (text, ranges) = match chat.train_on {
         TrainOn::Assistant => template.render_with_targets(&messages).map_err(chat_err)?,
         TrainOn::All => {

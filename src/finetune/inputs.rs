@@ -20,9 +20,21 @@ pub fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
         source,
     })?;
     let rows = v["input_ids"].as_array().ok_or_else(|| file_err(path, "expected {\"input_ids\": [[...], ...]}"))?;
-    // Every token of a row is trained: a `labels` or `attention_mask` beside the ids would mask
-    // some, and is refused rather than dropped.
-    if let Some(other) = v.as_object().and_then(|o| o.keys().find(|k| *k != "input_ids")) {
+    // Every token of a row is trained: `labels`, or an `attention_mask` with zeros (padding),
+    // beside the ids would mask some, and are refused rather than dropped. An all-ones mask (what
+    // `json.dump(tokenizer(texts))` writes without padding) says nothing more.
+    let ones = |m: &serde_json::Value| {
+        let row_ones = |r: &serde_json::Value| r.as_array().is_some_and(|r| r.iter().all(|x| x.as_u64() == Some(1)));
+        m.as_array().is_some_and(|rows| rows.iter().all(row_ones))
+    };
+    if v.get("attention_mask").is_some_and(|m| !ones(m)) {
+        return Err(file_err(
+            path,
+            "has an attention_mask with zeros (padding?): --ids rows are trained on every token, padding \
+             included; give rows of real tokens, of equal length, without the mask",
+        ));
+    }
+    if let Some(other) = v.as_object().and_then(|o| o.keys().find(|k| *k != "input_ids" && *k != "attention_mask")) {
         return Err(file_err(
             path,
             format!(

@@ -50,11 +50,15 @@ type Result<T> = std::result::Result<T, ChatError>;
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// Whether an assistant message is a loss target under `--train-on assistant` (OpenAI's
+    /// `"weight": 0` makes it context only). Not shown to the template.
+    #[serde(skip)]
+    pub train: bool,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.into(), content: content.into() }
+        Message { role: role.into(), content: content.into(), train: true }
     }
 }
 
@@ -128,7 +132,7 @@ impl ChatTemplate {
         let full = self.render(messages, false)?;
         let mut ranges = Vec::new();
         for (i, m) in messages.iter().enumerate() {
-            if m.role != "assistant" {
+            if m.role != "assistant" || !m.train {
                 continue;
             }
             let before = self.render(&messages[..i], true)?;

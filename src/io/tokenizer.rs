@@ -347,21 +347,29 @@ impl Tokenizer {
     /// `chat_template`: a string, or the entry named `default` of a list) and the special tokens'
     /// texts `tokenizer_config.json` names.
     fn read_template_files(&mut self, dir: &Path) -> Result<(), TokenizerError> {
-        let load = |p: &Path, message: String| TokenizerError::Load { path: p.to_path_buf(), message };
-        let config_path = dir.join("tokenizer_config.json");
-        let config: Option<serde_json::Value> = match std::fs::read_to_string(&config_path) {
-            Ok(text) => Some(serde_json::from_str(&text).map_err(|source| TokenizerError::Json {
-                path: config_path.clone(),
-                what: "not JSON: ",
-                source,
-            })?),
-            Err(_) => None,
-        };
         let jinja = dir.join("chat_template.jinja");
         if let Ok(text) = std::fs::read_to_string(&jinja) {
             self.chat_template = Some(TemplateText { origin: jinja.display().to_string(), text });
-        } else if let Some(t) = config.as_ref().and_then(|c| c.get("chat_template")) {
-            let origin = format!("{} (chat_template)", config_path.display());
+        }
+        let config_path = dir.join("tokenizer_config.json");
+        match std::fs::read_to_string(&config_path) {
+            Ok(text) => self.apply_tokenizer_config(&config_path, &text),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// What a folder's `tokenizer_config.json` (its text; `path` names it) adds to its
+    /// `tokenizer.json`: the chat template (unless a `chat_template.jinja` gave one), the texts
+    /// of `bos_token` / `eos_token`, and the end of sequence. The page passes the file's text.
+    pub fn apply_tokenizer_config(&mut self, path: &Path, text: &str) -> Result<(), TokenizerError> {
+        let load = |message: String| TokenizerError::Load { path: path.to_path_buf(), message };
+        let config: serde_json::Value = serde_json::from_str(text).map_err(|source| TokenizerError::Json {
+            path: path.to_path_buf(),
+            what: "not JSON: ",
+            source,
+        })?;
+        if let (None, Some(t)) = (&self.chat_template, config.get("chat_template")) {
+            let origin = format!("{} (chat_template)", path.display());
             let text = match t {
                 serde_json::Value::String(s) => Some(s.clone()),
                 serde_json::Value::Array(list) => list
@@ -370,14 +378,13 @@ impl Tokenizer {
                     .and_then(|e| e["template"].as_str().map(str::to_string)),
                 _ => None,
             };
-            let text = text.ok_or_else(|| {
-                load(&config_path, "chat_template is neither a string nor a list with a \"default\" entry".into())
-            })?;
+            let text = text
+                .ok_or_else(|| load("chat_template is neither a string nor a list with a \"default\" entry".into()))?;
             self.chat_template = Some(TemplateText { origin, text });
         }
         // A special token is a string or an AddedToken object {"content": ...}.
         let special = |key: &str| {
-            let v = config.as_ref()?.get(key)?;
+            let v = config.get(key)?;
             v.as_str().or_else(|| v.get("content").and_then(|c| c.as_str())).map(str::to_string)
         };
         self.special_texts = (special("bos_token"), special("eos_token"));

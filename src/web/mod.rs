@@ -216,7 +216,8 @@ impl Engine {
     }
 
     /// Loads a Hugging Face model from `config.json`'s text, one `model.safetensors` file's bytes
-    /// and, optionally, `tokenizer.json`'s bytes.
+    /// and, optionally, `tokenizer.json`'s bytes and `tokenizer_config.json`'s text (its chat
+    /// template and end of sequence, as the command line reads a folder).
     #[wasm_bindgen(js_name = loadSafetensors)]
     pub fn load_safetensors(
         &self,
@@ -224,12 +225,20 @@ impl Engine {
         config: &str,
         weights: Vec<u8>,
         tokenizer: Option<Vec<u8>>,
+        tokenizer_config: Option<String>,
     ) -> Result<String, JsError> {
         let _busy = Busy::take(&self.busy)?;
         let w = load_safetensors_bytes(name, config, &[&weights]).map_err(err)?;
-        let tok = match tokenizer {
-            Some(b) => Some(Tokenizer::from_json_bytes(Path::new(name), &b).map_err(err)?),
-            None => None,
+        let tok = match (tokenizer, tokenizer_config) {
+            (Some(b), cfg) => {
+                let mut t = Tokenizer::from_json_bytes(Path::new(name), &b).map_err(err)?;
+                if let Some(text) = cfg {
+                    t.apply_tokenizer_config(Path::new("tokenizer_config.json"), &text).map_err(err)?;
+                }
+                Some(t)
+            }
+            (None, Some(_)) => return Err(err("tokenizer_config.json without tokenizer.json: give both, or neither")),
+            (None, None) => None,
         };
         let notes = crate::model::model_dropout_note(config).into_iter().collect();
         self.set_model(name, w, tok, notes)

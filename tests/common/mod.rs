@@ -14,7 +14,7 @@ pub fn context() -> Option<Context> {
             if std::env::var("PORTALORA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
                 panic!("PORTALORA_REQUIRE_GPU=1 but no GPU context: {e}");
             }
-            eprintln!("SKIPPED (no GPU adapter; set PORTALORA_REQUIRE_GPU=1 to fail instead): {e}");
+            eprintln!("SKIPPED (no GPU context; set PORTALORA_REQUIRE_GPU=1 to fail instead): {e}");
             None
         }
     }

@@ -369,8 +369,9 @@ fn with_config_file(m: ArgMatches) -> Result<ArgMatches, Box<dyn std::error::Err
     Cli::command().try_get_matches_from(argv).map_err(|e| format!("{}: {e}", path.display()).into())
 }
 
-/// A config file's key is one of `train`'s flags (without dashes), true or false only for a
-/// switch; a file does not name another config. (Values clap reads are checked by clap.)
+/// A config file's key is one of `train`'s flags (without dashes; `resume` too), true or false
+/// only for a switch; a file does not name another config. (Values clap reads are checked by
+/// clap.)
 fn check_config_key(path: &Path, key: &str, value: &toml::Value) -> Result<(), String> {
     let train = Cli::command().find_subcommand("train").cloned().expect("the train command");
     let long = flag(key);
@@ -378,7 +379,10 @@ fn check_config_key(path: &Path, key: &str, value: &toml::Value) -> Result<(), S
         a.get_long().is_some_and(|l| format!("--{l}") == long)
             || a.get_all_aliases().is_some_and(|al| al.iter().any(|l| format!("--{l}") == long))
     });
-    let Some(arg) = arg.filter(|a| a.get_id() != "config" && a.get_id() != "resume") else {
+    if arg.is_some_and(|a| a.get_id() == "config") {
+        return Err(format!("{}: config = ...: a config file does not name another; merge them", path.display()));
+    }
+    let Some(arg) = arg else {
         return Err(format!(
             "{}: {key} is not a setting of train (keys are its flags without dashes, e.g. lr = 1e-3; \
              see portalora train --help)",

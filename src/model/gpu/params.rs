@@ -350,8 +350,8 @@ impl Names {
 
 impl ParameterTensors {
     /// Where `base` names a packed type, the frozen matrices kept f32 all the same (rows that
-    /// are not whole blocks of it, fewer than 4 rows, or no subgroup operations under `auto`),
-    /// said in one line: the user asked for a type, and some of the model does not have it.
+    /// are not whole blocks of it, or a row count that is no multiple of 4), said in one line:
+    /// the user asked for a type, and some of the model does not have it.
     pub fn kept_f32(&self, base: BaseDType) -> Option<String> {
         let want = base.dtype().filter(|d| *d != DType::F32)?;
         let tables = self.lm_head.iter().chain([&self.embed]).flat_map(|t| t.parts.iter().map(|(_, p)| p));
