@@ -219,6 +219,12 @@ fn system_prompts_come_first_and_unread_keys_are_said() {
             r#"{"prompt": "Hi, who are you?", "prompt_id": "a1", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, who are you?"}, {"role": "assistant", "content": "A test."}]}"#,
         ],
     );
+    let (_, messages_system) = setup(
+        "chat_sys_messages_key",
+        &[
+            r#"{"system": "Be brief.", "messages": [{"role": "user", "content": "Hi, who are you?"}, {"role": "assistant", "content": "A test."}]}"#,
+        ],
+    );
     let first = |f: &Path| {
         let (docs, sources) = data::tokenized_documents(f, &tok, &opts).unwrap();
         (docs[0].ids.clone(), docs[0].predict.clone(), sources.unread_keys.into_iter().collect::<Vec<_>>())
@@ -226,6 +232,7 @@ fn system_prompts_come_first_and_unread_keys_are_said() {
     let (ids, predict, unread) = first(&messages);
     assert!(unread.is_empty() && predict.iter().any(|&p| p));
     assert_eq!(first(&sharegpt), (ids.clone(), predict.clone(), vec!["id".to_string()]));
+    assert_eq!(first(&messages_system), (ids.clone(), predict.clone(), vec![]));
     assert_eq!(first(&ultrachat), (ids.clone(), predict.clone(), vec!["prompt".to_string(), "prompt_id".to_string()]));
     assert_eq!(first(&alpaca), (ids, predict, vec!["source".to_string(), "text".to_string()]));
     let ds = data::load_with(&sharegpt, &tok, &opts, data::Packing::Packed, 4, 0.0, 0).unwrap();

@@ -2,7 +2,7 @@
 //! `{"text"}`, `{"prompt", "completion"}`, `{"messages": [{"role", "content"}]}` (OpenAI / TRL),
 //! `{"conversations": [{"from", "value"}]}` (ShareGPT) and `{"instruction", "input", "output"}`
 //! (Alpaca: the user says the instruction, plus a blank line and the input when there is one;
-//! the assistant answers the output). ShareGPT and Alpaca lines may carry a `system` prompt. A
+//! the assistant answers the output). A line may carry a `system` prompt, the first turn. A
 //! `text` beside a prompt/completion pair is refused (which would be trained?); other keys
 //! (`id`, `source`, Alpaca's rendered `text`) are not read, and [`unread_keys`] names them for
 //! the summary.
@@ -41,6 +41,17 @@ impl Format {
         }
     }
 
+    /// The keys this format reads.
+    fn keys(self) -> &'static [&'static str] {
+        match self {
+            Format::Text => &["text"],
+            Format::PromptCompletion => &["prompt", "completion"],
+            Format::Messages => &["messages", "system"],
+            Format::ShareGpt => &["conversations", "system"],
+            Format::Alpaca => &["instruction", "input", "output", "system"],
+        }
+    }
+
     /// The format of a line's object, by its keys.
     pub fn of(v: &Value) -> Option<Format> {
         let has = |k: &str| v.get(k).is_some();
@@ -57,19 +68,6 @@ impl Format {
         } else {
             return None;
         })
-    }
-}
-
-impl Format {
-    /// The keys this format reads.
-    fn keys(self) -> &'static [&'static str] {
-        match self {
-            Format::Text => &["text"],
-            Format::PromptCompletion => &["prompt", "completion"],
-            Format::Messages => &["messages"],
-            Format::ShareGpt => &["conversations", "system"],
-            Format::Alpaca => &["instruction", "input", "output", "system"],
-        }
     }
 }
 
@@ -160,7 +158,7 @@ pub fn document(v: &Value, format: Format) -> Result<Document, String> {
         }
     };
     check_keys(v, format)?;
-    // ShareGPT's and Alpaca's system prompt comes first.
+    // A line's system prompt (ShareGPT's, Alpaca's; a messages line may have one too) comes first.
     let system = match v.get("system") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -179,7 +177,7 @@ pub fn document(v: &Value, format: Format) -> Result<Document, String> {
     Ok(match format {
         Format::Text => Document::Pieces(vec![(string("text")?, true)]),
         Format::PromptCompletion => Document::Pieces(vec![(string("prompt")?, false), (string("completion")?, true)]),
-        Format::Messages => Document::Chat(turns(v, "messages", "role", "content", &[])?),
+        Format::Messages => with_system(turns(v, "messages", "role", "content", &[])?)?,
         Format::ShareGpt => {
             let names = [("human", "user"), ("gpt", "assistant"), ("user", "user"), ("assistant", "assistant")];
             with_system(turns(v, "conversations", "from", "value", &names)?)?

@@ -296,9 +296,11 @@ pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn F
     if let Some(l) = &weights.left_out {
         on(&Event::LeftOut(l));
     }
-    let config_json = std::fs::read_to_string(cfg.model.join("config.json")).unwrap_or_default();
-    if let Some(n) = crate::model::model_dropout_note(&config_json).filter(|_| cfg.model.is_dir()) {
-        on(&Event::Note(&n));
+    if cfg.model.is_dir() {
+        let config_json = std::fs::read_to_string(cfg.model.join("config.json")).unwrap_or_default();
+        if let Some(n) = crate::model::model_dropout_note(&config_json) {
+            on(&Event::Note(&n));
+        }
     }
     let tok = Tokenizer::for_model(&cfg.model).ok();
     if tok.is_none() && !cfg.prompts.is_empty() {

@@ -274,8 +274,9 @@ fn layers_of(c: &Hf, family: Family, n: usize, head_dim: usize) -> Result<Vec<La
 /// Dropout a Hugging Face `config.json` asks of the model itself (GPT-2's `resid_pdrop`,
 /// `embd_pdrop`, `attn_pdrop` are 0.1; others' `attention_dropout`, `hidden_dropout`):
 /// transformers applies it while training, portalora does not (its `--dropout` is the
-/// adapter's). Said, since a run then differs from a transformers run on purpose. `None` when
-/// all are 0 or absent; the text of `config.json` (read where it is not JSON: the load says so).
+/// adapter's). Said, since a run then differs from a transformers run on purpose. `config_json`
+/// is the file's text; `None` when all are 0 or absent, or the text is no JSON (the model's load
+/// reports that).
 pub fn model_dropout_note(config_json: &str) -> Option<String> {
     const KEYS: [&str; 7] = [
         "resid_pdrop",

@@ -464,7 +464,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// The GPU context's options from the environment (an unknown PORTALORA_COOP is an error).
+/// The GPU context's options from the environment (a value the engine does not know is an error).
 fn context_options(command: &Command) -> Result<portalora::gpu::ContextOptions, Box<dyn std::error::Error>> {
     let mut opts = portalora::gpu::ContextOptions::from_env()?;
     // The cooperative-matrix benchmark runs the path whatever the autotune would say.
