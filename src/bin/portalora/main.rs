@@ -338,8 +338,9 @@ fn with_config_file(m: ArgMatches) -> Result<ArgMatches, Box<dyn std::error::Err
     let table: toml::Table = text.parse().map_err(|e| format!("{}: not TOML: {e}", path.display()))?;
     let mut argv: Vec<String> = std::env::args().take(1).collect();
     argv.push("train".into());
+    let train = Cli::command().find_subcommand("train").cloned().expect("the train command");
     for (key, value) in &table {
-        check_config_key(path, key, value)?;
+        check_config_key(&train, path, key, value)?;
         let flag = flag(key);
         let text = |v: &toml::Value| -> Result<String, String> {
             match v {
@@ -372,8 +373,7 @@ fn with_config_file(m: ArgMatches) -> Result<ArgMatches, Box<dyn std::error::Err
 /// A config file's key is one of `train`'s flags (without dashes; `resume` too), true or false
 /// only for a switch; a file does not name another config. (Values clap reads are checked by
 /// clap.)
-fn check_config_key(path: &Path, key: &str, value: &toml::Value) -> Result<(), String> {
-    let train = Cli::command().find_subcommand("train").cloned().expect("the train command");
+fn check_config_key(train: &clap::Command, path: &Path, key: &str, value: &toml::Value) -> Result<(), String> {
     let long = flag(key);
     let arg = train.get_arguments().find(|a| {
         a.get_long().is_some_and(|l| format!("--{l}") == long)

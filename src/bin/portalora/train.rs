@@ -399,6 +399,7 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     let method: Method = a.method.parse()?;
     check_unused(a, given, method)?;
     let (model, out) = (a.model.clone().expect("checked"), a.out.clone().expect("checked"));
+    // First: the library refuses it too, but only after reading the data.
     if let Some(dir) = &a.init_adapter {
         portalora::adapter::peft::refuse_delta_lora_alone(dir)?;
     }
