@@ -11,12 +11,37 @@ use portalora::adapter::{AdapterConfig, Method};
 use portalora::finetune::{run, Event, RunConfig};
 use portalora::train::{Schedule, TrainConfig};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+const USAGE: &str = "usage: finetune MODEL TEXT OUT [STEPS]
+  MODEL  a .gguf file or a Hugging Face folder
+  TEXT   a UTF-8 text file, a folder of them, or JSONL
+  OUT    a new folder for the PEFT adapter, the log and the loss curve
+  STEPS  optimizer steps (default 30)";
+
+fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, model, text, out, rest @ ..] = &args[..] else {
-        return Err("usage: finetune MODEL TEXT OUT [STEPS]".into());
+    if args.iter().skip(1).any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return std::process::ExitCode::SUCCESS;
+    }
+    // Errors in words (a `main` returning `Result` would print them debug-quoted).
+    match finetune(&args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn finetune(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
+    let [_, model, text, out, rest @ ..] = args else {
+        return Err(USAGE.into());
     };
-    let steps: u64 = rest.first().map(|s| s.parse()).transpose()?.unwrap_or(30);
+    let steps: u64 = match rest {
+        [] => 30,
+        [s] => s.parse().map_err(|_| format!("STEPS {s:?} is not a whole number\n{USAGE}"))?,
+        _ => return Err(format!("too many arguments\n{USAGE}").into()),
+    };
 
     // The engine: one GPU device (Vulkan, Metal or DX12; Mesa's lavapipe on a machine without GPU).
     let ctx = pollster::block_on(portalora::gpu::Context::new())?;
@@ -34,12 +59,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.train = TrainConfig {
         lr: 1e-3,
         schedule: Schedule::Cosine,
-        warmup_steps: 2,
-        total_steps: steps,
+        warmup_steps: 2, // the schedule's length is the run's (cfg.steps)
         ..TrainConfig::default()
     };
     cfg.batch = 2;
-    cfg.seq = 128;
+    // Rows of 128 tokens, or the model's whole context where it is shorter.
+    cfg.seq = portalora::run::RunDefaults::for_model(&portalora::model::read_config(model)?).seq;
     cfg.steps = Some(steps);
     cfg.val_rows = 4;
     cfg.eval_every = 10;

@@ -19,25 +19,30 @@
 //! - [`mod@reference`]: f64 CPU twins of every op, for tests; [`rng`]: the one random generator
 //!   (adapter initialisation, data order, sampling).
 //!
-//! The whole of an embedding app's fine-tuning, natively:
+//! The whole of an embedding app's fine-tuning, natively (README.md shows the same program; an
+//! app's `Cargo.toml` takes `default-features = false, features = ["native"]` and `pollster`):
 //!
 //! ```no_run
 //! # #[cfg(all(feature = "native", not(target_arch = "wasm32")))]
-//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # mod app {
 //! use portalora::adapter::{AdapterConfig, Method};
 //! use portalora::finetune::{run, Event, RunConfig};
-//! let ctx = pollster::block_on(portalora::gpu::Context::new())?; // the engine: one GPU device
-//! let mut cfg = RunConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf", "my-adapter");
-//! cfg.data = Some("hamlet.txt".into());
-//! cfg.adapter = AdapterConfig { rank: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()], ..AdapterConfig::new(Method::Lora) };
-//! cfg.train.lr = 1e-3;
-//! cfg.steps = Some(50);
-//! let summary = run(&ctx, &cfg, false, &mut |e: &Event| {
-//!     if let Event::Step { stats, .. } = e { println!("step {} loss {:.3}", stats.step, stats.loss) }
-//! })?;
-//! println!("validation loss {:?} → {:?}; adapter in {}", summary.val_before, summary.val_after, summary.adapter_dir.display());
-//! # Ok(()) }
-//! # #[cfg(not(all(feature = "native", not(target_arch = "wasm32"))))] fn main() {}
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let ctx = pollster::block_on(portalora::gpu::Context::new())?; // the engine: one GPU device
+//!     let mut cfg = RunConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf", "my-adapter");
+//!     cfg.data = Some("hamlet.txt".into());
+//!     cfg.adapter = AdapterConfig { rank: 8, alpha: 16.0, targets: vec!["q_proj".into(), "v_proj".into()], ..AdapterConfig::new(Method::Lora) };
+//!     cfg.train.lr = 1e-3;
+//!     cfg.steps = Some(50); // any cfg.train.schedule runs over these 50 steps
+//!     let summary = run(&ctx, &cfg, false, &mut |e: &Event| {
+//!         if let Event::Step { stats, .. } = e { println!("step {} loss {:.3}", stats.step, stats.loss) }
+//!     })?;
+//!     println!("validation loss {:?} → {:?}; adapter in {}", summary.val_before, summary.val_after, summary.adapter_dir.display());
+//!     Ok(())
+//! }
+//! # }
+//! # fn main() {}
 //! ```
 //!
 //! And the engine's lowest level, one matmul:

@@ -23,6 +23,20 @@ pub enum OutDirError {
     },
     #[error("{path} is not empty (it holds {holds}); {what}")]
     NotEmpty { path: PathBuf, holds: String, what: String },
+    #[error(
+        "{path} is a file, and the output is a folder: name a new or empty folder instead (a file is never \
+         replaced, even with --overwrite)"
+    )]
+    NotAFolder { path: PathBuf },
+    #[error(
+        "{out}: cannot write in {path} ({source}); pick an output folder you can write to, or change its permissions"
+    )]
+    NotWritable {
+        out: PathBuf,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{out} would overwrite the input {input}; write the output somewhere else")]
     IsInput { out: PathBuf, input: PathBuf },
     #[error("{path} is in use by another portalora process ({lock} is locked); wait for it to finish or pick another output")]
@@ -89,47 +103,152 @@ fn contents(dir: &Path) -> Option<String> {
 pub fn check(out: &Path, inputs: &[&Path], overwrite: bool, what: &str) -> Result<()> {
     check_not_input(out, inputs)?;
     if out.exists() && !out.is_dir() {
-        return Err(OutDirError::NotEmpty { path: out.to_path_buf(), holds: "a file".into(), what: what.into() });
+        // Never replaced, even with --overwrite: a file where a folder should go is a mistake.
+        return Err(OutDirError::NotAFolder { path: out.to_path_buf() });
     }
     match contents(out) {
         Some(holds) if !overwrite => Err(OutDirError::NotEmpty { path: out.to_path_buf(), holds, what: what.into() }),
-        _ => Ok(()),
+        _ => check_writable(out),
     }
 }
 
-/// An output folder held for the life of this value (the lock goes with it).
+/// Fails now, before the long work, where `out` (or the folder it would be made in) cannot be
+/// written: a probe file is made in the nearest folder that exists, and removed.
+pub fn check_writable(out: &Path) -> Result<()> {
+    let abs = absolute(out);
+    let Some(dir) = abs.ancestors().find(|a| a.exists()) else { return Ok(()) };
+    let not_writable = |source| OutDirError::NotWritable { out: out.to_path_buf(), path: dir.to_path_buf(), source };
+    if !dir.is_dir() {
+        return Err(not_writable(std::io::Error::from(std::io::ErrorKind::NotADirectory)));
+    }
+    let probe = dir.join(format!(".portalora-probe-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        // One left by an earlier process of the same id: the folder takes files.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(not_writable(source)),
+    }
+}
+
+/// An output folder held for the life of this value (the lock goes with it). A folder taken for
+/// a new run ([`claim_new`]) holds nothing of value until [`Claim::keep`] says so (a run's first
+/// checkpoint): dropped before that — an error, a panic — it removes the files the run writes
+/// there (`written`, never anything else) and the folder when it made it and nothing else is
+/// left in it, so that the same command can run again instead of finding a folder that is
+/// neither empty nor resumable. The lock file goes when the claim ends (on Unix, where an open
+/// file's name can be checked against it).
 #[derive(Debug)]
 pub struct Claim {
     pub dir: PathBuf,
-    _lock: File,
+    lock: Option<File>,
+    /// For a new run not yet kept: whether the folder was made by this claim, and the names the
+    /// run writes in it.
+    fresh: Option<(bool, &'static [&'static str])>,
+}
+
+impl Claim {
+    /// The folder now holds something worth keeping (a checkpoint): it stays.
+    pub fn keep(&mut self) {
+        self.fresh = None;
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let lock = self.lock.take();
+        let Some((made, written)) = self.fresh else { return remove_lock(&self.dir, lock) };
+        // Still holding the lock: no other process can have taken the folder meanwhile.
+        for name in written {
+            let p = self.dir.join(name);
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+        remove_lock(&self.dir, lock);
+        if made {
+            // Only when empty: whatever someone else put there stays, with the folder.
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
+}
+
+/// Removes the lock file while it is still held and still the one at its name (so that no other
+/// process can have taken it in between), then releases it. Elsewhere than on Unix the file stays
+/// (the lock is the open file's, released all the same).
+fn remove_lock(dir: &Path, lock: Option<File>) {
+    let path = dir.join(LOCK_FILE);
+    if cfg!(unix) && lock.as_ref().is_some_and(|f| same_file(f, &path)) {
+        let _ = std::fs::remove_file(&path);
+    }
+    drop(lock);
+}
+
+/// Whether `f` is still the file at `path` (a lock file another process removed while this one
+/// opened it is not: locking it would lock nothing).
+fn same_file(f: &File, path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (f.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        // No lock file is removed there (see `remove_lock`): the file at `path` is this one.
+        let _ = (f, path);
+        true
+    }
 }
 
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OutDirError::Locked { path: dir.to_path_buf(), lock: path }),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    // A finished run removes its lock file while holding it: one opened just before that is
+    // opened afresh.
+    for _ in 0..8 {
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
+        match f.try_lock() {
+            Ok(()) if same_file(&f, &path) => return Ok(f),
+            Ok(()) => continue,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(OutDirError::Locked { path: dir.to_path_buf(), lock: path })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
     }
+    Err(OutDirError::Locked { path: dir.to_path_buf(), lock: path })
 }
 
-/// Takes the folder `dir` for a new run: with `overwrite` an existing folder is replaced whole
-/// (after taking its lock, so that a run still writing there is never pulled from under it);
-/// then it is created and locked. Call [`check`] first, before the long work.
-pub fn claim_new(dir: &Path, overwrite: bool) -> Result<Claim> {
+/// Takes the folder `dir` for a new run that writes the files or folders `written` in it: with
+/// `overwrite` an existing folder is replaced whole (after taking its lock, so that a run still
+/// writing there is never pulled from under it); then it is created and locked. Call [`check`]
+/// first, before the long work; a folder that filled since is refused here.
+pub fn claim_new(dir: &Path, overwrite: bool, written: &'static [&'static str]) -> Result<Claim> {
+    let mut made = !dir.exists();
     if overwrite && dir.is_dir() && contents(dir).is_some() {
         let held = lock(dir)?;
         std::fs::remove_dir_all(dir).map_err(io(dir))?;
         drop(held);
+        made = true;
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    Ok(Claim { dir: dir.to_path_buf(), _lock: lock(dir)? })
+    let mut claim = Claim { dir: dir.to_path_buf(), lock: Some(lock(dir)?), fresh: None };
+    if let Some(holds) = contents(dir) {
+        return Err(OutDirError::NotEmpty {
+            path: dir.to_path_buf(),
+            holds,
+            what: "something was written there while this run was starting; pick another output".into(),
+        });
+    }
+    claim.fresh = Some((made, written));
+    Ok(claim)
 }
 
 /// Takes an existing folder (a run to resume): only its lock.
 pub fn claim_existing(dir: &Path) -> Result<Claim> {
-    Ok(Claim { dir: dir.to_path_buf(), _lock: lock(dir)? })
+    Ok(Claim { dir: dir.to_path_buf(), lock: Some(lock(dir)?), fresh: None })
 }
 
 /// `dir` with `suffix` added to its name (`out/` → `out.tmp`).
@@ -181,13 +300,49 @@ mod tests {
         let e = check(&out, &[], false, "pick another").unwrap_err().to_string();
         assert!(e.contains("adapter_model.safetensors") && e.contains("pick another"), "{e}");
         check(&out, &[], true, "x").unwrap();
-        let claim = claim_new(&out, true).unwrap();
+        let mut claim = claim_new(&out, true, &[]).unwrap();
         assert!(!out.join("adapter_model.safetensors").exists(), "replaced whole");
         // A second claim while the first holds the lock is refused; once released it succeeds.
         let e = claim_existing(&out).unwrap_err().to_string();
         assert!(e.contains("in use"), "{e}");
+        claim.keep(); // what a run does at its first checkpoint
+        std::fs::write(out.join("checkpoint"), b"kept").unwrap();
         drop(claim);
+        assert!(out.join("checkpoint").exists() && !out.join(LOCK_FILE).exists(), "kept, without its lock file");
         claim_existing(&out).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_claim_not_kept_removes_what_it_wrote() {
+        let d = tmp("fresh");
+        // A folder the claim made goes whole.
+        const RUN: &[&str] = &["run.json", "log.jsonl", "checkpoint.tmp"];
+        let made = d.join("made");
+        let claim = claim_new(&made, false, RUN).unwrap();
+        std::fs::write(made.join("run.json"), b"{}").unwrap();
+        drop(claim);
+        assert!(!made.exists());
+        // One that was there, empty, stays, emptied.
+        let was = d.join("was");
+        std::fs::create_dir_all(&was).unwrap();
+        let claim = claim_new(&was, false, RUN).unwrap();
+        std::fs::create_dir_all(was.join("checkpoint.tmp")).unwrap();
+        std::fs::write(was.join("log.jsonl"), b"").unwrap();
+        drop(claim);
+        assert!(was.is_dir() && std::fs::read_dir(&was).unwrap().count() == 0);
+        // What someone else put in a folder the run made stays, and so does the folder.
+        let claim = claim_new(&made, false, RUN).unwrap();
+        std::fs::write(made.join("run.json"), b"{}").unwrap();
+        std::fs::write(made.join("notes.txt"), b"mine").unwrap();
+        drop(claim);
+        assert!(made.join("notes.txt").exists() && !made.join("run.json").exists());
+        // A folder that filled after the check is refused, not taken.
+        assert!(claim_new(&made, false, RUN).unwrap_err().to_string().contains("notes.txt"));
+        // A resumed run's folder is never removed.
+        std::fs::write(was.join("run.json"), b"{}").unwrap();
+        drop(claim_existing(&was).unwrap());
+        assert!(was.join("run.json").exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -382,14 +382,25 @@ impl RunState {
     }
 }
 
-/// Checks what depends on the run's length: a learning-rate warm-up past it, or a Delta-LoRA
-/// warm-up that would never let W0 move.
-pub fn check_length(
+/// The optimizer's settings for a run of `steps` optimizer steps: the schedule's length is the
+/// run's ([`TrainConfig::total_steps`](crate::train::TrainConfig::total_steps) filled in, or
+/// refused when an app set another), and what depends on it is checked: a learning-rate warm-up
+/// past it, or a Delta-LoRA warm-up that would never let W0 move. The command line's runs and
+/// the page's both take their optimizer settings from here.
+pub fn fit_length(
     adapter: &crate::adapter::AdapterConfig,
     train: &crate::train::TrainConfig,
     steps: u64,
-) -> Result<()> {
+) -> Result<crate::train::TrainConfig> {
     let plural = |n: u64| format!("{n} step{}", if n == 1 { "" } else { "s" });
+    if let Some(total) = train.total_steps.filter(|&t| t != steps) {
+        return Err(config_err(format!(
+            "the schedule's total_steps {total} disagrees with the run's {} (its steps, or what its epochs make \
+             of the data): the learning rate would follow another run's schedule; leave total_steps unset \
+             (None), and the run's length is used",
+            plural(steps)
+        )));
+    }
     if train.warmup_steps > steps {
         return Err(config_err(format!(
             "--warmup-steps {} is beyond the run's {}: the learning rate would never reach --lr; \
@@ -407,5 +418,5 @@ pub fn check_length(
             plural(steps)
         )));
     }
-    Ok(())
+    Ok(crate::train::TrainConfig { total_steps: Some(steps), ..train.clone() })
 }

@@ -154,7 +154,7 @@ fn a_run_stopped_by_an_f16_overflow_says_to_use_f32_activations() {
     let mut cfg = portalora::finetune::RunConfig::new(&model, dir.join("out"));
     cfg.ids = Some(ids);
     cfg.adapter = AdapterConfig { rank: 4, targets: vec!["up_proj".into()], ..AdapterConfig::new(Method::Lora) };
-    cfg.train = TrainConfig { activations_f16: true, total_steps: 2, ..TrainConfig::default() };
+    cfg.train = TrainConfig { activations_f16: true, ..TrainConfig::default() };
     cfg.steps = Some(2);
     let err = portalora::finetune::run(&ctx, &cfg, false, &mut |_| {}).expect_err("Inf gradients").to_string();
     assert!(err.contains("the gradient of") && err.contains("try --activations f32"), "{err}");

@@ -121,6 +121,11 @@ fn setup(dir: &Path) {
     std::fs::write(dir.join("misspelled.toml"), "no_shufle = false\n").unwrap();
     std::fs::write(dir.join("bool_value.toml"), "lr = false\n").unwrap();
     std::fs::write(dir.join("nested.toml"), "config = \"other.toml\"\n").unwrap();
+    // A GGUF without its tokenizer's merges (renamed, same length).
+    let mut g = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/gguf/tiny_model.gguf")).unwrap();
+    let at = find(&g, b"tokenizer.ggml.merges");
+    g[at..at + 21].copy_from_slice(b"tokenizer.ggml.mergex");
+    std::fs::write(dir.join("no_tokenizer.gguf"), g).unwrap();
     setup_semantics(dir);
 }
 
@@ -415,7 +420,7 @@ fn cases() -> Vec<Case> {
             &["\"up\"", "49152000000 bytes", "smaller batch"],
         ),
         c("unknown base dtype", t(&tiny_gpt2, &["--base-dtype", "iq4_xs"]), &["iq4_xs", "q4_k"]),
-        c("missing model", t("DIR/nothing-here", &[]), &["nothing-here"]),
+        c("missing model", t("DIR/nothing-here", &[]), &["--model DIR/nothing-here: no such file or folder"]),
     ]
     .into_iter()
     .chain(semantic_cases(&t, &llama, &tiny_gpt2))
@@ -505,6 +510,48 @@ fn semantic_cases(t: &dyn Fn(&str, &[&str]) -> Vec<String>, llama: &str, gpt2: &
             "merge into the base model's folder (`merge`)",
             words("merge --model DIR/truncated --adapter DIR/done --out DIR/truncated"),
             &["would overwrite the input"],
+        ),
+        c(
+            "missing data",
+            t(gpt2, &["--data", "DIR/nothing-here.txt"]),
+            &["--data DIR/nothing-here.txt: no such file or folder"],
+        ),
+        c(
+            "missing adapter (`eval`)",
+            words(&format!("eval --model {gpt2} --ids DIR/ids_ok.json --adapter DIR/nothing-here")),
+            &["--adapter DIR/nothing-here: no such file or folder"],
+        ),
+        c(
+            "`eval` with --seq beyond the context",
+            words(&format!("eval --model {gpt2} --data DIR/text.txt --seq 100000")),
+            &["--seq 100000", "context of 40", "use --seq 40 or less"],
+        ),
+        c(
+            "a GGUF without a tokenizer",
+            t("DIR/no_tokenizer.gguf", &[]),
+            &["no_tokenizer.gguf holds no tokenizer", "tokenizer.ggml.merges is missing", "--ids"],
+        ),
+        c(
+            "a GGUF without a tokenizer (`eval`)",
+            words("eval --model DIR/no_tokenizer.gguf --data DIR/text.txt --seq 8"),
+            &["no_tokenizer.gguf holds no tokenizer", "tokenizer.ggml.merges is missing", "--ids"],
+        ),
+        c(
+            "--out that is a file, with --overwrite",
+            words(&format!(
+                "train --model {gpt2} --data DIR/text.txt --targets c_attn --steps 1 --out DIR/exists.gguf --overwrite"
+            )),
+            &["exists.gguf is a file", "never replaced"],
+        ),
+        c(
+            "--out where nothing can be written (under a file)",
+            t(gpt2, &["--out", "DIR/exists.gguf/run"]),
+            &["DIR/exists.gguf/run: cannot write in DIR/exists.gguf", "pick an output folder you can write to"],
+        ),
+        c(
+            "--eval-every without validation rows",
+            t(gpt2, &["--val-fraction", "0", "--eval-every", "1"]),
+            &["--eval-every 1", "--val-fraction 0 holds none out"],
         ),
         c(
             "--resume with a setting it cannot change",

@@ -39,7 +39,8 @@ fn rendered_ids_and_targets_equal_transformers() {
                 assert_eq!(got.ids, ids, "{what}: document {i} ids (text {:?})", want["text"]);
                 let targets: Vec<bool> = match train_on {
                     TrainOn::Assistant => want["targets"].as_array().unwrap().iter().map(|v| v == 1).collect(),
-                    TrainOn::All => vec![true; ids.len()],
+                    // Every token but the first, which nothing before it predicts.
+                    TrainOn::All => (0..ids.len()).map(|i| i > 0).collect(),
                 };
                 assert_eq!(got.predict, targets, "{what}: document {i} targets with {train_on:?}");
             }

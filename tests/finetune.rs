@@ -137,7 +137,7 @@ fn tiny_run(out: &Path, text: &Path, steps: u64) -> RunConfig {
         targets: vec!["c_attn".into(), "c_proj".into(), "c_fc".into()],
         ..AdapterConfig::new(Method::Lora)
     };
-    cfg.train = TrainConfig { lr: 1e-2, total_steps: steps, ..TrainConfig::default() };
+    cfg.train = TrainConfig { lr: 1e-2, ..TrainConfig::default() };
     cfg.batch = 4;
     cfg.seq = 32;
     cfg.steps = Some(steps);
@@ -407,7 +407,7 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let mut cfg = RunConfig::new(&model, &out);
     cfg.data = Some(text);
     cfg.adapter = AdapterConfig { rank: 2, targets: vec!["c_attn".into()], ..AdapterConfig::new(Method::Lora) };
-    cfg.train = TrainConfig { lr: 1e-2, total_steps: 100, loss_every: 3, ..TrainConfig::default() };
+    cfg.train = TrainConfig { lr: 1e-2, loss_every: 3, ..TrainConfig::default() };
     cfg.batch = 2;
     cfg.seq = 16;
     cfg.steps = Some(100);

@@ -83,7 +83,7 @@ fn a_short_lora_run_on_gemma3_270m_lowers_its_loss() {
     cfg.data = Some(fixture("hamlet_excerpt.txt"));
     cfg.adapter =
         AdapterConfig { rank: 8, alpha: 16.0, targets: vec!["all-linear".into()], ..AdapterConfig::new(Method::Lora) };
-    cfg.train = TrainConfig { lr: 1e-3, total_steps: 6, ..TrainConfig::default() };
+    cfg.train = TrainConfig { lr: 1e-3, ..TrainConfig::default() };
     (cfg.batch, cfg.seq, cfg.steps, cfg.val_fraction, cfg.eval_every) = (2, 128, Some(6), 0.3, 0);
     let s = run(&ctx, &cfg, false, &mut |_| {}).unwrap();
     let (before, after) = (s.val_before.unwrap(), s.val_after.unwrap());

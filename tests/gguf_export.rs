@@ -241,6 +241,10 @@ fn a_delta_lora_run_exports_merged_with_the_weights_it_moved() {
     let (got, want, before) = (loss(&ctx, &out, &ids), loss(&ctx, &run, &ids), loss(&ctx, &base, &ids));
     assert!((got - want).abs() / want < 1e-5, "merged GGUF {got} vs the run's merged folder {want}");
     assert!((before - want).abs() > 1e-3, "the run moved the loss ({before} → {want})");
+    // The run's --out itself, as EXPORT.md's flow gives it, exports the same file.
+    let from_run = dir.join("from_run.gguf");
+    export(&["--model", s(&base), "--adapter", s(&run), "--out", s(&from_run)]);
+    assert!(std::fs::read(&from_run).unwrap() == std::fs::read(&out).unwrap(), "--adapter RUN and RUN/adapter differ");
 }
 
 /// A merged export to a quantized type says how much of the adapter's change the quantized
@@ -255,6 +259,7 @@ fn quantizing_a_merge_says_how_much_of_the_change_it_keeps() {
     let text =
         export(&["--model", s(&base), "--adapter", s(&adapter), "--out", s(&out), "--as", "merged", "--type", "q8_0"]);
     assert!(text.contains("keep 100% of the adapter's change") && !text.contains("rounds away"), "{text}");
+    assert!(text.contains("the fine-tune survives the quantization"), "{text}");
     let small = dir.join("small");
     std::fs::create_dir_all(&small).unwrap();
     std::fs::copy(adapter.join("adapter_model.safetensors"), small.join("adapter_model.safetensors")).unwrap();

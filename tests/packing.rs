@@ -28,7 +28,7 @@ fn first_step(
         rank: 4,
         ..AdapterConfig::new(Method::Lora)
     };
-    let tc = TrainConfig { lr: 0.0, max_grad_norm: 0.0, total_steps: 1, ..TrainConfig::default() };
+    let tc = TrainConfig { lr: 0.0, max_grad_norm: 0.0, total_steps: Some(1), ..TrainConfig::default() };
     let mut t = Trainer::new(ctx, w, 1, ids.len(), &cfg, &tc, None).unwrap();
     let (ids, predict) = (vec![ids.to_vec()], vec![predict.to_vec()]);
     let pos = pos.map(|p| vec![p.to_vec()]);

@@ -421,7 +421,7 @@ fn a_run_on_the_quantized_smollm2_samples_with_its_adapter() {
     let mut cfg = portalora::finetune::RunConfig::new(&path, dir.join("out"));
     cfg.data = Some(text);
     cfg.adapter = AdapterConfig { targets: vec!["q_proj".into(), "v_proj".into()], ..AdapterConfig::new(Method::Lora) };
-    cfg.train = TrainConfig { lr: 1e-3, total_steps: 2, ..TrainConfig::default() };
+    cfg.train = TrainConfig { lr: 1e-3, ..TrainConfig::default() };
     cfg.batch = 1;
     cfg.seq = 16;
     cfg.steps = Some(2);

@@ -118,7 +118,7 @@ async fn gpt2_matches_peft(
         weight_decay: e["weight_decay"].as_f64().unwrap(),
         eps: e["eps"].as_f64().unwrap(),
         max_grad_norm: 0.0,
-        total_steps: 4,
+        total_steps: Some(4),
         ..memory
     };
     let ids = ids_of(&e["input_ids"]);
@@ -455,7 +455,7 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
     let mut state = RunState::new(RunData { train: ds.train, val: ds.val, ..RunData::default() }, &plan).unwrap();
     let ctx = context().await;
     let acfg = AdapterConfig { targets: vec!["c_attn".into(), "c_fc".into()], ..AdapterConfig::new(Method::Lora) };
-    let tc = TrainConfig { total_steps: 3, ..TrainConfig::default() };
+    let tc = TrainConfig { total_steps: Some(3), ..TrainConfig::default() };
     let mut trainer = Trainer::new(&ctx, &w, state.batch(), state.seq(), &acfg, &tc, None).unwrap();
     let micro = state.next_step();
     let want = trainer.train_step_async(&ctx, &[micro[0].batch()]).await.unwrap().loss;
@@ -485,6 +485,15 @@ async fn the_page_engine_runs_the_shared_run_state_with_the_shared_defaults_in_t
         serde_json::from_str(&start(serde_json::json!({"activations": "f16"})).unwrap()).unwrap();
     assert_eq!(half["settings"]["activations"], "f16");
     assert!(half["kept_bytes"].as_u64() < s["kept_bytes"].as_u64(), "f16 keeps less: {half} vs {s}");
+
+    // A schedule runs over the run's own length, as transformers' get_cosine_schedule_with_warmup.
+    start(serde_json::json!({"schedule": "cosine", "warmup_steps": 1, "steps": 4, "lr": 1e-3})).unwrap();
+    for t in 1..=4u64 {
+        let lr = engine_step(&e).await.unwrap()["lr"].as_f64().unwrap();
+        let i = t - 1;
+        let m = if i < 1 { 0.0 } else { 0.5 * (1.0 + (std::f64::consts::PI * (i - 1) as f64 / 3.0).cos()) };
+        assert!((lr - 1e-3 * m).abs() <= 1e-12, "the page's step {t}: lr {lr}, transformers {}", 1e-3 * m);
+    }
 }
 
 async fn engine_eval(e: &portalora::web::Engine) -> f64 {

@@ -100,6 +100,9 @@ impl PeftFile {
             let g = crate::io::gguf::Gguf::open(dir)?;
             return Self::from_gguf(&g);
         }
+        if !dir.exists() {
+            return Err(file_err(dir, "no such file or folder"));
+        }
         let cfg_path = dir.join(CONFIG_FILE);
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|source| AdapterError::Io { path: cfg_path.display().to_string(), source })?;

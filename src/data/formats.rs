@@ -244,3 +244,46 @@ fn check_message_keys(m: &Value, key: &str, i: usize) -> Result<bool, String> {
         Some(w) => Err(format!("{key}[{i}].weight = {w}: a turn's weight is 0 (context only) or 1 (trained)")),
     }
 }
+
+/// Why a conversation's turns do not alternate (a system turn first, then user and assistant by
+/// turns), if they do not: most templates render such a conversation as it is, a few refuse it.
+fn turn_order(messages: &[Message]) -> Option<String> {
+    let start = usize::from(messages.first().is_some_and(|m| m.role == "system"));
+    let mut last: Option<&str> = None;
+    for (i, m) in messages.iter().enumerate().skip(start) {
+        if m.role == "system" {
+            return Some(format!("a system turn at turn {} of {}, not first", i + 1, messages.len()));
+        }
+        if last == Some(m.role.as_str()) {
+            return Some(format!("turns {} and {} are both {}", i, i + 1, m.role));
+        }
+        last = Some(&m.role);
+    }
+    None
+}
+
+/// One warning for the conversations of a file whose turns do not alternate: the first one's
+/// line and why, and the lines of the others.
+pub fn turn_order_warning(path: &std::path::Path, docs: &[(usize, Document)]) -> Option<String> {
+    let bad: Vec<(usize, String)> = docs
+        .iter()
+        .filter_map(|(line, d)| match d {
+            Document::Chat(m) => turn_order(m).map(|why| (*line, why)),
+            Document::Pieces(_) => None,
+        })
+        .collect();
+    let ((line, why), rest) = bad.split_first()?;
+    let more = match rest.len() {
+        0 => String::new(),
+        n => {
+            let lines: Vec<String> = rest.iter().take(5).map(|(l, _)| l.to_string()).collect();
+            let etc = if n > 5 { ", …" } else { "" };
+            format!("; {n} more conversation(s) likewise (line {}{etc})", lines.join(", "))
+        }
+    };
+    Some(format!(
+        "{}:{line}: the turns do not alternate ({why}){more}; they are rendered as they stand — check the data \
+         (system first, then user and assistant by turns)",
+        path.display()
+    ))
+}

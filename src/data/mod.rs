@@ -15,8 +15,12 @@
 //! tokens of each assistant message and the end-of-turn text that closes it, with `--train-on
 //! all` every token.
 
+mod files;
 pub mod formats;
 mod tokenize;
+
+use files::files_of;
+pub use files::{documents, documents_of_text, Documents};
 
 pub use tokenize::{
     chat_flags, target_runs, tokenize, tokenized_documents, tokenized_text, ChatOptions, Tokenized, TrainOn,
@@ -27,7 +31,6 @@ use std::path::{Path, PathBuf};
 
 use crate::io::tokenizer::Tokenizer;
 use crate::rng::Rng;
-use formats::{Document, Format};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -37,6 +40,8 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: no such file or folder")]
+    Missing { path: PathBuf },
     #[error("{path}: not UTF-8 text (the first bad byte is at offset {offset}); convert it to UTF-8")]
     NotUtf8 { path: PathBuf, offset: usize },
     #[error("{path}:{line}: {message}")]
@@ -130,23 +135,45 @@ pub struct DataSummary {
     /// dropped silently.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unread_keys: Vec<String>,
+    /// What was done to the files or should be checked in them, one line each ([`Sources::notes`]):
+    /// shown as notes beside the summary's line, not in it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl std::fmt::Display for DataSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let rows = format!("{} training + {} validation rows", self.train_rows, self.val_rows);
+        self.write(f, &rows, "loss targets")
+    }
+}
+
+impl DataSummary {
+    /// The summary as `eval` reads data: every row scored, none held out.
+    pub fn scored(&self) -> String {
+        struct Scored<'a>(&'a DataSummary);
+        impl std::fmt::Display for Scored<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let n = self.0.train_rows + self.0.val_rows;
+                self.0.write(f, &format!("{n} row{}", if n == 1 { "" } else { "s" }), "scored")
+            }
+        }
+        Scored(self).to_string()
+    }
+
+    fn write(&self, f: &mut std::fmt::Formatter<'_>, rows: &str, targets: &str) -> std::fmt::Result {
+        let s = |n: usize| if n == 1 { "" } else { "s" };
         write!(
             f,
-            "{} file{}, {} document{}{}, {} tokens ({} loss targets, {} dropped) → {} training + {} validation rows of {}",
+            "{} file{}, {} document{}{}, {} tokens ({} {targets}, {} dropped) → {rows} of {}",
             self.files,
-            if self.files == 1 { "" } else { "s" },
+            s(self.files),
             self.documents,
-            if self.documents == 1 { "" } else { "s" },
+            s(self.documents),
             if self.conversations > 0 { format!(" ({} conversations)", self.conversations) } else { String::new() },
             self.tokens,
             self.target_tokens,
             self.dropped_tokens,
-            self.train_rows,
-            self.val_rows,
             self.seq
         )?;
         if self.padding_tokens > 0 {
@@ -169,115 +196,6 @@ pub struct Dataset {
     pub train: Vec<Row>,
     pub val: Vec<Row>,
     pub summary: DataSummary,
-}
-
-/// The files under `path` (a file, or every file of a folder and its subfolders, sorted).
-fn files_of(path: &Path) -> Result<Vec<PathBuf>> {
-    let io = |source| DataError::Io { path: path.to_path_buf(), source };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if !meta.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Io { path: dir.clone(), source })?;
-        for e in entries {
-            let p = e.map_err(|source| DataError::Io { path: dir.clone(), source })?.path();
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name.starts_with('.') {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    if out.is_empty() {
-        return Err(DataError::Empty { path: path.to_path_buf(), message: "the folder holds no files".into() });
-    }
-    Ok(out)
-}
-
-fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-    String::from_utf8(bytes)
-        .map_err(|e| DataError::NotUtf8 { path: path.to_path_buf(), offset: e.utf8_error().valid_up_to() })
-}
-
-/// The documents of one file: JSONL (by extension `.jsonl`, in one format of [`formats`]) or
-/// plain text. A `.json` file is refused with a hint rather than trained on as text (its brackets
-/// and quotes would be learnt). Each comes with its line (0 for plain text).
-pub fn documents(path: &Path) -> Result<Documents> {
-    let text = read_text(path)?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    if ext == "json" {
-        return Err(json_hint(path, &text));
-    }
-    documents_of_text(path, text, ext == "jsonl")
-}
-
-/// A file's documents, each with its line, and the JSONL keys its format did not read.
-#[derive(Debug, Default)]
-pub struct Documents {
-    pub docs: Vec<(usize, Document)>,
-    pub unread_keys: BTreeSet<String>,
-}
-
-/// The documents of a text as [`documents`] reads a file (`path` names it in messages): JSONL
-/// when `jsonl`, else one plain-text document.
-pub fn documents_of_text(path: &Path, text: String, jsonl: bool) -> Result<Documents> {
-    if !jsonl {
-        let docs = if text.trim().is_empty() { Vec::new() } else { vec![(0, Document::Pieces(vec![(text, true)]))] };
-        return Ok(Documents { docs, unread_keys: BTreeSet::new() });
-    }
-    let mut docs = Vec::new();
-    let mut unread_keys = BTreeSet::new();
-    let mut first: Option<(usize, Format)> = None;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let err = |message: String| DataError::Jsonl { path: path.to_path_buf(), line: i + 1, message };
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|source| DataError::JsonLine {
-            path: path.to_path_buf(),
-            line: i + 1,
-            source,
-        })?;
-        let format = Format::of(&v).ok_or_else(|| err(formats::EXPECTED.into()))?;
-        match first {
-            None => first = Some((i + 1, format)),
-            Some((l, f)) if f != format => {
-                return Err(err(format!(
-                    "this line is {} but line {l} is {}; a file holds one format (split it, or convert one)",
-                    format.describe(),
-                    f.describe()
-                )))
-            }
-            _ => {}
-        }
-        docs.push((i + 1, formats::document(&v, format).map_err(err)?));
-        unread_keys.extend(formats::unread_keys(&v, format));
-    }
-    Ok(Documents { docs, unread_keys })
-}
-
-/// Why a `.json` file is not read as data, and what to do instead.
-fn json_hint(path: &Path, text: &str) -> DataError {
-    let message = match serde_json::from_str::<serde_json::Value>(text) {
-        Ok(serde_json::Value::Array(_)) => format!(
-            "holds a JSON array; --data reads JSON Lines, one object per line in a .jsonl file: convert it \
-             with jq -c '.[]' {} > data.jsonl",
-            path.display()
-        ),
-        Ok(v) if v.get("input_ids").is_some() => "holds token ids; pass it with --ids instead of --data".into(),
-        _ => "a .json file is not read as training data; use text (.txt), a folder of texts, or JSON Lines (.jsonl)"
-            .into(),
-    };
-    DataError::Format { path: path.to_path_buf(), message }
 }
 
 /// Tokenizes `path` (see the module docs), packs it into rows of `seq` tokens and splits off
@@ -312,11 +230,54 @@ pub fn load_with(
     dataset(path, docs, sources, packing, seq, val_fraction, seed, tok)
 }
 
-/// What the documents came from: how many files, and the JSONL keys their format did not read.
+/// What the documents came from: how many files, the JSONL keys their format did not read, and
+/// what the user should hear of (a BOM dropped, CRLF read as LF, hidden files skipped, warnings).
 #[derive(Clone, Debug, Default)]
 pub struct Sources {
     pub files: usize,
     pub unread_keys: BTreeSet<String>,
+    /// Files that began with a UTF-8 byte-order mark (dropped).
+    pub bom_files: Vec<PathBuf>,
+    /// Plain-text files whose CRLF line ends were read as LF.
+    pub crlf_files: Vec<PathBuf>,
+    /// Names under a `--data` folder skipped because they start with `.`.
+    pub hidden: usize,
+    pub warnings: Vec<String>,
+}
+
+impl Sources {
+    /// Takes in what one file's [`Documents`] say besides the documents.
+    pub fn add(&mut self, path: &Path, d: &mut Documents) {
+        self.unread_keys.append(&mut d.unread_keys);
+        if d.bom {
+            self.bom_files.push(path.to_path_buf());
+        }
+        if d.crlf {
+            self.crlf_files.push(path.to_path_buf());
+        }
+        self.warnings.append(&mut d.warnings);
+    }
+
+    /// What to say about the files, once each (a folder of many files gets one line per kind).
+    pub fn notes(&self) -> Vec<String> {
+        let some = |files: &[PathBuf]| match files {
+            [one] => one.display().to_string(),
+            [first, rest @ ..] => format!("{} files ({} and {} more)", files.len(), first.display(), rest.len()),
+            [] => String::new(),
+        };
+        let mut notes = Vec::new();
+        if !self.bom_files.is_empty() {
+            notes.push(format!("{}: a UTF-8 byte-order mark at the start was dropped", some(&self.bom_files)));
+        }
+        if !self.crlf_files.is_empty() {
+            notes.push(format!("{}: CRLF line ends were read as LF", some(&self.crlf_files)));
+        }
+        if self.hidden > 0 {
+            notes.push(format!("{} hidden file(s) or folder(s) (names starting with '.') skipped", self.hidden));
+        }
+        notes.extend(self.warnings.iter().cloned());
+        notes
+    }
 }
 
 /// Tokenized documents (of the files under `path`, or a text pasted in the page) made into
@@ -344,8 +305,9 @@ pub fn dataset(
             message: format!("validation fraction {val_fraction} must be in [0, 1)"),
         });
     }
+    let notes = sources.notes();
     let unread_keys = sources.unread_keys.into_iter().collect();
-    let summary = DataSummary { files: sources.files, seq, unread_keys, ..DataSummary::default() };
+    let summary = DataSummary { files: sources.files, seq, unread_keys, notes, ..DataSummary::default() };
     let (rows, summary) = rows_of(docs, packing, seq, tok.eos_id.unwrap_or(0), summary);
     let ds = split(rows, val_fraction, seed, summary);
     if ds.train.is_empty() {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::formats::Document;
-use super::{documents, documents_of_text, files_of, DataError, Documents, Result, Sources};
+use super::{documents, documents_of_text, files_of, DataError, Result, Sources};
 use crate::io::chat::ChatTemplate;
 use crate::io::tokenizer::Tokenizer;
 
@@ -66,14 +66,14 @@ pub struct Tokenized {
 /// from (the files read, the keys not read). The chat template is compiled at the first
 /// conversation.
 pub fn tokenized_documents(path: &Path, tok: &Tokenizer, chat: &ChatOptions) -> Result<(Vec<Tokenized>, Sources)> {
-    let files = files_of(path)?;
+    let (files, hidden) = files_of(path)?;
     let mut out = Vec::new();
     let mut template = None;
-    let mut sources = Sources { files: files.len(), ..Sources::default() };
+    let mut sources = Sources { files: files.len(), hidden, ..Sources::default() };
     for file in &files {
-        let Documents { docs, unread_keys } = documents(file)?;
-        sources.unread_keys.extend(unread_keys);
-        out.extend(tokenize_all(file, docs, tok, chat, &mut template)?);
+        let mut d = documents(file)?;
+        sources.add(file, &mut d);
+        out.extend(tokenize_all(file, d.docs, tok, chat, &mut template)?);
     }
     check_chat_flags(path, chat, &template)?;
     Ok((out, sources))
@@ -88,12 +88,16 @@ pub fn tokenized_text(
     chat: &ChatOptions,
 ) -> Result<(Vec<Tokenized>, Sources)> {
     let path = Path::new(name);
-    let jsonl = text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
+    // (A byte-order mark, dropped as the text is read, is no sign of either.)
+    let first = |l: &str| l.trim_start_matches('\u{feff}').trim_start().to_string();
+    let jsonl = text.lines().map(first).find(|l| !l.is_empty()).is_some_and(|l| l.starts_with('{'));
     let mut template = None;
-    let Documents { docs, unread_keys } = documents_of_text(path, text, jsonl)?;
-    let out = tokenize_all(path, docs, tok, chat, &mut template)?;
+    let mut d = documents_of_text(path, text, jsonl)?;
+    let mut sources = Sources { files: 1, ..Sources::default() };
+    sources.add(path, &mut d);
+    let out = tokenize_all(path, d.docs, tok, chat, &mut template)?;
     check_chat_flags(path, chat, &template)?;
-    Ok((out, Sources { files: 1, unread_keys }))
+    Ok((out, sources))
 }
 
 /// Tokenizes `docs` of `path`, compiling the chat template into `template` at the first
@@ -173,6 +177,7 @@ pub fn tokenize(
                 ids.push(eos);
                 predict.push(true);
             }
+            first_is_no_target(&mut predict);
             return Ok(Tokenized { ids, predict, no_assistant: false, chat: false });
         }
         Document::Chat(m) => m,
@@ -202,6 +207,16 @@ pub fn tokenize(
     let (ids, offsets) = tok.encode_with_offsets(&text).map_err(tokenize_err)?;
     // A token is a target when its text overlaps an assistant range (as transformers'
     // char_to_token marks the tokens of its generation spans).
-    let predict = offsets.iter().map(|&(s, e)| ranges.iter().any(|r| s < r.end && e.max(s + 1) > r.start)).collect();
+    let mut predict: Vec<bool> =
+        offsets.iter().map(|&(s, e)| ranges.iter().any(|r| s < r.end && e.max(s + 1) > r.start)).collect();
+    first_is_no_target(&mut predict);
     Ok(Tokenized { ids, predict, no_assistant, chat: true })
+}
+
+/// A document's first token is never a target: nothing before it in its document predicts it
+/// (what packing trains, and what `portalora tokenize` shows).
+fn first_is_no_target(predict: &mut [bool]) {
+    if let Some(p) = predict.first_mut() {
+        *p = false;
+    }
 }

@@ -64,9 +64,17 @@ pub(super) struct Loaded {
     pub adapter: PeftFile,
 }
 
+/// What a run writes in its folder before its first checkpoint is whole (and removes when it
+/// ends before then): its configuration, its log, the checkpoint under way.
+pub(super) const BEFORE_THE_FIRST: &[&str] = &["run.json", "log.jsonl", "checkpoint.tmp", "checkpoint.old"];
+
 pub(super) fn load(out: &Path) -> Result<Loaded> {
     let dir = find(out).ok_or_else(|| {
-        file_err(out, "has no checkpoint to resume from (checkpoint/state.json); start a new run instead")
+        file_err(
+            out,
+            "has no checkpoint to resume from (checkpoint/state.json; a run killed before its first \
+             checkpoint leaves none): start the run again, with --overwrite to replace what it left",
+        )
     })?;
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;

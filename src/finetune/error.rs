@@ -68,9 +68,15 @@ pub enum FinetuneError {
     Config(String),
     #[error(
         "step {step}: {what} is not finite (NaN or Inf); the run stopped before saving anything from it{kept}. \
-         {hint}Lower the learning rate or clip gradients (--max-grad-norm), check the data, then --resume"
+         {hint}Lower the learning rate or clip gradients (--max-grad-norm), check the data, then {then}"
     )]
-    NonFinite { step: u64, what: String, kept: String, hint: &'static str },
+    NonFinite { step: u64, what: String, kept: String, hint: &'static str, then: &'static str },
+    /// The tokenizer of a model that must read text (`--data`, or eval's).
+    #[error("{source}; or give token ids (--ids FILE.json)")]
+    NoTokenizer {
+        #[source]
+        source: TokenizerError,
+    },
 }
 
 pub(super) fn file_err(path: &Path, message: impl std::fmt::Display) -> FinetuneError {

@@ -53,7 +53,7 @@ use crate::io::tokenizer::Tokenizer;
 use crate::model::export::{read_back_site_weights, write_hf_folder};
 use crate::model::weights::Weights;
 use crate::outdir;
-use crate::run::{check_length, Plan, RunState, DEFAULTS};
+use crate::run::{fit_length, Plan, RunState, DEFAULTS};
 use crate::train::{Batch, StepStats, TrainConfig, Trainer};
 
 pub mod checkpoint;
@@ -63,7 +63,8 @@ mod inputs;
 
 pub use checkpoint::checkpoint_step;
 use checkpoint::{Loaded, Log, State};
-use checks::{check_config, check_resume};
+pub use checks::check;
+use checks::check_resume;
 pub use error::FinetuneError;
 use error::{config_err, file_err, io_err};
 pub use inputs::read_ids;
@@ -276,21 +277,7 @@ pub fn run(ctx: &Context, cfg: &RunConfig, resume: bool, on: &mut dyn FnMut(&Eve
 /// Runs a fine-tuning run as `opts` say: fresh into `cfg.out`, or resumed from its checkpoint.
 pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn FnMut(&Event)) -> Result<Summary> {
     let start = Instant::now();
-    check_config(cfg)?;
-    let inputs: Vec<&Path> = [Some(&cfg.model), cfg.ids.as_ref(), cfg.data.as_ref(), cfg.init_adapter.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(PathBuf::as_path)
-        .collect();
-    if opts.resume {
-        outdir::check_not_input(&cfg.out, &inputs)?;
-    } else {
-        let what = match checkpoint::find(&cfg.out) {
-            Some(_) => "continue its run with --resume, pick another --out, or replace it whole with --overwrite",
-            None => "pick another --out, or replace it whole with --overwrite",
-        };
-        outdir::check(&cfg.out, &inputs, opts.overwrite, what)?;
-    }
+    check(cfg, &opts)?;
     let checkpoint = opts.resume.then(|| checkpoint::load(&cfg.out)).transpose()?;
     let weights = crate::model::load_model(&cfg.model)?;
     if let Some(l) = &weights.left_out {
@@ -302,27 +289,45 @@ pub fn run_with(ctx: &Context, cfg: &RunConfig, opts: RunOptions, on: &mut dyn F
             on(&Event::Note(&n));
         }
     }
-    let tok = Tokenizer::for_model(&cfg.model).ok();
-    if tok.is_none() && !cfg.prompts.is_empty() {
-        return Err(file_err(&cfg.model, "has no tokenizer, so --prompt cannot be sampled; drop --prompt"));
-    }
+    // Text needs the tokenizer (data, prompts): without one the run stops with its reason.
+    let tok = match Tokenizer::for_model(&cfg.model) {
+        Ok(t) => Some(t),
+        Err(source) if cfg.data.is_some() => return Err(FinetuneError::NoTokenizer { source }),
+        Err(e) if !cfg.prompts.is_empty() => {
+            return Err(file_err(&cfg.model, format!("{e}; so --prompt cannot be sampled: drop --prompt")))
+        }
+        Err(_) => None,
+    };
     let data = load_data(cfg, tok.as_ref(), &weights.config)?;
     if let Some(s) = &data.summary {
         on(&Event::Data(s));
+        for n in &s.notes {
+            on(&Event::Note(n));
+        }
     }
     let run = RunState::new(data, &cfg.plan())?;
     for n in run.notes() {
         on(&Event::Note(n));
     }
-    check_length(&cfg.adapter, &cfg.train, run.steps())?;
+    let tc = fit_length(&cfg.adapter, &cfg.train, run.steps())?;
     if let Some(done) = checkpoint.as_ref().map(|c| check_resume(cfg, c, run.steps())).transpose()?.flatten() {
         return Ok(done);
     }
-    let mut s = Session::start(ctx, cfg, opts, weights, tok, run, checkpoint)?;
+    let mut s = Session::start(ctx, cfg, &tc, opts, weights, tok, run, checkpoint)?;
     if let Some(n) = s.trainer.model.params.kept_f32(cfg.train.base_dtype) {
         on(&Event::Note(&n));
     }
-    s.train(on)?;
+    if let Err(e) = s.train(on) {
+        if s.last_checkpoint.is_none() && !opts.resume {
+            let n = format!(
+                "the run stopped before its first checkpoint, so nothing of it is kept: {} was cleared (the \
+                 same command starts it again)",
+                cfg.out.display()
+            );
+            on(&Event::Note(&n));
+        }
+        return Err(e);
+    }
     s.finish(start, on)
 }
 
@@ -340,23 +345,21 @@ struct Session<'a> {
     log: Log,
     /// The step of the checkpoint on disk (named when a later step fails).
     last_checkpoint: Option<u64>,
-    _claim: outdir::Claim,
+    /// The folder, removed with what it holds if the run ends before its first checkpoint.
+    claim: outdir::Claim,
 }
 
 impl<'a> Session<'a> {
     fn start(
         ctx: &'a Context,
         cfg: &'a RunConfig,
+        tc: &TrainConfig,
         opts: RunOptions<'a>,
         weights: Weights,
         tok: Option<Tokenizer>,
         mut run: RunState,
         checkpoint: Option<Loaded>,
     ) -> Result<Self> {
-        let mut tc = cfg.train.clone();
-        if tc.total_steps == 0 {
-            tc.total_steps = run.steps(); // the schedule's length, once the data fixed it (--epochs)
-        }
         let init_file = match (&checkpoint, &cfg.init_adapter) {
             (None, Some(dir)) => {
                 crate::adapter::peft::refuse_delta_lora_alone(dir)?;
@@ -365,11 +368,11 @@ impl<'a> Session<'a> {
             _ => None,
         };
         let init = checkpoint.as_ref().map(|c| &c.adapter).or(init_file.as_ref());
-        let mut trainer = Trainer::new(ctx, &weights, run.batch(), run.seq(), &cfg.adapter, &tc, init)?;
+        let mut trainer = Trainer::new(ctx, &weights, run.batch(), run.seq(), &cfg.adapter, tc, init)?;
         // The folder is taken only now: a run refused above leaves nothing behind.
         let claim = match &checkpoint {
             Some(_) => outdir::claim_existing(&cfg.out)?,
-            None => outdir::claim_new(&cfg.out, opts.overwrite)?,
+            None => outdir::claim_new(&cfg.out, opts.overwrite, checkpoint::BEFORE_THE_FIRST)?,
         };
         let json = serde_json::to_string_pretty(cfg)?;
         write_atomic(&cfg.out.join("run.json"), json.as_bytes())?;
@@ -386,19 +389,7 @@ impl<'a> Session<'a> {
         };
         let log = Log::create(cfg.log_path(), lines)?;
         let last_checkpoint = checkpoint.as_ref().map(|c| c.state.step);
-        Ok(Session {
-            ctx,
-            cfg,
-            stop: opts.stop,
-            weights,
-            tok,
-            run,
-            trainer,
-            summary,
-            log,
-            last_checkpoint,
-            _claim: claim,
-        })
+        Ok(Session { ctx, cfg, stop: opts.stop, weights, tok, run, trainer, summary, log, last_checkpoint, claim })
     }
 
     fn eval(&self) -> Result<Option<f64>> {
@@ -454,18 +445,22 @@ impl<'a> Session<'a> {
             let t = self.run.step();
             let batches: Vec<Batch> = micro.iter().map(|m| m.batch()).collect();
             self.trainer.submit_step(self.ctx, &batches)?;
-            let stopping = self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) && t < steps;
             let evaluates = self.run.evaluates(t);
-            let saves = t.is_multiple_of(self.cfg.save_every) || t == steps || stopping;
+            let due = t.is_multiple_of(self.cfg.save_every) || t == steps;
             // Losses come back every `loss_every` steps (and before evaluations and checkpoints,
             // which record the history): the only time the CPU waits for the GPU.
-            if self.trainer.losses_due() || evaluates || saves {
+            if self.trainer.losses_due() || evaluates || due {
                 self.collect(&mut clock, steps, on)?;
             }
             if evaluates {
                 self.record_eval(t, on)?;
             }
-            if saves {
+            // Read after this step was submitted and, when due, its loss read and evaluated: a
+            // stop asked for at any moment of step t (a Ctrl-C while it ran; an app's callback
+            // on its Step event) ends the run after t, never after t + 1.
+            let stopping = self.stop.is_some_and(|f| f.load(Ordering::SeqCst)) && t < steps;
+            if due || stopping {
+                self.collect(&mut clock, steps, on)?;
                 self.log.sync()?;
                 let st = State {
                     step: t,
@@ -475,6 +470,7 @@ impl<'a> Session<'a> {
                 };
                 let dir = checkpoint::save(self.ctx, self.cfg, &self.trainer, &st)?;
                 self.last_checkpoint = Some(t);
+                self.claim.keep();
                 on(&Event::Checkpoint { step: t, dir: &dir });
             }
             self.summary.steps = t;
@@ -513,7 +509,9 @@ impl<'a> Session<'a> {
                     true => "With --activations f16 an activation past ±65504 becomes Inf: try --activations f32. ",
                     false => "",
                 };
-                return Err(FinetuneError::NonFinite { step: stats.step, what, kept, hint });
+                // Without a checkpoint the folder is cleared: the run starts again from scratch.
+                let then = if self.last_checkpoint.is_some() { "--resume" } else { "run the same command again" };
+                return Err(FinetuneError::NonFinite { step: stats.step, what, kept, hint, then });
             }
             let s = stats.step;
             clock.tokens += stats.tokens;

@@ -45,8 +45,15 @@ pub enum TokenizerError {
     },
     #[error(transparent)]
     Gguf(#[from] super::gguf::GgufError),
-    #[error("{path}: tokenizer metadata {key:?} is missing or malformed")]
+    #[error("{path}: tokenizer metadata {key:?} is malformed")]
     Metadata { path: PathBuf, key: &'static str },
+    /// A GGUF without the `tokenizer.ggml.*` metadata (`key` is the first one missing).
+    #[error(
+        "{path} holds no tokenizer ({key} is missing): portalora reads a GGUF's tokenizer from its \
+         tokenizer.ggml.* metadata, which llama.cpp's convert_hf_to_gguf.py writes; use a GGUF that has it, or \
+         the model's Hugging Face folder (with tokenizer.json)"
+    )]
+    NoGgufTokenizer { path: PathBuf, key: &'static str },
     #[error(
         "{path}: tokenizer model {model:?} is not supported; portalora reads byte-level BPE (\"gpt2\") and \
          SentencePiece (\"llama\")"
@@ -215,8 +222,9 @@ impl Tokenizer {
     /// Builds the tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(g: &Gguf) -> Result<Self, TokenizerError> {
         let path = &g.path;
-        let meta =
-            |key: &'static str| g.metadata.get(key).ok_or_else(|| TokenizerError::Metadata { path: path.clone(), key });
+        let meta = |key: &'static str| {
+            g.metadata.get(key).ok_or_else(|| TokenizerError::NoGgufTokenizer { path: path.clone(), key })
+        };
         let model = meta("tokenizer.ggml.model")?.as_str().unwrap_or_default();
         if !matches!(model, "gpt2" | "llama") {
             return Err(TokenizerError::Model { path: path.clone(), model: model.to_string() });
@@ -334,7 +342,9 @@ impl Tokenizer {
             } else {
                 return Err(TokenizerError::Load {
                     path: path.to_path_buf(),
-                    message: "no tokenizer.json, nor vocab.json + merges.txt, in this folder".into(),
+                    message: "no tokenizer.json, nor vocab.json + merges.txt, in this folder: copy the model's \
+                              tokenizer files into it"
+                        .into(),
                 });
             };
             t.read_template_files(path)?;

@@ -369,10 +369,11 @@ pub fn merged_gguf(
 /// quantizing to Q4 again can lose most of a fine-tune).
 #[derive(Default)]
 struct Kept {
-    /// Σ ⟨stored − W0, ΔW⟩, Σ ‖ΔW‖², Σ ‖stored − (W0 + ΔW)‖².
+    /// Σ ⟨stored − W0, ΔW⟩, Σ ‖ΔW‖², Σ ‖stored − (W0 + ΔW)‖², Σ ‖W0 + ΔW‖².
     along: f64,
     change: f64,
     error: f64,
+    size: f64,
 }
 
 impl Kept {
@@ -383,6 +384,7 @@ impl Kept {
             self.along += got * d;
             self.change += d * d;
             self.error += (q as f64 - m as f64).powi(2);
+            self.size += (m as f64).powi(2);
         }
     }
 
@@ -391,17 +393,22 @@ impl Kept {
         if self.change == 0.0 {
             return None;
         }
-        let (kept, noise) = (self.along / self.change, (self.error / self.change).sqrt());
-        let advice = if kept < 0.75 {
+        let kept = self.along / self.change;
+        let (noise, relative) = ((self.error / self.change).sqrt(), (self.error / self.size.max(1e-300)).sqrt());
+        // The rounding error is the type's own (any file of that type carries it) and lies across
+        // the change, not along it; what says whether the fine-tune survived is the kept share.
+        let verdict = if kept < 0.75 {
             ": the change is smaller than the type's steps and mostly rounds away. For the fine-tune whole, \
              export --type f16 or q8_0, or the adapter --as lora to run beside the quantized base"
         } else {
-            ""
+            ", so the fine-tune survives the quantization"
         };
         Some(format!(
-            "quantized, the merged weights keep {:.0}% of the adapter's change, with rounding noise {noise:.2} × its \
-             size{advice}",
-            100.0 * kept
+            "quantized, the merged weights keep {:.0}% of the adapter's change (the rounding error, {:.2}% of the \
+             weights' size as in any file of this type, is {noise:.1}× the change's size but lies across it, not \
+             along it){verdict}",
+            100.0 * kept,
+            100.0 * relative
         ))
     }
 }

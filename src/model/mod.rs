@@ -15,4 +15,4 @@ pub mod weights;
 pub use config::{Arch, ModelConfig};
 pub use gpu::{generate, BaseDType};
 pub use hf_config::model_dropout_note;
-pub use weights::{load_model, HostTensor, LeftOut, ModelError, RawTensor, Weights};
+pub use weights::{load_model, read_config, HostTensor, LeftOut, ModelError, RawTensor, Weights};

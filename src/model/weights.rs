@@ -203,20 +203,42 @@ pub fn expected_tensors(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     out
 }
 
+fn missing(path: &Path) -> ModelError {
+    ModelError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+    }
+}
+
+/// A model's configuration without its weights (a folder's `config.json`, a GGUF's metadata):
+/// what settings are checked against before the long work.
+pub fn read_config(path: impl AsRef<Path>) -> Result<ModelConfig, ModelError> {
+    let path = path.as_ref();
+    let gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) || is_gguf(path);
+    if !path.exists() {
+        Err(missing(path))
+    } else if path.is_dir() && path.join("config.json").exists() {
+        ModelConfig::from_hf_json(&path.join("config.json"))
+    } else if path.is_file() && gguf {
+        ModelConfig::from_gguf(&Gguf::open(path)?)
+    } else {
+        // What load_model says of it.
+        load_model(path).map(|w| w.config)
+    }
+}
+
 /// Loads a model from a `.gguf` file or a Hugging Face folder.
 pub fn load_model(path: impl AsRef<Path>) -> Result<Weights, ModelError> {
     let path = path.as_ref();
+    if !path.exists() {
+        return Err(missing(path));
+    }
     if path.is_dir() {
         load_hf_folder(path)
     } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) || is_gguf(path) {
         load_gguf(path)
-    } else if path.exists() {
-        Err(ModelError::NotAModel { path: path.to_path_buf() })
     } else {
-        Err(ModelError::Io {
-            path: path.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
-        })
+        Err(ModelError::NotAModel { path: path.to_path_buf() })
     }
 }
 

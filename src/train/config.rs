@@ -36,6 +36,15 @@ impl std::str::FromStr for Schedule {
 }
 
 impl Schedule {
+    /// The name the command line, the page and TOML use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Constant => "constant",
+            Schedule::Linear => "linear",
+            Schedule::Cosine => "cosine",
+        }
+    }
+
     /// The learning-rate multiplier at step index `i` (0 for the first step) of `total`.
     pub fn multiplier(self, i: u64, warmup: u64, total: u64) -> f64 {
         if i < warmup {
@@ -65,8 +74,14 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub schedule: Schedule,
     pub warmup_steps: u64,
-    /// The run's length (for the schedule).
-    pub total_steps: u64,
+    /// The run's length in optimizer steps, which the linear and cosine schedules decay over.
+    /// `None` (the default) in a [`crate::finetune::RunConfig`] or the page: the run's own
+    /// length (`--steps`, or what `--epochs` makes of the data) fills it in, and a value that
+    /// disagrees with it is refused ([`crate::run::fit_length`]). A [`crate::train::Trainer`]
+    /// used alone needs it for those schedules. (Run folders of earlier versions wrote 0 for
+    /// "not yet known": read as `None`.)
+    #[serde(default, deserialize_with = "zero_is_none")]
+    pub total_steps: Option<u64>,
     /// LoRA+'s lr_B / lr_A.
     pub lr_ratio: f64,
     /// Micro-batches whose gradients are summed into one optimizer step.
@@ -100,6 +115,11 @@ fn one() -> usize {
     1
 }
 
+fn zero_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u64>, D::Error> {
+    let v: Option<u64> = serde::Deserialize::deserialize(d)?;
+    Ok(v.filter(|&n| n > 0))
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -112,7 +132,7 @@ impl Default for TrainConfig {
             max_grad_norm: crate::run::DEFAULTS.max_grad_norm,
             schedule: Schedule::Constant, // crate::run::DEFAULTS.schedule
             warmup_steps: crate::run::DEFAULTS.warmup_steps,
-            total_steps: 1,
+            total_steps: None,
             lr_ratio: crate::run::DEFAULTS.lr_ratio,
             grad_accum: crate::run::DEFAULTS.grad_accum,
             base_dtype: BaseDType::Auto,
@@ -146,6 +166,16 @@ impl TrainConfig {
             if !v.is_finite() || v < 0.0 {
                 return bad(format!("{name} {v} must be a non-negative number"));
             }
+        }
+        if self.total_steps == Some(0) {
+            return bad("total_steps 0: a run has 1 step or more (or leave it None: the run's length)".into());
+        }
+        if self.total_steps.is_none() && matches!(self.schedule, Schedule::Linear | Schedule::Cosine) {
+            return bad(format!(
+                "the {} schedule decays over the run's length, and total_steps is not set: give \
+                 TrainConfig::total_steps, or train through finetune::run, which sets it from the run's steps",
+                self.schedule.name()
+            ));
         }
         if self.grad_accum == 0 {
             return bad("gradient accumulation 0: use 1 or more micro-batches per step".into());

@@ -21,7 +21,8 @@ impl Trainer {
     /// The learning rate of step `t` (1-based) before group multipliers.
     pub fn lr_at(&self, t: u64) -> f64 {
         let c = &self.config;
-        c.lr * c.schedule.multiplier(t - 1, c.warmup_steps, c.total_steps)
+        // Without a length (validate allows it for the constant schedule alone) nothing decays.
+        c.lr * c.schedule.multiplier(t - 1, c.warmup_steps, c.total_steps.unwrap_or(u64::MAX))
     }
 
     /// Group `g`'s optimizer values for step `t` (1-based).

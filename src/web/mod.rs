@@ -309,8 +309,8 @@ impl Engine {
             shuffle: !c.no_shuffle,
         };
         let state = RunState::new(data, &plan).map_err(err)?;
-        let (acfg, tc) = run_configs(&c, method, &d, g.init.as_ref(), state.steps())?;
-        crate::run::check_length(&acfg, &tc, state.steps()).map_err(err)?;
+        let (acfg, tc) = run_configs(&c, method, &d, g.init.as_ref())?;
+        let tc = crate::run::fit_length(&acfg, &tc, state.steps()).map_err(err)?;
         let ctx = g.ctx.clone();
         let trainer = Trainer::new(&ctx, w, state.batch(), state.seq(), &acfg, &tc, g.init.as_ref()).map_err(err)?;
         let s = state.summary.clone().unwrap_or_default();
@@ -465,7 +465,7 @@ impl Engine {
 fn run_notes(state: &RunState, s: &crate::data::DataSummary, model: &[String]) -> Vec<String> {
     let keys: Vec<String> = s.unread_keys.iter().map(|k| format!("{k:?}")).collect();
     let keys = (!keys.is_empty()).then(|| format!("keys of the text not read: {}", keys.join(", ")));
-    model.iter().cloned().chain(keys).chain(state.notes().iter().cloned()).collect()
+    model.iter().cloned().chain(keys).chain(s.notes.iter().cloned()).chain(state.notes().iter().cloned()).collect()
 }
 
 /// The run's rows from the page's text, made as `train --data` makes them, and the first
@@ -502,7 +502,6 @@ fn run_configs(
     method: Method,
     d: &RunDefaults,
     init: Option<&PeftFile>,
-    steps: u64,
 ) -> Result<(AdapterConfig, TrainConfig), JsError> {
     let mut acfg = AdapterConfig {
         rank: c.rank.unwrap_or(d.rank_of(method)),
@@ -532,7 +531,6 @@ fn run_configs(
         warmup_steps: c.warmup_steps.unwrap_or(d.warmup_steps),
         max_grad_norm: c.max_grad_norm.unwrap_or(d.max_grad_norm),
         grad_accum: c.grad_accum.unwrap_or(d.grad_accum),
-        total_steps: steps,
         // As stored (the page samples with the adapter unmerged); Delta-LoRA gets f32.
         base_dtype: crate::model::BaseDType::Auto,
         recompute_mlp: c.recompute_mlp,

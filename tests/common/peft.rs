@@ -34,7 +34,7 @@ fn configs(e: &serde_json::Value, peft: &PeftFile) -> (AdapterConfig, TrainConfi
         max_grad_norm: e["max_grad_norm"].as_f64().unwrap(),
         schedule: e["schedule"].as_str().unwrap().parse().unwrap(),
         warmup_steps: e["warmup_steps"].as_u64().unwrap(),
-        total_steps: e["total_steps"].as_u64().unwrap(),
+        total_steps: e["total_steps"].as_u64(),
         lora_plus: e["lora_plus"].as_bool().unwrap_or(false),
         ..TrainConfig::default()
     };

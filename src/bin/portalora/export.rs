@@ -14,7 +14,7 @@ use portalora::model::ModelConfig;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub(crate) struct ExportArgs {
     /// The base model the adapter was trained on: a .gguf file or a Hugging Face folder.
     #[arg(long)]
@@ -79,7 +79,27 @@ fn check_out(path: &Path, inputs: &[&Path], overwrite: bool) -> Res<()> {
     Ok(())
 }
 
+impl ExportArgs {
+    pub(crate) fn check_inputs(&self) -> Result<(), String> {
+        super::check_inputs(&[("--model", Some(&self.model)), ("--adapter", Some(&self.adapter))])
+    }
+}
+
+/// The adapter of `--adapter`: the folder itself, or for a Delta-LoRA run's `--out` (a merged
+/// model, its adapter in `adapter/`) that `adapter/` folder.
+fn run_adapter(dir: &Path) -> PathBuf {
+    let inner = dir.join("adapter");
+    let delta_run = dir.join("run.json").exists()
+        && !dir.join(portalora::adapter::peft::CONFIG_FILE).exists()
+        && inner.join(portalora::adapter::peft::CONFIG_FILE).exists();
+    match delta_run {
+        true => inner,
+        false => dir.to_path_buf(),
+    }
+}
+
 pub(crate) fn export(a: &ExportArgs) -> Res<()> {
+    let a = &ExportArgs { adapter: run_adapter(&a.adapter), ..a.clone() };
     let peft = PeftFile::read(&a.adapter)?;
     let method = method_of(&a.adapter, &peft);
     let merged = wants_merged(a, method)?;
@@ -103,24 +123,27 @@ pub(crate) fn export(a: &ExportArgs) -> Res<()> {
         (lora_gguf(&config, &f, file_alpha(&cfg), ty.unwrap_or(GgmlType::F32), &name)?, Vec::new())
     };
     for n in &notes {
-        eprintln!("note: {n}");
+        errln!("note: {n}");
     }
     let bytes = file.to_bytes();
     write_atomic(&a.out, &bytes)?;
-    let what = if merged { "merged model" } else { "LoRA adapter" };
-    println!("wrote {} ({what}, {} tensors, {:.1} MB)", a.out.display(), file.tensors.len(), bytes.len() as f64 / 1e6);
+    // Every file is written before anything is printed (a closed stdout ends the command).
     if a.modelfile {
         write_atomic(&modelfile, modelfile_text(a, merged)?.as_bytes())?;
-        println!("wrote {} — ollama create NAME -f {}", modelfile.display(), modelfile.display());
+    }
+    let what = if merged { "merged model" } else { "LoRA adapter" };
+    outln!("wrote {} ({what}, {} tensors, {:.1} MB)", a.out.display(), file.tensors.len(), bytes.len() as f64 / 1e6);
+    if a.modelfile {
+        outln!("wrote {} — ollama create NAME -f {}", modelfile.display(), modelfile.display());
     } else if merged {
-        println!("run it: llama-cli -m {}", a.out.display());
+        outln!("run it: llama-cli -m {}", a.out.display());
     } else if a.model.is_dir() {
-        println!(
+        outln!(
             "run it with the base as GGUF (llama.cpp's convert_hf_to_gguf.py): llama-cli -m BASE.gguf --lora {}",
             a.out.display()
         );
     } else {
-        println!("run it: llama-cli -m {} --lora {}", a.model.display(), a.out.display());
+        outln!("run it: llama-cli -m {} --lora {}", a.model.display(), a.out.display());
     }
     Ok(())
 }

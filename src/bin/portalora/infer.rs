@@ -35,7 +35,9 @@ fn read_rows(
     match (ids, data) {
         (Some(p), _) => Ok((portalora::finetune::read_ids(p)?, None, None)),
         (None, Some(p)) => {
-            let tok = Tokenizer::for_model(model)?;
+            // As train says it.
+            let tok = Tokenizer::for_model(model)
+                .map_err(|source| portalora::finetune::FinetuneError::NoTokenizer { source })?;
             let name = model.display().to_string();
             let given = portalora::data::chat_flags(chat.template, chat.train_on);
             let opts = portalora::data::ChatOptions {
@@ -47,7 +49,10 @@ fn read_rows(
             let packing =
                 if chat.no_packing { portalora::data::Packing::PerDocument } else { portalora::data::Packing::Packed };
             let ds = portalora::data::load_with(p, &tok, &opts, packing, seq, 0.0, 0)?;
-            eprintln!("{}: {}", p.display(), ds.summary);
+            errln!("{}: {}", p.display(), ds.summary.scored());
+            for n in &ds.summary.notes {
+                errln!("note: {n}");
+            }
             // Rows of documents carry their masks: a document's first token is never a target.
             let masks = Some(ds.train.iter().map(|r| r.predict.clone()).collect());
             let positions = Some(ds.train.iter().map(|r| r.pos.clone()).collect());
@@ -70,8 +75,18 @@ pub(crate) fn eval(
     adapter: Option<&Path>,
     json: bool,
 ) -> Res {
-    let (rows, masks, positions) = read_rows(model, ids, data, chat, seq)?;
     let weights = crate::load_model(model)?;
+    if data.is_some() {
+        // As train says it: the flag, the model's limit and the fix.
+        if let Err(e) = weights.config.check_seq(seq) {
+            let max = weights.config.usable_positions();
+            return Err(format!("--seq {seq}: {e}; use --seq {max} or less").into());
+        }
+    }
+    let (rows, masks, positions) = read_rows(model, ids, data, chat, seq)?;
+    if let (Some(p), Err(e)) = (ids, weights.config.check_seq(rows[0].len())) {
+        return Err(format!("{}: {e}", p.display()).into());
+    }
     let seq = rows[0].len();
     let batch = batch.clamp(1, rows.len());
     let gpu = match adapter {
@@ -88,9 +103,9 @@ pub(crate) fn eval(
     }
     let loss = sum / count.max(1) as f64;
     if json {
-        println!("{{\"loss\": {loss}, \"tokens\": {count}}}");
+        outln!("{{\"loss\": {loss}, \"tokens\": {count}}}");
     } else {
-        println!("loss {loss:.6} over {count} predicted tokens (perplexity {:.3})", loss.exp());
+        outln!("loss {loss:.6} over {count} predicted tokens (perplexity {:.3})", loss.exp());
     }
     Ok(())
 }
@@ -182,8 +197,10 @@ pub(crate) fn generate(
         let text = if special { tok.decode(&new_ids) } else { tok.decode_text(&new_ids) };
         match text {
             Ok(text) if !text.ends_with('\u{fffd}') => {
-                let _ = write!(out, "{}", &text[printed.min(text.len())..]);
-                let _ = out.flush();
+                // A closed stdout ends the command at once: nothing is left to save.
+                if write!(out, "{}", &text[printed.min(text.len())..]).and_then(|_| out.flush()).is_err() {
+                    crate::output::stdout_closed();
+                }
                 printed = text.len();
             }
             Ok(_) => {}
@@ -201,7 +218,7 @@ pub(crate) fn generate(
     }
     let ended = got.last().is_some_and(|t| stop.contains(t));
     if !ended && got.len() < max_tokens {
-        eprintln!("(stopped after {} new tokens: the model's context of {context} positions is full)", got.len());
+        errln!("(stopped after {} new tokens: the model's context of {context} positions is full)", got.len());
     }
     Ok(())
 }

@@ -8,10 +8,15 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use portalora::gpu::{Context, CoopMode};
 
+#[macro_use]
+mod output;
+
 mod export;
 mod infer;
+mod merge;
 mod progress;
 mod show;
+mod stop;
 mod tokenize;
 mod train;
 
@@ -255,9 +260,18 @@ pub(crate) struct BenchStepArgs {
 pub(crate) fn load_model(path: &std::path::Path) -> Result<portalora::model::Weights, portalora::model::ModelError> {
     let w = portalora::model::load_model(path)?;
     if let Some(l) = &w.left_out {
-        eprintln!("note: {}: {l}", path.display());
+        errln!("note: {}: {l}", path.display());
     }
     Ok(w)
+}
+
+/// Refuses, before any work, a path flag naming nothing: `--model nothere.gguf: no such file or
+/// folder` (the flag said, not just the operating system's "os error 2").
+pub(crate) fn check_inputs(named: &[(&str, Option<&Path>)]) -> Result<(), String> {
+    match named.iter().find_map(|(flag, p)| p.filter(|p| !p.exists()).map(|p| (flag, p))) {
+        Some((flag, p)) => Err(format!("{flag} {}: no such file or folder", p.display())),
+        None => Ok(()),
+    }
 }
 
 /// A number in any usual form: 1e-08, 16.0, 0.5.
@@ -289,7 +303,7 @@ fn main() -> ExitCode {
     let matches = match with_config_file(Cli::command().get_matches()) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("error: {e}");
+            errln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -301,23 +315,40 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    match run(cli, &given) {
+    let result = run(cli, &given);
+    // Output to a closed pipe ends the command quietly (train's run stopped after its step); any
+    // other error is still said on stderr.
+    match result {
+        Ok(_) if output::closed() => ExitCode::from(output::CLOSED_STATUS),
+        Err(e) if broken_pipe(&*e) => ExitCode::from(output::CLOSED_STATUS),
         Ok(code) => code,
         Err(e) => {
             let message = e.to_string();
-            eprintln!("error: {message}");
+            errln!("error: {message}");
             let mut src = std::error::Error::source(&*e);
             while let Some(s) = src {
                 // Errors that quote their source in their own message are not repeated.
                 let cause = s.to_string();
                 if !message.contains(&cause) {
-                    eprintln!("  caused by: {cause}");
+                    errln!("  caused by: {cause}");
                 }
                 src = s.source();
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e`, or an error it came from, is a write to a closed pipe.
+fn broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut src = Some(e);
+    while let Some(s) = src {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// The ids of the arguments of `cmd` given explicitly (not defaults; argument groups left out).
@@ -334,6 +365,7 @@ fn given(m: &ArgMatches, cmd: &clap::Command) -> Given {
 fn with_config_file(m: ArgMatches) -> Result<ArgMatches, Box<dyn std::error::Error>> {
     let Some(("train", t)) = m.subcommand() else { return Ok(m) };
     let Some(path) = t.get_one::<PathBuf>("config") else { return Ok(m) };
+    check_inputs(&[("--config", Some(path))])?;
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let table: toml::Table = text.parse().map_err(|e| format!("{}: not TOML: {e}", path.display()))?;
     let mut argv: Vec<String> = std::env::args().take(1).collect();
@@ -400,6 +432,7 @@ fn check_config_key(train: &clap::Command, path: &Path, key: &str, value: &toml:
 }
 
 fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    check_command_inputs(&cli.command)?;
     if let Command::Inspect { model } = &cli.command {
         show::inspect(model)?;
         return Ok(ExitCode::SUCCESS);
@@ -453,7 +486,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
             infer::eval(&ctx, &model, ids.as_deref(), data.as_deref(), chat, seq, batch, adapter.as_deref(), json)?
         }
         Command::Train(args) => return train::train(&ctx, *args, given),
-        Command::Merge { model, adapter, out, overwrite } => train::merge(&ctx, &model, &adapter, &out, overwrite)?,
+        Command::Merge { model, adapter, out, overwrite } => merge::merge(&ctx, &model, &adapter, &out, overwrite)?,
         Command::Info { json } => show::info(&ctx, json)?,
         Command::Bench { what: BenchWhat::Step(args) } => show::bench_step(&ctx, *args)?,
         Command::Bench { what: BenchWhat::Coop { size } } => show::bench_coop(&ctx, size)?,
@@ -462,6 +495,35 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The paths a command reads, checked before it starts (train checks its own, with --resume).
+fn check_command_inputs(command: &Command) -> Result<(), String> {
+    fn p(p: &Path) -> Option<&Path> {
+        Some(p)
+    }
+    fn o(p: &Option<PathBuf>) -> Option<&Path> {
+        p.as_deref()
+    }
+    match command {
+        Command::Inspect { model } => check_inputs(&[("--model", p(model))]),
+        Command::Eval { model, ids, data, chat_template, adapter, .. } => check_inputs(&[
+            ("--model", p(model)),
+            ("--ids", o(ids)),
+            ("--data", o(data)),
+            ("--chat-template", o(chat_template)),
+            ("--adapter", o(adapter)),
+        ]),
+        Command::Generate { model, chat_template, adapter, .. } => {
+            check_inputs(&[("--model", p(model)), ("--chat-template", o(chat_template)), ("--adapter", o(adapter))])
+        }
+        Command::Merge { model, adapter, .. } => check_inputs(&[("--model", p(model)), ("--adapter", p(adapter))]),
+        Command::Tokenize(a) => a.check_inputs(),
+        Command::Export(a) => a.check_inputs(),
+        Command::Train(a) => a.check_inputs(),
+        Command::Bench { what: BenchWhat::Step(a) } => check_inputs(&[("--model", p(&a.model))]),
+        Command::Info { .. } | Command::Bench { .. } => Ok(()),
+    }
 }
 
 /// The GPU context's options from the environment (a value the engine does not know is an error).

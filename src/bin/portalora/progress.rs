@@ -36,7 +36,7 @@ impl Progress {
     pub(crate) fn line(&mut self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => println!("{text}"),
+            None => outln!("{text}"),
         }
     }
 
@@ -56,7 +56,7 @@ impl Progress {
     pub(crate) fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
-            println!("{}", bar.message());
+            outln!("{}", bar.message());
         }
     }
 

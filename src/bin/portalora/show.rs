@@ -29,14 +29,21 @@ pub(crate) fn bench_matmul(
     };
     if !json {
         let i = ctx.info();
-        println!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+        outln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
         if let Some(s) = ctx.subgroup_size() {
             let t = portalora::ops::matmul::tuned_tile(ctx, s);
-            println!("subgroup kernel tile (autotuned): {} rows × {} vec4 columns per lane", t.tm, t.tnv);
+            outln!("subgroup kernel tile (autotuned): {} rows × {} vec4 columns per lane", t.tm, t.tnv);
         }
-        println!(
+        outln!(
             "{:>6} {:>6} {:>6}  {:<3} {:<9} {:>10} {:>10} {:>10}",
-            "M", "K", "N", "op", "path", "GFLOP/s", "min", "max"
+            "M",
+            "K",
+            "N",
+            "op",
+            "path",
+            "GFLOP/s",
+            "min",
+            "max"
         );
     }
     for shape in shapes {
@@ -44,17 +51,12 @@ pub(crate) fn bench_matmul(
         let path = format!("{:?}", r.path).to_lowercase();
         let (m, k, n, op) = (shape.m, shape.k, shape.n, shape.op());
         if json {
-            println!(
+            outln!(
                 "{{\"m\": {m}, \"k\": {k}, \"n\": {n}, \"op\": \"{op}\", \"path\": \"{path}\", \"gflops\": {:.3}, \"min\": {:.3}, \"max\": {:.3}}}",
                 r.median(), r.min(), r.max()
             );
         } else {
-            println!(
-                "{m:>6} {k:>6} {n:>6}  {op:<3} {path:<9} {:>10.2} {:>10.2} {:>10.2}",
-                r.median(),
-                r.min(),
-                r.max()
-            );
+            outln!("{m:>6} {k:>6} {n:>6}  {op:<3} {path:<9} {:>10.2} {:>10.2} {:>10.2}", r.median(), r.min(), r.max());
         }
     }
     Ok(())
@@ -81,8 +83,8 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     let opts = StepOptions { batch: a.batch, seq: a.seq, steps: a.steps, warmup: a.warmup, kernels: !a.no_kernels };
     let i = ctx.info();
     let model_name = a.model.display().to_string();
-    eprintln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
-    eprintln!(
+    errln!("adapter: {} ({}, {})", i.name, i.backend, i.device_type);
+    errln!(
         "model: {model_name}; {method} r = {} on {}; batch {} × {} tokens; base {base_dtype}{}{}",
         cfg.rank,
         cfg.targets.join(","),
@@ -94,12 +96,12 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     let total = a.warmup + a.steps;
     let r = portalora::bench::bench_step(ctx, &weights, &cfg, &train, &opts, |k, s| {
         let what = if k < a.warmup { " (warm-up)" } else { "" };
-        eprintln!("step {}/{total}: {s:.3} s{what}", k + 1);
+        errln!("step {}/{total}: {s:.3} s{what}", k + 1);
     })?;
     print_step(&r, a.steps, a.top);
     if a.json {
         let j = step_json(&r, &a, &cfg, base_dtype, &model_name, &i.name);
-        println!("{j}");
+        outln!("{j}");
     }
     Ok(())
 }
@@ -115,9 +117,9 @@ fn kind_bytes(r: &StepResult, k: &str) -> u64 {
 /// Prints `bench step`'s table: throughput, CPU/GPU time per step, memory by kind, the top kernels.
 fn print_step(r: &StepResult, steps: usize, top: usize) {
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), steps);
+    outln!("tokens/s: {:.2} (median step {:.3} s over {} steps)", r.tokens_per_s(), r.median_seconds(), steps);
     let ms = |s: f64| s * 1e3;
-    println!(
+    outln!(
         "per step: {:.2} ms of CPU to encode and submit ({} dispatches in {} compute pass(es), one submission each){}",
         ms(r.median_encode_seconds()),
         r.submitted.dispatches,
@@ -128,24 +130,24 @@ fn print_step(r: &StepResult, steps: usize, top: usize) {
             _ => "; no GPU timestamps here, so no busy/idle split".into(),
         }
     );
-    println!("trainable parameters: {}", r.trainable);
-    println!("GPU memory allocated:");
+    outln!("trainable parameters: {}", r.trainable);
+    outln!("GPU memory allocated:");
     for k in MEMORY_KINDS {
-        println!("  {k:<12} {:>10.2} MiB", mib(kind_bytes(r, k)));
+        outln!("  {k:<12} {:>10.2} MiB", mib(kind_bytes(r, k)));
     }
-    println!("  {:<12} {:>10.2} MiB", "total", mib(MEMORY_KINDS.iter().map(|k| kind_bytes(r, k)).sum()));
-    println!("  kept for backward (part of activations): {:.2} MiB", mib(r.kept_bytes));
-    println!(
+    outln!("  {:<12} {:>10.2} MiB", "total", mib(MEMORY_KINDS.iter().map(|k| kind_bytes(r, k)).sum()));
+    outln!("  kept for backward (part of activations): {:.2} MiB", mib(r.kept_bytes));
+    outln!(
         "  model activations + gradients, buffers shared by lifetime: {:.2} MiB (one buffer per tensor: {:.2} MiB)",
         mib(r.planned_bytes),
         mib(r.unshared_bytes)
     );
     if !r.kernels.is_empty() {
         let how = if r.timestamps { "GPU timestamps" } else { "wall clock per dispatch" };
-        println!("one step's kernels ({how}; {:.3} s in all):", r.kernel_seconds);
-        println!("{:>9} {:>6} {:>6}  kernel [workgroups]", "seconds", "%", "count");
+        outln!("one step's kernels ({how}; {:.3} s in all):", r.kernel_seconds);
+        outln!("{:>9} {:>6} {:>6}  kernel [workgroups]", "seconds", "%", "count");
         for k in r.kernels.iter().take(top) {
-            println!("{:>9.4} {:>5.1}% {:>6}  {}", k.seconds, 100.0 * k.seconds / r.kernel_seconds, k.count, k.label);
+            outln!("{:>9.4} {:>5.1}% {:>6}  {}", k.seconds, 100.0 * k.seconds / r.kernel_seconds, k.count, k.label);
         }
     }
 }
@@ -200,7 +202,7 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
     let f = ctx.features();
     let l = ctx.limits();
     if json {
-        println!(
+        outln!(
             "{{\"name\": {:?}, \"backend\": {:?}, \"device_type\": {:?}, \"driver\": {:?}, \"driver_info\": {:?}, \
              \"subgroups\": {}, \"subgroup_min_size\": {}, \"subgroup_max_size\": {}, \"shader_f16\": {}, \"timestamps\": {}, \
              \"max_storage_binding\": {}, \"max_buffer\": {}, \"max_workgroup_storage\": {}, \"max_invocations_per_workgroup\": {}, \
@@ -213,14 +215,14 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
         return Ok(());
     }
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    println!("adapter:        {}", i.name);
-    println!("backend:        {}", i.backend);
-    println!("device type:    {}", i.device_type);
-    println!("driver:         {} {}", i.driver, i.driver_info);
-    println!("features:");
-    println!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
-    println!("  shader-f16:   {}", f.shader_f16);
-    println!("  timestamps:   {}", f.timestamps);
+    outln!("adapter:        {}", i.name);
+    outln!("backend:        {}", i.backend);
+    outln!("device type:    {}", i.device_type);
+    outln!("driver:         {} {}", i.driver, i.driver_info);
+    outln!("features:");
+    outln!("  subgroups:    {} (sizes {}..={})", f.subgroups, i.subgroup_min_size, i.subgroup_max_size);
+    outln!("  shader-f16:   {}", f.shader_f16);
+    outln!("  timestamps:   {}", f.timestamps);
     let coop =
         if i.cooperative_matrices.is_empty() { "none offered".into() } else { i.cooperative_matrices.join(", ") };
     let used = match (f.coop_size, f.coop_mode) {
@@ -235,14 +237,14 @@ pub(crate) fn info(ctx: &Context, json: bool) -> Res {
             }
         ),
     };
-    println!("  cooperative matrices: {coop} ({used})");
-    println!("limits:");
-    println!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
-    println!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
-    println!("  workgroup storage:      {} KiB", l.max_workgroup_storage / 1024);
-    println!("  invocations/workgroup:  {}", l.max_invocations_per_workgroup);
-    println!("  workgroups/dimension:   {}", l.max_workgroups_per_dimension);
-    println!("  storage buffers/stage:  {}", l.max_storage_buffers_per_stage);
+    outln!("  cooperative matrices: {coop} ({used})");
+    outln!("limits:");
+    outln!("  storage binding:        {:.0} MiB", mib(l.max_storage_binding));
+    outln!("  buffer size:            {:.0} MiB", mib(l.max_buffer));
+    outln!("  workgroup storage:      {} KiB", l.max_workgroup_storage / 1024);
+    outln!("  invocations/workgroup:  {}", l.max_invocations_per_workgroup);
+    outln!("  workgroups/dimension:   {}", l.max_workgroups_per_dimension);
+    outln!("  storage buffers/stage:  {}", l.max_storage_buffers_per_stage);
     Ok(())
 }
 
@@ -251,21 +253,21 @@ pub(crate) fn inspect(path: &std::path::Path) -> Res {
     let w = crate::load_model(path)?;
     let c = &w.config;
     let b = c.block;
-    println!("model:          {}", path.display());
-    println!("family:         {:?}", c.family);
-    println!("parameters:     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
-    println!("vocab:          {}", c.vocab_size);
-    println!("layers:         {}", c.num_layers);
-    println!("hidden:         {}", c.hidden_size);
-    println!("heads:          {} (kv {}, head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
-    println!("mlp:            {} ({:?})", c.intermediate_size, b.act);
-    println!("context:        {}", c.max_positions);
+    outln!("model:          {}", path.display());
+    outln!("family:         {:?}", c.family);
+    outln!("parameters:     {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    outln!("vocab:          {}", c.vocab_size);
+    outln!("layers:         {}", c.num_layers);
+    outln!("hidden:         {}", c.hidden_size);
+    outln!("heads:          {} (kv {}, head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
+    outln!("mlp:            {} ({:?})", c.intermediate_size, b.act);
+    outln!("context:        {}", c.max_positions);
     let norm = match (b.norm, b.norm_plus_one) {
         (NormKind::Layer, _) => "LayerNorm",
         (NormKind::Rms, true) => "RMSNorm × (1 + w)",
         (NormKind::Rms, false) => "RMSNorm",
     };
-    println!(
+    outln!(
         "norm:           {norm}, eps {:e}{}",
         c.norm_eps,
         if b.post_norms { "; also after attention and after the MLP" } else { "" }
@@ -275,8 +277,8 @@ pub(crate) fn inspect(path: &std::path::Path) -> Res {
         .filter(|(on, _)| *on)
         .map(|(_, n)| *n)
         .collect();
-    println!("biases:         {}", if biases.is_empty() { "none".to_string() } else { biases.join(", ") });
-    println!("q/k norm:       {}", b.qk_norm);
+    outln!("biases:         {}", if biases.is_empty() { "none".to_string() } else { biases.join(", ") });
+    outln!("q/k norm:       {}", b.qk_norm);
     if b.rope {
         let mut kinds: Vec<String> = Vec::new();
         for l in &c.layers {
@@ -291,28 +293,28 @@ pub(crate) fn inspect(path: &std::path::Path) -> Res {
                 kinds.push(k);
             }
         }
-        println!("rope:           {}", kinds.join("; "));
+        outln!("rope:           {}", kinds.join("; "));
     } else {
-        println!("positions:      learned");
+        outln!("positions:      learned");
     }
     let windows: Vec<String> =
         c.layers.iter().map(|l| if l.window == 0 { "full".into() } else { l.window.to_string() }).collect();
     if c.layers.iter().any(|l| l.window > 0) {
-        println!("attention:      per layer: {}", windows.join(" "));
+        outln!("attention:      per layer: {}", windows.join(" "));
     } else {
-        println!("attention:      full causal in every layer");
+        outln!("attention:      full causal in every layer");
     }
     if let Some(s) = b.attn_scale {
-        println!("attn scale:     {s:.6}");
+        outln!("attn scale:     {s:.6}");
     }
     if b.embed_scale {
-        println!("embed scale:    √{} = {:.4}", c.hidden_size, (c.hidden_size as f64).sqrt());
+        outln!("embed scale:    √{} = {:.4}", c.hidden_size, (c.hidden_size as f64).sqrt());
     }
     if let Some(cap) = b.final_softcap {
-        println!("logit softcap:  {cap}");
+        outln!("logit softcap:  {cap}");
     }
-    println!("tied head:      {}", c.tie_embeddings);
-    println!("tensors:        {}", w.tensors.len());
+    outln!("tied head:      {}", c.tie_embeddings);
+    outln!("tensors:        {}", w.tensors.len());
     Ok(())
 }
 
@@ -332,12 +334,12 @@ pub(crate) fn bench_coop(ctx: &Context, size: usize) -> Res {
             out["coop_gflops"] = gflops(r.coop_seconds).into();
             out["subgroup_gflops"] = gflops(r.subgroup_seconds).into();
             out["ratio"] = (r.subgroup_seconds / r.coop_seconds).into();
-            println!("{out}");
+            outln!("{out}");
             Ok(())
         }
         Err(e) => {
             out["error"] = e.to_string().into();
-            println!("{out}");
+            outln!("{out}");
             Err(e.into())
         }
     }

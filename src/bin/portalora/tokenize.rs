@@ -25,6 +25,13 @@ pub(crate) struct TokenizeArgs {
     json: bool,
 }
 
+impl TokenizeArgs {
+    pub(crate) fn check_inputs(&self) -> Result<(), String> {
+        let chat = self.chat_template.as_deref();
+        super::check_inputs(&[("--model", Some(&self.model)), ("--data", Some(&self.data)), ("--chat-template", chat)])
+    }
+}
+
 pub(crate) fn tokenize(a: &TokenizeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let tok = Tokenizer::for_model(&a.model)?;
     let name = a.model.display().to_string();
@@ -38,7 +45,10 @@ pub(crate) fn tokenize(a: &TokenizeArgs) -> Result<(), Box<dyn std::error::Error
     let (docs, sources) = data::tokenized_documents(&a.data, &tok, &opts)?;
     if !sources.unread_keys.is_empty() {
         let keys: Vec<String> = sources.unread_keys.iter().map(|k| format!("{k:?}")).collect();
-        eprintln!("note: {}: keys not read: {}", a.data.display(), keys.join(", "));
+        errln!("note: {}: keys not read: {}", a.data.display(), keys.join(", "));
+    }
+    for n in sources.notes() {
+        errln!("note: {n}");
     }
     let mut out = std::io::stdout().lock();
     if a.json {
@@ -50,7 +60,8 @@ pub(crate) fn tokenize(a: &TokenizeArgs) -> Result<(), Box<dyn std::error::Error
     }
     // Targets in bold green on a terminal, between [[ and ]] elsewhere.
     let (on, off) = if std::io::stdout().is_terminal() { ("\x1b[1;32m", "\x1b[0m") } else { ("[[", "]]") };
-    writeln!(out, "{} documents; loss targets shown {on}like this{off}", docs.len())?;
+    let plural = if docs.len() == 1 { "" } else { "s" };
+    writeln!(out, "{} document{plural}; loss targets shown {on}like this{off}", docs.len())?;
     for (i, d) in docs.iter().enumerate() {
         let targets = d.predict.iter().filter(|&&p| p).count();
         let note = if d.no_assistant { ", no assistant turn" } else { "" };

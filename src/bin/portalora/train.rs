@@ -1,19 +1,15 @@
-//! `portalora train` and `portalora merge`.
+//! `portalora train`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use portalora::adapter::peft::PeftFile;
 use portalora::adapter::{AdapterConfig, Method};
 use portalora::finetune::{self, RunConfig, RunOptions};
 use portalora::gpu::Context;
-use portalora::model::export::{read_back_site_weights, write_hf_folder};
-use portalora::outdir;
 use portalora::run::DEFAULTS;
-use portalora::train::{model_with_adapter, OptimizerKind, TrainConfig};
+use portalora::train::{OptimizerKind, TrainConfig};
 
 use super::progress::{clock, Progress};
 use super::{flag, parse_count, parse_number, Given};
@@ -205,6 +201,24 @@ pub(crate) struct TrainArgs {
     log_json: Option<PathBuf>,
 }
 
+impl TrainArgs {
+    /// The paths the run reads, before anything else (also those a --resume run ignores: they
+    /// are refused later, by name).
+    pub(crate) fn check_inputs(&self) -> Result<(), String> {
+        fn o(p: &Option<PathBuf>) -> Option<&Path> {
+            p.as_deref()
+        }
+        super::check_inputs(&[
+            ("--model", o(&self.model)),
+            ("--data", o(&self.data)),
+            ("--ids", o(&self.ids)),
+            ("--init-adapter", o(&self.init_adapter)),
+            ("--chat-template", o(&self.chat_template)),
+            ("--resume", o(&self.resume)),
+        ])
+    }
+}
+
 /// The adapter settings from the flags, checked against `--init-adapter`'s when given.
 fn adapter_config(a: &TrainArgs, given: &Given, method: Method, init: Option<&PeftFile>) -> Res<AdapterConfig> {
     let mut base = AdapterConfig::new(method);
@@ -258,18 +272,15 @@ fn adapter_config(a: &TrainArgs, given: &Given, method: Method, init: Option<&Pe
         cfg.dropout = a.dropout as f32;
     } else if method == Method::DeltaLora && cfg.dropout > 0.0 {
         // The file's lora_dropout is PEFT's default for its own training; Delta-LoRA has none.
-        eprintln!("note: {dir} has lora_dropout = {}; Delta-LoRA trains without dropout", cfg.dropout);
+        errln!("note: {dir} has lora_dropout = {}; Delta-LoRA trains without dropout", cfg.dropout);
         cfg.dropout = 0.0;
     } else if cfg.dropout > 0.0 {
-        eprintln!(
-            "note: dropout {} on the adapter's input, {dir}'s lora_dropout (--dropout sets another)",
-            cfg.dropout
-        );
+        errln!("note: dropout {} on the adapter's input, {dir}'s lora_dropout (--dropout sets another)", cfg.dropout);
     }
     Ok(cfg)
 }
 
-fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
+fn train_config(a: &TrainArgs, method: Method) -> Res<TrainConfig> {
     let betas: Vec<f64> = a
         .betas
         .split(',')
@@ -289,7 +300,8 @@ fn train_config(a: &TrainArgs, method: Method, steps: u64) -> Res<TrainConfig> {
         max_grad_norm: a.max_grad_norm,
         schedule: a.schedule.parse()?,
         warmup_steps: a.warmup_steps as u64,
-        total_steps: steps,
+        // The run's length, --steps or what --epochs makes of the data (finetune::run).
+        total_steps: None,
         lr_ratio: a.lr_ratio,
         grad_accum: a.grad_accum,
         base_dtype: a.base_dtype.parse()?,
@@ -410,8 +422,7 @@ fn run_config(a: &TrainArgs, given: &Given) -> Res<RunConfig> {
     cfg.chat_template = a.chat_template.clone();
     cfg.train_on = a.train_on;
     cfg.no_packing = a.no_packing;
-    // The schedule's length is fixed once the data is known (epochs): see finetune::run.
-    cfg.train = train_config(a, method, a.steps.unwrap_or(0) as u64)?;
+    cfg.train = train_config(a, method)?;
     // DoRA given --lr-ratio trains with LoRA+'s groups (the rule above refuses it elsewhere).
     cfg.train.lora_plus = method == Method::Dora && given.contains("lr_ratio");
     cfg.adapter = adapter_config(a, given, method, init.as_ref())?;
@@ -459,7 +470,7 @@ fn resume_config(a: &TrainArgs, given: &Given, dir: &Path) -> Res<(RunConfig, Ve
         let (was, s) =
             (cfg.steps.map_or_else(|| format!("{} epochs", cfg.epochs.unwrap_or(0.0)), |w| w.to_string()), s as u64);
         changes.push(format!("--steps {s} (was {was}; the schedule now ends at step {s})"));
-        (cfg.steps, cfg.epochs, cfg.train.total_steps) = (Some(s), None, s);
+        (cfg.steps, cfg.epochs, cfg.train.total_steps) = (Some(s), None, None);
     }
     if given.contains("lr") {
         changes.push(format!("--lr {} (was {})", a.lr, cfg.train.lr));
@@ -480,52 +491,23 @@ fn resume_config(a: &TrainArgs, given: &Given, dir: &Path) -> Res<(RunConfig, Ve
     Ok((cfg, changes))
 }
 
-/// Ctrl-C: the first asks the run to stop after its current step (with a checkpoint and the
-/// adapter so far); a second ends the process at once.
-fn stop_on_ctrl_c() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let set = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("\nstopped at once (the last checkpoint on disk is intact)");
-            exit_now(130);
-        }
-        eprintln!(
-            "\nCtrl-C: finishing this step, then writing a checkpoint and the adapter (Ctrl-C again stops at once)"
-        );
-    });
-    if let Err(e) = set {
-        eprintln!("note: Ctrl-C will stop the run at once ({e})");
-    }
-    stop
-}
-
-/// Ends the process at once, from the Ctrl-C thread while the main thread may be inside the GPU
-/// driver: exit handlers and the driver's teardown are skipped (running them then can crash the
-/// process, which would end by a signal instead of 130). Every file on disk is whole already.
-fn exit_now(code: i32) -> ! {
-    #[cfg(unix)]
-    // SAFETY: _exit only ends the process; it takes no pointers and runs no handlers.
-    unsafe {
-        libc::_exit(code)
-    }
-    #[cfg(not(unix))]
-    std::process::exit(code)
-}
-
 pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
     let (cfg, resume) = match &a.resume {
         Some(dir) => {
             let (cfg, changes) = resume_config(&a, given, dir)?;
             if !changes.is_empty() {
-                println!("resuming with {}", changes.join(", "));
+                outln!("resuming with {}", changes.join(", "));
             }
             (cfg, true)
         }
         None => (run_config(&a, given)?, false),
     };
+    let stop = super::stop::on_ctrl_c();
+    let opts = RunOptions { resume, overwrite: a.overwrite, stop: Some(&stop) };
+    // Inputs, the output folder and the targets are checked before the run is announced.
+    finetune::check(&cfg, &opts)?;
     let c = &cfg.adapter;
-    println!(
+    outln!(
         "{} {} on {} ({}), r = {}{}{}{}",
         if resume { "resuming" } else { "training" },
         c.method,
@@ -540,9 +522,8 @@ pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
         if c.rank_pattern.is_empty() && c.alpha_pattern.is_empty() { "" } else { " (other ranks/alphas by pattern)" },
         if resume { format!(" from {}", cfg.out.display()) } else { String::new() },
     );
-    let stop = stop_on_ctrl_c();
+    super::output::on_closed(stop.clone());
     let mut progress = Progress::new(std::io::stdout().is_terminal());
-    let opts = RunOptions { resume, overwrite: a.overwrite, stop: Some(&stop) };
     let summary = finetune::run_with(ctx, &cfg, opts, &mut |e| progress.event(e));
     progress.finish();
     let summary = summary?;
@@ -557,17 +538,17 @@ pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
     let how = if summary.interrupted { "stopped" } else { "done" };
     progress.line(&format!("{how}: {} steps in {}", summary.trained_steps, clock(summary.seconds)));
     if let (Some(b), Some(a)) = (summary.val_before, summary.val_after) {
-        println!("validation loss: {b:.4} before → {a:.4} after");
+        outln!("validation loss: {b:.4} before → {a:.4} after");
     }
     if cfg.adapter.method == Method::DeltaLora {
-        println!("merged model:  {out} (Hugging Face folder)");
+        outln!("merged model:  {out} (Hugging Face folder)");
     }
-    println!("adapter:       {} (PEFT format)", summary.adapter_dir.display());
-    println!("log:           {}", summary.log.display());
-    println!("loss curve:    {}", summary.plot.display());
+    outln!("adapter:       {} (PEFT format)", summary.adapter_dir.display());
+    outln!("log:           {}", summary.log.display());
+    outln!("loss curve:    {}", summary.plot.display());
     if summary.interrupted {
         let steps = cfg.steps.map_or_else(String::new, |s| format!(" of {s}"));
-        println!(
+        outln!(
             "stopped at step {}{steps}: the checkpoint is in {}, the adapter so far in {}. Continue with:\n  \
              portalora train --resume {out}",
             summary.steps,
@@ -577,22 +558,6 @@ pub fn train(ctx: &Context, a: TrainArgs, given: &Given) -> Res<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `portalora merge`: the base with the adapter's ΔW added, as a Hugging Face folder written
-/// beside `out` and renamed into place. `out` is never the model or the adapter.
-pub fn merge(ctx: &Context, model: &Path, adapter: &Path, out: &Path, overwrite: bool) -> Res<()> {
-    outdir::check(out, &[model, adapter], overwrite, "pick another --out, or replace it whole with --overwrite")?;
-    let mut weights = crate::load_model(model)?;
-    let mut m = model_with_adapter(ctx, &weights, 1, 2, adapter)?;
-    m.merge(ctx)?;
-    read_back_site_weights(ctx, &m, &mut weights)?;
-    outdir::write_dir_atomic(out, |tmp| -> Res<()> {
-        write_hf_folder(&weights, tmp)?;
-        Ok(())
-    })?;
-    println!("merged {} into {} and wrote {}", adapter.display(), model.display(), out.display());
-    Ok(())
 }
 
 fn parse_train_on(s: &str) -> Result<portalora::data::TrainOn, String> {
