@@ -200,6 +200,33 @@ pub struct StepResult {
     /// GPU seconds of one step run as training runs it (pass timestamps; median of three), where
     /// the adapter has timestamps.
     pub gpu_step_seconds: Option<f64>,
+    /// Where the time from building the trainer to the first step's submission went.
+    pub startup: Startup,
+}
+
+/// Wall seconds of what comes before the first training step, by part (each exclusive of the
+/// others: kernels compiled while planning count as `compile`). The process's own start, the
+/// GPU context and loading the file are the caller's to add (`bench step` does).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Startup {
+    /// The frozen weights to the GPU, quantized or converted on the way.
+    pub upload: f64,
+    /// Tracing the steps, planning their memory and recording them (three times: the model, with
+    /// its adapter, with backward).
+    pub plan: f64,
+    /// Shader modules and pipelines compiled by the driver, and how many.
+    pub compile: f64,
+    pub pipelines: u64,
+    /// The rest of building the trainer: the adapter's tensors, the optimizer and its steps.
+    pub optimizer: f64,
+    /// Encoding and submitting the first step (its inputs written).
+    pub first_submit: f64,
+}
+
+impl Startup {
+    pub fn total(&self) -> f64 {
+        self.upload + self.plan + self.compile + self.optimizer + self.first_submit
+    }
 }
 
 impl StepResult {
@@ -248,7 +275,8 @@ pub fn bench_step(
         )));
     }
     let before = ctx.allocated_bytes();
-    let mut trainer = Trainer::new(ctx, weights, opts.batch, opts.seq, adapter, train, None)?;
+    let (mut trainer, mut startup) =
+        built(ctx, || Trainer::new(ctx, weights, opts.batch, opts.seq, adapter, train, None))?;
     let vocab = weights.config.vocab_size as u64;
     let mut rng = Rng::new(7);
     let mut batch = || -> Vec<Vec<u32>> {
@@ -266,6 +294,9 @@ pub fn bench_step(
         trainer.collect_losses(ctx)?;
         let s = t.elapsed().as_secs_f64();
         submitted = ctx.submit_stats() - before;
+        if i == 0 {
+            startup.first_submit = encode;
+        }
         if i >= opts.warmup {
             step_seconds.push(s);
             encode_seconds.push(encode);
@@ -300,7 +331,24 @@ pub fn bench_step(
         encode_seconds,
         submitted,
         gpu_step_seconds,
+        startup,
     })
+}
+
+/// What `build` builds, and its start-up by part (from the context's phase timings).
+#[cfg(not(target_arch = "wasm32"))]
+fn built<T>(ctx: &Context, build: impl FnOnce() -> crate::train::Result<T>) -> crate::train::Result<(T, Startup)> {
+    let (phases, t0) = (ctx.phases(), Instant::now());
+    let out = build()?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let spent = |p: &crate::gpu::Phases, k: &str| p.get(k).copied().unwrap_or((0, 0.0));
+    let during = |k: &str| {
+        let (now, then) = (spent(&ctx.phases(), k), spent(&phases, k));
+        (now.0 - then.0, now.1 - then.1)
+    };
+    let (upload, plan, (pipelines, compile)) = (during("upload").1, during("plan").1, during("compile"));
+    let optimizer = (seconds - upload - plan - compile).max(0.0);
+    Ok((out, Startup { upload, plan, compile, pipelines, optimizer, first_submit: 0.0 }))
 }
 
 /// GPU bytes allocated now less those allocated at `before`, by kind, every kind present.

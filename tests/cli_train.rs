@@ -319,6 +319,14 @@ fn bench_step_reports_speed_memory_and_kernels_as_json() {
     assert_eq!(j["warmup_steps"].as_array().map(Vec::len), Some(1), "{last}");
     let (planned, unshared) = (j["planned_bytes"].as_u64().unwrap(), j["unshared_bytes"].as_u64().unwrap());
     assert!(planned > 0 && planned < unshared && planned <= bytes["activations"].as_u64().unwrap(), "{last}");
+    // The seconds to the first step, in parts that add up to it (none negative, kernels compiled).
+    let (total, parts) = (j["startup_seconds"].as_f64().unwrap(), &j["startup"]);
+    let names = ["process", "context", "load", "upload", "plan", "compile", "optimizer", "first_submit"];
+    let sum: f64 = names.iter().map(|k| parts[k].as_f64().unwrap_or_else(|| panic!("startup.{k}: {last}"))).sum();
+    assert!(names.iter().all(|k| parts[k].as_f64().unwrap() >= 0.0), "{last}");
+    assert!((sum - total).abs() <= 1e-6 * total.max(1.0) && total > 0.0, "{sum} vs {total}: {last}");
+    assert!(parts["pipelines"].as_u64().unwrap() > 10 && parts["compile"].as_f64().unwrap() > 0.0, "{last}");
+    assert!(out.contains("start-up: ") && out.contains(" pipelines)"), "{out}");
     // With the MLP recomputed in backward, less is kept (tiny LLaMA: gate and up, (N, F) per layer).
     let args = ["bench", "step", "--model", model.to_str().unwrap(), "--method", "lora-fa", "--rank", "2"];
     let more = ["--batch", "2", "--seq", "7", "--steps", "1", "--no-kernels", "--json", "--recompute-mlp"];

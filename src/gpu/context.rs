@@ -95,7 +95,12 @@ pub struct Context {
     options: ContextOptions,
     /// What the recorded steps submitted so far encoded (benchmarks read the difference).
     pub(super) submitted: Mutex<SubmitStats>,
+    /// Wall seconds spent so far in the named phases of building a model (see [`Context::timed`]).
+    phases: Mutex<Phases>,
 }
+
+/// Per phase (`"compile"`, `"upload"`, `"plan"`): how many times it ran and its wall seconds.
+pub type Phases = std::collections::BTreeMap<&'static str, (u64, f64)>;
 
 /// Counts of what [`Context::run_steps`] and its kin encoded (each pass is one submission).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,6 +158,28 @@ fn backend_label(backends: &Option<String>) -> String {
 }
 
 impl Context {
+    /// Runs `f` as part of `phase`, adding its wall time to the phase's (what `bench step`'s
+    /// start-up breakdown reads: kernels compiled, weights uploaded, steps planned and recorded).
+    /// Kernels compiled inside another phase count as `"compile"` only, so phases add up.
+    pub fn timed<T>(&self, phase: &'static str, f: impl FnOnce() -> T) -> T {
+        let compiling = || self.phases().get("compile").map_or(0.0, |c| c.1);
+        let (t0, c0) = (super::now_seconds(), compiling());
+        let out = f();
+        let mut dt = super::now_seconds() - t0;
+        if phase != "compile" {
+            dt -= compiling() - c0;
+        }
+        let mut p = self.phases.lock().unwrap_or_else(|p| p.into_inner());
+        let e = p.entry(phase).or_default();
+        (e.0, e.1) = (e.0 + 1, e.1 + dt.max(0.0));
+        out
+    }
+
+    /// The phases timed so far (see [`Context::timed`]).
+    pub fn phases(&self) -> Phases {
+        self.phases.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Opens the best adapter as the environment says ([`ContextOptions::from_env`]).
     pub async fn new() -> Result<Self> {
         Self::with_options(ContextOptions::from_env()?).await
@@ -222,6 +249,7 @@ impl Context {
             submitted: Mutex::default(),
             lost,
             options: opts,
+            phases: Mutex::default(),
         })
     }
 

@@ -228,6 +228,13 @@ impl Context {
         if spec.source.needs_subgroups && !self.features().subgroups {
             return Err(GpuError::MissingFeature { feature: "subgroup operations", adapter: self.info().name.clone() });
         }
+        let cached = self.timed("compile", || self.compile(spec, args))?;
+        self.pipelines.lock().unwrap_or_else(|p| p.into_inner()).insert(key, cached.clone());
+        Ok(cached)
+    }
+
+    /// Compiles `spec`'s kernel for these binding kinds (the driver's shader compiler runs here).
+    fn compile(&self, spec: &KernelSpec, args: &[Arg]) -> Result<Arc<CachedPipeline>> {
         let label = spec.label();
         let wgsl = spec.wgsl()?;
         self.check("before compiling a kernel")?;
@@ -277,9 +284,7 @@ impl Context {
             cache: None,
         });
         self.check(&format!("creating pipeline {label}")).map_err(kernel_err(spec.source.file))?;
-        let cached = Arc::new(CachedPipeline { pipeline, layout });
-        self.pipelines.lock().unwrap_or_else(|p| p.into_inner()).insert(key, cached.clone());
-        Ok(cached)
+        Ok(Arc::new(CachedPipeline { pipeline, layout }))
     }
 
     /// Creates the bind group for one dispatch. Uniform args get a small buffer of their own.

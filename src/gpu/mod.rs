@@ -23,7 +23,24 @@ mod tensor;
 #[cfg(not(target_arch = "wasm32"))]
 mod tuned;
 
-pub use context::{AllocKind, Context, DeviceInfo, Features, Limits, SubmitStats};
+pub use context::{AllocKind, Context, DeviceInfo, Features, Limits, Phases, SubmitStats};
+
+/// Seconds since an arbitrary origin, for the phase timings (the browser has no `Instant`).
+pub(crate) fn now_seconds() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        ORIGIN.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+    }
+    #[cfg(all(target_arch = "wasm32", feature = "web"))]
+    {
+        js_sys::Date::now() / 1000.0
+    }
+    #[cfg(all(target_arch = "wasm32", not(feature = "web")))]
+    {
+        0.0
+    }
+}
 pub use kernel::{preprocess, Arg, KernelSource, KernelSpec, ALL_SOURCES};
 pub use options::{ContextOptions, CoopMode};
 

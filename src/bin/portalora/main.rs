@@ -299,7 +299,13 @@ pub(crate) enum PathArg {
     Subgroup,
 }
 
+/// When the process started (main's first line), and when its GPU context was ready: the
+/// start-up `bench step` reports.
+pub(crate) static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+pub(crate) static CONTEXT_READY: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    STARTED.get_or_init(std::time::Instant::now);
     let matches = match with_config_file(Cli::command().get_matches()) {
         Ok(m) => m,
         Err(e) => {
@@ -446,6 +452,7 @@ fn run(cli: Cli, given: &Given) -> Result<ExitCode, Box<dyn std::error::Error>> 
         return Ok(ExitCode::SUCCESS);
     }
     let ctx = pollster::block_on(Context::with_options(context_options(&cli.command)?))?;
+    CONTEXT_READY.get_or_init(|| STARTED.get().map_or(0.0, |s| s.elapsed().as_secs_f64()));
     match cli.command {
         Command::Inspect { .. } | Command::Tokenize(_) | Command::Export(_) => unreachable!("handled above"),
         Command::Generate {

@@ -67,7 +67,9 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
     use portalora::bench::StepOptions;
     let method: Method = a.method.parse()?;
     let base_dtype: portalora::model::BaseDType = a.base_dtype.parse()?;
+    let t = std::time::Instant::now();
     let weights = crate::load_model(&a.model)?;
+    let load = t.elapsed().as_secs_f64();
     let mut cfg = AdapterConfig::new(method);
     cfg.rank = a.rank;
     cfg.alpha = 2.0 * a.rank as f64;
@@ -94,16 +96,46 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
         if a.activations == "f16" { "; activations kept as f16" } else { "" }
     );
     let total = a.warmup + a.steps;
+    let before = crate::STARTED.get().map_or(0.0, |s| s.elapsed().as_secs_f64());
     let r = portalora::bench::bench_step(ctx, &weights, &cfg, &train, &opts, |k, s| {
         let what = if k < a.warmup { " (warm-up)" } else { "" };
         errln!("step {}/{total}: {s:.3} s{what}", k + 1);
     })?;
+    let context = crate::CONTEXT_READY.get().copied().unwrap_or(0.0);
+    let startup = serde_json::json!({
+        "process": (before - context - load).max(0.0), "context": context, "load": load,
+        "upload": r.startup.upload, "plan": r.startup.plan, "compile": r.startup.compile,
+        "pipelines": r.startup.pipelines, "optimizer": r.startup.optimizer, "first_submit": r.startup.first_submit,
+    });
+    let startup_seconds = before + r.startup.total();
     print_step(&r, a.steps, a.top);
+    print_startup(&startup, startup_seconds);
     if a.json {
-        let j = step_json(&r, &a, &cfg, base_dtype, &model_name, &i.name);
+        let mut j = step_json(&r, &a, &cfg, base_dtype, &model_name, &i.name);
+        j["startup_seconds"] = startup_seconds.into();
+        j["startup"] = startup;
         outln!("{j}");
     }
     Ok(())
+}
+
+/// The seconds from process start to the first step's submission, by part.
+fn print_startup(s: &serde_json::Value, total: f64) {
+    let f = |k: &str| s[k].as_f64().unwrap_or(0.0);
+    outln!(
+        "start-up: {total:.2} s to the first step's submission: GPU context {:.2}, loading the file {:.2}, \
+         weights to the GPU {:.2}, planning and recording {:.2}, compiling {:.2} ({} pipelines), optimizer {:.2}, \
+         the first submission {:.2}, the rest {:.2}",
+        f("context"),
+        f("load"),
+        f("upload"),
+        f("plan"),
+        f("compile"),
+        s["pipelines"],
+        f("optimizer"),
+        f("first_submit"),
+        f("process")
+    );
 }
 
 /// The kinds of GPU memory `bench step` reports, in the order shown.

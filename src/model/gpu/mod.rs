@@ -128,8 +128,8 @@ impl GpuModel {
             return Err(GpuModelError::TooLong { seq, max: c.max_positions });
         }
         c.check_seq(seq).map_err(GpuModelError::Unsupported)?; // a sliding window
-        let params =
-            ParameterTensors::upload_as(ctx, w, opts.table_part_rows, opts.base_dtype.unwrap_or(BaseDType::F32))?;
+        let dtype = opts.base_dtype.unwrap_or(BaseDType::F32);
+        let params = ctx.timed("upload", || ParameterTensors::upload_as(ctx, w, opts.table_part_rows, dtype))?;
         let fixed = plan::Fixed::new(ctx, batch, seq)?;
         let mut layout = plan::layout(ctx, &c, batch, seq, &opts, false)?;
         let (acts, grads) = layout.stand_ins(ctx, &fixed)?;
@@ -155,6 +155,10 @@ impl GpuModel {
     /// planner gives each tensor the spans the traces show, and the steps are recorded over
     /// the tensors allocated (the training step only when `train`).
     fn replan(&mut self, ctx: &Context, train: bool) -> Result<()> {
+        ctx.timed("plan", || self.replan_untimed(ctx, train))
+    }
+
+    fn replan_untimed(&mut self, ctx: &Context, train: bool) -> Result<()> {
         let keep_h2 = self.adapter_reads(Input::H2);
         let mut layout = plan::layout(ctx, &self.config, self.acts.batch, self.acts.seq, &self.opts, keep_h2)?;
         (self.forward, self.train) = (Step::new(), None);
