@@ -151,17 +151,14 @@ impl std::fmt::Display for DataSummary {
 impl DataSummary {
     /// The summary as `eval` reads data: every row scored, none held out.
     pub fn scored(&self) -> String {
-        struct Scored<'a>(&'a DataSummary);
-        impl std::fmt::Display for Scored<'_> {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                let n = self.0.train_rows + self.0.val_rows;
-                self.0.write(f, &format!("{n} row{}", if n == 1 { "" } else { "s" }), "scored")
-            }
-        }
-        Scored(self).to_string()
+        let n = self.train_rows + self.val_rows;
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write(&mut out, &format!("{n} row{}", if n == 1 { "" } else { "s" }), "scored");
+        out
     }
 
-    fn write(&self, f: &mut std::fmt::Formatter<'_>, rows: &str, targets: &str) -> std::fmt::Result {
+    fn write(&self, f: &mut impl std::fmt::Write, rows: &str, targets: &str) -> std::fmt::Result {
         let s = |n: usize| if n == 1 { "" } else { "s" };
         write!(
             f,

@@ -102,11 +102,10 @@ pub(crate) fn bench_step(ctx: &Context, a: BenchStepArgs) -> Res {
         errln!("step {}/{total}: {s:.3} s{what}", k + 1);
     })?;
     let context = crate::CONTEXT_READY.get().copied().unwrap_or(0.0);
-    let startup = serde_json::json!({
-        "process": (before - context - load).max(0.0), "context": context, "load": load,
-        "upload": r.startup.upload, "plan": r.startup.plan, "compile": r.startup.compile,
-        "pipelines": r.startup.pipelines, "optimizer": r.startup.optimizer, "first_submit": r.startup.first_submit,
-    });
+    // The library's parts, and what came before them in this process.
+    let mut startup = serde_json::to_value(&r.startup)?;
+    startup["process"] = (before - context - load).max(0.0).into();
+    (startup["context"], startup["load"]) = (context.into(), load.into());
     let startup_seconds = before + r.startup.total();
     print_step(&r, a.steps, a.top);
     print_startup(&startup, startup_seconds);
